@@ -1,0 +1,34 @@
+# Quick start: `make demo` and `make test`. Both create/update .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_DEV  := $(VENV)/.installed-dev
+
+.PHONY: demo test install dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, pinned to the CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP_BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[plots]"
+	touch $@
+
+$(STAMP_DEV): $(STAMP_BASE) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev,plots]"
+	touch $@
+
+install: $(STAMP_BASE)
+dev: $(STAMP_DEV)
+
+demo: $(STAMP_BASE)
+	$(BIN)/python -m rwasym demo $(DEMO_ARGS)
+
+test: $(STAMP_DEV)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis rwasym_out

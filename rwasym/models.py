@@ -1,0 +1,527 @@
+"""The adapter: every piece of architecture knowledge rwasym has lives here.
+
+A studied matrix is always returned in `nn.Linear` layout, W ∈ R^{n_out × n_in} acting as
+y = W a, whatever the host stores (GPT-2 `Conv1D` is transposed; fused QKV hosts are read through
+the bridge's split q/k/v linears, which are the ones the bridge's forward pass uses; GQA K/V have
+`n_key_value_heads` heads).
+
+Registry names use TransformerLens vocabulary: ``blocks.{L}.attn.W_Q|W_K|W_V|W_O`` and
+``blocks.{L}.mlp.W_in|W_gate|W_out``. Each matrix is defined by the linear map it feeds: its input
+hook is that linear's ``hook_in`` (after the layer norm for Q/K/V/W_in/W_gate) and its output hook
+that linear's ``hook_out`` — never a compatibility alias (see TL #1317, #1639).
+
+Hook tensors of attention linears may arrive per-head shaped ``(..., n_heads, d_head)``; use
+`flatten_site` to view them as ``(..., n)`` before doing linear algebra.
+"""
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .errors import RwasymError
+
+_ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
+_MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
+KINDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
+READ_KINDS = frozenset({"W_Q", "W_K", "W_V", "W_in", "W_gate"})
+NATIVE_FORMAT = "rwasym-native/1"
+_META_FILE = "rwasym.json"
+_WEIGHTS_FILE = "model.safetensors"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One studied matrix: W (n_out × n_in), y = W a.
+
+    side: "read" (input space studied: W_Q/W_K/W_V/W_in/W_gate) or "write" (output space is the
+    residual stream: W_O/W_out). n_heads: heads the matrix is split into (n_key_value_heads for
+    W_K/W_V under GQA), 0 for MLP matrices. head_axis: "out" when heads index rows (Q/K/V),
+    "in" when they index columns (O), None for MLP.
+    """
+
+    name: str
+    layer: int
+    kind: str
+    side: str
+    n_out: int
+    n_in: int
+    n_heads: int
+    d_head: Optional[int]
+    hook_in: str
+    hook_out: str
+    component: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_out, self.n_in)
+
+    @property
+    def head_axis(self) -> Optional[str]:
+        if self.kind in ("W_Q", "W_K", "W_V"):
+            return "out"
+        return "in" if self.kind == "W_O" else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flatten_site(x: Tensor, n: int) -> Tensor:
+    """View a hook tensor as (..., n): merges a trailing (n_heads, d_head) pair when present."""
+    if x.shape[-1] == n:
+        return x
+    if x.dim() >= 2 and x.shape[-1] * x.shape[-2] == n:
+        return x.flatten(-2)
+    raise RwasymError(f"hook tensor of shape {tuple(x.shape)} cannot be viewed as (..., {n})")
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    # GPT-2 style Conv1D stores weight as (n_in, n_out); nn.Linear as (n_out, n_in).
+    return type(module).__name__ == "Conv1D"
+
+
+def _host_linear(bridge: nn.Module, component: str) -> nn.Module:
+    module = bridge.get_submodule(component)
+    host = getattr(module, "original_component", None)
+    if host is None or not hasattr(host, "weight"):
+        raise RwasymError(f"bridge component {component!r} wraps no linear layer with a weight")
+    return host
+
+
+class Model:
+    """rwasym's view of one TransformerBridge: the matrix registry and weight read/write.
+
+    Build it with `rwasym.load`. ``model.bridge`` is the TransformerBridge (call it for logits,
+    use its hooks); everything architecture-specific is answered here.
+    """
+
+    def __init__(self, bridge: nn.Module, source: Any = None):
+        self.bridge = bridge
+        self.source = source
+        self.cfg = bridge.cfg
+        self._specs = {spec.name: spec for spec in self._build_registry()}
+        if not self._specs:
+            raise RwasymError(
+                f"found no attention or MLP linears in {type(bridge).__name__}; rwasym needs a "
+                "TransformerBridge whose blocks expose attn.q/k/v/o and mlp.in/out"
+            )
+
+    # -- registry -----------------------------------------------------------------------------
+    def _build_registry(self) -> Iterator[MatrixSpec]:
+        n_heads = int(self.cfg.n_heads)
+        n_kv = int(getattr(self.cfg, "n_key_value_heads", None) or n_heads)
+        d_head = int(self.cfg.d_head)
+        for layer, block in enumerate(self.bridge.blocks):
+            for group, kinds in (("attn", _ATTN_KINDS), ("mlp", _MLP_KINDS)):
+                parent = getattr(block, group, None)
+                if parent is None:
+                    continue
+                for kind, sub in kinds.items():
+                    if sub not in getattr(parent, "_modules", {}):
+                        continue
+                    component = f"blocks.{layer}.{group}.{sub}"
+                    host = _host_linear(self.bridge, component)
+                    w = host.weight
+                    n_out, n_in = (w.shape[1], w.shape[0]) if _is_transposed(host) else w.shape
+                    heads = {"W_Q": n_heads, "W_O": n_heads, "W_K": n_kv, "W_V": n_kv}.get(kind, 0)
+                    yield MatrixSpec(
+                        name=f"blocks.{layer}.{group}.{kind}",
+                        layer=layer,
+                        kind=kind,
+                        side="read" if kind in READ_KINDS else "write",
+                        n_out=int(n_out),
+                        n_in=int(n_in),
+                        n_heads=heads,
+                        d_head=d_head if heads else None,
+                        hook_in=f"{component}.hook_in",
+                        hook_out=f"{component}.hook_out",
+                        component=component,
+                    )
+
+    def matrices(self, pattern: Optional[str] = None) -> list[MatrixSpec]:
+        """The registry, in layer order. ``pattern`` is a glob (``blocks.*.attn.W_Q``) or list."""
+        specs = list(self._specs.values())
+        if pattern is None:
+            return specs
+        return [s for s in specs if _matches(s.name, pattern)]
+
+    def matrix(self, name: str) -> MatrixSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise RwasymError(
+                f"unknown matrix name {name!r}; valid names are: {', '.join(self._specs)}"
+            ) from None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.unembedding_host().weight.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    def input_hook(self, name: str) -> str:
+        """The canonical hook carrying the input of matrix ``name``.
+
+        Q, K and V read one tensor (the attention input after ln1), and W_gate reads the W_in
+        input; they share W_Q's / W_in's hook so a capture computes each covariance once.
+        """
+        spec = self.matrix(name)
+        twin = {"W_K": "W_Q", "W_V": "W_Q", "W_gate": "W_in"}.get(spec.kind)
+        if twin and getattr(self.cfg, "use_split_qkv_input", False) is False:
+            group = "attn" if twin == "W_Q" else "mlp"
+            return self._specs[f"blocks.{spec.layer}.{group}.{twin}"].hook_in
+        return spec.hook_in
+
+    def residual_hooks(self) -> dict[str, str]:
+        """``blocks.L.hook_resid_pre|mid|post`` → the bridge hook that carries it.
+
+        resid_mid (between attention and MLP) exists only for sequential blocks.
+        """
+        out = {}
+        parallel = bool(getattr(self.cfg, "parallel_attn_mlp", False))
+        for layer, block in enumerate(self.bridge.blocks):
+            out[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}.hook_in"
+            if not parallel and "ln2" in block._modules and "Parallel" not in type(block).__name__:
+                out[f"blocks.{layer}.hook_resid_mid"] = f"blocks.{layer}.ln2.hook_in"
+            out[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}.hook_out"
+        return out
+
+    # -- reading ------------------------------------------------------------------------------
+    def host_parameter(self, name: str) -> nn.Parameter:
+        """The parameter the forward pass really uses for ``name`` (host layout)."""
+        return _host_linear(self.bridge, self.matrix(name).component).weight
+
+    def weight(self, name: str) -> Float[Tensor, "n_out n_in"]:
+        """A float64 CPU copy of the matrix in nn.Linear layout (n_out × n_in)."""
+        spec = self.matrix(name)
+        host = _host_linear(self.bridge, spec.component)
+        w = host.weight.detach().to("cpu", torch.float64)
+        return (w.T if _is_transposed(host) else w).clone()
+
+    def bias(self, name: str) -> Optional[Float[Tensor, " n_out"]]:
+        host = _host_linear(self.bridge, self.matrix(name).component)
+        b = getattr(host, "bias", None)
+        return None if b is None else b.detach().to("cpu", torch.float64).clone()
+
+    def head_weight(self, name: str, head: int) -> Float[Tensor, "n_out n_in"]:
+        """Per-head view: W_Q/K/V[h] = rows h·d_head:(h+1)·d_head (d_head × d_model);
+        W_O[h] = columns h·d_head:(h+1)·d_head (d_model × d_head). GQA-aware for K/V."""
+        return head_slice(self.matrix(name), self.weight(name), head)
+
+    def unembedding_host(self) -> nn.Module:
+        return _host_linear(self.bridge, "unembed")
+
+    def unembedding(self) -> Float[Tensor, "d_model d_vocab"]:
+        """Effective unembedding diag(γ_final) · W_U (d_model × vocab), float64.
+
+        The final norm's scale γ is folded in because the logits read the residual stream only
+        through it; its bias (if any) shifts logits by a constant per token and is left out.
+        Models without a final-norm scale (RMSPre/LNPre) use W_U alone.
+        """
+        host = self.unembedding_host()
+        w_u = host.weight.detach().to("cpu", torch.float64)
+        w_u = w_u if _is_transposed(host) else w_u.T  # (d_model, vocab)
+        ln = getattr(self.bridge, "ln_final", None)
+        gamma = getattr(getattr(ln, "original_component", None), "weight", None)
+        if gamma is not None:
+            w_u = gamma.detach().to("cpu", torch.float64)[:, None] * w_u
+        return w_u
+
+    # -- writing ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_weight(self, name: str, value: Float[Tensor, "n_out n_in"]) -> None:
+        """Write ``value`` (nn.Linear layout) into the host parameter the forward pass uses.
+
+        Prefer the `edit` context manager, which restores the original bit-exactly.
+        """
+        spec = self.matrix(name)
+        if tuple(value.shape) != spec.shape:
+            raise RwasymError(
+                f"{name} has shape (n_out, n_in) = {spec.shape}, got a value of shape "
+                f"{tuple(value.shape)}; pass the matrix in nn.Linear layout (n_out × n_in)"
+            )
+        _check_finite(value, f"the new value of {name}")
+        host = _host_linear(self.bridge, spec.component)
+        new = value.T if _is_transposed(host) else value
+        host.weight.copy_(new.to(host.weight.device, host.weight.dtype))
+
+    @contextlib.contextmanager
+    def edit(self, updates: Mapping[str, Tensor]) -> Iterator["Model"]:
+        """Temporarily set several matrices; restores every host parameter bit-exactly on exit,
+        also when the body raises."""
+        saved = {name: self.host_parameter(name).detach().clone() for name in updates}
+        try:
+            for name, value in updates.items():
+                self.set_weight(name, value)
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    self.host_parameter(name).copy_(original)
+
+    def state_fingerprint(self) -> dict[str, Tensor]:
+        """Host-layout copies of every studied matrix (for bit-exact restore checks)."""
+        return {n: self.host_parameter(n).detach().clone() for n in self._specs}
+
+    def __repr__(self) -> str:
+        return (
+            f"rwasym.Model({self.source!r}: {self.n_layers} layers, d_model {self.d_model}, "
+            f"{len(self._specs)} matrices)"
+        )
+
+
+def head_slice(spec: MatrixSpec, w: Tensor, head: int) -> Tensor:
+    """Slice head ``head`` out of a full matrix ``w`` laid out like ``spec``."""
+    if spec.head_axis is None:
+        raise RwasymError(f"{spec.name} is an MLP matrix and has no heads; pass head=None")
+    if not 0 <= head < spec.n_heads:
+        raise RwasymError(f"head {head} is out of range for {spec.name}: it has {spec.n_heads} heads")
+    d = spec.d_head
+    return w[head * d : (head + 1) * d] if spec.head_axis == "out" else w[:, head * d : (head + 1) * d]
+
+
+def _matches(name: str, pattern: Union[str, list, tuple]) -> bool:
+    if isinstance(pattern, (list, tuple)):
+        return any(_matches(name, p) for p in pattern)
+    regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$"
+    return re.match(regex, name) is not None
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise RwasymError(f"{what} contains NaN or Inf; check the checkpoint or the computation")
+
+
+def weight_deltas(base: Model, tuned: Model, pattern: Optional[str] = None) -> dict[str, Tensor]:
+    """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix.
+
+    Raises RwasymError naming the first matrix whose name or shape differs.
+    """
+    check_same_architecture(base, tuned)
+    out = {}
+    for spec in base.matrices(pattern):
+        delta = tuned.weight(spec.name) - base.weight(spec.name)
+        _check_finite(delta, f"ΔW of {spec.name}")
+        out[spec.name] = delta
+    return out
+
+
+def check_same_architecture(base: Model, tuned: Model) -> None:
+    a, b = base.matrices(), tuned.matrices()
+    for sa, sb in zip(a, b):
+        if sa.name != sb.name or sa.shape != sb.shape or sa.n_heads != sb.n_heads:
+            raise RwasymError(
+                f"base and tuned models differ at {sa.name}: base has {sa.name} {sa.shape} with "
+                f"{sa.n_heads} heads, tuned has {sb.name} {sb.shape} with {sb.n_heads} heads; "
+                "compare two checkpoints of one architecture"
+            )
+    if len(a) != len(b):
+        longer, which = (a, "base") if len(a) > len(b) else (b, "tuned")
+        first = longer[min(len(a), len(b))].name
+        raise RwasymError(
+            f"base has {len(a)} studied matrices and tuned has {len(b)}; the first unmatched one "
+            f"is {first} (only in {which}); compare two checkpoints of one architecture"
+        )
+    if base.d_vocab != tuned.d_vocab:
+        raise RwasymError(
+            f"vocabulary sizes differ: base {base.d_vocab}, tuned {tuned.d_vocab}; compare two "
+            "checkpoints of one architecture"
+        )
+
+
+# -- loading and saving ---------------------------------------------------------------------------
+def _bridge_classes():
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    import transformer_lens.model_bridge.sources.native  # noqa: F401  registers boot_native
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  boot_transformers
+
+    return TransformerBridge, TransformerBridgeConfig
+
+
+def _check_dtype(dtype: Optional[torch.dtype]) -> None:
+    if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+        raise RwasymError(
+            f"unsupported dtype {dtype}; use one of {', '.join(map(str, _SUPPORTED_DTYPES))}"
+        )
+
+
+def load(
+    source: Any,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    tokenizer: Any = None,
+    **boot_kwargs: Any,
+) -> Model:
+    """Load a model as an rwasym `Model`.
+
+    source: a `Model` (returned as is); a `TransformerBridge`; a `TransformerBridgeConfig` or dict
+    (a native tiny model, `TransformerBridge.boot_native`); a folder written by `save_model`; or
+    a Hugging Face hub name / local folder (`TransformerBridge.boot_transformers`, extra keyword
+    arguments such as ``device_map="auto"`` are passed through). Raw weights, no folding.
+    """
+    _check_dtype(dtype)
+    if isinstance(source, Model):
+        return source
+    TransformerBridge, TransformerBridgeConfig = _bridge_classes()
+    if isinstance(source, TransformerBridge):
+        bridge = source
+    elif isinstance(source, (TransformerBridgeConfig, dict)):
+        bridge = TransformerBridge.boot_native(source, tokenizer=tokenizer, device=device, dtype=dtype)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if (path / _META_FILE).exists():
+            return load_native(path, dtype=dtype, device=device)
+        if path.exists() and path.is_dir() and not (path / "config.json").exists():
+            raise RwasymError(
+                f"folder {str(path)!r} holds neither an rwasym checkpoint ({_META_FILE}) nor a "
+                "Hugging Face model (config.json); point at a folder written by save_model, "
+                "save_pretrained, or a hub name"
+            )
+        kwargs = dict(boot_kwargs)
+        if "device_map" not in kwargs:
+            kwargs["device"] = device
+        bridge = TransformerBridge.boot_transformers(
+            str(source), dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs
+        )
+    else:
+        raise RwasymError(
+            f"cannot load a model from a {type(source).__name__}; pass a hub name or folder, a "
+            "TransformerBridge, a TransformerBridgeConfig/dict, or an rwasym.Model"
+        )
+    bridge.eval()  # dropout off: every rwasym measurement is deterministic
+    return Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
+
+
+def native_config(**overrides: Any) -> Any:
+    """A `TransformerBridgeConfig` for a small native model (LN, GELU, learned positions)."""
+    _, TransformerBridgeConfig = _bridge_classes()
+    fields = dict(
+        d_model=128, d_head=32, n_heads=4, n_layers=2, n_ctx=64, d_vocab=512,
+        act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    fields.update(overrides)
+    return TransformerBridgeConfig(**fields)
+
+
+def _jsonable_config(cfg: Any) -> dict:
+    out = {}
+    for key, value in cfg.to_dict().items():
+        if key == "device":
+            continue
+        if isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        elif hasattr(value, "item") and not isinstance(value, torch.Tensor):
+            value = value.item()  # numpy scalars
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        out[key] = value
+    return out
+
+
+def _clean_key(key: str) -> str:
+    return key.replace("._original_component", "")
+
+
+def save_model(model: Union[Model, nn.Module], folder: Union[str, os.PathLike], meta: Optional[dict] = None) -> Path:
+    """Save a native model as ``rwasym.json`` (config + meta) and ``model.safetensors``.
+
+    Loading the folder back with `rwasym.load(folder)` gives identical logits.
+    """
+    from safetensors.torch import save_file
+
+    model = model if isinstance(model, Model) else Model(model)
+    if getattr(model.cfg, "architecture", None) not in (None, "TransformerLensNative"):
+        raise RwasymError(
+            f"save_model writes native models only; this is a {model.cfg.architecture} bridge: "
+            "save Hugging Face models with bridge.original_model.save_pretrained(folder)"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for key, value in model.bridge.original_model.state_dict().items():
+        if value.data_ptr() in seen:  # the bridge aliases some modules under two names
+            continue
+        seen.add(value.data_ptr())
+        state[_clean_key(key)] = value.detach().cpu().contiguous()
+    save_file(state, str(folder / _WEIGHTS_FILE))
+    record = {"format": NATIVE_FORMAT, "config": _jsonable_config(model.cfg), "meta": meta or {}}
+    (folder / _META_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return folder
+
+
+def read_meta(folder: Union[str, os.PathLike]) -> dict:
+    """The ``rwasym.json`` record of a saved native model (format, config, meta)."""
+    path = Path(folder) / _META_FILE
+    if not path.exists():
+        raise RwasymError(f"{str(path)!r} does not exist; is {str(folder)!r} an rwasym checkpoint folder?")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RwasymError(f"{str(path)!r} is corrupt ({err}); re-save the checkpoint") from None
+    if record.get("format") != NATIVE_FORMAT:
+        raise RwasymError(f"{str(path)!r} has format {record.get('format')!r}, expected {NATIVE_FORMAT!r}")
+    return record
+
+
+def load_native(folder: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device: str = "cpu") -> Model:
+    """Load a folder written by `save_model` (safetensors only: nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    TransformerBridge, TransformerBridgeConfig = _bridge_classes()
+    folder = Path(folder)
+    record = read_meta(folder)
+    cfg_dict = dict(record["config"])
+    if isinstance(cfg_dict.get("dtype"), str):
+        cfg_dict["dtype"] = getattr(torch, cfg_dict["dtype"])
+    cfg_dict["init_weights"] = False  # weights come from the file
+    bridge = TransformerBridge.boot_native(TransformerBridgeConfig.from_dict(cfg_dict), device=device)
+    weights = folder / _WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise RwasymError(f"cannot read {str(weights)!r} ({err}); the checkpoint folder is incomplete or corrupt") from None
+    loaded = set()
+    with torch.no_grad():
+        for key, param in bridge.original_model.state_dict().items():
+            clean = _clean_key(key)
+            if clean in state:
+                param.copy_(state[clean])
+                loaded.add(param.data_ptr())
+            elif param.data_ptr() not in loaded:
+                raise RwasymError(
+                    f"{str(weights)!r} lacks tensor {clean!r}; the checkpoint does not match its {_META_FILE}"
+                )
+    if dtype is not None:
+        bridge.original_model.to(dtype=dtype)
+    bridge.eval()
+    model = Model(bridge, source=str(folder))
+    model.meta = record.get("meta", {})
+    return model

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+import rwasym
+from rwasym.testing import HF_ARCHS, build_hf_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("RWASYM_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set RWASYM_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """Tiny random HF models saved to disk: arch -> (folder, fresh HF model in eval mode)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: (root / arch, build_hf_model(arch, root / arch)) for arch in HF_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def native_cfg():
+    return rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64,
+                                n_key_value_heads=2, d_mlp=48, seed=1)

@@ -1,0 +1,182 @@
+"""RunningCovariance against torch.cov / hand-computed sums over the concatenated data."""
+
+import inspect
+
+import pytest
+import torch
+
+from rwasym.errors import RwasymError
+from rwasym.stats import RunningCovariance
+
+D = 6
+
+
+def unchecked(fn):
+    """The undecorated function: exercises rwasym's own guard even when a runtime type checker
+    (jaxtyping import hook) would reject the input first."""
+    return inspect.unwrap(fn)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def make_batches(dtype: torch.dtype, seed: int = 0):
+    """Four (batch, pos, D) batches with a nonzero mean and correlated features, plus bool masks."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(D, D, generator=g)
+    batches, masks = [], []
+    for b, pos in [(2, 5), (3, 7), (1, 4), (4, 3)]:
+        x = torch.randn(b, pos, D, generator=g) @ mix + 3.0
+        batches.append(x.to(dtype))
+        masks.append(torch.rand(b, pos, generator=g) > 0.3)
+    return batches, masks
+
+
+def selected_rows(batches, masks) -> torch.Tensor:
+    """The oracle's data: all kept rows, concatenated, exactly cast to float64."""
+    return torch.cat([x.double()[m] for x, m in zip(batches, masks)])  # (N, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_torch_cov_over_masked_batches(dtype):
+    batches, masks = make_batches(dtype)
+    acc = RunningCovariance(D)
+    for x, m in zip(batches, masks):
+        acc.add(x, weight_mask=m)
+    rows = selected_rows(batches, masks)
+    assert acc.count == rows.shape[0]
+    assert acc.mean().dtype == torch.float64
+    assert rel_err(acc.mean(), rows.mean(0)) < 1e-10
+    assert rel_err(acc.covariance(), torch.cov(rows.T)) < 1e-10
+    assert rel_err(acc.covariance(unbiased=False), torch.cov(rows.T, correction=0)) < 1e-10
+    assert rel_err(acc.second_moment(), rows.T @ rows / rows.shape[0]) < 1e-10
+    assert torch.equal(acc.covariance(center=False), acc.second_moment())
+
+
+def test_unmasked_add_flattens_leading_axes():
+    x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(1))
+    acc = RunningCovariance(D)
+    acc.add(x)
+    assert acc.count == 12
+    assert rel_err(acc.covariance(), torch.cov(x.reshape(-1, D).double().T)) < 1e-10
+
+
+def test_input_with_grad_is_accepted_and_detached():
+    x = torch.randn(10, D, requires_grad=True)
+    acc = RunningCovariance(D)
+    acc.add(x * 2)
+    assert not acc.covariance().requires_grad
+
+
+def test_merge_equals_single_accumulator():
+    batches, masks = make_batches(torch.float32, seed=2)
+    whole, left, right = RunningCovariance(D), RunningCovariance(D), RunningCovariance(D)
+    for i, (x, m) in enumerate(zip(batches, masks)):
+        whole.add(x, m)
+        (left if i < 2 else right).add(x, m)
+    merged = left.merge(right)
+    assert merged is left and merged.count == whole.count
+    assert rel_err(merged.covariance(), whole.covariance()) < 1e-12
+    assert rel_err(merged.mean(), whole.mean()) < 1e-12
+
+    summed = RunningCovariance(D)
+    summed += right
+    summed += RunningCovariance(D)  # an empty shard is a no-op
+    assert summed.count == right.count
+    assert torch.equal(summed.state_dict()["sum_outer"], right.state_dict()["sum_outer"])
+
+
+def test_merge_rejects_other_dimension():
+    with pytest.raises(RwasymError, match=r"dimensions differ \(5 != 6\)"):
+        RunningCovariance(D).merge(RunningCovariance(5))
+
+
+def test_state_dict_round_trip_and_resume(tmp_path):
+    batches, masks = make_batches(torch.bfloat16, seed=3)
+    full = RunningCovariance(D)
+    for x, m in zip(batches, masks):
+        full.add(x, m)
+
+    first = RunningCovariance(D)
+    for x, m in zip(batches[:2], masks[:2]):
+        first.add(x, m)
+    torch.save(first.state_dict(), tmp_path / "stats.pt")
+    state = torch.load(tmp_path / "stats.pt", weights_only=True)
+    assert set(state) == {"dim", "count", "sum", "sum_outer"}
+    assert isinstance(state["count"], int) and isinstance(state["dim"], int)
+
+    resumed = RunningCovariance.from_state_dict(state, name="resumed")
+    assert resumed.count == first.count
+    assert torch.equal(resumed.covariance(), first.covariance())
+    for x, m in zip(batches[2:], masks[2:]):
+        resumed.add(x, m)
+    assert rel_err(resumed.covariance(), full.covariance()) < 1e-12
+
+
+def test_state_dict_is_a_copy():
+    acc = RunningCovariance(D)
+    acc.add(torch.randn(5, D))
+    state = acc.state_dict()
+    acc.add(torch.randn(5, D))
+    assert state["count"] == 5 and not torch.equal(state["sum"], acc.state_dict()["sum"])
+
+
+def test_load_state_dict_errors():
+    acc = RunningCovariance(D)
+    with pytest.raises(RwasymError, match=r"missing keys \['sum_outer'\]"):
+        acc.load_state_dict({"dim": D, "count": 1, "sum": torch.zeros(D)})
+    with pytest.raises(RwasymError, match="state dict has dim=4 but"):
+        acc.load_state_dict(RunningCovariance(4).state_dict())
+    bad = RunningCovariance(D).state_dict() | {"sum_outer": torch.zeros(D)}
+    with pytest.raises(RwasymError, match=r"state\['sum_outer'\] must be a tensor of shape \(6, 6\)"):
+        acc.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_input_names_the_statistic(bad_value):
+    acc = RunningCovariance(D, name="blocks.0.attn.hook_in")
+    x = torch.randn(4, D)
+    x[2, 1] = bad_value
+    with pytest.raises(RwasymError, match=r"'blocks\.0\.attn\.hook_in'.*1 non-finite value"):
+        acc.add(x)
+    assert acc.count == 0  # nothing half-added
+
+
+def test_non_finite_values_in_masked_out_rows_are_ignored():
+    x = torch.randn(4, D)
+    x[3] = float("nan")  # e.g. a padded position
+    mask = torch.tensor([True, True, True, False])
+    acc = RunningCovariance(D)
+    acc.add(x, weight_mask=mask)
+    assert rel_err(acc.covariance(), torch.cov(x[:3].double().T)) < 1e-10
+
+
+def test_input_validation_messages():
+    acc = RunningCovariance(D)
+    with pytest.raises(RwasymError, match=r"trailing dimension d=6; got shape \(4, 5\)"):
+        acc.add(torch.randn(4, 5))
+    with pytest.raises(RwasymError, match="real floating-point dtype.*torch.int64"):
+        unchecked(RunningCovariance.add)(acc, torch.ones(4, D, dtype=torch.int64))
+    with pytest.raises(RwasymError, match="weight_mask must be a bool tensor.*torch.float32"):
+        unchecked(RunningCovariance.add)(acc, torch.randn(4, D), torch.ones(4))
+    with pytest.raises(RwasymError, match=r"weight_mask shape \(3,\) must equal the leading shape \(4,\)"):
+        unchecked(RunningCovariance.add)(acc, torch.randn(4, D), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(RwasymError, match="dim must be a positive integer; got dim=0"):
+        RunningCovariance(0)
+
+
+def test_empty_accumulator_readouts_explain_the_fix():
+    acc = RunningCovariance(D)
+    acc.add(torch.randn(2, 3, D), weight_mask=torch.zeros(2, 3, dtype=torch.bool))
+    for readout in (acc.mean, acc.second_moment, acc.covariance):
+        with pytest.raises(RwasymError, match="no tokens were accumulated.*check the data / attention mask"):
+            readout()
+
+
+def test_single_token_unbiased_covariance_needs_two():
+    acc = RunningCovariance(D)
+    acc.add(torch.randn(1, D))
+    with pytest.raises(RwasymError, match="count=1 token.*at least 2.*unbiased=False"):
+        acc.covariance()
+    assert torch.count_nonzero(acc.covariance(unbiased=False)) == 0  # one point has zero spread
