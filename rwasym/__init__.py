@@ -4,8 +4,10 @@ Read/write asymmetry of weight updates in TransformerLens 4 (`TransformerBridge`
 
 Shape glossary (used in every signature): batch, pos, d_model, d_mlp, d_head, n_heads, d_vocab,
 n_out / n_in (a studied matrix W is n_out × n_in, acting as y = W a), n (a space's dimension),
-k (a subspace's dimension).
+k (a subspace's dimension), d (a generic feature dimension).
 """
+
+__version__ = "0.1.0"
 
 from .errors import RwasymError
 from .models import (
@@ -19,19 +21,49 @@ from .models import (
     save_model,
     weight_deltas,
 )
+from .stats import RunningCovariance
+from .subspaces import Basis, complement_basis, k_for_variance, pca_basis, prediction_basis, random_basis
+from .probe_math import FractionResult, NullResult, fraction_curve, random_null, relative_fraction
+from .activations import ActivationStats, capture
+from .probe import ProbeResult, probe
+from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
+from .svd_compare import post_training_svd, rebuild
 
-__version__ = "0.1.0"
+from . import probe_math, spectra, svd_compare  # noqa: E402  (module access: rwasym.spectra.lifecycle)
 
 __all__ = [
     "KINDS",
+    "ActivationStats",
+    "Basis",
+    "FractionResult",
     "MatrixSpec",
     "Model",
+    "NullResult",
+    "ProbeResult",
+    "RunningCovariance",
     "RwasymError",
     "__version__",
+    "alpha_req",
+    "capture",
     "check_same_architecture",
+    "complement_basis",
     "flatten_site",
+    "fraction_curve",
+    "k_for_variance",
+    "lifecycle",
     "load",
     "native_config",
+    "pca_basis",
+    "post_training_svd",
+    "prediction_basis",
+    "probe",
+    "random_basis",
+    "random_null",
+    "rankme",
+    "rankme_from_cov",
+    "rebuild",
+    "relative_fraction",
     "save_model",
+    "spikiness",
     "weight_deltas",
 ]

@@ -38,12 +38,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_tokens(path: str, model):
+    """Token data for a command: a .safetensors file with ``input_ids`` (and optional
+    ``attention_mask``), or a plain-text file tokenised by `rwasym.data.load_text`."""
+    from .errors import RwasymError
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "input_ids" not in tensors:
+            raise RwasymError(f"{path!r} has no 'input_ids' tensor; found {sorted(tensors)}")
+        return {k: v for k, v in tensors.items() if k in ("input_ids", "attention_mask")}
+    return path  # rwasym.capture reads text files itself
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import rwasym
+
+    base, tuned = rwasym.load(args.base), rwasym.load(args.tuned)
+    result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
+                          matrices=args.matrices, heads=not args.no_heads, seed=args.seed,
+                          max_tokens=args.max_tokens, progress=False if args.quiet else None)
+    result.to_json(args.out)
+    print(result.summary())
+    print(f"wrote {len(result.rows)} rows to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwasym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print a model's matrix registry")
     p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("probe", help="relative-subspace-fraction probe of ΔW = tuned − base")
+    p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--tuned", required=True)
+    p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--null-samples", type=int, default=200)
+    p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
+    p.add_argument("--no-heads", action="store_true", help="whole matrices only")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="probe.json")
+    p.set_defaults(func=_cmd_probe)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

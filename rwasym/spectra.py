@@ -69,11 +69,13 @@ def _eigvalsh_desc(C: Any, name: str, fn: str) -> Tensor:
     asym = float(torch.linalg.matrix_norm(C - C.T))
     if asym > _SYMMETRY_RTOL * norm:
         raise RwasymError(f"{fn}: {name} is not symmetric (||C - C.T||_F / ||C||_F = "
-                          f"{asym / norm:.3g}); pass a covariance, or symmetrise with (C + C.T) / 2")
+                          f"{asym / norm:.3g}); pass a covariance, or symmetrise it with "
+                          f"(C + C.T) / 2")
     lam = torch.linalg.eigvalsh((C + C.T) / 2).flip(0)
     if lam[0] <= 0:
-        raise RwasymError(f"{fn}: {name} has no positive eigenvalue (largest = {float(lam[0]):.3g})"
-                          f"; the covariance is zero — check that activations were accumulated")
+        raise RwasymError(f"{fn}: {name} has no positive eigenvalue (largest = "
+                          f"{float(lam[0]):.3g}); the covariance is zero — check that "
+                          f"activations were accumulated")
     if lam[-1] < -_PSD_RTOL * lam[0]:
         raise RwasymError(f"{fn}: {name} is not positive semidefinite (smallest eigenvalue "
                           f"{float(lam[-1]):.3g}, largest {float(lam[0]):.3g}); pass a "
@@ -158,7 +160,7 @@ def rankme(Z: Float[Tensor, "n d"], eps: float = 1e-7) -> float:
     p_i = sigma_i / sum(sigma) + eps,  RankMe = exp(-sum_i p_i log p_i).
     Lies in [1, min(n, d)] up to O(eps); an isotropic Gaussian Z with n >> d gives ~ d.
 
-    >>> rankme(torch.randn(4000, 32))  # ~ 31.9
+    Example: ``rankme(torch.randn(4000, 32))`` is about 31.97 (of a maximum of 32).
     """
     Z = _as_f64(Z, "Z", "rankme")
     _check_eps(eps, "rankme")

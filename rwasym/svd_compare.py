@@ -130,7 +130,7 @@ def post_training_svd(
     eye = torch.eye(k, dtype=torch.float64)
     return PostTrainingSVD(
         k=k, n_out=n_out, n_in=n_in,
-        ratio_mean=float(ratio.mean()), ratio_std=float(ratio.std()),
+        ratio_mean=float(ratio.mean()), ratio_std=float(ratio.std(correction=0)),
         ratio_min=float(ratio.min()), ratio_max=float(ratio.max()),
         fit_slope=slope, fit_intercept=intercept, fit_r2=r2,
         consistency=float(torch.linalg.matrix_norm(R_U - R_V)) / math.sqrt(2 * k),

@@ -280,7 +280,7 @@ def test_post_training_svd_errors():
     with pytest.raises(RwasymError, match=r"shape \(6, 4\) but W_tuned has shape \(4, 6\)"):
         post_training_svd(w, w.T.contiguous())
     for k in (0, 5):
-        with pytest.raises(RwasymError, match=r"k=\d is out of range.*1 <= k <= min\(n_out, n_in\) = 4"):
+        with pytest.raises(RwasymError, match=r"k=\d is out of range.*1 <= k <= .* = 4"):
             post_training_svd(w, w, k=k)
     low = _randn(6, 2, seed=1) @ _randn(2, 4, seed=2)
     with pytest.raises(RwasymError, match="only 2 non-zero singular.*pass k <= 2"):
@@ -318,7 +318,7 @@ def test_rebuild_oracles_on_pure_rotation_and_pure_scaling():
 
 
 def test_rebuild_break_consistency():
-    w, wt = _randn(10, 7, seed=27), _randn(10, 7, seed=28)
+    w, wt = _randn(7, 10, seed=27), _randn(7, 10, seed=28)  # n_in > n_out: row space bites
     broken = rebuild(w, wt, "break_consistency", seed=3)
     # singular values are those of W_tuned; row space is W_base's; seeded; != W_tuned
     assert torch.allclose(torch.linalg.svdvals(broken), torch.linalg.svdvals(wt), atol=1e-10)
@@ -433,7 +433,8 @@ def test_lifecycle_errors():
         lifecycle({5: {}})
     with pytest.raises(RwasymError, match=r"top_k=0 is out of range"):
         lifecycle({0: {"a": w}}, top_k=0)
-    with pytest.raises(RwasymError, match=r"'a' has shape \(6, 4\) at step 1 but \(4, 6\) at step 0"):
+    with pytest.raises(RwasymError, match=
+            r"'a' has shape \(6, 4\) at step 1 but \(4, 6\) at step 0"):
         lifecycle({0: {"a": w}, 1: {"a": w.T}})
     bad = w.clone()
     bad[0, 0] = float("nan")

@@ -1,0 +1,75 @@
+"""Capture oracle: streaming float64 statistics equal torch.cov over explicitly cached activations."""
+
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError, flatten_site
+from rwasym.activations import capture, default_sites
+
+
+@pytest.fixture(scope="module")
+def model(native_cfg):
+    return rwasym.load(native_cfg)
+
+
+def _data(model, n=6, pos=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.d_vocab, (n, pos), generator=g)
+    mask = torch.ones(n, pos, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding on two rows
+    mask[n - 2, 3:] = 0
+    return tokens, mask
+
+
+def _cached_rows(model, tokens, mask, hook, width):
+    _, cache = model.bridge.run_with_cache(tokens, attention_mask=mask)
+    return flatten_site(cache[hook], width)[mask.bool()].double()
+
+
+def test_default_sites_dedupe_and_cover(model):
+    sites = default_sites(model)
+    assert "blocks.0.attn.q.hook_in" in sites and "blocks.0.attn.k.hook_in" not in sites
+    assert sites["blocks.1.mlp.out.hook_in"] == 48
+    assert {"blocks.0.hook_in", "blocks.0.ln2.hook_in", "blocks.1.hook_out"} <= set(sites)
+
+
+def test_capture_matches_torch_cov_with_padding_and_batches(model):
+    tokens, mask = _data(model)
+    acts = capture(model, {"input_ids": tokens, "attention_mask": mask}, batch_size=4)  # 2 batches
+    assert acts.n_tokens == int(mask.sum())
+    for hook, stat in acts.stats.items():
+        rows = _cached_rows(model, tokens, mask, hook, stat.dim)
+        expected = torch.cov(rows.T)
+        rel = (stat.covariance() - expected).norm() / expected.norm()
+        assert rel < 1e-10, hook
+        assert torch.allclose(stat.mean(), rows.mean(0), atol=1e-12)
+    # TL aliases and matrix views resolve to the same accumulators
+    assert acts["blocks.1.hook_resid_pre"] is acts.stats["blocks.1.hook_in"]
+    assert acts.for_matrix("blocks.0.attn.W_V") is acts.stats["blocks.0.attn.q.hook_in"]
+
+
+def test_capture_iterable_of_batches_and_max_tokens(model):
+    tokens, _ = _data(model, n=4)
+    batches = [tokens[:2], (tokens[2:], torch.ones(2, 10, dtype=torch.long))]
+    a = capture(model, batches, sites=["blocks.0.hook_resid_pre"])
+    b = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], batch_size=3)
+    assert torch.allclose(a["blocks.0.hook_resid_pre"].covariance(), b["blocks.0.hook_resid_pre"].covariance(), atol=1e-12)
+    c = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], max_tokens=15, batch_size=1)
+    assert c.n_tokens == 15
+    rows = _cached_rows(model, tokens, torch.ones_like(tokens), "blocks.0.hook_in", 32)[:15]
+    assert torch.allclose(c["blocks.0.hook_resid_pre"].covariance(), torch.cov(rows.T), atol=1e-10)
+
+
+def test_capture_bad_inputs(model):
+    tokens, _ = _data(model)
+    with pytest.raises(RwasymError, match=r"token ids must lie in \[0, 64\)"):
+        capture(model, tokens + 64)
+    with pytest.raises(RwasymError, match="no tokens were captured"):
+        capture(model, {"input_ids": tokens, "attention_mask": torch.zeros_like(tokens)})
+    with pytest.raises(RwasymError, match="no tokens were captured"):
+        capture(model, tokens[:0])
+    with pytest.raises(RwasymError, match="unknown hook name 'blocks.0.hook_nope'"):
+        capture(model, tokens, sites=["blocks.0.hook_nope"])
+    with pytest.raises(RwasymError, match="integer tensors"):
+        capture(model, tokens.float())

@@ -1,0 +1,34 @@
+"""The command line on saved native checkpoints (it only calls the public API)."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+import rwasym
+from rwasym.cli import main
+
+
+def test_probe_cli_writes_json(tmp_path, native_cfg, capsys):
+    base = rwasym.load(native_cfg)
+    rwasym.save_model(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    name = "blocks.0.attn.W_K"
+    base.set_weight(name, base.weight(name) + torch.randn(16, 32, generator=g, dtype=torch.float64))
+    rwasym.save_model(base, tmp_path / "tuned")
+    save_file({"input_ids": torch.randint(0, 64, (8, 16), generator=g)}, str(tmp_path / "tokens.safetensors"))
+    out = tmp_path / "probe.json"
+    code = main(["probe", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+                 "--data", str(tmp_path / "tokens.safetensors"), "--k", "4", "--null-samples", "10",
+                 "--quiet", "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["matrix"] for r in rows} == {name}
+    assert {r["head"] for r in rows} == {None, 0, 1}
+    assert "W_K" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    code = main(["info", "--model", str(tmp_path)])
+    assert code == 2
+    assert "neither an rwasym checkpoint" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Model-level probe: planted deltas, an independent recomputation, the result formats."""
+
+import json
+
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError, flatten_site
+from rwasym.probe import probe
+
+
+@pytest.fixture(scope="module")
+def pair_data(native_cfg):
+    base = rwasym.load(native_cfg)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, base.d_vocab, (16, 24), generator=g)
+    return base, tokens
+
+
+def _cached_cov(model, tokens, hook, width):
+    _, cache = model.bridge.run_with_cache(tokens)
+    rows = flatten_site(cache[hook], width).reshape(-1, width).double()
+    return torch.cov(rows.T)
+
+
+def _planted(base, name, u, v):
+    tuned = rwasym.load(rwasym.native_config(**{k: getattr(base.cfg, k) for k in (
+        "d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab", "n_key_value_heads", "d_mlp", "seed")}))
+    tuned.set_weight(name, base.weight(name) + torch.outer(u, v))
+    return tuned
+
+
+def _row(result, **match):
+    rows = [r for r in result.rows if all(r[k] == v for k, v in match.items())]
+    assert len(rows) == 1, (match, len(rows))
+    return rows[0]
+
+
+def test_planted_top_pc_delta_is_concentrated_random_is_not(pair_data):
+    base, tokens = pair_data
+    name = "blocks.1.attn.W_Q"
+    cov = _cached_cov(base, tokens, base.matrix(name).hook_in, 32)
+    evals, evecs = torch.linalg.eigh(cov)
+    v_top = evecs[:, -1]
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(32, generator=g, dtype=torch.float64)
+    tuned = _planted(base, name, u, v_top)
+    res = probe(base, tuned, tokens, k=4, null_samples=300, matrices=name, heads=False)
+    row = _row(res, matrix=name, head=None, subspace="activation", stream="residual")
+    assert row["relative"] > 7.0  # ≈ n/k = 8 for a delta entirely inside the top PC
+    assert row["fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert row["null_percentile"] == 100.0
+    # a random planted delta on the same matrix sits inside its null band (r ≈ 1)
+    D = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    with tuned.edit({name: base.weight(name) + D}):
+        res = probe(base, tuned, tokens, k=4, null_samples=300, matrices=name, heads=False)
+    row = _row(res, matrix=name, head=None, subspace="activation", stream="residual")
+    assert abs(row["fraction"] - row["null_mean"]) < 3 * row["null_std"]
+    assert row["null_mean"] == pytest.approx(4 / 32, abs=0.01)
+
+
+def test_probe_rows_equal_independent_recomputation(pair_data):
+    """Every number recomputed from run_with_cache + torch.linalg, independently of the probe path."""
+    base, tokens = pair_data
+    g = torch.Generator().manual_seed(2)
+    tuned = _planted(base, "blocks.0.attn.W_O", torch.randn(32, generator=g, dtype=torch.float64),
+                     torch.randn(32, generator=g, dtype=torch.float64))
+    with tuned.edit({"blocks.0.mlp.W_out": base.weight("blocks.0.mlp.W_out") + 0.1 * torch.randn(32, 48, generator=g, dtype=torch.float64)}):
+        res = probe(base, tuned, tokens, k=3, null_samples=50, matrices="blocks.0.*.*")
+        deltas = rwasym.weight_deltas(base, tuned)
+    k = 3
+    # write side of W_O against the prediction subspace
+    d = deltas["blocks.0.attn.W_O"]
+    U = torch.linalg.svd(base.unembedding(), full_matrices=False).U[:, :k]
+    expected = (U.T @ d).square().sum() / d.square().sum()
+    assert _row(res, matrix="blocks.0.attn.W_O", head=None, subspace="prediction")["fraction"] == pytest.approx(float(expected), rel=1e-9)
+    # write side of W_out against the resid_post PCA
+    d = deltas["blocks.0.mlp.W_out"]
+    cov = _cached_cov(base, tokens, "blocks.0.hook_out", 32)
+    U = torch.linalg.eigh(cov).eigenvectors.flip(-1)[:, :k]
+    expected = (U.T @ d).square().sum() / d.square().sum()
+    row = _row(res, matrix="blocks.0.mlp.W_out", head=None, stream="residual", subspace="activation")
+    assert row["fraction"] == pytest.approx(float(expected), rel=1e-8)
+    assert row["relative"] == pytest.approx(float(expected) * 32 / k, rel=1e-8)
+    # inner side of W_O, head 1: PCA of that head's block of the z covariance
+    d = deltas["blocks.0.attn.W_O"][:, 8:16]
+    cov = _cached_cov(base, tokens, "blocks.0.attn.o.hook_in", 32)[8:16, 8:16]
+    U = torch.linalg.eigh(cov).eigenvectors.flip(-1)[:, :k]
+    expected = (d @ U).square().sum() / d.square().sum()
+    assert _row(res, matrix="blocks.0.attn.W_O", head=1, stream="inner")["fraction"] == pytest.approx(float(expected), rel=1e-8)
+    # untouched matrices produce no rows; k used and n are recorded
+    assert not [r for r in res.rows if r["matrix"] == "blocks.0.attn.W_Q"]
+    assert {r["n"] for r in res.rows if r["matrix"] == "blocks.0.attn.W_O" and r["head"] is not None and r["stream"] == "inner"} == {8}
+
+
+def test_probe_outputs_and_errors(pair_data, tmp_path):
+    base, tokens = pair_data
+    g = torch.Generator().manual_seed(3)
+    tuned = _planted(base, "blocks.1.mlp.W_in", torch.randn(48, generator=g, dtype=torch.float64),
+                     torch.randn(32, generator=g, dtype=torch.float64))
+    res = probe(base, tuned, tokens, k=2, null_samples=20)
+    again = probe(base, tuned, tokens, k=2, null_samples=20)
+    assert res.rows == again.rows  # seeded: identical
+    data = json.loads(res.to_json(str(tmp_path / "p.json")))
+    assert data["config"]["k"] == 2 and len(data["rows"]) == len(res.rows)
+    assert res.curves and res.curves[0]["ks"][-1] == res.curves[0]["n"]
+    df = res.to_dataframe()
+    assert set(df["kind"]) == {"W_in"}
+    assert "W_in" in res.summary()
+    with pytest.raises(RwasymError, match="1 <= k <= d_model=32"):
+        probe(base, tuned, tokens, k=33)
+    with pytest.raises(RwasymError, match="1 <= k <= d_model"):
+        probe(base, tuned, tokens, k=0)
+    with pytest.raises(RwasymError, match="matches no matrix"):
+        probe(base, tuned, tokens, matrices="blocks.9.*.*")
+    with pytest.raises(RwasymError, match="needs data"):
+        probe(base, tuned)
