@@ -85,9 +85,10 @@ class RunningCovariance:
                     f"weight_mask shape {tuple(mask.shape)} must equal the leading shape "
                     f"{tuple(x.shape[:-1])} of the input (input shape {shape_str(x)})."
                 )
-            rows = rows[mask.reshape(-1).to(rows.device)]
-        rows = rows.to(device=self.device, dtype=torch.float64)
-        return require_finite(rows, f"{what} (selected rows)")
+            flat = mask.reshape(-1).to(rows.device)
+            if not bool(flat.all()):  # skip the copy in the common unpadded case
+                rows = rows[flat]
+        return rows.to(device=self.device, dtype=torch.float64)
 
     def add(
         self,
@@ -96,9 +97,15 @@ class RunningCovariance:
     ) -> None:
         """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`."""
         rows = self._rows(x, weight_mask)  # (n, d) float64
+        row_sum = rows.sum(dim=0)
+        # Σ over rows is finite iff every selected entry is (float64 cannot overflow from
+        # fp16/bf16/fp32 inputs): an O(d) check instead of a pass over the batch. Nothing is
+        # added when it fails.
+        if not bool(torch.isfinite(row_sum).all()):
+            require_finite(rows, f"the input to {self._label()}.add (selected rows)")
         self._count += rows.shape[0]
-        self._sum += rows.sum(dim=0)
-        self._sum_outer += rows.T @ rows
+        self._sum += row_sum
+        self._sum_outer.addmm_(rows.T, rows)
 
     def merge(self, other: "RunningCovariance") -> "RunningCovariance":
         """Add another accumulator's sums into this one (in place) and return self."""
