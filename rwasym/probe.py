@@ -33,7 +33,7 @@ from .activations import ActivationStats, capture, _quiet
 from .errors import RwasymError
 from .models import MatrixSpec, Model, head_slice, load, weight_deltas
 from .probe_math import fraction_curve, log_k_grid, random_null, relative_fraction
-from .subspaces import Basis, k_for_variance, pca_basis, prediction_basis
+from .subspaces import k_for_variance, pca_basis, prediction_basis
 
 
 @dataclass
