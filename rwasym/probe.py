@@ -123,6 +123,7 @@ def probe(
     center: bool = True,
     variance: float = 0.9,
     curves: bool = True,
+    curve_null_samples: int = 64,
     seed: int = 0,
     activations: Optional[ActivationStats] = None,
     batch_size: int = 16,
@@ -136,6 +137,8 @@ def probe(
     size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
     subspaces per row for the null (mean, std, percentile of the observed f). variance: rows also
     report f and r at the k reaching this explained-variance ratio (activation subspaces).
+    curves: r(k) on a log grid of k for whole matrices, with the std of the Haar null of r at each
+    k from ``curve_null_samples`` draws (the null mean of r is exactly 1).
     Every number is reproducible from ``seed``.
     """
     base, tuned = load(base), load(tuned)
@@ -199,10 +202,13 @@ def probe(
                 if curves and head is None:
                     ks = log_k_grid(n)
                     curve = fraction_curve(d, full.U, side, ks)
+                    band = [random_null(d, side, kk, curve_null_samples, generator) for kk in ks] \
+                        if curve_null_samples >= 2 else []
                     curve_rows.append(dict(matrix=spec.name, kind=spec.kind, layer=spec.layer, stream=stream,
                                            side=side, subspace=subspace, n=n, ks=ks,
-                                           relative=curve.relative.tolist(), fraction=curve.fraction.tolist()))
-    config = dict(k=k, null_samples=null_samples, center=center, variance=variance, seed=seed,
+                                           relative=curve.relative.tolist(), fraction=curve.fraction.tolist(),
+                                           null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
+    config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
                   n_tokens=activations.n_tokens, matrices=matrices, version=__version__)
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
