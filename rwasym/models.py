@@ -281,6 +281,39 @@ class Model:
                 for name, original in saved.items():
                     self.host_parameter(name).copy_(original)
 
+    @torch.no_grad()
+    def self_check(self, tokens: Optional[Tensor] = None, *, rtol: float = 1e-4) -> list[dict]:
+        """The adapter's consistency check: for every registry matrix, the tensor at its input
+        hook times Wᵀ (+ b) must equal the tensor at its output hook.
+
+        This proves the layout (no silent transpose), the head split and the hook names at once.
+        Returns one row per matrix (max relative error); raises RwasymError listing the failures.
+        """
+        if tokens is None:
+            g = torch.Generator().manual_seed(0)
+            n_ctx = int(getattr(self.cfg, "n_ctx", 16) or 16)
+            tokens = torch.randint(0, self.d_vocab, (2, min(16, n_ctx)), generator=g)
+        _, cache = self.bridge.run_with_cache(tokens.to(self.device))
+        rows, failures = [], []
+        for spec in self.matrices():
+            if spec.hook_in not in cache or spec.hook_out not in cache:
+                failures.append(f"{spec.name}: hook {spec.hook_in} or {spec.hook_out} never fired")
+                continue
+            a = flatten_site(cache[spec.hook_in], spec.n_in).double()
+            y = flatten_site(cache[spec.hook_out], spec.n_out).double()
+            b = self.bias(spec.name)
+            pred = a @ self.weight(spec.name).T.to(a.device) + (0 if b is None else b.to(a.device))
+            err = float((pred - y).norm() / y.norm().clamp_min(1e-30))
+            rows.append(dict(matrix=spec.name, relative_error=err))
+            if not err <= rtol:
+                failures.append(f"{spec.name}: ‖hook_in·Wᵀ + b − hook_out‖/‖hook_out‖ = {err:.2e}")
+        if failures:
+            raise RwasymError(
+                "adapter consistency check failed (wrong layout, head split or hook names):\n  "
+                + "\n  ".join(failures)
+            )
+        return rows
+
     def state_fingerprint(self) -> dict[str, Tensor]:
         """Host-layout copies of every studied matrix (for bit-exact restore checks)."""
         return {n: self.host_parameter(n).detach().clone() for n in self._specs}

@@ -225,3 +225,17 @@ def test_shared_input_and_residual_hooks(models, arch):
             assert torch.allclose(pre + attn, cache[mid], atol=1e-5)
         if layer + 1 < model.n_layers:
             assert torch.equal(post, cache[resid[f"blocks.{layer + 1}.hook_resid_pre"]])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_self_check_passes_and_catches_a_transpose(models, arch):
+    model = models[arch]
+    rows = model.self_check()
+    assert len(rows) == len(model.matrices()) and max(r["relative_error"] for r in rows) < 1e-5
+    if arch == "llama":  # simulate the TL #1554 bug: a square matrix read transposed
+        from unittest import mock
+
+        real = model.weight
+        with mock.patch.object(model, "weight", lambda n: real(n).T if n == "blocks.0.attn.W_O" else real(n)):
+            with pytest.raises(RwasymError, match=r"(?s)consistency check failed.*blocks.0.attn.W_O"):
+                model.self_check()
