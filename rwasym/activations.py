@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import RwasymError
 from .models import Model, flatten_site, load

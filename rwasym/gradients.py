@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .activations import _quiet
 from .errors import RwasymError

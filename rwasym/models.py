@@ -108,11 +108,95 @@ class Model:
         self.source = source
         self.cfg = bridge.cfg
         self._specs = {spec.name: spec for spec in self._build_registry()}
+        self._fused_layouts = self._detect_fused_layouts()
         if not self._specs:
             raise RwasymError(
                 f"found no attention or MLP linears in {type(bridge).__name__}; rwasym needs a "
                 "TransformerBridge whose blocks expose attn.q/k/v/o and mlp.in/out"
             )
+
+    # -- fused QKV hosts -----------------------------------------------------------------------
+    def _detect_fused_layouts(self) -> dict[int, str]:
+        """layer → how the host's fused qkv weight stacks q, k, v ("concat" rows [q; k; v] as in
+        GPT-2's c_attn, or "interleaved" per head [h, (q, k, v), d_head] as in GPT-NeoX).
+
+        The bridge's forward uses split q/k/v copies; the fused parameter is what
+        ``save_pretrained`` writes, so `sync_fused_qkv` must know the layout. It is detected
+        once, at load, by exact comparison while the two agree; undetectable layers are omitted.
+        """
+        layouts = {}
+        for layer, block in enumerate(self.bridge.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or "qkv" not in attn._modules or "q" not in attn._modules:
+                continue
+            fused = _host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
+            w = fused.weight.detach()
+            w = w.T if _is_transposed(fused) else w
+            parts = [_host_linear(self.bridge, f"blocks.{layer}.attn.{x}").weight.detach() for x in "qkv"]
+            for layout in ("concat", "interleaved"):
+                if w.shape == (sum(p.shape[0] for p in parts), parts[0].shape[1]) and \
+                        torch.equal(_fuse(parts, layout, int(self.cfg.n_heads)), w):
+                    layouts[layer] = layout
+                    break
+        return layouts
+
+    @torch.no_grad()
+    def sync_fused_qkv(self) -> int:
+        """Copy the split q/k/v weights (and biases) the forward pass uses back into the host's
+        fused qkv parameter, so ``original_model.save_pretrained`` saves what the bridge computes.
+
+        Returns the number of layers synced; raises when a fused layer's layout is unknown.
+        """
+        synced = 0
+        for layer, block in enumerate(self.bridge.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or "qkv" not in attn._modules:
+                continue
+            layout = self._fused_layouts.get(layer)
+            if layout is None:
+                raise RwasymError(
+                    f"blocks.{layer}.attn has a fused qkv parameter whose layout rwasym does not know; "
+                    "saving it would drop changes to W_Q/W_K/W_V. Add the layout to rwasym.models._fuse"
+                )
+            fused = _host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
+            hosts = [_host_linear(self.bridge, f"blocks.{layer}.attn.{x}") for x in "qkv"]
+            w = _fuse([h.weight for h in hosts], layout, int(self.cfg.n_heads))
+            fused.weight.copy_(w.T if _is_transposed(fused) else w)
+            if getattr(fused, "bias", None) is not None and all(h.bias is not None for h in hosts):
+                b = _fuse([h.bias[:, None] for h in hosts], layout, int(self.cfg.n_heads))[:, 0]
+                fused.bias.copy_(b)
+            synced += 1
+        return synced
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Save a Hugging Face-backed model as a plain HF folder (config, safetensors, tokenizer).
+
+        The bridge rewires the HF module tree (aliases, split q/k/v copies), so the host's own
+        ``save_pretrained`` would write duplicated or stale tensors. This syncs the fused qkv
+        parameter from the split copies (`sync_fused_qkv`), maps the bridge's state dict back to
+        the HF names, loads it into a fresh instance of the HF class and saves that.
+        """
+        host = self.bridge.original_model
+        if not hasattr(host, "save_pretrained"):
+            raise RwasymError("this model is not Hugging Face-backed; save native models with rwasym.save_model")
+        self.sync_fused_qkv()
+        fresh = type(host)(host.config)
+        wanted = fresh.state_dict()
+        clean = {}
+        for key, value in host.state_dict().items():
+            name = _clean_key(key)
+            if name in wanted and name not in clean:
+                clean[name] = value.detach().clone()
+        missing = [k for k in wanted if k not in clean]
+        if missing:
+            raise RwasymError(f"cannot map the bridge back to {type(host).__name__}: missing {missing[:5]}")
+        fresh.load_state_dict(clean, strict=True)
+        folder = Path(folder)
+        fresh.save_pretrained(folder)
+        tokenizer = getattr(self.bridge, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return folder
 
     # -- registry -----------------------------------------------------------------------------
     def _build_registry(self) -> Iterator[MatrixSpec]:
@@ -132,6 +216,13 @@ class Model:
                     w = host.weight
                     n_out, n_in = (w.shape[1], w.shape[0]) if _is_transposed(host) else w.shape
                     heads = {"W_Q": n_heads, "W_O": n_heads, "W_K": n_kv, "W_V": n_kv}.get(kind, 0)
+                    width = n_out if kind in ("W_Q", "W_K", "W_V") else n_in
+                    if heads and heads * d_head != width:
+                        raise RwasymError(
+                            f"blocks.{layer}.{group}.{kind} has {width} head-axis units but the config says "
+                            f"{heads} heads × d_head {d_head} = {heads * d_head}; fix n_heads / "
+                            "n_key_value_heads / d_head in the bridge config"
+                        )
                     yield MatrixSpec(
                         name=f"blocks.{layer}.{group}.{kind}",
                         layer=layer,
@@ -147,7 +238,11 @@ class Model:
                     )
 
     def matrices(self, pattern: Optional[str] = None) -> list[MatrixSpec]:
-        """The registry, in layer order. ``pattern`` is a glob (``blocks.*.attn.W_Q``) or list."""
+        """The registry, in layer order.
+
+        ``pattern``: a glob where ``*`` matches one dotted segment (``blocks.*.attn.W_Q``,
+        ``blocks.0.*.*``), or a list of globs. A pattern matching nothing returns [].
+        """
         specs = list(self._specs.values())
         if pattern is None:
             return specs
@@ -319,8 +414,9 @@ class Model:
         return {n: self.host_parameter(n).detach().clone() for n in self._specs}
 
     def __repr__(self) -> str:
+        label = self.source if self.source is not None else getattr(self.cfg, "model_name", None)
         return (
-            f"rwasym.Model({self.source!r}: {self.n_layers} layers, d_model {self.d_model}, "
+            f"rwasym.Model({str(label)!r}: {self.n_layers} layers, d_model {self.d_model}, "
             f"{len(self._specs)} matrices)"
         )
 
@@ -333,6 +429,15 @@ def head_slice(spec: MatrixSpec, w: Tensor, head: int) -> Tensor:
         raise RwasymError(f"head {head} is out of range for {spec.name}: it has {spec.n_heads} heads")
     d = spec.d_head
     return w[head * d : (head + 1) * d] if spec.head_axis == "out" else w[:, head * d : (head + 1) * d]
+
+
+def _fuse(parts: list[Tensor], layout: str, n_heads: int) -> Tensor:
+    """Stack q, k, v (nn.Linear layout, rows = outputs) the way a fused host stores them."""
+    if layout == "concat":
+        return torch.cat(parts, dim=0)
+    # interleaved: rows grouped per head as [h, (q, k, v), d_head]
+    heads = [p.reshape(n_heads, -1, p.shape[-1]) for p in parts]  # (h, d_head, n_in) each
+    return torch.stack(heads, dim=1).reshape(-1, parts[0].shape[-1])
 
 
 def _matches(name: str, pattern: Union[str, list, tuple]) -> bool:

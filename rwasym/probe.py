@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import __version__  # noqa: F401
 from .activations import ActivationStats, capture, _quiet

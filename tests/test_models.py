@@ -239,3 +239,28 @@ def test_self_check_passes_and_catches_a_transpose(models, arch):
         with mock.patch.object(model, "weight", lambda n: real(n).T if n == "blocks.0.attn.W_O" else real(n)):
             with pytest.raises(RwasymError, match=r"(?s)consistency check failed.*blocks.0.attn.W_O"):
                 model.self_check()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_fused_qkv_sync_makes_save_pretrained_faithful(hf_folder, arch, tmp_path):
+    model = rwasym.load(hf_folder[arch][0])
+    assert set(model._fused_layouts.values()) == {"concat" if arch == "gpt2" else "interleaved"}
+    g = torch.Generator().manual_seed(9)
+    for kind in ("W_Q", "W_K", "W_V"):
+        name = f"blocks.1.attn.{kind}"
+        model.set_weight(name, model.weight(name) + torch.randn(model.matrix(name).shape, generator=g, dtype=torch.float64))
+    tokens = _tokens(model)
+    with torch.no_grad():
+        edited = model.bridge(tokens)
+    model.save_pretrained(tmp_path / "m")  # syncs the fused qkv from the split copies first
+    again = rwasym.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(again.bridge(tokens), edited, atol=1e-5)
+        assert not torch.allclose(rwasym.load(hf_folder[arch][0]).bridge(tokens), edited, atol=1e-3)
+
+
+def test_head_split_must_fill_the_matrix(native_cfg):
+    bridge = rwasym.load(native_cfg).bridge
+    bridge.cfg.d_head = 16  # 4 heads × 16 = 64 ≠ 32 rows of W_Q
+    with pytest.raises(RwasymError, match=r"blocks.0.attn.W_Q has 32 head-axis units.*4 heads × d_head 16 = 64"):
+        rwasym.load(bridge)
