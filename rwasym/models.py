@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -237,7 +237,7 @@ class Model:
                         component=component,
                     )
 
-    def matrices(self, pattern: Optional[str] = None) -> list[MatrixSpec]:
+    def matrices(self, pattern: Union[str, Sequence[str], None] = None) -> list[MatrixSpec]:
         """The registry, in layer order.
 
         ``pattern``: a glob where ``*`` matches one dotted segment (``blocks.*.attn.W_Q``,
@@ -452,7 +452,7 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise RwasymError(f"{what} contains NaN or Inf; check the checkpoint or the computation")
 
 
-def weight_deltas(base: Model, tuned: Model, pattern: Optional[str] = None) -> dict[str, Tensor]:
+def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None) -> dict[str, Tensor]:
     """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix.
 
     Raises RwasymError naming the first matrix whose name or shape differs.
@@ -531,7 +531,11 @@ def load(
     elif isinstance(source, (TransformerBridgeConfig, dict)):
         bridge = TransformerBridge.boot_native(source, tokenizer=tokenizer, device=device, dtype=dtype)
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = Path(source).expanduser()
+        if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
+            raise RwasymError(
+                f"no such folder {str(source)!r}; pass an existing checkpoint folder or a hub name"
+            )
         if (path / _META_FILE).exists():
             return load_native(path, dtype=dtype, device=device)
         if path.exists() and path.is_dir() and not (path / "config.json").exists():
