@@ -28,12 +28,25 @@ from .activations import ActivationStats, capture
 from .probe import ProbeResult, probe
 from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
 from .svd_compare import post_training_svd, rebuild
+from .intervene import Direction, closed_form_u, directions, rank1_edit
+from .behaviour import Evaluator
+from .sweep import SweepSummary, read_sweep, summarize
+from .sweep import sweep as run_sweep
 
-from . import probe_math, spectra, svd_compare  # noqa: E402  (module access: rwasym.spectra.lifecycle)
+from . import behaviour, companion, experiments, intervene, probe_math, report, spectra, svd_compare  # noqa: F401
 
 __all__ = [
     "KINDS",
     "ActivationStats",
+    "Direction",
+    "Evaluator",
+    "SweepSummary",
+    "closed_form_u",
+    "directions",
+    "rank1_edit",
+    "read_sweep",
+    "run_sweep",
+    "summarize",
     "Basis",
     "FractionResult",
     "MatrixSpec",

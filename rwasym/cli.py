@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="probe.json")
     p.set_defaults(func=_cmd_probe)
+    from .sweep import add_intervene_parser
+
+    add_intervene_parser(sub)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

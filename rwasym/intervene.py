@@ -1,0 +1,328 @@
+"""Closed-form rank-1 interventions W' = W + α u vᵀ on one studied matrix, and matched directions.
+
+- `closed_form_u(ΔW, v)` = ΔW v: for a unit input direction v, argmin_u ‖ΔW − u vᵀ‖_F = ΔW v, so
+  ``mode="transplant"`` runs W_base + α u vᵀ on the base and ``mode="ablate"`` runs
+  W_tuned − α u vᵀ on the tuned model (the tuned delta along v moved in or taken out).
+- `rank1_edit` applies an edit two equivalent ways: ``mechanism="hook"`` adds α (vᵀa) u to the
+  linear's output at its ``hook_out`` (a read at its ``hook_in`` in the same forward; nothing is
+  mutated) and ``mechanism="weight"`` writes the host parameter through `Model.edit` (restored
+  bit-exactly on exit, also on exceptions). Per-head edits are full-matrix edits with zero-padded
+  vectors: u lives in head h's output rows for W_Q/W_K/W_V (K/V index the ``n_key_value_heads``
+  heads under GQA), v in head h's input columns for W_O.
+- `directions` builds targets and controls. Input side (v chosen, u = ΔW v): ``pca`` (top input
+  principal directions of the base's activations at the matrix input), ``random`` (Haar on the unit
+  sphere), ``orthogonal`` (Haar on the unit sphere of the orthogonal complement of the top-k PCA
+  subspace). Output side, for write matrices (W_O, W_out), whose output is the residual stream:
+  ``prediction`` picks an output direction p among the top prediction directions (left singular
+  vectors of diag(γ_final)·W_U) and edits with the least-squares rank-1 component of ΔW along p,
+  p pᵀ ΔW = u vᵀ with u = ‖ΔWᵀp‖ p and v = ΔWᵀp / ‖ΔWᵀp‖; its ``random`` / ``orthogonal`` controls
+  draw p the same way in R^{d_model}. A control's u keeps its direction and is rescaled to
+  ‖u_target‖ of target ``matched_to = j mod k`` (so ‖α u vᵀ‖_F matches, since ‖v‖ = 1).
+
+Behavioural metrics and the fast batched evaluation live in `rwasym.behaviour`; sweeps in
+`rwasym.sweep`.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ._checks import as_float64_matrix
+from .errors import RwasymError
+from .models import MatrixSpec, Model, flatten_site, load
+from .stats import RunningCovariance
+from .subspaces import complement_basis, pca_basis, prediction_basis
+
+__all__ = [
+    "DIRECTION_KINDS",
+    "MECHANISMS",
+    "MODES",
+    "Direction",
+    "closed_form_u",
+    "directions",
+    "edit_hooks",
+    "embed_head",
+    "rank1_edit",
+    "unit_shape",
+]
+
+MECHANISMS = ("hook", "weight")
+MODES = ("transplant", "ablate")
+DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal")
+_TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
+
+
+# --------------------------------------------------------------------------------- helpers
+def _vector(x: Any, n: int, what: str) -> Tensor:
+    """A finite float64 CPU vector of length n, or RwasymError naming the problem."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise RwasymError(f"{what} must be a floating-point torch.Tensor of shape ({n},); got {type(x).__name__}"
+                          f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}.")
+    x = x.detach().to("cpu", torch.float64)
+    if x.dim() != 1 or x.shape[0] != n:
+        raise RwasymError(f"{what} must be a vector of shape ({n},); got shape {tuple(x.shape)}. "
+                          "Check which side of the matrix (n_out × n_in, y = W a) it belongs to.")
+    if not bool(torch.isfinite(x).all()):
+        raise RwasymError(f"{what} contains NaN or Inf; check how it was computed.")
+    return x
+
+
+def _unit(v: Any, n: int, what: str = "v") -> Tensor:
+    v = _vector(v, n, what)
+    norm = float(v.norm())
+    if abs(norm - 1.0) > 1e-6:
+        raise RwasymError(f"{what} must be a unit vector (‖{what}‖ = 1); got ‖{what}‖ = {norm:.6g}. "
+                          f"Normalise it first: {what} = {what} / {what}.norm().")
+    return v
+
+
+def _check_head(spec: MatrixSpec, head: Optional[int]) -> None:
+    if head is None:
+        return
+    if spec.head_axis is None:
+        raise RwasymError(f"{spec.name} is an MLP matrix and has no heads; pass head=None")
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < spec.n_heads:
+        raise RwasymError(f"head {head!r} is out of range for {spec.name}: it has {spec.n_heads} heads "
+                          f"(K/V count n_key_value_heads under GQA); pass 0 <= head < {spec.n_heads}")
+
+
+def unit_shape(spec: MatrixSpec, head: Optional[int] = None) -> tuple[int, int]:
+    """(n_out, n_in) of the matrix, or of head ``head``'s block (d_head × d_model for Q/K/V,
+    d_model × d_head for O)."""
+    _check_head(spec, head)
+    if head is None:
+        return spec.shape
+    return (spec.d_head, spec.n_in) if spec.head_axis == "out" else (spec.n_out, spec.d_head)
+
+
+def embed_head(
+    spec: MatrixSpec, u: Float[Tensor, " n_out"], v: Float[Tensor, " n_in"], head: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
+    """Full-matrix vectors (u_full (spec.n_out,), v_full (spec.n_in,), float64) with
+    W[h] + u vᵀ ⇔ W + u_full v_fullᵀ.
+
+    Q/K/V (heads index rows): u ∈ R^{d_head} is zero-padded into rows h·d_head:(h+1)·d_head.
+    O (heads index columns): v ∈ R^{d_head} is zero-padded into those columns.
+    """
+    n_out, n_in = unit_shape(spec, head)
+    u, v = _vector(u, n_out, "u"), _vector(v, n_in, "v")
+    if head is None:
+        return u, v
+    sl = slice(head * spec.d_head, (head + 1) * spec.d_head)
+    if spec.head_axis == "out":
+        full = torch.zeros(spec.n_out, dtype=torch.float64)
+        full[sl] = u
+        return full, v
+    full = torch.zeros(spec.n_in, dtype=torch.float64)
+    full[sl] = v
+    return u, full
+
+
+# --------------------------------------------------------------------------------- edits
+def closed_form_u(delta: Float[Tensor, "n_out n_in"], v: Float[Tensor, " n_in"]) -> Float[Tensor, " n_out"]:
+    """u = ΔW v, the least-squares rank-1 component of ΔW along the unit input direction v.
+
+    For ‖v‖ = 1, ‖ΔW − u vᵀ‖²_F is minimised by u = ΔW v (its gradient −2(ΔW − u vᵀ)v vanishes
+    there). Returns float64. Example: ΔW = [[1, 2], [3, 4]], v = e₂ → u = [2, 4] (shape (n_out,)).
+    """
+    d = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
+    return d @ _unit(v, d.shape[1], "v")
+
+
+def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> list[tuple[str, Callable]]:
+    """Forward hooks applying k rank-1 edits at once, edit e on batch slice e.
+
+    The forward's batch must be k·B rows laid out edit-major (row e·B + b, e.g.
+    ``tokens.repeat(k, 1)``); edit e adds (vₑᵀ a) uₑ to the output of rows e·B:(e+1)·B, with a the
+    linear's input captured at ``spec.hook_in`` in the same forward. Fold α into U. Hook tensors
+    may be per-head shaped (…, heads, d_head): they are flattened with `flatten_site` and reshaped
+    back. Use inside ``model.bridge.hooks(fwd_hooks=...)``.
+    """
+    spec = model.matrix(matrix)
+    if U.dim() != 2 or V.dim() != 2 or U.shape != (U.shape[0], spec.n_out) or V.shape != (U.shape[0], spec.n_in):
+        raise RwasymError(f"{matrix} edits need U of shape (k, {spec.n_out}) and V of shape (k, {spec.n_in}); "
+                          f"got {tuple(U.shape)} and {tuple(V.shape)}. Embed per-head vectors with embed_head.")
+    k = U.shape[0]
+    U = U.to(model.device, model.dtype)
+    V = V.to(model.device, model.dtype)
+    state: dict[str, Tensor] = {}
+
+    def read(x: Tensor, hook: Any = None) -> Tensor:
+        state["a"] = x
+        return x
+
+    def write(y: Tensor, hook: Any = None) -> Tensor:
+        a = state.pop("a", None)
+        assert a is not None, f"{spec.hook_in} did not fire before {spec.hook_out}"
+        a = flatten_site(a, spec.n_in)  # (batch, pos, n_in)
+        flat = flatten_site(y, spec.n_out)  # (batch, pos, n_out)
+        if flat.shape[0] % k:
+            raise RwasymError(f"a batch of {k} edits needs a forward batch that is a multiple of {k} "
+                              f"(edit-major: tokens.repeat({k}, 1)); got batch {flat.shape[0]}")
+        coef = torch.einsum("etn,en->et", a.reshape(k, -1, spec.n_in), V)  # (k, B·pos)
+        out = flat.reshape(k, -1, spec.n_out) + coef.unsqueeze(-1) * U.unsqueeze(1)  # (k, B·pos, n_out)
+        return out.reshape(y.shape)
+
+    return [(spec.hook_in, read), (spec.hook_out, write)]
+
+
+@contextlib.contextmanager
+def rank1_edit(
+    model: Any,
+    matrix: str,
+    u: Float[Tensor, " n_out"],
+    v: Float[Tensor, " n_in"],
+    alpha: float = 1.0,
+    head: Optional[int] = None,
+    mechanism: str = "hook",
+) -> Iterator[Model]:
+    """Temporarily apply W' = W + α u vᵀ to ``matrix`` (or to head ``head`` of it).
+
+    mechanism="hook": forward hooks add α (vᵀa) u at the linear's hook_out (a read at its
+    hook_in); no parameter is touched. mechanism="weight": the host parameter is written through
+    `Model.edit` and restored bit-exactly on exit, also when the body raises. Both give the same
+    logits to float rounding. u, v: full-matrix vectors (n_out,), (n_in,), or the head's block
+    (`unit_shape`) when ``head`` is given; v need not be unit here. Yields the `Model`.
+
+    Example::
+
+        with rank1_edit(model, "blocks.0.attn.W_Q", u, v, alpha=2.0):
+            logits = model.bridge(tokens)
+    """
+    model = load(model)
+    spec = model.matrix(matrix)
+    if mechanism not in MECHANISMS:
+        raise RwasymError(f"mechanism must be one of {MECHANISMS}; got {mechanism!r}")
+    u_full, v_full = embed_head(spec, u, v, head)
+    alpha = float(alpha)
+    if mechanism == "weight":
+        with model.edit({matrix: model.weight(matrix) + alpha * torch.outer(u_full, v_full)}):
+            yield model
+        return
+    hooks = edit_hooks(model, matrix, (alpha * u_full)[None], v_full[None])
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield model
+
+
+# --------------------------------------------------------------------------------- directions
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """One edit u vᵀ (α = 1) of a matrix or head block; v is unit so ‖u vᵀ‖_F = ‖u‖.
+
+    kind: pca | prediction | random | orthogonal. side: "input" (v drawn, u = ΔW v) or "output"
+    (output direction p drawn, u = ‖ΔWᵀp‖ p, v = ΔWᵀp/‖ΔWᵀp‖). target: the target family the
+    direction belongs to or is matched against (pca for input, prediction for output).
+    matched_to: for controls rescaled to a target's norm, that target's index. direction: the
+    drawn vector (v on the input side, p on the output side), float64.
+    """
+
+    kind: str
+    index: int
+    side: str
+    target: str
+    u: Float[Tensor, " n_out"]
+    v: Float[Tensor, " n_in"]
+    direction: Tensor
+    matched_to: Optional[int] = None
+
+    @property
+    def norm(self) -> float:
+        """‖u vᵀ‖_F = ‖u‖ (α = 1)."""
+        return float(self.u.norm())
+
+    def energy(self, cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance], center: bool = True) -> float:
+        """Input energy vᵀ C v (C: the input covariance, e.g. the base's)."""
+        C = cov.covariance(center=center) if isinstance(cov, RunningCovariance) else cov.to(torch.float64)
+        return float(self.v @ C.cpu() @ self.v)
+
+
+def _side_vectors(delta: Tensor, drawn: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(u, v) of the least-squares rank-1 component of ΔW along the drawn unit vector."""
+    if side == "input":
+        return delta @ drawn, drawn
+    w = delta.T @ drawn  # (n_in,)
+    norm = w.norm()
+    if float(norm) == 0.0:  # ΔW has no component along p: a zero edit (v arbitrary but unit)
+        v = torch.zeros_like(w)
+        v[0] = 1.0
+        return torch.zeros_like(drawn), v
+    return norm * drawn, w / norm
+
+
+def _subspace(side: str, k: int, n: int, cov: Any, unembedding: Any, what: str) -> Tensor:
+    if side == "input":
+        if cov is None:
+            raise RwasymError(f"{what} directions on the input side need cov= (the input covariance, "
+                              "a (n_in, n_in) tensor or RunningCovariance of the base's activations)")
+        return pca_basis(cov, k).U
+    if unembedding is None:
+        raise RwasymError(f"{what} directions on the output side need unembedding= (d_model, d_vocab), "
+                          "e.g. model.unembedding()")
+    if unembedding.shape[0] != n:
+        raise RwasymError(
+            f"prediction directions live in the residual stream R^{unembedding.shape[0]}, but this matrix's "
+            f"output has n_out={n}: the output side is defined for write matrices (W_O, W_out) only; "
+            "use pca (input side) directions for read matrices"
+        )
+    return prediction_basis(unembedding, k).U
+
+
+def directions(
+    kind: str,
+    delta: Float[Tensor, "n_out n_in"],
+    count: int,
+    *,
+    cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance, None] = None,
+    unembedding: Optional[Float[Tensor, "d_model d_vocab"]] = None,
+    side: Optional[str] = None,
+    k: Optional[int] = None,
+    target_norms: Optional[list[float]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> list[Direction]:
+    """``count`` edit directions of ``kind`` for ΔW (n_out × n_in; a head block works too).
+
+    pca: v_i = i-th input principal direction of ``cov``, u_i = ΔW v_i (side "input").
+    prediction: p_i = i-th prediction direction (left singular vector of ``unembedding``),
+    u_i v_iᵀ = p_i p_iᵀ ΔW (side "output"; write matrices only).
+    random: Haar-uniform unit vector in R^{n_in} (side "input") or R^{n_out} (side "output").
+    orthogonal: Haar-uniform unit vector in the orthogonal complement of the top-``k`` target
+    subspace (PCA of ``cov`` / prediction subspace) of that side.
+    target_norms: rescale control j's u to target_norms[j mod len] (its direction is kept), so
+    each control edit has its matched target's Frobenius norm. float64 throughout.
+    """
+    if kind not in DIRECTION_KINDS:
+        raise RwasymError(f"unknown direction kind {kind!r}; choose from {', '.join(DIRECTION_KINDS)}")
+    delta = as_float64_matrix(delta, "delta (ΔW)")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise RwasymError(f"count must be a positive integer; got {count!r}")
+    side = {"pca": "input", "prediction": "output"}.get(kind, side)
+    if side not in ("input", "output"):
+        raise RwasymError(f"{kind} directions need side='input' (v drawn) or side='output' (p drawn); got {side!r}")
+    n = delta.shape[1] if side == "input" else delta.shape[0]
+    if kind in ("pca", "prediction"):
+        drawn = _subspace(side, count, n, cov, unembedding, kind).T  # (count, n)
+    elif kind == "random":
+        gauss = torch.randn(count, n, dtype=torch.float64, generator=generator)
+        drawn = gauss / gauss.norm(dim=1, keepdim=True)  # uniform on the sphere
+    else:
+        if k is None:
+            raise RwasymError("orthogonal directions need k= (the dimension of the target subspace to avoid)")
+        basis = _subspace(side, k, n, cov, unembedding, kind)
+        if n - k < 1:
+            raise RwasymError(f"the orthogonal complement of a {k}-dim subspace of R^{n} is empty; use k < {n}")
+        drawn = torch.stack([complement_basis(basis, 1, generator)[:, 0] for _ in range(count)])
+    out = []
+    for j in range(count):
+        u, v = _side_vectors(delta, drawn[j], side)
+        matched = None
+        if target_norms and kind in ("random", "orthogonal"):
+            matched = j % len(target_norms)
+            norm = float(u.norm())
+            u = u * (target_norms[matched] / norm) if norm > 0 else u
+        out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
+                             direction=drawn[j].clone(), matched_to=matched))
+    return out

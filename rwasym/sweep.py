@@ -1,0 +1,455 @@
+"""Resumable sweeps of closed-form rank-1 interventions, and target-versus-control summaries.
+
+`sweep` edits every matrix (optionally every head) along target directions (pca / prediction)
+and norm-matched controls (random / orthogonal), at every α, in one mode (see `rwasym.intervene`),
+and measures each edited model (`rwasym.behaviour`). The output is a JSON-lines file:
+
+- line 1, the header: ``{"rwasym_sweep": 1, "config_hash": ..., "config": {...}, "reference": {...}}``
+  — the configuration (model weight hashes, data hashes, matrices, directions, alphas, mode,
+  seed, β, metrics, batching) and the base / tuned reference metrics;
+- one line per edit, keyed by ``id`` = hash(matrix, head, direction, index, target, α, mode, seed).
+
+Each row is flushed and fsynced as soon as it is measured. A re-run with the same configuration
+skips finished rows; a half-written last line (a killed run) is dropped with a warning; a file
+written by another configuration raises `RwasymError` naming the differing entries. Edits are
+measured ``edits_per_pass`` at a time in a fixed plan (the batch an edit is measured in never
+depends on what was already done), so a resumed file equals an uninterrupted run's, and a kill
+loses at most the edits of the pass in flight (``edits_per_pass=1``: at most the row in flight).
+
+`summarize` compares, per matrix × head × mode × α × target family, the target rows with the
+control rows (random, orthogonal, and both pooled): difference of means, percentile-bootstrap
+95% CI and a two-sided permutation p-value, all seeded.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .activations import _quiet, capture, data_hash
+from .behaviour import Evaluator
+from .errors import RwasymError
+from .intervene import MODES, directions as make_directions, embed_head
+from .models import Model, check_same_architecture, head_slice, load
+
+__all__ = ["SweepSummary", "add_intervene_parser", "bootstrap_ci", "cmd_intervene", "parse_directions",
+           "permutation_pvalue", "read_sweep", "summarize", "sweep"]
+
+FORMAT = 1
+TARGETS = ("pca", "prediction")
+CONTROLS = ("random", "orthogonal")
+_DESCRIPTORS = ("id", "matrix", "layer", "matrix_kind", "head", "side", "direction", "index", "target",
+                "matched_to", "alpha", "mode", "seed", "u_norm", "edit_norm", "input_second_moment",
+                "input_energy_ratio")
+
+
+# --------------------------------------------------------------------------------- parsing
+def parse_directions(spec: str) -> list[tuple[str, int]]:
+    """``"pca:4,random:32,orthogonal:32"`` → [("pca", 4), ("random", 32), ("orthogonal", 32)]."""
+    out: dict[str, int] = {}
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        kind, _, count = part.partition(":")
+        if kind not in TARGETS + CONTROLS or not count.strip().isdigit() or int(count) < 1 or kind in out:
+            raise RwasymError(f"bad direction spec {part!r} in {spec!r}: write kind:count with kind in "
+                              f"{', '.join(TARGETS + CONTROLS)}, each once, count >= 1 (e.g. pca:4,random:32)")
+        out[kind] = int(count)
+    if not any(k in out for k in TARGETS):
+        raise RwasymError(f"direction spec {spec!r} has no target kind: add pca:k (read side) or "
+                          "prediction:k (write side); controls are matched to the targets")
+    return list(out.items())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _model_hash(model: Model) -> str:
+    h, seen = hashlib.blake2b(digest_size=8), set()
+    for key, t in sorted(model.bridge.original_model.state_dict().items()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def row_id(matrix: str, head: Optional[int], direction: str, index: int, target: str, alpha: float,
+           mode: str, seed: int) -> str:
+    """The deterministic key of one sweep row."""
+    return _hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])
+
+
+# --------------------------------------------------------------------------------- the file
+def read_sweep(path: Union[str, os.PathLike], *, repair: bool = False) -> tuple[Optional[dict], list[dict]]:
+    """(header, rows) of a sweep file. A half-written last line is dropped with a warning (and
+    cut from the file when ``repair``); a corrupt complete line raises RwasymError."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None, []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        warnings.warn(f"rwasym: dropping a half-written last line of {str(path)!r} ({len(raw) - end} bytes, "
+                      "from an interrupted run); it will be recomputed", stacklevel=2)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                fh.flush()
+                os.fsync(fh.fileno())
+    records = []
+    for number, line in enumerate(raw[:end].decode().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RwasymError(f"{str(path)!r} line {number} is corrupt ({err}); it is not a file this "
+                              "version of rwasym wrote, or it was edited: move it away and re-run") from None
+    if not records:
+        return None, []
+    header = records[0]
+    if not isinstance(header, dict) or header.get("rwasym_sweep") != FORMAT:
+        raise RwasymError(f"{str(path)!r} is not an rwasym sweep file (its first line is not a header); "
+                          "choose another --out path")
+    return header, records[1:]
+
+
+class _Store:
+    """The append-only JSON-lines file of one sweep configuration."""
+
+    def __init__(self, path: Union[str, os.PathLike], config: dict, reference: dict):
+        self.path = Path(path)
+        digest = _hash(config)
+        header, rows = read_sweep(self.path, repair=True)
+        if header is not None and header.get("config_hash") != digest:
+            old = header.get("config", {})
+            diffs = [f"{k}: file has {old.get(k)!r}, this run has {config.get(k)!r}"
+                     for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+            raise RwasymError(f"sweep file {str(self.path)!r} was written by a different configuration ("
+                              f"{'; '.join(diffs) or 'config hash differs'}); use another out path, or delete "
+                              "the file to start over")
+        self.rows = {r["id"]: r for r in rows}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a")
+        if header is None:
+            self._fh.truncate(0)
+            self._write({"rwasym_sweep": FORMAT, "config_hash": digest, "config": config, "reference": reference})
+
+    def _write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, row: dict) -> None:
+        self._write(row)
+        self.rows[row["id"]] = row
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+# --------------------------------------------------------------------------------- the plan
+def _generator(seed: int, *parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_hash([seed, *parts]), 16) % (2**63))
+
+
+def _unit_edits(base: Model, spec: Any, head: Optional[int], delta: torch.Tensor, stat: Any,
+                kinds: list[tuple[str, int]], seed: int, warned: set) -> list[tuple[Any, dict]]:
+    """(Direction, row descriptors) for one matrix / head: targets and their matched controls."""
+    C = stat.covariance()
+    M = stat.second_moment()
+    if head is not None and spec.head_axis == "in":
+        sl = slice(head * spec.d_head, (head + 1) * spec.d_head)
+        C, M = C[sl, sl], M[sl, sl]
+    counts = dict(kinds)
+    out = []
+    for target in [t for t in TARGETS if t in counts]:
+        if target == "prediction" and spec.side != "write":
+            if spec.kind not in warned:
+                warnings.warn(f"rwasym: prediction directions live in the residual stream; {spec.kind} is a read "
+                              "matrix, so it gets no prediction-side edits (use pca for read matrices)", stacklevel=3)
+                warned.add(spec.kind)
+            continue
+        unemb = base.unembedding() if target == "prediction" else None
+        group = make_directions(target, delta, counts[target], cov=C, unembedding=unemb)
+        norms = [d.norm for d in group]
+        for kind in [c for c in CONTROLS if c in counts]:
+            g = _generator(seed, spec.name, head, target, kind)
+            group += make_directions(kind, delta, counts[kind], cov=C, unembedding=unemb, side=group[0].side,
+                                     k=counts[target], target_norms=norms, generator=g)
+        for d in group:
+            energy = float(d.v @ C @ d.v)
+            out.append((d, dict(side=d.side, direction=d.kind, index=d.index, target=d.target,
+                                matched_to=d.matched_to, u_norm=d.norm, input_energy=energy,
+                                input_second_moment=float(d.v @ M @ d.v),
+                                input_energy_ratio=energy / max(float(C.trace()) / C.shape[0], 1e-300))))
+    return out
+
+
+def sweep(
+    base: Any,
+    tuned: Any,
+    pairs: Any,
+    *,
+    matrices: Union[str, Sequence[str]],
+    directions: str = "pca:4,random:32,orthogonal:32",
+    alphas: Sequence[float] = (1.0,),
+    mode: str = "transplant",
+    out: Union[str, os.PathLike] = "sweep.jsonl",
+    seed: int = 0,
+    text: Any = None,
+    data: Any = None,
+    beta: float = 0.1,
+    metrics: Any = None,
+    heads: bool = False,
+    edits_per_pass: Optional[int] = None,
+    max_pairs: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    reuse_prefix: bool = True,
+    progress: Optional[bool] = None,
+) -> list[dict]:
+    """Run (or resume) a sweep of rank-1 edits and return its rows in plan order.
+
+    base, tuned: models (anything `rwasym.load` accepts); pairs: held-out preference pairs
+    (`rwasym.behaviour.as_eval_set`); matrices: glob(s) such as ``"blocks.*.attn.W_Q"``;
+    directions: ``kind:count`` list (module doc of `rwasym.intervene`; controls are matched to
+    every target family a matrix supports); alphas: edit scales; mode: "transplant" (base + α u vᵀ)
+    or "ablate" (tuned − α u vᵀ), u = ΔW v; text: held-out text for ce / kl (default prompt +
+    chosen); data: corpus for the base's input covariance (default: the text); beta: DPO β;
+    metrics: user metrics ``{name: callable(logits, batch) -> float}``; heads: also edit every
+    attention head separately; edits_per_pass: edits measured in one batched forward (default 4 on
+    CPU, 64 on an accelerator; part of the configuration, as batch composition moves float rounding).
+    """
+    base, tuned = load(base), load(tuned)
+    if mode not in MODES:
+        raise RwasymError(f"mode must be one of {MODES}; got {mode!r}")
+    kinds = parse_directions(directions)
+    alphas = [float(a) for a in alphas]
+    if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
+        raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
+    if edits_per_pass is None:  # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
+        edits_per_pass = 4 if base.device.type == "cpu" else 64
+    if isinstance(edits_per_pass, bool) or not isinstance(edits_per_pass, int) or edits_per_pass < 1:
+        raise RwasymError(f"edits_per_pass must be a positive integer; got {edits_per_pass!r}")
+    patterns = [matrices] if isinstance(matrices, str) else list(matrices)
+    chosen = {s.name for p in patterns for s in base.matrices(p)}
+    specs = [s for s in base.matrices() if s.name in chosen]
+    if not specs:
+        raise RwasymError(f"matrices={matrices!r} matches no matrix; valid names: {', '.join(s.name for s in base.matrices())}")
+    ev = Evaluator(base, tuned, pairs, text=text, beta=beta, metrics=metrics, reuse_prefix=reuse_prefix,
+                   max_pairs=max_pairs)
+    cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
+    tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
+    config = dict(
+        base=_model_hash(base), tuned=_model_hash(tuned),
+        pairs=_hash([None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
+                     for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")]),
+        cov_data=data_hash(tokens_for_hash) if isinstance(tokens_for_hash, torch.Tensor) else str(tokens_for_hash),
+        matrices=[s.name for s in specs], heads=bool(heads), directions=",".join(f"{k}:{c}" for k, c in kinds),
+        alphas=alphas, mode=mode, seed=int(seed), beta=float(beta), metrics=sorted(ev.metrics),
+        edits_per_pass=edits_per_pass, max_tokens=max_tokens, reuse_prefix=bool(reuse_prefix), dtype=str(base.dtype),
+    )
+    store = _Store(out, config, ev.reference)
+    try:
+        acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
+                       max_tokens=max_tokens, progress=progress)
+        check_same_architecture(base, tuned)
+        deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}  # ΔW, float64
+        host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
+        plan, warned = [], set()
+        for spec in specs:
+            for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
+                delta = deltas[spec.name] if head is None else head_slice(spec, deltas[spec.name], head)
+                if float(delta.abs().max()) == 0.0:
+                    continue  # nothing to transplant or ablate (e.g. a frozen matrix)
+                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned)
+                items = []
+                for alpha in alphas:
+                    for d, desc in edits:
+                        meta = dict(id=row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
+                                    matrix=spec.name, layer=spec.layer, matrix_kind=spec.kind, head=head, **desc,
+                                    alpha=alpha, mode=mode, seed=int(seed), edit_norm=abs(alpha) * d.norm)
+                        u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
+                        items.append((meta, u, v))
+                plan += [(spec.name, items[i : i + edits_per_pass]) for i in range(0, len(items), edits_per_pass)]
+        if not plan:
+            raise RwasymError(f"nothing to sweep for {[s.name for s in specs]} with directions {directions!r}: every "
+                              "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)")
+        total = sum(len(c) for _, c in plan)
+        bar = tqdm(total=total, initial=sum(1 for _, c in plan for m, _, _ in c if m["id"] in store.rows),
+                   desc="sweep", unit="edit", disable=_quiet(progress))
+        for name, chunk in plan:
+            if all(meta["id"] in store.rows for meta, _, _ in chunk):
+                continue
+            U = torch.stack([u for _, u, _ in chunk])
+            V = torch.stack([v for _, _, v in chunk])
+            for (meta, _, _), values in zip(chunk, ev.iter_edits(host, name, U, V)):
+                if meta["id"] not in store.rows:
+                    store.append({**meta, **values, **ev.gap_fractions(values, mode)})
+                    bar.update(1)
+        bar.close()
+        return [store.rows[meta["id"]] for _, chunk in plan for meta, _, _ in chunk]
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------- statistics
+Sample = Union[Sequence[float], np.ndarray, torch.Tensor]
+
+
+def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of mean(x) − mean(y).
+
+    Exact when the C(n_x + n_y, n_x) splits number at most ``n_permutations``: p = #{splits with
+    |d| ≥ |d_obs|} / C. Otherwise Monte Carlo with the +1 correction (Phipson & Smyth 2010):
+    p = (1 + #{|d_π| ≥ |d_obs|}) / (1 + n_permutations), permutations from
+    ``numpy.random.default_rng(seed)``. ≥ holds to a relative 1e-12 so float ties count.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size == 0 or y.size == 0:
+        raise RwasymError(f"permutation_pvalue needs two non-empty samples; got sizes {x.size} and {y.size}")
+    pooled, nx = np.concatenate([x, y]), x.size
+    total = pooled.sum()
+    observed = abs(x.mean() - y.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    if math.comb(pooled.size, nx) <= n_permutations:
+        idx = np.array(list(itertools.combinations(range(pooled.size), nx)))  # (C, n_x)
+        sx = pooled[idx].sum(1)
+        diffs = np.abs(sx / nx - (total - sx) / y.size)
+        return float(np.mean(diffs >= observed - tol))
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_permutations, pooled.size)), axis=1)  # uniform permutations
+    sx = pooled[perms[:, :nx]].sum(1)
+    diffs = np.abs(sx / nx - (total - sx) / y.size)
+    return float((1 + np.sum(diffs >= observed - tol)) / (1 + n_permutations))
+
+
+def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap CI of mean(x) − mean(y): x and y resampled independently with
+    replacement (rng = numpy.random.default_rng(seed); x's indices ``rng.integers(0, n_x,
+    (n_boot, n_x))`` first, then y's), quantiles (1 − level)/2 and (1 + level)/2 (numpy "linear")."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size == 0 or y.size == 0 or not 0 < level < 1:
+        raise RwasymError(f"bootstrap_ci needs two non-empty samples and 0 < level < 1; got sizes {x.size}, {y.size}, level {level}")
+    rng = np.random.default_rng(seed)
+    bx = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
+    by = y[rng.integers(0, y.size, (n_boot, y.size))].mean(1)
+    lo, hi = np.quantile(bx - by, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass
+class SweepSummary:
+    """Target-versus-control comparisons, one dict per group × control × metric."""
+
+    rows: list[dict]
+    config: dict = field(default_factory=dict)
+
+    def to_dicts(self) -> list[dict]:
+        return [dict(r) for r in self.rows]
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        text = json.dumps({"config": self.config, "rows": self.rows}, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_markdown(self, metrics: Optional[Sequence[str]] = None) -> str:
+        lines = ["| matrix | head | mode | α | target | control | metric | target mean | control mean | "
+                 "diff [95% CI] | p |", "|" + "---|" * 11]
+        for r in self.rows:
+            if metrics is None or r["metric"] in metrics:
+                head = "" if r["head"] is None else r["head"]
+                lines.append(f"| {r['matrix']} | {head} | {r['mode']} | {r['alpha']:g} | {r['target']} | "
+                             f"{r['control']} | {r['metric']} | {r['target_mean']:.4g} | {r['control_mean']:.4g} | "
+                             f"{r['diff']:+.4g} [{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] | {r['p_value']:.3g} |")
+        return "\n".join(lines)
+
+
+def _group_order(item: tuple) -> tuple:
+    matrix, head, mode, alpha, target = item[0]
+    return (matrix, -1 if head is None else head, mode, alpha, target)
+
+
+def summarize(rows: Union[Sequence[dict], str, os.PathLike], *, metrics: Optional[Sequence[str]] = None,
+              n_boot: int = 2000, n_permutations: int = 2000, level: float = 0.95, seed: int = 0) -> SweepSummary:
+    """Per matrix × head × mode × α × target family: target rows versus each control kind and
+    both pooled ("control"), for every numeric metric (default: all but the row descriptors,
+    input_energy included): means, diff = target − control, bootstrap CI, permutation p."""
+    if isinstance(rows, (str, os.PathLike)):
+        _, rows = read_sweep(rows)
+    rows = list(rows)
+    if metrics is None:
+        metrics = sorted({k for r in rows for k, v in r.items()
+                          if k not in _DESCRIPTORS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["matrix"], r["head"], r["mode"], r["alpha"], r["target"]), []).append(r)
+    out = []
+    for (matrix, head, mode, alpha, target), members in sorted(groups.items(), key=_group_order):
+        for control in [c for c in CONTROLS if any(m["direction"] == c for m in members)] + ["control"]:
+            wanted = CONTROLS if control == "control" else (control,)
+            for metric in metrics:
+                t = [m[metric] for m in members if m["direction"] == target and m.get(metric) is not None]
+                c = [m[metric] for m in members if m["direction"] in wanted and m.get(metric) is not None]
+                if not t or not c:
+                    continue
+                lo, hi = bootstrap_ci(t, c, n_boot, level, seed)
+                out.append(dict(matrix=matrix, head=head, mode=mode, alpha=alpha, target=target, control=control,
+                                metric=metric, n_target=len(t), n_control=len(c), target_mean=float(np.mean(t)),
+                                control_mean=float(np.mean(c)), diff=float(np.mean(t) - np.mean(c)), ci_low=lo,
+                                ci_high=hi, p_value=permutation_pvalue(t, c, n_permutations, seed)))
+    config = dict(n_boot=n_boot, n_permutations=n_permutations, level=level, seed=seed)
+    return SweepSummary(rows=out, config=config)
+
+
+# --------------------------------------------------------------------------------- command line
+def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``rwasym intervene`` on an argparse subparsers object."""
+    p = subparsers.add_parser("intervene", help="rank-1 intervention sweep with matched controls")
+    p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--tuned", required=True)
+    p.add_argument("--pairs", required=True, help="held-out pairs: .safetensors (prompt/chosen/rejected) or .jsonl")
+    p.add_argument("--text", default=None, help="held-out text (.safetensors with input_ids); default prompt+chosen")
+    p.add_argument("--matrices", default="blocks.*.attn.W_Q", help="glob(s), comma separated")
+    p.add_argument("--directions", default="pca:4,random:32,orthogonal:32")
+    p.add_argument("--alphas", default="1", help="comma separated, e.g. 0.5,1,2")
+    p.add_argument("--mode", choices=MODES, default="transplant")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β of the implicit reward")
+    p.add_argument("--heads", action="store_true", help="also edit every attention head separately")
+    p.add_argument("--edits-per-pass", type=int, default=None, help="default: 4 on CPU, 64 on GPU")
+    p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sweep.jsonl")
+    p.add_argument("--summary", default=None, help="also write the summary (.json or .md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_intervene)
+    return p
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    """``rwasym intervene``: run or resume the sweep, print the target-versus-control table."""
+    try:
+        alphas = [float(a) for a in str(args.alphas).split(",") if a.strip()]
+    except ValueError:
+        raise RwasymError(f"--alphas must be comma-separated numbers such as 0.5,1,2; got {args.alphas!r}") from None
+    matrices = [m.strip() for m in args.matrices.split(",") if m.strip()]
+    rows = sweep(args.base, args.tuned, args.pairs, matrices=matrices, directions=args.directions, alphas=alphas,
+                 mode=args.mode, out=args.out, seed=args.seed, text=args.text, beta=args.beta, heads=args.heads,
+                 edits_per_pass=args.edits_per_pass, max_pairs=args.max_pairs, progress=False if args.quiet else None)
+    summary = summarize(rows, metrics=["gap_margin", "margin", "accuracy", "ce", "kl_base", "kl_tuned", "input_energy"])
+    if args.summary:
+        Path(args.summary).write_text(summary.to_json() if args.summary.endswith(".json") else summary.to_markdown())
+    print(summary.to_markdown(["gap_margin", "kl_base" if args.mode == "transplant" else "kl_tuned", "input_energy"]))
+    print(f"{len(rows)} rows in {args.out}")
+    return 0

@@ -1,0 +1,234 @@
+"""Resumable sweeps (kill a subprocess mid-sweep, resume, compare), summaries against brute force, CLI."""
+
+import argparse
+import copy
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError
+from rwasym.pairs import PreferencePairs
+from rwasym.sweep import (add_intervene_parser, bootstrap_ci, parse_directions, permutation_pvalue, read_sweep,
+                          summarize, sweep)
+
+SWEEP = dict(matrices=["blocks.1.attn.W_Q"], directions="pca:2,random:3,orthogonal:3", alphas=(1.0, 2.0),
+             edits_per_pass=3, progress=False)
+
+
+def slow(logits, batch):  # the subprocess defines a sleeping metric of the same name
+    return float(logits.double().mean())
+
+
+@pytest.fixture(scope="module")
+def files(native_cfg, tmp_path_factory):
+    """A saved base / tuned native pair and held-out pairs on disk (the subprocess loads them too)."""
+    root = tmp_path_factory.mktemp("sweep")
+    base = rwasym.load(native_cfg)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    for spec in tuned.matrices():
+        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    rwasym.save_model(base, root / "base")
+    rwasym.save_model(tuned, root / "tuned")
+    PreferencePairs(prompt=torch.randint(3, 64, (6, 8), generator=g), chosen=torch.randint(3, 64, (6, 2), generator=g),
+                    rejected=torch.randint(3, 64, (6, 2), generator=g)).save(root / "pairs.safetensors")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Same kernels as the subprocess (so floats agree bit for bit), and fast on a shared box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _run(files, out, **kw):
+    return sweep(str(files / "base"), str(files / "tuned"), str(files / "pairs.safetensors"), out=out,
+                 metrics={"slow": slow}, **{**SWEEP, **kw})
+
+
+def _same_rows(a, b):
+    a, b = sorted(a, key=lambda r: r["id"]), sorted(b, key=lambda r: r["id"])
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], abs=1e-9, rel=0), k
+            else:
+                assert x[k] == y[k], k
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_result(files, tmp_path):
+    out = tmp_path / "killed.jsonl"
+    script = tmp_path / "run_sweep.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        torch.set_num_threads(1)
+        from rwasym.sweep import sweep
+        def slow(logits, batch):
+            time.sleep(0.3)
+            return float(logits.double().mean())
+        sweep({str(files / 'base')!r}, {str(files / 'tuned')!r}, {str(files / 'pairs.safetensors')!r},
+              out={str(out)!r}, metrics={{"slow": slow}}, **{SWEEP!r})
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 3:  # header + 2 rows
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.kill()
+    finally:
+        proc.wait()
+    header, partial = read_sweep(out)
+    assert 2 <= len(partial) < 16 and header["config"]["metrics"] == ["slow"]
+    resumed = _run(files, out)
+    full = _run(files, tmp_path / "full.jsonl")
+    assert len(full) == 16 and len({r["id"] for r in full}) == 16
+    _same_rows(read_sweep(out)[1], full)
+    _same_rows(resumed, full)
+
+
+def test_half_written_line_rerun_and_config_mismatch(files, tmp_path, monkeypatch):
+    out = tmp_path / "s.jsonl"
+    full = _run(files, out)
+    raw = out.read_bytes()
+    cut = raw[: raw.rstrip(b"\n").rfind(b"\n") + 1]  # drop the last row ...
+    out.write_bytes(cut + raw[len(cut) : len(cut) + 40])  # ... and leave half of it behind
+    with pytest.warns(UserWarning, match="half-written last line"):
+        resumed = _run(files, out)
+    _same_rows(resumed, full)
+    _same_rows(read_sweep(out)[1], full)
+    # a finished file is not recomputed
+    monkeypatch.setattr(rwasym.behaviour.Evaluator, "iter_edits", lambda *a, **k: pytest.fail("recomputed a row"))
+    assert _run(files, out) == resumed
+    monkeypatch.undo()
+    with pytest.raises(RwasymError, match=r"different configuration \(alphas: file has \[1.0, 2.0\], this run has \[1.0\]"):
+        _run(files, out, alphas=(1.0,))
+    # rows: controls carry the edit norm of their matched target, energies are recorded
+    by_key = {(r["direction"], r["index"], r["alpha"]): r for r in full}
+    for r in full:
+        if r["direction"] in ("random", "orthogonal"):
+            assert r["edit_norm"] == pytest.approx(by_key[("pca", r["matched_to"], r["alpha"])]["edit_norm"], rel=1e-12)
+        assert r["input_energy"] > 0 and r["edit_norm"] == pytest.approx(r["alpha"] * r["u_norm"])
+    assert by_key[("pca", 0, 1.0)]["input_energy"] > by_key[("pca", 1, 1.0)]["input_energy"]
+    assert {"margin", "accuracy", "ce", "kl_base", "kl_tuned", "gap_margin", "slow"} <= set(full[0])
+
+
+def test_per_head_sweep_and_nothing_to_sweep(files, tmp_path):
+    base, tuned = str(files / "base"), str(files / "tuned")
+    rows = sweep(base, tuned, str(files / "pairs.safetensors"), matrices="blocks.0.attn.W_O", heads=True,
+                 directions="pca:1,prediction:1,orthogonal:1", out=tmp_path / "h.jsonl", progress=False)
+    assert sorted({r["head"] for r in rows}, key=str) == [0, 1, 2, 3, None]
+    assert len(rows) == 5 * 4 and {r["side"] for r in rows if r["head"] == 2} == {"input", "output"}
+    head_pca = [r for r in rows if r["head"] is not None and r["direction"] == "pca"]
+    assert all(0 < r["input_energy"] for r in head_pca) and len({r["input_energy"] for r in head_pca}) == 4
+    with pytest.warns(UserWarning, match="W_Q is a read matrix"):
+        with pytest.raises(RwasymError, match="nothing to sweep"):
+            sweep(base, tuned, str(files / "pairs.safetensors"), matrices="blocks.*.attn.W_Q",
+                  directions="prediction:2,random:2", out=tmp_path / "q.jsonl", progress=False)
+
+
+def test_parse_directions_errors():
+    assert parse_directions("pca:4, random:32") == [("pca", 4), ("random", 32)]
+    for bad, match in (("pca:0", "bad direction spec"), ("pca:2,pca:3", "bad direction spec"),
+                       ("random:4", "no target kind"), ("svd:2", "bad direction spec")):
+        with pytest.raises(RwasymError, match=match):
+            parse_directions(bad)
+
+
+# ---------------------------------------------------------------------------------- statistics
+def test_exact_permutation_p_matches_brute_force():
+    x, y = [0.3, 1.2, 0.9, 2.0], [0.1, -0.4, 0.5, 0.2, 0.0]
+    pooled = np.array(x + y)
+    observed = abs(np.mean(x) - np.mean(y))
+    count = total = 0
+    for idx in itertools.combinations(range(9), 4):  # every relabelling, by hand
+        rest = [i for i in range(9) if i not in idx]
+        count += abs(pooled[list(idx)].mean() - pooled[rest].mean()) >= observed - 1e-12
+        total += 1
+    assert permutation_pvalue(x, y, n_permutations=1000) == pytest.approx(count / total, abs=1e-15)
+    mc = permutation_pvalue(x, y, n_permutations=50, seed=3)  # C(9, 4) = 126 > 50: Monte Carlo
+    assert abs(mc - count / total) < 0.2 and mc >= 1 / 51
+
+
+def test_permutation_and_bootstrap_calibration():
+    rng = np.random.default_rng(0)
+    ps, covered = [], 0
+    for trial in range(150):
+        x, y = rng.normal(size=10), rng.normal(size=30)
+        ps.append(permutation_pvalue(x, y, n_permutations=300, seed=trial))
+        lo, hi = bootstrap_ci(x, y, n_boot=400, seed=trial)
+        covered += lo <= 0 <= hi
+    ps = np.array(ps)
+    assert 0.02 <= np.mean(ps < 0.1) <= 0.2 and 0.4 <= np.mean(ps < 0.5) <= 0.6  # ≈ uniform under the null
+    assert 0.88 <= covered / 150 <= 0.99  # ≈ 95% coverage
+    x, y = rng.normal(3.0, 1.0, size=10), rng.normal(size=30)
+    assert permutation_pvalue(x, y, n_permutations=999) == pytest.approx(1 / 1000)
+    assert bootstrap_ci(x, y)[0] > 1.5
+
+
+def test_bootstrap_ci_matches_a_loop_reference():
+    x, y = [1.0, 2.5, 0.3, 4.0], [0.5, 0.7, -1.0]
+    rng = np.random.default_rng(7)
+    diffs = []
+    xi = rng.integers(0, 4, (500, 4))
+    yi = rng.integers(0, 3, (500, 3))
+    for b in range(500):
+        diffs.append(sum(x[i] for i in xi[b]) / 4 - sum(y[i] for i in yi[b]) / 3)
+    diffs.sort()
+    lo, hi = bootstrap_ci(x, y, n_boot=500, seed=7)
+    assert lo == pytest.approx(np.quantile(diffs, 0.025)) and hi == pytest.approx(np.quantile(diffs, 0.975))
+    assert lo == pytest.approx(diffs[12] + 0.475 * (diffs[13] - diffs[12]))  # linear interpolation, by hand
+
+
+def test_summarize_targets_versus_controls():
+    rows = []
+    for direction, n, mean in (("pca", 4, 1.0), ("random", 12, 0.0), ("orthogonal", 12, 0.0)):
+        for i in range(n):
+            rows.append(dict(id=f"{direction}{i}", matrix="blocks.0.attn.W_Q", head=None, mode="transplant", alpha=1.0,
+                             target="pca", direction=direction, index=i, gap_margin=mean + 0.01 * i, ce=2.0))
+    summary = summarize(rows, n_boot=200, n_permutations=500)
+    cell = {(r["control"], r["metric"]): r for r in summary.rows}
+    assert set(cell) == {(c, m) for c in ("random", "orthogonal", "control") for m in ("ce", "gap_margin")}
+    g = cell[("control", "gap_margin")]
+    assert (g["n_target"], g["n_control"]) == (4, 24)
+    assert g["diff"] == pytest.approx(np.mean([1 + 0.01 * i for i in range(4)]) - np.mean([0.01 * i for i in range(12)]))
+    assert g["p_value"] == pytest.approx(1 / 501) and g["ci_low"] > 0.8
+    assert cell[("random", "ce")]["p_value"] == 1.0 and cell[("random", "ce")]["diff"] == 0
+    md = summary.to_markdown(["gap_margin"])
+    assert md.count("\n") == 4 and "| blocks.0.attn.W_Q |  | transplant | 1 | pca | control | gap_margin |" in md
+    assert json.loads(summary.to_json())["rows"][0]["matrix"] == "blocks.0.attn.W_Q"
+
+
+def test_cli_intervene(files, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="rwasym")
+    add_intervene_parser(parser.add_subparsers(dest="command"))
+    out, md = tmp_path / "cli.jsonl", tmp_path / "summary.md"
+    args = parser.parse_args(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"),
+                              "--pairs", str(files / "pairs.safetensors"), "--matrices", "blocks.*.mlp.W_out",
+                              "--directions", "prediction:2,random:2", "--alphas", "0.5,1", "--mode", "ablate",
+                              "--out", str(out), "--summary", str(md), "--quiet"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "| blocks.1.mlp.W_out |  | ablate | 0.5 | prediction | random | gap_margin |" in printed
+    assert "16 rows in" in printed and md.read_text().startswith("| matrix |")
+    header, rows = read_sweep(out)
+    assert header["config"]["mode"] == "ablate" and {r["side"] for r in rows} == {"output"}
+    bad = parser.parse_args(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"),
+                             "--pairs", str(files / "pairs.safetensors"), "--alphas", "1,x"])
+    with pytest.raises(RwasymError, match="--alphas must be comma-separated numbers"):
+        args.func(bad)
