@@ -1,6 +1,8 @@
 """The bad-input table: each case raises RwasymError whose message names the problem and the fix,
 and leaves nothing edited."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -61,7 +63,8 @@ CASES = {
     "corrupt weights file": (lambda m, t: rwasym.load(_corrupt_weights(t)), r"incomplete or corrupt"),
     "wrong shape write": (lambda m, t: m.set_weight("blocks.0.mlp.W_in", torch.zeros(32, 48)), r"shape \(n_out, n_in\) = \(48, 32\).*nn.Linear layout"),
     "identical models": (lambda m, t: rwasym.relative_fraction(torch.zeros(4, 4), torch.eye(4)[:, :1], "input"), r"‖ΔW‖_F = 0.*identical"),
-    "unknown side": (lambda m, t: rwasym.relative_fraction(torch.ones(4, 4), torch.eye(4)[:, :1], "left"), r"side must be one of \['input', 'output'\]"),
+    # inspect.unwrap: under jaxtyping's runtime checks (dev mode) the Literal annotation rejects it first
+    "unknown side": (lambda m, t: inspect.unwrap(rwasym.relative_fraction)(torch.ones(4, 4), torch.eye(4)[:, :1], "left"), r"side must be one of \['input', 'output'\]"),
     "non-unit direction": (lambda m, t: closed_form_u(torch.ones(4, 4), torch.ones(4)), r"must be a unit vector.*Normalise it"),
     "head out of range": (lambda m, t: m.head_weight("blocks.0.attn.W_V", 3), r"head 3 is out of range for blocks.0.attn.W_V: it has 2 heads"),
 }
