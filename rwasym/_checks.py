@@ -4,6 +4,7 @@ Every helper raises `RwasymError` with the rule, the value received and the fix,
 input converted to the form the math uses (float64 on CPU, plain ints).
 """
 
+import contextlib
 import operator
 
 import torch
@@ -105,3 +106,18 @@ def require_orthonormal(U: Tensor, what: str, tol: float = 1e-4) -> None:
             f"for shape {shape_str(U)}. Use a basis from rwasym.subspaces (Basis.U) or "
             "orthonormalise with `torch.linalg.qr(U).Q`."
         )
+
+
+@contextlib.contextmanager
+def linalg_threads(n: int = 1):
+    """Run small dense linear algebra (QR / eigh / SVD of ≤ 1k matrices) on ``n`` threads.
+
+    On small matrices OpenMP thread start-up dominates: measured on 2 CPU cores, a batched
+    (16, 512, 8) QR took 16 ms with 2 threads and 0.35 ms with 1. Restores the count on exit.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

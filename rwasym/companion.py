@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._checks import linalg_threads
 from .activations import capture
 from .errors import RwasymError
 from .models import Model, check_same_architecture, load, read_meta
@@ -31,7 +32,8 @@ def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
     rows = []
     for spec in base.matrices(matrices):
         k_used = None if k is None else min(k, min(spec.shape))
-        res = post_training_svd(base.weight(spec.name), tuned.weight(spec.name), k_used)
+        with linalg_threads(1):
+            res = post_training_svd(base.weight(spec.name), tuned.weight(spec.name), k_used)
         row = dict(matrix=spec.name, layer=spec.layer, kind=spec.kind, side=spec.side)
         row.update(res.to_dict())
         row.pop("sigma_base", None), row.pop("sigma_tuned", None)
@@ -86,9 +88,11 @@ def geometry(checkpoints: Mapping[Any, Any], data: Any, *, layers: Optional[Sequ
         for layer, site in zip(chosen, sites):
             stat = acts[site]
             second = stat.second_moment() * stat.count
-            a = alpha_req(cov=stat.covariance())
+            with linalg_threads(1):
+                a = alpha_req(cov=stat.covariance())
+                rm = rankme_from_cov(second, n_samples=stat.count)
             rows.append(dict(checkpoint=label, layer=layer, site=site, n_tokens=stat.count,
-                             rankme=rankme_from_cov(second, n_samples=stat.count),
+                             rankme=rm,
                              alpha_req=a.alpha, alpha_r2=a.r2, alpha_lo=a.lo, alpha_hi=a.hi))
     return rows
 
@@ -128,4 +132,5 @@ def lifecycle_from_checkpoints(checkpoints: Union[str, Path, Mapping[int, Any]],
     """`spectra.lifecycle` over a checkpoint trajectory: a folder of ``step_*`` checkpoints or
     {step: folder}; checkpoints are loaded one at a time."""
     folders = checkpoint_folders(checkpoints) if isinstance(checkpoints, (str, Path)) else dict(checkpoints)
-    return lifecycle(_LazyWeights(folders, matrices), top_k=top_k)
+    with linalg_threads(1):
+        return lifecycle(_LazyWeights(folders, matrices), top_k=top_k)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ._checks import linalg_threads
 from .activations import _quiet
 from .errors import RwasymError
 from .models import Model, flatten_site, load
@@ -133,7 +134,11 @@ def anisotropy_report(model: Any, stats: GradientStats, *, k: int = 8) -> list[d
     """Per matrix: spikiness of C_a and C_δ, and the relative fraction of G against the read-side
     PCA basis of C_a (input side) and the prediction basis (the residual-stream side: input for
     read matrices, output for write matrices)."""
-    model = load(model)
+    with linalg_threads(1):
+        return _anisotropy_rows(load(model), stats, k)
+
+
+def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
     pred = prediction_basis(model.unembedding(), min(k, model.d_model)).U
     rows = []
     for name, G in stats.G.items():

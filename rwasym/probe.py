@@ -33,7 +33,8 @@ from .activations import ActivationStats, capture, _quiet
 from .errors import RwasymError
 from .models import MatrixSpec, Model, head_slice, load, weight_deltas
 from .probe_math import fraction_curve, log_k_grid, random_null, relative_fraction
-from .subspaces import k_for_variance, pca_basis, prediction_basis
+from ._checks import linalg_threads
+from .subspaces import pca_basis, prediction_basis
 
 
 @dataclass
@@ -163,6 +164,24 @@ def probe(
 
     rows: list[dict] = []
     curve_rows: list[dict] = []
+    with linalg_threads(1):
+        _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
+                    curve_null_samples, generator, progress, rows, curve_rows)
+    config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
+                  n_tokens=activations.n_tokens, matrices=matrices, version=__version__)
+    return ProbeResult(rows=rows, curves=curve_rows, config=config)
+
+
+def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
+                curve_null_samples, generator, progress, rows, curve_rows) -> None:
+    bases: dict = {}
+
+    def full_basis(c_h, key):
+        # one eigendecomposition per (site, head block), shared by rows, k_variance and curves
+        if key not in bases:
+            bases[key] = pca_basis(c_h, c_h.shape[0], center=False)
+        return bases[key]
+
     for spec in tqdm(specs, desc="probe", disable=_quiet(progress)):
         delta = deltas[spec.name]
         if float(delta.square().sum()) == 0.0:
@@ -183,7 +202,7 @@ def probe(
                     c_h = head_slice_cov(c, head, spec.d_head)
                 n = d.shape[1] if side == "input" else d.shape[0]
                 k_used = min(k, n)
-                full = pred_full if c_h is None else pca_basis(c_h, n, center=False)
+                full = pred_full if c_h is None else full_basis(c_h, (site, head if c_h is not c else None))
                 basis = full.U[:, :k_used]
                 res = relative_fraction(d, basis, side)
                 null = random_null(d, side, k_used, null_samples, generator) if null_samples >= 2 else None
@@ -195,7 +214,8 @@ def probe(
                            null_percentile=None if null is None else null.percentile_of(res.fraction),
                            delta_norm=float(d.norm()))
                 if c_h is not None:
-                    k90 = k_for_variance(c_h, variance, center=False)
+                    cum = full.explained_variance_ratio.cumsum(0)
+                    k90 = int((cum < variance - 1e-12).sum()) + 1
                     r90 = relative_fraction(d, full.U[:, :k90], side)
                     row.update(k_variance=k90, fraction_k_variance=r90.fraction, relative_k_variance=r90.relative)
                 rows.append(row)
@@ -208,9 +228,6 @@ def probe(
                                            side=side, subspace=subspace, n=n, ks=ks,
                                            relative=curve.relative.tolist(), fraction=curve.fraction.tolist(),
                                            null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
-    config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
-                  n_tokens=activations.n_tokens, matrices=matrices, version=__version__)
-    return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
 
 def head_slice_cov(c: torch.Tensor, head: int, d_head: int) -> torch.Tensor:
