@@ -1,11 +1,9 @@
 """`rwasym demo | probe | train | ...` — the command line only calls the public API."""
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
-import torch
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -19,22 +17,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import rwasym
+    from .demo import run_demo
 
-    print("rwasym demo: native tiny base model, a planted rank-1 delta along the top input PC of one")
-    print("matrix, and the registry/weight-delta path end to end.")
-    base = rwasym.load(rwasym.native_config(seed=args.seed))
-    tuned = rwasym.load(rwasym.native_config(seed=args.seed))
-    print(base)
-    name = "blocks.0.attn.W_Q"
-    g = torch.Generator().manual_seed(args.seed)
-    u = torch.randn(base.matrix(name).n_out, generator=g, dtype=torch.float64)
-    v = torch.randn(base.matrix(name).n_in, generator=g, dtype=torch.float64)
-    v /= v.norm()
-    with tuned.edit({name: tuned.weight(name) + torch.outer(u, v)}):
-        deltas = rwasym.weight_deltas(base, tuned)
-    norms = {n: float(d.norm()) for n, d in deltas.items()}
-    print(json.dumps({"planted_matrix": name, "delta_fro_norms": norms}, indent=1))
+    data = pairs = None
+    if args.model or args.tuned:
+        if not (args.model and args.tuned and args.data):
+            from .errors import RwasymError
+
+            raise RwasymError("--model, --tuned and --data go together: pass all three to run the demo on your pair")
+        import rwasym
+
+        data = _read_tokens(args.data, None)
+        data = data["input_ids"] if isinstance(data, dict) else data
+        if args.pairs:
+            from .pairs import PreferencePairs, load_pairs_jsonl
+
+            pairs = load_pairs_jsonl(args.pairs) if args.pairs.endswith(".jsonl") else PreferencePairs.load(args.pairs)
+        run_demo(args.out, quick=args.quick, base=rwasym.load(args.model), tuned=rwasym.load(args.tuned),
+                 data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
+    else:
+        run_demo(args.out, quick=args.quick, seed=args.seed, k=args.k, progress=False if args.quiet else None)
     return 0
 
 
@@ -90,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_intervene_parser(sub)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not the real pair)")
+    p.add_argument("--out", default="rwasym_out/demo")
+    p.add_argument("--model", default=None, help="run on your own base model instead of the default pair")
+    p.add_argument("--tuned", default=None)
+    p.add_argument("--data", default=None, help="text file or .safetensors with input_ids")
+    p.add_argument("--pairs", default=None, help="held-out pairs (.jsonl or .safetensors)")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -32,3 +32,13 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     code = main(["info", "--model", str(tmp_path)])
     assert code == 2
     assert "neither an rwasym checkpoint" in capsys.readouterr().err
+
+
+def test_demo_quick_writes_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWASYM_CACHE", str(tmp_path / "cache"))
+    code = main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")])
+    assert code == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["probe"]["summary"]) == {"read_activation", "read_prediction", "write_activation", "write_prediction"}
+    assert (tmp_path / "demo" / "figures" / "asymmetry_heatmap.png").exists()
+    assert "Probe" in (tmp_path / "demo" / "report.md").read_text()
