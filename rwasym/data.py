@@ -48,6 +48,12 @@ from torch import Tensor
 from .errors import RwasymError
 from .pairs import ByteTokenizer, PreferencePairs, load_pairs_jsonl, load_text  # noqa: F401  re-exported
 
+__all__ = [
+    "RULES", "ByteTokenizer", "EntropyEstimate", "Language", "LanguageConfig", "PairConfig", "PreferencePairs",
+    "bigram_accuracy", "corpus", "entropy_per_token", "language", "load_pairs_jsonl", "load_text", "make_pairs",
+    "unigram_entropy",
+]
+
 RULES = ("induction", "class")
 PathLike = Union[str, os.PathLike]
 
@@ -118,8 +124,10 @@ def _entropy_rows(P: Tensor) -> Tensor:
 class Language:
     """The procedural language of `LanguageConfig` (see the module docstring for the model).
 
-    Attributes (float64): ``unigram`` π (d_vocab,), ``transition`` T (d_vocab, d_vocab) with rows
-    T[a] = P(next | current a), ``token_class`` (bool, d_vocab) for the "class" rule.
+    Attributes: ``unigram`` π (d_vocab,) and ``transition`` T (d_vocab, d_vocab), float64, with
+    rows T[a] = P(next | current a) (marker rows are π; marker columns are 0); ``token_class``
+    (bool, d_vocab) the preferred class of the "class" rule; ``content`` (bool, d_vocab) the
+    non-marker tokens; ``copy_marker`` = d_vocab − 2 and ``plain_marker`` = d_vocab − 1.
     """
 
     def __init__(self, config: LanguageConfig = LanguageConfig()):

@@ -13,7 +13,7 @@ Tokenizers: any object with ``encode(text) -> list[int]`` (a Hugging Face tokeni
 
 import json
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -22,6 +22,8 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from .errors import RwasymError
+
+__all__ = ["ByteTokenizer", "PreferencePairs", "load_pairs_jsonl", "load_text"]
 
 PathLike = Union[str, os.PathLike]
 _PARTS = ("prompt", "chosen", "rejected")

@@ -17,13 +17,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from .data import LanguageConfig, PairConfig, corpus, entropy_per_token, make_pairs
 from .errors import RwasymError
 from .models import Model, load, native_config
 from .pairs import PreferencePairs
 from .train import AlignConfig, TrainConfig, align, heldout_ce, mean_kl, preference_accuracy, pretrain
+
+__all__ = ["DefaultPairSpec", "cache_root", "default_pair", "default_spec", "load_default_pairs", "spec_hash"]
 
 FORMAT = "rwasym-default-pair/1"
 PathLike = Union[str, os.PathLike]

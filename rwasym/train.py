@@ -40,6 +40,12 @@ from .pairs import PreferencePairs
 PathLike = Union[str, os.PathLike]
 OBJECTIVES = ("dpo", "sft", "graded")
 
+__all__ = [
+    "OBJECTIVES", "AlignConfig", "TrainConfig", "TrainResult", "align", "alignment_loss", "default_pair", "dpo_loss",
+    "heldout_ce", "log_spaced_steps", "lr_at", "mean_kl", "pair_logprobs", "preference_accuracy", "pretrain",
+    "save_checkpoint", "sequence_logprobs", "sft_loss",
+]
+
 
 @dataclass(frozen=True)
 class TrainConfig:

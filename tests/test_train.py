@@ -147,7 +147,7 @@ def test_graded_objective_endpoints_match_sft_and_dpo_gradients(base_dir, cont_l
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
     half = alignment_loss(policy, pairs, AlignConfig(objective="graded", lam=0.5, beta=0.3), reference=ref)
     ends = [alignment_loss(policy, pairs, c, reference=ref) for c in (AlignConfig(objective="sft"), AlignConfig(beta=0.3))]
-    assert float(half) == pytest.approx(0.5 * float(ends[0]) + 0.5 * float(ends[1]), rel=1e-5)
+    assert half.item() == pytest.approx(0.5 * ends[0].item() + 0.5 * ends[1].item(), rel=1e-5)
 
 
 def test_single_token_fast_path_matches_sequence_logprobs(base_dir):
