@@ -30,9 +30,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = _read_tokens(args.data, None)
         data = data["input_ids"] if isinstance(data, dict) else data
         if args.pairs:
-            from .pairs import PreferencePairs, load_pairs_jsonl
-
-            pairs = load_pairs_jsonl(args.pairs) if args.pairs.endswith(".jsonl") else PreferencePairs.load(args.pairs)
+            pairs = _load_pairs(args.pairs)
         run_demo(args.out, quick=args.quick, base=rwasym.load(args.model), tuned=rwasym.load(args.tuned),
                  data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
     else:
@@ -68,6 +66,37 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import rwasym
+    from .data import LanguageConfig, PairConfig, corpus, make_pairs
+    from .train import AlignConfig, TrainConfig, align, pretrain
+
+    progress = not args.quiet
+    if args.stage == "pretrain":
+        lang = LanguageConfig()
+        model = rwasym.load(rwasym.native_config(d_vocab=lang.d_vocab, seed=args.seed))
+        tokens = corpus(args.n_seqs, int(model.cfg.n_ctx), seed=args.seed, config=lang)
+        cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed)
+        result = pretrain(model, tokens, cfg, out=args.out, progress=progress)
+    else:
+        model, reference = rwasym.load(args.base), rwasym.load(args.base)
+        pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500)) if args.pairs is None else _load_pairs(args.pairs)
+        cfg = replace(AlignConfig(), objective=args.objective, lam=args.lam, beta=args.beta, steps=args.steps,
+                      seed=args.seed)
+        result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
+    print(f"{args.stage}: final loss {result.final_loss:.4f} in {result.seconds:.1f} s; "
+          f"{len(result.checkpoints)} checkpoints in {args.out}")
+    return 0
+
+
+def _load_pairs(path: str):
+    from .pairs import PreferencePairs, load_pairs_jsonl
+
+    return load_pairs_jsonl(path) if path.endswith(".jsonl") else PreferencePairs.load(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwasym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep import add_intervene_parser
 
     add_intervene_parser(sub)
+    p = sub.add_parser("train", help="train a native model (pretrain) or align a base (align)")
+    p.add_argument("stage", choices=["pretrain", "align"])
+    p.add_argument("--out", required=True, help="folder for step_* checkpoints and log.jsonl")
+    p.add_argument("--base", help="align: the base checkpoint folder (also the frozen reference)")
+    p.add_argument("--objective", choices=["dpo", "sft", "graded"], default="dpo")
+    p.add_argument("--lam", type=float, default=0.5, help="graded: λ in λ·DPO + (1−λ)·CE(chosen)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--pairs", default=None, help="align: .jsonl or .safetensors pairs (default: procedural)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n-seqs", type=int, default=4000, help="pretrain: corpus rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8)

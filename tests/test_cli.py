@@ -42,3 +42,13 @@ def test_demo_quick_writes_report(tmp_path, monkeypatch):
     assert set(results["probe"]["summary"]) == {"read_activation", "read_prediction", "write_activation", "write_prediction"}
     assert (tmp_path / "demo" / "figures" / "asymmetry_heatmap.png").exists()
     assert "Probe" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_train_cli_pretrain_then_align(tmp_path):
+    assert main(["train", "pretrain", "--out", str(tmp_path / "pre"), "--steps", "4", "--n-seqs", "64", "--quiet"]) == 0
+    base = tmp_path / "pre" / "step_000004"
+    assert (base / "rwasym.json").exists()
+    assert main(["train", "align", "--base", str(base), "--objective", "graded", "--lam", "0.5", "--steps", "3",
+                 "--out", str(tmp_path / "ali"), "--quiet"]) == 0
+    base_m, tuned = rwasym.load(base), rwasym.load(tmp_path / "ali" / "step_000003")
+    assert sum(float(d.norm()) for d in rwasym.weight_deltas(base_m, tuned).values()) > 0
