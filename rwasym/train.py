@@ -213,6 +213,24 @@ def _step(model: Model, opt: torch.optim.Optimizer, loss: Tensor, clip: float, l
     return float(norm)
 
 
+def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of: Any, checkpoint: Any,
+          fh: Any, result: "TrainResult", progress: bool, desc: str) -> None:
+    """The shared optimisation loop: seeded batches, lr schedule, step, log, checkpoint, bar."""
+    with _bar(config.steps, progress, desc) as bar:
+        for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
+            lr = lr_at(step, config)
+            loss, stats = loss_of(idx)
+            norm = _step(model, opt, loss, config.grad_clip, lr)
+            result.final_loss = loss.item()
+            if step % config.log_every == 0 or step + 1 == config.steps:
+                record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
+                result.history.append(record)
+                _write_log(fh, record)
+            checkpoint(step + 1, result.final_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.final_loss:.3f}")
+
+
 # ----------------------------------------------------------------------------------- pretrain
 def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig = TrainConfig(), *,
              out: Optional[PathLike] = None, progress: bool = True) -> TrainResult:
@@ -239,19 +257,8 @@ def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig
 
     try:
         checkpoint(0, float("nan"))
-        with _bar(config.steps, progress, "pretrain") as bar:
-            for step, idx in enumerate(_batches(len(corpus), config.batch_size, config.steps, config.seed)):
-                lr = lr_at(step, config)
-                loss = _next_token_ce(model, corpus[idx])
-                norm = _step(model, opt, loss, config.grad_clip, lr)
-                result.final_loss = loss.item()
-                if step % config.log_every == 0 or step + 1 == config.steps:
-                    record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm}
-                    result.history.append(record)
-                    _write_log(fh, record)
-                checkpoint(step + 1, result.final_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.final_loss:.3f}")
+        _loop(model, opt, config, len(corpus), lambda idx: (_next_token_ce(model, corpus[idx]), {}),
+              checkpoint, fh, result, progress, "pretrain")
     finally:
         if fh is not None:
             fh.close()
@@ -382,19 +389,9 @@ def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, conf
 
     try:
         checkpoint(0, float("nan"))
-        with _bar(config.steps, progress, f"align[{config.objective}]") as bar:
-            for step, idx in enumerate(_batches(len(pairs), config.batch_size, config.steps, config.seed)):
-                lr = lr_at(step, config)
-                loss, stats = _objective(model, packed.take(idx), (ref[0][idx], ref[1][idx]), config)
-                norm = _step(model, opt, loss, config.grad_clip, lr)
-                result.final_loss = loss.item()
-                if step % config.log_every == 0 or step + 1 == config.steps:
-                    record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
-                    result.history.append(record)
-                    _write_log(fh, record)
-                checkpoint(step + 1, result.final_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.final_loss:.3f}")
+        _loop(model, opt, config, len(pairs),
+              lambda idx: _objective(model, packed.take(idx), (ref[0][idx], ref[1][idx]), config),
+              checkpoint, fh, result, progress, f"align[{config.objective}]")
     finally:
         if fh is not None:
             fh.close()
