@@ -33,3 +33,22 @@ def hf_folder(tmp_path_factory):
 def native_cfg():
     return rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64,
                                 n_key_value_heads=2, d_mlp=48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def models(hf_folder, native_cfg):
+    """One rwasym.Model per test architecture: native, gpt2, llama (GQA), neox."""
+    out = {"native": rwasym.load(native_cfg)}
+    for arch, (folder, _) in hf_folder.items():
+        out[arch] = rwasym.load(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest; on a shared 2-core box spinning OpenMP
+    threads make every op far slower."""
+    from rwasym._checks import linalg_threads
+
+    with linalg_threads(1):
+        yield

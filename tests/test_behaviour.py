@@ -12,15 +12,7 @@ from rwasym import behaviour
 from rwasym.behaviour import Evaluator, as_eval_set
 from rwasym.pairs import PreferencePairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared 2-core box spinning OpenMP
-    threads make every op ~100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(model, scale=0.05, seed=0):

@@ -4,30 +4,13 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-import rwasym
 from rwasym import RwasymError
 from rwasym.intervene import closed_form_u, directions, embed_head, rank1_edit, unit_shape
 from rwasym.subspaces import pca_basis, prediction_basis
 
 ARCHS = ("native", "gpt2", "llama", "neox")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared 2-core box spinning OpenMP
-    threads make every op ~100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def models(hf_folder, native_cfg):
-    out = {"native": rwasym.load(native_cfg)}
-    for arch, (folder, _) in hf_folder.items():
-        out[arch] = rwasym.load(folder)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(model, batch=2, pos=10, seed=0):

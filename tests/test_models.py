@@ -9,14 +9,6 @@ from rwasym import RwasymError, flatten_site
 ARCHS = ("native", "gpt2", "llama", "neox")
 
 
-@pytest.fixture(scope="module")
-def models(hf_folder, native_cfg):
-    out = {"native": rwasym.load(native_cfg)}
-    for arch, (folder, _) in hf_folder.items():
-        out[arch] = rwasym.load(folder)
-    return out
-
-
 def _tokens(model, batch=2, pos=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, model.d_vocab, (batch, pos), generator=g)
