@@ -18,7 +18,7 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(STAMP_DEV): $(STAMP_BASE) pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,plots]"
+	$(BIN)/pip install --quiet -e ".[dev,plots,hf]"
 	touch $@
 
 install: $(STAMP_BASE)
