@@ -25,6 +25,7 @@ from .stats import RunningCovariance
 from .subspaces import Basis, complement_basis, k_for_variance, pca_basis, prediction_basis, random_basis
 from .probe_math import FractionResult, NullResult, fraction_curve, random_null, relative_fraction
 from .activations import ActivationStats, capture
+from .gradients import GradientStats, anisotropy_report, capture_gradients, objective_batches
 from .probe import ProbeResult, probe
 from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
 from .svd_compare import post_training_svd, rebuild
@@ -38,6 +39,10 @@ from . import behaviour, companion, experiments, intervene, probe_math, report, 
 __all__ = [
     "KINDS",
     "ActivationStats",
+    "GradientStats",
+    "anisotropy_report",
+    "capture_gradients",
+    "objective_batches",
     "Direction",
     "Evaluator",
     "SweepSummary",

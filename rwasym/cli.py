@@ -1,6 +1,7 @@
 """`rwasym demo | probe | train | ...` — the command line only calls the public API."""
 
 import argparse
+from pathlib import Path
 import sys
 from typing import Optional, Sequence
 
@@ -97,6 +98,99 @@ def _load_pairs(path: str):
     return load_pairs_jsonl(path) if path.endswith(".jsonl") else PreferencePairs.load(path)
 
 
+def _token_tensor(path: str, model):
+    """Token rows (n_seqs, pos) from a .safetensors ``input_ids`` file or a text file."""
+    from .data import load_text
+
+    data = _read_tokens(path, model)
+    if isinstance(data, dict):
+        return data["input_ids"]
+    return load_text(data, tokenizer=getattr(model.bridge, "tokenizer", None), d_vocab=model.d_vocab)
+
+
+def _seeds(text: str) -> list[int]:
+    from .errors import RwasymError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise RwasymError(f"--seeds must be comma-separated integers such as 0,1,2; got {text!r}") from None
+
+
+def _cmd_gradients(args: argparse.Namespace) -> int:
+    import rwasym
+    from . import report
+
+    model = rwasym.load(args.model)
+    if args.objective == "ce":
+        data, reference = _token_tensor(args.data, model), None
+    else:
+        data = _load_pairs(args.data)
+        reference = rwasym.load(args.reference or args.model) if args.objective != "sft" else None
+    loss_fn, batches = rwasym.objective_batches(args.objective, data, reference=reference, batch_size=args.batch_size,
+                                                n_batches=args.batches, beta=args.beta, lam=args.lam)
+    stats = rwasym.capture_gradients(model, loss_fn, batches, matrices=args.matrices,
+                                     progress=False if args.quiet else None)
+    rows = rwasym.anisotropy_report(model, stats, k=args.k)
+    config = dict(model=args.model, objective=args.objective, data=args.data, k=args.k, batch_size=args.batch_size,
+                  n_batches=stats.n_batches, beta=args.beta, lam=args.lam, version=rwasym.__version__)
+    report.write_json({"config": config, "rows": rows}, args.out)
+    print(report.markdown_table(rows, ["matrix", "a_top1_share", "delta_top1_share", "a_effective_rank",
+                                       "delta_effective_rank", "G_input_pca_relative", "G_prediction_relative"]))
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    kwargs = dict(seeds=_seeds(args.seeds), k=args.k, null_samples=args.null_samples, quick=args.quick,
+                  progress=False if args.quiet else None)
+    if args.name == "graded":
+        try:
+            lams = [float(x) for x in args.lams.split(",") if x.strip()]
+        except ValueError:
+            from .errors import RwasymError
+
+            raise RwasymError(f"--lams must be comma-separated numbers in [0, 1]; got {args.lams!r}") from None
+        res = experiments.graded_experiment(args.out, steps=args.steps, lams=lams, **kwargs)
+    else:
+        res = experiments.trajectory_experiment(args.out, **kwargs)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, results.json and a figure in {res['seconds']:.0f} s")
+    return 0
+
+
+def _cmd_spectra(args: argparse.Namespace) -> int:
+    import rwasym
+    from . import companion
+    from .errors import RwasymError
+
+    if args.analysis == "post-training":
+        if not (args.base and args.tuned):
+            raise RwasymError("spectra post-training needs --base and --tuned")
+        base = rwasym.load(args.base)
+        data = _token_tensor(args.data, base) if args.data else None
+        pairs = _load_pairs(args.pairs) if args.pairs else None
+        companion.run_post_training(base, args.tuned, args.out, k=args.k, matrices=args.matrices, data=data,
+                                    pairs=pairs, seed=args.seed)
+    else:
+        if not args.checkpoints:
+            raise RwasymError(f"spectra {args.analysis} needs --checkpoints (a training folder with step_* "
+                              "checkpoints, or several model folders / names)")
+        if args.analysis == "geometry":
+            if not args.data:
+                raise RwasymError("spectra geometry needs --data (text file or .safetensors with input_ids)")
+            first = rwasym.load(next(iter(companion._expand_checkpoints(args.checkpoints).values())))
+            companion.run_geometry(args.checkpoints, _token_tensor(args.data, first), args.out,
+                                   max_tokens=args.max_tokens, progress=False if args.quiet else None)
+        else:
+            companion.run_lifecycle(args.checkpoints, args.out, top_k=args.k or 10, matrices=args.matrices)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, results.json and figures")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwasym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +226,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("gradients", help="gradient anisotropy: C_a versus C_δ and G = Σ δ aᵀ per matrix")
+    p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--objective", choices=["ce", "dpo", "sft", "graded"], default="ce")
+    p.add_argument("--data", required=True, help="ce: text file or .safetensors input_ids; else pairs .jsonl/.safetensors")
+    p.add_argument("--reference", default=None, help="dpo/graded: frozen reference (default: --model itself)")
+    p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="number of batches (backward passes)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="grads.json")
+    p.set_defaults(func=_cmd_gradients)
+    p = sub.add_parser("experiment", help="the paper's experiments on the default pair, over seeds")
+    p.add_argument("name", choices=["graded", "trajectory"])
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and the figure")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
+    p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")
+    p.add_argument("--lams", default="0,0.25,0.5,0.75,1", help="graded: comma-separated λ values")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--null-samples", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_experiment)
+    p = sub.add_parser("spectra", help="companion spectral analyses: post-training SVD, geometry, lifecycle")
+    p.add_argument("analysis", choices=["post-training", "geometry", "lifecycle"])
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and figures")
+    p.add_argument("--base", help="post-training: base model")
+    p.add_argument("--tuned", help="post-training: tuned model")
+    p.add_argument("--checkpoints", nargs="+", help="geometry/lifecycle: a folder of step_* checkpoints, or several models")
+    p.add_argument("--data", default=None, help="geometry (required) / post-training (CE of rebuilds): tokens")
+    p.add_argument("--pairs", default=None, help="post-training: pairs for the preference accuracy of rebuilds")
+    p.add_argument("--matrices", default=None)
+    p.add_argument("--k", type=int, default=None, help="post-training: top-k directions; lifecycle: top-k energy (10)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_spectra)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8)

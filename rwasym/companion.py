@@ -47,27 +47,33 @@ def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
 
 
 def reconstruction_experiment(
-    base: Any, tuned: Any, metric: Callable[[Model], float], *,
+    base: Any, tuned: Any, metric: Union[Callable[[Model], float], Mapping[str, Callable[[Model], float]]], *,
     modes: Sequence[str] = ("tuned", "tuned_rotation_base_sigma", "tuned_scaling_only", "break_consistency"),
     matrices: Optional[str] = None, seed: int = 0,
 ) -> list[dict]:
     """Rebuild every matrix of ``tuned`` from mixed SVD factors (`svd_compare.rebuild`) and run
     ``metric(model)`` on the rebuilt model; also reports the metric of base and tuned as they are.
 
-    The tuned model is edited through `Model.edit` and restored bit-exactly afterwards.
+    metric: one callable (column "metric") or {column name: callable}. The tuned model is
+    edited through `Model.edit` and restored bit-exactly afterwards.
     """
     base, tuned = load(base), load(tuned)
     check_same_architecture(base, tuned)
     bad = [m for m in modes if m not in REBUILD_MODES]
     if bad:
         raise RwasymError(f"unknown rebuild mode(s) {bad}; valid: {', '.join(REBUILD_MODES)}")
+    metrics = dict(metric) if isinstance(metric, Mapping) else {"metric": metric}
+
+    def measure(model: Model) -> dict:
+        return {name: float(fn(model)) for name, fn in metrics.items()}
+
     specs = tuned.matrices(matrices)
-    rows = [dict(mode="base", metric=float(metric(base))), dict(mode="tuned_as_is", metric=float(metric(tuned)))]
+    rows = [dict(mode="base", **measure(base)), dict(mode="tuned_as_is", **measure(tuned))]
     for mode in modes:
         g = torch.Generator().manual_seed(seed)
         updates = {s.name: rebuild(base.weight(s.name), tuned.weight(s.name), mode, generator=g) for s in specs}
         with tuned.edit(updates):
-            rows.append(dict(mode=mode, metric=float(metric(tuned))))
+            rows.append(dict(mode=mode, **measure(tuned)))
     return rows
 
 
@@ -134,3 +140,111 @@ def lifecycle_from_checkpoints(checkpoints: Union[str, Path, Mapping[int, Any]],
     folders = checkpoint_folders(checkpoints) if isinstance(checkpoints, (str, Path)) else dict(checkpoints)
     with linalg_threads(1):
         return lifecycle(_LazyWeights(folders, matrices), top_k=top_k)
+
+
+# -- `rwasym spectra ...`: each analysis written to a folder (results.json, report.md, PNGs) ------
+def _write(out: Union[str, Path], results: dict, sections: Sequence[str]) -> Path:
+    from . import __version__, report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["version"] = __version__
+    report.write_json(results, out / "results.json")
+    (out / "report.md").write_text("\n".join(sections) + "\n")
+    return out
+
+
+def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Optional[int] = None,
+                      matrices: Optional[str] = None, data: Any = None, pairs: Any = None, seed: int = 0,
+                      images: Sequence[str] = ()) -> dict:
+    """Post-training SVD of every matrix, R_U / R_V images, and — with ``data`` (tokens) and/or
+    ``pairs`` — the reconstruction experiment measured by held-out CE and preference accuracy."""
+    from . import report
+    from .train import heldout_ce, preference_accuracy
+
+    base, tuned = load(base), load(tuned)
+    res = post_training_report(base, tuned, k=k, matrices=matrices)
+    results: dict = {"analysis": "post-training", "k": k, "seed": seed, **res}
+    out = Path(out)
+    figures = out / "figures"
+    chosen = list(images) or [s.name for s in base.matrices(matrices) if s.layer == 0][:4]
+    with linalg_threads(1):
+        for name in chosen:
+            spec = base.matrix(name)
+            svd = post_training_svd(base.weight(name), tuned.weight(name), None if k is None else min(k, min(spec.shape)))
+            report.rotation_images(svd.R_U, svd.R_V, figures / f"rotations_{name.replace('.', '_')}.png",
+                                   title=f"{name}: consistency {svd.consistency:.3f}")
+    metrics: dict = {}
+    if data is not None:
+        metrics["heldout_ce"] = lambda m: heldout_ce(m, data)
+    if pairs is not None:
+        metrics["preference_accuracy"] = lambda m: preference_accuracy(m, None, pairs)
+    if metrics:
+        results["reconstruction"] = reconstruction_experiment(base, tuned, metrics, matrices=matrices, seed=seed)
+    sections = ["# Post-training SVD (arXiv 2509.17866)\n", "## Mean per matrix kind\n",
+                report.markdown_table([dict(kind=kk, **v) for kk, v in res["by_kind"].items()]),
+                "\n## Per matrix\n", report.markdown_table(res["rows"], [
+                    "matrix", "k", "ratio_mean", "ratio_std", "fit_slope", "fit_r2", "consistency",
+                    "diag_dominance_u", "diag_dominance_v"])]
+    if "reconstruction" in results:
+        sections += ["\n## Reconstruction: behaviour of rebuilt models\n", report.markdown_table(results["reconstruction"])]
+    sections += [f"![{n}](figures/rotations_{n.replace('.', '_')}.png)" for n in chosen]
+    _write(out, results, sections)
+    return results
+
+
+def _expand_checkpoints(sources: Union[str, Path, Sequence[Any], Mapping[Any, Any]]) -> dict:
+    """{label: source}: a mapping as is; a training folder (step_*) → {step: folder}; a list of
+    folders / names, each a training folder (expanded) or one checkpoint (labelled by position)."""
+    if isinstance(sources, Mapping):
+        return dict(sources)
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    found: dict = {}
+    for i, src in enumerate(sources):
+        if isinstance(src, (str, Path)) and Path(src).is_dir() and any(Path(src).glob("step_*")):
+            found.update(checkpoint_folders(src))
+        else:
+            found[i] = src
+    return found
+
+
+def run_geometry(checkpoints: Any, data: Any, out: Union[str, Path], *, layers: Optional[Sequence[int]] = None,
+                 max_tokens: Optional[int] = None, progress: Optional[bool] = None) -> dict:
+    """RankMe and α-ReQ per layer per checkpoint (`geometry`), with their curves over checkpoints."""
+    from . import report
+
+    rows = geometry(_expand_checkpoints(checkpoints), data, layers=layers, max_tokens=max_tokens, progress=progress)
+    out = Path(out)
+    for key, label in (("rankme", "RankMe"), ("alpha_req", "α-ReQ exponent")):
+        report.line_plot(rows, "checkpoint", key, "layer", out / "figures" / f"{key}.png",
+                         title=f"{label} of resid_post by layer", xlabel="checkpoint (step)", ylabel=label)
+    results = {"analysis": "geometry", "rows": rows}
+    _write(out, results, ["# Representation geometry (arXiv 2509.23024): RankMe and α-ReQ of resid_post\n",
+                          report.markdown_table(rows, ["checkpoint", "layer", "n_tokens", "rankme", "alpha_req", "alpha_r2"]),
+                          "\n![RankMe](figures/rankme.png)\n![alpha-ReQ](figures/alpha_req.png)"])
+    return results
+
+
+def run_lifecycle(checkpoints: Any, out: Union[str, Path], *, top_k: int = 10, matrices: Optional[str] = None,
+                  heatmaps: Sequence[str] = ()) -> dict:
+    """Spectral lifecycle of every matrix across checkpoints: per-matrix rows (stable / effective
+    rank, top-k energy, spectra), compression timing per layer, kind summaries, σ heatmaps."""
+    from . import report
+
+    lc = lifecycle_from_checkpoints(_expand_checkpoints(checkpoints), top_k=top_k, matrices=matrices)
+    out = Path(out)
+    names = list(heatmaps) or sorted({r.name for r in lc.rows if r.layer == 0})
+    for name in names:
+        report.singular_value_heatmap(lc, name, out / "figures" / f"sv_{name.replace('.', '_')}.png")
+    kinds = lc.kind_summary()
+    report.line_plot(kinds, "step", "effective_rank_frac_mean", "kind", out / "figures" / "effective_rank.png",
+                     title="effective rank by matrix kind (mean over layers)", xlabel="step",
+                     ylabel="effective rank / min(n_out, n_in)")
+    results = {"analysis": "lifecycle", "top_k": top_k, "rows": lc.to_rows(include_singular_values=True),
+               "compression": lc.compression_timing(), "by_kind": kinds}
+    _write(out, results, ["# Spectral lifecycle\n", "## Compression timing (step of minimum effective rank)\n",
+                          report.markdown_table(results["compression"]), "\n## By matrix kind\n",
+                          report.markdown_table(kinds), "\n![effective rank](figures/effective_rank.png)"]
+           + [f"![{n}](figures/sv_{n.replace('.', '_')}.png)" for n in names])
+    return results

@@ -18,28 +18,10 @@ from . import __version__, report
 from .activations import capture
 from .companion import geometry, lifecycle_from_checkpoints, post_training_report
 from .experiments import asymmetry_summary, graded, trajectory
-from .gradients import anisotropy_report, capture_gradients
+from .gradients import anisotropy_report, capture_gradients, objective_batches
 from .models import load
 from .probe import probe
 from .sweep import summarize, sweep
-
-
-def _ce(model, tokens):
-    logits = model.bridge(tokens)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
-
-def _dpo_batches(pairs, reference, batch_size, n_batches, beta):
-    """Loss closures for `capture_gradients`: the package's DPO objective on slices of ``pairs``."""
-    from .train import AlignConfig, alignment_loss
-
-    cfg = AlignConfig(objective="dpo", beta=beta)
-    for i in range(n_batches):
-        index = torch.arange(i * batch_size, min((i + 1) * batch_size, len(pairs)))
-        if len(index) == 0:
-            break
-        sub = pairs.subset(index)
-        yield lambda model, sub=sub: alignment_loss(model, sub, cfg, reference)
 
 
 def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = None, tuned: Any = None,
@@ -83,11 +65,12 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
     log(headline)
 
     log("[3/7] gradient anisotropy on the base: C_a (inputs) versus C_δ (upstream gradients)")
-    text_batches = [data[i : i + 16] for i in range(0, min(len(data), 64), 16)]
-    grads = {"ce": capture_gradients(base, _ce, text_batches, progress=progress)}
+    grads = {"ce": capture_gradients(base, *objective_batches("ce", data, batch_size=16, n_batches=4),
+                                     progress=progress)}
     if heldout_pairs is not None and train_pairs is not None:
-        batches = list(_dpo_batches(train_pairs, base, 64, 2 if quick else 4, beta=1.0))
-        grads["dpo"] = capture_gradients(base, lambda m, loss: loss(m), batches, progress=progress)
+        loss_fn, batches = objective_batches("dpo", train_pairs, reference=base, batch_size=64,
+                                             n_batches=2 if quick else 4, beta=1.0)
+        grads["dpo"] = capture_gradients(base, loss_fn, batches, progress=progress)
     results["gradients"] = {obj: anisotropy_report(base, st, k=k) for obj, st in grads.items()}
     for name in ("blocks.0.attn.W_Q", f"blocks.{base.n_layers - 1}.mlp.W_out"):
         spectra = {}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .activations import ActivationStats, capture
+from .errors import RwasymError
 from .companion import checkpoint_folders
 from .models import Model, load, weight_deltas
 from .probe import ProbeResult, probe, probe_sites
@@ -109,3 +110,193 @@ def clone(model: Model) -> Model:
     import copy
 
     return Model(copy.deepcopy(model.bridge), source=model.source)
+
+
+# -- replicates over seeds ---------------------------------------------------------------------
+# Two-sided 95% quantiles of Student's t, df = 1..30 (df > 30 uses 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(values: Sequence[float]) -> dict:
+    """Mean, sample std and the 95% t-interval mean ± t₀.₉₇₅(n−1)·std/√n of per-seed values
+    (None for the interval when n < 2)."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        raise RwasymError("seed_interval needs at least one value")
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return dict(n=n, mean=mean, std=None, ci_low=None, ci_high=None)
+    std = (sum((v - mean) ** 2 for v in xs) / (n - 1)) ** 0.5
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * std / n**0.5
+    return dict(n=n, mean=mean, std=std, ci_low=mean - half, ci_high=mean + half)
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys on xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise RwasymError("slope needs at least two distinct x values")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+SUMMARY_KEYS = ("read_activation", "read_prediction", "write_activation", "write_prediction")
+
+
+def _replicate(seed: int, quick: bool, cache_dir: Any, progress: Optional[bool]):
+    """The default pair of ``seed`` with its train / held-out pairs and a held-out corpus."""
+    from .data import LanguageConfig, corpus
+    from .substrate import default_pair, load_default_pairs
+
+    base, tuned, info = default_pair(cache_dir, quick=quick, progress=progress is not False, seed=seed)
+    train_pairs, held = load_default_pairs(info)
+    lang = LanguageConfig(**info["spec"]["language"])
+    data = corpus(64 if quick else 256, info["spec"]["seq_len"], seed=10_000 + seed, config=lang)
+    return base, tuned, info, train_pairs, held, data
+
+
+def _align_config(info: dict, steps: int):
+    from .train import AlignConfig
+
+    spec = info["spec"]["align"]
+    return replace(AlignConfig(**{**spec, "betas": tuple(spec["betas"])}), steps=steps, checkpoint_every=0,
+                   warmup_steps=min(spec["warmup_steps"], max(1, steps // 10)))
+
+
+def graded_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence[int] = (0, 1, 2),
+                      lams: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), steps: int = 400, k: int = 8,
+                      null_samples: int = 50, quick: bool = False, cache_dir: Any = None,
+                      progress: Optional[bool] = None, log: Any = print) -> dict:
+    """The graded-objective control on the default pair of each seed, with the CE-pretraining contrast.
+
+    Per seed: align the seed's base with L_λ = λ·DPO + (1 − λ)·CE(chosen) for every λ (same pairs,
+    ``steps``, seed; the default pair's other hyper-parameters) and probe each against the base
+    (`asymmetry_summary`, k); probe the last CE-pretraining step (checkpoint → final) the same way.
+    Across seeds: per λ the mean and 95% t-interval of each summary cell, and per seed the slope
+    of each cell against λ (the paper predicts read/activation > 1 at every λ and a write/prediction
+    slope that is not positive). Writes ``results.json``, ``report.md`` and ``graded.png`` to ``out``.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    rows, contrast = [], []
+    for seed in seeds:
+        log(f"[graded] seed {seed}: default pair (trained on first use, then cached)")
+        base, _, info, train_pairs, held, data = _replicate(seed, quick, cache_dir, progress)
+        cfg = _align_config(info, 4 if quick else steps)
+        log(f"[graded] seed {seed}: {len(lams)} alignments × {cfg.steps} steps")
+        rows += graded(base, train_pairs, data, lams=lams, align_config=cfg, seeds=(seed,), k=k,
+                       null_samples=null_samples, heldout=held, progress=bool(progress))
+        for row in pretraining_contrast(Path(info["folder"]) / "pretrain", data, k=k, null_samples=null_samples,
+                                        seed=seed):
+            contrast.append(dict(seed=seed, **row))
+    by_lam = []
+    for lam in lams:
+        at = [r for r in rows if r["lam"] == float(lam)]
+        for key in SUMMARY_KEYS + ("heldout_accuracy", "delta_norm"):
+            by_lam.append(dict(lam=float(lam), cell=key, **seed_interval([r.get(key) for r in at])))
+    slopes = []
+    for key in SUMMARY_KEYS:
+        per_seed = [slope([r["lam"] for r in rows if r["seed"] == s], [r[key] for r in rows if r["seed"] == s])
+                    for s in seeds] if len(lams) > 1 else []
+        if per_seed:
+            slopes.append(dict(cell=key, per_seed=per_seed, **seed_interval(per_seed)))
+    contrast_summary = [dict(cell=key, **seed_interval([r[key] for r in contrast])) for key in SUMMARY_KEYS
+                        if contrast and key in contrast[0]]
+    results = dict(experiment="graded", seeds=list(seeds), lams=[float(x) for x in lams], steps=cfg.steps, k=k,
+                   null_samples=null_samples, quick=quick, rows=rows, by_lam=by_lam, slopes=slopes,
+                   pretraining_contrast=contrast, pretraining_contrast_summary=contrast_summary,
+                   seconds=time.perf_counter() - t0)
+    if out is not None:
+        _write_graded(Path(out), results)
+    return results
+
+
+def _write_graded(out: Path, results: dict) -> None:
+    from . import __version__, report
+
+    out.mkdir(parents=True, exist_ok=True)
+    results["version"] = __version__
+    report.write_json(results, out / "results.json")
+    cells = ("read_activation", "write_prediction", "read_prediction", "write_activation")
+    band = [r for r in results["by_lam"] if r["cell"] in cells]
+    if all(r["ci_low"] is not None for r in band):
+        report.line_plot(band, "lam", "mean", "cell", out / "graded.png", hline=1.0, yerr=("ci_low", "ci_high"),
+                         title=f"graded objective λ·DPO + (1−λ)·CE, {len(results['seeds'])} seeds (95% CI)",
+                         xlabel="λ (contrastive share)", ylabel="mean relative fraction r")
+    else:
+        report.line_plot(band, "lam", "mean", "cell", out / "graded.png", hline=1.0,
+                         title="graded objective λ·DPO + (1−λ)·CE", xlabel="λ (contrastive share)",
+                         ylabel="mean relative fraction r")
+    wide = {}
+    for r in results["by_lam"]:
+        wide.setdefault(r["lam"], {"λ": r["lam"]})[r["cell"]] = _pm(r)
+    text = [f"# Graded-objective control (rwasym {results['version']}, seeds {results['seeds']}, "
+            f"{results['steps']} steps, k={results['k']})\n",
+            "Mean over seeds ± 95% t-interval half-width; r = relative fraction (1 = isotropic).\n",
+            report.markdown_table(list(wide.values())),
+            "\n## Slope of each cell against λ (per seed, then mean with 95% t-interval)\n",
+            report.markdown_table([dict(cell=s["cell"], per_seed=", ".join(f"{v:.3f}" for v in s["per_seed"]),
+                                        mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"])
+                                   for s in results["slopes"]]),
+            "\n## Contrast: CE-pretraining deltas (checkpoint → final)\n",
+            report.markdown_table(results["pretraining_contrast"]),
+            "\n## Per-seed rows\n", report.markdown_table(results["rows"]),
+            "\n![graded](graded.png)\n", f"\n{results['seconds']:.0f} s\n"]
+    (out / "report.md").write_text("\n".join(text))
+
+
+def _pm(r: dict) -> str:
+    if r["mean"] is None:
+        return ""
+    if r["ci_high"] is None:
+        return f"{r['mean']:.3g}"
+    return f"{r['mean']:.3g} ± {r['ci_high'] - r['mean']:.2g}"
+
+
+def trajectory_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence[int] = (0, 1, 2), k: int = 8,
+                          null_samples: int = 50, quick: bool = False, cache_dir: Any = None,
+                          progress: Optional[bool] = None, log: Any = print) -> dict:
+    """The within-run trajectory of each seed's default DPO run (every saved step probed against
+    its base), with the mean and 95% t-interval over seeds per (step, cell). Writes
+    ``results.json``, ``report.md`` and ``trajectory.png`` to ``out``."""
+    import time
+
+    t0 = time.perf_counter()
+    rows = []
+    for seed in seeds:
+        log(f"[trajectory] seed {seed}")
+        base, _, info, _, _, data = _replicate(seed, quick, cache_dir, progress)
+        for row in trajectory(base, Path(info["folder"]) / "align", data, k=k, null_samples=null_samples, seed=seed):
+            rows.append(dict(seed=seed, **row))
+    steps = sorted({r["step"] for r in rows})
+    by_step = []
+    for step in steps:
+        at = [r for r in rows if r["step"] == step and r["kind"] == "summary"]
+        for key in SUMMARY_KEYS + ("delta_norm",):
+            by_step.append(dict(step=step, cell=key, **seed_interval([r.get(key) for r in at])))
+    results = dict(experiment="trajectory", seeds=list(seeds), k=k, null_samples=null_samples, quick=quick,
+                   rows=rows, by_step=by_step, seconds=time.perf_counter() - t0)
+    if out is not None:
+        from . import __version__, report
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        results["version"] = __version__
+        report.write_json(results, out / "results.json")
+        band = [r for r in by_step if r["cell"] in SUMMARY_KEYS]
+        report.line_plot(band, "step", "mean", "cell", out / "trajectory.png", hline=1.0,
+                         yerr=("ci_low", "ci_high") if len(seeds) > 1 else None,
+                         title=f"within-run trajectory, {len(seeds)} seeds", xlabel="alignment step",
+                         ylabel="mean relative fraction r")
+        wide = {}
+        for r in by_step:
+            wide.setdefault(r["step"], {"step": r["step"]})[r["cell"]] = _pm(r)
+        (out / "report.md").write_text("\n".join([
+            f"# Within-run trajectory (rwasym {__version__}, seeds {list(seeds)}, k={k})\n",
+            "Mean over seeds ± 95% t-interval half-width; whole matrices, residual side.\n",
+            report.markdown_table(list(wide.values())), "\n![trajectory](trajectory.png)\n"]))
+    return results

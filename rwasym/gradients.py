@@ -160,3 +160,58 @@ def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
                            G_prediction_side=resid_side)
         rows.append(row)
     return rows
+
+
+OBJECTIVES = ("ce", "dpo", "sft", "graded")
+
+
+def objective_batches(
+    objective: str,
+    data: Any,
+    *,
+    reference: Optional[Model] = None,
+    batch_size: int = 16,
+    n_batches: int = 4,
+    beta: float = 0.1,
+    lam: float = 0.5,
+) -> tuple[Callable[[Model, Any], Tensor], list]:
+    """(loss_fn, batches) for `capture_gradients` under one of the package's objectives.
+
+    "ce": next-token cross-entropy (mean over tokens) on ``data``, a token tensor (n_seqs, pos);
+    batches are consecutive slices of ``batch_size`` rows. "dpo" | "sft" | "graded": the
+    alignment objective of `rwasym.train` (graded: λ·DPO + (1−λ)·CE(chosen)) on ``data``, a
+    `PreferencePairs`; dpo and graded need the frozen ``reference`` (usually the base itself,
+    where the DPO margin starts at zero). At most ``n_batches`` batches are used.
+    """
+    from .pairs import PreferencePairs
+    from .train import AlignConfig, alignment_loss
+
+    if objective not in OBJECTIVES:
+        raise RwasymError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if batch_size <= 0 or n_batches <= 0:
+        raise RwasymError(f"batch_size and n_batches must be positive; got {batch_size} and {n_batches}")
+    if objective == "ce":
+        if not isinstance(data, Tensor) or data.dim() != 2:
+            raise RwasymError("objective 'ce' needs a token tensor of shape (n_seqs, pos); "
+                              f"got {type(data).__name__}. Pass text tokens, not preference pairs")
+        batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)][:n_batches]
+
+        def ce(model: Model, tokens: Tensor) -> Tensor:
+            logits = model.bridge(tokens.to(model.device))
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     tokens[:, 1:].flatten().to(logits.device))
+
+        return ce, batches
+    if not isinstance(data, PreferencePairs):
+        raise RwasymError(f"objective {objective!r} needs PreferencePairs (a .jsonl or pairs .safetensors "
+                          f"file); got {type(data).__name__}")
+    cfg = AlignConfig(objective=objective, beta=beta, lam=lam)
+    if objective != "sft" and reference is None:
+        raise RwasymError(f"objective {objective!r} needs a frozen reference model; pass reference= (e.g. the base)")
+    batches = [data.subset(torch.arange(i, min(i + batch_size, len(data))))
+               for i in range(0, len(data), batch_size)][:n_batches]
+
+    def align_loss(model: Model, pairs: Any) -> Tensor:
+        return alignment_loss(model, pairs, cfg, reference)
+
+    return align_loss, batches

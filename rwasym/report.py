@@ -142,16 +142,24 @@ def spectra_plot(spectra: dict[str, Sequence[float]], path: Optional[PathLike] =
 
 
 def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[PathLike] = None,
-              title: str = "", xlabel: Optional[str] = None, ylabel: Optional[str] = None, hline: Optional[float] = None):
-    """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves)."""
+              title: str = "", xlabel: Optional[str] = None, ylabel: Optional[str] = None, hline: Optional[float] = None,
+              yerr: Optional[tuple[str, str]] = None):
+    """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves).
+
+    ``yerr``: (low, high) keys of an interval drawn as a shaded band (e.g. a 95% CI over seeds).
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     groups: dict[Any, list] = {}
     for r in rows:
-        groups.setdefault(r[group], []).append((r[x], r[y]))
+        band = (r[yerr[0]], r[yerr[1]]) if yerr else (None, None)
+        groups.setdefault(r[group], []).append((r[x], r[y], *band))
     for label, pts in groups.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=str(label))
+        pts.sort(key=lambda p: p[0])
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=str(label))
+        if yerr:
+            ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
+                            color=line.get_color(), alpha=0.2, lw=0)
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8, ls="--")
     ax.set_xlabel(xlabel or x)
@@ -176,6 +184,22 @@ def singular_value_heatmap(lifecycle: Any, matrix: str, path: Optional[PathLike]
     ax.set_ylabel("training step")
     ax.set_title(f"{matrix}: log10 singular values over training")
     fig.colorbar(im, ax=ax, label="log10 σ")
+    return _finish(fig, path)
+
+
+def rotation_images(R_U: Any, R_V: Any, path: Optional[PathLike] = None, title: str = ""):
+    """|R_U| = |U_kᵀ U'_k| and |R_V| = |V_kᵀ V'_k| side by side (a consistent rotation shows the
+    same pattern twice; no rotation is the identity)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, R, label in ((axes[0], R_U, "|R_U| = |U_kᵀ U'_k| (output side)"), (axes[1], R_V, "|R_V| = |V_kᵀ V'_k| (input side)")):
+        im = ax.imshow(abs(R.detach().cpu().double()).numpy() if hasattr(R, "detach") else abs(R),
+                       vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("tuned singular direction")
+        ax.set_ylabel("base singular direction")
+        fig.colorbar(im, ax=ax, label="|cosine|", fraction=0.046, pad=0.04)
+    fig.suptitle(title)
     return _finish(fig, path)
 
 

@@ -47,9 +47,18 @@ class DefaultPairSpec:
     align: AlignConfig = AlignConfig(objective="dpo", beta=1.0, steps=400, batch_size=64, lr=5e-4)
 
 
-def default_spec(quick: bool = False) -> DefaultPairSpec:
-    """The default spec; ``quick`` shrinks every budget (a smoke-test pair, not an aligned one)."""
+def default_spec(quick: bool = False, seed: int = 0) -> DefaultPairSpec:
+    """The default spec; ``quick`` shrinks every budget (a smoke-test pair, not an aligned one).
+
+    ``seed`` reseeds the model initialisation, the pretraining data and order, the preference pairs
+    and the alignment run, but not the language itself (every seed learns the same task). Seed 0 is
+    the default pair.
+    """
     spec = DefaultPairSpec()
+    if seed != 0:
+        spec = replace(spec, model={**spec.model, "seed": int(seed)},
+                       pretrain=replace(spec.pretrain, seed=int(seed)), pairs=replace(spec.pairs, seed=int(seed)),
+                       align=replace(spec.align, seed=int(seed)))
     if not quick:
         return spec
     return replace(
@@ -124,13 +133,14 @@ def _build(spec: DefaultPairSpec, folder: Path, progress: bool) -> dict:
 
 
 def default_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progress: bool = True,
-                 spec: Optional[DefaultPairSpec] = None) -> tuple[Model, Model, dict]:
+                 spec: Optional[DefaultPairSpec] = None, seed: int = 0) -> tuple[Model, Model, dict]:
     """(base, aligned, info) of the default pair, built on first use and loaded from cache after.
 
     ``info`` holds the numbers of ``info.json`` plus ``folder``, ``base`` / ``tuned`` checkpoint
-    paths and ``cached`` (whether this call reused the cache). ``spec`` overrides the defaults.
+    paths and ``cached`` (whether this call reused the cache). ``spec`` overrides the defaults;
+    ``seed`` picks a replicate (`default_spec`), each cached in its own folder.
     """
-    spec = spec or default_spec(quick)
+    spec = spec or default_spec(quick, seed)
     folder = cache_root(cache_dir) / f"default-{spec_hash(spec)}"
     cached = (folder / "info.json").exists()
     if not cached:

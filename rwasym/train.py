@@ -438,11 +438,12 @@ def heldout_ce(model: Model, tokens: Int[Tensor, "batch pos"], batch_size: int =
     return sum(losses) / len(tokens)
 
 
-def default_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progress: bool = True) -> tuple[Model, Model, dict]:
+def default_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progress: bool = True,
+                 seed: int = 0) -> tuple[Model, Model, dict]:
     """(base, DPO-aligned, info) of the embedded default pair, cached on disk.
 
     See `rwasym.substrate.default_pair` (cache layout, configs, the numbers in ``info``).
     """
     from .substrate import default_pair as _default_pair
 
-    return _default_pair(cache_dir, quick=quick, progress=progress)
+    return _default_pair(cache_dir, quick=quick, progress=progress, seed=seed)

@@ -44,6 +44,19 @@ def models(hf_folder, native_cfg):
     return out
 
 
+@pytest.fixture(scope="session")
+def quick_cache(tmp_path_factory):
+    """One RWASYM_CACHE for the session, so each quick default pair is built once and shared."""
+    root = tmp_path_factory.mktemp("rwasym-cache")
+    old = os.environ.get("RWASYM_CACHE")
+    os.environ["RWASYM_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("RWASYM_CACHE", None)
+    else:
+        os.environ["RWASYM_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is fastest; on a shared 2-core box spinning OpenMP

@@ -34,8 +34,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "neither an rwasym checkpoint" in capsys.readouterr().err
 
 
-def test_demo_quick_writes_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("RWASYM_CACHE", str(tmp_path / "cache"))
+def test_demo_quick_writes_report(tmp_path, quick_cache):
     code = main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")])
     assert code == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

@@ -1,6 +1,5 @@
 """Every notebook in notebooks/ runs top to bottom from a fresh kernel (small settings)."""
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -11,10 +10,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, quick_cache):
     nb = nbformat.read(path, as_version=4)
-    env_cache = os.environ.setdefault("RWASYM_CACHE", str(tmp_path.parent / "rwasym-cache"))
-    assert env_cache
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
