@@ -4,7 +4,7 @@ Read/write asymmetry of weight updates in TransformerLens 4 (`TransformerBridge`
 
 Shape glossary (used in every signature): batch, pos, d_model, d_mlp, d_head, n_heads, d_vocab,
 n_out / n_in (a studied matrix W is n_out × n_in, acting as y = W a), n (a space's dimension),
-k (a subspace's dimension), d (a generic feature dimension).
+k (a subspace's dimension), d (a generic feature dimension), r (the rank of LoRA factors).
 """
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ from .models import (
     save_model,
     weight_deltas,
 )
+from .lora import LowRankDelta, lora_deltas, read_adapter
 from .stats import RunningCovariance
 from .subspaces import Basis, complement_basis, k_for_variance, pca_basis, prediction_basis, random_basis
 from .probe_math import FractionResult, NullResult, fraction_curve, random_null, relative_fraction
@@ -38,6 +39,9 @@ from . import behaviour, companion, experiments, intervene, probe_math, report, 
 
 __all__ = [
     "KINDS",
+    "LowRankDelta",
+    "lora_deltas",
+    "read_adapter",
     "ActivationStats",
     "GradientStats",
     "anisotropy_report",

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._checks import as_float64_matrix
 from .errors import RwasymError
+from .lora import LowRankDelta
 from .models import MatrixSpec, Model, flatten_site, load
 from .stats import RunningCovariance
 from .subspaces import complement_basis, pca_basis, prediction_basis
@@ -123,12 +124,15 @@ def embed_head(
 
 
 # --------------------------------------------------------------------------------- edits
-def closed_form_u(delta: Float[Tensor, "n_out n_in"], v: Float[Tensor, " n_in"]) -> Float[Tensor, " n_out"]:
+def closed_form_u(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta], v: Float[Tensor, " n_in"]) -> Float[Tensor, " n_out"]:
     """u = ΔW v, the least-squares rank-1 component of ΔW along the unit input direction v.
 
     For ‖v‖ = 1, ‖ΔW − u vᵀ‖²_F is minimised by u = ΔW v (its gradient −2(ΔW − u vᵀ)v vanishes
     there). Returns float64. Example: ΔW = [[1, 2], [3, 4]], v = e₂ → u = [2, 4] (shape (n_out,)).
+    A factored `LowRankDelta` ΔW = s · B A gives u = s · B (A v), O(r (n_out + n_in)).
     """
+    if isinstance(delta, LowRankDelta):
+        return delta.matvec(_unit(v, delta.shape[1], "v"))
     d = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
     return d @ _unit(v, d.shape[1], "v")
 

@@ -15,6 +15,7 @@ Hook tensors of attention linears may arrive per-head shaped ``(..., n_heads, d_
 """
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -109,6 +110,7 @@ class Model:
         self.cfg = bridge.cfg
         self._specs = {spec.name: spec for spec in self._build_registry()}
         self._fused_layouts = self._detect_fused_layouts()
+        self.adapter: Optional[dict] = None  # name → rwasym.lora.LowRankDelta when loaded with adapter=
         if not self._specs:
             raise RwasymError(
                 f"found no attention or MLP linears in {type(bridge).__name__}; rwasym needs a "
@@ -197,6 +199,32 @@ class Model:
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         return folder
+
+    def host_module_names(self) -> dict[str, str]:
+        """Matrix name → qualified name of the nn.Module holding its weight in the Hugging Face model
+        (``bridge.original_model``), e.g. ``model.layers.0.self_attn.q_proj`` — the names PEFT
+        adapters use. W_Q/W_K/W_V of a fused layer all map to the fused host (GPT-2 ``c_attn``,
+        NeoX ``query_key_value``). Found by identity among the module tree's aliases, keeping the
+        name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias.
+        """
+        host = self.bridge.original_model
+        aliases: dict[int, list[str]] = {}
+        for qualified, module in host.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(_clean_key(qualified))
+        hf_names = None
+        if hasattr(host, "config") and hasattr(host, "save_pretrained"):
+            with torch.device("meta"):
+                hf_names = {n for n, _ in type(host)(host.config).named_modules()}
+        out = {}
+        for spec in self.matrices():
+            component = spec.component
+            if spec.kind in ("W_Q", "W_K", "W_V") and spec.layer in self._fused_layouts:
+                component = f"blocks.{spec.layer}.attn.qkv"
+            names = aliases.get(id(_host_linear(self.bridge, component)), [])
+            real = [n for n in names if hf_names is None or n in hf_names]
+            if real:
+                out[spec.name] = real[0]
+        return out
 
     # -- registry -----------------------------------------------------------------------------
     def _build_registry(self) -> Iterator[MatrixSpec]:
@@ -452,12 +480,19 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise RwasymError(f"{what} contains NaN or Inf; check the checkpoint or the computation")
 
 
-def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None) -> dict[str, Tensor]:
+def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
     """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix.
 
-    Raises RwasymError naming the first matrix whose name or shape differs.
+    Raises RwasymError naming the first matrix whose name or shape differs. When ``tuned`` was
+    loaded with a LoRA adapter (``load(base, adapter=...)``) and ``base`` was not, returns the
+    attached factored deltas (`rwasym.lora.LowRankDelta`, rank 0 for untouched matrices) without
+    materialising them, after checking ``base`` is the adapter's base (`rwasym.lora.adapter_deltas`).
     """
     check_same_architecture(base, tuned)
+    if tuned.adapter is not None and base.adapter is None:
+        from .lora import adapter_deltas
+
+        return adapter_deltas(base, tuned, pattern)
     out = {}
     for spec in base.matrices(pattern):
         delta = tuned.weight(spec.name) - base.weight(spec.name)
@@ -513,9 +548,15 @@ def load(
     dtype: Optional[torch.dtype] = None,
     device: str = "cpu",
     tokenizer: Any = None,
+    adapter: Any = None,
     **boot_kwargs: Any,
 ) -> Model:
     """Load a model as an rwasym `Model`.
+
+    adapter: a PEFT LoRA adapter folder (or `rwasym.lora.read_adapter`'s result): returns a fresh
+    load of the base (a `Model` loaded from a folder is reloaded from it in its dtype; an in-memory
+    one is deep-copied) with ΔW = scale · B A merged into its weights and the factored deltas in
+    ``model.adapter`` (`rwasym.lora`); the base passed in is left untouched.
 
     source: a `Model` (returned as is); a `TransformerBridge`; a `TransformerBridgeConfig` or dict
     (a native tiny model, `TransformerBridge.boot_native`); a folder written by `save_model`; or
@@ -523,6 +564,20 @@ def load(
     arguments such as ``device_map="auto"`` are passed through). Raw weights, no folding.
     """
     _check_dtype(dtype)
+    if adapter is not None:
+        from .lora import merge_adapter
+
+        if isinstance(source, Model) and isinstance(source.source, (str, os.PathLike)):  # reload: base stays base
+            dtype, device, source = dtype or source.dtype, str(source.device), source.source
+        elif isinstance(source, (Model, _bridge_classes()[0])):
+            try:
+                source = copy.deepcopy(source.bridge if isinstance(source, Model) else source)
+            except RuntimeError as err:  # e.g. tensors cached by a forward pass with autograd on
+                raise RwasymError(f"cannot copy the in-memory base to apply the adapter to ({err}); save it "
+                                  "(rwasym.save_model / Model.save_pretrained) and pass the folder") from None
+            if dtype is not None:
+                source.original_model.to(dtype=dtype)
+        return merge_adapter(load(source, dtype=dtype, device=device, tokenizer=tokenizer, **boot_kwargs), adapter)
     if isinstance(source, Model):
         return source
     TransformerBridge, TransformerBridgeConfig = _bridge_classes()

@@ -18,7 +18,8 @@ Which side and which subspace (rows carry both, so the whole 2×2 table is visib
 
 Subspaces are always computed on the *base* model. Per-head rows slice ΔW by head (rows for
 Q/K/V, columns for O); an inner-side per-head basis is the PCA of that head's block of the
-covariance.
+covariance. A tuned model loaded with a LoRA adapter (``load(base, adapter=folder)``) is probed
+through its factored ΔW = s · B A (`rwasym.lora.LowRankDelta`): no n_out × n_in delta is formed.
 """
 
 import json
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from . import __version__  # noqa: F401
 from .activations import ActivationStats, capture, _quiet
 from .errors import RwasymError
+from .lora import LowRankDelta
 from .models import MatrixSpec, Model, head_slice, load, weight_deltas
 from .probe_math import fraction_curve, log_k_grid, random_null, relative_fraction
 from ._checks import linalg_threads
@@ -184,7 +186,7 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
 
     for spec in tqdm(specs, desc="probe", disable=_quiet(progress)):
         delta = deltas[spec.name]
-        if float(delta.square().sum()) == 0.0:
+        if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
         resid_side = "input" if spec.side == "read" else "output"
         resid_cov = cov(model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec)))
@@ -194,8 +196,8 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
             spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
         for stream, side, subspace, c, site in spaces:
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
-                d = delta if head is None else head_slice(spec, delta, head)
-                if float(d.square().sum()) == 0.0:
+                d = delta if head is None else _head(spec, delta, head)
+                if _energy(d) == 0.0:
                     continue
                 c_h = c
                 if c is not None and head is not None and side == "input" and spec.head_axis == "in":
@@ -228,6 +230,16 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                                            side=side, subspace=subspace, n=n, ks=ks,
                                            relative=curve.relative.tolist(), fraction=curve.fraction.tolist(),
                                            null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
+
+
+def _energy(d) -> float:
+    """‖ΔW‖²_F, factored for a LowRankDelta."""
+    return d.frobenius_sq() if isinstance(d, LowRankDelta) else float(d.square().sum())
+
+
+def _head(spec: MatrixSpec, d, head: int):
+    """Head ``head``'s block of ΔW (`head_slice`; `LowRankDelta.head` keeps it factored)."""
+    return d.head(spec, head) if isinstance(d, LowRankDelta) else head_slice(spec, d, head)
 
 
 def head_slice_cov(c: torch.Tensor, head: int, d_head: int) -> torch.Tensor:

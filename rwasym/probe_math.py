@@ -9,6 +9,10 @@ R^{n_out} — seen by Uᵀ ΔW. With U (n, k) orthonormal,
 
 and the relative fraction r = f / (k/n): a Haar-random k-dim subspace captures k/n of any ΔW on
 average, so r = 1 is isotropic and r > 1 concentrated. All math is float64 on CPU.
+
+ΔW may also be a factored `rwasym.lora.LowRankDelta` ΔW = s · B A (a LoRA adapter): then
+‖ΔW U‖²_F = s²‖B (A U)‖²_F, ‖Uᵀ ΔW‖²_F = s²‖(Uᵀ B) A‖²_F and ‖ΔW‖²_F = s² tr((BᵀB)(AAᵀ)), at
+O(r (n_out + n_in) k); the n_out × n_in matrix is never formed.
 """
 
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from rwasym._checks import (
     shape_str,
 )
 from rwasym.errors import RwasymError
+from rwasym.lora import LowRankDelta
 from rwasym.subspaces import Basis, _haar_frames
 
 __all__ = [
@@ -106,25 +111,34 @@ def _check_side(side: object) -> str:
     return side
 
 
-def _delta64(delta: object) -> tuple[Tensor, Tensor]:
-    """ΔW as float64 CPU and its energy ‖ΔW‖²_F; error when ΔW is exactly zero."""
-    D = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
-    energy = D.square().sum()
+def _delta64(delta: object) -> tuple[Tensor | LowRankDelta, Tensor]:
+    """ΔW as float64 CPU (a LowRankDelta stays factored) and its energy ‖ΔW‖²_F; error when ΔW is
+    exactly zero."""
+    if isinstance(delta, LowRankDelta):
+        D, energy = delta, torch.tensor(delta.frobenius_sq(), dtype=torch.float64)
+    else:
+        D = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
+        energy = D.square().sum()
     if float(energy) == 0.0:
         raise RwasymError(
-            f"delta has ‖ΔW‖_F = 0 (shape {shape_str(D)}): the tuned and base matrices are "
+            f"delta has ‖ΔW‖_F = 0 (shape {_dshape(D)}): the tuned and base matrices are "
             "identical, so the fraction of the update inside a subspace is undefined (0/0). Check "
             "that two different checkpoints were passed and that the right matrix was selected."
         )
     return D, energy
 
 
-def _side_dim(D: Tensor, side: str) -> int:
+def _dshape(D: Tensor | LowRankDelta) -> str:
+    """`(3, 4)`-style shape text of ΔW, dense or factored."""
+    return "(" + ", ".join(str(s) for s in D.shape) + ")"
+
+
+def _side_dim(D: Tensor | LowRankDelta, side: str) -> int:
     """n: n_in for the input side, n_out for the output side."""
     return D.shape[1] if side == "input" else D.shape[0]
 
 
-def _basis64(basis: object, D: Tensor, side: str) -> Tensor:
+def _basis64(basis: object, D: Tensor | LowRankDelta, side: str) -> Tensor:
     """The (n, k) basis as float64, checked against ΔW's side dimension and for orthonormality."""
     U = as_float64_matrix(basis.U if isinstance(basis, Basis) else basis, "basis")
     n = _side_dim(D, side)
@@ -133,7 +147,7 @@ def _basis64(basis: object, D: Tensor, side: str) -> Tensor:
         other = "output" if side == "input" else "input"
         raise RwasymError(
             f"side={side!r} expects a basis with {axis} = {n} rows for ΔW of shape (n_out, n_in) = "
-            f"{shape_str(D)}; got a basis of shape {shape_str(U)}. If the basis lives in the other "
+            f"{_dshape(D)}; got a basis of shape {shape_str(U)}. If the basis lives in the other "
             f"space use side={other!r}; bases are (n, k) with basis vectors as columns."
         )
     if U.shape[1] == 0:
@@ -142,8 +156,12 @@ def _basis64(basis: object, D: Tensor, side: str) -> Tensor:
     return U
 
 
-def _column_energies(D: Tensor, U: Tensor, side: str) -> Tensor:
+def _column_energies(D: Tensor | LowRankDelta, U: Tensor, side: str) -> Tensor:
     """e_j = ‖ΔW u_j‖² (input) or ‖u_jᵀ ΔW‖² (output) for each column u_j of U, shape (k,)."""
+    if isinstance(D, LowRankDelta):  # s² ‖B (A U)‖² / s² ‖(Uᵀ B) A‖², O(r (n_out + n_in) k)
+        if side == "input":
+            return D.scale**2 * (D.B @ (D.A @ U)).square().sum(dim=0)  # (n_out, k) -> (k,)
+        return D.scale**2 * ((U.T @ D.B) @ D.A).square().sum(dim=1)  # (k, n_in) -> (k,)
     if side == "input":
         return (D @ U).square().sum(dim=0)  # (n_out, k) -> (k,)
     return (U.T @ D).square().sum(dim=1)  # (k, n_in) -> (k,)
@@ -151,7 +169,7 @@ def _column_energies(D: Tensor, U: Tensor, side: str) -> Tensor:
 
 # --------------------------------------------------------------------------------- public API
 def relative_fraction(
-    delta: Float[Tensor, "n_out n_in"], basis: Float[Tensor, "n k"] | Basis, side: Side
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta, basis: Float[Tensor, "n k"] | Basis, side: Side
 ) -> FractionResult:
     """Fraction of ‖ΔW‖²_F inside span(U) on one side of W, and r = f / (k/n). float64.
 
@@ -169,7 +187,7 @@ def relative_fraction(
 
 
 def random_null(
-    delta: Float[Tensor, "n_out n_in"],
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta,
     side: Side,
     k: int,
     samples: int = 1000,
@@ -186,11 +204,12 @@ def random_null(
     side = _check_side(side)
     D, _ = _delta64(delta)
     n = _side_dim(D, side)
-    k = require_k(k, n, f"the {side} space of ΔW (shape {shape_str(D)})")
+    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(D)})")
     samples = require_int(samples, "samples")
     if samples < 2:
         raise RwasymError(f"samples must be >= 2 to estimate a spread; got samples={samples}.")
-    sigma2 = torch.linalg.svdvals(D).square()  # (r,), r = min(n_out, n_in) <= n
+    svals = D.svdvals() if isinstance(D, LowRankDelta) else torch.linalg.svdvals(D)  # factored: QR core
+    sigma2 = svals.square()  # (r,), r = min(n_out, n_in) <= n (<= the LoRA rank when factored)
     weights = sigma2 / sigma2.sum()
     chunk = max(1, _NULL_CHUNK_BYTES // (8 * n * k))
     draws = []
@@ -205,7 +224,7 @@ def random_null(
 
 
 def fraction_curve(
-    delta: Float[Tensor, "n_out n_in"],
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta,
     basis_full: Float[Tensor, "n m"] | Basis,
     side: Side,
     ks: Sequence[int] | Tensor | None = None,
