@@ -17,6 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .errors import RwasymError
 from .models import Model, flatten_site, load
 from .stats import RunningCovariance
@@ -137,6 +138,15 @@ def capture(
     model's tokenizer). Padding (attention_mask == 0) is excluded from every statistic.
     sites: hook names (TL aliases such as ``blocks.0.hook_resid_pre`` are accepted) or
     {hook: width}; default `default_sites`. progress: tqdm bar (None = only on a terminal).
+    max_tokens: keep only the first ``max_tokens`` unpadded tokens, in batch order.
+
+    Data parallel (under ``torchrun``, see `rwasym.distributed`): with a process group of
+    world_size W > 1, every rank must be given the same ``data``; batches are formed first, rank
+    r forwards batch i iff i mod W = r, and every statistic is then summed over ranks
+    (`RunningCovariance.all_reduce`), so every rank returns the statistics of the whole corpus,
+    equal to the single-process result up to float64 summation order. ``max_tokens`` stays a
+    *global* budget and is exact: each rank reads every batch's mask (no forward) to count the
+    tokens before it in batch order, so the tokens kept are those a single process would keep.
     """
     model = load(model)
     aliases = model.residual_hooks()
@@ -166,10 +176,13 @@ def capture(
     stop = _last_layer(widths) + 1
     stop_at = stop if stop <= model.n_layers - 1 else None  # skip later blocks and the unembedding
     fwd_hooks = [(hook, make_hook(hook, width)) for hook, width in widths.items()]
-    seen = 0
-    bar = tqdm(total=max_tokens, desc="capture", unit="tok", disable=_quiet(progress))
+    rank, size = distributed.world()
+    seen, n_batches = 0, 0  # tokens of every rank's batches so far (the global budget), batches read
+    bar = tqdm(total=max_tokens if size == 1 else None, desc="capture", unit="tok",
+               disable=_quiet(progress) or rank != 0)
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
-        for tokens, mask in _as_batches(data, batch_size, model):
+        for i, (tokens, mask) in enumerate(_as_batches(data, batch_size, model)):
+            n_batches = i + 1
             _check_batch(tokens, mask, model.d_vocab)
             mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
             if max_tokens is not None:
@@ -179,12 +192,18 @@ def capture(
                 if max_tokens is not None and seen >= max_tokens:
                     break
                 continue
+            seen += n
+            if i % size != rank:
+                continue  # another rank's batch: counted towards the budget, not forwarded here
             current["mask"] = mask
             kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
-            seen += n
             bar.update(n)
     bar.close()
+    if size > 1:
+        distributed.require_same([n_batches, seen], "the batches given to capture ([batches read, tokens])")
+        for acc in stats.values():
+            acc.all_reduce()
     if seen == 0:
         raise RwasymError(
             "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "

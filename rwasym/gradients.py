@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from ._checks import linalg_threads
 from .activations import _quiet
 from .errors import RwasymError
@@ -105,6 +106,11 @@ def capture_gradients(
     loss_fn: any scalar loss of the model on a batch (CE on text, DPO / SFT / graded on
     preference pairs: see `rwasym.train`). Parameter gradients are left zeroed afterwards and the
     model is left in the mode it had; nothing is updated.
+
+    Data parallel (under ``torchrun``, see `rwasym.distributed`): with world_size W > 1, every
+    rank must be given the same ``batches``; rank r runs batch i iff i mod W = r, then C_a, C_δ,
+    G and the batch count are summed over ranks, so every rank returns the statistics of all
+    batches (equal to one process's up to float64 summation order).
     """
     model = load(model)
     names = [s.name for s in model.matrices(matrices)]
@@ -113,21 +119,39 @@ def capture_gradients(
     cap = _Capture(model, names)
     was_training = model.bridge.training
     model.bridge.eval()  # deterministic: no dropout while measuring
+    rank, size = distributed.world()
+    n_read = 0
     try:
         with model.bridge.hooks(fwd_hooks=cap.hooks()):
-            for batch in tqdm(batches, desc="gradients", disable=_quiet(progress)):
+            for i, batch in enumerate(tqdm(batches, desc="gradients", disable=_quiet(progress) or rank != 0)):
+                n_read = i + 1
+                if i % size != rank:
+                    continue  # another rank's batch
                 model.bridge.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise RwasymError(f"the loss is {float(loss.detach())} on batch {cap.stats.n_batches}; check the data and the model weights")
+                    raise RwasymError(f"the loss is {float(loss.detach())} on batch {i}; check the data and the model weights")
                 loss.backward()
                 cap.stats.n_batches += 1
     finally:
         model.bridge.zero_grad(set_to_none=True)
         model.bridge.train(was_training)
+    if size > 1:
+        distributed.require_same([n_read], "the number of batches given to capture_gradients")
+        _all_reduce(cap.stats)
     if cap.stats.n_batches == 0:
         raise RwasymError("no batches were given to capture_gradients; pass at least one batch")
     return cap.stats
+
+
+def _all_reduce(stats: GradientStats) -> None:
+    """Sum C_a, C_δ (their N, Σ, Σ outer), G and n_batches over all ranks, in place."""
+    for name in stats.G:
+        stats.inputs[name].all_reduce()
+        stats.grads[name].all_reduce()
+        distributed.all_reduce_sum_(stats.G[name])
+    n = torch.tensor([float(stats.n_batches)], dtype=torch.float64)
+    stats.n_batches = int(distributed.all_reduce_sum_(n)[0])
 
 
 def anisotropy_report(model: Any, stats: GradientStats, *, k: int = 8) -> list[dict]:

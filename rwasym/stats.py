@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from rwasym import distributed
 from rwasym._checks import require_finite, require_floating, require_int, require_tensor, shape_str
 from rwasym.errors import RwasymError
 
@@ -123,6 +124,23 @@ class RunningCovariance:
 
     def __iadd__(self, other: "RunningCovariance") -> "RunningCovariance":
         return self.merge(other)
+
+    def all_reduce(self) -> "RunningCovariance":
+        """Sum N, s and S over all ranks of the default process group, in place; return self.
+
+        One float64 all-reduce of the packed vector [N, s, vec(S)] (N is exact in float64 up to
+        2⁵³ tokens); afterwards every rank holds the sums of every rank's rows. A no-op without
+        an initialised process group or with a single rank (see `rwasym.distributed`).
+        """
+        if not distributed.is_distributed():
+            return self
+        packed = torch.cat([torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
+                            self._sum, self._sum_outer.reshape(-1)])  # (1 + d + d²,)
+        distributed.all_reduce_sum_(packed)
+        self._count = int(round(float(packed[0])))
+        self._sum.copy_(packed[1 : 1 + self.dim])
+        self._sum_outer.copy_(packed[1 + self.dim :].reshape(self.dim, self.dim))
+        return self
 
     # ----------------------------------------------------------------------------- readouts
     @property

@@ -16,12 +16,20 @@ measured ``edits_per_pass`` at a time in a fixed plan (the batch an edit is meas
 depends on what was already done), so a resumed file equals an uninterrupted run's, and a kill
 loses at most the edits of the pass in flight (``edits_per_pass=1``: at most the row in flight).
 
+Data parallel (under ``torchrun``, see `rwasym.distributed`): with world_size W > 1 the covariance
+capture is sharded by batch, and pass j of the plan runs on rank j mod W, which appends its rows
+to ``<out>.rank<r>.jsonl`` (resumable like ``<out>``; rows already in ``<out>`` or in any rank
+file, e.g. from a run with another W, are skipped). After a barrier rank 0 writes ``<out>``
+atomically — the header and every row in plan order, as one uninterrupted process would — and
+deletes the rank files; every rank returns the merged rows.
+
 `summarize` compares, per matrix × head × mode × α × target family, the target rows with the
 control rows (random, orthogonal, and both pooled): difference of means, percentile-bootstrap
 95% CI and a two-sided permutation p-value, all seeded.
 """
 
 import argparse
+import glob
 import hashlib
 import itertools
 import json
@@ -36,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .activations import _quiet, capture, data_hash
 from .behaviour import Evaluator
 from .errors import RwasymError
@@ -123,6 +132,17 @@ def read_sweep(path: Union[str, os.PathLike], *, repair: bool = False) -> tuple[
     return header, records[1:]
 
 
+def _require_config(path: Path, header: Optional[dict], config: dict) -> None:
+    """Raise unless the sweep file's header (None: no file yet) was written by ``config``."""
+    if header is not None and header.get("config_hash") != _hash(config):
+        old = header.get("config", {})
+        diffs = [f"{k}: file has {old.get(k)!r}, this run has {config.get(k)!r}"
+                 for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+        raise RwasymError(f"sweep file {str(path)!r} was written by a different configuration ("
+                          f"{'; '.join(diffs) or 'config hash differs'}); use another out path, or delete "
+                          "the file to start over")
+
+
 class _Store:
     """The append-only JSON-lines file of one sweep configuration."""
 
@@ -130,13 +150,7 @@ class _Store:
         self.path = Path(path)
         digest = _hash(config)
         header, rows = read_sweep(self.path, repair=True)
-        if header is not None and header.get("config_hash") != digest:
-            old = header.get("config", {})
-            diffs = [f"{k}: file has {old.get(k)!r}, this run has {config.get(k)!r}"
-                     for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-            raise RwasymError(f"sweep file {str(self.path)!r} was written by a different configuration ("
-                              f"{'; '.join(diffs) or 'config hash differs'}); use another out path, or delete "
-                              "the file to start over")
+        _require_config(self.path, header, config)
         self.rows = {r["id"]: r for r in rows}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a")
@@ -228,6 +242,7 @@ def sweep(
     metrics: user metrics ``{name: callable(logits, batch) -> float}``; heads: also edit every
     attention head separately; edits_per_pass: edits measured in one batched forward (default 4 on
     CPU, 64 on an accelerator; part of the configuration, as batch composition moves float rounding).
+    Under ``torchrun`` the passes are sharded over ranks and merged into ``out`` (module docstring).
     """
     base, tuned = load(base), load(tuned)
     if mode not in MODES:
@@ -258,7 +273,14 @@ def sweep(
         alphas=alphas, mode=mode, seed=int(seed), beta=float(beta), metrics=sorted(ev.metrics),
         edits_per_pass=edits_per_pass, max_tokens=max_tokens, reuse_prefix=bool(reuse_prefix), dtype=str(base.dtype),
     )
-    store = _Store(out, config, ev.reference)
+    rank, size = distributed.world()
+    if size == 1:
+        store = _Store(out, config, ev.reference)
+    else:  # this rank's own file; rows finished in <out> or any rank file count as done
+        done = _finished_rows(out, config)
+        distributed.barrier()  # every rank has read the files before any rank repairs / appends
+        store = _Store(_rank_path(out, rank), config, ev.reference)
+        store.rows = {**done, **store.rows}
     try:
         acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
                        max_tokens=max_tokens, progress=progress)
@@ -284,12 +306,12 @@ def sweep(
         if not plan:
             raise RwasymError(f"nothing to sweep for {[s.name for s in specs]} with directions {directions!r}: every "
                               "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)")
-        total = sum(len(c) for _, c in plan)
-        bar = tqdm(total=total, initial=sum(1 for _, c in plan for m, _, _ in c if m["id"] in store.rows),
-                   desc="sweep", unit="edit", disable=_quiet(progress))
-        for name, chunk in plan:
-            if all(meta["id"] in store.rows for meta, _, _ in chunk):
-                continue
+        mine = [c for j, (_, c) in enumerate(plan) if j % size == rank]  # every pass when size == 1
+        bar = tqdm(total=sum(len(c) for c in mine), initial=sum(1 for c in mine for m, _, _ in c if m["id"] in store.rows),
+                   desc="sweep", unit="edit", disable=_quiet(progress) or rank != 0)
+        for j, (name, chunk) in enumerate(plan):
+            if j % size != rank or all(meta["id"] in store.rows for meta, _, _ in chunk):
+                continue  # another rank's pass, or finished
             U = torch.stack([u for _, u, _ in chunk])
             V = torch.stack([v for _, _, v in chunk])
             for (meta, _, _), values in zip(chunk, ev.iter_edits(host, name, U, V)):
@@ -297,9 +319,62 @@ def sweep(
                     store.append({**meta, **values, **ev.gap_fractions(values, mode)})
                     bar.update(1)
         bar.close()
-        return [store.rows[meta["id"]] for _, chunk in plan for meta, _, _ in chunk]
+        if size == 1:
+            return [store.rows[meta["id"]] for _, chunk in plan for meta, _, _ in chunk]
     finally:
         store.close()
+    ids = [meta["id"] for _, chunk in plan for meta, _, _ in chunk]
+    distributed.barrier()  # every rank file is complete
+    if rank == 0:
+        _merge_shards(out, config, ev.reference, ids)
+    distributed.barrier()  # <out> is merged
+    return read_sweep(out)[1]
+
+
+def _rank_path(out: Union[str, os.PathLike], rank: int) -> Path:
+    """``<out>.rank<r>.jsonl``: the rows rank r measured (``sweep.jsonl`` → ``sweep.jsonl.rank1.jsonl``)."""
+    return Path(f"{out}.rank{rank}.jsonl")
+
+
+def _shard_files(out: Union[str, os.PathLike]) -> list[Path]:
+    out = Path(out)
+    found = out.parent.glob(f"{glob.escape(out.name)}.rank*.jsonl")
+    return sorted((p for p in found if p.name[len(out.name) + 5 : -6].isdigit()),
+                  key=lambda p: int(p.name[len(out.name) + 5 : -6]))
+
+
+def _finished_rows(out: Union[str, os.PathLike], config: dict) -> dict[str, dict]:
+    """id → row of every row already in ``<out>`` or a ``<out>.rank<r>.jsonl`` file (read only;
+    a file of another configuration raises as `_Store` does). A resume may use another world size."""
+    rows: dict[str, dict] = {}
+    for path in [Path(out)] + _shard_files(out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a half-written line is dropped; its owner warns and repairs it
+            header, found = read_sweep(path)
+        _require_config(path, header, config)
+        rows.update({r["id"]: r for r in found})
+    return rows
+
+
+def _merge_shards(out: Union[str, os.PathLike], config: dict, reference: dict, ids: list[str]) -> None:
+    """Write ``<out>`` as an uninterrupted single-process run would have (header, then the rows in
+    plan order) from ``<out>`` and the rank files, atomically, then delete the rank files."""
+    shards = _shard_files(out)
+    rows = _finished_rows(out, config)
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise RwasymError(f"cannot merge the sweep shards into {str(out)!r}: {len(missing)} of {len(ids)} rows "
+                          f"are in no rank file (e.g. id {missing[0]}); re-run the same command to finish them")
+    header = {"rwasym_sweep": FORMAT, "config_hash": _hash(config), "config": config, "reference": reference}
+    tmp = Path(f"{out}.merging")
+    with open(tmp, "w") as fh:
+        for record in [header] + [rows[i] for i in ids]:
+            fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    for path in shards:
+        path.unlink()
 
 
 # --------------------------------------------------------------------------------- statistics
@@ -433,7 +508,7 @@ def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--summary", default=None, help="also write the summary (.json or .md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_intervene)
+    p.set_defaults(func=cmd_intervene, rank_aware=True)  # shards itself; rank 0 writes (rwasym.cli.main)
     return p
 
 
@@ -447,6 +522,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     rows = sweep(args.base, args.tuned, args.pairs, matrices=matrices, directions=args.directions, alphas=alphas,
                  mode=args.mode, out=args.out, seed=args.seed, text=args.text, beta=args.beta, heads=args.heads,
                  edits_per_pass=args.edits_per_pass, max_pairs=args.max_pairs, progress=False if args.quiet else None)
+    if distributed.world()[0] != 0:
+        return 0  # rank 0 summarises, writes the summary and prints the table
     summary = summarize(rows, metrics=["gap_margin", "margin", "accuracy", "ce", "kl_base", "kl_tuned", "input_energy"])
     if args.summary:
         Path(args.summary).write_text(summary.to_json() if args.summary.endswith(".json") else summary.to_markdown())
