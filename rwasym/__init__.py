@@ -35,7 +35,7 @@ from .behaviour import Evaluator
 from .sweep import SweepSummary, read_sweep, summarize
 from .sweep import sweep as run_sweep
 
-from . import behaviour, companion, experiments, intervene, probe_math, report, spectra, svd_compare  # noqa: F401
+from . import behaviour, companion, distributed, experiments, intervene, probe_math, report, shards, spectra, svd_compare  # noqa: F401
 
 __all__ = [
     "KINDS",

@@ -104,12 +104,13 @@ class Model:
     use its hooks); everything architecture-specific is answered here.
     """
 
-    def __init__(self, bridge: nn.Module, source: Any = None):
+    def __init__(self, bridge: nn.Module, source: Any = None, *, detect_fused: bool = True):
         self.bridge = bridge
         self.source = source
         self.cfg = bridge.cfg
         self._specs = {spec.name: spec for spec in self._build_registry()}
-        self._fused_layouts = self._detect_fused_layouts()
+        # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
+        self._fused_layouts = self._detect_fused_layouts() if detect_fused else {}
         self.adapter: Optional[dict] = None  # name → rwasym.lora.LowRankDelta when loaded with adapter=
         if not self._specs:
             raise RwasymError(

@@ -23,6 +23,7 @@ through its factored ΔW = s · B A (`rwasym.lora.LowRankDelta`): no n_out × n_
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -170,8 +171,37 @@ def probe(
         _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
                     curve_null_samples, generator, progress, rows, curve_rows)
     config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
-                  n_tokens=activations.n_tokens, matrices=matrices, version=__version__)
+                  n_tokens=activations.n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
+                  max_tokens=max_tokens, **_provenance(base, tuned, data))
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
+
+
+def _provenance(base: Model, tuned: Model, data: Any) -> dict:
+    """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
+    import importlib.metadata as md
+
+    from .activations import data_hash
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    if isinstance(data, torch.Tensor):
+        fingerprint = f"tokens:{data_hash(data)}"
+    elif isinstance(data, (str, os.PathLike)):
+        fingerprint = f"file:{os.fspath(data)}"
+    elif isinstance(data, dict) and isinstance(data.get("input_ids"), torch.Tensor):
+        fingerprint = f"tokens:{data_hash(data['input_ids'])}"
+    else:
+        fingerprint = None  # batches from an iterable or precomputed activations
+    def src(m: Model) -> Optional[str]:
+        return None if m.source is None else os.fspath(m.source) if isinstance(m.source, (str, os.PathLike)) else str(m.source)
+
+    return dict(version=__version__, torch=torch.__version__, transformer_lens=version("transformer-lens"),
+                base=src(base), tuned=src(tuned), tuned_adapter=tuned.adapter is not None, dtype=str(base.dtype),
+                data=fingerprint)
 
 
 def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
