@@ -57,7 +57,17 @@ def _read_tokens(path: str, model):
 def _cmd_probe(args: argparse.Namespace) -> int:
     import rwasym
 
-    base, tuned = rwasym.load(args.base), rwasym.load(args.tuned)
+    if args.tuned_adapter is None and args.tuned is None:
+        from .errors import RwasymError
+
+        raise RwasymError("probe needs the tuned side: pass --tuned (a full checkpoint) or --tuned-adapter "
+                          "(a PEFT LoRA adapter folder on --base)")
+    if args.tuned_adapter is not None and args.tuned is not None:
+        from .errors import RwasymError
+
+        raise RwasymError("pass either --tuned or --tuned-adapter, not both: the adapter is applied to --base")
+    base = rwasym.load(args.base)
+    tuned = rwasym.load(args.tuned) if args.tuned_adapter is None else rwasym.load(base, adapter=args.tuned_adapter)
     result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
                           matrices=args.matrices, heads=not args.no_heads, seed=args.seed,
                           max_tokens=args.max_tokens, progress=False if args.quiet else None)
@@ -72,9 +82,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     import rwasym
     from .data import LanguageConfig, PairConfig, corpus, make_pairs
+    from .errors import RwasymError
     from .train import AlignConfig, TrainConfig, align, pretrain
 
     progress = not args.quiet
+    if args.backend != "builtin" and args.stage != "align":
+        raise RwasymError(f"--backend {args.backend} applies to train align only; pretrain uses the built-in loop")
     if args.stage == "pretrain":
         lang = LanguageConfig()
         model = rwasym.load(rwasym.native_config(d_vocab=lang.d_vocab, seed=args.seed))
@@ -82,11 +95,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed)
         result = pretrain(model, tokens, cfg, out=args.out, progress=progress)
     else:
-        model, reference = rwasym.load(args.base), rwasym.load(args.base)
+        if not args.base:
+            raise RwasymError("train align needs --base: a checkpoint folder (rwasym or Hugging Face)")
+        model = reference = None
+        if args.backend == "builtin":
+            model, reference = rwasym.load(args.base), rwasym.load(args.base)
         pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500)) if args.pairs is None else _load_pairs(args.pairs)
         cfg = replace(AlignConfig(), objective=args.objective, lam=args.lam, beta=args.beta, steps=args.steps,
                       seed=args.seed)
-        result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
+        if args.backend == "trl":  # TRL's DPOTrainer on the same pairs, settings and output layout
+            from .trl_backend import align_trl
+
+            result = align_trl(args.base, pairs, cfg, args.out, progress=progress)
+        else:
+            result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
     print(f"{args.stage}: final loss {result.final_loss:.4f} in {result.seconds:.1f} s; "
           f"{len(result.checkpoints)} checkpoints in {args.out}")
     return 0
@@ -154,6 +176,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
             raise RwasymError(f"--lams must be comma-separated numbers in [0, 1]; got {args.lams!r}") from None
         res = experiments.graded_experiment(args.out, steps=args.steps, lams=lams, **kwargs)
+    elif args.name == "sweep":
+        kwargs.pop("k"), kwargs.pop("null_samples")
+        res = experiments.sweep_experiment(args.out, **kwargs)
     else:
         res = experiments.trajectory_experiment(args.out, **kwargs)
     print((Path(args.out) / "report.md").read_text())
@@ -199,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("probe", help="relative-subspace-fraction probe of ΔW = tuned − base")
     p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
-    p.add_argument("--tuned", required=True)
+    p.add_argument("--tuned", default=None, help="tuned checkpoint (hub name or folder)")
+    p.add_argument("--tuned-adapter", default=None,
+                   help="PEFT LoRA adapter folder on --base: the tuned model is base + adapter (instead of --tuned)")
     p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--null-samples", type=int, default=200)
@@ -223,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="align: .jsonl or .safetensors pairs (default: procedural)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--n-seqs", type=int, default=4000, help="pretrain: corpus rows")
+    p.add_argument("--backend", choices=["builtin", "trl"], default="builtin",
+                   help="align: rwasym's own loop, or TRL's DPOTrainer (same losses, settings and step_* layout; "
+                        "--base must be a Hugging Face folder or a GPT-2-shaped native checkpoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
@@ -241,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grads.json")
     p.set_defaults(func=_cmd_gradients)
     p = sub.add_parser("experiment", help="the paper's experiments on the default pair, over seeds")
-    p.add_argument("name", choices=["graded", "trajectory"])
+    p.add_argument("name", choices=["graded", "trajectory", "sweep"])
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the figure")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
     p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")
@@ -279,10 +309,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose work splits across torchrun ranks (statistics sharded by batch, then all-reduced);
+# under torchrun any other command would only repeat the same work in every process.
+_DATA_PARALLEL = ("probe", "gradients", "intervene")
+
+
+def _run_on_this_rank(args: argparse.Namespace) -> int:
+    """Run the command; under torchrun, ranks > 0 compute their shard but write and print nothing."""
+    import contextlib
+    import os
+    import tempfile
+
+    from . import distributed
+    from .errors import RwasymError
+
+    rank, size = distributed.world()
+    if size == 1 or getattr(args, "rank_aware", False):  # rank-aware commands write from rank 0 themselves
+        return args.func(args)
+    if args.command not in _DATA_PARALLEL:
+        raise RwasymError(f"`rwasym {args.command}` does not split its work across processes, so each of the "
+                          f"{size} torchrun ranks would repeat it; run it as one process (python -m rwasym "
+                          f"{args.command} ...). Commands that run data-parallel: {', '.join(_DATA_PARALLEL)}")
+    if rank == 0:
+        return args.func(args)
+    with tempfile.TemporaryDirectory(prefix=f"rwasym-rank{rank}-") as scratch, \
+            open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        args.out = str(Path(scratch) / Path(args.out).name)  # rank 0 writes the real file
+        return args.func(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        from . import distributed
+
+        started = distributed.init_from_env()  # torchrun: join the process group (no-op otherwise)
+        try:
+            return _run_on_this_rank(args)
+        finally:
+            if started:
+                distributed.destroy()
     except Exception as err:  # RwasymError: print the message, not a traceback
         from .errors import RwasymError
 
