@@ -218,7 +218,8 @@ def run_geometry(checkpoints: Any, data: Any, out: Union[str, Path], *, layers: 
     out = Path(out)
     for key, label in (("rankme", "RankMe"), ("alpha_req", "α-ReQ exponent")):
         report.line_plot(rows, "checkpoint", key, "layer", out / "figures" / f"{key}.png",
-                         title=f"{label} of resid_post by layer", xlabel="checkpoint (step)", ylabel=label)
+                         title=f"{label} of resid_post by layer", xlabel="checkpoint (step, symlog)", ylabel=label,
+                         logx=all(isinstance(r["checkpoint"], (int, float)) for r in rows))
     results = {"analysis": "geometry", "rows": rows}
     _write(out, results, ["# Representation geometry (arXiv 2509.23024): RankMe and α-ReQ of resid_post\n",
                           report.markdown_table(rows, ["checkpoint", "layer", "n_tokens", "rankme", "alpha_req", "alpha_r2"]),
@@ -239,7 +240,7 @@ def run_lifecycle(checkpoints: Any, out: Union[str, Path], *, top_k: int = 10, m
         report.singular_value_heatmap(lc, name, out / "figures" / f"sv_{name.replace('.', '_')}.png")
     kinds = lc.kind_summary()
     report.line_plot(kinds, "step", "effective_rank_frac_mean", "kind", out / "figures" / "effective_rank.png",
-                     title="effective rank by matrix kind (mean over layers)", xlabel="step",
+                     title="effective rank by matrix kind (mean over layers)", xlabel="step (symlog)", logx=True,
                      ylabel="effective rank / min(n_out, n_in)")
     results = {"analysis": "lifecycle", "top_k": top_k, "rows": lc.to_rows(include_singular_values=True),
                "compression": lc.compression_timing(), "by_kind": kinds}

@@ -135,7 +135,7 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         geo = geometry({step: folder for step, folder in checkpoint_folders(pre).items()}, data[:32])
         results["geometry"] = geo
         report.line_plot(geo, "checkpoint", "rankme", "layer", figures / "rankme.png",
-                         title="RankMe of resid_post across pretraining", xlabel="step")
+                         title="RankMe of resid_post across pretraining", xlabel="step (symlog)", logx=True)
     results["seconds"] = time.perf_counter() - t_start
     report.write_json(results, out / "results.json")
     (out / "report.md").write_text(_markdown(results, headline))

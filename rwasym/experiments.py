@@ -323,13 +323,14 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed = []
+    per_seed, all_rows = [], []
     for seed in seeds:
         log(f"[sweep] seed {seed}")
         base, tuned, _, _, held, _ = _replicate(seed, quick, cache_dir, progress)
         rows = sweep(base, tuned, held, matrices=matrices, directions=directions, mode=mode,
                      out=out / f"sweep_seed{seed}.jsonl", seed=seed, max_pairs=64 if quick else max_pairs,
                      progress=progress)
+        all_rows += [r for r in rows if r["head"] is None]
         for r in summarize(rows, metrics=list(metrics), seed=seed).rows:
             if r["control"] == "control" and r["head"] is None:
                 per_seed.append(dict(seed=seed, **{k: r[k] for k in (
@@ -347,6 +348,8 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
 
     results["version"] = __version__
     report.write_json(results, out / "results.json")
+    report.effect_plot(all_rows, metrics[0], out / "sweep.png",
+                       title=f"rank-1 {mode}: {metrics[0]} by direction, {len(seeds)} seeds pooled")
     main = [r for r in across if r["metric"] == metrics[0]]
     (out / "report.md").write_text("\n".join([
         f"# Rank-1 {mode} edits: target versus matched controls (rwasym {__version__}, seeds {list(seeds)})\n",
@@ -354,5 +357,6 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
         "with 95% t-interval; the last column counts seeds whose own permutation p < 0.05.\n",
         f"## {metrics[0]}\n", report.markdown_table(main, ["matrix", "target", "diff_mean", "diff_ci_low", "diff_ci_high",
                                                            "seeds_p_below_0_05"]),
-        "\n## All metrics\n", report.markdown_table(across), "\n## Per seed\n", report.markdown_table(per_seed)]))
+        "\n![sweep](sweep.png)\n", "\n## All metrics\n", report.markdown_table(across), "\n## Per seed\n",
+        report.markdown_table(per_seed)]))
     return results

@@ -143,10 +143,11 @@ def spectra_plot(spectra: dict[str, Sequence[float]], path: Optional[PathLike] =
 
 def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[PathLike] = None,
               title: str = "", xlabel: Optional[str] = None, ylabel: Optional[str] = None, hline: Optional[float] = None,
-              yerr: Optional[tuple[str, str]] = None):
+              yerr: Optional[tuple[str, str]] = None, logx: bool = False):
     """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves).
 
     ``yerr``: (low, high) keys of an interval drawn as a shaded band (e.g. a 95% CI over seeds).
+    ``logx``: symmetric-log x axis (log-spaced checkpoints, step 0 included).
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -162,10 +163,12 @@ def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[P
                             color=line.get_color(), alpha=0.2, lw=0)
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8, ls="--")
+    if logx:
+        ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, title=group, title_fontsize=7)
     return _finish(fig, path)
 
 
@@ -208,7 +211,7 @@ def effect_plot(rows: Sequence[dict], metric: str, path: Optional[PathLike] = No
     plt = _plt()
     matrices = sorted({r["matrix"] for r in rows})
     kinds = sorted({r["direction"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(matrices) * len(kinds) / 2), 3.8))
+    fig, ax = plt.subplots(figsize=(min(14, max(5, 1.6 * len(matrices) * len(kinds) / 2)), 4.2))
     for i, m in enumerate(matrices):
         for j, kind in enumerate(kinds):
             ys = [r[metric] for r in rows if r["matrix"] == m and r["direction"] == kind and r.get(metric) is not None]
@@ -216,7 +219,7 @@ def effect_plot(rows: Sequence[dict], metric: str, path: Optional[PathLike] = No
             ax.scatter([xpos] * len(ys), ys, s=10, alpha=0.6, label=kind if i == 0 else None,
                        color=f"C{j}")
     ax.set_xticks([i * (len(kinds) + 1) + (len(kinds) - 1) / 2 for i in range(len(matrices))], matrices,
-                  rotation=20, fontsize=7)
+                  rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(metric)
     ax.set_title(title or f"rank-1 edits: {metric} by direction")
     ax.legend(fontsize=7)

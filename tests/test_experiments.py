@@ -126,3 +126,19 @@ def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     ref_geo = geometry(checkpoint_folders(pre), tokens, progress=False)
     assert [r["rankme"] for r in geo] == pytest.approx([r["rankme"] for r in ref_geo], rel=1e-9)
     assert (tmp_path / "geo" / "figures" / "rankme.png").exists()
+
+
+def test_sweep_experiment_aggregates_per_seed_summaries(tmp_path, quick_cache):
+    res = experiments.sweep_experiment(tmp_path / "sw", seeds=(0,), matrices="blocks.1.mlp.W_out",
+                                       directions="pca:1,random:2,orthogonal:2", quick=True, progress=False,
+                                       log=lambda *a: None)
+    from rwasym.sweep import read_sweep, summarize
+
+    _, rows = read_sweep(tmp_path / "sw" / "sweep_seed0.jsonl")
+    assert {r["direction"] for r in rows} == {"pca", "random", "orthogonal"}
+    ref = {(r["matrix"], r["target"], r["metric"]): r["diff"] for r in summarize(rows, metrics=res["metrics"]).rows
+           if r["control"] == "control" and r["head"] is None}
+    assert ref and len(res["across_seeds"]) == len(ref)
+    for r in res["across_seeds"]:
+        assert r["diff_mean"] == pytest.approx(ref[(r["matrix"], r["target"], r["metric"])])
+    assert (tmp_path / "sw" / "sweep.png").exists()
