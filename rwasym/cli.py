@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 
@@ -21,18 +21,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     data = pairs = None
-    if args.model or args.tuned:
-        if not (args.model and args.tuned and args.data):
+    if args.model or args.tuned or args.tuned_adapter:
+        if not (args.model and (args.tuned or args.tuned_adapter) and args.data):
             from .errors import RwasymError
 
-            raise RwasymError("--model, --tuned and --data go together: pass all three to run the demo on your pair")
-        import rwasym
-
+            raise RwasymError("--model, --tuned (or --tuned-adapter) and --data go together: pass all three to run "
+                              "the demo on your pair")
+        base, tuned = load_pair(args.model, args.tuned, args.tuned_adapter, "demo")
         data = _read_tokens(args.data, None)
         data = data["input_ids"] if isinstance(data, dict) else data
         if args.pairs:
             pairs = _load_pairs(args.pairs)
-        run_demo(args.out, quick=args.quick, base=rwasym.load(args.model), tuned=rwasym.load(args.tuned),
+        run_demo(args.out, quick=args.quick, base=base, tuned=tuned,
                  data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
     else:
         run_demo(args.out, quick=args.quick, seed=args.seed, k=args.k, progress=False if args.quiet else None)
@@ -54,20 +54,23 @@ def _read_tokens(path: str, model):
     return path  # rwasym.capture reads text files itself
 
 
+def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command") -> tuple:
+    """(base, tuned) Models for a command: ``tuned`` is a full checkpoint, or ``tuned_adapter`` a PEFT
+    LoRA adapter folder applied to ``base`` (exactly one of them)."""
+    import rwasym
+    from .errors import RwasymError
+
+    if (tuned is None) == (tuned_adapter is None):
+        raise RwasymError(f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
+                          "(a PEFT LoRA adapter folder applied to --base)")
+    base = rwasym.load(base)
+    return base, rwasym.load(tuned) if tuned_adapter is None else rwasym.load(base, adapter=tuned_adapter)
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     import rwasym
 
-    if args.tuned_adapter is None and args.tuned is None:
-        from .errors import RwasymError
-
-        raise RwasymError("probe needs the tuned side: pass --tuned (a full checkpoint) or --tuned-adapter "
-                          "(a PEFT LoRA adapter folder on --base)")
-    if args.tuned_adapter is not None and args.tuned is not None:
-        from .errors import RwasymError
-
-        raise RwasymError("pass either --tuned or --tuned-adapter, not both: the adapter is applied to --base")
-    base = rwasym.load(args.base)
-    tuned = rwasym.load(args.tuned) if args.tuned_adapter is None else rwasym.load(base, adapter=args.tuned_adapter)
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe")
     result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
                           matrices=args.matrices, heads=not args.no_heads, seed=args.seed,
                           max_tokens=args.max_tokens, progress=False if args.quiet else None)
@@ -192,12 +195,12 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
     from .errors import RwasymError
 
     if args.analysis == "post-training":
-        if not (args.base and args.tuned):
-            raise RwasymError("spectra post-training needs --base and --tuned")
-        base = rwasym.load(args.base)
+        if not args.base:
+            raise RwasymError("spectra post-training needs --base and --tuned (or --tuned-adapter)")
+        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training")
         data = _token_tensor(args.data, base) if args.data else None
         pairs = _load_pairs(args.pairs) if args.pairs else None
-        companion.run_post_training(base, args.tuned, args.out, k=args.k, matrices=args.matrices, data=data,
+        companion.run_post_training(base, tuned, args.out, k=args.k, matrices=args.matrices, data=data,
                                     pairs=pairs, seed=args.seed)
     else:
         if not args.checkpoints:
@@ -286,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for results.json, report.md and figures")
     p.add_argument("--base", help="post-training: base model")
     p.add_argument("--tuned", help="post-training: tuned model")
+    p.add_argument("--tuned-adapter", default=None, help="post-training: PEFT LoRA adapter on --base (instead of --tuned)")
     p.add_argument("--checkpoints", nargs="+", help="geometry/lifecycle: a folder of step_* checkpoints, or several models")
     p.add_argument("--data", default=None, help="geometry (required) / post-training (CE of rebuilds): tokens")
     p.add_argument("--pairs", default=None, help="post-training: pairs for the preference accuracy of rebuilds")
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="rwasym_out/demo")
     p.add_argument("--model", default=None, help="run on your own base model instead of the default pair")
     p.add_argument("--tuned", default=None)
+    p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --model (instead of --tuned)")
     p.add_argument("--data", default=None, help="text file or .safetensors with input_ids")
     p.add_argument("--pairs", default=None, help="held-out pairs (.jsonl or .safetensors)")
     p.add_argument("--quiet", action="store_true")

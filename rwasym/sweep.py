@@ -493,7 +493,8 @@ def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``rwasym intervene`` on an argparse subparsers object."""
     p = subparsers.add_parser("intervene", help="rank-1 intervention sweep with matched controls")
     p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
-    p.add_argument("--tuned", required=True)
+    p.add_argument("--tuned", default=None, help="tuned checkpoint (hub name or folder)")
+    p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --base (instead of --tuned)")
     p.add_argument("--pairs", required=True, help="held-out pairs: .safetensors (prompt/chosen/rejected) or .jsonl")
     p.add_argument("--text", default=None, help="held-out text (.safetensors with input_ids); default prompt+chosen")
     p.add_argument("--matrices", default="blocks.*.attn.W_Q", help="glob(s), comma separated")
@@ -519,7 +520,10 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     except ValueError:
         raise RwasymError(f"--alphas must be comma-separated numbers such as 0.5,1,2; got {args.alphas!r}") from None
     matrices = [m.strip() for m in args.matrices.split(",") if m.strip()]
-    rows = sweep(args.base, args.tuned, args.pairs, matrices=matrices, directions=args.directions, alphas=alphas,
+    from .cli import load_pair
+
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
+    rows = sweep(base, tuned, args.pairs, matrices=matrices, directions=args.directions, alphas=alphas,
                  mode=args.mode, out=args.out, seed=args.seed, text=args.text, beta=args.beta, heads=args.heads,
                  edits_per_pass=args.edits_per_pass, max_pairs=args.max_pairs, progress=False if args.quiet else None)
     if distributed.world()[0] != 0:

@@ -368,3 +368,29 @@ def test_adapter_trained_with_rwasym_dpo(tmp_path, one_thread):
     kwargs = dict(k=4, null_samples=8, curves=False, seed=1, progress=False)
     _assert_rows_match(rwasym.probe(base, tuned, chosen, **kwargs).rows,
                        rwasym.probe(base, dense, chosen, **kwargs).rows)
+
+
+def test_intervene_and_spectra_cli_take_tuned_adapter(adapters, tmp_path, one_thread):
+    """--tuned-adapter on `intervene` and `spectra post-training`: same numbers as the Python API on
+    base + adapter."""
+    from rwasym.companion import post_training_report
+    from rwasym.data import LanguageConfig, PairConfig, make_pairs
+
+    folder, adapter_folder, _ = adapters["llama"]
+    base = rwasym.load(folder)
+    pairs = make_pairs(PairConfig(n_per_rule=6, prompt_len=6, cont_len=1), LanguageConfig(d_vocab=base.d_vocab))
+    pairs.save(tmp_path / "pairs.safetensors")
+    out = tmp_path / "sweep.jsonl"
+    assert main(["intervene", "--base", str(folder), "--tuned-adapter", str(adapter_folder), "--pairs",
+                 str(tmp_path / "pairs.safetensors"), "--matrices", "blocks.0.attn.W_Q",
+                 "--directions", "pca:1,random:2", "--quiet", "--out", str(out)]) == 0
+    _, rows = rwasym.read_sweep(out)
+    api = rwasym.run_sweep(base, rwasym.load(base, adapter=adapter_folder), pairs, matrices="blocks.0.attn.W_Q",
+                           directions="pca:1,random:2", out=tmp_path / "api.jsonl", progress=False)
+    assert [r["id"] for r in rows] == [r["id"] for r in api]
+    assert [r["margin"] for r in rows] == pytest.approx([r["margin"] for r in api], rel=1e-9, abs=1e-12)
+    assert main(["spectra", "post-training", "--base", str(folder), "--tuned-adapter", str(adapter_folder),
+                 "--k", "4", "--out", str(tmp_path / "pt")]) == 0
+    got = json.loads((tmp_path / "pt" / "results.json").read_text())["rows"]
+    ref = post_training_report(base, rwasym.load(base, adapter=adapter_folder), k=4)["rows"]
+    assert [r["consistency"] for r in got] == pytest.approx([r["consistency"] for r in ref])
