@@ -181,7 +181,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         res = experiments.graded_experiment(args.out, steps=args.steps, lams=lams, **kwargs)
     elif args.name == "sweep":
         kwargs.pop("k"), kwargs.pop("null_samples")
-        res = experiments.sweep_experiment(args.out, **kwargs)
+        res = experiments.sweep_experiment(args.out, match=args.match, **kwargs)
     else:
         res = experiments.trajectory_experiment(args.out, **kwargs)
     print((Path(args.out) / "report.md").read_text())
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
     p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")
     p.add_argument("--lams", default="0,0.25,0.5,0.75,1", help="graded: comma-separated λ values")
+    p.add_argument("--match", choices=["norm", "output"], default="norm",
+                   help="sweep: controls matched in Frobenius norm or in mean-square output change")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--null-samples", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")

@@ -305,6 +305,7 @@ def trajectory_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence
 def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
                      matrices: Union[str, Sequence[str]] = "blocks.*.*.*",
                      directions: str = "pca:4,prediction:4,random:16,orthogonal:16", mode: str = "transplant",
+                     match: str = "norm",
                      metrics: Sequence[str] = ("gap_accuracy", "gap_margin", "kl_base"), max_pairs: int = 512,
                      quick: bool = False, cache_dir: Any = None, progress: Optional[bool] = None,
                      log: Any = print) -> dict:
@@ -327,7 +328,7 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
     for seed in seeds:
         log(f"[sweep] seed {seed}")
         base, tuned, _, _, held, _ = _replicate(seed, quick, cache_dir, progress)
-        rows = sweep(base, tuned, held, matrices=matrices, directions=directions, mode=mode,
+        rows = sweep(base, tuned, held, matrices=matrices, directions=directions, mode=mode, match=match,
                      out=out / f"sweep_seed{seed}.jsonl", seed=seed, max_pairs=64 if quick else max_pairs,
                      progress=progress)
         all_rows += [r for r in rows if r["head"] is None]
@@ -341,7 +342,7 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
         across.append(dict(matrix=key[0], target=key[1], metric=key[2],
                            **{f"diff_{k}": v for k, v in seed_interval([r["diff"] for r in sel]).items()},
                            seeds_p_below_0_05=sum(r["p_value"] < 0.05 for r in sel)))
-    results = dict(experiment="sweep", seeds=list(seeds), matrices=matrices, directions=directions, mode=mode,
+    results = dict(experiment="sweep", seeds=list(seeds), matrices=matrices, directions=directions, mode=mode, match=match,
                    metrics=list(metrics), max_pairs=max_pairs, quick=quick, per_seed=per_seed, across_seeds=across,
                    seconds=time.perf_counter() - t0)
     from . import __version__, report
@@ -353,7 +354,8 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
     main = [r for r in across if r["metric"] == metrics[0]]
     (out / "report.md").write_text("\n".join([
         f"# Rank-1 {mode} edits: target versus matched controls (rwasym {__version__}, seeds {list(seeds)})\n",
-        f"Directions {directions}; {max_pairs} held-out pairs; diff = target − pooled controls, mean over seeds "
+        f"Directions {directions}; controls matched in {'Frobenius norm' if match == 'norm' else 'mean-square output change'}; "
+        f"{max_pairs} held-out pairs; diff = target − pooled controls, mean over seeds "
         "with 95% t-interval; the last column counts seeds whose own permutation p < 0.05.\n",
         f"## {metrics[0]}\n", report.markdown_table(main, ["matrix", "target", "diff_mean", "diff_ci_low", "diff_ci_high",
                                                            "seeds_p_below_0_05"]),

@@ -17,14 +17,16 @@
   vectors of diag(γ_final)·W_U) and edits with the least-squares rank-1 component of ΔW along p,
   p pᵀ ΔW = u vᵀ with u = ‖ΔWᵀp‖ p and v = ΔWᵀp / ‖ΔWᵀp‖; its ``random`` / ``orthogonal`` controls
   draw p the same way in R^{d_model}. A control's u keeps its direction and is rescaled to
-  ‖u_target‖ of target ``matched_to = j mod k`` (so ‖α u vᵀ‖_F matches, since ‖v‖ = 1).
+  ‖u_target‖ of target ``matched_to = j mod k`` (so ‖α u vᵀ‖_F matches, since ‖v‖ = 1);
+  `match_output_energy` instead matches the mean-square change of the linear's output,
+  ‖u‖² vᵀ M v with M = E[a aᵀ] (high-energy PCA directions otherwise move the model more).
 
 Behavioural metrics and the fast batched evaluation live in `rwasym.behaviour`; sweeps in
 `rwasym.sweep`.
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -273,6 +275,35 @@ def _subspace(side: str, k: int, n: int, cov: Any, unembedding: Any, what: str) 
             "use pca (input side) directions for read matrices"
         )
     return prediction_basis(unembedding, k).U
+
+
+def match_output_energy(
+    controls: list[Direction], targets: list[Direction], second_moment: Float[Tensor, "n_in n_in"],
+) -> list[Direction]:
+    """Rescale each control's u so its edit changes the linear's output as much, on average, as its
+    matched target's: ‖u_c‖² · v_cᵀ M v_c = ‖u_t‖² · v_tᵀ M v_t, with M = E[a aᵀ] the uncentered
+    second moment of the matrix input (E‖α u vᵀ a‖² = α² ‖u‖² vᵀ M v).
+
+    The default matching (equal ‖u vᵀ‖_F) lets a high-energy target direction move the model more
+    than a low-energy control; this one compares directions at equal output change. Controls
+    without ``matched_to`` keep their index modulo the number of targets. float64.
+    """
+    M = as_float64_matrix(second_moment, "second_moment (E[a aᵀ] of the matrix input)")
+    if not targets:
+        raise RwasymError("match_output_energy needs at least one target direction")
+
+    def effect(d: Direction) -> float:
+        return float(d.u.square().sum()) * float(d.v @ M @ d.v)
+
+    out = []
+    for j, d in enumerate(controls):
+        m = d.matched_to if d.matched_to is not None else j % len(targets)
+        want, have = effect(targets[m]), effect(d)
+        if have <= 0.0:
+            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0 or vᵀ M v = 0); it cannot "
+                              "be matched — use match='norm' or more data for M")
+        out.append(replace(d, u=d.u * (want / have) ** 0.5, matched_to=m))
+    return out
 
 
 def directions(

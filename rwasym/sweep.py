@@ -48,7 +48,7 @@ from . import distributed
 from .activations import _quiet, capture, data_hash
 from .behaviour import Evaluator
 from .errors import RwasymError
-from .intervene import MODES, directions as make_directions, embed_head
+from .intervene import MODES, directions as make_directions, embed_head, match_output_energy
 from .models import Model, check_same_architecture, head_slice, load
 
 __all__ = ["SweepSummary", "add_intervene_parser", "bootstrap_ci", "cmd_intervene", "parse_directions",
@@ -57,6 +57,7 @@ __all__ = ["SweepSummary", "add_intervene_parser", "bootstrap_ci", "cmd_interven
 FORMAT = 1
 TARGETS = ("pca", "prediction")
 CONTROLS = ("random", "orthogonal")
+MATCHES = ("norm", "output")
 _DESCRIPTORS = ("id", "matrix", "layer", "matrix_kind", "head", "side", "direction", "index", "target",
                 "matched_to", "alpha", "mode", "seed", "u_norm", "edit_norm", "input_second_moment",
                 "input_energy_ratio")
@@ -177,8 +178,9 @@ def _generator(seed: int, *parts: Any) -> torch.Generator:
 
 
 def _unit_edits(base: Model, spec: Any, head: Optional[int], delta: torch.Tensor, stat: Any,
-                kinds: list[tuple[str, int]], seed: int, warned: set) -> list[tuple[Any, dict]]:
-    """(Direction, row descriptors) for one matrix / head: targets and their matched controls."""
+                kinds: list[tuple[str, int]], seed: int, warned: set, match: str = "norm") -> list[tuple[Any, dict]]:
+    """(Direction, row descriptors) for one matrix / head: targets and their matched controls
+    (equal ‖u vᵀ‖_F, or with ``match="output"`` equal mean-square output change)."""
     C = stat.covariance()
     M = stat.second_moment()
     if head is not None and spec.head_axis == "in":
@@ -194,12 +196,14 @@ def _unit_edits(base: Model, spec: Any, head: Optional[int], delta: torch.Tensor
                 warned.add(spec.kind)
             continue
         unemb = base.unembedding() if target == "prediction" else None
-        group = make_directions(target, delta, counts[target], cov=C, unembedding=unemb)
-        norms = [d.norm for d in group]
+        targets = make_directions(target, delta, counts[target], cov=C, unembedding=unemb)
+        norms = [d.norm for d in targets]
+        group = list(targets)
         for kind in [c for c in CONTROLS if c in counts]:
             g = _generator(seed, spec.name, head, target, kind)
-            group += make_directions(kind, delta, counts[kind], cov=C, unembedding=unemb, side=group[0].side,
-                                     k=counts[target], target_norms=norms, generator=g)
+            controls = make_directions(kind, delta, counts[kind], cov=C, unembedding=unemb, side=targets[0].side,
+                                       k=counts[target], target_norms=norms, generator=g)
+            group += match_output_energy(controls, targets, M) if match == "output" else controls
         for d in group:
             energy = float(d.v @ C @ d.v)
             out.append((d, dict(side=d.side, direction=d.kind, index=d.index, target=d.target,
@@ -229,6 +233,7 @@ def sweep(
     max_pairs: Optional[int] = None,
     max_tokens: Optional[int] = None,
     reuse_prefix: bool = True,
+    match: str = "norm",
     progress: Optional[bool] = None,
 ) -> list[dict]:
     """Run (or resume) a sweep of rank-1 edits and return its rows in plan order.
@@ -241,13 +246,17 @@ def sweep(
     chosen); data: corpus for the base's input covariance (default: the text); beta: DPO β;
     metrics: user metrics ``{name: callable(logits, batch) -> float}``; heads: also edit every
     attention head separately; edits_per_pass: edits measured in one batched forward (default 4 on
-    CPU, 64 on an accelerator; part of the configuration, as batch composition moves float rounding).
+    CPU, 64 on an accelerator; part of the configuration, as batch composition moves float rounding);
+    match: how controls are matched to their target — "norm" (equal ‖α u vᵀ‖_F) or "output" (equal
+    mean-square change of the linear's output on the base's inputs, `intervene.match_output_energy`).
     Under ``torchrun`` the passes are sharded over ranks and merged into ``out`` (module docstring).
     """
     base, tuned = load(base), load(tuned)
     if mode not in MODES:
         raise RwasymError(f"mode must be one of {MODES}; got {mode!r}")
     kinds = parse_directions(directions)
+    if match not in MATCHES:
+        raise RwasymError(f"match must be one of {MATCHES}; got {match!r}")
     alphas = [float(a) for a in alphas]
     if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
         raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
@@ -272,6 +281,7 @@ def sweep(
         matrices=[s.name for s in specs], heads=bool(heads), directions=",".join(f"{k}:{c}" for k, c in kinds),
         alphas=alphas, mode=mode, seed=int(seed), beta=float(beta), metrics=sorted(ev.metrics),
         edits_per_pass=edits_per_pass, max_tokens=max_tokens, reuse_prefix=bool(reuse_prefix), dtype=str(base.dtype),
+        **({} if match == "norm" else {"match": match}),  # absent for "norm": older sweep files still resume
     )
     rank, size = distributed.world()
     if size == 1:
@@ -293,7 +303,7 @@ def sweep(
                 delta = deltas[spec.name] if head is None else head_slice(spec, deltas[spec.name], head)
                 if float(delta.abs().max()) == 0.0:
                     continue  # nothing to transplant or ablate (e.g. a frozen matrix)
-                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned)
+                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned, match)
                 items = []
                 for alpha in alphas:
                     for d, desc in edits:
@@ -501,6 +511,8 @@ def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--directions", default="pca:4,random:32,orthogonal:32")
     p.add_argument("--alphas", default="1", help="comma separated, e.g. 0.5,1,2")
     p.add_argument("--mode", choices=MODES, default="transplant")
+    p.add_argument("--match", choices=MATCHES, default="norm",
+                   help="controls matched to targets in Frobenius norm, or in mean-square output change")
     p.add_argument("--beta", type=float, default=0.1, help="DPO β of the implicit reward")
     p.add_argument("--heads", action="store_true", help="also edit every attention head separately")
     p.add_argument("--edits-per-pass", type=int, default=None, help="default: 4 on CPU, 64 on GPU")
@@ -524,7 +536,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
 
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
     rows = sweep(base, tuned, args.pairs, matrices=matrices, directions=args.directions, alphas=alphas,
-                 mode=args.mode, out=args.out, seed=args.seed, text=args.text, beta=args.beta, heads=args.heads,
+                 mode=args.mode, match=args.match, out=args.out, seed=args.seed, text=args.text, beta=args.beta,
+                 heads=args.heads,
                  edits_per_pass=args.edits_per_pass, max_pairs=args.max_pairs, progress=False if args.quiet else None)
     if distributed.world()[0] != 0:
         return 0  # rank 0 summarises, writes the summary and prints the table

@@ -156,3 +156,35 @@ def test_prediction_directions_are_the_output_side_least_squares_component():
         directions("orthogonal", delta, 2, unembedding=w_u, side="output")
     with pytest.raises(RwasymError, match="unknown direction kind 'nope'"):
         directions("nope", delta, 2)
+
+
+def test_output_energy_matching_equalises_the_edited_output_change(models):
+    """match_output_energy: every control changes the linear's output, measured on real captured
+    inputs with the edit actually applied (hook mechanism), by the same mean square as its target."""
+    import rwasym
+    from rwasym.intervene import match_output_energy
+
+    model = models["native"]
+    name = "blocks.0.attn.W_Q"
+    spec = model.matrix(name)
+    tokens = torch.randint(0, model.d_vocab, (6, 16), generator=torch.Generator().manual_seed(3))
+    stat = rwasym.capture(model, tokens, sites=[spec.hook_in], progress=False)[spec.hook_in]
+    delta = torch.randn(spec.n_out, spec.n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    targets = directions("pca", delta, 2, cov=stat.covariance())
+    controls = directions("random", delta, 4, side="input", target_norms=[d.norm for d in targets],
+                          generator=torch.Generator().manual_seed(5))
+    matched = match_output_energy(controls, targets, stat.second_moment())
+
+    def mean_square_change(d):  # brute force: run the edited model, compare hook_out with the clean one
+        _, clean = model.bridge.run_with_cache(tokens)
+        with rank1_edit(model, name, d.u, d.v):
+            _, edited = model.bridge.run_with_cache(tokens)
+        diff = (edited[spec.hook_out] - clean[spec.hook_out]).double().reshape(-1, spec.n_out)
+        return float(diff.square().sum(-1).mean())
+
+    for c in matched:
+        assert mean_square_change(c) == pytest.approx(mean_square_change(targets[c.matched_to]), rel=1e-4)
+        assert torch.allclose(c.u / c.u.norm(), controls[c.index].u / controls[c.index].u.norm())  # direction kept
+    assert mean_square_change(controls[0]) < 0.5 * mean_square_change(targets[0])  # norm-matching leaves a gap
+    with pytest.raises(RwasymError, match="at least one target"):
+        match_output_energy(controls, [], stat.second_moment())

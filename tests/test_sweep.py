@@ -232,3 +232,20 @@ def test_cli_intervene(files, tmp_path, capsys):
                              "--pairs", str(files / "pairs.safetensors"), "--alphas", "1,x"])
     with pytest.raises(RwasymError, match="--alphas must be comma-separated numbers"):
         args.func(bad)
+
+
+def test_output_matched_controls_equalise_mean_square_output_change(files, tmp_path):
+    """match="output": each control row's ‖u‖² · vᵀ M v (its mean-square output change) equals its
+    target's; with the default norm matching the Frobenius norms agree instead. The config records it."""
+    rows = _run(files, tmp_path / "out.jsonl", match="output", alphas=(1.0,))
+    targets = {(r["matrix"], r["index"]): r for r in rows if r["direction"] == "pca"}
+    controls = [r for r in rows if r["direction"] in ("random", "orthogonal")]
+    assert controls
+    for r in controls:
+        t = targets[(r["matrix"], r["matched_to"])]
+        assert r["u_norm"] ** 2 * r["input_second_moment"] == pytest.approx(t["u_norm"] ** 2 * t["input_second_moment"], rel=1e-9)
+        assert r["u_norm"] != pytest.approx(t["u_norm"], rel=1e-3)
+    header, _ = read_sweep(tmp_path / "out.jsonl")
+    assert header["config"]["match"] == "output"
+    with pytest.raises(RwasymError, match="match must be one of"):
+        _run(files, tmp_path / "bad.jsonl", match="energy")
