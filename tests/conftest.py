@@ -45,6 +45,25 @@ def models(hf_folder, native_cfg):
 
 
 @pytest.fixture(scope="session")
+def save_perturbed_pair(native_cfg):
+    """save(root) -> generator: writes root/base and root/tuned (base + 0.05·N(0, 1) on every studied
+    matrix, seed 0) and returns the generator, positioned after the perturbation, for further draws."""
+    import copy
+
+    def save(root):
+        base = rwasym.load(native_cfg)
+        tuned = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(0)
+        for spec in tuned.matrices():
+            tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+        rwasym.save_model(base, root / "base")
+        rwasym.save_model(tuned, root / "tuned")
+        return g
+
+    return save
+
+
+@pytest.fixture(scope="session")
 def quick_cache(tmp_path_factory):
     """One RWASYM_CACHE for the session, so each quick default pair is built once and shared."""
     root = tmp_path_factory.mktemp("rwasym-cache")

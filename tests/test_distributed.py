@@ -5,7 +5,6 @@ Capture statistics, gradient statistics, the ``torchrun -m rwasym probe`` CLI an
 float64 summation order differs). Every process runs one intra-op thread.
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -73,16 +72,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def files(native_cfg, tmp_path_factory):
+def files(save_perturbed_pair, tmp_path_factory):
     """Saved base / tuned native models, padded tokens and held-out pairs the ranks load."""
     root = tmp_path_factory.mktemp("distributed")
-    base = rwasym.load(native_cfg)
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(0)
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
-    rwasym.save_model(base, root / "base")
-    rwasym.save_model(tuned, root / "tuned")
+    g = save_perturbed_pair(root)
     ids = torch.randint(0, 64, (10, 12), generator=g)
     mask = torch.ones(10, 12, dtype=torch.int64)
     mask[1, 9:] = mask[4, 5:] = mask[8, 11:] = 0  # right padding

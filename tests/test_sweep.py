@@ -1,7 +1,6 @@
 """Resumable sweeps (kill a subprocess mid-sweep, resume, compare), summaries against brute force, CLI."""
 
 import argparse
-import copy
 import itertools
 import json
 import subprocess
@@ -28,16 +27,10 @@ def slow(logits, batch):  # the subprocess defines a sleeping metric of the same
 
 
 @pytest.fixture(scope="module")
-def files(native_cfg, tmp_path_factory):
+def files(save_perturbed_pair, tmp_path_factory):
     """A saved base / tuned native pair and held-out pairs on disk (the subprocess loads them too)."""
     root = tmp_path_factory.mktemp("sweep")
-    base = rwasym.load(native_cfg)
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(0)
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
-    rwasym.save_model(base, root / "base")
-    rwasym.save_model(tuned, root / "tuned")
+    g = save_perturbed_pair(root)
     PreferencePairs(prompt=torch.randint(3, 64, (6, 8), generator=g), chosen=torch.randint(3, 64, (6, 2), generator=g),
                     rejected=torch.randint(3, 64, (6, 2), generator=g)).save(root / "pairs.safetensors")
     return root
