@@ -146,6 +146,13 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 SUMMARY_KEYS = ("read_activation", "read_prediction", "write_activation", "write_prediction")
 
 
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise RwasymError(f"seeds must be a non-empty list of distinct integers such as (0, 1, 2); got {seeds!r}")
+    return seeds
+
+
 def _replicate(seed: int, quick: bool, cache_dir: Any, progress: Optional[bool]):
     """The default pair of ``seed`` with its train / held-out pairs and a held-out corpus."""
     from .data import LanguageConfig, corpus
@@ -181,6 +188,9 @@ def graded_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence[int
     """
     import time
 
+    seeds = _check_seeds(seeds)
+    if not lams or not all(0.0 <= float(x) <= 1.0 for x in lams):
+        raise RwasymError(f"lams must be a non-empty list of values in [0, 1]; got {list(lams)!r}")
     t0 = time.perf_counter()
     rows, contrast = [], []
     for seed in seeds:
@@ -265,6 +275,7 @@ def trajectory_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence
     ``results.json``, ``report.md`` and ``trajectory.png`` to ``out``."""
     import time
 
+    seeds = _check_seeds(seeds)
     t0 = time.perf_counter()
     rows = []
     for seed in seeds:
@@ -321,6 +332,7 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
 
     from .sweep import summarize, sweep
 
+    seeds = _check_seeds(seeds)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,13 @@ def test_sweep_experiment_aggregates_per_seed_summaries(tmp_path, quick_cache):
     for r in res["across_seeds"]:
         assert r["diff_mean"] == pytest.approx(ref[(r["matrix"], r["target"], r["metric"])])
     assert (tmp_path / "sw" / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seeds=()), "non-empty list of distinct integers"),
+    (dict(seeds=(0, 0)), "distinct integers"),
+    (dict(seeds=(0,), lams=(0.5, 1.5)), r"values in \[0, 1\]"),
+])
+def test_graded_experiment_rejects_bad_seeds_and_lams(kwargs, message):
+    with pytest.raises(rwasym.RwasymError, match=message):
+        experiments.graded_experiment(None, **kwargs)
