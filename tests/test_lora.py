@@ -327,27 +327,25 @@ def test_probe_cli_with_tuned_adapter(adapters, tmp_path, capsys, one_thread):
     assert "--tuned-adapter" in capsys.readouterr().err
 
 
-def test_adapter_trained_with_rwasym_dpo(tmp_path, one_thread):
-    """A base pretrained by rwasym (HF-backed, saved with Model.save_pretrained), a LoRA adapter
-    trained on it with rwasym's DPO loss through peft, read back and probed: factored == dense."""
-    from dataclasses import replace
-
+def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, quick_cache):
+    """The demo's native base exported with Model.save_pretrained (an exact GPT-2: same logits), a
+    LoRA adapter trained on it with rwasym's DPO loss through peft on the demo's own pairs, read back
+    and probed: factored == dense."""
     from transformers import AutoModelForCausalLM
 
-    from rwasym.data import LanguageConfig, PairConfig, corpus, make_pairs
-    from rwasym.train import TrainConfig, dpo_loss, pretrain, sequence_logprobs
+    from rwasym.substrate import default_pair, load_default_pairs
+    from rwasym.train import dpo_loss, sequence_logprobs
 
-    lang = LanguageConfig(d_vocab=96)
-    build_hf_model("llama", tmp_path / "init")
-    model = rwasym.load(tmp_path / "init")
-    pretrain(model, corpus(64, 24, config=lang), replace(TrainConfig(), steps=6, batch_size=16, warmup_steps=1),
-             progress=False)
-    model.save_pretrained(tmp_path / "base")
-    pairs = make_pairs(PairConfig(n_per_rule=16, prompt_len=8), lang)
+    native, _, info = default_pair(quick=True, progress=False)
+    native.save_pretrained(tmp_path / "base")
+    train_pairs, _ = load_default_pairs(info)
+    pairs = train_pairs.subset(torch.arange(32))
     chosen, chosen_mask = pairs.sequences("chosen")
     rejected, rejected_mask = pairs.sequences("rejected")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(chosen).logits, native.bridge(chosen), atol=1e-4, rtol=1e-4)  # exact export
+    pm = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
     with torch.no_grad():  # B = 0 at init: the policy is the reference
         ref_c = sequence_logprobs(pm(chosen).logits, chosen, chosen_mask)
         ref_r = sequence_logprobs(pm(rejected).logits, rejected, rejected_mask)
@@ -362,8 +360,9 @@ def test_adapter_trained_with_rwasym_dpo(tmp_path, one_thread):
     pm.save_pretrained(tmp_path / "adapter")
     base = rwasym.load(tmp_path / "base", dtype=torch.float64)
     tuned = rwasym.load(base, adapter=tmp_path / "adapter")
-    assert all(tuned.adapter[s.name].norm() > 0 for s in base.matrices("blocks.*.attn.*"))
-    assert all(tuned.adapter[s.name].rank == 0 for s in base.matrices("blocks.*.mlp.*"))
+    adapted = base.matrices(["blocks.*.attn.*", "blocks.*.mlp.W_out"])
+    assert all(tuned.adapter[s.name].norm() > 0 for s in adapted)
+    assert all(tuned.adapter[s.name].rank == 0 for s in base.matrices("blocks.*.mlp.W_in"))
     dense = _dense_tuned(tmp_path / "base", tuned.adapter, torch.float64)
     kwargs = dict(k=4, null_samples=8, curves=False, seed=1, progress=False)
     _assert_rows_match(rwasym.probe(base, tuned, chosen, **kwargs).rows,

@@ -256,3 +256,19 @@ def test_head_split_must_fill_the_matrix(native_cfg):
     bridge.cfg.d_head = 16  # 4 heads × 16 = 64 ≠ 32 rows of W_Q
     with pytest.raises(RwasymError, match=r"blocks.0.attn.W_Q has 32 head-axis units.*4 heads × d_head 16 = 64"):
         rwasym.load(bridge)
+
+
+def test_native_save_pretrained_exports_gpt2_or_refuses_clearly(models, tmp_path):
+    """A GPT-2-shaped native model saves as an HF GPT-2 with the same logits; a GQA one is refused."""
+    native = rwasym.load(rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64,
+                                              d_mlp=48, seed=2))
+    native.save_pretrained(tmp_path / "gpt2")
+    exported = rwasym.load(tmp_path / "gpt2")
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(exported.bridge(tokens), native.bridge(tokens), atol=1e-5, rtol=1e-4)
+    for spec in native.matrices():
+        assert torch.allclose(exported.weight(spec.name), native.weight(spec.name))
+    exported.self_check()
+    with pytest.raises(rwasym.RwasymError, match="cannot express.*grouped-query"):
+        models["native"].save_pretrained(tmp_path / "gqa")  # n_key_value_heads = 2
