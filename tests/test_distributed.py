@@ -63,12 +63,9 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _single_thread(one_thread):
     """The subprocesses' kernels (one thread), and fast on a shared box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

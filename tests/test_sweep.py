@@ -37,12 +37,9 @@ def files(save_perturbed_pair, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _single_thread(one_thread):
     """Same kernels as the subprocess (so floats agree bit for bit), and fast on a shared box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(old)
 
 
 def _run(files, out, **kw):
