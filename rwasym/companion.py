@@ -143,17 +143,6 @@ def lifecycle_from_checkpoints(checkpoints: Union[str, Path, Mapping[int, Any]],
 
 
 # -- `rwasym spectra ...`: each analysis written to a folder (results.json, report.md, PNGs) ------
-def _write(out: Union[str, Path], results: dict, sections: Sequence[str]) -> Path:
-    from . import __version__, report
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results["version"] = __version__
-    report.write_json(results, out / "results.json")
-    (out / "report.md").write_text("\n".join(sections) + "\n")
-    return out
-
-
 def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Optional[int] = None,
                       matrices: Optional[str] = None, data: Any = None, pairs: Any = None, seed: int = 0,
                       images: Sequence[str] = ()) -> dict:
@@ -189,7 +178,7 @@ def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Option
     if "reconstruction" in results:
         sections += ["\n## Reconstruction: behaviour of rebuilt models\n", report.markdown_table(results["reconstruction"])]
     sections += [f"![{n}](figures/rotations_{n.replace('.', '_')}.png)" for n in chosen]
-    _write(out, results, sections)
+    report.write_outputs(out, results, sections)
     return results
 
 
@@ -221,7 +210,7 @@ def run_geometry(checkpoints: Any, data: Any, out: Union[str, Path], *, layers: 
                          title=f"{label} of resid_post by layer", xlabel="checkpoint (step, symlog)", ylabel=label,
                          logx=all(isinstance(r["checkpoint"], (int, float)) for r in rows))
     results = {"analysis": "geometry", "rows": rows}
-    _write(out, results, ["# Representation geometry (arXiv 2509.23024): RankMe and α-ReQ of resid_post\n",
+    report.write_outputs(out, results, ["# Representation geometry (arXiv 2509.23024): RankMe and α-ReQ of resid_post\n",
                           report.markdown_table(rows, ["checkpoint", "layer", "n_tokens", "rankme", "alpha_req", "alpha_r2"]),
                           "\n![RankMe](figures/rankme.png)\n![alpha-ReQ](figures/alpha_req.png)"])
     return results
@@ -244,7 +233,7 @@ def run_lifecycle(checkpoints: Any, out: Union[str, Path], *, top_k: int = 10, m
                      ylabel="effective rank / min(n_out, n_in)")
     results = {"analysis": "lifecycle", "top_k": top_k, "rows": lc.to_rows(include_singular_values=True),
                "compression": lc.compression_timing(), "by_kind": kinds}
-    _write(out, results, ["# Spectral lifecycle\n", "## Compression timing (step of minimum effective rank)\n",
+    report.write_outputs(out, results, ["# Spectral lifecycle\n", "## Compression timing (step of minimum effective rank)\n",
                           report.markdown_table(results["compression"]), "\n## By matrix kind\n",
                           report.markdown_table(kinds), "\n![effective rank](figures/effective_rank.png)"]
            + [f"![{n}](figures/sv_{n.replace('.', '_')}.png)" for n in names])

@@ -228,35 +228,29 @@ def graded_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence[int
 def _write_graded(out: Path, results: dict) -> None:
     from . import __version__, report
 
-    out.mkdir(parents=True, exist_ok=True)
-    results["version"] = __version__
-    report.write_json(results, out / "results.json")
-    cells = ("read_activation", "write_prediction", "read_prediction", "write_activation")
-    band = [r for r in results["by_lam"] if r["cell"] in cells]
-    if all(r["ci_low"] is not None for r in band):
-        report.line_plot(band, "lam", "mean", "cell", out / "graded.png", hline=1.0, yerr=("ci_low", "ci_high"),
-                         title=f"graded objective λ·DPO + (1−λ)·CE, {len(results['seeds'])} seeds (95% CI)",
-                         xlabel="λ (contrastive share)", ylabel="mean relative fraction r")
-    else:
-        report.line_plot(band, "lam", "mean", "cell", out / "graded.png", hline=1.0,
-                         title="graded objective λ·DPO + (1−λ)·CE", xlabel="λ (contrastive share)",
-                         ylabel="mean relative fraction r")
+    band = [r for r in results["by_lam"] if r["cell"] in SUMMARY_KEYS]
+    with_ci = all(r["ci_low"] is not None for r in band)
+    report.line_plot(band, "lam", "mean", "cell", out / "graded.png", hline=1.0,
+                     yerr=("ci_low", "ci_high") if with_ci else None,
+                     title="graded objective λ·DPO + (1−λ)·CE"
+                           + (f", {len(results['seeds'])} seeds (95% CI)" if with_ci else ""),
+                     xlabel="λ (contrastive share)", ylabel="mean relative fraction r")
     wide = {}
     for r in results["by_lam"]:
         wide.setdefault(r["lam"], {"λ": r["lam"]})[r["cell"]] = _pm(r)
-    text = [f"# Graded-objective control (rwasym {results['version']}, seeds {results['seeds']}, "
-            f"{results['steps']} steps, k={results['k']})\n",
-            "Mean over seeds ± 95% t-interval half-width; r = relative fraction (1 = isotropic).\n",
-            report.markdown_table(list(wide.values())),
-            "\n## Slope of each cell against λ (per seed, then mean with 95% t-interval)\n",
-            report.markdown_table([dict(cell=s["cell"], per_seed=", ".join(f"{v:.3f}" for v in s["per_seed"]),
-                                        mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"])
-                                   for s in results["slopes"]]),
-            "\n## Contrast: CE-pretraining deltas (checkpoint → final)\n",
-            report.markdown_table(results["pretraining_contrast"]),
-            "\n## Per-seed rows\n", report.markdown_table(results["rows"]),
-            "\n![graded](graded.png)\n", f"\n{results['seconds']:.0f} s\n"]
-    (out / "report.md").write_text("\n".join(text))
+    report.write_outputs(out, results, [
+        f"# Graded-objective control (rwasym {__version__}, seeds {results['seeds']}, "
+        f"{results['steps']} steps, k={results['k']})\n",
+        "Mean over seeds ± 95% t-interval half-width; r = relative fraction (1 = isotropic).\n",
+        report.markdown_table(list(wide.values())),
+        "\n## Slope of each cell against λ (per seed, then mean with 95% t-interval)\n",
+        report.markdown_table([dict(cell=s["cell"], per_seed=", ".join(f"{v:.3f}" for v in s["per_seed"]),
+                                    mean=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"])
+                               for s in results["slopes"]]),
+        "\n## Contrast: CE-pretraining deltas (checkpoint → final)\n",
+        report.markdown_table(results["pretraining_contrast"]),
+        "\n## Per-seed rows\n", report.markdown_table(results["rows"]),
+        "\n![graded](graded.png)\n", f"\n{results['seconds']:.0f} s"])
 
 
 def _pm(r: dict) -> str:
@@ -295,9 +289,6 @@ def trajectory_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence
         from . import __version__, report
 
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        results["version"] = __version__
-        report.write_json(results, out / "results.json")
         band = [r for r in by_step if r["cell"] in SUMMARY_KEYS]
         report.line_plot(band, "step", "mean", "cell", out / "trajectory.png", hline=1.0,
                          yerr=("ci_low", "ci_high") if len(seeds) > 1 else None,
@@ -306,10 +297,10 @@ def trajectory_experiment(out: Union[str, Path, None] = None, *, seeds: Sequence
         wide = {}
         for r in by_step:
             wide.setdefault(r["step"], {"step": r["step"]})[r["cell"]] = _pm(r)
-        (out / "report.md").write_text("\n".join([
+        report.write_outputs(out, results, [
             f"# Within-run trajectory (rwasym {__version__}, seeds {list(seeds)}, k={k})\n",
             "Mean over seeds ± 95% t-interval half-width; whole matrices, residual side.\n",
-            report.markdown_table(list(wide.values())), "\n![trajectory](trajectory.png)\n"]))
+            report.markdown_table(list(wide.values())), "\n![trajectory](trajectory.png)"])
     return results
 
 
@@ -359,12 +350,10 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
                    seconds=time.perf_counter() - t0)
     from . import __version__, report
 
-    results["version"] = __version__
-    report.write_json(results, out / "results.json")
     report.effect_plot(all_rows, metrics[0], out / "sweep.png",
                        title=f"rank-1 {mode}: {metrics[0]} by direction, {len(seeds)} seeds pooled")
     main = [r for r in across if r["metric"] == metrics[0]]
-    (out / "report.md").write_text("\n".join([
+    report.write_outputs(out, results, [
         f"# Rank-1 {mode} edits: target versus matched controls (rwasym {__version__}, seeds {list(seeds)})\n",
         f"Directions {directions}; controls matched in {'Frobenius norm' if match == 'norm' else 'mean-square output change'}; "
         f"{max_pairs} held-out pairs; diff = target − pooled controls, mean over seeds "
@@ -372,5 +361,5 @@ def sweep_experiment(out: Union[str, Path], *, seeds: Sequence[int] = (0, 1, 2),
         f"## {metrics[0]}\n", report.markdown_table(main, ["matrix", "target", "diff_mean", "diff_ci_low", "diff_ci_high",
                                                            "seeds_p_below_0_05"]),
         "\n![sweep](sweep.png)\n", "\n## All metrics\n", report.markdown_table(across), "\n## Per seed\n",
-        report.markdown_table(per_seed)]))
+        report.markdown_table(per_seed)])
     return results

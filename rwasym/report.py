@@ -57,6 +57,19 @@ def write_json(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def write_outputs(out: PathLike, results: dict, sections: Sequence[str]) -> Path:
+    """An analysis folder: ``results.json`` (``results`` stamped with the package version) and
+    ``report.md`` (the Markdown ``sections``, one per line); creates ``out``. Returns ``out``."""
+    from . import __version__
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["version"] = __version__
+    write_json(results, out / "results.json")
+    (out / "report.md").write_text("\n".join(sections) + "\n")
+    return out
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
