@@ -190,7 +190,6 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectra(args: argparse.Namespace) -> int:
-    import rwasym
     from . import companion
     from .errors import RwasymError
 
@@ -209,8 +208,7 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
         if args.analysis == "geometry":
             if not args.data:
                 raise RwasymError("spectra geometry needs --data (text file or .safetensors with input_ids)")
-            first = rwasym.load(next(iter(companion._expand_checkpoints(args.checkpoints).values())))
-            companion.run_geometry(args.checkpoints, _token_tensor(args.data, first), args.out,
+            companion.run_geometry(args.checkpoints, _read_tokens(args.data, None), args.out,
                                    max_tokens=args.max_tokens, progress=False if args.quiet else None)
         else:
             companion.run_lifecycle(args.checkpoints, args.out, top_k=args.k or 10, matrices=args.matrices)
@@ -240,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="probe.json")
     p.set_defaults(func=_cmd_probe)
+    from .gradients import OBJECTIVES as GRADIENT_OBJECTIVES
     from .sweep import add_intervene_parser
 
     add_intervene_parser(sub)
@@ -261,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("gradients", help="gradient anisotropy: C_a versus C_δ and G = Σ δ aᵀ per matrix")
     p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
-    p.add_argument("--objective", choices=["ce", "dpo", "sft", "graded"], default="ce")
+    p.add_argument("--objective", choices=list(GRADIENT_OBJECTIVES), default="ce")
     p.add_argument("--data", required=True, help="ce: text file or .safetensors input_ids; else pairs .jsonl/.safetensors")
     p.add_argument("--reference", default=None, help="dpo/graded: frozen reference (default: --model itself)")
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
