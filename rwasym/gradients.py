@@ -208,7 +208,7 @@ def objective_batches(
     where the DPO margin starts at zero). At most ``n_batches`` batches are used.
     """
     from .pairs import PreferencePairs
-    from .train import AlignConfig, alignment_loss
+    from .train import AlignConfig, _next_token_ce, alignment_loss
 
     if objective not in OBJECTIVES:
         raise RwasymError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
@@ -219,13 +219,7 @@ def objective_batches(
             raise RwasymError("objective 'ce' needs a token tensor of shape (n_seqs, pos); "
                               f"got {type(data).__name__}. Pass text tokens, not preference pairs")
         batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)][:n_batches]
-
-        def ce(model: Model, tokens: Tensor) -> Tensor:
-            logits = model.bridge(tokens.to(model.device))
-            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                     tokens[:, 1:].flatten().to(logits.device))
-
-        return ce, batches
+        return _next_token_ce, batches
     if not isinstance(data, PreferencePairs):
         raise RwasymError(f"objective {objective!r} needs PreferencePairs (a .jsonl or pairs .safetensors "
                           f"file); got {type(data).__name__}")

@@ -193,6 +193,8 @@ def _check_tokens(model: Model, tokens: Tensor, what: str) -> Tensor:
 
 
 def _next_token_ce(model: Model, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``tokens`` (with grad)."""
+    tokens = tokens.to(model.device)
     logits = model.bridge(tokens)  # (batch, pos, vocab)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
