@@ -10,7 +10,7 @@ import time
 import torch
 
 import rwasym
-from rwasym.activations import capture, default_sites
+from rwasym.hooks.activations import capture, default_sites
 
 
 def _best(fn, repeats):

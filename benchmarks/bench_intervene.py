@@ -19,9 +19,9 @@ import time
 import torch
 
 import rwasym
-from rwasym.behaviour import Evaluator
-from rwasym.data import PairConfig, corpus, make_pairs
-from rwasym.intervene import directions
+from rwasym.analyses.behaviour import Evaluator
+from rwasym.substrate.language import PairConfig, corpus, make_pairs
+from rwasym.math.rank1 import directions
 
 
 def main() -> None:

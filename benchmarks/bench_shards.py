@@ -1,4 +1,4 @@
-"""Peak memory of `rwasym.shards.weight_delta_norms` on a checkpoint pair bigger than the target.
+"""Peak memory of `rwasym.models.shards.weight_delta_norms` on a checkpoint pair bigger than the target.
 
 Writes a random Llama-layout (GQA) sharded safetensors pair to a temporary folder under /tmp —
 tensor by tensor with a minimal safetensors writer, never a whole model in memory — then, in a
@@ -140,10 +140,10 @@ def measure(base: str, tuned: str) -> dict:
     import transformer_lens.model_bridge.sources._bridge_builder  # noqa: F401
     import transformers  # noqa: F401
 
-    from rwasym import shards
-    from rwasym.models import _bridge_classes
+    from rwasym.models import shards
+    from rwasym.models.loading import bridge_classes
 
-    _bridge_classes()
+    bridge_classes()
     after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     entries = shards.checkpoint_matrices(base)

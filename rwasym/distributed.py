@@ -1,7 +1,7 @@
 """Data parallelism over `torch.distributed`: shard the work, then one float64 all-reduce.
 
-rwasym's statistics are plain float64 sums (`rwasym.stats.RunningCovariance`: N, Σ a, Σ a aᵀ;
-`rwasym.gradients.GradientStats`: also G = Σ δ aᵀ), so a corpus splits across processes
+rwasym's statistics are plain float64 sums (`rwasym.math.covariance.RunningCovariance`: N, Σ a, Σ a aᵀ;
+`rwasym.hooks.gradients.GradientStats`: also G = Σ δ aᵀ), so a corpus splits across processes
 exactly: rank r streams the batches i with i mod world_size = r, and one all-reduce (a sum) of
 every accumulator gives each rank the statistics of the whole corpus, equal to a single-process
 run up to float64 rounding of the summation order.

@@ -80,7 +80,7 @@ def quick_cache(tmp_path_factory):
 def one_thread():
     """Tiny models: one intra-op thread is fastest; on a shared 2-core box spinning OpenMP
     threads make every op far slower."""
-    from rwasym._checks import linalg_threads
+    from rwasym.math.checks import linalg_threads
 
     with linalg_threads(1):
         yield

@@ -5,7 +5,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError, flatten_site
-from rwasym.activations import capture, default_sites
+from rwasym.hooks.activations import capture, default_sites
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import rwasym
 from rwasym import RwasymError
-from rwasym import behaviour
-from rwasym.behaviour import Evaluator, as_eval_set
-from rwasym.pairs import PreferencePairs
+from rwasym.analyses import behaviour
+from rwasym.analyses.behaviour import Evaluator, as_eval_set
+from rwasym.data.pairs import PreferencePairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +44,7 @@ def _pairs(n=6, prompt=8, chosen=3, rejected=3, vocab=64, seed=0, ragged=False):
 
 
 def _oracle_logps(model, pairs, which):
-    """Σ log p(response token) from a full forward, written independently of rwasym.behaviour."""
+    """Σ log p(response token) from a full forward, written independently of rwasym.analyses.behaviour."""
     out = []
     for i in range(len(pairs)):
         plen = len(pairs.prompt[i]) if pairs.prompt_mask is None else int(pairs.prompt_mask[i].sum())

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import rwasym
-from rwasym.cli import main
+from rwasym.app.cli import main
 
 
 def test_probe_cli_writes_json(tmp_path, native_cfg, capsys):

@@ -5,11 +5,9 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.companion import (
-    geometry, lifecycle_from_checkpoints, post_training_report, reconstruction_experiment,
-)
-from rwasym.spectra import lifecycle, rankme
-from rwasym.svd_compare import post_training_svd
+from rwasym.analyses.companion import geometry, lifecycle_from_checkpoints, post_training_report, reconstruction_experiment
+from rwasym.math.spectra import lifecycle, rankme
+from rwasym.math.svd import post_training_svd
 
 
 @pytest.fixture(scope="module")

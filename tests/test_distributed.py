@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 import rwasym
 from rwasym import RwasymError, distributed
-from rwasym.activations import capture
-from rwasym.cli import main
-from rwasym.gradients import capture_gradients
-from rwasym.pairs import PreferencePairs
-from rwasym.stats import RunningCovariance
-from rwasym.sweep import _merge_shards, _rank_path, read_sweep, sweep
+from rwasym.hooks.activations import capture
+from rwasym.app.cli import main
+from rwasym.hooks.gradients import capture_gradients
+from rwasym.data.pairs import PreferencePairs
+from rwasym.math.covariance import RunningCovariance
+from rwasym.analyses.sweep import _merge_shards, _rank_path, read_sweep, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(abs=1e-10, rel=0)
@@ -38,8 +38,8 @@ WORKER = textwrap.dedent("""
     from safetensors.torch import load_file
     import rwasym
     from rwasym import RwasymError, distributed
-    from rwasym.activations import capture
-    from rwasym.gradients import capture_gradients
+    from rwasym.hooks.activations import capture
+    from rwasym.hooks.gradients import capture_gradients
 
     root = sys.argv[1]
     assert distributed.init_from_env() and not distributed.init_from_env()  # idempotent

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import rwasym
-from rwasym import experiments
-from rwasym.cli import main
+from rwasym.app import experiments
+from rwasym.math import inference
+from rwasym.app.cli import main
 
 
 def _t_cdf(t: float, df: int, n: int = 20000) -> float:
@@ -22,24 +23,24 @@ def _t_cdf(t: float, df: int, n: int = 20000) -> float:
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 29])
 def test_t_quantile_table_matches_integrated_cdf(df):
-    assert _t_cdf(experiments._T975[df - 1], df) == pytest.approx(0.975, abs=2e-4)
+    assert _t_cdf(inference._T975[df - 1], df) == pytest.approx(0.975, abs=2e-4)
 
 
 def test_seed_interval_and_slope_match_brute_force():
     xs = [0.3, 1.7, 0.9, 1.1]
-    got = experiments.seed_interval(xs)
+    got = inference.seed_interval(xs)
     t = torch.tensor(xs, dtype=torch.float64)
-    half = experiments._T975[len(xs) - 2] * float(t.std()) / math.sqrt(len(xs))
+    half = inference._T975[len(xs) - 2] * float(t.std()) / math.sqrt(len(xs))
     assert got["mean"] == pytest.approx(float(t.mean()))
     assert got["std"] == pytest.approx(float(t.std()))
     assert (got["ci_low"], got["ci_high"]) == pytest.approx((float(t.mean()) - half, float(t.mean()) + half))
-    assert experiments.seed_interval([2.0])["ci_low"] is None
+    assert inference.seed_interval([2.0])["ci_low"] is None
     lam, y = [0.0, 0.25, 0.5, 1.0], [1.0, 1.4, 1.2, 2.0]
     X = torch.tensor([[1.0, v] for v in lam], dtype=torch.float64)
     ref = torch.linalg.lstsq(X, torch.tensor(y, dtype=torch.float64)[:, None]).solution[1, 0]
-    assert experiments.slope(lam, y) == pytest.approx(float(ref))
+    assert inference.slope(lam, y) == pytest.approx(float(ref))
     with pytest.raises(rwasym.RwasymError, match="distinct"):
-        experiments.slope([1.0, 1.0], [0.0, 1.0])
+        inference.slope([1.0, 1.0], [0.0, 1.0])
 
 
 def test_objective_batches_compute_the_package_losses(models):
@@ -50,7 +51,7 @@ def test_objective_batches_compute_the_package_losses(models):
     logits = model.bridge(batches[0])
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.d_vocab), batches[0][:, 1:].reshape(-1))
     assert float(loss_fn(model, batches[0])) == pytest.approx(float(ref), rel=1e-6)
-    from rwasym.data import LanguageConfig, PairConfig, make_pairs
+    from rwasym.substrate.language import LanguageConfig, PairConfig, make_pairs
 
     pairs = make_pairs(PairConfig(n_per_rule=4, prompt_len=6, cont_len=1), LanguageConfig(d_vocab=64))
     loss_fn, batches = rwasym.objective_batches("dpo", pairs, reference=model, batch_size=3, n_batches=10)
@@ -102,8 +103,8 @@ def test_graded_experiment_cli_aggregates_its_rows(tmp_path, quick_cache):
 def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     from safetensors.torch import save_file
 
-    from rwasym.companion import checkpoint_folders, geometry, post_training_report
-    from rwasym.substrate import default_pair
+    from rwasym.analyses.companion import checkpoint_folders, geometry, post_training_report
+    from rwasym.substrate.default_pair.default_pair import default_pair
 
     base, tuned, info = default_pair(quick=True, progress=False)
     tokens = torch.randint(0, base.d_vocab, (8, 32))
@@ -132,7 +133,7 @@ def test_sweep_experiment_aggregates_per_seed_summaries(tmp_path, quick_cache):
     res = experiments.sweep_experiment(tmp_path / "sw", seeds=(0,), matrices="blocks.1.mlp.W_out",
                                        directions="pca:1,random:2,orthogonal:2", quick=True, progress=False,
                                        log=lambda *a: None)
-    from rwasym.sweep import read_sweep, summarize
+    from rwasym.analyses.sweep import read_sweep, summarize
 
     _, rows = read_sweep(tmp_path / "sw" / "sweep_seed0.jsonl")
     assert {r["direction"] for r in rows} == {"pca", "random", "orthogonal"}

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.gradients import anisotropy_report, capture_gradients
-from rwasym.models import _host_linear, _is_transposed
+from rwasym.analyses.anisotropy import anisotropy_report
+from rwasym.hooks.gradients import capture_gradients
+from rwasym.models.layouts import host_linear, is_transposed
 
 
 def ce_loss(model, tokens):
@@ -32,9 +33,9 @@ def _autograd_grads(model, loss_fn, batch):
     loss_fn(model, batch).backward()
     out = {}
     for spec in model.matrices():
-        host = _host_linear(model.bridge, spec.component)
+        host = host_linear(model.bridge, spec.component)
         g = host.weight.grad.double()
-        out[spec.name] = g.T if _is_transposed(host) else g
+        out[spec.name] = g.T if is_transposed(host) else g
     model.bridge.zero_grad(set_to_none=True)
     return out
 

@@ -5,8 +5,10 @@ import torch
 from jaxtyping import TypeCheckError
 
 from rwasym import RwasymError
-from rwasym.intervene import closed_form_u, directions, embed_head, rank1_edit, unit_shape
-from rwasym.subspaces import pca_basis, prediction_basis
+from rwasym.math.rank1 import closed_form_u, directions
+from rwasym.models.heads import embed_head, unit_shape
+from rwasym.hooks.edits import rank1_edit
+from rwasym.math.subspaces import pca_basis, prediction_basis
 
 ARCHS = ("native", "gpt2", "llama", "neox")
 
@@ -162,7 +164,7 @@ def test_output_energy_matching_equalises_the_edited_output_change(models):
     """match_output_energy: every control changes the linear's output, measured on real captured
     inputs with the edit actually applied (hook mechanism), by the same mean square as its target."""
     import rwasym
-    from rwasym.intervene import match_output_energy
+    from rwasym.math.rank1 import match_output_energy
 
     model = models["native"]
     name = "blocks.0.attn.W_Q"

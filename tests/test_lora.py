@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters as the tuned side (`rwasym.lora`), against independent oracles:
+"""PEFT LoRA adapters as the tuned side (`rwasym.models.lora`), against independent oracles:
 
 1. factored deltas == peft's own ``get_delta_weight`` (float64), split by hand with the HF layouts
    (GPT-2 c_attn concat [q; k; v], NeoX query_key_value interleaved per head);
@@ -17,15 +17,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import rwasym
-from rwasym.cli import main
+from rwasym.app.cli import main
 from rwasym.errors import RwasymError
-from rwasym.intervene import closed_form_u
-from rwasym.lora import LowRankDelta, lora_deltas, read_adapter
-from rwasym.models import head_slice
-from rwasym.probe import probe_sites
+from rwasym.math.rank1 import closed_form_u
+from rwasym.math.lowrank import LowRankDelta
+from rwasym.models.lora import lora_deltas, read_adapter
+from rwasym.models.heads import head_slice
+from rwasym.analyses.probe import probe_sites
 from rwasym.testing import build_hf_model
-from rwasym.probe_math import fraction_curve, random_null, relative_fraction
-from rwasym.subspaces import random_basis
+from rwasym.math.fraction import fraction_curve, random_null, relative_fraction
+from rwasym.math.subspaces import random_basis
 
 # PEFT module name pattern → rwasym kinds, written from the HF modeling code (not from rwasym).
 HF_NAMES = {
@@ -183,7 +184,7 @@ def test_factored_math_equals_dense_math(adapters, bases, one_thread):
         w = torch.randn(spec.n_out, dtype=torch.float64)
         assert torch.allclose(d.rmatvec(w), dense.T @ w, rtol=1e-10, atol=1e-13)
         for h in range(spec.n_heads):
-            assert torch.allclose(d.head(spec, h).materialize(), head_slice(spec, dense, h), rtol=0, atol=1e-15)
+            assert torch.allclose(head_slice(spec, d, h).materialize(), head_slice(spec, dense, h), rtol=0, atol=1e-15)
 
 
 def test_zero_delta_is_rejected_like_a_dense_zero(bases):
@@ -194,7 +195,7 @@ def test_zero_delta_is_rejected_like_a_dense_zero(bases):
         with pytest.raises(RwasymError, match="‖ΔW‖_F = 0"):
             relative_fraction(delta, basis, "input")
     with pytest.raises(RwasymError, match="MLP matrix"):
-        LowRankDelta.zeros(48, 32).head(bases["llama"].matrix("blocks.0.mlp.W_in"), 0)
+        head_slice(bases["llama"].matrix("blocks.0.mlp.W_in"), LowRankDelta.zeros(48, 32), 0)
 
 
 def _dense_tuned(folder, factored: dict, dtype):
@@ -333,8 +334,8 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
     and probed: factored == dense."""
     from transformers import AutoModelForCausalLM
 
-    from rwasym.substrate import default_pair, load_default_pairs
-    from rwasym.train import dpo_loss, sequence_logprobs
+    from rwasym.substrate.default_pair.default_pair import default_pair, load_default_pairs
+    from rwasym.analyses.objectives import dpo_loss, sequence_logprobs
 
     native, _, info = default_pair(quick=True, progress=False)
     native.save_pretrained(tmp_path / "base")
@@ -372,8 +373,8 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
 def test_intervene_and_spectra_cli_take_tuned_adapter(adapters, tmp_path, one_thread):
     """--tuned-adapter on `intervene` and `spectra post-training`: same numbers as the Python API on
     base + adapter."""
-    from rwasym.companion import post_training_report
-    from rwasym.data import LanguageConfig, PairConfig, make_pairs
+    from rwasym.analyses.companion import post_training_report
+    from rwasym.substrate.language import LanguageConfig, PairConfig, make_pairs
 
     folder, adapter_folder, _ = adapters["llama"]
     base = rwasym.load(folder)

@@ -186,7 +186,7 @@ def test_bad_inputs_are_named(models, tmp_path):
         rwasym.load(tmp_path / "empty")
     with pytest.raises(RwasymError, match=r"shape \(n_out, n_in\) = \(32, 32\)"):
         model.set_weight("blocks.0.attn.W_Q", torch.zeros(16, 32))
-    with pytest.raises(RwasymError, match="NaN or Inf"):
+    with pytest.raises(RwasymError, match=r"contains \d+ non-finite value.*NaN"):
         model.set_weight("blocks.0.attn.W_Q", torch.full((32, 32), float("nan")))
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "rwasym.json").write_text("{not json")
@@ -236,7 +236,16 @@ def test_self_check_passes_and_catches_a_transpose(models, arch):
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
 def test_fused_qkv_sync_makes_save_pretrained_faithful(hf_folder, arch, tmp_path):
     model = rwasym.load(hf_folder[arch][0])
-    assert set(model._fused_layouts.values()) == {"concat" if arch == "gpt2" else "interleaved"}
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    d = n_heads * d_head
+    if arch == "gpt2":  # c_attn rows: [q; k; v]
+        expected = [torch.arange(i * d, (i + 1) * d) for i in range(3)]
+    else:  # query_key_value rows: [h, (q, k, v), d_head]
+        grid = torch.arange(3 * d).reshape(n_heads, 3, d_head)
+        expected = [grid[:, i].reshape(-1) for i in range(3)]
+    assert set(model._fused_rows) == set(range(model.n_layers))
+    for rows in model._fused_rows.values():
+        assert all(torch.equal(r, e) for r, e in zip(rows, expected))
     g = torch.Generator().manual_seed(9)
     for kind in ("W_Q", "W_K", "W_V"):
         name = f"blocks.1.attn.{kind}"

@@ -18,7 +18,7 @@ The ΔW part dominates and grows like 1/ε: bf16 keeps 8 mantissa bits, so round
 moves each entry by up to 2⁻⁹|W| and ΔW = bf16(W + δ) − bf16(W) is off by ~0.4%·‖W‖/‖ΔW‖.
 Hence the test's tolerance: |Δr|/r < 0.05 at ε = 0.1, and the documented failure at ε = 0.001.
 For realistic fine-tuning deltas (ε ~ 1e-3 – 1e-2) load fp32 checkpoints in float32 (the
-`rwasym.load` default) or stream ΔW from the files (`rwasym.shards`, exact in the stored dtype);
+`rwasym.load` default) or stream ΔW from the files (`rwasym.models.shards`, exact in the stored dtype);
 a bf16 *checkpoint* pair is itself exact, since bf16 → float32 → float64 loses nothing.
 """
 
@@ -29,7 +29,8 @@ import pytest
 import torch
 
 import rwasym
-from rwasym.probe import probe
+from rwasym.analyses.probe import probe
+from rwasym.app import experiments
 from rwasym.testing import build_hf_model
 
 _BF16_TOL = 0.05  # |r_bf16 − r_fp32| / r_fp32 at ε = 0.1 (measured worst 0.035)
@@ -78,7 +79,7 @@ def test_gradients_and_experiments_are_deterministic(native_pair):
         assert torch.equal(runs[0].G[name], runs[1].G[name])
         for x, y in zip(runs[0].second_moments(name), runs[1].second_moments(name)):
             assert torch.equal(x, y)
-    traj = [rwasym.experiments.trajectory(base, {1: tuned}, tokens, k=4, null_samples=8) for _ in range(2)]
+    traj = [experiments.trajectory(base, {1: tuned}, tokens, k=4, null_samples=8) for _ in range(2)]
     assert traj[0] == traj[1] and traj[0]
 
 
@@ -136,7 +137,7 @@ def test_probe_config_records_version_seed_and_settings(native_pair):
 
 
 def test_probe_config_records_models_and_data(native_pair):
-    from rwasym.activations import data_hash
+    from rwasym.hooks.activations import data_hash
 
     base, tuned, tokens = native_pair
     cfg = _probe(base, tuned, tokens, curves=False).config

@@ -7,7 +7,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError, flatten_site
-from rwasym.probe import probe
+from rwasym.analyses.probe import probe
 
 
 @pytest.fixture(scope="module")

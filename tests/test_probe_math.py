@@ -7,17 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rwasym.probe_math as probe_math
+import rwasym.math.fraction as probe_math
 from rwasym.errors import RwasymError
-from rwasym.probe_math import (
-    FractionResult,
-    NullResult,
-    fraction_curve,
-    log_k_grid,
-    random_null,
-    relative_fraction,
-)
-from rwasym.subspaces import complement_basis, pca_basis, random_basis
+from rwasym.math.fraction import FractionResult, NullResult, fraction_curve, log_k_grid, random_null, relative_fraction
+from rwasym.math.subspaces import complement_basis, pca_basis, random_basis
 
 
 def gen(seed: int) -> torch.Generator:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import rwasym
-from rwasym import report
-from rwasym.spectra import lifecycle
+from rwasym.app import report
+from rwasym.math.spectra import lifecycle
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Streaming weight deltas from safetensors checkpoints (`rwasym.shards`).
+"""Streaming weight deltas from safetensors checkpoints (`rwasym.models.shards`).
 
 The oracle is the in-memory path: ``rwasym.weight_deltas(rwasym.load(base), rwasym.load(tuned))``
 must equal the streamed ΔW bit for bit (names, order, layout, values) on GPT-2 (Conv1D, fused
@@ -14,7 +14,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.shards import checkpoint_matrices, stream_weight_deltas, weight_delta_norms
+from rwasym.models.shards import checkpoint_matrices, stream_weight_deltas, weight_delta_norms
 from rwasym.testing import HF_ARCHS
 
 _SHARD = "20KB"  # the tiny models are ~100 KB: several shards each

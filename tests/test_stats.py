@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rwasym.errors import RwasymError
-from rwasym.stats import RunningCovariance
+from rwasym.math.covariance import RunningCovariance
 
 D = 6
 

@@ -7,17 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rwasym.subspaces as subspaces
+import rwasym.math.subspaces as subspaces
 from rwasym.errors import RwasymError
-from rwasym.stats import RunningCovariance
-from rwasym.subspaces import (
-    Basis,
-    complement_basis,
-    k_for_variance,
-    pca_basis,
-    prediction_basis,
-    random_basis,
-)
+from rwasym.math.covariance import RunningCovariance
+from rwasym.math.subspaces import Basis, complement_basis, k_for_variance, pca_basis, prediction_basis, random_basis
 
 
 def gen(seed: int) -> torch.Generator:
@@ -116,7 +109,7 @@ def test_pca_basis_errors(cov, k, match):
 def test_pca_basis_rejects_empty_statistics_and_other_types():
     with pytest.raises(RwasymError, match="no tokens were accumulated"):
         pca_basis(RunningCovariance(3), 1)
-    with pytest.raises(RwasymError, match="covariance tensor or a rwasym.stats.RunningCovariance; got list"):
+    with pytest.raises(RwasymError, match="covariance tensor or a rwasym.math.covariance.RunningCovariance; got list"):
         subspaces._as_covariance([[1.0]], center=True)
 
 

@@ -14,9 +14,11 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.pairs import PreferencePairs
-from rwasym.sweep import (add_intervene_parser, bootstrap_ci, parse_directions, permutation_pvalue, read_sweep,
-                          summarize, sweep)
+from rwasym.data.pairs import PreferencePairs
+from rwasym.app.cli import add_intervene_parser
+from rwasym.math.inference import bootstrap_ci, permutation_pvalue
+from rwasym.analyses import behaviour
+from rwasym.analyses.sweep import SweepConfig, parse_directions, read_sweep, summarize, sweep
 
 SWEEP = dict(matrices=["blocks.1.attn.W_Q"], directions="pca:2,random:3,orthogonal:3", alphas=(1.0, 2.0),
              edits_per_pass=3, progress=False)
@@ -65,7 +67,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(files, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time, torch
         torch.set_num_threads(1)
-        from rwasym.sweep import sweep
+        from rwasym.analyses.sweep import sweep
         def slow(logits, batch):
             time.sleep(0.3)
             return float(logits.double().mean())
@@ -103,7 +105,7 @@ def test_half_written_line_rerun_and_config_mismatch(files, tmp_path, monkeypatc
     _same_rows(resumed, full)
     _same_rows(read_sweep(out)[1], full)
     # a finished file is not recomputed
-    monkeypatch.setattr(rwasym.behaviour.Evaluator, "iter_edits", lambda *a, **k: pytest.fail("recomputed a row"))
+    monkeypatch.setattr(behaviour.Evaluator, "iter_edits", lambda *a, **k: pytest.fail("recomputed a row"))
     assert _run(files, out) == resumed
     monkeypatch.undo()
     with pytest.raises(RwasymError, match=r"different configuration \(alphas: file has \[1.0, 2.0\], this run has \[1.0\]"):
@@ -239,3 +241,58 @@ def test_output_matched_controls_equalise_mean_square_output_change(files, tmp_p
     assert header["config"]["match"] == "output"
     with pytest.raises(RwasymError, match="match must be one of"):
         _run(files, tmp_path / "bad.jsonl", match="energy")
+
+
+@pytest.mark.parametrize("match", ["norm", "output"])
+def test_sweep_file_written_by_rwasym_0_1_resumes(files, tmp_path, monkeypatch, match):
+    """tests/data/legacy_sweep_*.jsonl: header + the first 6 of 16 rows of this module's sweep, written by
+    rwasym 0.1.0 before SweepConfig existed (tests/data/make_legacy_sweep.py). The config hash must
+    still match, the 6 rows must be kept as they are, and the 10 missing ones computed."""
+    import shutil
+    from pathlib import Path
+
+    legacy = Path(__file__).parent / "data" / f"legacy_sweep_{match}.jsonl"
+    old_header, old_rows = read_sweep(legacy)
+    out = tmp_path / "legacy.jsonl"
+    shutil.copy(legacy, out)
+    iter_edits, calls = behaviour.Evaluator.iter_edits, []
+
+    def counted(self, host, name, U, V):
+        calls.append(U.shape[0])
+        return iter_edits(self, host, name, U, V)
+
+    monkeypatch.setattr(behaviour.Evaluator, "iter_edits", counted)
+    resumed = _run(files, out, match=match)
+    monkeypatch.undo()
+    header, rows = read_sweep(out)
+    assert header == old_header and len(old_rows) == 6 and len(rows) == 16
+    assert rows[:6] == old_rows  # kept verbatim, not recomputed
+    assert sum(calls) == 10  # only the missing rows were measured
+    _same_rows(resumed, _run(files, tmp_path / "fresh.jsonl", match=match))
+
+
+def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
+    """One SweepConfig feeds the header (so the hash), sweep()'s keyword overrides and the CLI flags."""
+    cfg = SweepConfig(matrices="blocks.1.attn.W_Q", alphas=[1, 2])
+    assert cfg.matrices == ("blocks.1.attn.W_Q",) and cfg.alphas == (1.0, 2.0)
+    ctx = dict(base="b", tuned="t", pairs="p", cov_data="c", matrices=["m"], metrics={"z": None, "a": None},
+               edits_per_pass=4, dtype="torch.float32")
+    h = cfg.header(**ctx)
+    assert h["metrics"] == ["a", "z"] and "match" not in h and h["alphas"] == [1.0, 2.0]
+    assert SweepConfig(match="output").header(**ctx)["match"] == "output"
+    with pytest.raises(RwasymError, match="mode must be one of"):
+        SweepConfig(mode="bogus")
+    with pytest.raises(RwasymError, match="alphas must be distinct"):
+        SweepConfig(alphas=(1.0, 1.0))
+    with pytest.raises(RwasymError, match="unknown options \\['alpha'\\]"):
+        sweep(str(files / "base"), str(files / "tuned"), str(files / "pairs.safetensors"), alpha=2.0)
+    parser = argparse.ArgumentParser()
+    add_intervene_parser(parser.add_subparsers())
+    args = parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p", "--alphas", "0.5,1",
+                              "--edits-per-pass", "2", "--no-reuse-prefix", "--heads", "--match", "output"])
+    from rwasym.app.cli import config_from_args
+
+    got = config_from_args(args, SweepConfig)
+    assert got == SweepConfig(alphas=(0.5, 1.0), edits_per_pass=2, reuse_prefix=False, heads=True, match="output")
+    assert config_from_args(parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p"]),
+                            SweepConfig) == SweepConfig()

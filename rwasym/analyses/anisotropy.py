@@ -1,0 +1,50 @@
+"""Gradient anisotropy report: is ΔW's structure inherited from C_a (read side) or C_δ (write side)?
+
+For each studied matrix, from `rwasym.hooks.gradients.capture_gradients` statistics: the
+spikiness (top-1 share, participation ratio, effective rank; `rwasym.math.spectra.spikiness`) of
+C_a = Σ a aᵀ and C_δ = Σ δ δᵀ, and the relative fraction of G = Σ δ aᵀ against the PCA basis of
+C_a (input side) and against the prediction basis (the residual-stream side).
+"""
+
+from typing import Any
+
+from ..hooks.gradients import GradientStats
+from ..math.checks import linalg_threads
+from ..math.fraction import relative_fraction
+from ..math.spectra import spikiness
+from ..math.subspaces import pca_basis, prediction_basis
+from ..models import Model, load
+
+__all__ = ["anisotropy_report"]
+
+
+def anisotropy_report(model: Any, stats: GradientStats, *, k: int = 8) -> list[dict]:
+    """Per matrix: spikiness of C_a and C_δ, and the relative fraction of G against the read-side
+    PCA basis of C_a (input side) and the prediction basis (the residual-stream side: input for
+    read matrices, output for write matrices)."""
+    with linalg_threads(1):
+        return _anisotropy_rows(load(model), stats, k)
+
+
+def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
+    pred = prediction_basis(model.unembedding(), min(k, model.d_model)).U
+    rows = []
+    for name, G in stats.G.items():
+        spec = model.matrix(name)
+        C_a, C_d = stats.second_moments(name)
+        sa, sd = spikiness(C_a), spikiness(C_d)
+        row = dict(matrix=name, layer=spec.layer, kind=spec.kind, side=spec.side,
+                   a_top1_share=sa.top1_share, a_participation_ratio=sa.participation_ratio,
+                   a_effective_rank=sa.effective_rank, a_dim=sa.d,
+                   delta_top1_share=sd.top1_share, delta_participation_ratio=sd.participation_ratio,
+                   delta_effective_rank=sd.effective_rank, delta_dim=sd.d, grad_norm=float(G.norm()))
+        if float(G.square().sum()) > 0:
+            read = relative_fraction(G, pca_basis(C_a, min(k, spec.n_in), center=False).U, "input")
+            row.update(G_input_pca_relative=read.relative, G_input_pca_fraction=read.fraction)
+            resid_side = "input" if spec.side == "read" else "output"
+            if (spec.n_in if resid_side == "input" else spec.n_out) == model.d_model:
+                pr = relative_fraction(G, pred, resid_side)
+                row.update(G_prediction_relative=pr.relative, G_prediction_fraction=pr.fraction,
+                           G_prediction_side=resid_side)
+        rows.append(row)
+    return rows

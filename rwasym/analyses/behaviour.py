@@ -1,0 +1,420 @@
+"""Behavioural metrics of edited models, measured by running them, and the fast batched evaluation.
+
+Metrics (policy π = the evaluated model, reference π_ref = the base; sums over response tokens):
+
+- DPO implicit reward r(x, y) = β [log π(y|x) − log π_ref(y|x)]; ``margin`` = mean_i r(x_i, y_w,i) −
+  r(x_i, y_l,i); ``reward_accuracy`` = fraction of pairs with a positive margin (TRL's
+  rewards/accuracies; 0 for the base itself; a margin at float-rounding level counts by its sign,
+  so prefer ``margin`` for tiny edits); ``accuracy`` = fraction with
+  log π(y_w|x) > log π(y_l|x), the policy's own preference (defined for the base too).
+- ``ce``: mean next-token cross-entropy (nats) on held-out text.
+- ``kl_base`` / ``kl_tuned``: mean over text positions of KL(π(·|x_<t) ‖ π_ref(·|x_<t)) with the
+  base / the tuned model as reference (in transplant mode kl_base measures the edit's disruption,
+  in ablate mode kl_tuned does).
+- user metrics: ``{name: callable(logits, batch) -> float}``, called with the edited model's text
+  logits (n_text, pos, d_vocab) and the text tokens (n_text, pos).
+- `Evaluator.gap_fractions`: fraction of the base→tuned gap recovered, (m − m_base)/(m_tuned −
+  m_base) (transplant), or removed, (m_tuned − m)/(m_tuned − m_base) (ablate).
+
+Speed (`Evaluator.measure_edits`): a sweep evaluates the same data under many edits of one matrix
+of layer L, and an edit cannot change anything before block L. So the clean output of block L−1
+is computed once per data stream and reused: during edited passes the host modules of blocks
+0..L−1 return the cached output instead of computing (TransformerBridge's ``start_at_layer``
+still executes blocks 0..L−1 internally and discards them, so it saves nothing). k edits share
+one forward pass, edit e on batch rows e·B:(e+1)·B (`rwasym.hooks.edits.edit_hooks`). Sequences
+are not run twice: responses are scored from the text pass when the text starts with them (the
+default text is prompt + chosen), chosen and rejected share one pass when they agree up to their
+last scored position (one-token responses), and pair passes unembed only the scored positions (a
+hook on ``unembed.hook_in``). A self-check against plain forwards switches the prefix cache and
+the position selection off (with a warning) on architectures where they are not exact.
+`Evaluator.measure` is the reference path: full forwards of chosen, rejected and text.
+"""
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..errors import RwasymError
+from ..hooks.edits import MODES, edit_hooks
+from ..models import Model, check_same_architecture, load
+
+__all__ = ["EvalSet", "Evaluator", "as_eval_set"]
+
+Metric = Callable[[Tensor, Tensor], float]
+_PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+# --------------------------------------------------------------------------------- data
+@dataclass
+class EvalSet:
+    """Held-out data as packed sequences (int64 token ids, right-padded with 0).
+
+    chosen / rejected: prompt + response per pair (`rwasym.data.PreferencePairs.sequences`);
+    chosen_scored / rejected_scored (bool, same shapes): the response tokens whose
+    log-probabilities are summed. text / text_mask: held-out text and its real tokens (None: all).
+    """
+
+    chosen: Int[Tensor, "batch pos_c"]
+    chosen_scored: Bool[Tensor, "batch pos_c"]
+    rejected: Int[Tensor, "batch pos_r"]
+    rejected_scored: Bool[Tensor, "batch pos_r"]
+    text: Int[Tensor, "n_text pos_t"]
+    text_mask: Optional[Bool[Tensor, "n_text pos_t"]] = None
+
+
+def _as_pairs(pairs: Any) -> Any:
+    from ..data.pairs import PreferencePairs, load_pairs_jsonl
+
+    if isinstance(pairs, PreferencePairs):
+        return pairs
+    if isinstance(pairs, (str, os.PathLike)):
+        path = Path(pairs)
+        if not path.exists():
+            raise RwasymError(f"pairs file {str(path)!r} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            return load_pairs_jsonl(path)
+        return PreferencePairs.load(path)
+    get = pairs.get if isinstance(pairs, Mapping) else lambda k, d=None: getattr(pairs, k, d)
+    if any(get(k) is None for k in _PAIR_KEYS):
+        raise RwasymError(f"pairs need prompt, chosen and rejected token tensors; got a {type(pairs).__name__} "
+                          "without them (pass rwasym.data.PreferencePairs, a dict, or a file)")
+    keys = _PAIR_KEYS + ("prompt_mask", "chosen_mask", "rejected_mask")
+    return PreferencePairs(**{k: None if get(k) is None else torch.as_tensor(get(k)) for k in keys})
+
+
+def as_eval_set(pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -> EvalSet:
+    """Normalise held-out data into an `EvalSet`.
+
+    pairs: an EvalSet, a `PreferencePairs` (or any object / dict with prompt, chosen, rejected and
+    optional masks), or a file (`PreferencePairs.save` safetensors, or JSONL of token-id lists).
+    text: a token tensor, a dict with input_ids / attention_mask, a .safetensors file with
+    input_ids, or None = the packed prompt + chosen sequences. max_pairs: keep the first pairs.
+    """
+    if isinstance(pairs, EvalSet):
+        return pairs
+    pairs = _as_pairs(pairs)
+    if max_pairs is not None:
+        pairs = pairs.subset(torch.arange(min(int(max_pairs), len(pairs))))
+    if len(pairs) == 0:
+        raise RwasymError("no preference pairs to evaluate; pass at least one pair")
+    chosen, chosen_scored = pairs.sequences("chosen")
+    rejected, rejected_scored = pairs.sequences("rejected")
+    text_mask = None
+    if text is None:
+        last = (chosen_scored * torch.arange(chosen.shape[1])).max(-1).values  # (n,) last real position
+        text, text_mask = chosen, torch.arange(chosen.shape[1])[None, :] <= last[:, None]
+    elif isinstance(text, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        if not str(text).endswith(".safetensors"):
+            raise RwasymError(f"text {str(text)!r}: pass a .safetensors file with input_ids (or a token tensor)")
+        text = load_file(str(text))
+    if isinstance(text, Mapping):
+        text, text_mask = text["input_ids"], text.get("attention_mask")
+    if not isinstance(text, Tensor) or text.dim() != 2 or text.is_floating_point() or text.shape[1] < 2:
+        raise RwasymError("held-out text must be an integer token tensor of shape (n, pos) with pos >= 2; got "
+                          f"{getattr(text, 'shape', type(text).__name__)}")
+    text = text.long().cpu()
+    if text_mask is not None:
+        text_mask = torch.as_tensor(text_mask).bool().cpu()
+        if text_mask.shape != text.shape:
+            raise RwasymError(f"text attention_mask has shape {tuple(text_mask.shape)}, text has {tuple(text.shape)}")
+    return EvalSet(chosen, chosen_scored, rejected, rejected_scored, text, text_mask)
+
+
+@dataclass
+class _Stream:
+    """One batch of sequences run through the model. select: logit positions kept (None = all);
+    scores: (role, rows, targets, weights) — response log-probabilities read off this stream."""
+
+    tokens: Tensor
+    attention_mask: Optional[Tensor] = None
+    select: Optional[Tensor] = None
+    scores: tuple = ()
+
+
+def _cols(scored: Tensor) -> Tensor:
+    return torch.nonzero(scored[:, 1:].any(0))[:, 0]  # positions t − 1 whose next token t is scored
+
+
+def _streams(data: EvalSet) -> list[_Stream]:
+    """The sequences to run, skipping work that cannot change the metrics; the text stream last.
+
+    A position's logits depend only on the tokens up to it, so a response is scored from any
+    sequence that agrees with it up to its last scored position: from the text stream when the
+    text starts with it (the default text is prompt + chosen), else from a pair stream cut after
+    that position. Chosen and rejected agreeing on every kept token (one-token responses: only
+    the prompt is kept) share one pass; kept sequences of equal length are stacked in one pass.
+    Score = (role, rows, positions in the stream's logits, targets, weights).
+    """
+    n, rows = data.chosen.shape[0], torch.arange(data.chosen.shape[0])
+    mask = data.text_mask
+    text = _Stream(data.text, None if mask is None or bool(mask.all()) else mask.long())
+    pending = []
+    for role, tok, sc in (("chosen", data.chosen, data.chosen_scored), ("rejected", data.rejected, data.rejected_scored)):
+        cols = _cols(sc)
+        length = int(cols.max()) + 1
+        if data.text.shape[0] == n and data.text.shape[1] >= length and torch.equal(data.text[:, :length], tok[:, :length]):
+            text.scores += ((role, rows, cols, tok[:, cols + 1], sc[:, cols + 1]),)
+        else:
+            pending.append((role, tok, sc, cols, length))
+
+    def stream(parts: list, stacked: bool) -> _Stream:
+        sel = torch.unique(torch.cat([p[3] for p in parts]))
+        scores = tuple((role, rows + i * n * stacked, torch.searchsorted(sel, cols), tok[:, cols + 1], sc[:, cols + 1])
+                       for i, (role, tok, sc, cols, _) in enumerate(parts))
+        tokens = torch.cat([p[1][:, : p[4]] for p in parts]) if stacked else parts[0][1][:, : parts[0][4]]
+        return _Stream(tokens, None, sel, scores)
+
+    if len(pending) == 2 and pending[0][4] == pending[1][4]:
+        same = torch.equal(pending[0][1][:, : pending[0][4]], pending[1][1][:, : pending[1][4]])
+        out = [stream(pending, stacked=not same)]
+    else:
+        out = [stream([p], stacked=False) for p in pending]
+    return out + [text]
+
+
+# --------------------------------------------------------------------------------- the fast runner
+class _PrefixUnsupported(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _patched_forward(module: torch.nn.Module, fn: Callable) -> Iterator[None]:
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def _expand(out: Any, k: int, batch: int) -> Any:
+    """Repeat every batch-leading tensor of a block output k times (edit-major rows)."""
+    if isinstance(out, Tensor):
+        if out.dim() == 0 or out.shape[0] != batch:
+            raise _PrefixUnsupported(f"block output tensor of shape {tuple(out.shape)}")
+        return out.repeat(k, *([1] * (out.dim() - 1)))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_expand(x, k, batch) for x in out)
+    if out is None:
+        return None
+    raise _PrefixUnsupported(f"block output of type {type(out).__name__}")
+
+
+class _Runner:
+    """One host model on fixed streams, under batches of k edits of one matrix in layer ``layer``."""
+
+    def __init__(self, model: Model, streams: list[_Stream], layer: int, reuse: bool = True):
+        self.model, self.streams, self.layer = model, streams, layer
+        self.select = "unembed.hook_in" in model.bridge.hook_dict
+        self.reuse = bool(reuse) and layer > 0
+        self._cache: dict[tuple[int, int], Any] = {}
+        self._prefix: list[Any] = []
+        if self.reuse or self.select:
+            self._self_check()
+
+    def _host(self, layer: int) -> torch.nn.Module:
+        return self.model.bridge.blocks[layer].original_component
+
+    def _record(self, stream: _Stream) -> Any:
+        box: dict[str, Any] = {}
+        host = self._host(self.layer - 1)
+        original = host.forward
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            box["out"] = original(*args, **kwargs)
+            return box["out"]
+
+        with _patched_forward(host, recording), torch.no_grad():
+            self.model.bridge(stream.tokens.to(self.model.device), stop_at_layer=self.layer, **self._kwargs(stream, 1))
+        if "out" not in box:
+            raise _PrefixUnsupported(f"block {self.layer - 1} was never called")
+        return box["out"]
+
+    def _kwargs(self, stream: _Stream, k: int) -> dict:
+        m = stream.attention_mask
+        return {} if m is None else {"attention_mask": m.repeat(k, 1).to(self.model.device)}
+
+    def logits(self, i: int, k: int, hooks: Sequence = ()) -> Tensor:
+        """(k, B, S, d_vocab) logits of stream i under k edits (hooks from `edit_hooks`)."""
+        st = self.streams[i]
+        fwd = list(hooks)
+        if st.select is not None and self.select:
+            sel = st.select.to(self.model.device)
+            fwd.append(("unembed.hook_in", lambda x, hook=None: x[:, sel]))
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if self.reuse:
+                key = (i, k)
+                if key not in self._cache:
+                    self._cache = {kk: vv for kk, vv in self._cache.items() if kk[1] == k}
+                    self._cache[key] = _expand(self._prefix[i], k, st.tokens.shape[0])
+                cached = self._cache[key]
+                for layer in range(self.layer):  # blocks 0..L-1 return block L-1's clean output
+                    stack.enter_context(_patched_forward(self._host(layer), lambda *a, **kw: cached))
+            stack.enter_context(self.model.bridge.hooks(fwd_hooks=fwd))
+            out = self.model.bridge(st.tokens.repeat(k, 1).to(self.model.device), **self._kwargs(st, k))
+        if st.select is not None and not self.select:
+            out = out[:, st.select.to(out.device)]
+        return out.reshape(k, -1, *out.shape[1:])
+
+    def _self_check(self) -> None:
+        try:
+            self._prefix = [self._record(st) for st in self.streams] if self.reuse else []
+            ok = True
+            for i, st in enumerate(self.streams):
+                with torch.no_grad():
+                    plain = self.model.bridge(st.tokens.to(self.model.device), **self._kwargs(st, 1))
+                plain = plain if st.select is None else plain[:, st.select.to(plain.device)]
+                fast = self.logits(i, 2)
+                tol = 1e-5 * (1.0 + float(plain.abs().max()))
+                ok = ok and all(float((f - plain).abs().max()) <= tol for f in fast)
+        except Exception as err:  # noqa: BLE001 — any failure means: use the plain path
+            ok, reason = False, f"{type(err).__name__}: {err}"
+        else:
+            reason = "the cached-prefix logits differ from a plain forward"
+        if not ok:
+            warnings.warn(f"rwasym: prefix reuse / response-only unembedding is not exact on this "
+                          f"architecture ({reason}); falling back to full forward passes", stacklevel=3)
+            self.reuse, self.select, self._prefix, self._cache = False, False, [], {}
+
+
+# --------------------------------------------------------------------------------- evaluator
+def _response_logps(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Σ_t w_t log softmax(logits_t)[y_t] per row, float64 (logits: (B, S, d_vocab))."""
+    lp = logits.double().log_softmax(-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+    return (lp * weights.to(lp.device)).sum(-1).cpu()
+
+
+class Evaluator:
+    """Behavioural metrics (module docstring) of edited models against fixed references.
+
+    base, tuned: models (anything `rwasym.load` accepts); data: pairs (see `as_eval_set`); text:
+    held-out text (default: prompt + chosen of the pairs); beta: the DPO β; metrics: user metrics
+    ``{name: callable(logits, batch) -> float}`` (a list of functions uses their ``__name__``).
+    ``reference`` holds the metrics of the base and of the tuned model.
+    """
+
+    def __init__(self, base: Any, tuned: Any, data: Any, *, text: Any = None, beta: float = 0.1,
+                 metrics: Union[Mapping[str, Metric], Sequence[Metric], None] = None,
+                 reuse_prefix: bool = True, max_pairs: Optional[int] = None):
+        self.base, self.tuned = load(base), load(tuned)
+        check_same_architecture(self.base, self.tuned)
+        self.data = as_eval_set(data, text, max_pairs)
+        for name in ("chosen", "rejected", "text"):
+            t = getattr(self.data, name)
+            if int(t.max()) >= self.base.d_vocab or int(t.min()) < 0:
+                raise RwasymError(f"{name} token ids must lie in [0, {self.base.d_vocab}) for this model; got "
+                                  f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?")
+        if isinstance(metrics, Mapping):
+            self.metrics = dict(metrics)
+        else:
+            self.metrics = {getattr(f, "__name__", f"metric{i}"): f for i, f in enumerate(metrics or [])}
+        if not all(callable(f) for f in self.metrics.values()):
+            raise RwasymError("metrics must be callables (logits, batch) -> float")
+        self.beta = float(beta)
+        self.reuse_prefix = reuse_prefix
+        self.streams = _streams(self.data)
+        t_mask = self.data.text_mask
+        valid = torch.ones_like(self.data.text, dtype=torch.bool) if t_mask is None else t_mask
+        self._text_valid = (valid[:, :-1] & valid[:, 1:]).double()  # (n_text, pos-1)
+        self._runners: dict[tuple[int, int, bool], _Runner] = {}
+        base_out, tuned_out = self._plain(self.base), self._plain(self.tuned)
+        self._ref_c, self._ref_r = base_out[0], base_out[1]
+        self._ref_text = {"base": self._text_logp(base_out[2]), "tuned": self._text_logp(tuned_out[2])}
+        self.reference = {"base": self._metrics(*base_out), "tuned": self._metrics(*tuned_out)}
+
+    # -- internals ------------------------------------------------------------------------------
+    def _plain(self, model: Model) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference path: full forwards of the chosen, rejected and text sequences."""
+        with torch.no_grad():
+            def run(tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+                kw = {} if mask is None or bool(mask.all()) else {"attention_mask": mask.long().to(model.device)}
+                return model.bridge(tokens.to(model.device), **kw)
+
+            d = self.data
+            lc = _response_logps(run(d.chosen)[:, :-1], d.chosen[:, 1:], d.chosen_scored[:, 1:])
+            lr = _response_logps(run(d.rejected)[:, :-1], d.rejected[:, 1:], d.rejected_scored[:, 1:])
+            return lc, lr, run(d.text, d.text_mask)
+
+    def _from_streams(self, logits: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        lp: dict[str, Tensor] = {}
+        for st, lg in zip(self.streams, logits):
+            for role, rows, cols, targets, weights in st.scores:
+                lp[role] = _response_logps(lg[rows.to(lg.device)][:, cols.to(lg.device)], targets, weights)
+        return lp["chosen"], lp["rejected"], logits[-1]
+
+    def _text_logp(self, logits: Tensor) -> Tensor:
+        return logits[:, :-1].double().log_softmax(-1).cpu()  # (n_text, pos-1, d_vocab)
+
+    def _metrics(self, lc: Tensor, lr: Tensor, text_logits: Tensor) -> dict[str, float]:
+        margins = self.beta * ((lc - self._ref_c) - (lr - self._ref_r))
+        out = dict(margin=float(margins.mean()), reward_accuracy=float((margins > 0).double().mean()))
+        out["accuracy"] = float((lc > lr).double().mean())
+        logp = self._text_logp(text_logits)
+        valid, n = self._text_valid, float(self._text_valid.sum())
+        nll = -logp.gather(-1, self.data.text[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out["ce"] = float((nll * valid).sum() / n)
+        p = logp.exp()
+        neg_entropy = torch.einsum("btv,btv->bt", p, logp)  # Σ_v p log p (einsum: no (b, t, v) temporary)
+        for name, ref in self._ref_text.items():
+            kl = neg_entropy - torch.einsum("btv,btv->bt", p, ref)  # KL(p ‖ ref) per position
+            out[f"kl_{name}"] = float((kl * valid).sum() / n)
+        for name, fn in self.metrics.items():
+            out[name] = float(fn(text_logits, self.data.text))
+        return out
+
+    def _runner(self, host: Model, layer: int) -> _Runner:
+        key = (id(host), layer, self.reuse_prefix)
+        if key not in self._runners:
+            self._runners = {k: v for k, v in self._runners.items() if k[0] == id(host)}
+            self._runners[key] = _Runner(host, self.streams, layer, self.reuse_prefix)
+        return self._runners[key]
+
+    # -- public ---------------------------------------------------------------------------------
+    def measure(self, model: Any = None) -> dict[str, float]:
+        """Metrics of ``model`` (default: the base) with plain full forward passes — whatever edit
+        is active on it (`rwasym.hooks.edits.rank1_edit`) is measured."""
+        return self._metrics(*self._plain(self.base if model is None else load(model)))
+
+    def iter_edits(self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> Iterator[dict[str, float]]:
+        """Metrics of ``host`` under each of the k edits W + U[e] V[e]ᵀ (α folded into U), yielded
+        edit by edit after one batched forward per stream (cached clean prefix, see module doc).
+        The host's weights must not change between calls (its clean prefix is cached)."""
+        spec = host.matrix(matrix)
+        runner = self._runner(host, spec.layer)
+        hooks = edit_hooks(host, matrix, U, V)
+        outs = [runner.logits(i, U.shape[0], hooks) for i in range(len(self.streams))]
+        for e in range(U.shape[0]):
+            yield self._metrics(*self._from_streams([o[e] for o in outs]))
+
+    def measure_edits(self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> list[dict[str, float]]:
+        """`iter_edits` as a list."""
+        return list(self.iter_edits(host, matrix, U, V))
+
+    def gap_fractions(self, metrics: Mapping[str, float], mode: str) -> dict[str, Optional[float]]:
+        """``gap_<m>`` for every metric but the KLs: (m − m_base)/(m_tuned − m_base) in transplant
+        mode, (m_tuned − m)/(m_tuned − m_base) in ablate mode; None where the gap is 0."""
+        if mode not in MODES:
+            raise RwasymError(f"mode must be one of {MODES}; got {mode!r}")
+        out: dict[str, Optional[float]] = {}
+        for name, value in metrics.items():
+            if name.startswith("kl_") or name not in self.reference["base"]:
+                continue
+            b, t = self.reference["base"][name], self.reference["tuned"][name]
+            if abs(t - b) <= 1e-12 * max(1.0, abs(t), abs(b)):
+                out[f"gap_{name}"] = None
+            else:
+                out[f"gap_{name}"] = (value - b) / (t - b) if mode == "transplant" else (t - value) / (t - b)
+        return out

@@ -1,0 +1,264 @@
+"""The relative-subspace-fraction probe over a whole model: layer × matrix × head × side × subspace.
+
+For ΔW = W_tuned − W_base and an orthonormal basis U (n × k) of one side of W,
+f = ‖ΔW U‖²_F/‖ΔW‖²_F (input side) or ‖Uᵀ ΔW‖²_F/‖ΔW‖²_F (output side), r = f / (k/n)
+(`rwasym.math.fraction.relative_fraction`). r = 1 is isotropic, r > 1 concentrated.
+
+Which side and which subspace (rows carry both, so the whole 2×2 table is visible):
+
+- the **residual-stream side** of every matrix — input for read matrices (W_Q/K/V/W_in/W_gate read
+  the normalised residual stream), output for write matrices (W_O/W_out write into it) — against
+  two subspaces of R^{d_model}:
+  ``activation``: top-k PCA of the base model's activations on that side (the matrix's own input
+  for read matrices; for write matrices the residual stream they write into: resid_mid for W_O of
+  sequential blocks, resid_post otherwise);
+  ``prediction``: top-k left singular vectors of the effective unembedding diag(γ_final)·W_U.
+- the **inner side** (the input of write matrices: attention z / MLP hidden; the output of read
+  matrices is not studied) against the PCA of its own activations (``activation``).
+
+Subspaces are always computed on the *base* model. Per-head rows slice ΔW by head (rows for
+Q/K/V, columns for O); an inner-side per-head basis is the PCA of that head's block of the
+covariance. A tuned model loaded with a LoRA adapter (``load(base, adapter=folder)``) is probed
+through its factored ΔW = s · B A (`rwasym.math.lowrank.LowRankDelta`): no n_out × n_in delta is formed.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .._version import __version__  # noqa: F401
+from ..hooks.activations import ActivationStats, capture, data_hash, quiet
+from ..errors import RwasymError
+from ..math.lowrank import LowRankDelta
+from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
+from ..math.fraction import fraction_curve, log_k_grid, random_null, relative_fraction
+from ..math.checks import linalg_threads
+from ..math.subspaces import pca_basis, prediction_basis
+
+
+@dataclass
+class ProbeResult:
+    """Rows (one per layer, matrix, head, side, subspace), r(k) curves and the configuration."""
+
+    rows: list[dict]
+    curves: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def to_dicts(self) -> list[dict]:
+        return [dict(r) for r in self.rows]
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps({"config": self.config, "rows": self.rows, "curves": self.curves}, indent=1)
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
+
+    def to_dataframe(self):
+        try:
+            import pandas as pd
+        except ImportError:  # pandas is optional
+            raise RwasymError("to_dataframe needs pandas: pip install pandas (or use to_dicts())") from None
+        return pd.DataFrame(self.rows)
+
+    def table(self, side: str = "residual") -> dict[str, dict[str, float]]:
+        """Mean relative fraction per matrix kind and subspace on whole matrices (heads pooled out)."""
+        out: dict[str, dict[str, list]] = {}
+        for row in self.rows:
+            if row["head"] is None and row["stream"] == side:
+                out.setdefault(row["kind"], {}).setdefault(row["subspace"], []).append(row["relative"])
+        return {kind: {s: sum(v) / len(v) for s, v in subs.items()} for kind, subs in out.items()}
+
+    def summary(self) -> str:
+        """Read-side versus write-side mean relative fraction per matrix kind (residual side)."""
+        lines = [f"relative fraction r = f/(k/n) on the residual-stream side, k={self.config.get('k')} "
+                 "(1 = isotropic, >1 = concentrated)",
+                 f"{'matrix':8s} {'side':6s} {'activation':>11s} {'prediction':>11s}"]
+        table = self.table()
+        for kind in ("W_Q", "W_K", "W_V", "W_in", "W_gate", "W_O", "W_out"):
+            if kind in table:
+                side = "read" if kind not in ("W_O", "W_out") else "write"
+                t = table[kind]
+                lines.append(f"{kind:8s} {side:6s} {t.get('activation', float('nan')):11.2f} "
+                             f"{t.get('prediction', float('nan')):11.2f}")
+        return "\n".join(lines)
+
+
+def _residual_site(model: Model, spec: MatrixSpec) -> str:
+    """The hook carrying the residual stream that a write matrix writes into."""
+    resid = model.residual_hooks()
+    mid = resid.get(f"blocks.{spec.layer}.hook_resid_mid")
+    if spec.kind == "W_O" and mid is not None:
+        return mid
+    return resid[f"blocks.{spec.layer}.hook_resid_post"]
+
+
+def probe_sites(model: Model, specs: Sequence[MatrixSpec]) -> dict[str, int]:
+    """Hooks whose statistics the probe needs for ``specs`` (hook → width)."""
+    sites: dict[str, int] = {}
+    for spec in specs:
+        sites.setdefault(model.input_hook(spec.name), spec.n_in)
+        if spec.side == "write":
+            sites.setdefault(_residual_site(model, spec), model.d_model)
+    return sites
+
+
+def _check_k(k: int, model: Model) -> None:
+    if not isinstance(k, int) or k <= 0 or k > model.d_model:
+        raise RwasymError(
+            f"k={k!r} must be an integer with 1 <= k <= d_model={model.d_model}; choose a subspace "
+            "dimension no larger than the residual stream"
+        )
+
+
+def probe(
+    base: Any,
+    tuned: Any,
+    data: Any = None,
+    *,
+    k: int = 8,
+    null_samples: int = 200,
+    matrices: Optional[str] = None,
+    heads: bool = True,
+    center: bool = True,
+    variance: float = 0.9,
+    curves: bool = True,
+    curve_null_samples: int = 64,
+    seed: int = 0,
+    activations: Optional[ActivationStats] = None,
+    batch_size: int = 16,
+    max_tokens: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> ProbeResult:
+    """Measure where ΔW = W_tuned − W_base concentrates, for every matrix (and head).
+
+    data: corpus for the base model's activation statistics (anything `rwasym.hooks.activations.capture`
+    accepts), or pass precomputed ``activations``. k: subspace dimension (per-head inner spaces of
+    size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
+    subspaces per row for the null (mean, std, percentile of the observed f). variance: rows also
+    report f and r at the k reaching this explained-variance ratio (activation subspaces).
+    curves: r(k) on a log grid of k for whole matrices, with the std of the Haar null of r at each
+    k from ``curve_null_samples`` draws (the null mean of r is exactly 1).
+    Every number is reproducible from ``seed``.
+    """
+    base, tuned = load(base), load(tuned)
+    _check_k(k, base)
+    specs = base.matrices(matrices)
+    if not specs:
+        raise RwasymError(f"pattern {matrices!r} matches no matrix; valid names: {', '.join(s.name for s in base.matrices())}")
+    deltas = weight_deltas(base, tuned, matrices)
+    if activations is None:
+        if data is None:
+            raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
+        activations = capture(base, data, sites=probe_sites(base, specs), batch_size=batch_size,
+                              max_tokens=max_tokens, progress=progress)
+    generator = torch.Generator().manual_seed(seed)
+    pred_full = prediction_basis(base.unembedding(), base.d_model)
+    covs: dict[str, torch.Tensor] = {}
+
+    def cov(site: str) -> torch.Tensor:
+        if site not in covs:
+            covs[site] = activations[site].covariance(center=center)
+        return covs[site]
+
+    rows: list[dict] = []
+    curve_rows: list[dict] = []
+    with linalg_threads(1):
+        _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
+                    curve_null_samples, generator, progress, rows, curve_rows)
+    config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
+                  n_tokens=activations.n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
+                  max_tokens=max_tokens, **_provenance(base, tuned, data))
+    return ProbeResult(rows=rows, curves=curve_rows, config=config)
+
+
+def _provenance(base: Model, tuned: Model, data: Any) -> dict:
+    """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
+    import importlib.metadata as md
+
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    if isinstance(data, torch.Tensor):
+        fingerprint = f"tokens:{data_hash(data)}"
+    elif isinstance(data, (str, os.PathLike)):
+        fingerprint = f"file:{os.fspath(data)}"
+    elif isinstance(data, dict) and isinstance(data.get("input_ids"), torch.Tensor):
+        fingerprint = f"tokens:{data_hash(data['input_ids'])}"
+    else:
+        fingerprint = None  # batches from an iterable or precomputed activations
+    def src(m: Model) -> Optional[str]:
+        return None if m.source is None else os.fspath(m.source) if isinstance(m.source, (str, os.PathLike)) else str(m.source)
+
+    return dict(version=__version__, torch=torch.__version__, transformer_lens=version("transformer-lens"),
+                base=src(base), tuned=src(tuned), tuned_adapter=tuned.adapter is not None, dtype=str(base.dtype),
+                data=fingerprint)
+
+
+def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
+                curve_null_samples, generator, progress, rows, curve_rows) -> None:
+    bases: dict = {}
+
+    def full_basis(c_h, key):
+        # one eigendecomposition per (site, head block), shared by rows, k_variance and curves
+        if key not in bases:
+            bases[key] = pca_basis(c_h, c_h.shape[0], center=False)
+        return bases[key]
+
+    for spec in tqdm(specs, desc="probe", disable=quiet(progress)):
+        delta = deltas[spec.name]
+        if _energy(delta) == 0.0:
+            continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
+        resid_side = "input" if spec.side == "read" else "output"
+        resid_cov = cov(model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec)))
+        spaces = [("residual", resid_side, "activation", resid_cov, model_site),
+                  ("residual", resid_side, "prediction", None, "unembedding")]
+        if spec.side == "write":
+            spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
+        for stream, side, subspace, c, site in spaces:
+            for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
+                d = delta if head is None else head_slice(spec, delta, head)  # a LowRankDelta stays factored
+                if _energy(d) == 0.0:
+                    continue
+                c_h = c if c is None or side != "input" else head_input_block(spec, c, head)
+                n = d.shape[1] if side == "input" else d.shape[0]
+                k_used = min(k, n)
+                full = pred_full if c_h is None else full_basis(c_h, (site, head if c_h is not c else None))
+                basis = full.U[:, :k_used]
+                res = relative_fraction(d, basis, side)
+                null = random_null(d, side, k_used, null_samples, generator) if null_samples >= 2 else None
+                row = dict(layer=spec.layer, matrix=spec.name, kind=spec.kind, matrix_side=spec.side,
+                           head=head, stream=stream, side=side, subspace=subspace, site=site,
+                           k=k_used, n=n, fraction=res.fraction, relative=res.relative,
+                           null_mean=None if null is None else null.mean,
+                           null_std=None if null is None else null.std,
+                           null_percentile=None if null is None else null.percentile_of(res.fraction),
+                           delta_norm=float(d.norm()))
+                if c_h is not None:
+                    cum = full.explained_variance_ratio.cumsum(0)
+                    k90 = int((cum < variance - 1e-12).sum()) + 1
+                    r90 = relative_fraction(d, full.U[:, :k90], side)
+                    row.update(k_variance=k90, fraction_k_variance=r90.fraction, relative_k_variance=r90.relative)
+                rows.append(row)
+                if curves and head is None:
+                    ks = log_k_grid(n)
+                    curve = fraction_curve(d, full.U, side, ks)
+                    band = [random_null(d, side, kk, curve_null_samples, generator) for kk in ks] \
+                        if curve_null_samples >= 2 else []
+                    curve_rows.append(dict(matrix=spec.name, kind=spec.kind, layer=spec.layer, stream=stream,
+                                           side=side, subspace=subspace, n=n, ks=ks,
+                                           relative=curve.relative.tolist(), fraction=curve.fraction.tolist(),
+                                           null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
+
+
+def _energy(d) -> float:
+    """‖ΔW‖²_F, factored for a LowRankDelta."""
+    return d.frobenius_sq() if isinstance(d, LowRankDelta) else float(d.square().sum())

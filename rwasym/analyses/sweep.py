@@ -1,0 +1,490 @@
+"""Resumable sweeps of closed-form rank-1 interventions, and target-versus-control summaries.
+
+`sweep` edits every matrix (optionally every head) along target directions (pca / prediction)
+and norm-matched controls (random / orthogonal), at every α, in one mode (see `rwasym.math.rank1`),
+and measures each edited model (`rwasym.analyses.behaviour`). The output is a JSON-lines file:
+
+- line 1, the header: ``{"rwasym_sweep": 1, "config_hash": ..., "config": {...}, "reference": {...}}``
+  — the configuration (model weight hashes, data hashes, matrices, directions, alphas, mode,
+  seed, β, metrics, batching) and the base / tuned reference metrics;
+- one line per edit, keyed by ``id`` = hash(matrix, head, direction, index, target, α, mode, seed).
+
+Each row is flushed and fsynced as soon as it is measured. A re-run with the same configuration
+skips finished rows; a half-written last line (a killed run) is dropped with a warning; a file
+written by another configuration raises `RwasymError` naming the differing entries. Edits are
+measured ``edits_per_pass`` at a time in a fixed plan (the batch an edit is measured in never
+depends on what was already done), so a resumed file equals an uninterrupted run's, and a kill
+loses at most the edits of the pass in flight (``edits_per_pass=1``: at most the row in flight).
+
+Data parallel (under ``torchrun``, see `rwasym.distributed`): with world_size W > 1 the covariance
+capture is sharded by batch, and pass j of the plan runs on rank j mod W, which appends its rows
+to ``<out>.rank<r>.jsonl`` (resumable like ``<out>``; rows already in ``<out>`` or in any rank
+file, e.g. from a run with another W, are skipped). After a barrier rank 0 writes ``<out>``
+atomically — the header and every row in plan order, as one uninterrupted process would — and
+deletes the rank files; every rank returns the merged rows.
+
+`summarize` compares, per matrix × head × mode × α × target family, the target rows with the
+control rows (random, orthogonal, and both pooled): difference of means, percentile-bootstrap
+95% CI and a two-sided permutation p-value, all seeded.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import distributed
+from ..hooks.activations import capture, data_hash, quiet
+from ..hooks.edits import MODES
+from ..errors import RwasymError
+from ..math.inference import bootstrap_ci, permutation_pvalue
+from ..math.rank1 import directions as make_directions, match_output_energy
+from ..models import Model, check_same_architecture, embed_head, head_input_block, head_slice, load
+from .behaviour import Evaluator
+
+__all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]
+
+FORMAT = 1
+TARGETS = ("pca", "prediction")
+CONTROLS = ("random", "orthogonal")
+MATCHES = ("norm", "output")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A config field whose comment is also its command-line help (``cli``: argparse extras)."""
+    return field(default=default, metadata=dict(help=help, **cli))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep measures. The sweep file's header, its config hash and the ``rwasym intervene``
+    flags all derive from these fields (`header`, `rwasym.app.cli`)."""
+
+    matrices: Sequence[str] = _opt(("blocks.*.attn.W_Q",), "registry globs of the matrices to edit", list_of=str)
+    directions: str = _opt("pca:4,random:32,orthogonal:32", "kind:count of targets (pca, prediction) and "
+                           "their matched controls (random, orthogonal)")
+    alphas: Sequence[Union[int, float]] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)
+    mode: str = _opt("transplant", "transplant (base + α u vᵀ) or ablate (tuned − α u vᵀ)", choices=MODES)
+    match: str = _opt("norm", "controls matched to their target in ‖α u vᵀ‖_F (norm) or in mean-square "
+                      "output change (output)", choices=MATCHES)
+    seed: int = _opt(0, "seeds the control directions (and keys the rows)")
+    beta: float = _opt(0.1, "DPO β of the implicit-reward metrics")
+    heads: bool = _opt(False, "also edit every attention head separately")
+    edits_per_pass: Optional[int] = _opt(None, "edits measured in one batched forward (default 4 on CPU, 64 on "
+                                         "an accelerator; part of the configuration: batch composition moves "
+                                         "float rounding)", type=int)
+    max_pairs: Optional[int] = _opt(None, "held-out pairs used (default all)", type=int)
+    max_tokens: Optional[int] = _opt(None, "tokens of the covariance capture (default all)", type=int)
+    reuse_prefix: bool = _opt(True, "score chosen and rejected in one pass where they share a prefix")
+
+    def __post_init__(self) -> None:
+        for name in ("matrices", "alphas"):  # lists and single values become tuples
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, int, float)) else tuple(value))
+        if self.mode not in MODES:
+            raise RwasymError(f"mode must be one of {MODES}; got {self.mode!r}")
+        parse_directions(self.directions)
+        if self.match not in MATCHES:
+            raise RwasymError(f"match must be one of {MATCHES}; got {self.match!r}")
+        alphas = [float(a) for a in self.alphas]
+        if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
+            raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
+        object.__setattr__(self, "alphas", tuple(alphas))
+        e = self.edits_per_pass
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise RwasymError(f"edits_per_pass must be a positive integer; got {e!r}")
+
+    def header(self, *, base: str, tuned: str, pairs: str, cov_data: str, matrices: Sequence[str],
+               metrics: Any, edits_per_pass: int, dtype: str) -> dict:
+        """The ``config`` of the sweep file's header: this configuration resolved against the run
+        (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
+        evaluator's metric dict —, the pass width, the dtype).
+        Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume."""
+        kinds = parse_directions(self.directions)
+        return dict(
+            base=base, tuned=tuned, pairs=pairs, cov_data=cov_data, matrices=list(matrices), heads=bool(self.heads),
+            directions=",".join(f"{k}:{c}" for k, c in kinds), alphas=list(self.alphas), mode=self.mode,
+            seed=int(self.seed), beta=float(self.beta), metrics=sorted(metrics), edits_per_pass=edits_per_pass,
+            max_tokens=self.max_tokens, reuse_prefix=bool(self.reuse_prefix), dtype=dtype,
+            **({} if self.match == "norm" else {"match": self.match}),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+_DESCRIPTORS = ("id", "matrix", "layer", "matrix_kind", "head", "side", "direction", "index", "target",
+                "matched_to", "alpha", "mode", "seed", "u_norm", "edit_norm", "input_second_moment",
+                "input_energy_ratio")
+
+
+# --------------------------------------------------------------------------------- parsing
+def parse_directions(spec: str) -> list[tuple[str, int]]:
+    """``"pca:4,random:32,orthogonal:32"`` → [("pca", 4), ("random", 32), ("orthogonal", 32)]."""
+    out: dict[str, int] = {}
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        kind, _, count = part.partition(":")
+        if kind not in TARGETS + CONTROLS or not count.strip().isdigit() or int(count) < 1 or kind in out:
+            raise RwasymError(f"bad direction spec {part!r} in {spec!r}: write kind:count with kind in "
+                              f"{', '.join(TARGETS + CONTROLS)}, each once, count >= 1 (e.g. pca:4,random:32)")
+        out[kind] = int(count)
+    if not any(k in out for k in TARGETS):
+        raise RwasymError(f"direction spec {spec!r} has no target kind: add pca:k (read side) or "
+                          "prediction:k (write side); controls are matched to the targets")
+    return list(out.items())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _model_hash(model: Model) -> str:
+    h, seen = hashlib.blake2b(digest_size=8), set()
+    for key, t in sorted(model.bridge.original_model.state_dict().items()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def row_id(matrix: str, head: Optional[int], direction: str, index: int, target: str, alpha: float,
+           mode: str, seed: int) -> str:
+    """The deterministic key of one sweep row."""
+    return _hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])
+
+
+# --------------------------------------------------------------------------------- the file
+def read_sweep(path: Union[str, os.PathLike], *, repair: bool = False) -> tuple[Optional[dict], list[dict]]:
+    """(header, rows) of a sweep file. A half-written last line is dropped with a warning (and
+    cut from the file when ``repair``); a corrupt complete line raises RwasymError."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None, []
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        warnings.warn(f"rwasym: dropping a half-written last line of {str(path)!r} ({len(raw) - end} bytes, "
+                      "from an interrupted run); it will be recomputed", stacklevel=2)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                fh.flush()
+                os.fsync(fh.fileno())
+    records = []
+    for number, line in enumerate(raw[:end].decode().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RwasymError(f"{str(path)!r} line {number} is corrupt ({err}); it is not a file this "
+                              "version of rwasym wrote, or it was edited: move it away and re-run") from None
+    if not records:
+        return None, []
+    header = records[0]
+    if not isinstance(header, dict) or header.get("rwasym_sweep") != FORMAT:
+        raise RwasymError(f"{str(path)!r} is not an rwasym sweep file (its first line is not a header); "
+                          "choose another --out path")
+    return header, records[1:]
+
+
+def _require_config(path: Path, header: Optional[dict], config: dict) -> None:
+    """Raise unless the sweep file's header (None: no file yet) was written by ``config``."""
+    if header is not None and header.get("config_hash") != _hash(config):
+        old = header.get("config", {})
+        diffs = [f"{k}: file has {old.get(k)!r}, this run has {config.get(k)!r}"
+                 for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+        raise RwasymError(f"sweep file {str(path)!r} was written by a different configuration ("
+                          f"{'; '.join(diffs) or 'config hash differs'}); use another out path, or delete "
+                          "the file to start over")
+
+
+class _Store:
+    """The append-only JSON-lines file of one sweep configuration."""
+
+    def __init__(self, path: Union[str, os.PathLike], config: dict, reference: dict):
+        self.path = Path(path)
+        digest = _hash(config)
+        header, rows = read_sweep(self.path, repair=True)
+        _require_config(self.path, header, config)
+        self.rows = {r["id"]: r for r in rows}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a")
+        if header is None:
+            self._fh.truncate(0)
+            self._write({"rwasym_sweep": FORMAT, "config_hash": digest, "config": config, "reference": reference})
+
+    def _write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, row: dict) -> None:
+        self._write(row)
+        self.rows[row["id"]] = row
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+# --------------------------------------------------------------------------------- the plan
+def _generator(seed: int, *parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_hash([seed, *parts]), 16) % (2**63))
+
+
+def _unit_edits(base: Model, spec: Any, head: Optional[int], delta: torch.Tensor, stat: Any,
+                kinds: list[tuple[str, int]], seed: int, warned: set, match: str = "norm") -> list[tuple[Any, dict]]:
+    """(Direction, row descriptors) for one matrix / head: targets and their matched controls
+    (equal ‖u vᵀ‖_F, or with ``match="output"`` equal mean-square output change)."""
+    C = head_input_block(spec, stat.covariance(), head)
+    M = head_input_block(spec, stat.second_moment(), head)
+    counts = dict(kinds)
+    out = []
+    for target in [t for t in TARGETS if t in counts]:
+        if target == "prediction" and spec.side != "write":
+            if spec.kind not in warned:
+                warnings.warn(f"rwasym: prediction directions live in the residual stream; {spec.kind} is a read "
+                              "matrix, so it gets no prediction-side edits (use pca for read matrices)", stacklevel=3)
+                warned.add(spec.kind)
+            continue
+        unemb = base.unembedding() if target == "prediction" else None
+        targets = make_directions(target, delta, counts[target], cov=C, unembedding=unemb)
+        norms = [d.norm for d in targets]
+        group = list(targets)
+        for kind in [c for c in CONTROLS if c in counts]:
+            g = _generator(seed, spec.name, head, target, kind)
+            controls = make_directions(kind, delta, counts[kind], cov=C, unembedding=unemb, side=targets[0].side,
+                                       k=counts[target], target_norms=norms, generator=g)
+            group += match_output_energy(controls, targets, M) if match == "output" else controls
+        for d in group:
+            energy = float(d.v @ C @ d.v)
+            out.append((d, dict(side=d.side, direction=d.kind, index=d.index, target=d.target,
+                                matched_to=d.matched_to, u_norm=d.norm, input_energy=energy,
+                                input_second_moment=float(d.v @ M @ d.v),
+                                input_energy_ratio=energy / max(float(C.trace()) / C.shape[0], 1e-300))))
+    return out
+
+
+def sweep(
+    base: Any,
+    tuned: Any,
+    pairs: Any,
+    config: Optional[SweepConfig] = None,
+    *,
+    out: Union[str, os.PathLike] = "sweep.jsonl",
+    text: Any = None,
+    data: Any = None,
+    metrics: Any = None,
+    progress: Optional[bool] = None,
+    **overrides: Any,
+) -> list[dict]:
+    """Run (or resume) a sweep of rank-1 edits and return its rows in plan order.
+
+    base, tuned: models (anything `rwasym.load` accepts); pairs: held-out preference pairs
+    (`rwasym.analyses.behaviour.as_eval_set`); config: a `SweepConfig` (matrices, directions,
+    alphas, mode, match, seed, beta, heads, edits_per_pass, max_pairs, max_tokens, reuse_prefix —
+    each documented there), with keyword ``overrides`` of its fields (``sweep(..., matrices=
+    "blocks.*.attn.W_Q", alphas=(1, 2))``); text: held-out text for ce / kl (default prompt +
+    chosen); data: corpus for the base's input covariance (default: the text); metrics: user
+    metrics ``{name: callable(logits, batch) -> float}``. Under ``torchrun`` the passes are sharded
+    over ranks and merged into ``out`` (module docstring).
+    """
+    unknown = sorted(set(overrides) - {f.name for f in fields(SweepConfig)})
+    if unknown:
+        raise RwasymError(f"sweep got unknown options {unknown}; the configuration fields are "
+                          f"{', '.join(f.name for f in fields(SweepConfig))}")
+    cfg = replace(config or SweepConfig(), **overrides)
+    base, tuned = load(base), load(tuned)
+    kinds = parse_directions(cfg.directions)
+    # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
+    edits_per_pass = cfg.edits_per_pass or (4 if base.device.type == "cpu" else 64)
+    chosen = {s.name for p in cfg.matrices for s in base.matrices(p)}
+    specs = [s for s in base.matrices() if s.name in chosen]
+    if not specs:
+        raise RwasymError(f"matrices={list(cfg.matrices)!r} matches no matrix; valid names: "
+                          f"{', '.join(s.name for s in base.matrices())}")
+    ev = Evaluator(base, tuned, pairs, text=text, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix,
+                   max_pairs=cfg.max_pairs)
+    cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
+    tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
+    config = cfg.header(
+        base=_model_hash(base), tuned=_model_hash(tuned),
+        pairs=_hash([None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
+                     for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")]),
+        cov_data=data_hash(tokens_for_hash) if isinstance(tokens_for_hash, torch.Tensor) else str(tokens_for_hash),
+        matrices=[s.name for s in specs], metrics=ev.metrics, edits_per_pass=edits_per_pass, dtype=str(base.dtype))
+    alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
+    rank, size = distributed.world()
+    if size == 1:
+        store = _Store(out, config, ev.reference)
+    else:  # this rank's own file; rows finished in <out> or any rank file count as done
+        done = _finished_rows(out, config)
+        distributed.barrier()  # every rank has read the files before any rank repairs / appends
+        store = _Store(_rank_path(out, rank), config, ev.reference)
+        store.rows = {**done, **store.rows}
+    try:
+        acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
+                       max_tokens=max_tokens, progress=progress)
+        check_same_architecture(base, tuned)
+        deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}  # ΔW, float64
+        host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
+        plan, warned = [], set()
+        for spec in specs:
+            for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
+                delta = deltas[spec.name] if head is None else head_slice(spec, deltas[spec.name], head)
+                if float(delta.abs().max()) == 0.0:
+                    continue  # nothing to transplant or ablate (e.g. a frozen matrix)
+                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned, match)
+                items = []
+                for alpha in alphas:
+                    for d, desc in edits:
+                        meta = dict(id=row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
+                                    matrix=spec.name, layer=spec.layer, matrix_kind=spec.kind, head=head, **desc,
+                                    alpha=alpha, mode=mode, seed=int(seed), edit_norm=abs(alpha) * d.norm)
+                        u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
+                        items.append((meta, u, v))
+                plan += [(spec.name, items[i : i + edits_per_pass]) for i in range(0, len(items), edits_per_pass)]
+        if not plan:
+            raise RwasymError(f"nothing to sweep for {[s.name for s in specs]} with directions {cfg.directions!r}: every "
+                              "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)")
+        mine = [c for j, (_, c) in enumerate(plan) if j % size == rank]  # every pass when size == 1
+        bar = tqdm(total=sum(len(c) for c in mine), initial=sum(1 for c in mine for m, _, _ in c if m["id"] in store.rows),
+                   desc="sweep", unit="edit", disable=quiet(progress) or rank != 0)
+        for j, (name, chunk) in enumerate(plan):
+            if j % size != rank or all(meta["id"] in store.rows for meta, _, _ in chunk):
+                continue  # another rank's pass, or finished
+            U = torch.stack([u for _, u, _ in chunk])
+            V = torch.stack([v for _, _, v in chunk])
+            for (meta, _, _), values in zip(chunk, ev.iter_edits(host, name, U, V)):
+                if meta["id"] not in store.rows:
+                    store.append({**meta, **values, **ev.gap_fractions(values, mode)})
+                    bar.update(1)
+        bar.close()
+        if size == 1:
+            return [store.rows[meta["id"]] for _, chunk in plan for meta, _, _ in chunk]
+    finally:
+        store.close()
+    ids = [meta["id"] for _, chunk in plan for meta, _, _ in chunk]
+    distributed.barrier()  # every rank file is complete
+    if rank == 0:
+        _merge_shards(out, config, ev.reference, ids)
+    distributed.barrier()  # <out> is merged
+    return read_sweep(out)[1]
+
+
+def _rank_path(out: Union[str, os.PathLike], rank: int) -> Path:
+    """``<out>.rank<r>.jsonl``: the rows rank r measured (``sweep.jsonl`` → ``sweep.jsonl.rank1.jsonl``)."""
+    return Path(f"{out}.rank{rank}.jsonl")
+
+
+def _shard_files(out: Union[str, os.PathLike]) -> list[Path]:
+    out = Path(out)
+    found = out.parent.glob(f"{glob.escape(out.name)}.rank*.jsonl")
+    return sorted((p for p in found if p.name[len(out.name) + 5 : -6].isdigit()),
+                  key=lambda p: int(p.name[len(out.name) + 5 : -6]))
+
+
+def _finished_rows(out: Union[str, os.PathLike], config: dict) -> dict[str, dict]:
+    """id → row of every row already in ``<out>`` or a ``<out>.rank<r>.jsonl`` file (read only;
+    a file of another configuration raises as `_Store` does). A resume may use another world size."""
+    rows: dict[str, dict] = {}
+    for path in [Path(out)] + _shard_files(out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a half-written line is dropped; its owner warns and repairs it
+            header, found = read_sweep(path)
+        _require_config(path, header, config)
+        rows.update({r["id"]: r for r in found})
+    return rows
+
+
+def _merge_shards(out: Union[str, os.PathLike], config: dict, reference: dict, ids: list[str]) -> None:
+    """Write ``<out>`` as an uninterrupted single-process run would have (header, then the rows in
+    plan order) from ``<out>`` and the rank files, atomically, then delete the rank files."""
+    shards = _shard_files(out)
+    rows = _finished_rows(out, config)
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise RwasymError(f"cannot merge the sweep shards into {str(out)!r}: {len(missing)} of {len(ids)} rows "
+                          f"are in no rank file (e.g. id {missing[0]}); re-run the same command to finish them")
+    header = {"rwasym_sweep": FORMAT, "config_hash": _hash(config), "config": config, "reference": reference}
+    tmp = Path(f"{out}.merging")
+    with open(tmp, "w") as fh:
+        for record in [header] + [rows[i] for i in ids]:
+            fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    for path in shards:
+        path.unlink()
+
+
+@dataclass
+class SweepSummary:
+    """Target-versus-control comparisons, one dict per group × control × metric."""
+
+    rows: list[dict]
+    config: dict = field(default_factory=dict)
+
+    def to_dicts(self) -> list[dict]:
+        return [dict(r) for r in self.rows]
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        text = json.dumps({"config": self.config, "rows": self.rows}, indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_markdown(self, metrics: Optional[Sequence[str]] = None) -> str:
+        lines = ["| matrix | head | mode | α | target | control | metric | target mean | control mean | "
+                 "diff [95% CI] | p |", "|" + "---|" * 11]
+        for r in self.rows:
+            if metrics is None or r["metric"] in metrics:
+                head = "" if r["head"] is None else r["head"]
+                lines.append(f"| {r['matrix']} | {head} | {r['mode']} | {r['alpha']:g} | {r['target']} | "
+                             f"{r['control']} | {r['metric']} | {r['target_mean']:.4g} | {r['control_mean']:.4g} | "
+                             f"{r['diff']:+.4g} [{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] | {r['p_value']:.3g} |")
+        return "\n".join(lines)
+
+
+def _group_order(item: tuple) -> tuple:
+    matrix, head, mode, alpha, target = item[0]
+    return (matrix, -1 if head is None else head, mode, alpha, target)
+
+
+def summarize(rows: Union[Sequence[dict], str, os.PathLike], *, metrics: Optional[Sequence[str]] = None,
+              n_boot: int = 2000, n_permutations: int = 2000, level: float = 0.95, seed: int = 0) -> SweepSummary:
+    """Per matrix × head × mode × α × target family: target rows versus each control kind and
+    both pooled ("control"), for every numeric metric (default: all but the row descriptors,
+    input_energy included): means, diff = target − control, bootstrap CI, permutation p."""
+    if isinstance(rows, (str, os.PathLike)):
+        _, rows = read_sweep(rows)
+    rows = list(rows)
+    if metrics is None:
+        metrics = sorted({k for r in rows for k, v in r.items()
+                          if k not in _DESCRIPTORS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["matrix"], r["head"], r["mode"], r["alpha"], r["target"]), []).append(r)
+    out = []
+    for (matrix, head, mode, alpha, target), members in sorted(groups.items(), key=_group_order):
+        for control in [c for c in CONTROLS if any(m["direction"] == c for m in members)] + ["control"]:
+            wanted = CONTROLS if control == "control" else (control,)
+            for metric in metrics:
+                t = [m[metric] for m in members if m["direction"] == target and m.get(metric) is not None]
+                c = [m[metric] for m in members if m["direction"] in wanted and m.get(metric) is not None]
+                if not t or not c:
+                    continue
+                lo, hi = bootstrap_ci(t, c, n_boot, level, seed)
+                out.append(dict(matrix=matrix, head=head, mode=mode, alpha=alpha, target=target, control=control,
+                                metric=metric, n_target=len(t), n_control=len(c), target_mean=float(np.mean(t)),
+                                control_mean=float(np.mean(c)), diff=float(np.mean(t) - np.mean(c)), ci_low=lo,
+                                ci_high=hi, p_value=permutation_pvalue(t, c, n_permutations, seed)))
+    config = dict(n_boot=n_boot, n_permutations=n_permutations, level=level, seed=seed)
+    return SweepSummary(rows=out, config=config)

@@ -1,0 +1,443 @@
+"""`rwasym demo | probe | train | ...` — the command line only calls the public API."""
+
+import argparse
+from pathlib import Path
+import sys
+from typing import Any, Optional, Sequence
+
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import rwasym
+
+    model = rwasym.load(args.model)
+    print(model)
+    for spec in model.matrices():
+        print(f"  {spec.name:28s} {spec.side:5s} {spec.n_out:5d} x {spec.n_in:<5d} heads={spec.n_heads} in={spec.hook_in}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    data = pairs = None
+    if args.model or args.tuned or args.tuned_adapter:
+        if not (args.model and (args.tuned or args.tuned_adapter) and args.data):
+            from ..errors import RwasymError
+
+            raise RwasymError("--model, --tuned (or --tuned-adapter) and --data go together: pass all three to run "
+                              "the demo on your pair")
+        from ..models import load_pair
+
+        base, tuned = load_pair(args.model, args.tuned, args.tuned_adapter, "demo")
+        data = _read_tokens(args.data, None)
+        data = data["input_ids"] if isinstance(data, dict) else data
+        if args.pairs:
+            pairs = _load_pairs(args.pairs)
+        run_demo(args.out, quick=args.quick, base=base, tuned=tuned,
+                 data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
+    else:
+        run_demo(args.out, quick=args.quick, seed=args.seed, k=args.k, progress=False if args.quiet else None)
+    return 0
+
+
+def _read_tokens(path: str, model):
+    """Token data for a command: a .safetensors file with ``input_ids`` (and optional
+    ``attention_mask``), or a plain-text file tokenised by `rwasym.data.load_text`."""
+    from ..errors import RwasymError
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if "input_ids" not in tensors:
+            raise RwasymError(f"{path!r} has no 'input_ids' tensor; found {sorted(tensors)}")
+        return {k: v for k, v in tensors.items() if k in ("input_ids", "attention_mask")}
+    return path  # rwasym.capture reads text files itself
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import rwasym
+
+    from ..models import load_pair
+
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe")
+    result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
+                          matrices=args.matrices, heads=not args.no_heads, seed=args.seed,
+                          max_tokens=args.max_tokens, progress=False if args.quiet else None)
+    result.to_json(args.out)
+    print(result.summary())
+    print(f"wrote {len(result.rows)} rows to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import rwasym
+    from ..substrate.language import LanguageConfig, PairConfig, corpus, make_pairs
+    from ..errors import RwasymError
+    from ..substrate.train import AlignConfig, TrainConfig, align, pretrain
+
+    progress = not args.quiet
+    if args.backend != "builtin" and args.stage != "align":
+        raise RwasymError(f"--backend {args.backend} applies to train align only; pretrain uses the built-in loop")
+    if args.stage == "pretrain":
+        lang = LanguageConfig()
+        model = rwasym.load(rwasym.native_config(d_vocab=lang.d_vocab, seed=args.seed))
+        tokens = corpus(args.n_seqs, int(model.cfg.n_ctx), seed=args.seed, config=lang)
+        cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed)
+        result = pretrain(model, tokens, cfg, out=args.out, progress=progress)
+    else:
+        if not args.base:
+            raise RwasymError("train align needs --base: a checkpoint folder (rwasym or Hugging Face)")
+        model = reference = None
+        if args.backend == "builtin":
+            model, reference = rwasym.load(args.base), rwasym.load(args.base)
+        pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500)) if args.pairs is None else _load_pairs(args.pairs)
+        cfg = replace(AlignConfig(), objective=args.objective, lam=args.lam, beta=args.beta, steps=args.steps,
+                      seed=args.seed)
+        if args.backend == "trl":  # TRL's DPOTrainer on the same pairs, settings and output layout
+            from ..substrate.trl_backend import align_trl
+
+            result = align_trl(args.base, pairs, cfg, args.out, progress=progress)
+        else:
+            result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
+    print(f"{args.stage}: final loss {result.final_loss:.4f} in {result.seconds:.1f} s; "
+          f"{len(result.checkpoints)} checkpoints in {args.out}")
+    return 0
+
+
+def _load_pairs(path: str):
+    from ..data.pairs import PreferencePairs, load_pairs_jsonl
+
+    return load_pairs_jsonl(path) if path.endswith(".jsonl") else PreferencePairs.load(path)
+
+
+def _token_tensor(path: str, model):
+    """Token rows (n_seqs, pos) from a .safetensors ``input_ids`` file or a text file."""
+    from ..data.pairs import load_text
+
+    data = _read_tokens(path, model)
+    if isinstance(data, dict):
+        return data["input_ids"]
+    return load_text(data, tokenizer=getattr(model.bridge, "tokenizer", None), d_vocab=model.d_vocab)
+
+
+def _seeds(text: str) -> list[int]:
+    from ..errors import RwasymError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise RwasymError(f"--seeds must be comma-separated integers such as 0,1,2; got {text!r}") from None
+
+
+def _cmd_gradients(args: argparse.Namespace) -> int:
+    import rwasym
+    from . import report
+
+    model = rwasym.load(args.model)
+    if args.objective == "ce":
+        data, reference = _token_tensor(args.data, model), None
+    else:
+        data = _load_pairs(args.data)
+        reference = rwasym.load(args.reference or args.model) if args.objective != "sft" else None
+    loss_fn, batches = rwasym.objective_batches(args.objective, data, reference=reference, batch_size=args.batch_size,
+                                                n_batches=args.batches, beta=args.beta, lam=args.lam)
+    stats = rwasym.capture_gradients(model, loss_fn, batches, matrices=args.matrices,
+                                     progress=False if args.quiet else None)
+    rows = rwasym.anisotropy_report(model, stats, k=args.k)
+    config = dict(model=args.model, objective=args.objective, data=args.data, k=args.k, batch_size=args.batch_size,
+                  n_batches=stats.n_batches, beta=args.beta, lam=args.lam, version=rwasym.__version__)
+    report.write_json({"config": config, "rows": rows}, args.out)
+    print(report.markdown_table(rows, ["matrix", "a_top1_share", "delta_top1_share", "a_effective_rank",
+                                       "delta_effective_rank", "G_input_pca_relative", "G_prediction_relative"]))
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    kwargs = dict(seeds=_seeds(args.seeds), k=args.k, null_samples=args.null_samples, quick=args.quick,
+                  progress=False if args.quiet else None)
+    if args.name == "graded":
+        try:
+            lams = [float(x) for x in args.lams.split(",") if x.strip()]
+        except ValueError:
+            from ..errors import RwasymError
+
+            raise RwasymError(f"--lams must be comma-separated numbers in [0, 1]; got {args.lams!r}") from None
+        res = experiments.graded_experiment(args.out, steps=args.steps, lams=lams, **kwargs)
+    elif args.name == "sweep":
+        kwargs.pop("k"), kwargs.pop("null_samples")
+        res = experiments.sweep_experiment(args.out, match=args.match, **kwargs)
+    else:
+        res = experiments.trajectory_experiment(args.out, **kwargs)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, results.json and a figure in {res['seconds']:.0f} s")
+    return 0
+
+
+def _cmd_spectra(args: argparse.Namespace) -> int:
+    from . import spectra as companion
+    from ..errors import RwasymError
+
+    if args.analysis == "post-training":
+        if not args.base:
+            raise RwasymError("spectra post-training needs --base and --tuned (or --tuned-adapter)")
+        from ..models import load_pair
+
+        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training")
+        data = _token_tensor(args.data, base) if args.data else None
+        pairs = _load_pairs(args.pairs) if args.pairs else None
+        companion.run_post_training(base, tuned, args.out, k=args.k, matrices=args.matrices, data=data,
+                                    pairs=pairs, seed=args.seed)
+    else:
+        if not args.checkpoints:
+            raise RwasymError(f"spectra {args.analysis} needs --checkpoints (a training folder with step_* "
+                              "checkpoints, or several model folders / names)")
+        if args.analysis == "geometry":
+            if not args.data:
+                raise RwasymError("spectra geometry needs --data (text file or .safetensors with input_ids)")
+            companion.run_geometry(args.checkpoints, _read_tokens(args.data, None), args.out,
+                                   max_tokens=args.max_tokens, progress=False if args.quiet else None)
+        else:
+            companion.run_lifecycle(args.checkpoints, args.out, top_k=args.k or 10, matrices=args.matrices)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, results.json and figures")
+    return 0
+
+
+# -- rwasym intervene: flags derived from SweepConfig ----------------------------------------------
+def _csv(kind: type, text: Any, flag: str) -> tuple:
+    """``"0.5,1,2"`` → (0.5, 1.0, 2.0); a tuple (a field default) passes through."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        return tuple(kind(x.strip()) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        from ..errors import RwasymError
+
+        raise RwasymError(f"{flag} must be comma-separated {'numbers' if kind is float else kind.__name__ + ' values'} "
+                          f"such as {'0.5,1,2' if kind is float else 'a,b'}; got {text!r}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of a config dataclass (``--edits-per-pass`` for ``edits_per_pass``): its
+    default, its help (the field's comment) and its parser come from the field itself."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_class):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        help = meta.get("help", "")
+        if isinstance(f.default, bool):
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help="do not " + help)
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help)
+            continue
+        if "list_of" in meta:  # parsed by config_from_args, so a bad value raises RwasymError
+            p.add_argument(flag, dest=f.name, default=f.default,
+                           help=f"{help}; comma separated (default {','.join(map(str, f.default))})")
+            continue
+        kind = meta.get("type", type(f.default))
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"),
+                       help=f"{help} (default {f.default})")
+
+
+def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
+    """The config dataclass of `add_config_flags`' flags (comma-separated lists parsed here)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(config_class):
+        value = getattr(args, f.name)
+        kind = f.metadata.get("list_of")
+        values[f.name] = value if kind is None else _csv(kind, value, "--" + f.name.replace("_", "-"))
+    return config_class(**values)
+
+
+def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``rwasym intervene``: the sweep's data flags, then one flag per `SweepConfig` field."""
+    from ..analyses.sweep import SweepConfig
+
+    p = subparsers.add_parser("intervene", help="rank-1 intervention sweep with matched controls")
+    p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--tuned", default=None, help="tuned checkpoint (hub name or folder)")
+    p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --base (instead of --tuned)")
+    p.add_argument("--pairs", required=True, help="held-out pairs: .safetensors (prompt/chosen/rejected) or .jsonl")
+    p.add_argument("--text", default=None, help="held-out text (.safetensors with input_ids); default prompt+chosen")
+    add_config_flags(p, SweepConfig)
+    p.add_argument("--out", default="sweep.jsonl")
+    p.add_argument("--summary", default=None, help="also write the summary (.json or .md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_intervene, rank_aware=True)  # shards itself; rank 0 writes (main)
+    return p
+
+
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    """``rwasym intervene``: run or resume the sweep, print the target-versus-control table."""
+    from .. import distributed
+    from ..analyses.sweep import SweepConfig, summarize, sweep
+    from ..models import load_pair
+
+    config = config_from_args(args, SweepConfig)
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
+    rows = sweep(base, tuned, args.pairs, config, out=args.out, text=args.text,
+                 progress=False if args.quiet else None)
+    if distributed.world()[0] != 0:
+        return 0  # rank 0 summarises, writes the summary and prints the table
+    summary = summarize(rows, metrics=["gap_margin", "margin", "accuracy", "ce", "kl_base", "kl_tuned", "input_energy"])
+    if args.summary:
+        Path(args.summary).write_text(summary.to_json() if args.summary.endswith(".json") else summary.to_markdown())
+    print(summary.to_markdown(["gap_margin", "kl_base" if config.mode == "transplant" else "kl_tuned", "input_energy"]))
+    print(f"{len(rows)} rows in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwasym", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="print a model's matrix registry")
+    p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("probe", help="relative-subspace-fraction probe of ΔW = tuned − base")
+    p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--tuned", default=None, help="tuned checkpoint (hub name or folder)")
+    p.add_argument("--tuned-adapter", default=None,
+                   help="PEFT LoRA adapter folder on --base: the tuned model is base + adapter (instead of --tuned)")
+    p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--null-samples", type=int, default=200)
+    p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
+    p.add_argument("--no-heads", action="store_true", help="whole matrices only")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="probe.json")
+    p.set_defaults(func=_cmd_probe)
+    from ..analyses.objectives import OBJECTIVES as GRADIENT_OBJECTIVES
+
+    add_intervene_parser(sub)
+    p = sub.add_parser("train", help="train a native model (pretrain) or align a base (align)")
+    p.add_argument("stage", choices=["pretrain", "align"])
+    p.add_argument("--out", required=True, help="folder for step_* checkpoints and log.jsonl")
+    p.add_argument("--base", help="align: the base checkpoint folder (also the frozen reference)")
+    p.add_argument("--objective", choices=["dpo", "sft", "graded"], default="dpo")
+    p.add_argument("--lam", type=float, default=0.5, help="graded: λ in λ·DPO + (1−λ)·CE(chosen)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--pairs", default=None, help="align: .jsonl or .safetensors pairs (default: procedural)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n-seqs", type=int, default=4000, help="pretrain: corpus rows")
+    p.add_argument("--backend", choices=["builtin", "trl"], default="builtin",
+                   help="align: rwasym's own loop, or TRL's DPOTrainer (same losses, settings and step_* layout; "
+                        "--base must be a Hugging Face folder or a GPT-2-shaped native checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("gradients", help="gradient anisotropy: C_a versus C_δ and G = Σ δ aᵀ per matrix")
+    p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--objective", choices=list(GRADIENT_OBJECTIVES), default="ce")
+    p.add_argument("--data", required=True, help="ce: text file or .safetensors input_ids; else pairs .jsonl/.safetensors")
+    p.add_argument("--reference", default=None, help="dpo/graded: frozen reference (default: --model itself)")
+    p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="number of batches (backward passes)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="grads.json")
+    p.set_defaults(func=_cmd_gradients)
+    p = sub.add_parser("experiment", help="the paper's experiments on the default pair, over seeds")
+    p.add_argument("name", choices=["graded", "trajectory", "sweep"])
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and the figure")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
+    p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")
+    p.add_argument("--lams", default="0,0.25,0.5,0.75,1", help="graded: comma-separated λ values")
+    p.add_argument("--match", choices=["norm", "output"], default="norm",
+                   help="sweep: controls matched in Frobenius norm or in mean-square output change")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--null-samples", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_experiment)
+    p = sub.add_parser("spectra", help="companion spectral analyses: post-training SVD, geometry, lifecycle")
+    p.add_argument("analysis", choices=["post-training", "geometry", "lifecycle"])
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and figures")
+    p.add_argument("--base", help="post-training: base model")
+    p.add_argument("--tuned", help="post-training: tuned model")
+    p.add_argument("--tuned-adapter", default=None, help="post-training: PEFT LoRA adapter on --base (instead of --tuned)")
+    p.add_argument("--checkpoints", nargs="+", help="geometry/lifecycle: a folder of step_* checkpoints, or several models")
+    p.add_argument("--data", default=None, help="geometry (required) / post-training (CE of rebuilds): tokens")
+    p.add_argument("--pairs", default=None, help="post-training: pairs for the preference accuracy of rebuilds")
+    p.add_argument("--matrices", default=None)
+    p.add_argument("--k", type=int, default=None, help="post-training: top-k directions; lifecycle: top-k energy (10)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_spectra)
+    p = sub.add_parser("demo", help="run the end-to-end demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not the real pair)")
+    p.add_argument("--out", default="rwasym_out/demo")
+    p.add_argument("--model", default=None, help="run on your own base model instead of the default pair")
+    p.add_argument("--tuned", default=None)
+    p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --model (instead of --tuned)")
+    p.add_argument("--data", default=None, help="text file or .safetensors with input_ids")
+    p.add_argument("--pairs", default=None, help="held-out pairs (.jsonl or .safetensors)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# Commands whose work splits across torchrun ranks (statistics sharded by batch, then all-reduced);
+# under torchrun any other command would only repeat the same work in every process.
+_DATA_PARALLEL = ("probe", "gradients", "intervene")
+
+
+def _run_on_this_rank(args: argparse.Namespace) -> int:
+    """Run the command; under torchrun, ranks > 0 compute their shard but write and print nothing."""
+    import contextlib
+    import os
+    import tempfile
+
+    from .. import distributed
+    from ..errors import RwasymError
+
+    rank, size = distributed.world()
+    if size == 1 or getattr(args, "rank_aware", False):  # rank-aware commands write from rank 0 themselves
+        return args.func(args)
+    if args.command not in _DATA_PARALLEL:
+        raise RwasymError(f"`rwasym {args.command}` does not split its work across processes, so each of the "
+                          f"{size} torchrun ranks would repeat it; run it as one process (python -m rwasym "
+                          f"{args.command} ...). Commands that run data-parallel: {', '.join(_DATA_PARALLEL)}")
+    if rank == 0:
+        return args.func(args)
+    with tempfile.TemporaryDirectory(prefix=f"rwasym-rank{rank}-") as scratch, \
+            open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        args.out = str(Path(scratch) / Path(args.out).name)  # rank 0 writes the real file
+        return args.func(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .. import distributed
+
+        started = distributed.init_from_env()  # torchrun: join the process group (no-op otherwise)
+        try:
+            return _run_on_this_rank(args)
+        finally:
+            if started:
+                distributed.destroy()
+    except Exception as err:  # RwasymError: print the message, not a traceback
+        from ..errors import RwasymError
+
+        if isinstance(err, RwasymError):
+            print(f"rwasym: error: {err}", file=sys.stderr)
+            return 2
+        raise

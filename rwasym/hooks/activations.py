@@ -1,0 +1,240 @@
+"""Streaming activation statistics through hook points: Σ a aᵀ, Σ a and N per site, in float64.
+
+Nothing is cached: each hook adds its batch into a `RunningCovariance` and returns, so memory is
+O(sites · d²) whatever the corpus length (TL #746). Sites are bridge hook names; by default every
+studied matrix's input (Q/K/V share one attention-input site, W_gate shares W_in's) plus
+`resid_pre` / `resid_mid` / `resid_post` of every layer.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm import tqdm
+
+from .. import distributed
+from ..errors import RwasymError
+from ..models import Model, flatten_site, load
+from ..math.covariance import RunningCovariance
+
+Batch = tuple[Tensor, Optional[Tensor]]  # (tokens (batch, pos), attention mask (batch, pos) or None)
+
+
+@dataclass
+class ActivationStats:
+    """Per-site streaming statistics of one model on one corpus.
+
+    ``stats[hook]`` is a `RunningCovariance`; ``aliases`` maps TL names such as
+    ``blocks.0.hook_resid_pre`` to the bridge hook that carries them.
+    """
+
+    stats: dict[str, RunningCovariance]
+    aliases: dict[str, str] = field(default_factory=dict)
+    model: Optional[Model] = None
+
+    def __getitem__(self, site: str) -> RunningCovariance:
+        key = self.aliases.get(site, site)
+        if key not in self.stats:
+            raise RwasymError(f"no statistics for site {site!r}; captured sites: {', '.join(self.sites())}")
+        return self.stats[key]
+
+    def sites(self) -> list[str]:
+        return list(self.aliases) + [s for s in self.stats if s not in self.aliases.values()]
+
+    def for_matrix(self, name: str) -> RunningCovariance:
+        """Statistics of the input of matrix ``name`` (its read side)."""
+        if self.model is None:
+            raise RwasymError("these statistics carry no model; index them by hook name instead")
+        return self[self.model.input_hook(name)]
+
+    @property
+    def n_tokens(self) -> int:
+        return next(iter(self.stats.values())).count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": {k: v.state_dict() for k, v in self.stats.items()}, "aliases": dict(self.aliases)}
+
+
+def default_sites(model: Model, layers: Optional[Sequence[int]] = None) -> dict[str, int]:
+    """hook name → width for every studied matrix input (deduplicated) and the residual stream."""
+    keep = set(range(model.n_layers)) if layers is None else set(layers)
+    sites: dict[str, int] = {}
+    for spec in model.matrices():
+        if spec.layer in keep:
+            sites.setdefault(model.input_hook(spec.name), spec.n_in)
+    for alias, hook in model.residual_hooks().items():
+        if int(alias.split(".")[1]) in keep:
+            sites.setdefault(hook, model.d_model)
+    return sites
+
+
+def _as_batches(data: Any, batch_size: int, model: Model) -> Iterator[Batch]:
+    """Normalise tokens / (tokens, mask) / dicts / iterables of those into (tokens, mask) batches."""
+    if isinstance(data, (str, os.PathLike)):
+        from ..data.pairs import load_text
+
+        data = load_text(Path(data), tokenizer=getattr(model.bridge, "tokenizer", None))
+    if isinstance(data, Tensor):
+        data = {"input_ids": data}
+    if isinstance(data, dict):
+        tokens, mask = data["input_ids"], data.get("attention_mask")
+        for start in range(0, tokens.shape[0], batch_size):
+            yield tokens[start : start + batch_size], None if mask is None else mask[start : start + batch_size]
+        return
+    for item in data:
+        if isinstance(item, Tensor):
+            yield item, None
+        elif isinstance(item, dict):
+            yield item["input_ids"], item.get("attention_mask")
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            yield item[0], item[1]
+        else:
+            raise RwasymError(
+                f"cannot read a batch from a {type(item).__name__}; yield token tensors (batch, pos), "
+                "(tokens, attention_mask) pairs or dicts with 'input_ids' / 'attention_mask'"
+            )
+
+
+def _check_batch(tokens: Tensor, mask: Optional[Tensor], d_vocab: int) -> None:
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise RwasymError(
+            f"token batches must be integer tensors shaped (batch, pos); got {tuple(tokens.shape)} "
+            f"{tokens.dtype}"
+        )
+    if tokens.numel() and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
+        raise RwasymError(
+            f"token ids must lie in [0, {d_vocab}) for this model; got ids in "
+            f"[{int(tokens.min())}, {int(tokens.max())}]: was the data tokenized for another model?"
+        )
+    if mask is not None and mask.shape != tokens.shape:
+        raise RwasymError(f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}")
+
+
+def _budget_mask(mask: Tensor, remaining: int) -> Tensor:
+    """Keep only the first `remaining` unmasked tokens (row-major) of a batch."""
+    kept = mask.reshape(-1).long().cumsum(0).reshape(mask.shape)
+    return mask & (kept <= remaining)
+
+
+def capture(
+    model: Any,
+    data: Any,
+    *,
+    sites: Optional[Union[Sequence[str], dict[str, int]]] = None,
+    layers: Optional[Sequence[int]] = None,
+    batch_size: int = 16,
+    max_tokens: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> ActivationStats:
+    """Stream ``data`` through ``model`` once and accumulate float64 Σ a aᵀ, Σ a, N per site.
+
+    data: token tensor (n_seqs, pos), a dict with ``input_ids`` / ``attention_mask``, an iterable
+    of batches (tensors, (tokens, mask) pairs or dicts), or a text-file path (tokenised with the
+    model's tokenizer). Padding (attention_mask == 0) is excluded from every statistic.
+    sites: hook names (TL aliases such as ``blocks.0.hook_resid_pre`` are accepted) or
+    {hook: width}; default `default_sites`. progress: tqdm bar (None = only on a terminal).
+    max_tokens: keep only the first ``max_tokens`` unpadded tokens, in batch order.
+
+    Data parallel (under ``torchrun``, see `rwasym.distributed`): with a process group of
+    world_size W > 1, every rank must be given the same ``data``; batches are formed first, rank
+    r forwards batch i iff i mod W = r, and every statistic is then summed over ranks
+    (`RunningCovariance.all_reduce`), so every rank returns the statistics of the whole corpus,
+    equal to the single-process result up to float64 summation order. ``max_tokens`` stays a
+    *global* budget and is exact: each rank reads every batch's mask (no forward) to count the
+    tokens before it in batch order, so the tokens kept are those a single process would keep.
+    """
+    model = load(model)
+    aliases = model.residual_hooks()
+    if sites is None:
+        widths = default_sites(model, layers)
+    else:
+        names = list(sites)
+        widths = {}
+        for name in names:
+            hook = aliases.get(name, name)
+            if hook not in model.bridge.hook_dict:
+                valid = sorted(set(model.bridge.hook_dict) | set(aliases))
+                raise RwasymError(f"unknown hook name {name!r}; valid names include: {', '.join(valid[:40])} ...")
+            widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
+    if batch_size <= 0:
+        raise RwasymError(f"batch_size must be positive; got {batch_size}")
+    stats = {hook: RunningCovariance(width, name=hook) for hook, width in widths.items()}
+    current: dict[str, Optional[Tensor]] = {"mask": None}
+
+    def make_hook(hook_name: str, width: int):
+        def hook_fn(x: Tensor, hook: Any = None) -> Tensor:
+            stats[hook_name].add(flatten_site(x, width), current["mask"])
+            return x
+
+        return hook_fn
+
+    stop = _last_layer(widths) + 1
+    stop_at = stop if stop <= model.n_layers - 1 else None  # skip later blocks and the unembedding
+    fwd_hooks = [(hook, make_hook(hook, width)) for hook, width in widths.items()]
+    rank, size = distributed.world()
+    seen, n_batches = 0, 0  # tokens of every rank's batches so far (the global budget), batches read
+    bar = tqdm(total=max_tokens if size == 1 else None, desc="capture", unit="tok",
+               disable=quiet(progress) or rank != 0)
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+        for i, (tokens, mask) in enumerate(_as_batches(data, batch_size, model)):
+            n_batches = i + 1
+            _check_batch(tokens, mask, model.d_vocab)
+            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            if max_tokens is not None:
+                mask = _budget_mask(mask, max_tokens - seen)
+            n = int(mask.sum())
+            if n == 0:
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+                continue
+            seen += n
+            if i % size != rank:
+                continue  # another rank's batch: counted towards the budget, not forwarded here
+            current["mask"] = mask
+            kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
+            model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
+            bar.update(n)
+    bar.close()
+    if size > 1:
+        distributed.require_same([n_batches, seen], "the batches given to capture ([batches read, tokens])")
+        for acc in stats.values():
+            acc.all_reduce()
+    if seen == 0:
+        raise RwasymError(
+            "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "
+            "pass at least one unpadded token"
+        )
+    return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+
+
+def _site_width(model: Model, hook: str) -> int:
+    for spec in model.matrices():
+        if hook == spec.hook_in:
+            return spec.n_in
+        if hook == spec.hook_out:
+            return spec.n_out
+    if hook in model.residual_hooks().values():
+        return model.d_model
+    raise RwasymError(f"cannot infer the width of hook {hook!r}; pass sites as a dict {{hook: width}}")
+
+
+def _last_layer(widths: dict[str, int]) -> int:
+    layers = [int(h.split(".")[1]) for h in widths if h.startswith("blocks.")]
+    return max(layers) if len(layers) == len(widths) else 10**9
+
+
+def quiet(progress: Optional[bool]) -> bool:
+    """True when progress bars stay off: ``progress=False``, or None and stderr is not a terminal."""
+    import sys
+
+    return not (progress if progress is not None else sys.stderr.isatty())
+
+
+def data_hash(tokens: Int[Tensor, "batch pos"]) -> str:
+    """A short content hash of a token tensor (keys saved statistics by data, not by name)."""
+    return hashlib.sha256(tokens.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,235 @@
+"""Streaming float64 statistics of activations (baukit `runningstats` style).
+
+`RunningCovariance` accumulates a token count N, the sum s = Σ_t a_t and the sum of outer products
+S = Σ_t a_t a_tᵀ of d-dimensional rows a_t, batch by batch, as *plain float64 sums*. Readouts are
+computed from the sums on demand; `merge` adds sums (an all-reduce is a sum); `state_dict` makes
+the accumulator resumable.
+"""
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .. import distributed
+from .checks import require_finite, require_floating, require_int, require_tensor, shape_str
+from ..errors import RwasymError
+
+__all__ = ["RunningCovariance"]
+
+_STATE_KEYS = ("dim", "count", "sum", "sum_outer")
+
+
+class RunningCovariance:
+    """Streaming count, mean, second moment and covariance of d-dimensional rows, in float64.
+
+    Accumulation (plain float64 sums, not Welford/Chan updates): every batch is cast to float64
+    and added into
+
+        N = Σ_t 1,   s = Σ_t a_t  (d,),   S = Σ_t a_t a_tᵀ  (d, d).
+
+    Readouts: mean μ = s / N; uncentered second moment S / N; covariance
+    (S − N μ μᵀ) / (N − 1), which equals `torch.cov` of the concatenated rows. Sums make `merge`
+    exact and order-free up to float64 rounding, so shards reduce with a plain all-reduce.
+    Trade-off: the centered covariance is a difference of sums, so its relative error grows like
+    ε₆₄ · ‖μ‖² / λ (λ the eigenvalue of interest); with ε₆₄ ≈ 1e-16 this is negligible for
+    transformer activations.
+
+    Input dtypes float16 / bfloat16 / float32 / float64 are accepted (the float64 cast is exact);
+    `*batch` leading axes are flattened, and `weight_mask` (same `*batch` shape, bool) selects the
+    rows to count, e.g. the attention mask to drop padding.
+
+    Example:
+        >>> acc = RunningCovariance(4)
+        >>> acc.add(torch.randn(2, 8, 4), weight_mask=torch.ones(2, 8, dtype=torch.bool))
+        >>> acc.count, acc.covariance().shape
+        (16, torch.Size([4, 4]))
+    """
+
+    def __init__(self, dim: int, *, name: str | None = None, device: torch.device | str = "cpu") -> None:
+        dim = require_int(dim, "dim")
+        if dim <= 0:
+            raise RwasymError(f"RunningCovariance dim must be a positive integer; got dim={dim}.")
+        self.dim = dim
+        self.name = name
+        self.device = torch.device(device)
+        self._count = 0
+        self._sum = torch.zeros(dim, dtype=torch.float64, device=self.device)  # (d,)
+        self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # (d, d)
+
+    def __repr__(self) -> str:
+        return f"RunningCovariance(dim={self.dim}, count={self._count}, name={self.name!r})"
+
+    def _label(self) -> str:
+        label = f"RunningCovariance(dim={self.dim})"
+        return f"{label} for statistic {self.name!r}" if self.name else label
+
+    # ----------------------------------------------------------------------------- accumulation
+    def _rows(self, x: Tensor, weight_mask: Tensor | None) -> Tensor:
+        """Validate a batch and return the selected rows as float64 (n, d) on the device."""
+        what = f"the input to {self._label()}.add"
+        x = require_floating(require_tensor(x, what), what)
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            raise RwasymError(
+                f"{what} must have trailing dimension d={self.dim}; got shape {shape_str(x)}. "
+                "Pass activations shaped (..., d) for the site this accumulator was made for."
+            )
+        rows = x.detach().reshape(-1, self.dim)  # (n, d)
+        if weight_mask is not None:
+            mask = require_tensor(weight_mask, "weight_mask")
+            if mask.dtype != torch.bool:
+                raise RwasymError(
+                    f"weight_mask must be a bool tensor selecting rows; got dtype {mask.dtype}. "
+                    "Convert an attention mask with `attention_mask.bool()`."
+                )
+            if mask.shape != x.shape[:-1]:
+                raise RwasymError(
+                    f"weight_mask shape {tuple(mask.shape)} must equal the leading shape "
+                    f"{tuple(x.shape[:-1])} of the input (input shape {shape_str(x)})."
+                )
+            flat = mask.reshape(-1).to(rows.device)
+            if not bool(flat.all()):  # skip the copy in the common unpadded case
+                rows = rows[flat]
+        return rows.to(device=self.device, dtype=torch.float64)
+
+    def add(
+        self,
+        x: Float[Tensor, "*batch d"],
+        weight_mask: Bool[Tensor, "*batch"] | None = None,
+    ) -> None:
+        """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`."""
+        rows = self._rows(x, weight_mask)  # (n, d) float64
+        row_sum = rows.sum(dim=0)
+        # Σ over rows is finite iff every selected entry is (float64 cannot overflow from
+        # fp16/bf16/fp32 inputs): an O(d) check instead of a pass over the batch. Nothing is
+        # added when it fails.
+        if not bool(torch.isfinite(row_sum).all()):
+            require_finite(rows, f"the input to {self._label()}.add (selected rows)")
+        self._count += rows.shape[0]
+        self._sum += row_sum
+        self._sum_outer.addmm_(rows.T, rows)
+
+    def merge(self, other: "RunningCovariance") -> "RunningCovariance":
+        """Add another accumulator's sums into this one (in place) and return self."""
+        if not isinstance(other, RunningCovariance):
+            raise RwasymError(f"can only merge a RunningCovariance; got {type(other).__name__}.")
+        if other.dim != self.dim:
+            raise RwasymError(
+                f"cannot merge {other._label()} into {self._label()}: dimensions differ "
+                f"({other.dim} != {self.dim}); merge accumulators of the same site."
+            )
+        self._count += other._count
+        self._sum += other._sum.to(self.device)
+        self._sum_outer += other._sum_outer.to(self.device)
+        return self
+
+    def __iadd__(self, other: "RunningCovariance") -> "RunningCovariance":
+        return self.merge(other)
+
+    def all_reduce(self) -> "RunningCovariance":
+        """Sum N, s and S over all ranks of the default process group, in place; return self.
+
+        One float64 all-reduce of the packed vector [N, s, vec(S)] (N is exact in float64 up to
+        2⁵³ tokens); afterwards every rank holds the sums of every rank's rows. A no-op without
+        an initialised process group or with a single rank (see `rwasym.distributed`).
+        """
+        if not distributed.is_distributed():
+            return self
+        packed = torch.cat([torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
+                            self._sum, self._sum_outer.reshape(-1)])  # (1 + d + d²,)
+        distributed.all_reduce_sum_(packed)
+        self._count = int(round(float(packed[0])))
+        self._sum.copy_(packed[1 : 1 + self.dim])
+        self._sum_outer.copy_(packed[1 + self.dim :].reshape(self.dim, self.dim))
+        return self
+
+    # ----------------------------------------------------------------------------- readouts
+    @property
+    def count(self) -> int:
+        """Number of rows (tokens) accumulated so far."""
+        return self._count
+
+    def _require_tokens(self, what: str, minimum: int = 1) -> None:
+        if self._count == 0:
+            raise RwasymError(
+                f"{self._label()} is empty: no tokens were accumulated (count=0), so its {what} "
+                "is undefined; check the data / attention mask (an empty batch or an all-False "
+                "weight_mask adds nothing)."
+            )
+        if self._count < minimum:
+            raise RwasymError(
+                f"{self._label()} holds count={self._count} token(s) but the unbiased {what} "
+                f"divides by N - 1 and needs at least {minimum}; accumulate more tokens or pass "
+                "unbiased=False."
+            )
+
+    def mean(self) -> Float[Tensor, " d"]:
+        """μ = s / N, float64 (d,)."""
+        self._require_tokens("mean")
+        return self._sum / self._count
+
+    def second_moment(self) -> Float[Tensor, "d d"]:
+        """Uncentered second moment S / N = (1/N) Σ_t a_t a_tᵀ, float64 (d, d)."""
+        self._require_tokens("second moment")
+        return self._sum_outer / self._count
+
+    def covariance(self, center: bool = True, unbiased: bool = True) -> Float[Tensor, "d d"]:
+        """Covariance from the sums, float64 (d, d), symmetrised.
+
+        center=True:  (S − N μ μᵀ) / (N − 1)   (unbiased, = torch.cov) or / N (unbiased=False).
+        center=False: S / N, the uncentered second moment; no degree of freedom is spent on a
+        mean, so `unbiased` is ignored.
+        """
+        if not center:
+            return self.second_moment()
+        self._require_tokens("covariance", minimum=2 if unbiased else 1)
+        mu = self._sum / self._count  # (d,)
+        scatter = self._sum_outer - self._count * torch.outer(mu, mu)  # (d, d)
+        cov = scatter / (self._count - 1 if unbiased else self._count)
+        return 0.5 * (cov + cov.T)
+
+    # ----------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, int | Tensor]:
+        """Plain ints and float64 CPU tensors: dim, count, sum (d,), sum_outer (d, d)."""
+        return {
+            "dim": self.dim,
+            "count": self._count,
+            "sum": self._sum.detach().cpu().clone(),
+            "sum_outer": self._sum_outer.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, int | Tensor]) -> None:
+        """Replace this accumulator's sums by those in `state` (from `state_dict`)."""
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise RwasymError(
+                f"state dict for {self._label()} is missing keys {missing}; expected keys "
+                f"{list(_STATE_KEYS)} as written by RunningCovariance.state_dict()."
+            )
+        dim, count = require_int(state["dim"], "state['dim']"), require_int(state["count"], "state['count']")
+        if dim != self.dim:
+            raise RwasymError(f"state dict has dim={dim} but {self._label()} has dim={self.dim}.")
+        if count < 0:
+            raise RwasymError(f"state dict has a negative count={count}; the file is corrupt.")
+        s, S = state["sum"], state["sum_outer"]
+        for key, value, shape in (("sum", s, (dim,)), ("sum_outer", S, (dim, dim))):
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = shape_str(value) if isinstance(value, Tensor) else type(value).__name__
+                raise RwasymError(f"state['{key}'] must be a tensor of shape {shape}; got {got}.")
+        self._count = count
+        self._sum = s.detach().to(device=self.device, dtype=torch.float64).clone()
+        self._sum_outer = S.detach().to(device=self.device, dtype=torch.float64).clone()
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, int | Tensor],
+        *,
+        name: str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "RunningCovariance":
+        """Build an accumulator from `state_dict()` output."""
+        if "dim" not in state:
+            raise RwasymError("state dict has no 'dim' key; pass the output of RunningCovariance.state_dict().")
+        acc = cls(require_int(state["dim"], "state['dim']"), name=name, device=device)
+        acc.load_state_dict(state)
+        return acc

@@ -1,0 +1,207 @@
+"""Closed-form rank-1 algebra: u = ΔW v, target and control directions, output-energy matching.
+
+- `closed_form_u(ΔW, v)` = ΔW v: for a unit input direction v, argmin_u ‖ΔW − u vᵀ‖_F = ΔW v, so
+  a transplant runs W_base + α u vᵀ on the base and an ablation W_tuned − α u vᵀ on the tuned
+  model (the tuned delta along v moved in or taken out). Applying edits to a running model is
+  `rwasym.hooks.edits`.
+- `directions` builds targets and controls. Input side (v chosen, u = ΔW v): ``pca`` (top input
+  principal directions of the base's activations at the matrix input), ``random`` (Haar on the unit
+  sphere), ``orthogonal`` (Haar on the unit sphere of the orthogonal complement of the top-k PCA
+  subspace). Output side, for write matrices (W_O, W_out), whose output is the residual stream:
+  ``prediction`` picks an output direction p among the top prediction directions (left singular
+  vectors of diag(γ_final)·W_U) and edits with the least-squares rank-1 component of ΔW along p,
+  p pᵀ ΔW = u vᵀ with u = ‖ΔWᵀp‖ p and v = ΔWᵀp / ‖ΔWᵀp‖; its ``random`` / ``orthogonal`` controls
+  draw p the same way in R^{d_model}. A control's u keeps its direction and is rescaled to
+  ‖u_target‖ of target ``matched_to = j mod k`` (so ‖α u vᵀ‖_F matches, since ‖v‖ = 1);
+  `match_output_energy` instead matches the mean-square change of the linear's output,
+  ‖u‖² vᵀ M v with M = E[a aᵀ] (high-energy PCA directions otherwise move the model more).
+"""
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import RwasymError
+from .checks import as_float64_matrix, require_vector
+from .covariance import RunningCovariance
+from .lowrank import LowRankDelta
+from .subspaces import complement_basis, pca_basis, prediction_basis
+
+__all__ = ["DIRECTION_KINDS", "Direction", "closed_form_u", "directions", "match_output_energy", "unit_vector"]
+
+DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal")
+_TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
+
+
+def unit_vector(v: Any, n: int, what: str = "v") -> Tensor:
+    """A finite float64 vector of length n with ‖v‖ = 1 (to 1e-6), or RwasymError."""
+    v = require_vector(v, n, what)
+    norm = float(v.norm())
+    if abs(norm - 1.0) > 1e-6:
+        raise RwasymError(f"{what} must be a unit vector (‖{what}‖ = 1); got ‖{what}‖ = {norm:.6g}. "
+                          f"Normalise it first: {what} = {what} / {what}.norm().")
+    return v
+
+
+def closed_form_u(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta], v: Float[Tensor, " n_in"]) -> Float[Tensor, " n_out"]:
+    """u = ΔW v, the least-squares rank-1 component of ΔW along the unit input direction v.
+
+    For ‖v‖ = 1, ‖ΔW − u vᵀ‖²_F is minimised by u = ΔW v (its gradient −2(ΔW − u vᵀ)v vanishes
+    there). Returns float64. Example: ΔW = [[1, 2], [3, 4]], v = e₂ → u = [2, 4] (shape (n_out,)).
+    A factored `LowRankDelta` ΔW = s · B A gives u = s · B (A v), O(r (n_out + n_in)).
+    """
+    if isinstance(delta, LowRankDelta):
+        return delta.matvec(unit_vector(v, delta.shape[1], "v"))
+    d = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
+    return d @ unit_vector(v, d.shape[1], "v")
+
+
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """One edit u vᵀ (α = 1) of a matrix or head block; v is unit so ‖u vᵀ‖_F = ‖u‖.
+
+    kind: pca | prediction | random | orthogonal. side: "input" (v drawn, u = ΔW v) or "output"
+    (output direction p drawn, u = ‖ΔWᵀp‖ p, v = ΔWᵀp/‖ΔWᵀp‖). target: the target family the
+    direction belongs to or is matched against (pca for input, prediction for output).
+    matched_to: for controls rescaled to a target's norm, that target's index. direction: the
+    drawn vector (v on the input side, p on the output side), float64.
+    """
+
+    kind: str
+    index: int
+    side: str
+    target: str
+    u: Float[Tensor, " n_out"]
+    v: Float[Tensor, " n_in"]
+    direction: Tensor
+    matched_to: Optional[int] = None
+
+    @property
+    def norm(self) -> float:
+        """‖u vᵀ‖_F = ‖u‖ (α = 1)."""
+        return float(self.u.norm())
+
+    def energy(self, cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance], center: bool = True) -> float:
+        """Input energy vᵀ C v (C: the input covariance, e.g. the base's)."""
+        C = cov.covariance(center=center) if isinstance(cov, RunningCovariance) else cov.to(torch.float64)
+        return float(self.v @ C.cpu() @ self.v)
+
+
+def _side_vectors(delta: Tensor, drawn: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(u, v) of the least-squares rank-1 component of ΔW along the drawn unit vector."""
+    if side == "input":
+        return delta @ drawn, drawn
+    w = delta.T @ drawn  # (n_in,)
+    norm = w.norm()
+    if float(norm) == 0.0:  # ΔW has no component along p: a zero edit (v arbitrary but unit)
+        v = torch.zeros_like(w)
+        v[0] = 1.0
+        return torch.zeros_like(drawn), v
+    return norm * drawn, w / norm
+
+
+def _subspace(side: str, k: int, n: int, cov: Any, unembedding: Any, what: str) -> Tensor:
+    if side == "input":
+        if cov is None:
+            raise RwasymError(f"{what} directions on the input side need cov= (the input covariance, "
+                              "a (n_in, n_in) tensor or RunningCovariance of the base's activations)")
+        return pca_basis(cov, k).U
+    if unembedding is None:
+        raise RwasymError(f"{what} directions on the output side need unembedding= (d_model, d_vocab), "
+                          "e.g. model.unembedding()")
+    if unembedding.shape[0] != n:
+        raise RwasymError(
+            f"prediction directions live in the residual stream R^{unembedding.shape[0]}, but this matrix's "
+            f"output has n_out={n}: the output side is defined for write matrices (W_O, W_out) only; "
+            "use pca (input side) directions for read matrices"
+        )
+    return prediction_basis(unembedding, k).U
+
+
+def match_output_energy(
+    controls: list[Direction], targets: list[Direction], second_moment: Float[Tensor, "n_in n_in"],
+) -> list[Direction]:
+    """Rescale each control's u so its edit changes the linear's output as much, on average, as its
+    matched target's: ‖u_c‖² · v_cᵀ M v_c = ‖u_t‖² · v_tᵀ M v_t, with M = E[a aᵀ] the uncentered
+    second moment of the matrix input (E‖α u vᵀ a‖² = α² ‖u‖² vᵀ M v).
+
+    The default matching (equal ‖u vᵀ‖_F) lets a high-energy target direction move the model more
+    than a low-energy control; this one compares directions at equal output change. Controls
+    without ``matched_to`` keep their index modulo the number of targets. float64.
+    """
+    M = as_float64_matrix(second_moment, "second_moment (E[a aᵀ] of the matrix input)")
+    if not targets:
+        raise RwasymError("match_output_energy needs at least one target direction")
+
+    def effect(d: Direction) -> float:
+        return float(d.u.square().sum()) * float(d.v @ M @ d.v)
+
+    out = []
+    for j, d in enumerate(controls):
+        m = d.matched_to if d.matched_to is not None else j % len(targets)
+        want, have = effect(targets[m]), effect(d)
+        if have <= 0.0:
+            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0 or vᵀ M v = 0); it cannot "
+                              "be matched — use match='norm' or more data for M")
+        out.append(replace(d, u=d.u * (want / have) ** 0.5, matched_to=m))
+    return out
+
+
+def directions(
+    kind: str,
+    delta: Float[Tensor, "n_out n_in"],
+    count: int,
+    *,
+    cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance, None] = None,
+    unembedding: Optional[Float[Tensor, "d_model d_vocab"]] = None,
+    side: Optional[str] = None,
+    k: Optional[int] = None,
+    target_norms: Optional[list[float]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> list[Direction]:
+    """``count`` edit directions of ``kind`` for ΔW (n_out × n_in; a head block works too).
+
+    pca: v_i = i-th input principal direction of ``cov``, u_i = ΔW v_i (side "input").
+    prediction: p_i = i-th prediction direction (left singular vector of ``unembedding``),
+    u_i v_iᵀ = p_i p_iᵀ ΔW (side "output"; write matrices only).
+    random: Haar-uniform unit vector in R^{n_in} (side "input") or R^{n_out} (side "output").
+    orthogonal: Haar-uniform unit vector in the orthogonal complement of the top-``k`` target
+    subspace (PCA of ``cov`` / prediction subspace) of that side.
+    target_norms: rescale control j's u to target_norms[j mod len] (its direction is kept), so
+    each control edit has its matched target's Frobenius norm. float64 throughout.
+    """
+    if kind not in DIRECTION_KINDS:
+        raise RwasymError(f"unknown direction kind {kind!r}; choose from {', '.join(DIRECTION_KINDS)}")
+    delta = as_float64_matrix(delta, "delta (ΔW)")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise RwasymError(f"count must be a positive integer; got {count!r}")
+    side = {"pca": "input", "prediction": "output"}.get(kind, side)
+    if side not in ("input", "output"):
+        raise RwasymError(f"{kind} directions need side='input' (v drawn) or side='output' (p drawn); got {side!r}")
+    n = delta.shape[1] if side == "input" else delta.shape[0]
+    if kind in ("pca", "prediction"):
+        drawn = _subspace(side, count, n, cov, unembedding, kind).T  # (count, n)
+    elif kind == "random":
+        gauss = torch.randn(count, n, dtype=torch.float64, generator=generator)
+        drawn = gauss / gauss.norm(dim=1, keepdim=True)  # uniform on the sphere
+    else:
+        if k is None:
+            raise RwasymError("orthogonal directions need k= (the dimension of the target subspace to avoid)")
+        basis = _subspace(side, k, n, cov, unembedding, kind)
+        if n - k < 1:
+            raise RwasymError(f"the orthogonal complement of a {k}-dim subspace of R^{n} is empty; use k < {n}")
+        drawn = torch.stack([complement_basis(basis, 1, generator)[:, 0] for _ in range(count)])
+    out = []
+    for j in range(count):
+        u, v = _side_vectors(delta, drawn[j], side)
+        matched = None
+        if target_norms and kind in ("random", "orthogonal"):
+            matched = j % len(target_norms)
+            norm = float(u.norm())
+            u = u * (target_norms[matched] / norm) if norm > 0 else u
+        out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
+                             direction=drawn[j].clone(), matched_to=matched))
+    return out

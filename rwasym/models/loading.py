@@ -1,0 +1,234 @@
+"""Loading and saving models: hub names, Hugging Face folders, rwasym native checkpoints.
+
+`load` turns anything a user points at into an rwasym `Model` (raw weights, no folding: weight
+processing would mix norm changes into ΔW); `load_pair` builds a command's (base, tuned) pair;
+`save_model` / `load_native` write and read native models (``rwasym.json`` + safetensors; nothing
+is unpickled).
+"""
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import RwasymError
+from .layouts import clean_key
+from .registry import Model
+
+__all__ = ["load", "load_native", "load_pair", "native_config", "read_meta", "save_model"]
+
+NATIVE_FORMAT = "rwasym-native/1"
+META_FILE = "rwasym.json"
+_WEIGHTS_FILE = "model.safetensors"
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+
+def bridge_classes():
+    """(TransformerBridge, TransformerBridgeConfig), with the native and transformers sources registered."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    import transformer_lens.model_bridge.sources.native  # noqa: F401  registers boot_native
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  boot_transformers
+
+    return TransformerBridge, TransformerBridgeConfig
+
+
+def _check_dtype(dtype: Optional[torch.dtype]) -> None:
+    if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+        raise RwasymError(
+            f"unsupported dtype {dtype}; use one of {', '.join(map(str, _SUPPORTED_DTYPES))}"
+        )
+
+
+def load(
+    source: Any,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: str = "cpu",
+    tokenizer: Any = None,
+    adapter: Any = None,
+    **boot_kwargs: Any,
+) -> Model:
+    """Load a model as an rwasym `Model`.
+
+    adapter: a PEFT LoRA adapter folder (or `rwasym.models.lora.read_adapter`'s result): returns a fresh
+    load of the base (a `Model` loaded from a folder is reloaded from it in its dtype; an in-memory
+    one is deep-copied) with ΔW = scale · B A merged into its weights and the factored deltas in
+    ``model.adapter`` (`rwasym.models.lora`); the base passed in is left untouched.
+
+    source: a `Model` (returned as is); a `TransformerBridge`; a `TransformerBridgeConfig` or dict
+    (a native tiny model, `TransformerBridge.boot_native`); a folder written by `save_model`; or
+    a Hugging Face hub name / local folder (`TransformerBridge.boot_transformers`, extra keyword
+    arguments such as ``device_map="auto"`` are passed through). Raw weights, no folding.
+    """
+    _check_dtype(dtype)
+    if adapter is not None:
+        from .lora import merge_adapter
+
+        if isinstance(source, Model) and isinstance(source.source, (str, os.PathLike)):  # reload: base stays base
+            dtype, device, source = dtype or source.dtype, str(source.device), source.source
+        elif isinstance(source, (Model, bridge_classes()[0])):
+            try:
+                source = copy.deepcopy(source.bridge if isinstance(source, Model) else source)
+            except RuntimeError as err:  # e.g. tensors cached by a forward pass with autograd on
+                raise RwasymError(f"cannot copy the in-memory base to apply the adapter to ({err}); save it "
+                                  "(rwasym.save_model / Model.save_pretrained) and pass the folder") from None
+            if dtype is not None:
+                source.original_model.to(dtype=dtype)
+        return merge_adapter(load(source, dtype=dtype, device=device, tokenizer=tokenizer, **boot_kwargs), adapter)
+    if isinstance(source, Model):
+        return source
+    TransformerBridge, TransformerBridgeConfig = bridge_classes()
+    if isinstance(source, TransformerBridge):
+        bridge = source
+    elif isinstance(source, (TransformerBridgeConfig, dict)):
+        bridge = TransformerBridge.boot_native(source, tokenizer=tokenizer, device=device, dtype=dtype)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
+            raise RwasymError(
+                f"no such folder {str(source)!r}; pass an existing checkpoint folder or a hub name"
+            )
+        if (path / META_FILE).exists():
+            return load_native(path, dtype=dtype, device=device)
+        if path.exists() and path.is_dir() and not (path / "config.json").exists():
+            raise RwasymError(
+                f"folder {str(path)!r} holds neither an rwasym checkpoint ({META_FILE}) nor a "
+                "Hugging Face model (config.json); point at a folder written by save_model, "
+                "save_pretrained, or a hub name"
+            )
+        kwargs = dict(boot_kwargs)
+        if "device_map" not in kwargs:
+            kwargs["device"] = device
+        bridge = TransformerBridge.boot_transformers(
+            str(source), dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs
+        )
+    else:
+        raise RwasymError(
+            f"cannot load a model from a {type(source).__name__}; pass a hub name or folder, a "
+            "TransformerBridge, a TransformerBridgeConfig/dict, or an rwasym.Model"
+        )
+    bridge.eval()  # dropout off: every rwasym measurement is deterministic
+    return Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
+
+
+def native_config(**overrides: Any) -> Any:
+    """A `TransformerBridgeConfig` for a small native model (LN, GELU, learned positions)."""
+    _, TransformerBridgeConfig = bridge_classes()
+    fields = dict(
+        d_model=128, d_head=32, n_heads=4, n_layers=2, n_ctx=64, d_vocab=512,
+        act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    fields.update(overrides)
+    return TransformerBridgeConfig(**fields)
+
+
+def _jsonable_config(cfg: Any) -> dict:
+    out = {}
+    for key, value in cfg.to_dict().items():
+        if key == "device":
+            continue
+        if isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        elif hasattr(value, "item") and not isinstance(value, torch.Tensor):
+            value = value.item()  # numpy scalars
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        out[key] = value
+    return out
+
+
+def save_model(model: Union[Model, nn.Module], folder: Union[str, os.PathLike], meta: Optional[dict] = None) -> Path:
+    """Save a native model as ``rwasym.json`` (config + meta) and ``model.safetensors``.
+
+    Loading the folder back with `rwasym.load(folder)` gives identical logits.
+    """
+    from safetensors.torch import save_file
+
+    model = model if isinstance(model, Model) else Model(model)
+    if getattr(model.cfg, "architecture", None) not in (None, "TransformerLensNative"):
+        raise RwasymError(
+            f"save_model writes native models only; this is a {model.cfg.architecture} bridge: "
+            "save Hugging Face models with bridge.original_model.save_pretrained(folder)"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for key, value in model.bridge.original_model.state_dict().items():
+        if value.data_ptr() in seen:  # the bridge aliases some modules under two names
+            continue
+        seen.add(value.data_ptr())
+        state[clean_key(key)] = value.detach().cpu().contiguous()
+    save_file(state, str(folder / _WEIGHTS_FILE))
+    record = {"format": NATIVE_FORMAT, "config": _jsonable_config(model.cfg), "meta": meta or {}}
+    (folder / META_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return folder
+
+
+def read_meta(folder: Union[str, os.PathLike]) -> dict:
+    """The ``rwasym.json`` record of a saved native model (format, config, meta)."""
+    path = Path(folder) / META_FILE
+    if not path.exists():
+        raise RwasymError(f"{str(path)!r} does not exist; is {str(folder)!r} an rwasym checkpoint folder?")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RwasymError(f"{str(path)!r} is corrupt ({err}); re-save the checkpoint") from None
+    if record.get("format") != NATIVE_FORMAT:
+        raise RwasymError(f"{str(path)!r} has format {record.get('format')!r}, expected {NATIVE_FORMAT!r}")
+    return record
+
+
+def load_native(folder: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device: str = "cpu") -> Model:
+    """Load a folder written by `save_model` (safetensors only: nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    TransformerBridge, TransformerBridgeConfig = bridge_classes()
+    folder = Path(folder)
+    record = read_meta(folder)
+    cfg_dict = dict(record["config"])
+    if isinstance(cfg_dict.get("dtype"), str):
+        cfg_dict["dtype"] = getattr(torch, cfg_dict["dtype"])
+    cfg_dict["init_weights"] = False  # weights come from the file
+    bridge = TransformerBridge.boot_native(TransformerBridgeConfig.from_dict(cfg_dict), device=device)
+    weights = folder / _WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise RwasymError(f"cannot read {str(weights)!r} ({err}); the checkpoint folder is incomplete or corrupt") from None
+    loaded = set()
+    with torch.no_grad():
+        for key, param in bridge.original_model.state_dict().items():
+            clean = clean_key(key)
+            if clean in state:
+                param.copy_(state[clean])
+                loaded.add(param.data_ptr())
+            elif param.data_ptr() not in loaded:
+                raise RwasymError(
+                    f"{str(weights)!r} lacks tensor {clean!r}; the checkpoint does not match its {META_FILE}"
+                )
+    if dtype is not None:
+        bridge.original_model.to(dtype=dtype)
+    bridge.eval()
+    model = Model(bridge, source=str(folder))
+    model.meta = record.get("meta", {})
+    return model
+
+
+def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command") -> tuple[Model, Model]:
+    """(base, tuned) Models for a command: ``tuned`` is a full checkpoint, or ``tuned_adapter`` a PEFT
+    LoRA adapter folder applied to ``base`` (exactly one of them)."""
+    if (tuned is None) == (tuned_adapter is None):
+        raise RwasymError(f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
+                          "(a PEFT LoRA adapter folder applied to --base)")
+    base = load(base)
+    return base, load(tuned) if tuned_adapter is None else load(base, adapter=tuned_adapter)

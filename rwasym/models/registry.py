@@ -1,0 +1,455 @@
+"""The adapter: every piece of architecture knowledge rwasym has lives here.
+
+A studied matrix is always returned in `nn.Linear` layout, W ∈ R^{n_out × n_in} acting as
+y = W a, whatever the host stores (GPT-2 `Conv1D` is transposed; fused QKV hosts are read through
+the bridge's split q/k/v linears, which are the ones the bridge's forward pass uses; GQA K/V have
+`n_key_value_heads` heads).
+
+Registry names use TransformerLens vocabulary: ``blocks.{L}.attn.W_Q|W_K|W_V|W_O`` and
+``blocks.{L}.mlp.W_in|W_gate|W_out``. Each matrix is defined by the linear map it feeds: its input
+hook is that linear's ``hook_in`` (after the layer norm for Q/K/V/W_in/W_gate) and its output hook
+that linear's ``hook_out`` — never a compatibility alias (see TL #1317, #1639).
+
+Hook tensors of attention linears may arrive per-head shaped ``(..., n_heads, d_head)``; use
+`flatten_site` to view them as ``(..., n)`` before doing linear algebra.
+"""
+
+import contextlib
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from ..errors import RwasymError
+from ..math.checks import require_finite
+from .heads import head_slice
+from .layouts import clean_key, fused_qkv_rows, host_linear, is_transposed
+
+_ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
+_MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
+KINDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
+READ_KINDS = frozenset({"W_Q", "W_K", "W_V", "W_in", "W_gate"})
+
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One studied matrix: W (n_out × n_in), y = W a.
+
+    side: "read" (input space studied: W_Q/W_K/W_V/W_in/W_gate) or "write" (output space is the
+    residual stream: W_O/W_out). n_heads: heads the matrix is split into (n_key_value_heads for
+    W_K/W_V under GQA), 0 for MLP matrices. head_axis: "out" when heads index rows (Q/K/V),
+    "in" when they index columns (O), None for MLP.
+    """
+
+    name: str
+    layer: int
+    kind: str
+    side: str
+    n_out: int
+    n_in: int
+    n_heads: int
+    d_head: Optional[int]
+    hook_in: str
+    hook_out: str
+    component: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_out, self.n_in)
+
+    @property
+    def head_axis(self) -> Optional[str]:
+        if self.kind in ("W_Q", "W_K", "W_V"):
+            return "out"
+        return "in" if self.kind == "W_O" else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flatten_site(x: Tensor, n: int) -> Tensor:
+    """View a hook tensor as (..., n): merges a trailing (n_heads, d_head) pair when present."""
+    if x.shape[-1] == n:
+        return x
+    if x.dim() >= 2 and x.shape[-1] * x.shape[-2] == n:
+        return x.flatten(-2)
+    raise RwasymError(f"hook tensor of shape {tuple(x.shape)} cannot be viewed as (..., {n})")
+
+
+class Model:
+    """rwasym's view of one TransformerBridge: the matrix registry and weight read/write.
+
+    Build it with `rwasym.load`. ``model.bridge`` is the TransformerBridge (call it for logits,
+    use its hooks); everything architecture-specific is answered here.
+    """
+
+    def __init__(self, bridge: nn.Module, source: Any = None, *, detect_fused: bool = True):
+        self.bridge = bridge
+        self.source = source
+        self.cfg = bridge.cfg
+        self._specs = {spec.name: spec for spec in self._build_registry()}
+        # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
+        self._fused_rows = self._detect_fused_rows() if detect_fused else {}
+        self.adapter: Optional[dict] = None  # name → rwasym.math.lowrank.LowRankDelta when loaded with adapter=
+        if not self._specs:
+            raise RwasymError(
+                f"found no attention or MLP linears in {type(bridge).__name__}; rwasym needs a "
+                "TransformerBridge whose blocks expose attn.q/k/v/o and mlp.in/out"
+            )
+
+    # -- fused QKV hosts -----------------------------------------------------------------------
+    def _detect_fused_rows(self) -> dict[int, list[Tensor]]:
+        """layer → row indices of W_Q, W_K, W_V in the host's fused qkv weight (`fused_qkv_rows`).
+
+        The bridge's forward uses split q/k/v copies; the fused parameter is what
+        ``save_pretrained`` writes, so `sync_fused_qkv` must know where each part lives. Detected
+        once, at load, and kept only where the fused weight's rows equal the split copies exactly.
+        """
+        found = {}
+        for layer, block in enumerate(self.bridge.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or "qkv" not in attn._modules or "q" not in attn._modules:
+                continue
+            try:
+                rows = fused_qkv_rows(self.bridge, f"blocks.{layer}.attn")
+            except RwasymError:
+                continue
+            fused = host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
+            w = fused.weight.detach()
+            w = w.T if is_transposed(fused) else w
+            parts = [host_linear(self.bridge, f"blocks.{layer}.attn.{x}").weight.detach() for x in "qkv"]
+            if all(p.shape == (len(r), w.shape[1]) and torch.equal(w[r], p) for r, p in zip(rows, parts)):
+                found[layer] = rows
+        return found
+
+    @torch.no_grad()
+    def sync_fused_qkv(self) -> int:
+        """Copy the split q/k/v weights (and biases) the forward pass uses back into the host's
+        fused qkv parameter, so ``original_model.save_pretrained`` saves what the bridge computes.
+
+        Returns the number of layers synced; raises when a fused layer's rows are unknown.
+        """
+        synced = 0
+        for layer, block in enumerate(self.bridge.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or "qkv" not in attn._modules:
+                continue
+            rows = self._fused_rows.get(layer)
+            if rows is None:
+                raise RwasymError(
+                    f"blocks.{layer}.attn has a fused qkv parameter whose row layout rwasym could not read "
+                    "off the bridge's split_qkv_matrix; saving it would drop changes to W_Q/W_K/W_V"
+                )
+            fused = host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
+            hosts = [host_linear(self.bridge, f"blocks.{layer}.attn.{x}") for x in "qkv"]
+            w = (fused.weight.T if is_transposed(fused) else fused.weight).clone()
+            for r, h in zip(rows, hosts):
+                w[r] = h.weight.to(w.dtype)
+            fused.weight.copy_(w.T if is_transposed(fused) else w)
+            if getattr(fused, "bias", None) is not None and all(h.bias is not None for h in hosts):
+                b = fused.bias.clone()  # the split biases may be views of the fused one
+                for r, h in zip(rows, hosts):
+                    b[r] = h.bias.to(b.dtype)
+                fused.bias.copy_(b)
+            synced += 1
+        return synced
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+        """Save as a plain Hugging Face folder (config, safetensors, tokenizer when there is one).
+
+        A native model is written as the exactly equivalent ``GPT2LMHeadModel`` (`native_to_gpt2`;
+        GPT-2-shaped configs only, else RwasymError), so peft / TRL / transformers can use it.
+
+        The bridge rewires the HF module tree (aliases, split q/k/v copies), so the host's own
+        ``save_pretrained`` would write duplicated or stale tensors. This syncs the fused qkv
+        parameter from the split copies (`sync_fused_qkv`), maps the bridge's state dict back to
+        the HF names, loads it into a fresh instance of the HF class and saves that.
+        """
+        host = self.bridge.original_model
+        if not hasattr(host, "save_pretrained"):  # a native model: exported as an exact GPT-2 when it is one
+            folder = Path(folder)
+            from .gpt2 import native_to_gpt2
+
+            native_to_gpt2(self).save_pretrained(folder)
+            return folder
+        self.sync_fused_qkv()
+        fresh = type(host)(host.config)
+        wanted = fresh.state_dict()
+        clean = {}
+        for key, value in host.state_dict().items():
+            name = clean_key(key)
+            if name in wanted and name not in clean:
+                clean[name] = value.detach().clone()
+        missing = [k for k in wanted if k not in clean]
+        if missing:
+            raise RwasymError(f"cannot map the bridge back to {type(host).__name__}: missing {missing[:5]}")
+        fresh.load_state_dict(clean, strict=True)
+        folder = Path(folder)
+        fresh.save_pretrained(folder)
+        tokenizer = getattr(self.bridge, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return folder
+
+    def host_module_names(self) -> dict[str, str]:
+        """Matrix name → qualified name of the nn.Module holding its weight in the Hugging Face model
+        (``bridge.original_model``), e.g. ``model.layers.0.self_attn.q_proj`` — the names PEFT
+        adapters use. W_Q/W_K/W_V of a fused layer all map to the fused host (GPT-2 ``c_attn``,
+        NeoX ``query_key_value``). Found by identity among the module tree's aliases, keeping the
+        name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias.
+        """
+        host = self.bridge.original_model
+        aliases: dict[int, list[str]] = {}
+        for qualified, module in host.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(clean_key(qualified))
+        hf_names = None
+        if hasattr(host, "config") and hasattr(host, "save_pretrained"):
+            with torch.device("meta"):
+                hf_names = {n for n, _ in type(host)(host.config).named_modules()}
+        out = {}
+        for spec in self.matrices():
+            component = spec.component
+            if spec.kind in ("W_Q", "W_K", "W_V") and spec.layer in self._fused_rows:
+                component = f"blocks.{spec.layer}.attn.qkv"
+            names = aliases.get(id(host_linear(self.bridge, component)), [])
+            real = [n for n in names if hf_names is None or n in hf_names]
+            if real:
+                out[spec.name] = real[0]
+        return out
+
+    # -- registry -----------------------------------------------------------------------------
+    def _build_registry(self) -> Iterator[MatrixSpec]:
+        n_heads = int(self.cfg.n_heads)
+        n_kv = int(getattr(self.cfg, "n_key_value_heads", None) or n_heads)
+        d_head = int(self.cfg.d_head)
+        for layer, block in enumerate(self.bridge.blocks):
+            for group, kinds in (("attn", _ATTN_KINDS), ("mlp", _MLP_KINDS)):
+                parent = getattr(block, group, None)
+                if parent is None:
+                    continue
+                for kind, sub in kinds.items():
+                    if sub not in getattr(parent, "_modules", {}):
+                        continue
+                    component = f"blocks.{layer}.{group}.{sub}"
+                    host = host_linear(self.bridge, component)
+                    w = host.weight
+                    n_out, n_in = (w.shape[1], w.shape[0]) if is_transposed(host) else w.shape
+                    heads = {"W_Q": n_heads, "W_O": n_heads, "W_K": n_kv, "W_V": n_kv}.get(kind, 0)
+                    width = n_out if kind in ("W_Q", "W_K", "W_V") else n_in
+                    if heads and heads * d_head != width:
+                        raise RwasymError(
+                            f"blocks.{layer}.{group}.{kind} has {width} head-axis units but the config says "
+                            f"{heads} heads × d_head {d_head} = {heads * d_head}; fix n_heads / "
+                            "n_key_value_heads / d_head in the bridge config"
+                        )
+                    yield MatrixSpec(
+                        name=f"blocks.{layer}.{group}.{kind}",
+                        layer=layer,
+                        kind=kind,
+                        side="read" if kind in READ_KINDS else "write",
+                        n_out=int(n_out),
+                        n_in=int(n_in),
+                        n_heads=heads,
+                        d_head=d_head if heads else None,
+                        hook_in=f"{component}.hook_in",
+                        hook_out=f"{component}.hook_out",
+                        component=component,
+                    )
+
+    def matrices(self, pattern: Union[str, Sequence[str], None] = None) -> list[MatrixSpec]:
+        """The registry, in layer order.
+
+        ``pattern``: a glob where ``*`` matches one dotted segment (``blocks.*.attn.W_Q``,
+        ``blocks.0.*.*``), or a list of globs. A pattern matching nothing returns [].
+        """
+        specs = list(self._specs.values())
+        if pattern is None:
+            return specs
+        return [s for s in specs if matches_pattern(s.name, pattern)]
+
+    def matrix(self, name: str) -> MatrixSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise RwasymError(
+                f"unknown matrix name {name!r}; valid names are: {', '.join(self._specs)}"
+            ) from None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.unembedding_host().weight.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    def input_hook(self, name: str) -> str:
+        """The canonical hook carrying the input of matrix ``name``.
+
+        Q, K and V read one tensor (the attention input after ln1), and W_gate reads the W_in
+        input; they share W_Q's / W_in's hook so a capture computes each covariance once.
+        """
+        spec = self.matrix(name)
+        twin = {"W_K": "W_Q", "W_V": "W_Q", "W_gate": "W_in"}.get(spec.kind)
+        if twin and getattr(self.cfg, "use_split_qkv_input", False) is False:
+            group = "attn" if twin == "W_Q" else "mlp"
+            return self._specs[f"blocks.{spec.layer}.{group}.{twin}"].hook_in
+        return spec.hook_in
+
+    def residual_hooks(self) -> dict[str, str]:
+        """``blocks.L.hook_resid_pre|mid|post`` → the bridge hook that carries it.
+
+        resid_mid (between attention and MLP) exists only for sequential blocks.
+        """
+        out = {}
+        parallel = bool(getattr(self.cfg, "parallel_attn_mlp", False))
+        for layer, block in enumerate(self.bridge.blocks):
+            out[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}.hook_in"
+            if not parallel and "ln2" in block._modules and "Parallel" not in type(block).__name__:
+                out[f"blocks.{layer}.hook_resid_mid"] = f"blocks.{layer}.ln2.hook_in"
+            out[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}.hook_out"
+        return out
+
+    # -- reading ------------------------------------------------------------------------------
+    def host_parameter(self, name: str) -> nn.Parameter:
+        """The parameter the forward pass really uses for ``name`` (host layout)."""
+        return host_linear(self.bridge, self.matrix(name).component).weight
+
+    def weight(self, name: str) -> Float[Tensor, "n_out n_in"]:
+        """A float64 CPU copy of the matrix in nn.Linear layout (n_out × n_in)."""
+        spec = self.matrix(name)
+        host = host_linear(self.bridge, spec.component)
+        w = host.weight.detach().to("cpu", torch.float64)
+        return (w.T if is_transposed(host) else w).clone()
+
+    def bias(self, name: str) -> Optional[Float[Tensor, " n_out"]]:
+        host = host_linear(self.bridge, self.matrix(name).component)
+        b = getattr(host, "bias", None)
+        return None if b is None else b.detach().to("cpu", torch.float64).clone()
+
+    def head_weight(self, name: str, head: int) -> Float[Tensor, "n_out n_in"]:
+        """Per-head view: W_Q/K/V[h] = rows h·d_head:(h+1)·d_head (d_head × d_model);
+        W_O[h] = columns h·d_head:(h+1)·d_head (d_model × d_head). GQA-aware for K/V."""
+        return head_slice(self.matrix(name), self.weight(name), head)
+
+    def unembedding_host(self) -> nn.Module:
+        return host_linear(self.bridge, "unembed")
+
+    def unembedding(self) -> Float[Tensor, "d_model d_vocab"]:
+        """Effective unembedding diag(γ_final) · W_U (d_model × vocab), float64.
+
+        The final norm's scale γ is folded in because the logits read the residual stream only
+        through it; its bias (if any) shifts logits by a constant per token and is left out.
+        Models without a final-norm scale (RMSPre/LNPre) use W_U alone.
+        """
+        host = self.unembedding_host()
+        w_u = host.weight.detach().to("cpu", torch.float64)
+        w_u = w_u if is_transposed(host) else w_u.T  # (d_model, vocab)
+        ln = getattr(self.bridge, "ln_final", None)
+        gamma = getattr(getattr(ln, "original_component", None), "weight", None)
+        if gamma is not None:
+            w_u = gamma.detach().to("cpu", torch.float64)[:, None] * w_u
+        return w_u
+
+    # -- writing ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_weight(self, name: str, value: Float[Tensor, "n_out n_in"]) -> None:
+        """Write ``value`` (nn.Linear layout) into the host parameter the forward pass uses.
+
+        Prefer the `edit` context manager, which restores the original bit-exactly.
+        """
+        spec = self.matrix(name)
+        if tuple(value.shape) != spec.shape:
+            raise RwasymError(
+                f"{name} has shape (n_out, n_in) = {spec.shape}, got a value of shape "
+                f"{tuple(value.shape)}; pass the matrix in nn.Linear layout (n_out × n_in)"
+            )
+        require_finite(value, f"the new value of {name}")
+        host = host_linear(self.bridge, spec.component)
+        new = value.T if is_transposed(host) else value
+        host.weight.copy_(new.to(host.weight.device, host.weight.dtype))
+
+    @contextlib.contextmanager
+    def edit(self, updates: Mapping[str, Tensor]) -> Iterator["Model"]:
+        """Temporarily set several matrices; restores every host parameter bit-exactly on exit,
+        also when the body raises."""
+        saved = {name: self.host_parameter(name).detach().clone() for name in updates}
+        try:
+            for name, value in updates.items():
+                self.set_weight(name, value)
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    self.host_parameter(name).copy_(original)
+
+    @torch.no_grad()
+    def self_check(self, tokens: Optional[Tensor] = None, *, rtol: float = 1e-4) -> list[dict]:
+        """The adapter's consistency check: for every registry matrix, the tensor at its input
+        hook times Wᵀ (+ b) must equal the tensor at its output hook.
+
+        This proves the layout (no silent transpose), the head split and the hook names at once.
+        Returns one row per matrix (max relative error); raises RwasymError listing the failures.
+        """
+        if tokens is None:
+            g = torch.Generator().manual_seed(0)
+            n_ctx = int(getattr(self.cfg, "n_ctx", 16) or 16)
+            tokens = torch.randint(0, self.d_vocab, (2, min(16, n_ctx)), generator=g)
+        _, cache = self.bridge.run_with_cache(tokens.to(self.device))
+        rows, failures = [], []
+        for spec in self.matrices():
+            if spec.hook_in not in cache or spec.hook_out not in cache:
+                failures.append(f"{spec.name}: hook {spec.hook_in} or {spec.hook_out} never fired")
+                continue
+            a = flatten_site(cache[spec.hook_in], spec.n_in).double()
+            y = flatten_site(cache[spec.hook_out], spec.n_out).double()
+            b = self.bias(spec.name)
+            pred = a @ self.weight(spec.name).T.to(a.device) + (0 if b is None else b.to(a.device))
+            err = float((pred - y).norm() / y.norm().clamp_min(1e-30))
+            rows.append(dict(matrix=spec.name, relative_error=err))
+            if not err <= rtol:
+                failures.append(f"{spec.name}: ‖hook_in·Wᵀ + b − hook_out‖/‖hook_out‖ = {err:.2e}")
+        if failures:
+            raise RwasymError(
+                "adapter consistency check failed (wrong layout, head split or hook names):\n  "
+                + "\n  ".join(failures)
+            )
+        return rows
+
+    def state_fingerprint(self) -> dict[str, Tensor]:
+        """Host-layout copies of every studied matrix (for bit-exact restore checks)."""
+        return {n: self.host_parameter(n).detach().clone() for n in self._specs}
+
+    def __repr__(self) -> str:
+        label = self.source if self.source is not None else getattr(self.cfg, "model_name", None)
+        return (
+            f"rwasym.Model({str(label)!r}: {self.n_layers} layers, d_model {self.d_model}, "
+            f"{len(self._specs)} matrices)"
+        )
+
+
+def matches_pattern(name: str, pattern: Union[str, list, tuple]) -> bool:
+    """Glob match of a registry name, ``*`` = one dotted segment; a list matches if any entry does."""
+    if isinstance(pattern, (list, tuple)):
+        return any(matches_pattern(name, p) for p in pattern)
+    regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$"
+    return re.match(regex, name) is not None
+

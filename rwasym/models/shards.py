@@ -1,0 +1,365 @@
+"""Streaming weight deltas for Hugging Face checkpoints bigger than memory.
+
+`stream_weight_deltas(base, tuned)` yields ``(name, ΔW)`` one studied matrix at a time, with
+ΔW = W_tuned − W_base in float64 and `nn.Linear` layout (n_out × n_in), reading each tensor
+lazily from the checkpoints' safetensors files (single ``model.safetensors`` or sharded with
+``model.safetensors.index.json``). Peak memory is a few matrices, never two models. Names, order
+and layouts are exactly those of ``rwasym.load(folder).matrices()``, and the values equal
+``rwasym.weight_deltas(load(base), load(tuned))`` bit for bit for fp32, fp16 and bf16 checkpoints
+(the cast to float64 is exact). Only float64 checkpoints differ: `load` casts them to float32,
+streaming keeps their full precision.
+
+How a registry matrix is found in a checkpoint without loading it (the *skeleton*):
+the folder's ``config.json`` is instantiated on the ``meta`` device (no allocation) and wrapped in
+the same TransformerBridge adapter `rwasym.load` uses, so the registry is the one
+`rwasym.models.Model` builds. Each matrix's host module is mapped to its qualified name in the
+Hugging Face module tree, hence its checkpoint key ``<module path>.weight``. Host layouts:
+
+- ``linear``: the key holds W as (n_out, n_in).
+- ``conv1d``: GPT-2 ``Conv1D`` holds Wᵀ as (n_in, n_out); W = Tᵀ.
+- ``fused`` / ``fused-conv1d``: W_Q, W_K, W_V are rows of one fused qkv tensor F (nn.Linear
+  layout after the Conv1D transpose): W = F[rows], rows from `rwasym.models.layouts.fused_qkv_rows`
+  (the same detector a loaded model uses).
+"""
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import RwasymError
+from .deltas import check_same_architecture
+from .layouts import fused_qkv_rows, host_linear, index_probe, is_transposed
+from .registry import MatrixSpec, Model, matches_pattern
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_CHUNK_BYTES = 8 * 2**20  # float64 bytes per streamed block of rows (sub_ makes a block-sized temporary)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class CheckpointMatrix:
+    """Where one studied matrix lives in a checkpoint folder.
+
+    key: the safetensors key of the host tensor; file: the file (relative to the folder) holding
+    it; host_shape: that tensor's shape; layout: ``linear`` (W = T), ``conv1d`` (W = Tᵀ),
+    ``fused`` (W = T[rows]) or ``fused-conv1d`` (W = (Tᵀ)[rows]); rows: for fused layouts, the
+    fused tensor's row indices that make up W (n_out of them), else None.
+    """
+
+    spec: MatrixSpec
+    key: str
+    file: str
+    host_shape: tuple[int, ...]
+    layout: str
+    rows: Optional[tuple[int, ...]] = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+# -- the checkpoint's files -------------------------------------------------------------------
+def _weight_map(folder: Path) -> dict[str, str]:
+    """key → file for a single-file or sharded safetensors checkpoint (headers only)."""
+    index = folder / _INDEX_FILE
+    if index.exists():
+        try:
+            files = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise RwasymError(
+                f"{str(index)!r} is corrupt (no valid 'weight_map': {err}); re-save the checkpoint "
+                "with save_pretrained"
+            ) from None
+        for file in sorted(set(files.values())):
+            if not (folder / file).exists():
+                raise RwasymError(
+                    f"shard {file!r} listed in {str(index)!r} is missing; the checkpoint folder is "
+                    "incomplete: copy or download the missing shard"
+                )
+        return dict(files)
+    if (folder / _SINGLE_FILE).exists():
+        with _open(folder, _SINGLE_FILE) as handle:
+            return {key: _SINGLE_FILE for key in handle.keys()}
+    other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = (
+        f" It holds {', '.join(other[:3])}: convert it once with "
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)."
+        if other else ""
+    )
+    raise RwasymError(
+        f"folder {str(folder)!r} has neither {_SINGLE_FILE} nor {_INDEX_FILE}; streaming reads "
+        f"safetensors checkpoints only.{hint}"
+    )
+
+
+@contextlib.contextmanager
+def _open(folder: Path, file: str):
+    """safe_open one file; closed on exit so its memory map (resident pages) is released."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / file
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise RwasymError(
+            f"cannot read {str(path)!r} ({err}); the file is truncated or corrupt: re-save or "
+            "re-download the checkpoint"
+        ) from None
+    with handle:
+        yield handle
+
+
+def _host_delta(base_folder: Path, b: CheckpointMatrix, tuned_folder: Path, t: CheckpointMatrix) -> Tensor:
+    """T_tuned − T_base in float64 and in the host's layout (Conv1D and fused tensors untouched).
+
+    Filled in row blocks of at most `_CHUNK_BYTES` (float64): ``out[i:j] = T_tuned[i:j]`` then
+    ``out[i:j] -= T_base[i:j]`` (mixed-dtype in-place ops compute in float64, exactly). Each block
+    is read through its own `safe_open`, so no more than one block of a file is mapped at a time:
+    peak ≈ one float64 matrix + two raw blocks.
+    """
+    out = torch.empty(b.host_shape, dtype=torch.float64)
+    step = max(1, _CHUNK_BYTES // (8 * max(1, out[0].numel())))
+    for start in range(0, out.shape[0], step):
+        block = out[start : start + step]
+        for folder, entry, first in ((tuned_folder, t, True), (base_folder, b, False)):
+            with _open(folder, entry.file) as handle:
+                piece = handle.get_slice(entry.key)
+                if start == 0:
+                    _check_slice(folder, entry, piece)
+                value = piece[start : start + step]
+                if first:
+                    block.copy_(value)
+                else:
+                    block.sub_(value)
+            del value
+        if not torch.isfinite(block).all():  # per block: isfinite makes a temporary of its input's size
+            what = b.name if b.rows is None else f"{b.key} (W_Q, W_K, W_V of layer {b.spec.layer})"
+            raise RwasymError(f"ΔW of {what} contains NaN or Inf; check the checkpoints (re-save or re-download)")
+    return out
+
+
+def _check_slice(folder: Path, entry: CheckpointMatrix, piece) -> None:
+    shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
+    if shape != entry.host_shape:
+        raise RwasymError(
+            f"{entry.name}: tensor {entry.key} in {str(folder / entry.file)!r} has shape {shape} but the "
+            f"other checkpoint and config.json imply {entry.host_shape}; compare two checkpoints of one "
+            "architecture"
+        )
+    if dtype not in _FLOAT_DTYPES:
+        raise RwasymError(
+            f"{entry.name}: tensor {entry.key} in {str(folder / entry.file)!r} has dtype {dtype}; streaming "
+            f"reads {', '.join(_FLOAT_DTYPES)} checkpoints: dequantize the checkpoint first"
+        )
+
+
+# -- the skeleton -----------------------------------------------------------------------------
+def _skeleton(folder: Path):
+    """(bridge, HF module name by module id, HF model) for ``folder``'s config, without weights.
+
+    Everything is built on the ``meta`` device. TransformerLens' default fused-QKV split (GPT-2)
+    refuses meta weights (NotImplementedError from ``require_readable_weight``); for those
+    architectures the 2-D weights become stride-0 index probes (`index_probe`) instead.
+    """
+    from transformers import AutoConfig
+
+    from .loading import bridge_classes
+
+    bridge_classes()
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+    from transformer_lens.model_bridge.sources.transformers.helpers import get_hf_model_class_for_architecture
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(folder))
+        architecture = determine_architecture_from_hf_config(hf_config)
+        model_class = get_hf_model_class_for_architecture(architecture)
+    except (OSError, ValueError, KeyError) as err:
+        raise RwasymError(
+            f"cannot read the model config in {str(folder)!r} ({err}); fix config.json "
+            "(it must name a TransformerLens-supported architecture)"
+        ) from None
+
+    def build(probed: bool):
+        with torch.device("meta"):
+            hf = model_class.from_config(hf_config)
+            if probed:
+                # Give every 2-D weight but the (tied) embeddings a stride-0 probe: real and
+                # readable, yet free (the bridge copies embeddings, so those stay on meta).
+                skip = {id(hf.get_output_embeddings()), id(hf.get_input_embeddings())}
+                for module in list(hf.modules()):
+                    w = module._parameters.get("weight")
+                    if w is not None and w.dim() == 2 and id(module) not in skip:
+                        module._parameters["weight"] = index_probe(w, is_transposed(module))
+            names = {id(m): n for n, m in hf.named_modules()}  # before the bridge rewires the tree
+            bridge = build_bridge_from_module(hf, architecture, hf_config=hf_config, model_name=str(folder))
+        return bridge, names, hf
+
+    try:
+        return build(probed=False)
+    except NotImplementedError:
+        # A fused-QKV split that reads real values at boot (GPT-2's default split). The failed
+        # attempt left its module tree half rewired, so build a fresh one.
+        return build(probed=True)
+
+
+def _resolve_key(name: str, keys: dict[str, str], prefix: str) -> Optional[str]:
+    """The checkpoint key of module ``name``'s weight; tolerates a missing or extra base-model
+    prefix (``transformer.h.0…`` saved as ``h.0…`` by older GPT-2 checkpoints)."""
+    candidates = [f"{name}.weight"]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(f"{name[len(prefix) + 1:]}.weight")
+    elif prefix:
+        candidates.append(f"{prefix}.{name}.weight")
+    return next((c for c in candidates if c in keys), None)
+
+
+def _checked_folder(folder: PathLike, role: str) -> Path:
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise RwasymError(f"{role} folder {str(folder)!r} does not exist; pass a local checkpoint folder")
+    if not (path / "config.json").exists():
+        raise RwasymError(
+            f"{role} folder {str(path)!r} has no config.json; streaming needs a Hugging Face checkpoint "
+            "folder written by save_pretrained (config.json + safetensors)"
+        )
+    return path
+
+
+def _entries(folder: Path, role: str = "checkpoint") -> tuple[Model, list[CheckpointMatrix]]:
+    bridge, names, hf = _skeleton(folder)
+    skeleton = Model(bridge, source=str(folder), detect_fused=False)  # rwasym.load(folder)'s registry, no weights
+    keys = _weight_map(folder)
+    prefix = getattr(hf, "base_model_prefix", "") or ""
+    entries, fused_cache = [], {}
+    for spec in skeleton.matrices():
+        host = host_linear(bridge, spec.component)
+        rows = None
+        if id(host) in names:
+            module, layout = names[id(host)], "conv1d" if is_transposed(host) else "linear"
+        else:  # a split copy the bridge made from a fused qkv host
+            attn_component = spec.component.rsplit(".", 1)[0]
+            fused = host_linear(bridge, f"{attn_component}.qkv") if spec.kind in ("W_Q", "W_K", "W_V") else None
+            if fused is None or id(fused) not in names:
+                raise RwasymError(
+                    f"{spec.name}: its host module is not part of the Hugging Face model, so it has no "
+                    "checkpoint key; compare with rwasym.weight_deltas(rwasym.load(base), rwasym.load(tuned))"
+                )
+            if attn_component not in fused_cache:
+                fused_cache[attn_component] = fused_qkv_rows(bridge, attn_component)
+            rows = tuple(fused_cache[attn_component]["W_Q W_K W_V".split().index(spec.kind)].tolist())
+            host = fused
+            module, layout = names[id(fused)], "fused-conv1d" if is_transposed(fused) else "fused"
+        key = _resolve_key(module, keys, prefix)
+        if key is None:
+            raise RwasymError(
+                f"{spec.name}: the {role} checkpoint {str(folder)!r} has no tensor {module}.weight (its "
+                f"config.json implies it); the weights do not match the config: re-save the checkpoint "
+                "with save_pretrained, or fix config.json"
+            )
+        with _open(folder, keys[key]) as handle:
+            shape = tuple(handle.get_slice(key).get_shape())
+        if shape != tuple(host.weight.shape):
+            raise RwasymError(
+                f"{spec.name}: tensor {key} in the {role} checkpoint has shape {shape} but its config.json "
+                f"implies {tuple(host.weight.shape)}; the weights do not match the config: fix "
+                "config.json or re-save the checkpoint"
+            )
+        entries.append(CheckpointMatrix(spec, key, keys[key], shape, layout, rows))
+    return skeleton, entries
+
+
+# -- public -----------------------------------------------------------------------------------
+def checkpoint_matrices(
+    folder: PathLike, pattern: Union[str, Sequence[str], None] = None
+) -> list[CheckpointMatrix]:
+    """Every studied matrix of a Hugging Face checkpoint folder, with its key, file and layout,
+    in the order of ``rwasym.load(folder).matrices(pattern)`` — read from config.json and the
+    safetensors headers only (no weights are loaded)."""
+    path = _checked_folder(folder, "checkpoint")
+    _, entries = _entries(path)
+    return [e for e in entries if pattern is None or matches_pattern(e.name, pattern)]
+
+
+def stream_weight_deltas(
+    base_folder: PathLike,
+    tuned_folder: PathLike,
+    pattern: Union[str, Sequence[str], None] = None,
+) -> Iterator[tuple[str, Float[Tensor, "n_out n_in"]]]:
+    """An iterator of ``(name, ΔW)``, ΔW = W_tuned − W_base (float64, nn.Linear layout n_out × n_in),
+    one matrix at a time, in registry order.
+
+    Equals ``rwasym.weight_deltas(rwasym.load(base_folder), rwasym.load(tuned_folder), pattern)``
+    (Conv1D deltas are transposed views, as `Model.weight` returns them) without loading either
+    model: each host tensor is read from its safetensors file in row blocks when needed and
+    dropped after use; a fused qkv ΔW is kept only while its three matrices are yielded. Peak
+    memory ≈ the largest ΔW in float64 (plus the one the caller still holds) + 16 MiB of blocks.
+
+    Checks run at the call, before any weight is read: missing folder, config.json or safetensors
+    files, unreadable headers, different architectures (`rwasym.check_same_architecture`, on the
+    two configs), keys missing from a checkpoint or shapes that disagree with its config.json all
+    raise RwasymError naming the matrix. While streaming: a corrupt block or a non-finite ΔW.
+    """
+    base_path = _checked_folder(base_folder, "base")
+    tuned_path = _checked_folder(tuned_folder, "tuned")
+    base_model, base_entries = _entries(base_path, "base")
+    tuned_model, tuned_entries = _entries(tuned_path, "tuned")
+    check_same_architecture(base_model, tuned_model)
+    pairs = []
+    for b, t in zip(base_entries, tuned_entries):
+        if pattern is not None and not matches_pattern(b.name, pattern):
+            continue
+        if (b.host_shape, b.layout, b.rows) != (t.host_shape, t.layout, t.rows):
+            raise RwasymError(
+                f"base and tuned checkpoints differ at {b.name}: {b.key} is {b.layout} {b.host_shape} in "
+                f"base and {t.key} is {t.layout} {t.host_shape} in tuned; compare two checkpoints of one "
+                "architecture"
+            )
+        pairs.append((b, t))
+    return _stream(base_path, tuned_path, pairs)
+
+
+def _stream(base_path: Path, tuned_path: Path, pairs: list) -> Iterator[tuple[str, Tensor]]:
+    fused_key, fused_delta = None, None  # a fused qkv ΔW, kept while its q, k, v are yielded
+    for b, t in pairs:
+        transposed = b.layout in ("conv1d", "fused-conv1d")
+        if b.rows is None:
+            fused_key, fused_delta = None, None
+            delta = _host_delta(base_path, b, tuned_path, t)
+            delta = delta.T if transposed else delta  # (n_out, n_in)
+        else:
+            if fused_key != (b.key, t.key):
+                fused_key, fused_delta = None, None  # free the previous layer's first
+                fused_delta = _host_delta(base_path, b, tuned_path, t)
+                fused_delta = fused_delta.T if transposed else fused_delta  # (n_fused, n_in)
+                fused_key = (b.key, t.key)
+            delta = fused_delta.index_select(0, torch.tensor(b.rows, dtype=torch.long))  # (n_out, n_in)
+        assert delta.shape == b.spec.shape, (b.name, delta.shape, b.spec.shape)
+        yield b.name, delta
+        del delta  # the consumer holds the only reference now
+
+
+def weight_delta_norms(
+    base_folder: PathLike,
+    tuned_folder: PathLike,
+    pattern: Union[str, Sequence[str], None] = None,
+) -> dict[str, float]:
+    """‖ΔW‖_F = sqrt(Σᵢⱼ ΔWᵢⱼ²) for every studied matrix, streamed (`stream_weight_deltas`)."""
+    norms = {}
+    for name, delta in stream_weight_deltas(base_folder, tuned_folder, pattern):
+        norms[name] = float(torch.linalg.vector_norm(delta))
+        del delta  # free it before the next one is read
+    return norms
+
+
+__all__ = ["CheckpointMatrix", "checkpoint_matrices", "stream_weight_deltas", "weight_delta_norms"]
