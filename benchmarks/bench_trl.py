@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import rwasym
-from rwasym.substrate.default_pair.default_pair import default_pair, default_spec, load_default_pairs
+from rwasym.substrate.default_pair import default_pair, default_spec, load_default_pairs
 from rwasym.substrate.train import align
 from rwasym.substrate.trl_backend import align_trl
 

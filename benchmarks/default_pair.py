@@ -22,7 +22,7 @@ import rwasym
 from rwasym.substrate.language import corpus
 from rwasym.math.spectra import spikiness
 from rwasym.math.covariance import RunningCovariance
-from rwasym.substrate.default_pair.default_pair import default_pair, default_spec
+from rwasym.substrate.default_pair import default_pair, default_spec
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     from safetensors.torch import save_file
 
     from rwasym.analyses.companion import checkpoint_folders, geometry, post_training_report
-    from rwasym.substrate.default_pair.default_pair import default_pair
+    from rwasym.substrate.default_pair import default_pair
 
     base, tuned, info = default_pair(quick=True, progress=False)
     tokens = torch.randint(0, base.d_vocab, (8, 32))

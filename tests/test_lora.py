@@ -334,7 +334,7 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
     and probed: factored == dense."""
     from transformers import AutoModelForCausalLM
 
-    from rwasym.substrate.default_pair.default_pair import default_pair, load_default_pairs
+    from rwasym.substrate.default_pair import default_pair, load_default_pairs
     from rwasym.analyses.objectives import dpo_loss, sequence_logprobs
 
     native, _, info = default_pair(quick=True, progress=False)
