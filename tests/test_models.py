@@ -1,5 +1,7 @@
 """The adapter's oracles: HF logits, the hook identity, writes mirrored on the HF module."""
 
+import json
+
 import pytest
 import torch
 
@@ -281,3 +283,43 @@ def test_native_save_pretrained_exports_gpt2_or_refuses_clearly(models, tmp_path
     exported.self_check()
     with pytest.raises(rwasym.RwasymError, match="cannot express.*grouped-query"):
         models["native"].save_pretrained(tmp_path / "gqa")  # n_key_value_heads = 2
+
+
+def test_name_at_revision_loads_that_revision_from_an_offline_hub_cache(tmp_path):
+    """NAME@REVISION → boot_transformers(NAME, revision=REVISION), checked offline on a folder laid out
+    like the Hugging Face hub cache (refs/<revision> → snapshots/<commit>), two revisions with
+    different weights. A subprocess, because huggingface_hub reads HF_HUB_CACHE at import."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from rwasym.testing import build_hf_model
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    commits = {"step1000": "a" * 40, "step2000": "b" * 40}
+    for seed, (rev, sha) in enumerate(commits.items()):
+        build_hf_model("llama", repo / "snapshots" / sha, seed=seed)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / rev).write_text(sha)
+    script = textwrap.dedent(f"""
+        import json, torch, rwasym
+        out = {{}}
+        for rev, sha in {commits!r}.items():
+            m = rwasym.load("org/tiny@" + rev)
+            ref = rwasym.load({str(repo / "snapshots")!r} + "/" + sha)
+            out[rev] = dict(same=torch.equal(m.weight("blocks.0.attn.W_Q"), ref.weight("blocks.0.attn.W_Q")),
+                            provenance=m.provenance, source=m.source, norm=float(m.weight("blocks.0.attn.W_Q").norm()))
+        try:
+            rwasym.load("org/tiny@step3000")
+        except rwasym.RwasymError as err:
+            out["missing"] = str(err)
+        print(json.dumps(out))
+    """)
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rev in commits:
+        assert out[rev]["same"] and out[rev]["provenance"] == {"revision": rev} and out[rev]["source"] == f"org/tiny@{rev}"
+    assert out["step1000"]["norm"] != out["step2000"]["norm"]
+    assert "cannot load 'org/tiny@step3000'" in out["missing"]

@@ -311,6 +311,8 @@ class Evaluator:
                  reuse_prefix: bool = True, max_pairs: Optional[int] = None):
         self.base, self.tuned = load(base), load(tuned)
         check_same_architecture(self.base, self.tuned)
+        if isinstance(data, (str, os.PathLike)):  # a file: text is tokenized with the base model's tokenizer
+            data = self.base.load_pairs(data)
         self.data = as_eval_set(data, text, max_pairs)
         for name in ("chosen", "rejected", "text"):
             t = getattr(self.data, name)

@@ -25,7 +25,7 @@ through its factored ΔW = s · B A (`rwasym.math.lowrank.LowRankDelta`): no n_o
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -122,7 +122,7 @@ def probe(
     *,
     k: int = 8,
     null_samples: int = 200,
-    matrices: Optional[str] = None,
+    matrices: Union[str, Sequence[str], None] = None,
     heads: bool = True,
     center: bool = True,
     variance: float = 0.9,
@@ -180,7 +180,6 @@ def _provenance(base: Model, tuned: Model, data: Any) -> dict:
     """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
     import importlib.metadata as md
 
-
     def version(pkg: str) -> Optional[str]:
         try:
             return md.version(pkg)
@@ -198,9 +197,13 @@ def _provenance(base: Model, tuned: Model, data: Any) -> dict:
     def src(m: Model) -> Optional[str]:
         return None if m.source is None else os.fspath(m.source) if isinstance(m.source, (str, os.PathLike)) else str(m.source)
 
+    def quantized(m: Model) -> Optional[dict]:  # a GGUF source: the file's hash and quantization types
+        g = m.provenance.get("gguf")
+        return None if g is None else {k: g.get(k) for k in ("sha256", "tensor_types")}
+
     return dict(version=__version__, torch=torch.__version__, transformer_lens=version("transformer-lens"),
                 base=src(base), tuned=src(tuned), tuned_adapter=tuned.adapter is not None, dtype=str(base.dtype),
-                data=fingerprint)
+                base_gguf=quantized(base), tuned_gguf=quantized(tuned), data=fingerprint)
 
 
 def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,

@@ -33,7 +33,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = _read_tokens(args.data, None)
         data = data["input_ids"] if isinstance(data, dict) else data
         if args.pairs:
-            pairs = _load_pairs(args.pairs)
+            pairs = _load_pairs(args.pairs, base, args.chat_template)
         run_demo(args.out, quick=args.quick, base=base, tuned=tuned,
                  data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
     else:
@@ -63,7 +63,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe")
     result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
-                          matrices=args.matrices, heads=not args.no_heads, seed=args.seed,
+                          matrices=args.matrices, heads=not args.no_heads, curves=not args.no_curves, seed=args.seed,
                           max_tokens=args.max_tokens, progress=False if args.quiet else None)
     result.to_json(args.out)
     print(result.summary())
@@ -94,7 +94,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = reference = None
         if args.backend == "builtin":
             model, reference = rwasym.load(args.base), rwasym.load(args.base)
-        pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500)) if args.pairs is None else _load_pairs(args.pairs)
+        if args.pairs is None:
+            pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500))
+        else:  # text pairs are tokenized with the base's own tokenizer
+            pairs = _load_pairs(args.pairs, model or rwasym.load(args.base), args.chat_template)
         cfg = replace(AlignConfig(), objective=args.objective, lam=args.lam, beta=args.beta, steps=args.steps,
                       seed=args.seed)
         if args.backend == "trl":  # TRL's DPOTrainer on the same pairs, settings and output layout
@@ -108,10 +111,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pairs(path: str):
-    from ..data.pairs import PreferencePairs, load_pairs_jsonl
-
-    return load_pairs_jsonl(path) if path.endswith(".jsonl") else PreferencePairs.load(path)
+def _load_pairs(path: str, model: Any, chat_template: bool = False):
+    """Pairs for a command: .safetensors token ids, or TRL-format JSONL (token ids, strings or chat
+    messages) tokenized with ``model``'s own tokenizer (`Model.load_pairs`)."""
+    return model.load_pairs(path, chat_template=chat_template)
 
 
 def _token_tensor(path: str, model):
@@ -141,7 +144,7 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     if args.objective == "ce":
         data, reference = _token_tensor(args.data, model), None
     else:
-        data = _load_pairs(args.data)
+        data = _load_pairs(args.data, model, args.chat_template)
         reference = rwasym.load(args.reference or args.model) if args.objective != "sft" else None
     loss_fn, batches = rwasym.objective_batches(args.objective, data, reference=reference, batch_size=args.batch_size,
                                                 n_batches=args.batches, beta=args.beta, lam=args.lam)
@@ -191,7 +194,7 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
 
         base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training")
         data = _token_tensor(args.data, base) if args.data else None
-        pairs = _load_pairs(args.pairs) if args.pairs else None
+        pairs = _load_pairs(args.pairs, base, args.chat_template) if args.pairs else None
         companion.run_post_training(base, tuned, args.out, k=args.k, matrices=args.matrices, data=data,
                                     pairs=pairs, seed=args.seed)
     else:
@@ -259,6 +262,11 @@ def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
     return config_class(**values)
 
 
+def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", action="store_true",
+                   help="render string prompts of text pairs through the tokenizer's chat template (instruct models)")
+
+
 def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``rwasym intervene``: the sweep's data flags, then one flag per `SweepConfig` field."""
     from ..analyses.sweep import SweepConfig
@@ -269,6 +277,7 @@ def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --base (instead of --tuned)")
     p.add_argument("--pairs", required=True, help="held-out pairs: .safetensors (prompt/chosen/rejected) or .jsonl")
     p.add_argument("--text", default=None, help="held-out text (.safetensors with input_ids); default prompt+chosen")
+    _chat_template_flag(p)
     add_config_flags(p, SweepConfig)
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--summary", default=None, help="also write the summary (.json or .md)")
@@ -285,7 +294,8 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, SweepConfig)
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
-    rows = sweep(base, tuned, args.pairs, config, out=args.out, text=args.text,
+    pairs = _load_pairs(args.pairs, base, args.chat_template)
+    rows = sweep(base, tuned, pairs, config, out=args.out, text=args.text,
                  progress=False if args.quiet else None)
     if distributed.world()[0] != 0:
         return 0  # rank 0 summarises, writes the summary and prints the table
@@ -313,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-samples", type=int, default=200)
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
     p.add_argument("--no-heads", action="store_true", help="whole matrices only")
+    p.add_argument("--no-curves", action="store_true", help="no r(k) curves (their Haar null bands are the slow part)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -328,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["dpo", "sft", "graded"], default="dpo")
     p.add_argument("--lam", type=float, default=0.5, help="graded: λ in λ·DPO + (1−λ)·CE(chosen)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--pairs", default=None, help="align: .jsonl or .safetensors pairs (default: procedural)")
+    p.add_argument("--pairs", default=None, help="align: .jsonl (TRL format: text, chat messages or token ids) or "
+                   ".safetensors pairs (default: procedural)")
+    _chat_template_flag(p)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--n-seqs", type=int, default=4000, help="pretrain: corpus rows")
     p.add_argument("--backend", choices=["builtin", "trl"], default="builtin",
@@ -341,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub name, HF folder or rwasym checkpoint folder")
     p.add_argument("--objective", choices=list(GRADIENT_OBJECTIVES), default="ce")
     p.add_argument("--data", required=True, help="ce: text file or .safetensors input_ids; else pairs .jsonl/.safetensors")
+    _chat_template_flag(p)
     p.add_argument("--reference", default=None, help="dpo/graded: frozen reference (default: --model itself)")
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
     p.add_argument("--k", type=int, default=8)
@@ -373,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", help="geometry/lifecycle: a folder of step_* checkpoints, or several models")
     p.add_argument("--data", default=None, help="geometry (required) / post-training (CE of rebuilds): tokens")
     p.add_argument("--pairs", default=None, help="post-training: pairs for the preference accuracy of rebuilds")
+    _chat_template_flag(p)
     p.add_argument("--matrices", default=None)
     p.add_argument("--k", type=int, default=None, help="post-training: top-k directions; lifecycle: top-k energy (10)")
     p.add_argument("--max-tokens", type=int, default=None)
@@ -389,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --model (instead of --tuned)")
     p.add_argument("--data", default=None, help="text file or .safetensors with input_ids")
     p.add_argument("--pairs", default=None, help="held-out pairs (.jsonl or .safetensors)")
+    _chat_template_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser

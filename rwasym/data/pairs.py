@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import RwasymError
 
-__all__ = ["ByteTokenizer", "PreferencePairs", "load_pairs_jsonl", "load_text"]
+__all__ = ["ByteTokenizer", "PreferencePairs", "load_pairs", "load_pairs_jsonl", "load_text", "tokenize_preference"]
 
 PathLike = Union[str, os.PathLike]
 _PARTS = ("prompt", "chosen", "rejected")
@@ -207,6 +207,23 @@ def _vocab_size(tokenizer: Any, d_vocab: Optional[int]) -> Optional[int]:
         return getattr(tokenizer, "vocab_size", None)
 
 
+def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: Optional[int] = None, n_ctx: Optional[int] = None,
+               chat_template: bool = False) -> "PreferencePairs":
+    """Preference pairs from `PreferencePairs` (as is), a ``.jsonl`` file (`load_pairs_jsonl`) or a
+    ``.safetensors`` file written by `PreferencePairs.save`."""
+    if isinstance(source, PreferencePairs):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise RwasymError(f"pairs file {str(path)!r} does not exist")
+    if path.suffix in (".jsonl", ".json"):
+        return load_pairs_jsonl(path, tokenizer, d_vocab, chat_template=chat_template, n_ctx=n_ctx)
+    pairs = PreferencePairs.load(path)
+    for part in _PARTS:
+        _check_ids(getattr(pairs, part), d_vocab, f"{str(path)!r} ({part})")
+    return pairs
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     if hasattr(tokenizer, "encode"):
         try:
@@ -263,11 +280,76 @@ def _pad(rows: list[list[int]]) -> tuple[Tensor, Optional[Tensor]]:
     return out, (None if bool(mask.all()) else mask)
 
 
-def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[int] = None) -> PreferencePairs:
+def _is_messages(value: Any) -> bool:
+    """A conversational value: a non-empty list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = False,
+                        where: str = "pair") -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one text pair, tokenized as TRL's ``DPOTrainer``
+    (1.16, ``_prepare_dataset``) does, so the completion's tokens are exactly the ones TRL scores:
+
+    - strings: the EOS string is appended to chosen / rejected (unless already there); ``prompt``,
+      ``prompt + chosen`` and ``prompt + rejected`` are tokenized whole (the tokenizer's own special
+      tokens, e.g. a BOS, included), so a token merging across the boundary goes to the completion;
+    - messages (``[{"role": ..., "content": ...}, ...]``, or strings with ``chat_template=True``, which
+      become one user turn and one assistant turn): the tokenizer's chat template renders the prompt
+      with the generation prompt and prompt + chosen / prompt + rejected without it;
+    - the prompt is the common prefix of the three token lists; the rest of each is the completion.
+    """
+    values = [record[p] for p in _PARTS]
+    if chat_template and all(isinstance(v, str) for v in values):
+        values = [[{"role": "user", "content": values[0]}], [{"role": "assistant", "content": values[1]}],
+                  [{"role": "assistant", "content": values[2]}]]
+    if all(_is_messages(v) for v in values):
+        if getattr(tokenizer, "chat_template", None) is None or not hasattr(tokenizer, "apply_chat_template"):
+            raise RwasymError(f"{where} is conversational (or --chat-template was given), but the tokenizer has no "
+                              "chat template; pass plain-string pairs, or a model whose tokenizer has one.")
+
+        def render(messages: list, generation: bool = False) -> list[int]:
+            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
+                                                return_dict=True)
+            return [int(i) for i in out["input_ids"]]
+
+        prompt = render(values[0], generation=True)
+        full = [render(values[0] + v) for v in values[1:]]
+    elif all(isinstance(v, str) for v in values):
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        completions = [v if not eos or v.endswith(eos) else v + eos for v in values[1:]]
+
+        def encode(text: str) -> list[int]:
+            return [int(i) for i in tokenizer(text=text)["input_ids"]] if callable(tokenizer) \
+                else _encode(tokenizer, text)
+
+        prompt = encode(values[0])
+        full = [encode(values[0] + c) for c in completions]
+    else:
+        raise RwasymError(f"{where}: prompt, chosen and rejected must all be strings, or all message lists "
+                          '([{"role": ..., "content": ...}]); got '
+                          f"{', '.join(type(v).__name__ for v in values)}.")
+    n = min(_common_prefix(prompt, f) for f in full)
+    return prompt[:n], full[0][n:], full[1][n:]
+
+
+def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[int] = None, *,
+                     chat_template: bool = False, n_ctx: Optional[int] = None) -> PreferencePairs:
     """Read ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines (blank lines skipped).
 
-    Values are strings (tokenized with ``tokenizer``) or lists of token ids. ``d_vocab`` (default:
-    the tokenizer's vocabulary size) bounds the ids. Errors name the file and line number.
+    Values are lists of token ids, or text in TRL's preference format — strings or conversational
+    message lists — tokenized with ``tokenizer`` exactly as TRL does (`tokenize_preference`;
+    ``chat_template`` renders string prompts through the tokenizer's chat template). ``d_vocab``
+    (default: the tokenizer's vocabulary size) bounds the ids; ``n_ctx`` bounds prompt + completion.
+    Errors name the file and line number.
     """
     path = Path(path)
     try:
@@ -288,20 +370,29 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[in
         if not isinstance(record, dict) or any(p not in record for p in _PARTS):
             raise RwasymError(f'{where} must be an object with keys "prompt", "chosen", "rejected"; got '
                               f"{list(record) if isinstance(record, dict) else type(record).__name__}.")
-        for part in _PARTS:
-            value = record[part]
-            if isinstance(value, str):
-                if tokenizer is None:
-                    raise RwasymError(f"{where}: {part} is text, so pass a tokenizer (or give token-id lists).")
-                ids = _encode(tokenizer, value)
-            elif isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-                ids = value
-            else:
-                raise RwasymError(f"{where}: {part} must be a string or a list of integer token ids.")
+        if any(isinstance(record[p], str) or _is_messages(record[p]) for p in _PARTS):
+            if tokenizer is None:
+                raise RwasymError(f"{where} holds text, but there is no tokenizer to read it: use a model that has "
+                                  "one (a Hugging Face folder, hub name or GGUF file), pass a tokenizer (tokenizer=), or give "
+                                  "token-id lists.")
+            parts = tokenize_preference(record, tokenizer, chat_template=chat_template, where=where)
+        else:
+            parts = []
+            for part in _PARTS:
+                value = record[part]
+                if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+                    raise RwasymError(f"{where}: {part} must be a string, a message list or a list of integer token ids.")
+                parts.append(value)
+        for part, ids in zip(_PARTS, parts):
             if not ids:
-                raise RwasymError(f"{where}: {part} is empty after tokenization; every part needs >= 1 token.")
+                raise RwasymError(f"{where}: {part} is empty after tokenization; every part needs >= 1 token "
+                                  "(a completion that only repeats the end of its prompt tokenizes to nothing).")
             _check_ids(torch.tensor(ids, dtype=torch.long), vocab, f"{where} ({part})")
             rows[part].append(ids)
+        longest = len(parts[0]) + max(len(parts[1]), len(parts[2]))
+        if n_ctx and longest > n_ctx:
+            raise RwasymError(f"{where}: prompt + completion is {longest} tokens, longer than the model's context "
+                              f"n_ctx={n_ctx}; shorten the pair or drop it.")
     if not rows["prompt"]:
         raise RwasymError(f"JSONL file {str(path)!r} holds no pairs; it needs one JSON object per line.")
     kwargs = {}

@@ -2,7 +2,8 @@
 
 registry (`Model`, `MatrixSpec`, self_check), heads (head slicing), layouts (Conv1D transposes,
 fused QKV rows), loading (load, load_pair, native checkpoints), gpt2 (native ↔ HF GPT-2 export),
-deltas (weight_deltas), lora (PEFT adapters), shards (streaming deltas from safetensors).
+deltas (weight_deltas), lora (PEFT adapters), shards (streaming deltas from safetensors), gguf
+(GGUF files de-quantized into cached Hugging Face folders), cache (the rwasym cache root).
 """
 
 from .deltas import check_same_architecture, weight_deltas

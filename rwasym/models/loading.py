@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import RwasymError
+from . import gguf
 from .layouts import clean_key
 from .registry import Model
 
@@ -63,9 +64,14 @@ def load(
     ``model.adapter`` (`rwasym.models.lora`); the base passed in is left untouched.
 
     source: a `Model` (returned as is); a `TransformerBridge`; a `TransformerBridgeConfig` or dict
-    (a native tiny model, `TransformerBridge.boot_native`); a folder written by `save_model`; or
-    a Hugging Face hub name / local folder (`TransformerBridge.boot_transformers`, extra keyword
-    arguments such as ``device_map="auto"`` are passed through). Raw weights, no folding.
+    (a native tiny model, `TransformerBridge.boot_native`); a folder written by `save_model`; a
+    ``.gguf`` file (de-quantized once into a cached Hugging Face folder, `rwasym.models.gguf`; the
+    model's ``provenance["gguf"]`` records the quantized source); or a Hugging Face hub name /
+    local folder (`TransformerBridge.boot_transformers`, extra keyword arguments such as
+    ``device_map="auto"`` are passed through). ``NAME@REVISION`` (e.g.
+    ``EleutherAI/pythia-160m@step1000``) loads that hub revision (branch, tag or commit; the
+    checkpoint series of Pythia / OLMo) and records it in ``provenance["revision"]``; a local path
+    containing "@" stays a path. Raw weights, no folding.
     """
     _check_dtype(dtype)
     if adapter is not None:
@@ -91,6 +97,11 @@ def load(
         bridge = TransformerBridge.boot_native(source, tokenizer=tokenizer, device=device, dtype=dtype)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
+        if gguf.is_gguf(path):
+            folder = gguf.dequantize(path)
+            model = load(folder, dtype=dtype, device=device, tokenizer=tokenizer, **boot_kwargs)
+            model.source = str(source)
+            return model
         if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
             raise RwasymError(
                 f"no such folder {str(source)!r}; pass an existing checkpoint folder or a hub name"
@@ -106,16 +117,38 @@ def load(
         kwargs = dict(boot_kwargs)
         if "device_map" not in kwargs:
             kwargs["device"] = device
-        bridge = TransformerBridge.boot_transformers(
-            str(source), dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs
-        )
+        name, revision = split_revision(source)
+        if revision is not None:
+            kwargs["revision"] = revision
+        try:
+            bridge = TransformerBridge.boot_transformers(name, dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs)
+        except OSError as err:  # not on the hub / not in the offline cache / no such revision
+            raise RwasymError(f"cannot load {str(source)!r} ({err}); pass an existing folder, a hub name (NAME or "
+                              "NAME@REVISION) that is downloaded or reachable, or a .gguf file") from None
     else:
         raise RwasymError(
             f"cannot load a model from a {type(source).__name__}; pass a hub name or folder, a "
             "TransformerBridge, a TransformerBridgeConfig/dict, or an rwasym.Model"
         )
     bridge.eval()  # dropout off: every rwasym measurement is deterministic
-    return Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
+    model = Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
+    if isinstance(source, (str, os.PathLike)) and gguf.provenance(Path(source).expanduser()) is not None:
+        model.provenance["gguf"] = gguf.provenance(Path(source).expanduser())
+    if isinstance(source, (str, os.PathLike)) and split_revision(source)[1] is not None:
+        model.provenance["revision"] = split_revision(source)[1]
+    return model
+
+
+def split_revision(source: Union[str, os.PathLike]) -> tuple[str, Optional[str]]:
+    """``"org/name@step1000"`` → ("org/name", "step1000"); an existing local path, or a name without
+    "@", → (source, None)."""
+    text = os.fspath(source)
+    if "@" not in text or Path(text).expanduser().exists():
+        return text, None
+    name, _, revision = text.rpartition("@")
+    if not name or not revision:
+        raise RwasymError(f"{text!r}: write a hub revision as NAME@REVISION, e.g. EleutherAI/pythia-160m@step1000")
+    return name, revision
 
 
 def native_config(**overrides: Any) -> Any:

@@ -96,6 +96,7 @@ class Model:
         self._specs = {spec.name: spec for spec in self._build_registry()}
         # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
         self._fused_rows = self._detect_fused_rows() if detect_fused else {}
+        self.provenance: dict = {}  # where the weights came from beyond `source` (e.g. "gguf": the quantized file)
         self.adapter: Optional[dict] = None  # name → rwasym.math.lowrank.LowRankDelta when loaded with adapter=
         if not self._specs:
             raise RwasymError(
@@ -294,6 +295,25 @@ class Model:
         return int(self.unembedding_host().weight.shape[0])
 
     @property
+    def tokenizer(self) -> Any:
+        """The model's own tokenizer (None for native models without one)."""
+        return getattr(self.bridge, "tokenizer", None)
+
+    @property
+    def n_ctx(self) -> Optional[int]:
+        """The context length, when the config states one."""
+        n = getattr(self.cfg, "n_ctx", None)
+        return int(n) if n else None
+
+    def load_pairs(self, source: Any, *, chat_template: bool = False) -> Any:
+        """Preference pairs for this model (`rwasym.data.load_pairs`): text (TRL format, strings or
+        messages) is tokenized with the model's own tokenizer, ids are checked against its
+        vocabulary and prompt + completion against its context."""
+        from ..data.pairs import load_pairs
+
+        return load_pairs(source, self.tokenizer, d_vocab=self.d_vocab, n_ctx=self.n_ctx, chat_template=chat_template)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
 
@@ -440,9 +460,12 @@ class Model:
 
     def __repr__(self) -> str:
         label = self.source if self.source is not None else getattr(self.cfg, "model_name", None)
+        gguf = self.provenance.get("gguf")
+        quantized = "" if gguf is None else \
+            f", de-quantized from a quantized GGUF file ({'/'.join(sorted(gguf.get('tensor_types', {})))})"
         return (
             f"rwasym.Model({str(label)!r}: {self.n_layers} layers, d_model {self.d_model}, "
-            f"{len(self._specs)} matrices)"
+            f"{len(self._specs)} matrices{quantized})"
         )
 
 

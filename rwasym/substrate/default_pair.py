@@ -22,11 +22,12 @@ from typing import Optional, Union
 from .language import LanguageConfig, PairConfig, corpus, entropy_per_token, make_pairs
 from ..errors import RwasymError
 from ..models import Model, load, native_config
+from ..models.cache import cache_root
 from ..data.pairs import PreferencePairs
 from ..analyses.objectives import heldout_ce, mean_kl, preference_accuracy
 from .train import AlignConfig, TrainConfig, align, pretrain
 
-__all__ = ["DefaultPairSpec", "cache_root", "default_pair", "default_spec", "load_default_pairs", "spec_hash"]
+__all__ = ["DefaultPairSpec", "default_pair", "default_spec", "load_default_pairs", "spec_hash"]
 
 FORMAT = "rwasym-default-pair/1"
 PathLike = Union[str, os.PathLike]
@@ -74,14 +75,6 @@ def spec_hash(spec: DefaultPairSpec) -> str:
     """12 hex digits of sha256 over the spec's JSON (sorted keys) and the format tag."""
     text = json.dumps({"format": FORMAT, "spec": asdict(spec)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
-    """``cache_dir``, else ``$RWASYM_CACHE``, else ``~/.cache/rwasym``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("RWASYM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "rwasym"
 
 
 def _final(folder: Path) -> Path:

