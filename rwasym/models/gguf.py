@@ -5,7 +5,8 @@
 tensor to float32; the weights are copied into a fresh model whose config carries no GGUF
 ``quantization_config`` (transformers refuses to ``save_pretrained`` a model loaded from GGUF) and
 saved with the tokenizer as safetensors under ``<cache>/gguf/<sha256[:16]>/``, with
-``rwasym-gguf.json`` recording the file, its hash, architecture and tensor types. The folder is
+``rwasym-gguf.json`` recording the file that was converted, its hash, architecture and tensor
+types (`rwasym.load` reports the path it was given, as the cache is shared by identical files). The folder is
 written beside its final place and renamed into it, so an interrupted conversion leaves nothing
 half-written; a second load of the same file (any path) reuses it.
 
@@ -30,7 +31,7 @@ import torch
 from ..errors import RwasymError
 from .cache import cache_root
 
-__all__ = ["GGUF_MAGIC", "PROVENANCE_FILE", "dequantize", "file_sha256", "is_gguf", "read_header"]
+__all__ = ["GGUF_MAGIC", "PROVENANCE_FILE", "dequantize", "file_sha256", "is_gguf", "provenance", "read_header"]
 
 GGUF_MAGIC = b"GGUF"
 PROVENANCE_FILE = "rwasym-gguf.json"

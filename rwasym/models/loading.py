@@ -100,7 +100,8 @@ def load(
         if gguf.is_gguf(path):
             folder = gguf.dequantize(path)
             model = load(folder, dtype=dtype, device=device, tokenizer=tokenizer, **boot_kwargs)
-            model.source = str(source)
+            model.source = str(source)  # the cache is keyed by content: name the file actually given
+            model.provenance["gguf"] = {**model.provenance["gguf"], "source": str(path.resolve())}
             return model
         if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
             raise RwasymError(
@@ -132,10 +133,9 @@ def load(
         )
     bridge.eval()  # dropout off: every rwasym measurement is deterministic
     model = Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
-    if isinstance(source, (str, os.PathLike)) and gguf.provenance(Path(source).expanduser()) is not None:
-        model.provenance["gguf"] = gguf.provenance(Path(source).expanduser())
-    if isinstance(source, (str, os.PathLike)) and split_revision(source)[1] is not None:
-        model.provenance["revision"] = split_revision(source)[1]
+    if isinstance(source, (str, os.PathLike)):  # a folder de-quantized from GGUF; a hub revision
+        found = dict(gguf=gguf.provenance(Path(source).expanduser()), revision=split_revision(source)[1])
+        model.provenance.update({k: v for k, v in found.items() if v is not None})
     return model
 
 

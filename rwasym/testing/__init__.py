@@ -107,9 +107,9 @@ def real_model_folder(n_layers: Optional[int] = None, cache_dir: Any = None) -> 
     sliced = folder.parent / f"{folder.name}-layers{n_layers}"
     if (sliced / PROVENANCE_FILE).exists():
         return sliced
-    tmp = folder.parent / f".{sliced.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{sliced.name}.", dir=folder.parent))  # renamed into place when complete
     for f in folder.iterdir():
         if f.is_file() and f.name not in ("model.safetensors", "config.json", PROVENANCE_FILE):
             shutil.copy(f, tmp / f.name)
@@ -127,7 +127,10 @@ def real_model_folder(n_layers: Optional[int] = None, cache_dir: Any = None) -> 
     save_file(keep, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     record = json.loads((folder / PROVENANCE_FILE).read_text())
     (tmp / PROVENANCE_FILE).write_text(json.dumps({**record, "first_layers": n_layers}, indent=1, sort_keys=True))
-    tmp.rename(sliced)
+    try:
+        tmp.rename(sliced)
+    except OSError:  # another process made the same slice first
+        shutil.rmtree(tmp, ignore_errors=True)
     return sliced
 
 
