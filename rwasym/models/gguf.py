@@ -4,11 +4,11 @@
 (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf`` package) and de-quantizes every
 tensor to float32; the weights are copied into a fresh model whose config carries no GGUF
 ``quantization_config`` (transformers refuses to ``save_pretrained`` a model loaded from GGUF) and
-saved with the tokenizer as safetensors under ``<cache>/gguf/<sha256[:16]>/``, with
+saved with the tokenizer as safetensors under ``<cache>/gguf/<sha256[:16]>-<dtype>/``, with
 ``rwasym-gguf.json`` recording the file that was converted, its hash, architecture and tensor
-types (`rwasym.load` reports the path it was given, as the cache is shared by identical files). The folder is
-written beside its final place and renamed into it, so an interrupted conversion leaves nothing
-half-written; a second load of the same file (any path) reuses it.
+types (`rwasym.load` reports the path it was given: identical files share the cache). The folder
+is written beside its final place and renamed into it, so an interrupted conversion leaves
+nothing half-written; a second load of the same file (any path) reuses it.
 
 The result is the de-quantized *quantized* model: its weights equal the GGUF file's tensors
 exactly, not the original float checkpoint (``Model.provenance["gguf"]`` and its repr say so).
