@@ -128,3 +128,30 @@ def test_cli_intervene_and_probe_on_the_real_model_with_text(real_gguf, real_fol
                  "--out", str(tmp_path / "probe.json")]) == 0
     rows = json.loads((tmp_path / "probe.json").read_text())["rows"]
     assert {r["matrix"] for r in rows} == {"blocks.1.attn.W_Q", "blocks.1.mlp.W_out"}
+
+
+def test_cli_train_align_a_real_model_on_text_pairs(real_folder, tmp_path, capsys):
+    """`rwasym train align` on a real (2-layer SmolLM2) base with TRL-format text pairs and the flags a
+    real model needs; the built-in loop (full weights) and TRL with a LoRA adapter."""
+    from rwasym.app.cli import main
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", TEXT + TEXT)
+    out = tmp_path / "builtin"
+    assert main(["train", "align", "--base", str(real_folder(2)), "--pairs", str(pairs), "--steps", "1", "--lr", "1e-5",
+                 "--batch-size", "4", "--grad-accum", "2", "--quiet", "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 1 and log[-1]["lr"] == pytest.approx(1e-5 / 20)  # step 1 of the 20 warmup steps
+    trained, base = rwasym.load(out / "step_000001"), rwasym.load(real_folder(2))
+    assert float((trained.weight("blocks.1.attn.W_Q") - base.weight("blocks.1.attn.W_Q")).abs().max()) > 0
+    capsys.readouterr()
+    assert main(["train", "align", "--base", str(real_folder(2)), "--pairs", str(pairs), "--lora-rank", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--lora-rank trains a peft LoRA adapter through TRL: add --backend trl" in capsys.readouterr().err
+    pytest.importorskip("trl", reason="the TRL backend needs rwasym[hf]")
+    lora_out = tmp_path / "lora"
+    assert main(["train", "align", "--base", str(real_folder(2)), "--pairs", str(pairs), "--steps", "1",
+                 "--batch-size", "2", "--backend", "trl", "--lora-rank", "2", "--quiet", "--out", str(lora_out)]) == 0
+    config = json.loads((lora_out / "step_000001" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 4
+    tuned = rwasym.load(real_folder(2), adapter=lora_out / "step_000001")
+    assert any(d.rank == 2 for d in tuned.adapter.values())

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,3 +218,23 @@ def test_default_pair_quick_builds_and_caches(tmp_path):
     assert info2["cached"] and info2["hash"] == info["hash"]
     assert all(torch.equal(a, b) for a, b in zip(params(tuned), params(tuned2)))
     assert not all(torch.equal(a, b) for a, b in zip(params(base), params(tuned)))
+
+
+def test_gradient_accumulation_gives_the_same_update(base_dir):
+    """batch_size 8 in one pass versus split into 2 and 4 micro-batches: the same DPO step (per-pair
+    mean loss), to float32 rounding; the update itself is far larger than that."""
+    pairs = make_pairs(replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2), LANG)
+    cfg = replace(AlignConfig(), objective="dpo", steps=2, batch_size=8, warmup_steps=1, checkpoint_every=0)
+    start = rwasym.load(base_dir).weight("blocks.0.attn.W_Q")
+    after = {}
+    for accum in (1, 2, 4):
+        model, ref = rwasym.load(base_dir), rwasym.load(base_dir)
+        result = align(model, ref, pairs, replace(cfg, grad_accum=accum), progress=False)
+        after[accum] = (model.weight("blocks.0.attn.W_Q"), result.final_loss)
+    moved = float((after[1][0] - start).abs().max())
+    assert moved > 1e-4
+    for accum in (2, 4):
+        assert float((after[accum][0] - after[1][0]).abs().max()) <= 1e-3 * moved
+        assert after[accum][1] == pytest.approx(after[1][1], rel=1e-5)
+    with pytest.raises(RwasymError, match="grad_accum must be >= 1 and divide batch_size"):
+        align(rwasym.load(base_dir), rwasym.load(base_dir), pairs, replace(cfg, grad_accum=3), progress=False)

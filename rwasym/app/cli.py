@@ -94,16 +94,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = reference = None
         if args.backend == "builtin":
             model, reference = rwasym.load(args.base), rwasym.load(args.base)
+        base = model or rwasym.load(args.base)  # its tokenizer reads text pairs; its kind sets the defaults
         if args.pairs is None:
             pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500))
-        else:  # text pairs are tokenized with the base's own tokenizer
-            pairs = _load_pairs(args.pairs, model or rwasym.load(args.base), args.chat_template)
+        else:
+            pairs = _load_pairs(args.pairs, base, args.chat_template)
+        native = getattr(base.cfg, "architecture", None) in (None, "TransformerLensNative")
+        lr = args.lr if args.lr is not None else (1e-3 if native else 5e-5 if args.lora_rank else 5e-6)
+        batch = args.batch_size if args.batch_size is not None else (64 if native else 8)
         cfg = replace(AlignConfig(), objective=args.objective, lam=args.lam, beta=args.beta, steps=args.steps,
-                      seed=args.seed)
+                      seed=args.seed, lr=lr, batch_size=batch, grad_accum=args.grad_accum)
+        if args.lora_rank is not None and args.backend != "trl":
+            raise RwasymError("--lora-rank trains a peft LoRA adapter through TRL: add --backend trl (the built-in "
+                              "loop trains the full weights)")
         if args.backend == "trl":  # TRL's DPOTrainer on the same pairs, settings and output layout
             from ..substrate.trl_backend import align_trl
 
-            result = align_trl(args.base, pairs, cfg, args.out, progress=progress)
+            lora = None if args.lora_rank is None else dict(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                             target_modules="all-linear", lora_dropout=0.0)
+            result = align_trl(args.base, pairs, cfg, args.out, lora=lora, progress=progress)
         else:
             result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
     print(f"{args.stage}: final loss {result.final_loss:.4f} in {result.seconds:.1f} s; "
@@ -343,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
                    ".safetensors pairs (default: procedural)")
     _chat_template_flag(p)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-3 for native substrate models; 5e-6 for Hugging Face / GGUF "
+                        "bases, a usual full-fine-tuning DPO rate for 100M–1B models; with --lora-rank 5e-5)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="align: pairs per optimizer step (default 64 native, 8 Hugging Face / GGUF)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="align: micro-batches each step's batch is split into (same update, less memory)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="align --backend trl: train a peft LoRA adapter of this rank (alpha = 2·rank, all linears) "
+                        "instead of the full weights; each step folder is the adapter")
     p.add_argument("--n-seqs", type=int, default=4000, help="pretrain: corpus rows")
     p.add_argument("--backend", choices=["builtin", "trl"], default="builtin",
                    help="align: rwasym's own loop, or TRL's DPOTrainer (same losses, settings and step_* layout; "

@@ -73,7 +73,10 @@ def default_spec(quick: bool = False, seed: int = 0) -> DefaultPairSpec:
 
 def spec_hash(spec: DefaultPairSpec) -> str:
     """12 hex digits of sha256 over the spec's JSON (sorted keys) and the format tag."""
-    text = json.dumps({"format": FORMAT, "spec": asdict(spec)}, sort_keys=True, default=str)
+    record = asdict(spec)
+    if record["align"].get("grad_accum") == 1:  # added after 0.1: counted only when set, so caches stay valid
+        del record["align"]["grad_accum"]
+    text = json.dumps({"format": FORMAT, "spec": record}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -64,7 +64,8 @@ class AlignConfig:
     beta: float = 0.1  # DPO temperature β
     lam: float = 0.5  # λ of the graded objective (ignored by dpo / sft)
     steps: int = 300  # optimizer steps
-    batch_size: int = 64  # pairs per step
+    batch_size: int = 64  # pairs per optimizer step
+    grad_accum: int = 1  # micro-batches batch_size is split into (same update, 1/grad_accum of the memory)
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0  # AdamW decay on matrices (0: the change stays the objective's own)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments
@@ -144,14 +145,25 @@ def _write_log(fh, record: dict) -> None:
         fh.flush()
 
 
-def _step(model: Model, opt: torch.optim.Optimizer, loss: Tensor, clip: float, lr: float) -> float:
+def _step(model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, accum: int, clip: float,
+          lr: float) -> tuple[float, dict, float]:
+    """One optimizer step on batch ``idx``, accumulated over ``accum`` micro-batches weighted by their
+    share of the batch (for per-pair mean losses the gradient equals the whole batch's).
+    Returns (loss, stats, gradient norm before clipping)."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total, stats = 0.0, {}
+    for part in torch.tensor_split(idx, accum):
+        loss, part_stats = loss_of(part)
+        weight = len(part) / len(idx)
+        (loss * weight).backward()
+        total += loss.item() * weight
+        for key, value in part_stats.items():
+            stats[key] = stats.get(key, 0.0) + value * weight
     norm = torch.nn.utils.clip_grad_norm_(model.bridge.parameters(), clip if clip > 0 else float("inf"))
     opt.step()
-    return float(norm)
+    return total, stats, float(norm)
 
 
 def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of: Any, checkpoint: Any,
@@ -160,9 +172,8 @@ def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of
     with _bar(config.steps, progress, desc) as bar:
         for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
             lr = lr_at(step, config)
-            loss, stats = loss_of(idx)
-            norm = _step(model, opt, loss, config.grad_clip, lr)
-            result.final_loss = loss.item()
+            result.final_loss, stats, norm = _step(model, opt, idx, loss_of, getattr(config, "grad_accum", 1),
+                                                   config.grad_clip, lr)
             if step % config.log_every == 0 or step + 1 == config.steps:
                 record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
                 result.history.append(record)
@@ -217,6 +228,9 @@ def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, conf
     ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm, margin, ...).
     """
     check_objective(config, reference)
+    if config.grad_accum < 1 or config.batch_size % config.grad_accum:
+        raise RwasymError(f"grad_accum must be >= 1 and divide batch_size; got grad_accum={config.grad_accum}, "
+                          f"batch_size={config.batch_size}")
     if reference is model or (reference is not None and reference.bridge is model.bridge):
         raise RwasymError("reference must be a separate frozen copy of the base, not the model being trained; "
                           "load the base twice (e.g. rwasym.load(folder)).")

@@ -317,9 +317,9 @@ def align_trl(base_folder: PathLike, pairs: PreferencePairs, config: AlignConfig
                           f"{trl.__version__}, transformers {transformers.__version__}. Upgrade them, or use the "
                           "built-in backend.")
     settings = trl_loss_settings(config)
-    if config.steps < 1 or config.batch_size < 1:
-        raise RwasymError(f"steps and batch_size must be >= 1; got steps={config.steps}, "
-                          f"batch_size={config.batch_size}.")
+    if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1 or config.batch_size % config.grad_accum:
+        raise RwasymError(f"steps and batch_size must be >= 1 and grad_accum must divide batch_size; got "
+                          f"steps={config.steps}, batch_size={config.batch_size}, grad_accum={config.grad_accum}.")
     examples = pairs_to_examples(pairs)
     peft_config = None
     if lora is not None:
@@ -351,7 +351,8 @@ def _train(base_folder: PathLike, examples: list[dict], config: AlignConfig, out
     with tempfile.TemporaryDirectory(prefix="rwasym-trl-") as tmp, open(out / "log.jsonl", "w") as fh, \
             _bar(config.steps, progress, f"align-trl[{config.objective}]") as bar:
         args = trl.DPOConfig(
-            output_dir=tmp, max_steps=config.steps, per_device_train_batch_size=min(config.batch_size, len(examples)),
+            output_dir=tmp, max_steps=config.steps, per_device_train_batch_size=max(1, min(config.batch_size, len(examples)) // config.grad_accum),
+            gradient_accumulation_steps=config.grad_accum,
             learning_rate=config.lr, max_grad_norm=config.grad_clip, seed=config.seed, data_seed=config.seed,
             train_sampling_strategy="sequential", precompute_ref_log_probs=True, max_length=None,
             precompute_ref_batch_size=256, bf16=False, fp16=False, report_to=[], save_strategy="no",
