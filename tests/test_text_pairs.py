@@ -48,14 +48,15 @@ def real2(real_folder):
 def test_tokenization_and_logprobs_equal_trl_dpo_trainer(real2, real_folder, records, tmp_path):
     trl = pytest.importorskip("trl", reason="TRL is the oracle here: install rwasym[hf]")
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pairs = real2.load_pairs(_jsonl(tmp_path / "pairs.jsonl", records))
     hf = AutoModelForCausalLM.from_pretrained(str(real_folder(2)), dtype=torch.float32, attn_implementation="eager")
+    user_tokenizer = AutoTokenizer.from_pretrained(str(real_folder(2)))  # what a TRL user passes, not the bridge's
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", per_device_train_batch_size=len(records),
                          max_length=1024, use_cpu=True, save_strategy="no", bf16=False, fp16=False)
     trainer = trl.DPOTrainer(model=hf, ref_model=copy.deepcopy(hf), args=args, train_dataset=Dataset.from_list(records),
-                             processing_class=real2.tokenizer)
+                             processing_class=user_tokenizer)
     rows = [dict(r) for r in trainer.train_dataset]
     for i, row in enumerate(rows):
         for part in ("prompt", "chosen", "rejected"):

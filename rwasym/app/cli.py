@@ -133,7 +133,7 @@ def _token_tensor(path: str, model):
     data = _read_tokens(path, model)
     if isinstance(data, dict):
         return data["input_ids"]
-    return load_text(data, tokenizer=getattr(model.bridge, "tokenizer", None), d_vocab=model.d_vocab)
+    return load_text(data, tokenizer=model.tokenizer, d_vocab=model.d_vocab)
 
 
 def _seeds(text: str) -> list[int]:

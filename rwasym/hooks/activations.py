@@ -78,7 +78,7 @@ def _as_batches(data: Any, batch_size: int, model: Model) -> Iterator[Batch]:
     if isinstance(data, (str, os.PathLike)):
         from ..data.pairs import load_text
 
-        data = load_text(Path(data), tokenizer=getattr(model.bridge, "tokenizer", None))
+        data = load_text(Path(data), tokenizer=model.tokenizer)
     if isinstance(data, Tensor):
         data = {"input_ids": data}
     if isinstance(data, dict):

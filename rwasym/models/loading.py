@@ -135,6 +135,8 @@ def load(
     model = Model(bridge, source=source if isinstance(source, (str, os.PathLike)) else None)
     if isinstance(source, (str, os.PathLike)):  # a folder de-quantized from GGUF; a hub revision
         found = dict(gguf=gguf.provenance(Path(source).expanduser()), revision=split_revision(source)[1])
+        if tokenizer is None and getattr(bridge, "tokenizer", None) is not None:
+            model.tokenizer_source = split_revision(source)
         model.provenance.update({k: v for k, v in found.items() if v is not None})
     return model
 

@@ -96,6 +96,8 @@ class Model:
         self._specs = {spec.name: spec for spec in self._build_registry()}
         # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
         self._fused_rows = self._detect_fused_rows() if detect_fused else {}
+        self.tokenizer_source: Optional[tuple] = None  # (folder or hub name, revision) of the saved tokenizer
+        self._tokenizer: Any = None
         self.provenance: dict = {}  # where the weights came from beyond `source` (e.g. "gguf": the quantized file)
         self.adapter: Optional[dict] = None  # name → rwasym.math.lowrank.LowRankDelta when loaded with adapter=
         if not self._specs:
@@ -296,8 +298,16 @@ class Model:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's own tokenizer (None for native models without one)."""
-        return getattr(self.bridge, "tokenizer", None)
+        """The model's own tokenizer, as saved with it (``AutoTokenizer.from_pretrained`` of the folder
+        or hub name it was loaded from: what TRL or transformers users get), else the bridge's (None for
+        native models without one). TransformerLens' bridge tokenizer adds a BOS to every text
+        (``add_bos_token=True``); the saved one adds what the model's authors configured."""
+        if self._tokenizer is None and self.tokenizer_source is not None:
+            from transformers import AutoTokenizer
+
+            name, revision = self.tokenizer_source
+            self._tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        return self._tokenizer if self._tokenizer is not None else getattr(self.bridge, "tokenizer", None)
 
     @property
     def n_ctx(self) -> Optional[int]:
