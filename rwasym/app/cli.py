@@ -316,6 +316,17 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pair(args: argparse.Namespace) -> int:
+    """``rwasym pair real``: build (or reuse) the cached real aligned pair and print where it is."""
+    import json
+
+    from ..substrate.real_pair import real_pair
+
+    _, _, info = real_pair(quick=args.quick, seed=args.seed, progress=not args.quiet)
+    print(json.dumps({k: info[k] for k in ("base", "tuned", "folder", "heldout_accuracy", "seconds")}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwasym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_spectra)
+    p = sub.add_parser("pair", help="build (or reuse) a cached aligned pair: `real` = SmolLM2-135M + DPO on a text task")
+    p.add_argument("which", choices=["real"])
+    p.add_argument("--quick", action="store_true", help="2 real blocks, 3 steps (a smoke test, not an aligned pair)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pair)
     p = sub.add_parser("demo", help="run the end-to-end demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8)

