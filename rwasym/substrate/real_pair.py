@@ -112,12 +112,12 @@ def real_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progres
         tmp.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
-            base, policy, reference = load(base_folder), load(base_folder), load(base_folder)
+            policy, base = load(base_folder), load(base_folder)  # base: the frozen DPO reference too
             train, held = real_pair_records(spec, base.tokenizer)
             _write_jsonl(tmp / "train.jsonl", train)
             _write_jsonl(tmp / "heldout.jsonl", held)
             train_pairs, held_pairs = base.load_pairs(tmp / "train.jsonl"), base.load_pairs(tmp / "heldout.jsonl")
-            result = align(policy, reference, train_pairs, spec.align, out=tmp / "align", progress=progress)
+            result = align(policy, base, train_pairs, spec.align, out=tmp / "align", progress=progress)
             info = dict(format=FORMAT, spec=asdict(spec), base_folder=str(base_folder),
                         seconds=time.perf_counter() - t0, final_loss=result.final_loss,
                         heldout_accuracy=dict(base=preference_accuracy(base, None, held_pairs),
