@@ -34,7 +34,6 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -70,17 +69,10 @@ class EvalSet:
 
 
 def _as_pairs(pairs: Any) -> Any:
-    from ..data.pairs import PreferencePairs, load_pairs_jsonl
+    from ..data.pairs import PreferencePairs, load_pairs
 
-    if isinstance(pairs, PreferencePairs):
-        return pairs
-    if isinstance(pairs, (str, os.PathLike)):
-        path = Path(pairs)
-        if not path.exists():
-            raise RwasymError(f"pairs file {str(path)!r} does not exist")
-        if path.suffix in (".jsonl", ".json"):
-            return load_pairs_jsonl(path)
-        return PreferencePairs.load(path)
+    if isinstance(pairs, (PreferencePairs, str, os.PathLike)):
+        return load_pairs(pairs)  # token-id files (text needs a model's tokenizer: `Model.load_pairs`)
     get = pairs.get if isinstance(pairs, Mapping) else lambda k, d=None: getattr(pairs, k, d)
     if any(get(k) is None for k in _PAIR_KEYS):
         raise RwasymError(f"pairs need prompt, chosen and rejected token tensors; got a {type(pairs).__name__} "
