@@ -109,3 +109,17 @@ def real_folder(real_gguf):
     from rwasym.testing import real_model_folder
 
     return lambda n_layers=None: real_model_folder(n_layers, cache_dir=_USER_CACHE)
+
+
+_USER_GGUF = os.path.join(os.environ.get("RWASYM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rwasym"), "gguf")
+
+
+@pytest.fixture(scope="session")
+def shared_gguf_cache(quick_cache):
+    """quick_cache's gguf/ is the user cache's: what builds the real pair inside quick_cache (a
+    notebook, the real demo) reuses the de-quantized SmolLM2 instead of converting it again."""
+    link = quick_cache / "gguf"
+    if not link.exists():
+        os.makedirs(_USER_GGUF, exist_ok=True)
+        link.symlink_to(_USER_GGUF, target_is_directory=True)
+    return link

@@ -34,18 +34,21 @@ def test_default_sites_dedupe_and_cover(model):
     assert {"blocks.0.hook_in", "blocks.0.ln2.hook_in", "blocks.1.hook_out"} <= set(sites)
 
 
-def test_capture_matches_torch_cov_with_padding_and_batches(model):
+@pytest.mark.parametrize("gram_dtype, tol", [(None, 1e-6), (torch.float64, 1e-10)], ids=["fp32-products", "float64"])
+def test_capture_matches_torch_cov_with_padding_and_batches(model, gram_dtype, tol):
     tokens, mask = _data(model)
-    acts = capture(model, {"input_ids": tokens, "attention_mask": mask}, batch_size=4)  # 2 batches
+    acts = capture(model, {"input_ids": tokens, "attention_mask": mask}, batch_size=4, gram_dtype=gram_dtype)  # 2 batches
     assert acts.n_tokens == int(mask.sum())
     for hook, stat in acts.stats.items():
         rows = _cached_rows(model, tokens, mask, hook, stat.dim)
         expected = torch.cov(rows.T)
         rel = (stat.covariance() - expected).norm() / expected.norm()
-        assert rel < 1e-10, hook
+        assert rel < tol, hook  # float32 products: measured ~8e-8
         assert torch.allclose(stat.mean(), rows.mean(0), atol=1e-12)
     # TL aliases and matrix views resolve to the same accumulators
     assert acts["blocks.1.hook_resid_pre"] is acts.stats["blocks.1.hook_in"]
+    # resid_post of block 0 is resid_pre of block 1: one statistic (seen equal on the first batch)
+    assert acts.stats["blocks.0.hook_out"] is acts.stats["blocks.1.hook_in"]
     assert acts.for_matrix("blocks.0.attn.W_V") is acts.stats["blocks.0.attn.q.hook_in"]
 
 
@@ -54,11 +57,12 @@ def test_capture_iterable_of_batches_and_max_tokens(model):
     batches = [tokens[:2], (tokens[2:], torch.ones(2, 10, dtype=torch.long))]
     a = capture(model, batches, sites=["blocks.0.hook_resid_pre"])
     b = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], batch_size=3)
-    assert torch.allclose(a["blocks.0.hook_resid_pre"].covariance(), b["blocks.0.hook_resid_pre"].covariance(), atol=1e-12)
+    # other batchings: other float32 batch products (covariance entries ~0.03, rounding ~1e-9)
+    assert torch.allclose(a["blocks.0.hook_resid_pre"].covariance(), b["blocks.0.hook_resid_pre"].covariance(), atol=1e-8)
     c = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], max_tokens=15, batch_size=1)
     assert c.n_tokens == 15
     rows = _cached_rows(model, tokens, torch.ones_like(tokens), "blocks.0.hook_in", 32)[:15]
-    assert torch.allclose(c["blocks.0.hook_resid_pre"].covariance(), torch.cov(rows.T), atol=1e-10)
+    assert torch.allclose(c["blocks.0.hook_resid_pre"].covariance(), torch.cov(rows.T), atol=1e-8)
 
 
 def test_capture_bad_inputs(model):

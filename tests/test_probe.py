@@ -81,14 +81,15 @@ def test_probe_rows_equal_independent_recomputation(pair_data):
     U = torch.linalg.eigh(cov).eigenvectors.flip(-1)[:, :k]
     expected = (U.T @ d).square().sum() / d.square().sum()
     row = _row(res, matrix="blocks.0.mlp.W_out", head=None, stream="residual", subspace="activation")
-    assert row["fraction"] == pytest.approx(float(expected), rel=1e-8)
-    assert row["relative"] == pytest.approx(float(expected) * 32 / k, rel=1e-8)
+    # activation subspaces come from capture's float32 batch products (measured here: 5.5e-8 relative)
+    assert row["fraction"] == pytest.approx(float(expected), rel=1e-6)
+    assert row["relative"] == pytest.approx(float(expected) * 32 / k, rel=1e-6)
     # inner side of W_O, head 1: PCA of that head's block of the z covariance
     d = deltas["blocks.0.attn.W_O"][:, 8:16]
     cov = _cached_cov(base, tokens, "blocks.0.attn.o.hook_in", 32)[8:16, 8:16]
     U = torch.linalg.eigh(cov).eigenvectors.flip(-1)[:, :k]
     expected = (d @ U).square().sum() / d.square().sum()
-    assert _row(res, matrix="blocks.0.attn.W_O", head=1, stream="inner")["fraction"] == pytest.approx(float(expected), rel=1e-8)
+    assert _row(res, matrix="blocks.0.attn.W_O", head=1, stream="inner")["fraction"] == pytest.approx(float(expected), rel=1e-6)
     # untouched matrices produce no rows; k used and n are recorded
     assert not [r for r in res.rows if r["matrix"] == "blocks.0.attn.W_Q"]
     assert {r["n"] for r in res.rows if r["matrix"] == "blocks.0.attn.W_O" and r["head"] is not None and r["stream"] == "inner"} == {8}
@@ -116,3 +117,33 @@ def test_probe_outputs_and_errors(pair_data, tmp_path):
         probe(base, tuned, tokens, matrices="blocks.9.*.*")
     with pytest.raises(RwasymError, match="needs data"):
         probe(base, tuned)
+
+
+def test_probe_holds_one_weight_delta_at_a_time(pair_data, monkeypatch):
+    """The probe forms each float64 ΔW when it reaches the matrix and drops it with the next one:
+    at most two are ever alive (the current one while the next is formed), not one per matrix."""
+    import weakref
+
+    from rwasym.models import deltas as deltas_module
+
+    base, tokens = pair_data
+    g = torch.Generator().manual_seed(7)
+    tuned = _planted(base, "blocks.0.attn.W_Q", torch.randn(32, generator=g, dtype=torch.float64),
+                     torch.randn(32, generator=g, dtype=torch.float64))
+    for spec in tuned.matrices():
+        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    alive, peak, formed = set(), [0], [0]
+    original = deltas_module.WeightDeltas.__getitem__
+
+    def tracked(self, name):
+        delta = original(self, name)
+        formed[0] += 1
+        alive.add(id(delta))
+        weakref.finalize(delta, alive.discard, id(delta))
+        peak[0] = max(peak[0], len(alive))
+        return delta
+
+    monkeypatch.setattr(deltas_module.WeightDeltas, "__getitem__", tracked)
+    res = probe(base, tuned, tokens, k=3, null_samples=20, progress=False)
+    assert formed[0] == len(base.matrices()) == 12 and {r["matrix"] for r in res.rows} == {s.name for s in base.matrices()}
+    assert peak[0] <= 2

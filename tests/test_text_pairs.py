@@ -156,3 +156,48 @@ def test_cli_train_align_a_real_model_on_text_pairs(real_folder, tmp_path, capsy
     assert config["r"] == 2 and config["lora_alpha"] == 4
     tuned = rwasym.load(real_folder(2), adapter=lora_out / "step_000001")
     assert any(d.rank == 2 for d in tuned.adapter.values())
+
+
+def test_max_length_truncates_like_trl_keep_start(real2, tmp_path):
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer", reason="TRL is the oracle here: install rwasym[hf]")
+    path = _jsonl(tmp_path / "pairs.jsonl", TEXT)
+    full = real2.load_pairs(path)
+    prompts = [_unpadded(full, "prompt", i) for i in range(len(TEXT))]
+    L = max(len(p) for p in prompts) + 1  # every prompt fits, at least one completion is cut
+    cut = real2.load_pairs(path, max_length=L)
+    examples = [{f"{part}_ids": _unpadded(full, part, i) for part in ("prompt", "chosen", "rejected")}
+                for i in range(len(TEXT))]
+    batch = trl_dpo.DataCollatorForPreference(pad_token_id=0, max_length=L)(examples)  # TRL's own truncation
+    n = len(TEXT)
+    n_cut = 0
+    for i in range(n):
+        for j, part in ((i, "chosen"), (n + i, "rejected")):
+            keep = batch["attention_mask"][j].bool()
+            ids, scored = batch["input_ids"][j][keep].tolist(), batch["completion_mask"][j][keep].bool()
+            assert _unpadded(cut, "prompt", i) + _unpadded(cut, part, i) == ids
+            assert _unpadded(cut, part, i) == [t for t, s in zip(ids, scored.tolist()) if s]  # the scored tokens
+            n_cut += len(_unpadded(cut, part, i)) < len(_unpadded(full, part, i))
+    assert n_cut >= 1
+    with pytest.raises(RwasymError, match="leaves no completion token"):
+        real2.load_pairs(path, max_length=max(len(p) for p in prompts))  # the longest prompt fills it
+    with pytest.raises(RwasymError, match="max_length must be an integer >= 2"):
+        real2.load_pairs(path, max_length=0)
+    full.save(tmp_path / "pairs.safetensors")
+    with pytest.raises(RwasymError, match="stored token tensors"):
+        real2.load_pairs(tmp_path / "pairs.safetensors", max_length=L)
+
+
+def test_every_command_that_reads_pairs_takes_max_length():
+    from rwasym.app import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    readers = {name: p for name, p in sub.choices.items() if any(a.dest == "chat_template" for a in p._actions)}
+    nested = {f"{name} {n}": q for name, p in sub.choices.items() for a in p._actions
+              if isinstance(a, __import__("argparse")._SubParsersAction) for n, q in a.choices.items()
+              if any(b.dest == "chat_template" for b in q._actions)}
+    readers.update(nested)
+    assert {"demo", "intervene", "gradients"} <= {k.split()[0] for k in readers}
+    assert any(k.startswith("train") for k in readers)
+    for name, p in readers.items():
+        assert any(a.dest == "max_length" for a in p._actions), name

@@ -9,6 +9,7 @@
   checkpoint trajectory, loading one checkpoint at a time.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -90,7 +91,8 @@ def geometry(checkpoints: Mapping[Any, Any], data: Any, *, layers: Optional[Sequ
         model = load(source)
         chosen = range(model.n_layers) if layers is None else layers
         sites = [f"blocks.{layer}.hook_resid_post" for layer in chosen]
-        acts = capture(model, data, sites=sites, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+        acts = capture(model, data, sites=sites, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
+                       gram_dtype=torch.float64)  # RankMe / α-ReQ read the whole spectrum, tail included
         for layer, site in zip(chosen, sites):
             stat = acts[site]
             second = stat.second_moment() * stat.count
@@ -121,15 +123,22 @@ class _LazyWeights(Mapping):
 
 
 def checkpoint_folders(root: Union[str, Path]) -> dict[int, Path]:
-    """{step: folder} for ``root/step_XXXXXX`` checkpoint folders (step from rwasym.json meta or the name)."""
+    """{step: folder} for ``root/step_XXXXXX`` checkpoint folders: native checkpoints (step from their
+    rwasym.json meta) and Hugging Face ones written by `rwasym train` (step from rwasym-train.json);
+    the folder name's digits where the meta has no step."""
     root = Path(root)
     found = {}
     for folder in sorted(root.glob("step_*")):
         if (folder / "rwasym.json").exists():
             step = read_meta(folder).get("meta", {}).get("step")
-            found[int(step) if step is not None else int(re.sub(r"\D", "", folder.name))] = folder
+        elif (folder / "rwasym-train.json").exists():
+            step = json.loads((folder / "rwasym-train.json").read_text()).get("step")
+        else:
+            continue
+        found[int(step) if step is not None else int(re.sub(r"\D", "", folder.name))] = folder
     if not found:
-        raise RwasymError(f"no checkpoint folders (step_*/rwasym.json) under {str(root)!r}; point at a training output folder")
+        raise RwasymError(f"no checkpoint folders (step_*/rwasym.json or step_*/rwasym-train.json) under "
+                          f"{str(root)!r}; point at a training output folder")
     return found
 
 

@@ -35,7 +35,7 @@ from ..hooks.activations import ActivationStats, capture, data_hash, quiet
 from ..errors import RwasymError
 from ..math.lowrank import LowRankDelta
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
-from ..math.fraction import fraction_curve, log_k_grid, random_null, relative_fraction
+from ..math.fraction import delta_spectrum, fraction_curve, log_k_grid, null_moments, random_null, relative_fraction
 from ..math.checks import linalg_threads
 from ..math.subspaces import pca_basis, prediction_basis
 
@@ -139,18 +139,23 @@ def probe(
     data: corpus for the base model's activation statistics (anything `rwasym.hooks.activations.capture`
     accepts), or pass precomputed ``activations``. k: subspace dimension (per-head inner spaces of
     size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
-    subspaces per row for the null (mean, std, percentile of the observed f). variance: rows also
-    report f and r at the k reaching this explained-variance ratio (activation subspaces).
-    curves: r(k) on a log grid of k for whole matrices, with the std of the Haar null of r at each
-    k from ``curve_null_samples`` draws (the null mean of r is exactly 1).
-    Every number is reproducible from ``seed``.
+    subspaces per row for the percentile of the observed f in the Haar null; the row's null_mean
+    (k/n) and null_std are the null's exact moments (`rwasym.math.fraction.null_moments`), and
+    null_samples < 2 turns the row null off (None). variance: rows also report f and r at the k
+    reaching this explained-variance ratio (activation subspaces).
+    curves: r(k) on a log grid of k for whole matrices, with the exact std of the Haar null of r
+    at each k (the null mean of r is exactly 1); ``curve_null_samples`` >= 2 switches that band
+    on (it is closed form: no draws, the number itself no longer matters).
+    Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
+    (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
     base, tuned = load(base), load(tuned)
     _check_k(k, base)
     specs = base.matrices(matrices)
     if not specs:
         raise RwasymError(f"pattern {matrices!r} matches no matrix; valid names: {', '.join(s.name for s in base.matrices())}")
-    deltas = weight_deltas(base, tuned, matrices)
+    deltas = weight_deltas(base, tuned, matrices, lazy=True)  # each ΔW formed when its rows are computed
+    owned = activations is None  # captured here: its sums can be freed layer by layer as well
     if activations is None:
         if data is None:
             raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
@@ -158,20 +163,23 @@ def probe(
                               max_tokens=max_tokens, progress=progress)
     generator = torch.Generator().manual_seed(seed)
     pred_full = prediction_basis(base.unembedding(), base.d_model)
-    covs: dict[str, torch.Tensor] = {}
+    covs: dict[str, torch.Tensor] = {}  # site -> covariance, dropped once the probe is past its layer
 
     def cov(site: str) -> torch.Tensor:
         if site not in covs:
             covs[site] = activations[site].covariance(center=center)
         return covs[site]
 
+    cov.cache = covs  # so _probe_rows can release a finished layer's matrices
+    cov.stats = activations.stats if owned else {}  # (the caller's statistics stay untouched)
+    n_tokens = activations.n_tokens
     rows: list[dict] = []
     curve_rows: list[dict] = []
     with linalg_threads(1):
         _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
                     curve_null_samples, generator, progress, rows, curve_rows)
     config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
-                  n_tokens=activations.n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
+                  n_tokens=n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
                   max_tokens=max_tokens, **_provenance(base, tuned, data))
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
@@ -216,10 +224,17 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
             bases[key] = pca_basis(c_h, c_h.shape[0], center=False)
         return bases[key]
 
+    layer = None
     for spec in tqdm(specs, desc="probe", disable=quiet(progress)):
-        delta = deltas[spec.name]
+        if spec.layer != layer:  # specs come layer by layer: free the float64 d × d matrices of earlier layers
+            layer = spec.layer
+            for cache, site_of in ((bases, lambda key: key[0]), (cov.cache, lambda key: key), (cov.stats, lambda key: key)):
+                for key in [key for key in cache if _site_layer(site_of(key)) < layer]:
+                    del cache[key]
+        delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
+        spectra: dict = {}  # head -> DeltaSpectrum of that ΔW: one SVD shared by subspaces, sides and k
         resid_side = "input" if spec.side == "read" else "output"
         resid_cov = cov(model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec)))
         spaces = [("residual", resid_side, "activation", resid_cov, model_site),
@@ -237,7 +252,8 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 full = pred_full if c_h is None else full_basis(c_h, (site, head if c_h is not c else None))
                 basis = full.U[:, :k_used]
                 res = relative_fraction(d, basis, side)
-                null = random_null(d, side, k_used, null_samples, generator) if null_samples >= 2 else None
+                null = random_null(_spectrum(spectra, d, head), side, k_used, null_samples, generator) \
+                    if null_samples >= 2 else None  # exact mean/std; samples for the percentile
                 row = dict(layer=spec.layer, matrix=spec.name, kind=spec.kind, matrix_side=spec.side,
                            head=head, stream=stream, side=side, subspace=subspace, site=site,
                            k=k_used, n=n, fraction=res.fraction, relative=res.relative,
@@ -254,12 +270,25 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 if curves and head is None:
                     ks = log_k_grid(n)
                     curve = fraction_curve(d, full.U, side, ks)
-                    band = [random_null(d, side, kk, curve_null_samples, generator) for kk in ks] \
-                        if curve_null_samples >= 2 else []
+                    band = [null_moments(_spectrum(spectra, d, head), side, kk) for kk in ks] \
+                        if curve_null_samples >= 2 else []  # exact std of f at each k: no draws
                     curve_rows.append(dict(matrix=spec.name, kind=spec.kind, layer=spec.layer, stream=stream,
                                            side=side, subspace=subspace, n=n, ks=ks,
                                            relative=curve.relative.tolist(), fraction=curve.fraction.tolist(),
                                            null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
+
+
+def _site_layer(site: str) -> Union[int, float]:
+    """The block index of a hook name (``blocks.L. ...``); other sites never expire (inf)."""
+    parts = site.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else float("inf")
+
+
+def _spectrum(spectra: dict, d, head):
+    """The `DeltaSpectrum` of ΔW (or its head slice `head`), computed on first use and kept in `spectra`."""
+    if head not in spectra:
+        spectra[head] = delta_spectrum(d)
+    return spectra[head]
 
 
 def _energy(d) -> float:

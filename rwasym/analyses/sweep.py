@@ -145,17 +145,6 @@ def _hash(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def _model_hash(model: Model) -> str:
-    h, seen = hashlib.blake2b(digest_size=8), set()
-    for key, t in sorted(model.bridge.original_model.state_dict().items()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        h.update(key.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def row_id(matrix: str, head: Optional[int], direction: str, index: int, target: str, alpha: float,
            mode: str, seed: int) -> str:
     """The deterministic key of one sweep row."""
@@ -315,7 +304,7 @@ def sweep(
     cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
     tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
     config = cfg.header(
-        base=_model_hash(base), tuned=_model_hash(tuned),
+        base=base.weights_hash(), tuned=tuned.weights_hash(),
         pairs=_hash([None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
                      for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")]),
         cov_data=data_hash(tokens_for_hash) if isinstance(tokens_for_hash, torch.Tensor) else str(tokens_for_hash),
@@ -330,8 +319,9 @@ def sweep(
         store = _Store(_rank_path(out, rank), config, ev.reference)
         store.rows = {**done, **store.rows}
     try:
+        # float64 products: a sweep file's rows (PCA directions, their norms) stay reproducible across versions
         acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
-                       max_tokens=max_tokens, progress=progress)
+                       max_tokens=max_tokens, progress=progress, gram_dtype=torch.float64)
         check_same_architecture(base, tuned)
         deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}  # ΔW, float64
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)

@@ -22,6 +22,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     data = pairs = None
     if args.model or args.tuned or args.tuned_adapter:
+        if args.real:
+            from ..errors import RwasymError
+
+            raise RwasymError("--real runs the demo on the real pair; --model/--tuned run it on yours: pass one of them")
         if not (args.model and (args.tuned or args.tuned_adapter) and args.data):
             from ..errors import RwasymError
 
@@ -33,11 +37,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = _read_tokens(args.data, None)
         data = data["input_ids"] if isinstance(data, dict) else data
         if args.pairs:
-            pairs = _load_pairs(args.pairs, base, args.chat_template)
+            pairs = _load_pairs(args.pairs, base, args)
         run_demo(args.out, quick=args.quick, base=base, tuned=tuned,
                  data=data, pairs=pairs, seed=args.seed, k=args.k, progress=False if args.quiet else None)
     else:
-        run_demo(args.out, quick=args.quick, seed=args.seed, k=args.k, progress=False if args.quiet else None)
+        run_demo(args.out, quick=args.quick, seed=args.seed, k=args.k, real=args.real,
+                 progress=False if args.quiet else None)
     return 0
 
 
@@ -98,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.pairs is None:
             pairs = make_pairs(replace(PairConfig(), seed=args.seed, n_per_rule=500))
         else:
-            pairs = _load_pairs(args.pairs, base, args.chat_template)
+            pairs = _load_pairs(args.pairs, base, args)
         native = getattr(base.cfg, "architecture", None) in (None, "TransformerLensNative")
         lr = args.lr if args.lr is not None else (1e-3 if native else 5e-5 if args.lora_rank else 5e-6)
         batch = args.batch_size if args.batch_size is not None else (64 if native else 8)
@@ -120,10 +125,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pairs(path: str, model: Any, chat_template: bool = False):
+def _load_pairs(path: str, model: Any, args: argparse.Namespace):
     """Pairs for a command: .safetensors token ids, or TRL-format JSONL (token ids, strings or chat
-    messages) tokenized with ``model``'s own tokenizer (`Model.load_pairs`)."""
-    return model.load_pairs(path, chat_template=chat_template)
+    messages) tokenized with ``model``'s own tokenizer (`Model.load_pairs`; --chat-template, --max-length)."""
+    return model.load_pairs(path, chat_template=args.chat_template, max_length=args.max_length)
 
 
 def _token_tensor(path: str, model):
@@ -153,7 +158,7 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     if args.objective == "ce":
         data, reference = _token_tensor(args.data, model), None
     else:
-        data = _load_pairs(args.data, model, args.chat_template)
+        data = _load_pairs(args.data, model, args)
         reference = rwasym.load(args.reference or args.model) if args.objective != "sft" else None
     loss_fn, batches = rwasym.objective_batches(args.objective, data, reference=reference, batch_size=args.batch_size,
                                                 n_batches=args.batches, beta=args.beta, lam=args.lam)
@@ -203,7 +208,7 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
 
         base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training")
         data = _token_tensor(args.data, base) if args.data else None
-        pairs = _load_pairs(args.pairs, base, args.chat_template) if args.pairs else None
+        pairs = _load_pairs(args.pairs, base, args) if args.pairs else None
         companion.run_post_training(base, tuned, args.out, k=args.k, matrices=args.matrices, data=data,
                                     pairs=pairs, seed=args.seed)
     else:
@@ -272,8 +277,12 @@ def config_from_args(args: argparse.Namespace, config_class: type) -> Any:
 
 
 def _chat_template_flag(p: argparse.ArgumentParser) -> None:
+    """The flags of commands that read text pairs: --chat-template and --max-length."""
     p.add_argument("--chat-template", action="store_true",
                    help="render string prompts of text pairs through the tokenizer's chat template (instruct models)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate prompt + completion of JSONL pairs to this many tokens, keeping the start "
+                        "(TRL's DPO truncation); default: none (pairs longer than the context are refused)")
 
 
 def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -303,7 +312,7 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, SweepConfig)
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
-    pairs = _load_pairs(args.pairs, base, args.chat_template)
+    pairs = _load_pairs(args.pairs, base, args)
     rows = sweep(base, tuned, pairs, config, out=args.out, text=args.text,
                  progress=False if args.quiet else None)
     if distributed.world()[0] != 0:
@@ -343,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-samples", type=int, default=200)
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
     p.add_argument("--no-heads", action="store_true", help="whole matrices only")
-    p.add_argument("--no-curves", action="store_true", help="no r(k) curves (their Haar null bands are the slow part)")
+    p.add_argument("--no-curves", action="store_true", help="no r(k) curves (whole-matrix f at every k of a log grid, with the exact Haar null band)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -434,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test, not the real pair)")
+    p.add_argument("--real", action="store_true",
+                   help="the real pair: SmolLM2-135M + DPO (`rwasym pair real`; built on first use, ~3.5 min)")
     p.add_argument("--out", default="rwasym_out/demo")
     p.add_argument("--model", default=None, help="run on your own base model instead of the default pair")
     p.add_argument("--tuned", default=None)

@@ -2,8 +2,8 @@
 
 Steps (each only calls the public API): the probe (2 × 2 read/write × activation/prediction table,
 heatmap, r(k) curves), gradient anisotropy on the base (CE on text and DPO on pairs: C_a versus C_δ),
-the within-run trajectory and a small graded-objective control (default pair only), a rank-1 sweep
-with matched controls, and the companion spectra. Outputs: ``report.md``, ``results.json`` and PNG
+the within-run trajectory and a small graded-objective control (the default and the real pair), a
+rank-1 sweep with matched controls, and the companion spectra. Outputs: ``report.md``, ``results.json`` and PNG
 figures in ``out``; the headline table is printed.
 """
 
@@ -30,14 +30,29 @@ from ..analyses.sweep import summarize, sweep
 
 def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = None, tuned: Any = None,
              data: Any = None, pairs: Any = None, seed: int = 0, k: int = 8, progress: Optional[bool] = None,
-             log=print) -> dict:
-    """Run the demo; returns the results dict written to ``out/results.json``."""
+             real: bool = False, cache_dir: Any = None, log=print) -> dict:
+    """Run the demo; returns the results dict written to ``out/results.json``.
+
+    Default: the embedded default pair. ``real=True``: the real pair (SmolLM2-135M + DPO on a text
+    task, `rwasym.substrate.real_pair`), its activation statistics from the task's own text, the
+    trajectory and lifecycle of its DPO run, smaller sweep and graded budgets (a 30-layer model on
+    CPU). ``base``/``tuned``/``data``/``pairs``: your own pair instead (probe, gradients, sweep, SVD).
+    """
     t_start = time.perf_counter()
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     info: dict = {}
     heldout_pairs = train_pairs = None
-    if base is None:
+    run_folder = lifecycle_folder = None  # the alignment run (trajectory) and the checkpoints of the lifecycle
+    if real:
+        from ..substrate.real_pair import load_real_pairs, real_corpus, real_pair
+
+        log(f"[1/7] real pair ({'quick' if quick else 'full'}): SmolLM2-135M + DPO, trained on first use, then cached")
+        base, tuned, info = real_pair(cache_dir, quick=quick, progress=progress is not False, seed=seed)
+        train_pairs, heldout_pairs = load_real_pairs(info)
+        data = real_corpus(info, base.tokenizer, seq_len=64)
+        run_folder = lifecycle_folder = Path(info["folder"]) / "align"
+    elif base is None:
         from ..substrate.language import LanguageConfig, corpus
         from ..substrate.default_pair import load_default_pairs
         from ..substrate.default_pair import default_pair
@@ -47,14 +62,19 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         train_pairs, heldout_pairs = load_default_pairs(info)
         lang = LanguageConfig(**info["spec"]["language"])
         data = corpus(64 if quick else 256, info["spec"]["seq_len"], seed=10_000 + seed, config=lang)
+        run_folder, lifecycle_folder = Path(info["folder"]) / "align", Path(info["folder"]) / "pretrain"
     else:
         base, tuned = load(base), load(tuned)
         heldout_pairs = pairs
         if data is None:
             raise ValueError("run_demo on your own pair needs data= (tokens or a text file)")
-    results: dict = {"version": __version__, "seed": seed, "k": k, "quick": quick,
-                     "default_pair": {key: info.get(key) for key in ("entropy", "pretrain", "align",
-                                                                       "preference_accuracy", "folder")}}
+    results: dict = {"version": __version__, "seed": seed, "k": k, "quick": quick, "real": real}
+    if real:
+        results["real_pair"] = {key: info.get(key) for key in ("heldout_accuracy", "seconds", "final_loss", "folder")}
+        results["real_pair"]["n_tokens"] = int(data.numel())
+    else:
+        results["default_pair"] = {key: info.get(key) for key in ("entropy", "pretrain", "align",
+                                                                 "preference_accuracy", "folder")}
     figures = out / "figures"
 
     log("[2/7] probe: where ΔW concentrates")
@@ -72,8 +92,9 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
     grads = {"ce": capture_gradients(base, *objective_batches("ce", data, batch_size=16, n_batches=4),
                                      progress=progress)}
     if heldout_pairs is not None and train_pairs is not None:
-        loss_fn, batches = objective_batches("dpo", train_pairs, reference=base, batch_size=64,
-                                             n_batches=2 if quick else 4, beta=1.0)
+        loss_fn, batches = objective_batches("dpo", train_pairs, reference=base, batch_size=16 if real else 64,
+                                             n_batches=2 if quick else 4,
+                                             beta=info["spec"]["align"]["beta"] if real else 1.0)
         grads["dpo"] = capture_gradients(base, loss_fn, batches, progress=progress)
     results["gradients"] = {obj: anisotropy_report(base, st, k=k) for obj, st in grads.items()}
     for name in ("blocks.0.attn.W_Q", f"blocks.{base.n_layers - 1}.mlp.W_out"):
@@ -85,9 +106,9 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         report.spectra_plot(spectra, figures / f"grad_spectra_{name.replace('.', '_')}.png",
                             title=f"{name}: covariance spectra", ylabel="λ_i / Σλ")
 
-    if info.get("folder"):
+    if run_folder is not None:
         log("[4/7] within-run trajectory of the alignment run")
-        traj = trajectory(base, Path(info["folder"]) / "align", data, k=k, null_samples=50, seed=seed)
+        traj = trajectory(base, run_folder, data, k=k, null_samples=50, seed=seed)
         results["trajectory"] = traj
         summary_rows = [r for r in traj if r["kind"] == "summary"]
         long = [dict(step=r["step"], value=r.get(key), series=key) for r in summary_rows
@@ -101,8 +122,9 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         from ..substrate.train import AlignConfig
 
         cfg = AlignConfig(**{**info["spec"]["align"], "betas": tuple(info["spec"]["align"]["betas"])})
-        cfg = replace(cfg, steps=4 if quick else 60, checkpoint_every=0)
-        lams = (0.0, 1.0) if quick else (0.0, 0.25, 0.5, 0.75, 1.0)
+        # real: 10 steps per λ (≈ 3.5 s each on 2 cores); #19's experiment runs the full control
+        cfg = replace(cfg, steps=4 if quick else 10 if real else 60, checkpoint_every=0, warmup_steps=min(cfg.warmup_steps, 2))
+        lams = (0.0, 1.0) if quick else (0.0, 0.5, 1.0) if real else (0.0, 0.25, 0.5, 0.75, 1.0)
         rows = graded(base, train_pairs, data, lams=lams, align_config=cfg, k=k, null_samples=50,
                       heldout=heldout_pairs)
         results["graded"] = rows
@@ -116,10 +138,13 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
 
     if heldout_pairs is not None:
         log("[6/7] rank-1 sweep with matched random and orthogonal controls")
-        dirs = "pca:2,random:4,orthogonal:4" if quick else "pca:4,random:16,orthogonal:16"
-        rows = sweep(base, tuned, heldout_pairs, matrices=["blocks.*.attn.W_Q", "blocks.*.mlp.W_out"],
+        dirs = "pca:2,random:4,orthogonal:4" if quick or real else "pca:4,random:16,orthogonal:16"
+        last = base.n_layers - 1
+        matrices = ([f"blocks.{last // 2}.attn.W_Q", f"blocks.{last}.mlp.W_out"] if real
+                    else ["blocks.*.attn.W_Q", "blocks.*.mlp.W_out"])  # real: one edit is a 30-layer forward
+        rows = sweep(base, tuned, heldout_pairs, matrices=matrices,
                      directions=dirs, mode="transplant", out=out / "sweep.jsonl", seed=seed,
-                     max_pairs=128 if quick else 512, progress=progress)
+                     max_pairs=64 if real else 128 if quick else 512, progress=progress)
         summary = summarize(rows, metrics=["gap_accuracy", "margin", "kl_base"], seed=seed)
         results["sweep"] = {"summary": summary.to_dicts()}
         report.effect_plot(rows, "margin", figures / "sweep_margin.png",
@@ -129,8 +154,8 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
 
     log("[7/7] companion spectra")
     results["post_training_svd"] = post_training_report(base, tuned, k=min(k, base.d_model))["by_kind"]
-    if info.get("folder"):
-        pre = Path(info["folder"]) / "pretrain"
+    if lifecycle_folder is not None:
+        pre = lifecycle_folder
         lc = lifecycle_from_checkpoints(pre)
         results["lifecycle"] = {"compression": lc.compression_timing(), "by_kind": lc.kind_summary()}
         report.singular_value_heatmap(lc, "blocks.0.attn.W_Q", figures / "sv_heatmap_W_Q.png")
@@ -139,7 +164,8 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         geo = geometry({step: folder for step, folder in checkpoint_folders(pre).items()}, data[:32])
         results["geometry"] = geo
         report.line_plot(geo, "checkpoint", "rankme", "layer", figures / "rankme.png",
-                         title="RankMe of resid_post across pretraining", xlabel="step (symlog)", logx=True)
+                         title=f"RankMe of resid_post across {'the DPO run' if real else 'pretraining'}",
+                         xlabel="step (symlog)", logx=True)
     results["seconds"] = time.perf_counter() - t_start
     report.write_json(results, out / "results.json")
     (out / "report.md").write_text(_markdown(results, headline))
@@ -150,6 +176,12 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
 
 def _markdown(results: dict, headline: str) -> str:
     parts = [f"# rwasym demo report (rwasym {results['version']}, seed {results['seed']}, k={results['k']})\n"]
+    if results.get("real_pair"):
+        rp = results["real_pair"]
+        parts.append("## The real pair (SmolLM2-135M + DPO on the pick-the-second task)\n\n"
+                     f"held-out preference accuracy: base {rp['heldout_accuracy']['base']:.3f}, "
+                     f"tuned {rp['heldout_accuracy']['tuned']:.3f}; activation statistics from "
+                     f"{rp['n_tokens']} tokens of the task's text\n")
     dp = results.get("default_pair") or {}
     if dp.get("preference_accuracy"):
         parts.append("## The default pair\n\n```\n" + json.dumps({k: dp[k] for k in ("entropy", "pretrain", "align",
@@ -169,5 +201,5 @@ def _markdown(results: dict, headline: str) -> str:
     parts.append("## Post-training SVD by matrix kind\n\n" + report.markdown_table(
         [dict(kind=k, **v) for k, v in results["post_training_svd"].items()]))
     if "geometry" in results:
-        parts.append("## RankMe / α-ReQ across pretraining\n\n" + report.markdown_table(results["geometry"]))
+        parts.append(f"## RankMe / α-ReQ across {'the DPO run' if results.get('real') else 'pretraining'}\n\n" + report.markdown_table(results["geometry"]))
     return "\n".join(parts)

@@ -17,9 +17,12 @@ PathLike = Union[str, Path]
 
 def _plt():
     try:
+        import sys
+
         import matplotlib
 
-        matplotlib.use("Agg", force=False)
+        if "matplotlib.pyplot" not in sys.modules:  # a script: draw off-screen; a notebook keeps its backend
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise RwasymError("figures need matplotlib: pip install 'rwasym[plots]'") from None

@@ -208,16 +208,24 @@ def _vocab_size(tokenizer: Any, d_vocab: Optional[int]) -> Optional[int]:
 
 
 def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: Optional[int] = None, n_ctx: Optional[int] = None,
-               chat_template: bool = False) -> "PreferencePairs":
+               chat_template: bool = False, max_length: Optional[int] = None) -> "PreferencePairs":
     """Preference pairs from `PreferencePairs` (as is), a ``.jsonl`` file (`load_pairs_jsonl`) or a
-    ``.safetensors`` file written by `PreferencePairs.save`."""
+    ``.safetensors`` file written by `PreferencePairs.save`. ``max_length`` truncates JSONL pairs as
+    TRL does (`load_pairs_jsonl`); stored tensors are used as they are."""
     if isinstance(source, PreferencePairs):
+        if max_length is not None:
+            raise RwasymError("max_length truncates pairs while they are read from a JSONL file; these pairs are "
+                              "already tensors: truncate them when you build them, or pass the .jsonl file.")
         return source
     path = Path(source)
     if not path.exists():
         raise RwasymError(f"pairs file {str(path)!r} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        return load_pairs_jsonl(path, tokenizer, d_vocab, chat_template=chat_template, n_ctx=n_ctx)
+        return load_pairs_jsonl(path, tokenizer, d_vocab, chat_template=chat_template, n_ctx=n_ctx,
+                                max_length=max_length)
+    if max_length is not None:
+        raise RwasymError(f"max_length truncates pairs while they are read from a JSONL file; {str(path)!r} holds "
+                          "stored token tensors: truncate them when you write them, or pass the .jsonl file.")
     pairs = PreferencePairs.load(path)
     for part in _PARTS:
         _check_ids(getattr(pairs, part), d_vocab, f"{str(path)!r} ({part})")
@@ -342,15 +350,21 @@ def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = F
 
 
 def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[int] = None, *,
-                     chat_template: bool = False, n_ctx: Optional[int] = None) -> PreferencePairs:
+                     chat_template: bool = False, n_ctx: Optional[int] = None,
+                     max_length: Optional[int] = None) -> PreferencePairs:
     """Read ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines (blank lines skipped).
 
     Values are lists of token ids, or text in TRL's preference format — strings or conversational
     message lists — tokenized with ``tokenizer`` exactly as TRL does (`tokenize_preference`;
     ``chat_template`` renders string prompts through the tokenizer's chat template). ``d_vocab``
     (default: the tokenizer's vocabulary size) bounds the ids; ``n_ctx`` bounds prompt + completion.
+    ``max_length`` truncates prompt + chosen and prompt + rejected to their first ``max_length``
+    tokens, as TRL's DPO collator does (``truncation_mode="keep_start"``, 1.16): the prompt is kept
+    whole and each completion cut; a pair whose prompt leaves no completion token is refused.
     Errors name the file and line number.
     """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise RwasymError(f"max_length must be an integer >= 2 (prompt + at least one completion token); got {max_length!r}.")
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -383,6 +397,12 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[in
                 if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
                     raise RwasymError(f"{where}: {part} must be a string, a message list or a list of integer token ids.")
                 parts.append(value)
+        if max_length is not None and parts[0]:
+            room = max_length - len(parts[0])
+            if room < 1:
+                raise RwasymError(f"{where}: the prompt alone is {len(parts[0])} tokens, so max_length={max_length} "
+                                  "leaves no completion token to score; raise --max-length or shorten the prompt.")
+            parts = [parts[0], parts[1][:room], parts[2][:room]]
         for part, ids in zip(_PARTS, parts):
             if not ids:
                 raise RwasymError(f"{where}: {part} is empty after tokenization; every part needs >= 1 token "

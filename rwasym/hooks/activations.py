@@ -7,6 +7,7 @@ studied matrix's input (Q/K/V share one attention-input site, W_gate shares W_in
 """
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,9 @@ def capture(
     batch_size: int = 16,
     max_tokens: Optional[int] = None,
     progress: Optional[bool] = None,
+    gram_dtype: Optional[torch.dtype] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 50,
 ) -> ActivationStats:
     """Stream ``data`` through ``model`` once and accumulate float64 Σ a aᵀ, Σ a, N per site.
 
@@ -139,6 +143,19 @@ def capture(
     sites: hook names (TL aliases such as ``blocks.0.hook_resid_pre`` are accepted) or
     {hook: width}; default `default_sites`. progress: tqdm bar (None = only on a terminal).
     max_tokens: keep only the first ``max_tokens`` unpadded tokens, in batch order.
+    gram_dtype: each batch's d × d product in float32 about the batch mean, summed in float64 (None,
+    the default for float32 models: relative error ~1e-7; see `RunningCovariance`), or
+    ``torch.float64`` throughout (about twice the cost on a CPU). A site whose tensor is the same
+    as an earlier one's (resid_post of block L and resid_pre of block L+1, checked on the first
+    batch) shares that site's accumulator; after the last captured block the final norm and the
+    unembedding are not run.
+    checkpoint: a ``.safetensors`` file that makes a long capture survive a crash: the statistics
+    are written there (atomically) every ``checkpoint_every`` batches and at the end, keyed by the
+    model's weights hash, the data's hash, the sites, the model dtype, gram_dtype, batch_size and
+    max_tokens. A rerun with the same key resumes after the last written batch and gives the same
+    sums as an uninterrupted run (same batches, same order); a finished file is returned without a
+    forward. A file with another key, or one that cannot be read, is refused (`RwasymError`), never
+    reused. Needs token data (a tensor, a dict or a text file) and a single process.
 
     Data parallel (under ``torchrun``, see `rwasym.distributed`): with a process group of
     world_size W > 1, every rank must be given the same ``data``; batches are formed first, rank
@@ -163,25 +180,49 @@ def capture(
             widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
     if batch_size <= 0:
         raise RwasymError(f"batch_size must be positive; got {batch_size}")
-    stats = {hook: RunningCovariance(width, name=hook) for hook, width in widths.items()}
+    stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
     current: dict[str, Optional[Tensor]] = {"mask": None}
+    rank, size = distributed.world()
+    ckpt = None if checkpoint is None else _Checkpoint(Path(checkpoint), _checkpoint_key(
+        model, data, widths, gram_dtype, batch_size, max_tokens, size), checkpoint_every)
+    # resid_post of block L and resid_pre of block L+1 are usually one tensor: compare them on the
+    # first batch and, when equal, keep one statistic for both (single process only: every rank
+    # must reduce the same accumulators).
+    pairs = _same_tensor_candidates(model, widths) if size == 1 else []
+    paired = {hook for pair in pairs for hook in pair}
+    first: dict[str, Tensor] = {}
+    skip: set[str] = set()
 
     def make_hook(hook_name: str, width: int):
         def hook_fn(x: Tensor, hook: Any = None) -> Tensor:
-            stats[hook_name].add(flatten_site(x, width), current["mask"])
+            if hook_name in skip:
+                return x
+            rows = flatten_site(x, width)
+            stats[hook_name].add(rows, current["mask"])
+            if hook_name in paired and not first.get("done"):
+                first[hook_name] = rows.detach().clone()
             return x
 
         return hook_fn
 
     stop = _last_layer(widths) + 1
-    stop_at = stop if stop <= model.n_layers - 1 else None  # skip later blocks and the unembedding
+    stop_at = stop if stop <= model.n_layers else None  # skip later blocks and, after the last, the unembedding
     fwd_hooks = [(hook, make_hook(hook, width)) for hook, width in widths.items()]
-    rank, size = distributed.world()
     seen, n_batches = 0, 0  # tokens of every rank's batches so far (the global budget), batches read
-    bar = tqdm(total=max_tokens if size == 1 else None, desc="capture", unit="tok",
-               disable=quiet(progress) or rank != 0)
+    resume = ckpt.load(stats, skip) if ckpt is not None else None
+    if resume is not None:
+        n_batches, seen = resume["batches"], resume["seen"]
+        if pairs:
+            first["done"] = True  # the shared statistics were restored with the file
+        if resume["done"]:
+            return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+    done_batches = n_batches
+    bar = tqdm(total=max_tokens if size == 1 else None, initial=seen if max_tokens else 0, desc="capture",
+               unit="tok", disable=quiet(progress) or rank != 0)
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
         for i, (tokens, mask) in enumerate(_as_batches(data, batch_size, model)):
+            if i < done_batches:
+                continue  # in the checkpoint already (its token count restored with it)
             n_batches = i + 1
             _check_batch(tokens, mask, model.d_vocab)
             mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
@@ -198,8 +239,20 @@ def capture(
             current["mask"] = mask
             kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
+            if pairs and not first.get("done"):
+                for leader, follower in pairs:
+                    a, b = first.get(leader), first.get(follower)
+                    if a is not None and b is not None and a.shape == b.shape and torch.equal(a, b):
+                        stats[follower] = stats[leader]  # equal sums so far; one accumulator from now on
+                        skip.add(follower)
+                first.clear()
+                first["done"] = True
             bar.update(n)
+            if ckpt is not None and n_batches % ckpt.every == 0:
+                ckpt.save(stats, skip, n_batches, seen, done=False)
     bar.close()
+    if ckpt is not None and seen > 0:
+        ckpt.save(stats, skip, n_batches, seen, done=True)
     if size > 1:
         distributed.require_same([n_batches, seen], "the batches given to capture ([batches read, tokens])")
         for acc in stats.values():
@@ -221,6 +274,102 @@ def _site_width(model: Model, hook: str) -> int:
     if hook in model.residual_hooks().values():
         return model.d_model
     raise RwasymError(f"cannot infer the width of hook {hook!r}; pass sites as a dict {{hook: width}}")
+
+
+_CHECKPOINT_FORMAT = "rwasym-capture/1"
+
+
+def _checkpoint_key(model: Model, data: Any, widths: dict[str, int], gram_dtype: Optional[torch.dtype],
+                    batch_size: int, max_tokens: Optional[int], size: int) -> dict:
+    """What a capture checkpoint must match to be resumed."""
+    if size > 1:
+        raise RwasymError("capture(checkpoint=...) runs in one process; under torchrun drop checkpoint= "
+                          "(each rank's share is short) or capture in a single process")
+    if isinstance(data, (str, os.PathLike)):
+        digest = "file:" + hashlib.sha256(Path(data).read_bytes()).hexdigest()[:16]
+    elif isinstance(data, Tensor):
+        digest = "tokens:" + data_hash(data)
+    elif isinstance(data, dict) and isinstance(data.get("input_ids"), Tensor):
+        mask = data.get("attention_mask")
+        digest = "tokens:" + data_hash(data["input_ids"]) + ("" if mask is None else ":mask:" + data_hash(mask.long()))
+    else:
+        raise RwasymError("capture(checkpoint=...) needs data it can hash to recognise on resume: a token tensor, "
+                          "a dict with input_ids (and attention_mask) or a text file; an iterable of batches "
+                          "cannot be checked")
+    return dict(format=_CHECKPOINT_FORMAT, weights=model.weights_hash(), data=digest,
+                sites=sorted([h, int(w)] for h, w in widths.items()), dtype=str(model.dtype),
+                gram_dtype=str(gram_dtype), batch_size=int(batch_size), max_tokens=max_tokens)
+
+
+class _Checkpoint:
+    """The capture's checkpoint file: every statistic's sums as safetensors, the key and progress as
+    its JSON metadata; written to a temporary file and renamed, so a kill leaves the last one."""
+
+    def __init__(self, path: Path, key: dict, every: int) -> None:
+        if path.suffix != ".safetensors":
+            raise RwasymError(f"capture checkpoint {str(path)!r} must be a .safetensors file")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise RwasymError(f"checkpoint_every must be a positive integer (batches); got {every!r}")
+        self.path, self.key, self.every = path, key, every
+
+    def load(self, stats: dict, skip: set) -> Optional[dict]:
+        """Restore the sums into ``stats`` (and the shared sites into ``skip``); None if no file."""
+        if not self.path.exists():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {})["rwasym"])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise RwasymError(f"capture checkpoint {str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
+                              "it is corrupt or not a capture checkpoint: delete it to start again") from None
+        if meta.get("key") != self.key:
+            theirs = meta.get("key") or {}
+            diff = sorted(k for k in set(self.key) | set(theirs) if theirs.get(k) != self.key.get(k))
+            raise RwasymError(f"capture checkpoint {str(self.path)!r} belongs to another capture (differs in "
+                              f"{', '.join(diff)}); pass another checkpoint path or delete the file")
+        try:
+            for follower, leader in meta["shared"].items():
+                stats[follower] = stats[leader]
+                skip.add(follower)
+            for hook, acc in stats.items():
+                if hook not in meta["shared"]:
+                    acc.load_state_dict({"dim": acc.dim, "count": int(meta["counts"][hook]),
+                                         "sum": tensors[f"{hook}/sum"], "sum_outer": tensors[f"{hook}/sum_outer"]})
+            int(meta["batches"]), int(meta["seen"]), bool(meta["done"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise RwasymError(f"capture checkpoint {str(self.path)!r} has the right key but incomplete contents "
+                              f"(missing {err}); it is corrupt: delete it to start again") from None
+        return meta
+
+    def save(self, stats: dict, skip: set, batches: int, seen: int, done: bool) -> None:
+        from safetensors.torch import save_file
+
+        shared = {f: next(h for h, a in stats.items() if a is stats[f] and h not in skip) for f in skip}
+        tensors, counts = {}, {}
+        for hook, acc in stats.items():
+            if hook not in shared:
+                state = acc.state_dict()
+                tensors[f"{hook}/sum"], tensors[f"{hook}/sum_outer"] = state["sum"], state["sum_outer"]
+                counts[hook] = state["count"]
+        meta = dict(key=self.key, batches=batches, seen=seen, done=done, shared=shared, counts=counts)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"rwasym": json.dumps(meta)})
+        os.replace(tmp, self.path)
+
+
+def _same_tensor_candidates(model: Model, widths: dict[str, int]) -> list[tuple[str, str]]:
+    """(resid_post of block L, resid_pre of block L+1) hook pairs that are both captured."""
+    resid = model.residual_hooks()
+    out = []
+    for layer in range(model.n_layers - 1):
+        a, b = resid.get(f"blocks.{layer}.hook_resid_post"), resid.get(f"blocks.{layer + 1}.hook_resid_pre")
+        if a in widths and b in widths and a != b:
+            out.append((a, b))
+    return out
 
 
 def _last_layer(widths: dict[str, int]) -> int:

@@ -14,7 +14,7 @@ reference model) are ignored.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -50,8 +50,9 @@ class _Capture:
         self.model = model
         self.specs = [model.matrix(n) for n in names]
         self.stats = GradientStats(
-            inputs={s.name: RunningCovariance(s.n_in, name=f"{s.name} a_t") for s in self.specs},
-            grads={s.name: RunningCovariance(s.n_out, name=f"{s.name} δ_t") for s in self.specs},
+            # float64 products: δ_t spans many orders of magnitude and C_δ is often near rank-deficient
+            inputs={s.name: RunningCovariance(s.n_in, name=f"{s.name} a_t", gram_dtype=torch.float64) for s in self.specs},
+            grads={s.name: RunningCovariance(s.n_out, name=f"{s.name} δ_t", gram_dtype=torch.float64) for s in self.specs},
             G={s.name: torch.zeros(s.n_out, s.n_in, dtype=torch.float64) for s in self.specs},
         )
         self._last_input: dict[str, Tensor] = {}
@@ -94,7 +95,7 @@ def capture_gradients(
     loss_fn: Callable[[Model, Any], Tensor],
     batches: Iterable[Any],
     *,
-    matrices: Optional[str] = None,
+    matrices: Union[str, Sequence[str], None] = None,
     progress: Optional[bool] = None,
 ) -> GradientStats:
     """Run ``loss_fn(model, batch).backward()`` per batch and stream C_a, C_δ and G per matrix.

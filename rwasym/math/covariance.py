@@ -1,9 +1,10 @@
 """Streaming float64 statistics of activations (baukit `runningstats` style).
 
 `RunningCovariance` accumulates a token count N, the sum s = Σ_t a_t and the sum of outer products
-S = Σ_t a_t a_tᵀ of d-dimensional rows a_t, batch by batch, as *plain float64 sums*. Readouts are
-computed from the sums on demand; `merge` adds sums (an all-reduce is a sum); `state_dict` makes
-the accumulator resumable.
+S = Σ_t a_t a_tᵀ of d-dimensional rows a_t, batch by batch, as *float64 sums* (each batch's d × d
+product is formed in float32 about the batch mean for float32 and narrower inputs: see `add`).
+Readouts are computed from the sums on demand; `merge` adds sums (an all-reduce is a sum);
+`state_dict` makes the accumulator resumable.
 """
 
 import torch
@@ -22,19 +23,26 @@ _STATE_KEYS = ("dim", "count", "sum", "sum_outer")
 class RunningCovariance:
     """Streaming count, mean, second moment and covariance of d-dimensional rows, in float64.
 
-    Accumulation (plain float64 sums, not Welford/Chan updates): every batch is cast to float64
-    and added into
+    Accumulation (float64 sums, not Welford/Chan updates): every batch is added into
 
         N = Σ_t 1,   s = Σ_t a_t  (d,),   S = Σ_t a_t a_tᵀ  (d, d).
+
+    s is summed in float64. For float32 / float16 / bfloat16 inputs the batch's d × d product is a
+    float32 GEMM about the batch mean m (fp32, half the cost of a float64 GEMM on a CPU), added in
+    float64 as Σ_b a aᵀ = Σ_b (a − m)(a − m)ᵀ + m s_bᵀ + s_b mᵀ − n_b m mᵀ (exact algebra for any m);
+    centring first keeps the float32 rounding relative to the batch's spread, not to ‖μ‖², which is
+    large in residual streams with massive activations. ``gram_dtype=torch.float64`` (and float64
+    inputs) forms the product in float64 throughout.
 
     Readouts: mean μ = s / N; uncentered second moment S / N; covariance
     (S − N μ μᵀ) / (N − 1), which equals `torch.cov` of the concatenated rows. Sums make `merge`
     exact and order-free up to float64 rounding, so shards reduce with a plain all-reduce.
-    Trade-off: the centered covariance is a difference of sums, so its relative error grows like
-    ε₆₄ · ‖μ‖² / λ (λ the eigenvalue of interest); with ε₆₄ ≈ 1e-16 this is negligible for
-    transformer activations.
+    Trade-offs: the centered covariance is a difference of sums, so its relative error grows like
+    ε₆₄ · ‖μ‖² / λ (λ the eigenvalue of interest; negligible with ε₆₄ ≈ 1e-16); the float32 products
+    add an error of order ε₃₂ · √n_b · (the batch's spread) per entry, which moves the top
+    eigenvectors of real activations by ~1e-6 (tests/test_precision.py bounds it against float64).
 
-    Input dtypes float16 / bfloat16 / float32 / float64 are accepted (the float64 cast is exact);
+    Input dtypes float16 / bfloat16 / float32 / float64 are accepted (the upcasts are exact);
     `*batch` leading axes are flattened, and `weight_mask` (same `*batch` shape, bool) selects the
     rows to count, e.g. the attention mask to drop padding.
 
@@ -45,10 +53,15 @@ class RunningCovariance:
         (16, torch.Size([4, 4]))
     """
 
-    def __init__(self, dim: int, *, name: str | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, *, name: str | None = None, device: torch.device | str = "cpu",
+                 gram_dtype: torch.dtype | None = None) -> None:
         dim = require_int(dim, "dim")
         if dim <= 0:
             raise RwasymError(f"RunningCovariance dim must be a positive integer; got dim={dim}.")
+        if gram_dtype not in (None, torch.float32, torch.float64):
+            raise RwasymError(f"gram_dtype must be None (float32 products for float32-or-narrower inputs), "
+                              f"torch.float32 or torch.float64; got {gram_dtype!r}.")
+        self.gram_dtype = gram_dtype
         self.dim = dim
         self.name = name
         self.device = torch.device(device)
@@ -65,7 +78,8 @@ class RunningCovariance:
 
     # ----------------------------------------------------------------------------- accumulation
     def _rows(self, x: Tensor, weight_mask: Tensor | None) -> Tensor:
-        """Validate a batch and return the selected rows as float64 (n, d) on the device."""
+        """Validate a batch and return the selected rows (n, d) on the device: float64 for float64
+        inputs or ``gram_dtype=torch.float64``, else float32."""
         what = f"the input to {self._label()}.add"
         x = require_floating(require_tensor(x, what), what)
         if x.ndim == 0 or x.shape[-1] != self.dim:
@@ -89,7 +103,8 @@ class RunningCovariance:
             flat = mask.reshape(-1).to(rows.device)
             if not bool(flat.all()):  # skip the copy in the common unpadded case
                 rows = rows[flat]
-        return rows.to(device=self.device, dtype=torch.float64)
+        wide = rows.dtype == torch.float64 or self.gram_dtype == torch.float64
+        return rows.to(device=self.device, dtype=torch.float64 if wide else torch.float32)
 
     def add(
         self,
@@ -97,16 +112,24 @@ class RunningCovariance:
         weight_mask: Bool[Tensor, "*batch"] | None = None,
     ) -> None:
         """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`."""
-        rows = self._rows(x, weight_mask)  # (n, d) float64
-        row_sum = rows.sum(dim=0)
+        rows = self._rows(x, weight_mask)  # (n, d) float32 or float64
+        row_sum = rows.sum(dim=0, dtype=torch.float64)
         # Σ over rows is finite iff every selected entry is (float64 cannot overflow from
         # fp16/bf16/fp32 inputs): an O(d) check instead of a pass over the batch. Nothing is
         # added when it fails.
         if not bool(torch.isfinite(row_sum).all()):
             require_finite(rows, f"the input to {self._label()}.add (selected rows)")
-        self._count += rows.shape[0]
+        n = rows.shape[0]
+        self._count += n
         self._sum += row_sum
-        self._sum_outer.addmm_(rows.T, rows)
+        if rows.dtype == torch.float64:
+            self._sum_outer.addmm_(rows.T, rows)
+        elif n > 0:  # float32 product about the batch mean, then the exact float64 correction
+            m = rows.mean(dim=0)  # (d,) float32
+            centred = rows - m
+            m64 = m.double()
+            self._sum_outer += (centred.T @ centred).double()
+            self._sum_outer.addr_(m64, row_sum).addr_(row_sum, m64).addr_(m64, m64, alpha=-float(n))
 
     def merge(self, other: "RunningCovariance") -> "RunningCovariance":
         """Add another accumulator's sums into this one (in place) and return self."""

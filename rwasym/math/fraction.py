@@ -13,17 +13,25 @@ average, so r = 1 is isotropic and r > 1 concentrated. All math is float64 on CP
 ΔW may also be a factored `rwasym.math.lowrank.LowRankDelta` ΔW = s · B A (a LoRA adapter): then
 ‖ΔW U‖²_F = s²‖B (A U)‖²_F, ‖Uᵀ ΔW‖²_F = s²‖(Uᵀ B) A‖²_F and ‖ΔW‖²_F = s² tr((BᵀB)(AAᵀ)), at
 O(r (n_out + n_in) k); the n_out × n_in matrix is never formed.
+
+The Haar null (`null_moments`, `null_fractions`, `random_null`) depends on ΔW only through its
+normalised spectrum w_i = σ_i²/‖ΔW‖²_F (`delta_spectrum`, one SVD reused for every k and both
+sides): its mean and std are exact closed forms, its samples (for percentiles) are drawn in ΔW's
+singular basis at O(r k'² + k'³) each, k' = min(k, n − k).
 """
 
+import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .checks import (
     as_float64_matrix,
+    linalg_threads,
     require_int,
     require_k,
     require_orthonormal,
@@ -32,22 +40,28 @@ from .checks import (
 )
 from ..errors import RwasymError
 from .lowrank import LowRankDelta
-from .subspaces import Basis, haar_frames
+from .subspaces import Basis
 
 __all__ = [
+    "DeltaSpectrum",
     "FractionCurve",
     "FractionResult",
+    "NullMoments",
     "NullResult",
     "Side",
+    "delta_spectrum",
     "fraction_curve",
     "log_k_grid",
+    "null_fractions",
+    "null_moments",
     "random_null",
     "relative_fraction",
 ]
 
 Side = Literal["input", "output"]
 _SIDES = ("input", "output")
-_NULL_CHUNK_BYTES = 32 * 2**20  # float64 bytes of Haar frames drawn at once by random_null
+_NULL_CHUNK_BYTES = 32 * 2**20  # float64 bytes of Gaussian blocks drawn at once by null_fractions
+_NEGLIGIBLE_SIGMA = 1e-10  # σ_i <= this · σ_max is numerical zero: dropped from DeltaSpectrum.weights
 
 
 @dataclass(frozen=True)
@@ -68,9 +82,11 @@ class FractionResult:
 
 @dataclass(frozen=True, eq=False)
 class NullResult:
-    """Fractions f of ΔW in `samples.numel()` Haar-random k-dim subspaces of the side's space.
+    """The Haar null of f for one (ΔW, side, k): f over Haar-random k-dim subspaces of the side's space.
 
-    mean → k/n as samples grow; std is the sample standard deviation (N − 1).
+    mean and std are the exact moments of the Haar null (`null_moments`: mean = k/n, std from
+    tr(S²)); `samples` (`samples.numel()` independent draws of f) serve percentiles, and their own
+    moments are `sample_mean` / `sample_std`.
     """
 
     mean: float
@@ -79,6 +95,16 @@ class NullResult:
     k: int
     n: int
     side: str
+
+    @property
+    def sample_mean(self) -> float:
+        """Mean of the drawn samples (→ `mean` as samples grow)."""
+        return float(self.samples.mean())
+
+    @property
+    def sample_std(self) -> float:
+        """Sample standard deviation (N − 1) of the drawn samples (→ `std` as samples grow)."""
+        return float(self.samples.std())
 
     def percentile_of(self, observed: "float | FractionResult") -> float:
         """Percentage of null samples <= observed fraction f, in [0, 100]."""
@@ -91,6 +117,52 @@ class NullResult:
                 )
             observed = observed.fraction
         return 100.0 * float((self.samples <= float(observed)).double().mean())
+
+
+class NullMoments(NamedTuple):
+    """Exact mean and standard deviation of f over Haar-random k-dim subspaces (`null_moments`)."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True, eq=False)
+class DeltaSpectrum:
+    """What the Haar null of f depends on: ΔW's shape and normalised spectrum w_i = σ_i² / ‖ΔW‖²_F.
+
+    `weights` are descending, from the SVD of ΔW (the small QR core for a `LowRankDelta`), with
+    numerically zero singular values (σ_i <= 1e-10 σ_max) dropped: together they hold under
+    min(n_out, n_in) · 1e-20 of the energy, and dropping them gives a dense ΔW and its factored form
+    the same r. The nonzero spectrum is the same for both sides (ΔWᵀΔW and ΔWΔWᵀ share it); only n
+    differs. Build one with `delta_spectrum` and pass it wherever a delta is accepted by the null.
+    """
+
+    weights: Float[Tensor, " r"]
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, Tensor) or not isinstance(self.shape, (tuple, list)):
+            raise RwasymError(f"DeltaSpectrum needs a weights tensor and a shape tuple; got "
+                              f"{type(self.weights).__name__} and {type(self.shape).__name__}. Use delta_spectrum(delta).")
+        w = self.weights.detach().to("cpu", torch.float64)
+        shape = tuple(require_positive_int(x, "each of DeltaSpectrum.shape") for x in self.shape)
+        if len(shape) != 2 or w.dim() != 1 or not 1 <= w.shape[0] <= min(shape):
+            raise RwasymError(f"DeltaSpectrum needs shape (n_out, n_in) and 1 <= r <= min(n_out, n_in) "
+                              f"weights; got shape {self.shape} and weights of shape {shape_str(w)}.")
+        if not bool(torch.isfinite(w).all() and (w >= 0).all()) or abs(float(w.sum()) - 1.0) > 1e-9:
+            raise RwasymError(f"DeltaSpectrum.weights must be w_i = σ_i²/Σσ² (finite, >= 0, summing to 1); "
+                              f"got sum {float(w.sum())!r}. Build it with delta_spectrum(delta).")
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def s2(self) -> float:
+        """s₂ = tr(S²) = Σ w_i² (S = ΔWᵀΔW/‖ΔW‖²_F or ΔWΔWᵀ/‖ΔW‖²_F; 1/n <= s₂ <= 1)."""
+        return float(self.weights.square().sum())
+
+    def n(self, side: Side) -> int:
+        """The side's dimension: n_in for side="input", n_out for side="output"."""
+        return self.shape[1] if _check_side(side) == "input" else self.shape[0]
 
 
 class FractionCurve(NamedTuple):
@@ -128,7 +200,7 @@ def _delta64(delta: object) -> tuple[Tensor | LowRankDelta, Tensor]:
     return D, energy
 
 
-def _dshape(D: Tensor | LowRankDelta) -> str:
+def _dshape(D: "Tensor | LowRankDelta | DeltaSpectrum") -> str:
     """`(3, 4)`-style shape text of ΔW, dense or factored."""
     return "(" + ", ".join(str(s) for s in D.shape) + ")"
 
@@ -186,41 +258,156 @@ def relative_fraction(
     return FractionResult(fraction=f, relative=f * n / k, k=k, n=n, side=side)
 
 
+def delta_spectrum(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum]) -> DeltaSpectrum:
+    """ΔW's normalised spectrum w_i = σ_i²/Σσ² (descending; σ_i <= 1e-10 σ_max dropped) and shape.
+
+    One SVD (O(n_out n_in min(n_out, n_in)) dense, O(r² (n_out + n_in)) factored) that every k and
+    both sides of `null_moments` / `null_fractions` / `random_null` reuse. Error when ΔW = 0.
+    """
+    if isinstance(delta, DeltaSpectrum):
+        return delta
+    D, _ = _delta64(delta)
+    if isinstance(D, LowRankDelta):
+        svals = D.svdvals()  # the QR core's
+    else:  # LAPACK's SVD of a wide matrix runs ~3x slower than of its (tall) transpose
+        svals = torch.linalg.svdvals(D if D.shape[0] >= D.shape[1] else D.T)  # descending
+    sigma2 = svals.square()
+    weights = sigma2 / sigma2.sum()
+    keep = svals > _NEGLIGIBLE_SIGMA * svals[0]
+    return DeltaSpectrum(weights=weights[keep].contiguous(), shape=tuple(int(x) for x in D.shape))
+
+
+def _haar_moments(s2: float, n: int, k: int) -> NullMoments:
+    """Mean k/n and std of f = Σ_i w_i P_ii for a Haar rank-k projection P of R^n, Σ w_i = 1, Σ w_i² = s2.
+
+    P_ii ~ Beta(k/2, (n−k)/2), so Var P_ii = 2k(n−k) / (n²(n+2)); Σ_i P_ii = tr P = k is constant and
+    the P_ii are exchangeable, so Cov(P_ii, P_jj) = −Var P_ii / (n−1) for i ≠ j. Then
+    Var f = Var P_ii (Σ w_i² − Σ_{i≠j} w_i w_j / (n−1)) = Var P_ii (n s₂ − 1) / (n − 1). k = n gives
+    f ≡ 1 (and n = 1 forces k = n).
+    """
+    if k == n:
+        return NullMoments(mean=1.0, std=0.0)
+    var = 2.0 * k * (n - k) * (n * s2 - 1.0) / (n * n * (n + 2.0) * (n - 1.0))
+    return NullMoments(mean=k / n, std=math.sqrt(max(var, 0.0)))  # n s₂ − 1 >= 0 up to rounding
+
+
+def null_moments(
+    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum], side: Side, k: int
+) -> NullMoments:
+    """Exact mean and std of f over Haar-random k-dim subspaces of the side's space (no sampling).
+
+    With S = ΔWᵀΔW/‖ΔW‖²_F (input side) or ΔWΔWᵀ/‖ΔW‖²_F (output side), f(U) = tr(S P) for the Haar
+    projection P = UUᵀ of R^n; in S's eigenbasis f = Σ_i w_i P_ii (w_i its eigenvalues, zero-padded to
+    n, Σ w_i = 1). P_ii ~ Beta(k/2, (n−k)/2) (the squared norm of k coordinates of a uniform unit
+    vector), Σ_i P_ii = k, hence Cov(P_ii, P_jj) = −Var P_ii / (n−1) and, with s₂ = tr(S²) = Σ w_i²,
+
+        E f = k/n,    Var f = 2k(n−k)(n s₂ − 1) / (n²(n+2)(n−1))    (0 when k = n).
+
+    Example: rank-one ΔW (s₂ = 1) gives the Beta variance 2k(n−k)/(n²(n+2)); ΔW with ΔWᵀΔW ∝ I (s₂ =
+    1/n) gives 0. `delta` may be a `DeltaSpectrum` (from `delta_spectrum`) to reuse one SVD.
+    """
+    side = _check_side(side)
+    spectrum = delta_spectrum(delta)
+    n = spectrum.n(side)
+    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+    return _haar_moments(spectrum.s2, n, k)
+
+
+def _bartlett_factor(rng: np.random.Generator, samples: int, m: int, k: int) -> np.ndarray:
+    """Lower-triangular L (samples, k, k) with L Lᵀ ~ Wishart(m, I_k), m >= k (Bartlett decomposition):
+    L_ii = sqrt(χ²_{m−i}) for i = 0..k−1, L_ij ~ N(0, 1) below the diagonal, all independent."""
+    L = np.tril(rng.standard_normal((samples, k, k)), -1)
+    idx = np.arange(k)
+    L[:, idx, idx] = np.sqrt(rng.chisquare(m - idx, size=(samples, k)))
+    return L
+
+
+def _spectral_null_draws(
+    weights: Float[Tensor, " r"], n: int, k: int, samples: int, rng: np.random.Generator
+) -> Float[Tensor, " samples"]:
+    """`samples` draws of f = Σ_{i<r} w_i ‖Ũ_i,:‖² for a Haar (n, k) frame Ũ, k <= n/2 (see null_fractions).
+
+    Ũ spans the columns of a Gaussian G (n, k), so ‖Ũ_i‖² = g_iᵀ (GᵀG)⁻¹ g_i, and only the r rows G_r
+    with w_i > 0 are needed once GᵀG = G_rᵀG_r + M is known, M = G_restᵀG_rest ~ Wishart(n − r, I_k).
+    With M = L Lᵀ (`_bartlett_factor`) and the QR H = Q R of the (r + k, k) stack H = [G_r; Lᵀ],
+    HᵀH = GᵀG and G_r = Q_{:r} R, so g_iᵀ (GᵀG)⁻¹ g_i = ‖Q_i,:‖²: cost O((r + k) k²) per sample.
+    When n − r < k the rest is drawn as Gaussian rows (H = G, n < r + k rows). The batched QR runs
+    on one thread: many small factorisations, where thread start-up costs more than it saves.
+    """
+    r, m = weights.shape[0], n - weights.shape[0]
+    rows = r + (m if m < k else k)
+    chunk = max(1, _NULL_CHUNK_BYTES // (8 * 2 * rows * k))
+    draws = []
+    for start in range(0, samples, chunk):
+        s = min(chunk, samples - start)
+        parts = [rng.standard_normal((s, r, k))]  # G_r
+        if 0 < m < k:
+            parts.append(rng.standard_normal((s, m, k)))  # G_rest itself
+        elif m >= k:
+            parts.append(np.swapaxes(_bartlett_factor(rng, s, m, k), 1, 2))  # Lᵀ: same Gram as G_rest
+        H = torch.from_numpy(np.concatenate(parts, axis=1))  # (s, rows, k)
+        with linalg_threads(1):  # many small QRs: OpenMP start-up would dominate (see linalg_threads)
+            Q = torch.linalg.qr(H).Q  # (s, rows, k)
+        draws.append(Q[:, :r, :].square().sum(dim=-1) @ weights)  # (s, r) @ (r,) -> (s,)
+    return torch.cat(draws)
+
+
+def null_fractions(
+    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum],
+    side: Side,
+    k: int,
+    samples: int,
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, " samples"]:
+    """`samples` independent draws of f over Haar-random k-dim subspaces of the side's space, float64.
+
+    By rotation invariance f(U) = Σ_i w_i ‖Ũ_i,:‖² with Ũ = VᵀU again Haar (V: S's eigenvectors,
+    w_i: its eigenvalues), and only the r rows with w_i > 0 matter: `_spectral_null_draws` draws them
+    from r Gaussian rows plus a Bartlett factor of the Wishart remainder, O(r k'² + k'³) per sample.
+    For k > n/2 the complement is drawn, f(U) = 1 − f(U⊥) with U⊥ Haar of dimension n − k; k = n gives
+    exactly 1. The randomness is a numpy Generator seeded by one `torch.randint` draw from
+    `generator` (None: torch's global generator): the same generator state gives the same samples.
+    """
+    side = _check_side(side)
+    spectrum = delta_spectrum(delta)
+    n = spectrum.n(side)
+    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+    samples = require_int(samples, "samples")
+    if samples < 0:
+        raise RwasymError(f"samples must be >= 0; got samples={samples}.")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # advances `generator` once per call
+    if k == n or samples == 0:
+        return torch.ones(samples, dtype=torch.float64)
+    complement = 2 * k > n
+    draws = _spectral_null_draws(spectrum.weights, n, n - k if complement else k, samples,
+                                 np.random.default_rng(seed))
+    return 1.0 - draws if complement else draws
+
+
 def random_null(
-    delta: Float[Tensor, "n_out n_in"] | LowRankDelta,
+    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum],
     side: Side,
     k: int,
     samples: int = 1000,
     generator: torch.Generator | None = None,
 ) -> NullResult:
-    """Null distribution of f over `samples` Haar-random k-dim subspaces of the side's space.
+    """Null distribution of f over Haar-random k-dim subspaces of the side's space.
 
-    By rotation invariance only the spectrum of ΔW matters: with σ_i its singular values and
-    w_i = σ_i² / Σσ², f(U) = Σ_i w_i ‖(VᵀU)_i‖² where V holds the side's singular vectors, and
-    VᵀU is again Haar. So each sample draws a Haar frame Ũ (n, k) (batched sign-corrected QR)
-    and sets f = Σ_i w_i ‖Ũ_i,:‖²: the same distribution as applying random bases to ΔW, at
-    O(n k²) per sample instead of O(n_out n_in k). E[f] = k/n exactly.
+    mean and std are the exact moments of the Haar null (`null_moments`: E f = k/n,
+    Var f = 2k(n−k)(n s₂ − 1)/(n²(n+2)(n−1)), s₂ = tr(S²)); the `samples` draws (`null_fractions`,
+    in ΔW's singular basis, the law of f over explicit random bases applied to ΔW) serve percentiles.
+    `delta` may be a `DeltaSpectrum` to reuse one SVD across k and sides.
     """
     side = _check_side(side)
-    D, _ = _delta64(delta)
-    n = _side_dim(D, side)
-    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(D)})")
+    spectrum = delta_spectrum(delta)
+    n = spectrum.n(side)
+    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
     samples = require_int(samples, "samples")
     if samples < 2:
         raise RwasymError(f"samples must be >= 2 to estimate a spread; got samples={samples}.")
-    svals = D.svdvals() if isinstance(D, LowRankDelta) else torch.linalg.svdvals(D)  # factored: QR core
-    sigma2 = svals.square()  # (r,), r = min(n_out, n_in) <= n (<= the LoRA rank when factored)
-    weights = sigma2 / sigma2.sum()
-    chunk = max(1, _NULL_CHUNK_BYTES // (8 * n * k))
-    draws = []
-    for start in range(0, samples, chunk):
-        frames = haar_frames(min(chunk, samples - start), n, k, generator)  # (s, n, k)
-        row_energy = frames[:, : weights.shape[0], :].square().sum(dim=-1)  # (s, r)
-        draws.append(row_energy @ weights)  # (s,)
-    fractions = torch.cat(draws)
-    return NullResult(
-        mean=float(fractions.mean()), std=float(fractions.std()), samples=fractions, k=k, n=n, side=side
-    )
+    moments = _haar_moments(spectrum.s2, n, k)
+    fractions = null_fractions(spectrum, side, k, samples, generator)
+    return NullResult(mean=moments.mean, std=moments.std, samples=fractions, k=k, n=n, side=side)
 
 
 def fraction_curve(

@@ -1,20 +1,52 @@
 """Weight deltas ΔW = W_tuned − W_base between two loaded models of one architecture.
 
-Float64, nn.Linear layout (n_out × n_in). Checkpoints larger than memory stream their deltas
-from safetensors instead (`rwasym.models.shards.stream_weight_deltas`).
+Float64, nn.Linear layout (n_out × n_in). ``weight_deltas(..., lazy=True)`` returns a mapping that
+forms each ΔW when read and keeps none, so a loop over it holds one float64 matrix at a time.
+Checkpoints larger than memory stream their deltas from safetensors instead
+(`rwasym.models.shards.stream_weight_deltas`).
 """
 
-from typing import Any, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence, Union
 
 from ..errors import RwasymError
 from ..math.checks import require_finite
 from .registry import Model
 
-__all__ = ["check_same_architecture", "weight_deltas"]
+__all__ = ["WeightDeltas", "check_same_architecture", "weight_deltas"]
 
 
-def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
-    """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix.
+class WeightDeltas(Mapping):
+    """{matrix name: ΔW} for two loaded models, each ΔW = W_tuned − W_base (float64) formed when it
+    is read and not kept: iterating holds one n_out × n_in float64 matrix at a time (``dict(...)``
+    materialises them all, as a plain dict would hold them)."""
+
+    def __init__(self, base: Model, tuned: Model, names: Sequence[str]) -> None:
+        self.base, self.tuned, self._names = base, tuned, list(names)
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise RwasymError(f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
+                              f"e.g. {', '.join(self._names[:4])}")
+        delta = self.tuned.weight(name) - self.base.weight(name)
+        require_finite(delta, f"ΔW of {name}")
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
+def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None, *,
+                  lazy: bool = False) -> Mapping[str, Any]:
+    """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix: a dict, or with
+    ``lazy=True`` a `WeightDeltas` mapping that forms each ΔW when read (one in memory at a time; it
+    reads the models' current weights, so an edit made in between shows).
 
     Raises RwasymError naming the first matrix whose name or shape differs. When ``tuned`` was
     loaded with a LoRA adapter (``load(base, adapter=...)``) and ``base`` was not, returns the
@@ -26,12 +58,8 @@ def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], 
         from .lora import adapter_deltas
 
         return adapter_deltas(base, tuned, pattern)
-    out = {}
-    for spec in base.matrices(pattern):
-        delta = tuned.weight(spec.name) - base.weight(spec.name)
-        require_finite(delta, f"ΔW of {spec.name}")
-        out[spec.name] = delta
-    return out
+    deltas = WeightDeltas(base, tuned, [spec.name for spec in base.matrices(pattern)])
+    return deltas if lazy else dict(deltas)
 
 
 def check_same_architecture(base: Model, tuned: Model) -> None:

@@ -315,13 +315,29 @@ class Model:
         n = getattr(self.cfg, "n_ctx", None)
         return int(n) if n else None
 
-    def load_pairs(self, source: Any, *, chat_template: bool = False) -> Any:
+    def weights_hash(self) -> str:
+        """A short content hash (blake2b, 8 bytes) of every parameter and buffer of the wrapped
+        module, tied tensors once: keys sweeps and capture checkpoints by weights, not by name."""
+        import hashlib
+
+        h, seen = hashlib.blake2b(digest_size=8), set()
+        for key, t in sorted(self.bridge.original_model.state_dict().items()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def load_pairs(self, source: Any, *, chat_template: bool = False, max_length: Optional[int] = None) -> Any:
         """Preference pairs for this model (`rwasym.data.load_pairs`): text (TRL format, strings or
         messages) is tokenized with the model's own tokenizer, ids are checked against its
-        vocabulary and prompt + completion against its context."""
+        vocabulary and prompt + completion against its context (after TRL-style ``max_length``
+        truncation, when given)."""
         from ..data.pairs import load_pairs
 
-        return load_pairs(source, self.tokenizer, d_vocab=self.d_vocab, n_ctx=self.n_ctx, chat_template=chat_template)
+        return load_pairs(source, self.tokenizer, d_vocab=self.d_vocab, n_ctx=self.n_ctx, chat_template=chat_template,
+                          max_length=max_length)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -28,7 +28,7 @@ from ..models import Model, load
 from ..models.cache import cache_root
 from .train import AlignConfig, align
 
-__all__ = ["RealPairSpec", "WORDS", "load_real_pairs", "real_pair", "real_pair_records", "real_spec"]
+__all__ = ["RealPairSpec", "WORDS", "load_real_pairs", "real_corpus", "real_pair", "real_pair_records", "real_spec"]
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "rwasym-real-pair/1"
@@ -138,3 +138,19 @@ def load_real_pairs(info: dict) -> tuple:
     base = load(info["base"])
     folder = Path(info["folder"])
     return base.load_pairs(folder / "train.jsonl"), base.load_pairs(folder / "heldout.jsonl")
+
+
+def real_corpus(info: dict, tokenizer, seq_len: int = 64, max_rows: Optional[int] = None):
+    """Token rows (batch, seq_len) of the task's own text: every training record's prompt followed by
+    its chosen completion, joined by newlines, tokenized with the base's tokenizer (no special tokens)
+    and cut into rows (the tail is dropped). The activation subspaces of the probe are then those of
+    the distribution the pair was aligned on. ``tokenizer``: the base's (``base.tokenizer``)."""
+    import torch
+
+    records = [json.loads(line) for line in (Path(info["folder"]) / "train.jsonl").read_text().splitlines()]
+    text = "\n".join(r["prompt"] + r["chosen"] for r in records)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, int(max_rows))
+    if n == 0:
+        raise RwasymError(f"the real pair's training text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
