@@ -20,7 +20,6 @@ memory: peak RSS of a child process that loads both checkpoints and runs the ful
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -119,14 +118,16 @@ def bench_probe(base, tuned, tokens, batch):
 
 
 _CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 import rwasym, transformers
 mode, base, tuned, n_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "probe":
     b, t = rwasym.load(base), rwasym.load(tuned)
     tokens = torch.randint(0, b.d_vocab, (n_tokens // 128, 128), generator=torch.Generator().manual_seed(0))
     rwasym.probe(b, t, tokens, batch_size=8, progress=False)
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM: this process's own peak (ru_maxrss would include the parent's peak carried across exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"maxrss_kb": hwm}))
 """
 
 

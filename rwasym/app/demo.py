@@ -89,13 +89,16 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
     log(headline)
 
     log("[3/7] gradient anisotropy on the base: C_a (inputs) versus C_δ (upstream gradients)")
+    # real: four depths (C_a, C_δ and G of all 210 matrices are ~5 GB of float64 per objective)
+    layers = sorted({0, base.n_layers // 3, 2 * base.n_layers // 3, base.n_layers - 1})
+    grad_matrices = [f"blocks.{L}.*.*" for L in layers] if real else None
     grads = {"ce": capture_gradients(base, *objective_batches("ce", data, batch_size=16, n_batches=4),
-                                     progress=progress)}
+                                     matrices=grad_matrices, progress=progress)}
     if heldout_pairs is not None and train_pairs is not None:
         loss_fn, batches = objective_batches("dpo", train_pairs, reference=base, batch_size=16 if real else 64,
                                              n_batches=2 if quick else 4,
                                              beta=info["spec"]["align"]["beta"] if real else 1.0)
-        grads["dpo"] = capture_gradients(base, loss_fn, batches, progress=progress)
+        grads["dpo"] = capture_gradients(base, loss_fn, batches, matrices=grad_matrices, progress=progress)
     results["gradients"] = {obj: anisotropy_report(base, st, k=k) for obj, st in grads.items()}
     for name in ("blocks.0.attn.W_Q", f"blocks.{base.n_layers - 1}.mlp.W_out"):
         spectra = {}

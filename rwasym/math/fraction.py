@@ -49,6 +49,7 @@ __all__ = [
     "NullMoments",
     "NullResult",
     "Side",
+    "column_energies",
     "delta_spectrum",
     "fraction_curve",
     "log_k_grid",
@@ -226,6 +227,17 @@ def _basis64(basis: object, D: Tensor | LowRankDelta, side: str) -> Tensor:
         raise RwasymError(f"basis has k=0 columns (shape {shape_str(U)}); pass at least one direction.")
     require_orthonormal(U, "basis")
     return U
+
+
+def column_energies(
+    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta], basis: Float[Tensor, "n m"], side: Side
+) -> Float[Tensor, " m"]:
+    """e_j = ‖ΔW u_j‖² (input side) or ‖u_jᵀ ΔW‖² (output side) for every column u_j of ``basis``,
+    *without* the checks of `relative_fraction`: for callers whose float64 ΔW is known finite and
+    whose basis they built orthonormal (the probe). Then f(k) = Σ_{j<k} e_j / ‖ΔW‖²_F for the
+    leading k columns: one product ΔW U serves every k (the row's, the 90%-variance one, the curve).
+    """
+    return _column_energies(delta, basis, side)
 
 
 def _column_energies(D: Tensor | LowRankDelta, U: Tensor, side: str) -> Tensor:
