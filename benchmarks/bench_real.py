@@ -27,16 +27,9 @@ from pathlib import Path
 
 import torch
 
+from bench_capture import _best  # the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _best(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _tokens(model, n_tokens, pos=128, seed=0):

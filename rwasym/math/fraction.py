@@ -289,6 +289,14 @@ def delta_spectrum(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, Delta
     return DeltaSpectrum(weights=weights[keep].contiguous(), shape=tuple(int(x) for x in D.shape))
 
 
+def _null_inputs(delta: object, side: object, k: object) -> tuple[str, "DeltaSpectrum", int, int]:
+    """The checked (side, spectrum, n, k) every Haar-null function starts from."""
+    side = _check_side(side)
+    spectrum = delta_spectrum(delta)
+    n = spectrum.n(side)
+    return side, spectrum, n, require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+
+
 def _haar_moments(s2: float, n: int, k: int) -> NullMoments:
     """Mean k/n and std of f = Σ_i w_i P_ii for a Haar rank-k projection P of R^n, Σ w_i = 1, Σ w_i² = s2.
 
@@ -318,10 +326,7 @@ def null_moments(
     Example: rank-one ΔW (s₂ = 1) gives the Beta variance 2k(n−k)/(n²(n+2)); ΔW with ΔWᵀΔW ∝ I (s₂ =
     1/n) gives 0. `delta` may be a `DeltaSpectrum` (from `delta_spectrum`) to reuse one SVD.
     """
-    side = _check_side(side)
-    spectrum = delta_spectrum(delta)
-    n = spectrum.n(side)
-    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+    side, spectrum, n, k = _null_inputs(delta, side, k)
     return _haar_moments(spectrum.s2, n, k)
 
 
@@ -380,10 +385,7 @@ def null_fractions(
     exactly 1. The randomness is a numpy Generator seeded by one `torch.randint` draw from
     `generator` (None: torch's global generator): the same generator state gives the same samples.
     """
-    side = _check_side(side)
-    spectrum = delta_spectrum(delta)
-    n = spectrum.n(side)
-    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+    side, spectrum, n, k = _null_inputs(delta, side, k)
     samples = require_int(samples, "samples")
     if samples < 0:
         raise RwasymError(f"samples must be >= 0; got samples={samples}.")
@@ -410,10 +412,7 @@ def random_null(
     in ΔW's singular basis, the law of f over explicit random bases applied to ΔW) serve percentiles.
     `delta` may be a `DeltaSpectrum` to reuse one SVD across k and sides.
     """
-    side = _check_side(side)
-    spectrum = delta_spectrum(delta)
-    n = spectrum.n(side)
-    k = require_k(k, n, f"the {side} space of ΔW (shape {_dshape(spectrum)})")
+    side, spectrum, n, k = _null_inputs(delta, side, k)
     samples = require_int(samples, "samples")
     if samples < 2:
         raise RwasymError(f"samples must be >= 2 to estimate a spread; got samples={samples}.")
