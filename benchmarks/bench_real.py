@@ -4,6 +4,7 @@ Prints ratios against baselines measured in the same run; record them in benchma
 
     .venv/bin/python benchmarks/bench_real.py                       # capture, probe and memory
     .venv/bin/python benchmarks/bench_real.py --parts capture --tokens 4096
+    .venv/bin/python benchmarks/bench_real.py --parts sweep --json benchmarks/results/real_sweep.json
 
 capture: a plain forward, `capture` of all default sites and of the attention inputs alone, and a
   TransformerLens user's ``run_with_cache(names_filter=...)`` plus float64 second moments of the
@@ -13,8 +14,11 @@ capture: a plain forward, `capture` of all default sites and of the attention in
   products, T/2 keys per query on average).
 probe: the default `rwasym.probe` (null percentiles from 200 draws, per-head rows, r(k) curves) of
   the whole real pair on the same tokens, against the capture of the sites it needs.
-memory: peak RSS of a child process that loads both checkpoints and runs the full probe, against the
-  two float32 checkpoints' file sizes plus the RSS of a child that only imports the same packages.
+memory: peak RSS of a child process that runs the full probe as a user would (the base loaded, the tuned
+  checkpoint folder streamed, the default stats budget), and of one that loads both models, against
+  the two float32 checkpoints' file sizes plus the RSS of a child that only imports the same packages.
+sweep (not in the default parts): per-edit cost of rank-1 edits of W_Q at three depths against the
+  limit (the forward of blocks L..end on the evaluation tokens), beside the naive deep-copy loop.
 """
 
 import argparse
@@ -114,8 +118,9 @@ _CHILD = """
 import json, sys, torch
 import rwasym, transformers
 mode, base, tuned, n_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-if mode == "probe":
-    b, t = rwasym.load(base), rwasym.load(tuned)
+if mode in ("probe", "probe-loaded"):
+    b = rwasym.load(base)
+    t = rwasym.load(tuned) if mode == "probe-loaded" else tuned  # a folder: streamed
     tokens = torch.randint(0, b.d_vocab, (n_tokens // 128, 128), generator=torch.Generator().manual_seed(0))
     rwasym.probe(b, t, tokens, batch_size=8, progress=False)
 # VmHWM: this process's own peak (ru_maxrss would include the parent's peak carried across exec)
@@ -131,11 +136,73 @@ def bench_memory(base_folder, tuned_folder, n_tokens):
         return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
 
     size = sum(f.stat().st_size for folder in (base_folder, tuned_folder) for f in Path(folder).glob("*.safetensors"))
-    interpreter, peak = child("import"), child("probe")
+    interpreter, peak, loaded = child("import"), child("probe"), child("probe-loaded")
     out = {"checkpoints_bytes": size, "interpreter_rss": interpreter, "probe_peak_rss": peak,
-           "ratio": peak / (size + interpreter)}
-    print(f"memory: probe peak RSS {peak / 2**30:.2f} GiB; two float32 checkpoints {size / 2**30:.2f} GiB + interpreter "
-          f"{interpreter / 2**30:.2f} GiB; ratio {out['ratio']:.2f}")
+           "ratio": peak / (size + interpreter), "probe_loaded_peak_rss": loaded,
+           "ratio_loaded": loaded / (size + interpreter)}
+    print(f"memory: probe peak RSS {peak / 2**30:.2f} GiB (tuned streamed), {loaded / 2**30:.2f} GiB (both loaded); "
+          f"two float32 checkpoints {size / 2**30:.2f} GiB + interpreter {interpreter / 2**30:.2f} GiB; ratios "
+          f"{out['ratio']:.2f} / {out['ratio_loaded']:.2f} (limit 1.5)")
+    return out
+
+
+def bench_sweep(base, tuned, info, layers, n_edits, n_naive, max_pairs, edits_per_pass):
+    """Per-edit cost of the sweep's fast path against its limit, and the naive deep-copy loop.
+
+    limit: one forward of blocks L..end and the unembedding on the evaluation streams, from the
+    cached clean output of block L−1 (the `_Runner` with no edit: exactly the work an edit of a
+    layer-L matrix cannot skip). fast: `Evaluator.measure_edits` in passes of ``edits_per_pass``,
+    including the metrics, the prefix recording and the self-check. naive: deep-copy the base,
+    write W + u vᵀ, `Evaluator.measure` (full forwards of chosen, rejected, text)."""
+    import copy
+
+    from rwasym.analyses.behaviour import Evaluator, _Runner
+    from rwasym.math.rank1 import directions
+    from rwasym.substrate.real_pair import load_real_pairs
+
+    _, held = load_real_pairs(info)
+    ev = Evaluator(base, tuned, held, max_pairs=max_pairs)
+    n_tok = sum(int(t.numel()) for t in (ev.data.chosen, ev.data.rejected, ev.data.text))
+    print(f"sweep: {ev.data.chosen.shape[0]} held-out pairs, {n_tok} tokens per full evaluation, {n_edits} edits "
+          f"({edits_per_pass} per pass), naive loop timed on {n_naive}")
+    out = {"pairs": int(ev.data.chosen.shape[0]), "tokens_per_evaluation": n_tok, "edits": n_edits,
+           "edits_per_pass": edits_per_pass, "layers": {}}
+    for layer in layers:
+        name = f"blocks.{layer}.attn.W_Q"
+        delta = tuned.weight(name) - base.weight(name)
+        dirs = directions("random", delta, n_edits, side="input", generator=torch.Generator().manual_seed(1))
+        U, V = torch.stack([d.u for d in dirs]) * 50.0, torch.stack([d.v for d in dirs])
+        runner = _Runner(base, ev.streams, layer, True)
+
+        def suffix():
+            for i in range(len(ev.streams)):
+                runner.logits(i, 1)
+
+        suffix()
+        t_limit = _best(suffix, 2)
+        t0 = time.perf_counter()
+        ev._runners.clear()  # the prefix recording and self-check count
+        fast = []
+        for s in range(0, n_edits, edits_per_pass):
+            fast += ev.measure_edits(base, name, U[s : s + edits_per_pass], V[s : s + edits_per_pass])
+        t_fast = (time.perf_counter() - t0) / n_edits
+        t0 = time.perf_counter()
+        slow = []
+        for e in range(n_naive):
+            m = copy.deepcopy(base)
+            m.set_weight(name, m.weight(name) + torch.outer(U[e], V[e]))
+            slow.append(ev.measure(m))
+            del m
+        t_naive = (time.perf_counter() - t0) / n_naive
+        diff = max(abs(a[k] - b[k]) for a, b in zip(slow, fast) for k in a if "accuracy" not in k)
+        row = {"matrix": name, "limit_s": t_limit, "fast_per_edit_s": t_fast, "naive_per_edit_s": t_naive,
+               "fast_over_limit": t_fast / t_limit, "naive_over_limit": t_naive / t_limit,
+               "speedup_vs_naive": t_naive / t_fast, "max_metric_diff": diff,
+               "prefix_reuse": ev._runners[next(iter(ev._runners))].reuse}
+        out["layers"][layer] = row
+        print(f"  {name}: limit {t_limit:.2f} s; fast {t_fast:.2f} s per edit = {row['fast_over_limit']:.2f}x the limit; "
+              f"naive {t_naive:.2f} s = {row['naive_over_limit']:.2f}x; speedup {row['speedup_vs_naive']:.1f}x; "
+              f"max |metric diff| {diff:.1e}")
     return out
 
 
@@ -146,6 +213,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="capture,probe,memory")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--sweep-layers", default="0,15,29", help="depths of the edited W_Q (sweep part)")
+    ap.add_argument("--sweep-edits", type=int, default=16)
+    ap.add_argument("--sweep-naive", type=int, default=2)
+    ap.add_argument("--sweep-pairs", type=int, default=16)
+    ap.add_argument("--edits-per-pass", type=int, default=4, help="the sweep's CPU default")
     args = ap.parse_args()
     import rwasym
     from rwasym.substrate.real_pair import real_pair
@@ -158,10 +230,13 @@ def main() -> None:
     tokens = _tokens(base, args.tokens)
     if "capture" in parts:
         results["capture"] = bench_capture(base, tokens, args.batch, args.repeats)
-    if "probe" in parts or "memory" in parts:
+    if "probe" in parts or "memory" in parts or "sweep" in parts:
         _, tuned, info = real_pair(progress=True)
         if "probe" in parts:
             results["probe"] = bench_probe(base, tuned, tokens, args.batch)
+        if "sweep" in parts:
+            results["sweep"] = bench_sweep(base, tuned, info, [int(x) for x in args.sweep_layers.split(",")],
+                                           args.sweep_edits, args.sweep_naive, args.sweep_pairs, args.edits_per_pass)
         if "memory" in parts:
             del tuned
             results["memory"] = bench_memory(base_folder, info["tuned"], args.tokens)

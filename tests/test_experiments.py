@@ -65,7 +65,7 @@ def test_objective_batches_compute_the_package_losses(models):
         rwasym.objective_batches("ce", pairs)
 
 
-def test_gradients_cli_matches_the_api(tmp_path, native_cfg):
+def test_gradients_cli_matches_the_api(tmp_path, native_cfg, capsys):
     from safetensors.torch import save_file
 
     model = rwasym.load(native_cfg)
@@ -82,6 +82,15 @@ def test_gradients_cli_matches_the_api(tmp_path, native_cfg):
     for a, b in zip(got, ref):
         assert a["delta_top1_share"] == pytest.approx(b["delta_top1_share"], rel=1e-9)
         assert a["G_input_pca_relative"] == pytest.approx(b["G_input_pca_relative"], rel=1e-9)
+    # --checkpoint: written, then a rerun is served from it (same rows); another objective is refused
+    args = ["gradients", "--model", str(tmp_path / "m"), "--objective", "ce", "--data", str(tmp_path / "t.safetensors"),
+            "--batch-size", "4", "--batches", "2", "--quiet", "--checkpoint", str(tmp_path / "g.safetensors")]
+    assert main(args + ["--out", str(tmp_path / "g1.json")]) == 0 and (tmp_path / "g.safetensors").exists()
+    assert main(args + ["--out", str(tmp_path / "g2.json")]) == 0
+    rows1, rows2 = (json.loads((tmp_path / f).read_text())["rows"] for f in ("g1.json", "g2.json"))
+    assert rows1 == rows2 and [r["matrix"] for r in rows1] == [r["matrix"] for r in ref]
+    assert main(args + ["--beta", "0.2", "--out", str(tmp_path / "g3.json")]) != 0
+    assert "belongs to another capture" in capsys.readouterr().err and not (tmp_path / "g3.json").exists()
 
 
 def test_graded_experiment_cli_aggregates_its_rows(tmp_path, quick_cache):

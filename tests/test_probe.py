@@ -147,3 +147,48 @@ def test_probe_holds_one_weight_delta_at_a_time(pair_data, monkeypatch):
     res = probe(base, tuned, tokens, k=3, null_samples=20, progress=False)
     assert formed[0] == len(base.matrices()) == 12 and {r["matrix"] for r in res.rows} == {s.name for s in base.matrices()}
     assert peak[0] <= 2
+
+
+def test_capture_passes_by_layer_group_give_the_same_rows(pair_data, monkeypatch):
+    """A stats budget below the model's sums captures layer groups in several passes; each pass
+    holds only its layers' sums, and every row and curve equals the one-pass probe's bit for bit."""
+    from rwasym.analyses import probe as probe_module
+    from rwasym.analyses.probe import layer_groups, probe_sites
+
+    base, tokens = pair_data
+    g = torch.Generator().manual_seed(8)
+    tuned = _planted(base, "blocks.1.mlp.W_out", torch.randn(32, generator=g, dtype=torch.float64),
+                     torch.randn(48, generator=g, dtype=torch.float64))
+    for spec in tuned.matrices():
+        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    specs = base.matrices()
+    sites = probe_sites(base, specs)
+    per_layer = [sum(8 * w * w for h, w in sites.items() if h.startswith(f"blocks.{L}.")) for L in (0, 1)]
+    assert [len(grp) for grp in layer_groups(specs, sites, float("inf"))] == [12]
+    assert [{s.layer for s in grp} for grp in layer_groups(specs, sites, max(per_layer))] == [{0}, {1}]
+    assert len(layer_groups(specs, sites, sum(per_layer))) == 1
+    assert len(layer_groups(specs, sites, 1)) == 2  # a layer above the budget is a group of its own
+
+    captured = []
+    real_capture = probe_module.capture
+
+    def recording(model, data, **kw):
+        captured.append(sorted(kw["sites"]))
+        return real_capture(model, data, **kw)
+
+    monkeypatch.setattr(probe_module, "capture", recording)
+    one = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
+    two = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=max(per_layer))
+    assert one.config["capture_passes"] == 1 and two.config["capture_passes"] == 2
+    assert len(captured) == 3 and captured[0] == sorted(sites) and sorted(captured[1] + captured[2]) == sorted(sites)
+    assert all(h.startswith("blocks.0.") for h in captured[1]) and all(h.startswith("blocks.1.") for h in captured[2])
+    assert one.rows == two.rows and one.curves == two.curves and len(one.rows) > 50
+    # the default budget is the base model's parameter bytes: this tiny model's sums exceed it
+    default = probe(base, tuned, tokens, k=3, null_samples=20, progress=False)
+    assert default.config["capture_passes"] == 2 and default.rows == one.rows
+    with pytest.raises(RwasymError, match="stats_budget"):
+        probe(base, tuned, tokens, stats_budget=0)
+    # a one-shot iterator of batches is read once, whatever the budget
+    captured.clear()
+    it = probe(base, tuned, iter([tokens[:8], tokens[8:]]), k=3, null_samples=20, progress=False, stats_budget=1)
+    assert it.config["capture_passes"] == 1 and len(captured) == 1

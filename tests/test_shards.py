@@ -6,7 +6,9 @@ must equal the streamed ΔW bit for bit (names, order, layout, values) on GPT-2 
 head), for sharded and single-file checkpoints, in float32 and bfloat16.
 """
 
+import importlib
 import json
+import os
 import shutil
 
 import pytest
@@ -192,3 +194,104 @@ def test_checkpoint_without_base_model_prefix(pairs, tmp_path):
     save_file(state, str(bare / "model.safetensors"), metadata={"format": "pt"})
     assert checkpoint_matrices(bare)[0].key == "h.0.attn.c_attn.weight"
     _assert_equal_to_load(bare, tuned)
+
+
+# -- the analyses take the streaming path for a tuned checkpoint folder ----------------------
+def _refuse_loading(monkeypatch, folder):
+    """Make ``rwasym.load(folder)`` raise, wherever it is called from: the tuned side must be streamed."""
+    import rwasym.models.loading as loading
+
+    real = loading.load
+
+    def guarded(source, *args, **kwargs):
+        if isinstance(source, (str, os.PathLike)) and os.path.realpath(source) == os.path.realpath(folder):
+            raise AssertionError(f"{folder} was loaded; it should have been streamed")
+        return real(source, *args, **kwargs)
+
+    for module in ("rwasym.models.loading", "rwasym.models", "rwasym.analyses.probe", "rwasym.analyses.companion",
+                   "rwasym.app.spectra"):
+        monkeypatch.setattr(importlib.import_module(module), "load", guarded)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_checkpoint_deltas_equal_loaded_deltas(pairs, arch):
+    """CheckpointDeltas (tuned read from its files, base loaded) = the in-memory ΔW, bit for bit,
+    in any lookup order (a fused qkv host re-read when the order jumps)."""
+    from rwasym.models.shards import CheckpointDeltas, CheckpointWeights, is_checkpoint_folder
+
+    base_folder, tuned_folder = pairs[arch]
+    assert is_checkpoint_folder(tuned_folder) and is_checkpoint_folder(str(base_folder))
+    assert not is_checkpoint_folder(tuned_folder / "config.json") and not is_checkpoint_folder(object())
+    base, tuned = rwasym.load(base_folder), rwasym.load(tuned_folder)
+    streamed = CheckpointDeltas(base, tuned_folder)
+    expected = rwasym.weight_deltas(base, tuned)
+    names = list(expected)
+    assert list(streamed) == names
+    for name in names + names[::-1]:
+        assert torch.equal(streamed[name], expected[name]), name
+    weights = CheckpointWeights(tuned_folder)
+    assert list(weights) == names
+    assert all(torch.equal(weights[n], tuned.weight(n)) for n in names[::3])
+    with pytest.raises(RwasymError, match="no weight delta"):
+        streamed["blocks.9.attn.W_Q"]
+    with pytest.raises(RwasymError, match="does not exist"):
+        CheckpointDeltas(base, str(tuned_folder / "missing"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_probe_streams_a_tuned_folder(pairs, arch, monkeypatch):
+    """probe(base, tuned_folder) never loads the tuned model and gives the rows of the loaded path."""
+    base_folder, tuned_folder = pairs[arch]
+    base = rwasym.load(base_folder)
+    tokens = torch.randint(0, base.d_vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    acts = rwasym.capture(base, tokens)
+    loaded = rwasym.probe(base, rwasym.load(tuned_folder), activations=acts, null_samples=8, k=4)
+    _refuse_loading(monkeypatch, tuned_folder)
+    streamed = rwasym.probe(base, tuned_folder, activations=acts, null_samples=8, k=4)
+    assert streamed.config["tuned_streamed"] is True and loaded.config["tuned_streamed"] is False
+    assert len(streamed.rows) == len(loaded.rows) > 20
+    _assert_rows_close(streamed.rows, loaded.rows)
+    _assert_rows_close(streamed.curves, loaded.curves)
+
+
+def _assert_rows_close(got, want):
+    """Equal rows up to float rounding: ΔW is bit-equal, but a Conv1D ΔW read from a file has
+    another memory layout than Model.weight's, so BLAS sums in another order (measured ≤ 4e-16)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            if isinstance(x, float) or (isinstance(x, list) and x and isinstance(x[0], float)):
+                assert x == pytest.approx(y, rel=1e-12, abs=1e-15), (a["matrix"], key)
+            else:
+                assert x == y, (a["matrix"], key)
+
+
+def test_post_training_report_streams_a_tuned_folder(pairs, monkeypatch):
+    from rwasym.analyses.companion import post_training_report
+
+    base_folder, tuned_folder = pairs["llama"]
+    base = rwasym.load(base_folder)
+    loaded = post_training_report(base, rwasym.load(tuned_folder), k=4)
+    _refuse_loading(monkeypatch, tuned_folder)
+    streamed = post_training_report(base, tuned_folder, k=4)
+    assert len(streamed["rows"]) == len(base.matrices()) > 0
+    _assert_rows_close(streamed["rows"], loaded["rows"])
+    assert streamed["by_kind"].keys() == loaded["by_kind"].keys()
+
+
+def test_cli_probe_streams_a_tuned_folder(pairs, tmp_path, monkeypatch):
+    from rwasym.app.cli import main
+
+    base_folder, tuned_folder = pairs["llama"]
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": tokens}, str(tmp_path / "tokens.safetensors"))
+    _refuse_loading(monkeypatch, tuned_folder)
+    assert main(["probe", "--base", str(base_folder), "--tuned", str(tuned_folder), "--data",
+                 str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "p.json"), "--null-samples", "4",
+                 "--quiet"]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["config"]["tuned_streamed"] is True and result["rows"]

@@ -21,20 +21,24 @@ from ..math.checks import linalg_threads
 from ..hooks.activations import capture
 from ..errors import RwasymError
 from ..models import Model, check_same_architecture, load, read_meta
+from ..models.shards import CheckpointWeights, is_checkpoint_folder
 from ..math.spectra import Lifecycle, alpha_req, lifecycle, rankme_from_cov
 from ..math.svd import REBUILD_MODES, post_training_svd, rebuild
 
 
 def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
                          matrices: Optional[str] = None) -> dict:
-    """{"rows": one dict per matrix, "by_kind": means per matrix kind} of `post_training_svd`."""
-    base, tuned = load(base), load(tuned)
-    check_same_architecture(base, tuned)
+    """{"rows": one dict per matrix, "by_kind": means per matrix kind} of `post_training_svd`.
+
+    A ``tuned`` Hugging Face checkpoint folder (config.json + safetensors) is read one matrix at a
+    time from its files (`rwasym.models.shards.CheckpointWeights`), never loaded."""
+    base = load(base)
+    tuned_weight = tuned_weights(base, tuned)
     rows = []
     for spec in base.matrices(matrices):
         k_used = None if k is None else min(k, min(spec.shape))
         with linalg_threads(1):
-            res = post_training_svd(base.weight(spec.name), tuned.weight(spec.name), k_used)
+            res = post_training_svd(base.weight(spec.name), tuned_weight(spec.name), k_used)
         row = dict(matrix=spec.name, layer=spec.layer, kind=spec.kind, side=spec.side)
         row.update(res.to_dict())
         row.pop("sigma_base", None), row.pop("sigma_tuned", None)
@@ -45,6 +49,19 @@ def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
         sel = [r for r in rows if r["kind"] == kind]
         by_kind[kind] = {key: sum(r[key] for r in sel) / len(sel) for key in keys if sel[0].get(key) is not None}
     return {"rows": rows, "by_kind": by_kind}
+
+
+def tuned_weights(base: Model, tuned: Any) -> Callable[[str], Tensor]:
+    """name → W_tuned (float64, nn.Linear layout): read from a Hugging Face checkpoint folder one
+    matrix at a time (the model never loaded), else from ``rwasym.load(tuned)``; checked to be
+    ``base``'s architecture."""
+    if is_checkpoint_folder(tuned):
+        weights = CheckpointWeights(tuned)
+        check_same_architecture(base, weights.model)
+        return weights.__getitem__
+    tuned = load(tuned)
+    check_same_architecture(base, tuned)
+    return tuned.weight
 
 
 def reconstruction_experiment(

@@ -20,12 +20,14 @@ Subspaces are always computed on the *base* model. Per-head rows slice ΔW by he
 Q/K/V, columns for O); an inner-side per-head basis is the PCA of that head's block of the
 covariance. A tuned model loaded with a LoRA adapter (``load(base, adapter=folder)``) is probed
 through its factored ΔW = s · B A (`rwasym.math.lowrank.LowRankDelta`): no n_out × n_in delta is formed.
+A tuned model given as a Hugging Face checkpoint folder (config.json + safetensors) is never loaded:
+each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.models.shards.CheckpointDeltas`).
 """
 
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -35,6 +37,7 @@ from ..hooks.activations import ActivationStats, capture, data_hash, quiet
 from ..errors import RwasymError
 from ..math.lowrank import LowRankDelta
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
+from ..models.shards import CheckpointDeltas, is_checkpoint_folder
 from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
 from ..math.checks import linalg_threads
 from ..math.subspaces import pca_basis, prediction_basis
@@ -115,6 +118,59 @@ def _check_k(k: int, model: Model) -> None:
         )
 
 
+def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int],
+                 budget: Union[int, float]) -> list[list[MatrixSpec]]:
+    """``specs`` (in layer order) cut into runs of whole layers whose probe sites' float64 sums
+    (8·d² bytes per site of width d) stay within ``budget``; a layer above it on its own is a group."""
+    per_layer: dict[int, int] = {}
+    for hook, width in sites.items():
+        per_layer[_site_layer(hook)] = per_layer.get(_site_layer(hook), 0) + 8 * width * width
+    groups: list[list[MatrixSpec]] = []
+    held, layer = 0, None
+    for spec in specs:
+        if spec.layer != layer:
+            layer, cost = spec.layer, per_layer.get(spec.layer, 0)
+            if not groups or held + cost > budget:
+                groups.append([])
+                held = 0
+            held += cost
+        groups[-1].append(spec)
+    return groups
+
+
+def _budget(base: Model, stats_budget: Optional[Union[int, float]], data: Any) -> Union[int, float]:
+    if isinstance(data, Iterator):
+        return float("inf")  # a one-shot iterator cannot be read twice
+    if stats_budget is None:
+        return sum(p.numel() * p.element_size() for p in base.bridge.original_model.parameters())
+    if not stats_budget > 0:
+        raise RwasymError(f"stats_budget={stats_budget!r} must be a positive number of bytes (or None for the "
+                          "model's own size, float('inf') for one capture pass)")
+    return stats_budget
+
+
+class _Covariances:
+    """site → covariance of one capture, computed on first use; `release(layer)` drops those of the
+    layers before ``layer`` (and, for statistics the probe captured itself, their float64 sums)."""
+
+    def __init__(self, activations: ActivationStats, center: bool, owned: bool) -> None:
+        self.activations, self.center, self.owned = activations, center, owned
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site: str) -> torch.Tensor:
+        if site not in self.cache:
+            self.cache[site] = self.activations[site].covariance(center=self.center)
+        return self.cache[site]
+
+    def release(self, layer: int) -> None:
+        for site in [s for s in self.cache if _site_layer(s) < layer]:
+            del self.cache[site]
+        if self.owned:
+            stats = self.activations.stats
+            for site in [s for s in stats if _site_layer(s) < layer]:
+                del stats[site]
+
+
 def probe(
     base: Any,
     tuned: Any,
@@ -133,9 +189,12 @@ def probe(
     batch_size: int = 16,
     max_tokens: Optional[int] = None,
     progress: Optional[bool] = None,
+    stats_budget: Optional[Union[int, float]] = None,
 ) -> ProbeResult:
     """Measure where ΔW = W_tuned − W_base concentrates, for every matrix (and head).
 
+    base, tuned: anything `rwasym.load` accepts; a ``tuned`` Hugging Face checkpoint folder
+    (config.json + safetensors) is streamed instead of loaded (module docstring).
     data: corpus for the base model's activation statistics (anything `rwasym.hooks.activations.capture`
     accepts), or pass precomputed ``activations``. k: subspace dimension (per-head inner spaces of
     size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
@@ -146,46 +205,53 @@ def probe(
     curves: r(k) on a log grid of k for whole matrices, with the exact std of the Haar null of r
     at each k (the null mean of r is exactly 1); ``curve_null_samples`` >= 2 switches that band
     on (it is closed form: no draws, the number itself no longer matters).
+    stats_budget: bytes the float64 activation sums of one capture pass may hold (8·d² per site);
+    when the probe's sites need more, its layers are captured in consecutive groups, one forward
+    pass per group (`layer_groups`; the numbers are the same). None: the base model's own parameter
+    bytes, so the sums never outgrow the model; ``float("inf")``: one pass. A one-shot iterator
+    of batches is always read in one pass.
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
-    base, tuned = load(base), load(tuned)
+    base = load(base)
+    if not is_checkpoint_folder(tuned):  # a Hugging Face folder is streamed: ΔW read from its files, never loaded
+        tuned = load(tuned)
     _check_k(k, base)
     specs = base.matrices(matrices)
     if not specs:
         raise RwasymError(f"pattern {matrices!r} matches no matrix; valid names: {', '.join(s.name for s in base.matrices())}")
-    deltas = weight_deltas(base, tuned, matrices, lazy=True)  # each ΔW formed when its rows are computed
-    owned = activations is None  # captured here: its sums can be freed layer by layer as well
-    if activations is None:
-        if data is None:
-            raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
-        activations = capture(base, data, sites=probe_sites(base, specs), batch_size=batch_size,
-                              max_tokens=max_tokens, progress=progress)
+    # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
+    deltas = weight_deltas(base, tuned, matrices, lazy=True) if isinstance(tuned, Model) \
+        else CheckpointDeltas(base, tuned, matrices)
+    if activations is None and data is None:
+        raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     generator = torch.Generator().manual_seed(seed)
     pred_full = prediction_basis(base.unembedding(), base.d_model)
-    covs: dict[str, torch.Tensor] = {}  # site -> covariance, dropped once the probe is past its layer
-
-    def cov(site: str) -> torch.Tensor:
-        if site not in covs:
-            covs[site] = activations[site].covariance(center=center)
-        return covs[site]
-
-    cov.cache = covs  # so _probe_rows can release a finished layer's matrices
-    cov.stats = activations.stats if owned else {}  # (the caller's statistics stay untouched)
-    n_tokens = activations.n_tokens
     rows: list[dict] = []
     curve_rows: list[dict] = []
     threads = torch.get_num_threads()  # for the large eigendecompositions; the many small ops run on one
-    with linalg_threads(1):
-        _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
-                    curve_null_samples, generator, progress, rows, curve_rows, threads)
+    sites = probe_sites(base, specs)
+    groups = [specs] if activations is not None else layer_groups(specs, sites, _budget(base, stats_budget, data))
+    n_tokens = None if activations is None else activations.n_tokens
+    for group in tqdm(groups, desc="probe passes", disable=quiet(progress) or len(groups) == 1):
+        if activations is None:  # captured here, one pass per group: its float64 sums are freed layer by layer
+            acts = capture(base, data, sites=probe_sites(base, group) if len(groups) > 1 else sites,
+                           batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+            n_tokens = acts.n_tokens
+            covs = _Covariances(acts, center, owned=True)
+        else:
+            covs = _Covariances(activations, center, owned=False)  # the caller's statistics stay untouched
+        with linalg_threads(1):
+            _probe_rows(base, group, deltas, covs, pred_full, k, null_samples, heads, variance, curves,
+                        curve_null_samples, generator, progress, rows, curve_rows, threads)
+        del covs
     config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
                   n_tokens=n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
-                  max_tokens=max_tokens, **_provenance(base, tuned, data))
+                  max_tokens=max_tokens, capture_passes=len(groups), **_provenance(base, tuned, data))
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
 
-def _provenance(base: Model, tuned: Model, data: Any) -> dict:
+def _provenance(base: Model, tuned: Union[Model, str, os.PathLike], data: Any) -> dict:
     """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
     import importlib.metadata as md
 
@@ -203,16 +269,19 @@ def _provenance(base: Model, tuned: Model, data: Any) -> dict:
         fingerprint = f"tokens:{data_hash(data['input_ids'])}"
     else:
         fingerprint = None  # batches from an iterable or precomputed activations
-    def src(m: Model) -> Optional[str]:
-        return None if m.source is None else os.fspath(m.source) if isinstance(m.source, (str, os.PathLike)) else str(m.source)
+    def src(m: Union[Model, str, os.PathLike]) -> Optional[str]:
+        m = m.source if isinstance(m, Model) else m  # a path: a streamed checkpoint folder
+        return None if m is None else os.fspath(m) if isinstance(m, (str, os.PathLike)) else str(m)
 
-    def quantized(m: Model) -> Optional[dict]:  # a GGUF source: the file's hash and quantization types
-        g = m.provenance.get("gguf")
+    def quantized(m: Union[Model, str, os.PathLike]) -> Optional[dict]:  # a GGUF source: hash and quantization types
+        g = m.provenance.get("gguf") if isinstance(m, Model) else None
         return None if g is None else {k: g.get(k) for k in ("sha256", "tensor_types")}
 
+    streamed = not isinstance(tuned, Model)
     return dict(version=__version__, torch=torch.__version__, transformer_lens=version("transformer-lens"),
-                base=src(base), tuned=src(tuned), tuned_adapter=tuned.adapter is not None, dtype=str(base.dtype),
-                base_gguf=quantized(base), tuned_gguf=quantized(tuned), data=fingerprint)
+                base=src(base), tuned=src(tuned), tuned_adapter=not streamed and tuned.adapter is not None,
+                tuned_streamed=streamed, dtype=str(base.dtype), base_gguf=quantized(base),
+                tuned_gguf=quantized(tuned), data=fingerprint)
 
 
 def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
@@ -231,9 +300,9 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
     for spec in tqdm(specs, desc="probe", disable=quiet(progress)):
         if spec.layer != layer:  # specs come layer by layer: free the float64 d × d matrices of earlier layers
             layer = spec.layer
-            for cache, site_of in ((bases, lambda key: key[0]), (cov.cache, lambda key: key), (cov.stats, lambda key: key)):
-                for key in [key for key in cache if _site_layer(site_of(key)) < layer]:
-                    del cache[key]
+            for key in [key for key in bases if _site_layer(key[0]) < layer]:
+                del bases[key]
+            cov.release(layer)
         delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate

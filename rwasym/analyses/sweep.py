@@ -323,12 +323,12 @@ def sweep(
         acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
                        max_tokens=max_tokens, progress=progress, gram_dtype=torch.float64)
         check_same_architecture(base, tuned)
-        deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}  # ΔW, float64
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
         plan, warned = [], set()
         for spec in specs:
+            full = tuned.weight(spec.name) - base.weight(spec.name)  # ΔW (float64), one matrix at a time
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
-                delta = deltas[spec.name] if head is None else head_slice(spec, deltas[spec.name], head)
+                delta = full if head is None else head_slice(spec, full, head)
                 if float(delta.abs().max()) == 0.0:
                     continue  # nothing to transplant or ablate (e.g. a frozen matrix)
                 edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned, match)

@@ -66,7 +66,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     from ..models import load_pair
 
-    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe")
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
     result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
                           matrices=args.matrices, heads=not args.no_heads, curves=not args.no_curves, seed=args.seed,
                           max_tokens=args.max_tokens, progress=False if args.quiet else None)
@@ -162,8 +162,10 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
         reference = rwasym.load(args.reference or args.model) if args.objective != "sft" else None
     loss_fn, batches = rwasym.objective_batches(args.objective, data, reference=reference, batch_size=args.batch_size,
                                                 n_batches=args.batches, beta=args.beta, lam=args.lam)
+    key = dict(objective=args.objective, beta=args.beta, lam=args.lam, reference=args.reference)
     stats = rwasym.capture_gradients(model, loss_fn, batches, matrices=args.matrices,
-                                     progress=False if args.quiet else None)
+                                     progress=False if args.quiet else None, checkpoint=args.checkpoint,
+                                     checkpoint_every=args.checkpoint_every, checkpoint_key=key)
     rows = rwasym.anisotropy_report(model, stats, k=args.k)
     config = dict(model=args.model, objective=args.objective, data=args.data, k=args.k, batch_size=args.batch_size,
                   n_batches=stats.n_batches, beta=args.beta, lam=args.lam, version=rwasym.__version__)
@@ -206,7 +208,8 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
             raise RwasymError("spectra post-training needs --base and --tuned (or --tuned-adapter)")
         from ..models import load_pair
 
-        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training")
+        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "spectra post-training",
+                                stream=not (args.data or args.pairs))
         data = _token_tensor(args.data, base) if args.data else None
         pairs = _load_pairs(args.pairs, base, args) if args.pairs else None
         companion.run_post_training(base, tuned, args.out, k=args.k, matrices=args.matrices, data=data,
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=4, help="number of batches (backward passes)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--checkpoint", default=None, help="a .safetensors file: the sums are saved there every "
+                   "--checkpoint-every batches, and a rerun after a crash resumes from it")
+    p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="grads.json")
     p.set_defaults(func=_cmd_gradients)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..analyses.companion import (expand_checkpoints, geometry, lifecycle_from_checkpoints, post_training_report,
-                                  reconstruction_experiment)
+                                  reconstruction_experiment, tuned_weights)
 from ..analyses.objectives import heldout_ce, preference_accuracy
 from ..math.checks import linalg_threads
 from ..math.svd import post_training_svd
@@ -21,9 +21,12 @@ def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Option
                       matrices: Optional[str] = None, data: Any = None, pairs: Any = None, seed: int = 0,
                       images: Sequence[str] = ()) -> dict:
     """Post-training SVD of every matrix, R_U / R_V images, and — with ``data`` (tokens) and/or
-    ``pairs`` — the reconstruction experiment measured by held-out CE and preference accuracy."""
-    base, tuned = load(base), load(tuned)
+    ``pairs`` — the reconstruction experiment measured by held-out CE and preference accuracy.
+    A ``tuned`` Hugging Face checkpoint folder is streamed (read a matrix at a time) unless the
+    reconstruction experiment needs the whole model."""
+    base = load(base)
     res = post_training_report(base, tuned, k=k, matrices=matrices)
+    tuned_weight = tuned_weights(base, tuned)
     results: dict = {"analysis": "post-training", "k": k, "seed": seed, **res}
     out = Path(out)
     figures = out / "figures"
@@ -31,7 +34,7 @@ def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Option
     with linalg_threads(1):
         for name in chosen:
             spec = base.matrix(name)
-            svd = post_training_svd(base.weight(name), tuned.weight(name), None if k is None else min(k, min(spec.shape)))
+            svd = post_training_svd(base.weight(name), tuned_weight(name), None if k is None else min(k, min(spec.shape)))
             report.rotation_images(svd.R_U, svd.R_V, figures / f"rotations_{name.replace('.', '_')}.png",
                                    title=f"{name}: consistency {svd.consistency:.3f}")
     metrics: dict = {}
@@ -40,7 +43,7 @@ def run_post_training(base: Any, tuned: Any, out: Union[str, Path], *, k: Option
     if pairs is not None:
         metrics["preference_accuracy"] = lambda m: preference_accuracy(m, None, pairs)
     if metrics:
-        results["reconstruction"] = reconstruction_experiment(base, tuned, metrics, matrices=matrices, seed=seed)
+        results["reconstruction"] = reconstruction_experiment(base, load(tuned), metrics, matrices=matrices, seed=seed)
     sections = ["# Post-training SVD (arXiv 2509.17866)\n", "## Mean per matrix kind\n",
                 report.markdown_table([dict(kind=kk, **v) for kk, v in res["by_kind"].items()]),
                 "\n## Per matrix\n", report.markdown_table(res["rows"], [

@@ -190,7 +190,8 @@ def capture(
     # must reduce the same accumulators).
     pairs = _same_tensor_candidates(model, widths) if size == 1 else []
     paired = {hook for pair in pairs for hook in pair}
-    first: dict[str, Tensor] = {}
+    first: dict[str, Tensor] = {}  # the first batch's rows of the paired sites, compared once
+    comparing = [bool(pairs)]  # until the first batch has been compared
     skip: set[str] = set()
 
     def make_hook(hook_name: str, width: int):
@@ -199,7 +200,7 @@ def capture(
                 return x
             rows = flatten_site(x, width)
             stats[hook_name].add(rows, current["mask"])
-            if hook_name in paired and not first.get("done"):
+            if hook_name in paired and comparing[0]:
                 first[hook_name] = rows.detach().clone()
             return x
 
@@ -212,8 +213,7 @@ def capture(
     resume = ckpt.load(stats, skip) if ckpt is not None else None
     if resume is not None:
         n_batches, seen = resume["batches"], resume["seen"]
-        if pairs:
-            first["done"] = True  # the shared statistics were restored with the file
+        comparing[0] = False  # the shared statistics were restored with the file
         if resume["done"]:
             return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
     done_batches = n_batches
@@ -239,14 +239,14 @@ def capture(
             current["mask"] = mask
             kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
-            if pairs and not first.get("done"):
+            if comparing[0]:
                 for leader, follower in pairs:
                     a, b = first.get(leader), first.get(follower)
                     if a is not None and b is not None and a.shape == b.shape and torch.equal(a, b):
                         stats[follower] = stats[leader]  # equal sums so far; one accumulator from now on
                         skip.add(follower)
                 first.clear()
-                first["done"] = True
+                comparing[0] = False
             bar.update(n)
             if ckpt is not None and n_batches % ckpt.every == 0:
                 ckpt.save(stats, skip, n_batches, seen, done=False)
@@ -312,8 +312,9 @@ class _Checkpoint:
             raise RwasymError(f"checkpoint_every must be a positive integer (batches); got {every!r}")
         self.path, self.key, self.every = path, key, every
 
-    def load(self, stats: dict, skip: set) -> Optional[dict]:
-        """Restore the sums into ``stats`` (and the shared sites into ``skip``); None if no file."""
+    def load(self, stats: dict, skip: set, extra: Optional[dict] = None) -> Optional[dict]:
+        """Restore the sums into ``stats`` (and the shared sites into ``skip``) and the ``extra``
+        tensors in place; the metadata, or None if there is no file."""
         if not self.path.exists():
             return None
         from safetensors import safe_open
@@ -338,13 +339,17 @@ class _Checkpoint:
                 if hook not in meta["shared"]:
                     acc.load_state_dict({"dim": acc.dim, "count": int(meta["counts"][hook]),
                                          "sum": tensors[f"{hook}/sum"], "sum_outer": tensors[f"{hook}/sum_outer"]})
+            for name, tensor in (extra or {}).items():
+                tensor.copy_(tensors[f"extra/{name}"])
             int(meta["batches"]), int(meta["seen"]), bool(meta["done"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise RwasymError(f"capture checkpoint {str(self.path)!r} has the right key but incomplete contents "
                               f"(missing {err}); it is corrupt: delete it to start again") from None
         return meta
 
-    def save(self, stats: dict, skip: set, batches: int, seen: int, done: bool) -> None:
+    def save(self, stats: dict, skip: set, batches: int, seen: int, done: bool, extra: Optional[dict] = None,
+             info: Optional[dict] = None) -> None:
+        """Write the sums, the ``extra`` tensors and progress (``info``: more JSON metadata)."""
         from safetensors.torch import save_file
 
         shared = {f: next(h for h, a in stats.items() if a is stats[f] and h not in skip) for f in skip}
@@ -354,7 +359,8 @@ class _Checkpoint:
                 state = acc.state_dict()
                 tensors[f"{hook}/sum"], tensors[f"{hook}/sum_outer"] = state["sum"], state["sum_outer"]
                 counts[hook] = state["count"]
-        meta = dict(key=self.key, batches=batches, seen=seen, done=done, shared=shared, counts=counts)
+        tensors.update({f"extra/{name}": t.contiguous() for name, t in (extra or {}).items()})
+        meta = dict(key=self.key, batches=batches, seen=seen, done=done, shared=shared, counts=counts, **(info or {}))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"rwasym": json.dumps(meta)})

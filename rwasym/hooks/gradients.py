@@ -13,7 +13,13 @@ masked contribute δ_t = 0 to C_δ and G. Forward passes under ``torch.no_grad``
 reference model) are ignored.
 """
 
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -24,7 +30,7 @@ from .. import distributed
 from ..errors import RwasymError
 from ..math.covariance import RunningCovariance
 from ..models import Model, flatten_site, load
-from .activations import quiet
+from .activations import _Checkpoint, quiet
 
 
 @dataclass
@@ -97,6 +103,9 @@ def capture_gradients(
     *,
     matrices: Union[str, Sequence[str], None] = None,
     progress: Optional[bool] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 10,
+    checkpoint_key: Any = None,
 ) -> GradientStats:
     """Run ``loss_fn(model, batch).backward()`` per batch and stream C_a, C_δ and G per matrix.
 
@@ -108,20 +117,58 @@ def capture_gradients(
     rank must be given the same ``batches``; rank r runs batch i iff i mod W = r, then C_a, C_δ,
     G and the batch count are summed over ranks, so every rank returns the statistics of all
     batches (equal to one process's up to float64 summation order).
+
+    checkpoint: a ``.safetensors`` file that makes a long capture survive a crash: C_a, C_δ, G and
+    the batch count are written there (atomically) every ``checkpoint_every`` batches and at the
+    end, keyed by the model's weights hash, the matrices, the loss function's qualified name and
+    ``checkpoint_key`` (anything JSON that tells two losses apart, e.g. the objective with its β
+    and λ). A rerun with the same key skips the batches already in the file — after checking that
+    they hash (`batch_digest`) to the batches the file was written from — and gives the same sums
+    as an uninterrupted run; a finished file is returned without a backward pass. A file with
+    another key or other batches, or one that cannot be read, is refused (`RwasymError`), never
+    reused. Single process only.
     """
     model = load(model)
     names = [s.name for s in model.matrices(matrices)]
     if not names:
         raise RwasymError(f"pattern {matrices!r} matches no matrix; valid: {', '.join(s.name for s in model.matrices())}")
     cap = _Capture(model, names)
+    rank, size = distributed.world()
+    ckpt = None
+    if checkpoint is not None:
+        if size > 1:
+            raise RwasymError("capture_gradients(checkpoint=...) runs in one process; under torchrun drop checkpoint=")
+        key = dict(format=_CHECKPOINT_FORMAT, weights=model.weights_hash(), matrices=names, dtype=str(model.dtype),
+                   loss=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__), key=checkpoint_key)
+        try:
+            json.dumps(key)
+        except TypeError:
+            raise RwasymError(f"checkpoint_key={checkpoint_key!r} must be JSON (numbers, strings, lists, dicts)") from None
+        ckpt = _Checkpoint(Path(checkpoint), key, checkpoint_every)
+    sums = {f"{n}/a_t": cap.stats.inputs[n] for n in names} | {f"{n}/delta_t": cap.stats.grads[n] for n in names}
+    resume = None if ckpt is None else ckpt.load(sums, set(), extra=cap.stats.G)
+    done_batches = 0 if resume is None else int(resume["batches"])
+    if resume is not None:
+        cap.stats.n_batches = int(resume["seen"])
+    digest = hashlib.sha256()  # of the batches read so far, in order
     was_training = model.bridge.training
     model.bridge.eval()  # deterministic: no dropout while measuring
-    rank, size = distributed.world()
     n_read = 0
     try:
         with model.bridge.hooks(fwd_hooks=cap.hooks()):
             for i, batch in enumerate(tqdm(batches, desc="gradients", disable=quiet(progress) or rank != 0)):
                 n_read = i + 1
+                if ckpt is not None:
+                    digest.update(batch_digest(batch))
+                if i < done_batches:  # in the checkpoint already: check it is this very batch sequence
+                    if i == done_batches - 1 and digest.hexdigest() != resume.get("data"):
+                        raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} was written from other batches "
+                                          "(their hashes differ); pass the same batches in the same order, or "
+                                          "another checkpoint path")
+                    continue
+                if resume is not None and resume["done"]:
+                    raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} is finished after {done_batches} "
+                                      "batches but more were given; pass the same batches, or another checkpoint path")
                 if i % size != rank:
                     continue  # another rank's batch
                 model.bridge.zero_grad(set_to_none=True)
@@ -130,15 +177,62 @@ def capture_gradients(
                     raise RwasymError(f"the loss is {float(loss.detach())} on batch {i}; check the data and the model weights")
                 loss.backward()
                 cap.stats.n_batches += 1
+                if ckpt is not None and n_read % ckpt.every == 0:
+                    ckpt.save(sums, set(), n_read, cap.stats.n_batches, done=False, extra=cap.stats.G,
+                              info={"data": digest.hexdigest()})
     finally:
         model.bridge.zero_grad(set_to_none=True)
         model.bridge.train(was_training)
+    if resume is not None and n_read < done_batches:
+        raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} holds {done_batches} batches but only {n_read} "
+                          "were given; pass the same batches, or another checkpoint path")
+    if ckpt is not None and cap.stats.n_batches > 0 and not (resume is not None and resume["done"]):
+        ckpt.save(sums, set(), n_read, cap.stats.n_batches, done=True, extra=cap.stats.G,
+                  info={"data": digest.hexdigest()})
     if size > 1:
         distributed.require_same([n_read], "the number of batches given to capture_gradients")
         _all_reduce(cap.stats)
     if cap.stats.n_batches == 0:
         raise RwasymError("no batches were given to capture_gradients; pass at least one batch")
     return cap.stats
+
+
+_CHECKPOINT_FORMAT = "rwasym-gradients/1"
+
+
+def batch_digest(batch: Any) -> bytes:
+    """A content hash of one batch — tensors (dtype, shape, bytes), mappings, sequences, dataclasses
+    such as `rwasym.data.PreferencePairs`, and plain scalars — so a resumed capture can check it is
+    given the batches its checkpoint was written from."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            h.update(b"M")
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for item in x:
+                feed(item)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            h.update(type(x).__qualname__.encode())
+            for f in dataclasses.fields(x):
+                feed(f.name)
+                feed(getattr(x, f.name))
+        elif x is None or isinstance(x, (str, int, float, bool)):
+            h.update(f"S{type(x).__name__}:{x!r}".encode())
+        else:
+            raise RwasymError(f"capture_gradients(checkpoint=...) cannot hash a batch holding {type(x).__name__}; "
+                              "pass batches of tensors, dicts, lists or dataclasses of them, or drop checkpoint=")
+
+    feed(batch)
+    return h.digest()
 
 
 def _all_reduce(stats: GradientStats) -> None:

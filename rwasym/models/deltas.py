@@ -48,6 +48,9 @@ def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], 
     ``lazy=True`` a `WeightDeltas` mapping that forms each ΔW when read (one in memory at a time; it
     reads the models' current weights, so an edit made in between shows).
 
+    For a tuned Hugging Face checkpoint folder that should not be loaded, use
+    `rwasym.models.shards.CheckpointDeltas` (the same values, W_tuned read from its files).
+
     Raises RwasymError naming the first matrix whose name or shape differs. When ``tuned`` was
     loaded with a LoRA adapter (``load(base, adapter=...)``) and ``base`` was not, returns the
     attached factored deltas (`rwasym.math.lowrank.LowRankDelta`, rank 0 for untouched matrices) without

@@ -259,11 +259,26 @@ def load_native(folder: Union[str, os.PathLike], *, dtype: Optional[torch.dtype]
     return model
 
 
-def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command") -> tuple[Model, Model]:
+def is_checkpoint_folder(source: Any) -> bool:
+    """True when ``source`` is a local Hugging Face checkpoint folder that can be streamed:
+    a directory with ``config.json`` and ``model.safetensors`` (or its sharded index)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source).expanduser()
+    return path.is_dir() and (path / "config.json").exists() and (
+        (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists())
+
+
+def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command", *,
+              stream: bool = False) -> tuple[Model, Any]:
     """(base, tuned) Models for a command: ``tuned`` is a full checkpoint, or ``tuned_adapter`` a PEFT
-    LoRA adapter folder applied to ``base`` (exactly one of them)."""
+    LoRA adapter folder applied to ``base`` (exactly one of them). With ``stream=True`` a tuned
+    Hugging Face checkpoint folder is returned as its path, unloaded, for the commands that read
+    it a matrix at a time (`rwasym.models.shards.is_checkpoint_folder`)."""
     if (tuned is None) == (tuned_adapter is None):
         raise RwasymError(f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
                           "(a PEFT LoRA adapter folder applied to --base)")
     base = load(base)
-    return base, load(tuned) if tuned_adapter is None else load(base, adapter=tuned_adapter)
+    if tuned_adapter is not None:
+        return base, load(base, adapter=tuned_adapter)
+    return base, tuned if stream and is_checkpoint_folder(tuned) else load(tuned)

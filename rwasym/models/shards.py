@@ -27,14 +27,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
+from ..math.checks import require_finite
 from .deltas import check_same_architecture
+from .loading import is_checkpoint_folder
 from .layouts import fused_qkv_rows, host_linear, index_probe, is_transposed
 from .registry import MatrixSpec, Model, matches_pattern
 
@@ -120,31 +123,36 @@ def _open(folder: Path, file: str):
 
 
 def _host_delta(base_folder: Path, b: CheckpointMatrix, tuned_folder: Path, t: CheckpointMatrix) -> Tensor:
-    """T_tuned − T_base in float64 and in the host's layout (Conv1D and fused tensors untouched).
+    """T_tuned − T_base in float64 and in the host's layout (Conv1D and fused tensors untouched)."""
+    what = b.name if b.rows is None else f"{b.key} (W_Q, W_K, W_V of layer {b.spec.layer})"
+    return _host_read([(tuned_folder, t), (base_folder, b)], f"ΔW of {what}")
 
-    Filled in row blocks of at most `_CHUNK_BYTES` (float64): ``out[i:j] = T_tuned[i:j]`` then
-    ``out[i:j] -= T_base[i:j]`` (mixed-dtype in-place ops compute in float64, exactly). Each block
+
+def _host_read(terms: Sequence[tuple[Path, CheckpointMatrix]], what: str) -> Tensor:
+    """T₀ − T₁ − … over ``terms`` ((folder, entry); one term: T₀ itself) in float64, host layout.
+
+    Filled in row blocks of at most `_CHUNK_BYTES` (float64): ``out[i:j] = T₀[i:j]`` then
+    ``out[i:j] -= T₁[i:j]`` (mixed-dtype in-place ops compute in float64, exactly). Each block
     is read through its own `safe_open`, so no more than one block of a file is mapped at a time:
     peak ≈ one float64 matrix + two raw blocks.
     """
-    out = torch.empty(b.host_shape, dtype=torch.float64)
+    out = torch.empty(terms[0][1].host_shape, dtype=torch.float64)
     step = max(1, _CHUNK_BYTES // (8 * max(1, out[0].numel())))
     for start in range(0, out.shape[0], step):
         block = out[start : start + step]
-        for folder, entry, first in ((tuned_folder, t, True), (base_folder, b, False)):
+        for i, (folder, entry) in enumerate(terms):
             with _open(folder, entry.file) as handle:
                 piece = handle.get_slice(entry.key)
                 if start == 0:
                     _check_slice(folder, entry, piece)
                 value = piece[start : start + step]
-                if first:
+                if i == 0:
                     block.copy_(value)
                 else:
                     block.sub_(value)
             del value
         if not torch.isfinite(block).all():  # per block: isfinite makes a temporary of its input's size
-            what = b.name if b.rows is None else f"{b.key} (W_Q, W_K, W_V of layer {b.spec.layer})"
-            raise RwasymError(f"ΔW of {what} contains NaN or Inf; check the checkpoints (re-save or re-download)")
+            raise RwasymError(f"{what} contains NaN or Inf; check the checkpoints (re-save or re-download)")
     return out
 
 
@@ -332,21 +340,84 @@ def stream_weight_deltas(
 def _stream(base_path: Path, tuned_path: Path, pairs: list) -> Iterator[tuple[str, Tensor]]:
     fused_key, fused_delta = None, None  # a fused qkv ΔW, kept while its q, k, v are yielded
     for b, t in pairs:
-        transposed = b.layout in ("conv1d", "fused-conv1d")
         if b.rows is None:
             fused_key, fused_delta = None, None
-            delta = _host_delta(base_path, b, tuned_path, t)
-            delta = delta.T if transposed else delta  # (n_out, n_in)
+            delta = _linear(_host_delta(base_path, b, tuned_path, t), b)
         else:
             if fused_key != (b.key, t.key):
                 fused_key, fused_delta = None, None  # free the previous layer's first
                 fused_delta = _host_delta(base_path, b, tuned_path, t)
-                fused_delta = fused_delta.T if transposed else fused_delta  # (n_fused, n_in)
                 fused_key = (b.key, t.key)
-            delta = fused_delta.index_select(0, torch.tensor(b.rows, dtype=torch.long))  # (n_out, n_in)
-        assert delta.shape == b.spec.shape, (b.name, delta.shape, b.spec.shape)
+            delta = _linear(fused_delta, b)
         yield b.name, delta
         del delta  # the consumer holds the only reference now
+
+
+def _linear(host: Tensor, entry: CheckpointMatrix) -> Tensor:
+    """W (n_out × n_in, nn.Linear layout) from its host tensor: Tᵀ for Conv1D, the rows of a fused qkv."""
+    w = host.T if entry.layout in ("conv1d", "fused-conv1d") else host
+    if entry.rows is not None:
+        w = w.index_select(0, torch.tensor(entry.rows, dtype=torch.long))
+    assert w.shape == entry.spec.shape, (entry.name, w.shape, entry.spec.shape)
+    return w
+
+
+class CheckpointWeights(Mapping):
+    """{matrix name: W} of a Hugging Face checkpoint folder, W in float64 and nn.Linear layout
+    (n_out × n_in), read from its safetensors files when looked up and not kept; the names are
+    those of ``rwasym.load(folder).matrices(pattern)`` and each W equals ``load(folder).weight(name)``
+    (for fp32 / fp16 / bf16 files). A fused qkv tensor is read once while its W_Q, W_K, W_V are
+    looked up in turn. ``model`` is the weightless registry (`Model` on the meta device)."""
+
+    def __init__(self, folder: PathLike, pattern: Union[str, Sequence[str], None] = None) -> None:
+        self.folder = _checked_folder(folder, "checkpoint")
+        self.model, entries = _entries(self.folder)
+        self._entries = {e.name: e for e in entries if pattern is None or matches_pattern(e.name, pattern)}
+        self._fused: tuple = (None, None)  # (key, host tensor) of the last fused qkv read
+
+    def __getitem__(self, name: str) -> Float[Tensor, "n_out n_in"]:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise RwasymError(f"checkpoint {str(self.folder)!r} has no studied matrix {name!r}; its matrices "
+                              f"include {', '.join(list(self._entries)[:4])}")
+        if entry.rows is None:
+            return _linear(_host_read([(self.folder, entry)], f"{name} in {str(self.folder)!r}"), entry)
+        if self._fused[0] != entry.key:
+            self._fused = (None, None)  # free the previous layer's first
+            self._fused = (entry.key, _host_read([(self.folder, entry)], f"{entry.key} in {str(self.folder)!r}"))
+        return _linear(self._fused[1], entry)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CheckpointDeltas(Mapping):
+    """{matrix name: ΔW} with ΔW = W_tuned − W_base (float64, nn.Linear layout), W_tuned read from
+    a tuned checkpoint folder (`CheckpointWeights`) and W_base from the loaded ``base``: the tuned
+    model is never loaded, and each ΔW is formed when looked up and not kept. Equals
+    ``weight_deltas(base, load(tuned_folder), pattern)`` (fp32 / fp16 / bf16 checkpoints)."""
+
+    def __init__(self, base: Model, tuned_folder: PathLike, pattern: Union[str, Sequence[str], None] = None) -> None:
+        self.base, self.tuned = base, CheckpointWeights(tuned_folder)
+        check_same_architecture(base, self.tuned.model)
+        self._names = [spec.name for spec in base.matrices(pattern)]
+
+    def __getitem__(self, name: str) -> Float[Tensor, "n_out n_in"]:
+        if name not in self._names:
+            raise RwasymError(f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
+                              f"e.g. {', '.join(self._names[:4])}")
+        delta = self.tuned[name] - self.base.weight(name)
+        require_finite(delta, f"ΔW of {name}")
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def weight_delta_norms(
@@ -362,4 +433,5 @@ def weight_delta_norms(
     return norms
 
 
-__all__ = ["CheckpointMatrix", "checkpoint_matrices", "stream_weight_deltas", "weight_delta_norms"]
+__all__ = ["CheckpointDeltas", "CheckpointMatrix", "CheckpointWeights", "checkpoint_matrices", "is_checkpoint_folder",
+           "stream_weight_deltas", "weight_delta_norms"]
