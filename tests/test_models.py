@@ -138,9 +138,23 @@ def test_unembedding_folds_final_norm(models, hf_folder, arch):
     model, hf = models[arch], hf_folder[arch][1]
     final_norm = {"gpt2": lambda m: m.transformer.ln_f, "llama": lambda m: m.model.norm,
                   "neox": lambda m: m.gpt_neox.final_layer_norm}[arch](hf)
-    expected = final_norm.weight.double()[:, None] * hf.lm_head.weight.double().T
-    assert torch.allclose(model.unembedding(), expected, atol=1e-12)
+    # the oracle: the finite-difference map of the HF final norm + lm_head, (L(x) − L(−x)) / 2, at
+    # zero-mean unit-RMS residuals x (the norm's and the head's biases cancel)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, model.d_model, generator=g, dtype=torch.float64)
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.square().mean(-1, keepdim=True).sqrt()
+    with torch.no_grad():
+        logits = lambda v: hf.lm_head(final_norm(v.float())).double()
+        expected = (logits(x) - logits(-x)) / 2
+    got = x @ model.unembedding()
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
     assert model.unembedding().shape == (model.d_model, model.d_vocab)
+    # and it is diag(γ/√(1+ε)) · W_U for these norms (γ read from the parameter)
+    eps = getattr(final_norm, "eps", getattr(final_norm, "variance_epsilon", None))
+    scaled = final_norm.weight.double()[:, None] / (1 + eps) ** 0.5 * hf.lm_head.weight.double().T
+    assert torch.allclose(model.unembedding(), scaled, rtol=1e-6, atol=0)
 
 
 def test_weight_deltas_and_mismatch_errors(native_cfg):

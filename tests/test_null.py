@@ -351,3 +351,27 @@ def test_null_of_a_real_weight_spectrum(real_folder):
         exact, fast = null_moments(s, "output", k), null_fractions(s, "output", k, 10_000, gen(33))
         assert abs(float(fast.mean()) - exact.mean) < 4.5 * exact.std / math.sqrt(10_000)
         assert abs(float(fast.var()) - exact.std**2) < 5 * variance_se(fast)
+
+
+def test_probe_draws_one_null_per_matrix_head_side_and_k(planted, monkeypatch):
+    """The null's law depends on ΔW's spectrum, the side and k only: the activation and the
+    prediction rows of one side share one set of draws, and each row's percentile is that set's."""
+    from rwasym.analyses import probe as probe_module
+
+    base, tuned, tokens, _ = planted
+    drawn = []
+    real = probe_module.random_null
+
+    def recording(spectrum, side, k, samples, generator):
+        out = real(spectrum, side, k, samples, generator)
+        drawn.append(out)
+        return out
+
+    monkeypatch.setattr(probe_module, "random_null", recording)
+    names = ["blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.1.mlp.W_out"]
+    res = probe(base, tuned, tokens, k=4, null_samples=64, matrices=names, heads=True, progress=False)
+    keys = {(r["matrix"], r["head"], r["side"], r["k"]) for r in res.rows}
+    assert len(drawn) == len(keys) < len(res.rows)
+    for row in res.rows:  # the percentile of every row is one of the drawn sets' percentiles of its f
+        assert any(row["null_percentile"] == null.percentile_of(row["fraction"]) and null.k == row["k"]
+                   and null.side == row["side"] for null in drawn), row["matrix"]

@@ -77,7 +77,8 @@ def test_gguf_header_and_weights_equal_the_file_dequantized_by_gguf(real_gguf, r
             assert got.shape == w.shape and torch.equal(got, torch.from_numpy(w.copy()).double()), (layer, ours)
     gamma = torch.from_numpy(raw("output_norm.weight").copy()).double()
     w_u = torch.from_numpy(raw("token_embd.weight").copy()).double()  # tied: the unembedding is the embedding
-    assert torch.allclose(model.unembedding(), gamma[:, None] * w_u.T, rtol=0, atol=1e-12)
+    eps = json.loads((real_folder() / "config.json").read_text())["rms_norm_eps"]
+    assert torch.allclose(model.unembedding(), gamma[:, None] / (1 + eps) ** 0.5 * w_u.T, rtol=1e-6, atol=1e-12)
 
 
 def test_gguf_cache_is_reused_and_keyed_by_content(real_gguf, real_folder, tmp_path, monkeypatch):

@@ -198,7 +198,9 @@ def probe(
     data: corpus for the base model's activation statistics (anything `rwasym.hooks.activations.capture`
     accepts), or pass precomputed ``activations``. k: subspace dimension (per-head inner spaces of
     size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
-    subspaces per row for the percentile of the observed f in the Haar null; the row's null_mean
+    subspaces for the percentile of the observed f in the Haar null (its law depends only on ΔW's
+    spectrum, the side and k, so the activation and prediction rows of one side share one set of
+    draws); the row's null_mean
     (k/n) and null_std are the null's exact moments (`rwasym.math.fraction.null_moments`), and
     null_samples < 2 turns the row null off (None). variance: rows also report f and r at the k
     reaching this explained-variance ratio (activation subspaces).
@@ -307,6 +309,7 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
         spectra: dict = {}  # head -> DeltaSpectrum of that ΔW: one SVD shared by subspaces, sides and k
+        nulls: dict = {}  # (head, side, k) -> NullResult: one set of draws shared by the side's subspaces
         resid_side = "input" if spec.side == "read" else "output"
         resid_cov = cov(model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec)))
         spaces = [("residual", resid_side, "activation", resid_cov, model_site),
@@ -325,8 +328,12 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
                 cum = column_energies(d, full.U, side).cumsum(0) / _energy(d)  # (m,)
                 fraction = float(cum[k_used - 1])
-                null = random_null(_spectrum(spectra, d, head), side, k_used, null_samples, generator) \
-                    if null_samples >= 2 else None  # exact mean/std; samples for the percentile
+                # exact mean/std; samples for the percentile. The law depends on ΔW's spectrum, the side
+                # and k only, so the subspaces of one side share one set of draws
+                if null_samples >= 2 and (head, side, k_used) not in nulls:
+                    nulls[(head, side, k_used)] = random_null(_spectrum(spectra, d, head), side, k_used,
+                                                              null_samples, generator)
+                null = nulls.get((head, side, k_used))
                 row = dict(layer=spec.layer, matrix=spec.name, kind=spec.kind, matrix_side=spec.side,
                            head=head, stream=stream, side=side, subspace=subspace, site=site,
                            k=k_used, n=n, fraction=fraction, relative=fraction * n / k_used,

@@ -73,6 +73,29 @@ class MatrixSpec:
         return asdict(self)
 
 
+@torch.no_grad()
+def norm_scale(module: nn.Module, d: int) -> Float[Tensor, " d"]:
+    """The diagonal scale γ_eff (float64) a norm module applies at unit RMS, from two calls:
+    γ_eff,i = (N(x)_i − N(−x)_i) / (2 x_i), x zero-mean with entries ±1 (rescaled to unit RMS)."""
+    param = next(iter(module.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat((d + 1) // 2)[:d]
+    probes = [sign] if d % 2 == 0 else [torch.cat([sign[: d - 1], sign.new_zeros(1)]),
+                                        torch.cat([sign.new_zeros(1), sign[: d - 1]])]
+    gamma = torch.zeros(d, dtype=torch.float64)
+    for x in probes:
+        x = x * (d / float(x.square().sum())) ** 0.5  # unit RMS
+        xs = torch.stack([x, -x]).to(device, dtype)[:, None, :]  # (2, 1, d): two positions of one token
+        out = module(xs)
+        out = (out[0] if isinstance(out, tuple) else out).to("cpu", torch.float64)[:, 0, :]
+        nonzero = x != 0
+        gamma[nonzero] = ((out[0] - out[1]) / (2 * x))[nonzero]
+    if not torch.isfinite(gamma).all():
+        raise RwasymError(f"the norm {type(module).__name__} gives a non-finite scale; check its weights")
+    return gamma
+
+
 def flatten_site(x: Tensor, n: int) -> Tensor:
     """View a hook tensor as (..., n): merges a trailing (n_heads, d_head) pair when present."""
     if x.shape[-1] == n:
@@ -400,20 +423,31 @@ class Model:
         return host_linear(self.bridge, "unembed")
 
     def unembedding(self) -> Float[Tensor, "d_model d_vocab"]:
-        """Effective unembedding diag(γ_final) · W_U (d_model × vocab), float64.
+        """Effective unembedding diag(γ_eff) · W_U (d_model × vocab), float64.
 
-        The final norm's scale γ is folded in because the logits read the residual stream only
-        through it; its bias (if any) shifts logits by a constant per token and is left out.
-        Models without a final-norm scale (RMSPre/LNPre) use W_U alone.
+        The logits read the residual stream only through the final norm, so its diagonal scale is
+        folded in; its bias (if any) shifts the logits by a constant per token and is left out.
+        γ_eff is measured on the norm module itself (`final_norm_scale`), so LayerNorm, RMSNorm and
+        Gemma's RMSNorm (which multiplies by 1 + w) are all handled by what they compute, not by the
+        name of a parameter. Convention: unembedding()ᵀ x = (logits(x) − logits(−x)) / 2 for a
+        zero-mean, unit-RMS residual x (before any logit soft-capping).
         """
         host = self.unembedding_host()
         w_u = host.weight.detach().to("cpu", torch.float64)
         w_u = w_u if is_transposed(host) else w_u.T  # (d_model, vocab)
+        gamma = self.final_norm_scale()
+        return w_u if gamma is None else gamma[:, None] * w_u
+
+    def final_norm_scale(self) -> Optional[Float[Tensor, " d_model"]]:
+        """γ_eff of the final norm N, measured: γ_eff,i = (N(x)_i − N(−x)_i) / (2 x_i) at a zero-mean,
+        unit-RMS x of ±1 entries (odd d_model: two such probes, each with one zero entry). This is
+        γ/√(1+ε) for LayerNorm and RMSNorm and (1 + w)/√(1+ε) for Gemma's RMSNorm, whatever the
+        parameter is called; LayerNorm's bias cancels. None when the model has no final norm module."""
         ln = getattr(self.bridge, "ln_final", None)
-        gamma = getattr(getattr(ln, "original_component", None), "weight", None)
-        if gamma is not None:
-            w_u = gamma.detach().to("cpu", torch.float64)[:, None] * w_u
-        return w_u
+        module = getattr(ln, "original_component", None)
+        if module is None:
+            return None
+        return norm_scale(module, self.d_model)
 
     # -- writing ------------------------------------------------------------------------------
     @torch.no_grad()
