@@ -75,5 +75,7 @@ def test_capture_bad_inputs(model):
         capture(model, tokens[:0])
     with pytest.raises(RwasymError, match="unknown hook name 'blocks.0.hook_nope'"):
         capture(model, tokens, sites=["blocks.0.hook_nope"])
+    with pytest.raises(RwasymError, match="no sites to capture"):
+        capture(model, tokens, sites={})
     with pytest.raises(RwasymError, match="integer tensors"):
         capture(model, tokens.float())

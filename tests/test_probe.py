@@ -192,3 +192,32 @@ def test_capture_passes_by_layer_group_give_the_same_rows(pair_data, monkeypatch
     captured.clear()
     it = probe(base, tuned, iter([tokens[:8], tokens[8:]]), k=3, null_samples=20, progress=False, stats_budget=1)
     assert it.config["capture_passes"] == 1 and len(captured) == 1
+
+
+def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatch):
+    """With ≥ 2 threads the next layer's covariances and eigenbases are computed on a worker thread
+    while the current layer's rows are computed; the rows equal the in-place computation's exactly."""
+    import threading
+
+    from rwasym.analyses.probe import _Covariances
+
+    workers = []
+    compute = _Covariances._compute
+    monkeypatch.setattr(_Covariances, "_compute", lambda self, site: (workers.append(threading.get_ident()),
+                                                                      compute(self, site))[1])
+    base, tokens = pair_data
+    g = torch.Generator().manual_seed(9)
+    tuned = _planted(base, "blocks.0.attn.W_Q", torch.randn(32, generator=g, dtype=torch.float64),
+                     torch.randn(32, generator=g, dtype=torch.float64))
+    for spec in tuned.matrices():
+        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
+        torch.set_num_threads(2)
+        overlapped = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
+    finally:
+        torch.set_num_threads(threads)
+    assert overlapped.rows == alone.rows and overlapped.curves == alone.curves and len(alone.rows) > 50
+    assert workers and threading.get_ident() not in workers  # the overlapped run did use the worker

@@ -26,6 +26,7 @@ each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.model
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -150,25 +151,66 @@ def _budget(base: Model, stats_budget: Optional[Union[int, float]], data: Any) -
 
 
 class _Covariances:
-    """site → covariance of one capture, computed on first use; `release(layer)` drops those of the
-    layers before ``layer`` (and, for statistics the probe captured itself, their float64 sums)."""
+    """site → (covariance, full PCA basis) of one capture, computed once per site.
 
-    def __init__(self, activations: ActivationStats, center: bool, owned: bool) -> None:
+    `prefetch(sites)` computes them on a worker thread (one eigendecomposition at a time, on one
+    core) while the caller computes the rows of the previous layer on the other: the results are
+    the same as computed in place (the same single-threaded LAPACK calls), only the wall time
+    overlaps. `release(layer)` drops the sites of the layers before ``layer`` (and, for
+    statistics the probe captured itself, their float64 sums)."""
+
+    def __init__(self, activations: ActivationStats, center: bool, owned: bool, overlap: bool = False) -> None:
         self.activations, self.center, self.owned = activations, center, owned
         self.cache: dict[str, torch.Tensor] = {}
+        self.bases: dict[str, Any] = {}
+        self.pending: dict[str, Any] = {}  # site -> Future of (covariance, basis)
+        self.pool = ThreadPoolExecutor(max_workers=1) if overlap else None
+
+    def _compute(self, site: str) -> tuple:
+        c = self.activations[site].covariance(center=self.center)
+        return c, pca_basis(c, c.shape[0], center=False)
+
+    def prefetch(self, sites: Sequence[str]) -> None:
+        if self.pool is None:
+            return
+        for site in sites:
+            if site not in self.cache and site not in self.pending:
+                self.pending[site] = self.pool.submit(self._compute, site)
+
+    def _collect(self, site: str) -> None:
+        if site in self.pending:
+            self.cache[site], self.bases[site] = self.pending.pop(site).result()
 
     def __call__(self, site: str) -> torch.Tensor:
+        self._collect(site)
         if site not in self.cache:
             self.cache[site] = self.activations[site].covariance(center=self.center)
         return self.cache[site]
 
+    def basis(self, site: str):
+        """The full eigenbasis of the site's covariance (`pca_basis` with k = n), shared by rows,
+        k_variance and curves."""
+        self._collect(site)
+        if site not in self.bases:
+            c = self(site)
+            self.bases[site] = pca_basis(c, c.shape[0], center=False)
+        return self.bases[site]
+
     def release(self, layer: int) -> None:
-        for site in [s for s in self.cache if _site_layer(s) < layer]:
-            del self.cache[site]
+        for cache in (self.cache, self.bases):
+            for site in [s for s in cache if _site_layer(s) < layer]:
+                del cache[site]
         if self.owned:
             stats = self.activations.stats
-            for site in [s for s in stats if _site_layer(s) < layer]:
+            for site in [s for s in stats if _site_layer(s) < layer and s not in self.pending]:
                 del stats[site]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.pending.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            self.pending.clear()
 
 
 def probe(
@@ -231,7 +273,9 @@ def probe(
     pred_full = prediction_basis(base.unembedding(), base.d_model)
     rows: list[dict] = []
     curve_rows: list[dict] = []
-    threads = torch.get_num_threads()  # for the large eigendecompositions; the many small ops run on one
+    # with two or more threads, the eigendecompositions run on a worker thread beside the rows
+    # (each on one thread); the many small ops of the rows run on one thread either way
+    overlap = torch.get_num_threads() >= 2
     sites = probe_sites(base, specs)
     groups = [specs] if activations is not None else layer_groups(specs, sites, _budget(base, stats_budget, data))
     n_tokens = None if activations is None else activations.n_tokens
@@ -240,12 +284,15 @@ def probe(
             acts = capture(base, data, sites=probe_sites(base, group) if len(groups) > 1 else sites,
                            batch_size=batch_size, max_tokens=max_tokens, progress=progress)
             n_tokens = acts.n_tokens
-            covs = _Covariances(acts, center, owned=True)
-        else:
-            covs = _Covariances(activations, center, owned=False)  # the caller's statistics stay untouched
-        with linalg_threads(1):
-            _probe_rows(base, group, deltas, covs, pred_full, k, null_samples, heads, variance, curves,
-                        curve_null_samples, generator, progress, rows, curve_rows, threads)
+            covs = _Covariances(acts, center, owned=True, overlap=overlap)
+        else:  # the caller's statistics stay untouched
+            covs = _Covariances(activations, center, owned=False, overlap=overlap)
+        try:
+            with linalg_threads(1):
+                _probe_rows(base, group, deltas, covs, pred_full, k, null_samples, heads, variance, curves,
+                            curve_null_samples, generator, progress, rows, curve_rows)
+        finally:
+            covs.close()
         del covs
     config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
                   n_tokens=n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
@@ -287,17 +334,26 @@ def _provenance(base: Model, tuned: Union[Model, str, os.PathLike], data: Any) -
 
 
 def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
-                curve_null_samples, generator, progress, rows, curve_rows, threads=1) -> None:
-    bases: dict = {}
+                curve_null_samples, generator, progress, rows, curve_rows) -> None:
+    bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
 
-    def full_basis(c_h, key):
-        # one eigendecomposition per (site, head block), shared by rows, k_variance and curves;
-        # from n = 1024 up a second thread pays (measured: 1536 × 1536 eigh 0.62 s -> 0.35 s on 2 cores)
-        if key not in bases:
-            with linalg_threads(threads if c_h.shape[0] >= 1024 else 1):
-                bases[key] = pca_basis(c_h, c_h.shape[0], center=False)
-        return bases[key]
+    def full_basis(c_h, site, head):
+        if head is None:
+            return cov.basis(site)
+        if (site, head) not in bases:
+            bases[(site, head)] = pca_basis(c_h, c_h.shape[0], center=False)
+        return bases[(site, head)]
 
+    def layer_sites(layer):
+        out = []
+        for spec in specs:
+            if spec.layer == layer:
+                out.append(base.input_hook(spec.name))
+                if spec.side == "write":
+                    out.append(_residual_site(base, spec))
+        return list(dict.fromkeys(out))
+
+    layers = list(dict.fromkeys(spec.layer for spec in specs))
     layer = None
     for spec in tqdm(specs, desc="probe", disable=quiet(progress)):
         if spec.layer != layer:  # specs come layer by layer: free the float64 d × d matrices of earlier layers
@@ -305,6 +361,11 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
             for key in [key for key in bases if _site_layer(key[0]) < layer]:
                 del bases[key]
             cov.release(layer)
+            if layer == layers[0]:
+                cov.prefetch(layer_sites(layer))
+            following = layers.index(layer) + 1
+            if following < len(layers):  # the next layer's eigendecompositions overlap this layer's rows
+                cov.prefetch(layer_sites(layers[following]))
         delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
@@ -324,7 +385,7 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 c_h = c if c is None or side != "input" else head_input_block(spec, c, head)
                 n = d.shape[1] if side == "input" else d.shape[0]
                 k_used = min(k, n)
-                full = pred_full if c_h is None else full_basis(c_h, (site, head if c_h is not c else None))
+                full = pred_full if c_h is None else full_basis(c_h, site, None if c_h is c else head)
                 # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
                 cum = column_energies(d, full.U, side).cumsum(0) / _energy(d)  # (m,)
                 fraction = float(cum[k_used - 1])

@@ -178,6 +178,9 @@ def capture(
                 valid = sorted(set(model.bridge.hook_dict) | set(aliases))
                 raise RwasymError(f"unknown hook name {name!r}; valid names include: {', '.join(valid[:40])} ...")
             widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
+    if not widths:
+        raise RwasymError("no sites to capture: sites is empty (or layers selects no layer); pass at least one "
+                          "hook name, or sites=None for the default sites")
     if batch_size <= 0:
         raise RwasymError(f"batch_size must be positive; got {batch_size}")
     stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
