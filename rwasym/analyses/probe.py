@@ -263,7 +263,7 @@ def probe(
     _check_k(k, base)
     specs = base.matrices(matrices)
     if not specs:
-        raise RwasymError(f"pattern {matrices!r} matches no matrix; valid names: {', '.join(s.name for s in base.matrices())}")
+        raise base.unmatched(matrices)
     # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
     deltas = weight_deltas(base, tuned, matrices, lazy=True) if isinstance(tuned, Model) \
         else CheckpointDeltas(base, tuned, matrices)

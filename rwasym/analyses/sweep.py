@@ -297,8 +297,7 @@ def sweep(
     chosen = {s.name for p in cfg.matrices for s in base.matrices(p)}
     specs = [s for s in base.matrices() if s.name in chosen]
     if not specs:
-        raise RwasymError(f"matrices={list(cfg.matrices)!r} matches no matrix; valid names: "
-                          f"{', '.join(s.name for s in base.matrices())}")
+        raise base.unmatched(list(cfg.matrices))
     ev = Evaluator(base, tuned, pairs, text=text, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix,
                    max_pairs=cfg.max_pairs)
     cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}

@@ -131,7 +131,7 @@ def capture_gradients(
     model = load(model)
     names = [s.name for s in model.matrices(matrices)]
     if not names:
-        raise RwasymError(f"pattern {matrices!r} matches no matrix; valid: {', '.join(s.name for s in model.matrices())}")
+        raise model.unmatched(matrices)
     cap = _Capture(model, names)
     rank, size = distributed.world()
     ckpt = None

@@ -17,6 +17,7 @@ Hook tensors of attention linears may arrive per-head shaped ``(..., n_heads, d_
 import contextlib
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -96,8 +97,20 @@ def norm_scale(module: nn.Module, d: int) -> Float[Tensor, " d"]:
     return gamma
 
 
+def _is_mixture_of_experts(mlp: nn.Module) -> bool:
+    """A TransformerBridge MoE block (Mixtral, OLMoE, Qwen-MoE): a router instead of a gate projection."""
+    return "MoE" in type(mlp).__name__ or "hook_router_scores" in mlp._modules or \
+        "Router" in type(mlp._modules.get("gate")).__name__
+
+
 def flatten_site(x: Tensor, n: int) -> Tensor:
-    """View a hook tensor as (..., n): merges a trailing (n_heads, d_head) pair when present."""
+    """View a hook tensor as (..., n): merges a trailing (n_heads, d_head) pair when present.
+
+    A 4-D (batch, pos, n_heads, d_head) tensor with n_heads · d_head = n is always merged — also
+    with one head (multi-query K/V: (batch, pos, 1, d_head), n = d_head), so the result is
+    (batch, pos, n) whatever the head count; a (batch, pos, n) tensor is returned as is."""
+    if x.dim() >= 4 and x.shape[-1] * x.shape[-2] == n:
+        return x.flatten(-2)
     if x.shape[-1] == n:
         return x
     if x.dim() >= 2 and x.shape[-1] * x.shape[-2] == n:
@@ -116,7 +129,13 @@ class Model:
         self.bridge = bridge
         self.source = source
         self.cfg = bridge.cfg
+        # what the registry leaves out, by reason (e.g. mixture-of-experts MLPs): warned at load
+        self.unsupported: dict[str, list[str]] = {}
         self._specs = {spec.name: spec for spec in self._build_registry()}
+        if self.unsupported.get("mixture-of-experts MLP"):
+            warnings.warn(f"rwasym: {type(getattr(bridge, 'original_model', bridge)).__name__}'s MLPs are mixtures of experts; "
+                          "rwasym does not study expert matrices yet, so its registry holds the attention matrices "
+                          "(blocks.*.attn.*) only", stacklevel=2)
         # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
         self._fused_rows = self._detect_fused_rows() if detect_fused else {}
         self.tokenizer_source: Optional[tuple] = None  # (folder or hub name, revision) of the saved tokenizer
@@ -259,6 +278,11 @@ class Model:
                 parent = getattr(block, group, None)
                 if parent is None:
                     continue
+                if group == "mlp" and _is_mixture_of_experts(parent):
+                    # its "gate" is the router, not a gate projection, and the experts are fused 3-D
+                    # parameters: none of it is a studied matrix (see `unsupported`)
+                    self.unsupported.setdefault("mixture-of-experts MLP", []).append(f"blocks.{layer}.mlp")
+                    continue
                 for kind, sub in kinds.items():
                     if sub not in getattr(parent, "_modules", {}):
                         continue
@@ -298,6 +322,14 @@ class Model:
         if pattern is None:
             return specs
         return [s for s in specs if matches_pattern(s.name, pattern)]
+
+    def unmatched(self, pattern: Any) -> RwasymError:
+        """The error for a matrix pattern that selects nothing: the valid names, and what this model's
+        registry leaves out and why (`unsupported`)."""
+        left_out = "".join(f"; not studied ({why}): {', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}"
+                           for why, parts in self.unsupported.items())
+        return RwasymError(f"pattern {pattern!r} matches no matrix{left_out}; valid names: "
+                           f"{', '.join(s.name for s in self.matrices())}")
 
     def matrix(self, name: str) -> MatrixSpec:
         try:
@@ -392,8 +424,11 @@ class Model:
         parallel = bool(getattr(self.cfg, "parallel_attn_mlp", False))
         for layer, block in enumerate(self.bridge.blocks):
             out[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}.hook_in"
-            if not parallel and "ln2" in block._modules and "Parallel" not in type(block).__name__:
-                out[f"blocks.{layer}.hook_resid_mid"] = f"blocks.{layer}.ln2.hook_in"
+            if not parallel and "Parallel" not in type(block).__name__:
+                if "ln2" in block._modules:
+                    out[f"blocks.{layer}.hook_resid_mid"] = f"blocks.{layer}.ln2.hook_in"
+                elif "mlp" in block._modules:  # no pre-MLP norm (OLMo 2): the MLP reads resid_mid itself
+                    out[f"blocks.{layer}.hook_resid_mid"] = f"blocks.{layer}.mlp.hook_in"
             out[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}.hook_out"
         return out
 
@@ -493,20 +528,31 @@ class Model:
             g = torch.Generator().manual_seed(0)
             n_ctx = int(getattr(self.cfg, "n_ctx", 16) or 16)
             tokens = torch.randint(0, self.d_vocab, (2, min(16, n_ctx)), generator=g)
-        _, cache = self.bridge.run_with_cache(tokens.to(self.device))
+        try:
+            _, cache = self.bridge.run_with_cache(tokens.to(self.device))
+        except Exception as err:  # noqa: BLE001 — any failure of the forward is reported as ours
+            raise RwasymError(f"self_check: the model's forward pass failed on tokens of shape {tuple(tokens.shape)} "
+                              f"({type(err).__name__}: {err}); check the model loads and runs on its own") from None
         rows, failures = [], []
         for spec in self.matrices():
             if spec.hook_in not in cache or spec.hook_out not in cache:
                 failures.append(f"{spec.name}: hook {spec.hook_in} or {spec.hook_out} never fired")
                 continue
-            a = flatten_site(cache[spec.hook_in], spec.n_in).double()
-            y = flatten_site(cache[spec.hook_out], spec.n_out).double()
-            b = self.bias(spec.name)
-            pred = a @ self.weight(spec.name).T.to(a.device) + (0 if b is None else b.to(a.device))
-            err = float((pred - y).norm() / y.norm().clamp_min(1e-30))
+            x_in, x_out = cache[spec.hook_in], cache[spec.hook_out]
+            where = (f"{spec.name}: hook {spec.hook_in} {tuple(x_in.shape)} → {spec.hook_out} {tuple(x_out.shape)}, "
+                     f"W (n_out, n_in) = {spec.shape}")
+            try:
+                a = flatten_site(x_in, spec.n_in).double()
+                y = flatten_site(x_out, spec.n_out).double()
+                b = self.bias(spec.name)
+                pred = a @ self.weight(spec.name).T.to(a.device) + (0 if b is None else b.to(a.device))
+                err = float((pred - y).norm() / y.norm().clamp_min(1e-30))
+            except (RwasymError, RuntimeError, ValueError) as exc:  # shapes that do not fit together
+                failures.append(f"{where}: {exc}")
+                continue
             rows.append(dict(matrix=spec.name, relative_error=err))
             if not err <= rtol:
-                failures.append(f"{spec.name}: ‖hook_in·Wᵀ + b − hook_out‖/‖hook_out‖ = {err:.2e}")
+                failures.append(f"{where}: ‖hook_in·Wᵀ + b − hook_out‖/‖hook_out‖ = {err:.2e}")
         if failures:
             raise RwasymError(
                 "adapter consistency check failed (wrong layout, head split or hook names):\n  "
