@@ -337,3 +337,19 @@ def test_name_at_revision_loads_that_revision_from_an_offline_hub_cache(tmp_path
         assert out[rev]["same"] and out[rev]["provenance"] == {"revision": rev} and out[rev]["source"] == f"org/tiny@{rev}"
     assert out["step1000"]["norm"] != out["step2000"]["norm"]
     assert "cannot load 'org/tiny@step3000'" in out["missing"]
+
+
+def test_save_model_warns_about_config_values_it_cannot_write(tmp_path, native_cfg):
+    """A config field that is not JSON is dropped with a warning naming it; a plain config saves silently."""
+    import warnings
+
+    model = rwasym.load(native_cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rwasym.save_model(model, tmp_path / "plain")
+    model.cfg.custom_field = object()  # what a user might attach
+    with pytest.warns(UserWarning, match="leaves out custom_field \\(object\\)"):
+        rwasym.save_model(model, tmp_path / "odd")
+    from rwasym.models import read_meta
+
+    assert "custom_field" not in read_meta(tmp_path / "odd")["config"]

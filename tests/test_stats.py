@@ -200,3 +200,31 @@ def test_single_token_unbiased_covariance_needs_two():
     with pytest.raises(RwasymError, match="count=1 token.*at least 2.*unbiased=False"):
         acc.covariance()
     assert torch.count_nonzero(acc.covariance(unbiased=False)) == 0  # one point has zero spread
+
+
+def test_t975_is_the_student_t_quantile_for_every_df():
+    """t975(df) against the t CDF integrated numerically (Simpson, 20,000 intervals): CDF = 0.975
+    to 1e-6 for df in 1..30 (3-decimal table) and well above (the expansion), and seed_interval
+    uses it (n = 41 seeds: df = 40, no longer the normal 1.96)."""
+    import math
+
+    from rwasym.math.inference import seed_interval, t975
+
+    def cdf(t, df):
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        n, h = 20000, t / 20000
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    for df in (1, 2, 5, 30):
+        assert abs(cdf(t975(df), df) - 0.975) < 1e-3 / df  # the table has 3 decimals
+    for df in (31, 40, 60, 120, 1000):
+        assert abs(cdf(t975(df), df) - 0.975) < 1e-6, df
+    xs = [float(i % 7) for i in range(41)]
+    ci = seed_interval(xs)
+    mean = sum(xs) / 41
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / 40)
+    assert ci["ci_high"] - mean == pytest.approx(t975(40) * std / math.sqrt(41), rel=1e-12)
+    assert t975(40) > 2.02 > 1.96
+    with pytest.raises(RwasymError, match="df >= 1"):
+        t975(0)

@@ -40,7 +40,7 @@ from ..math.lowrank import LowRankDelta
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
 from ..models.shards import CheckpointDeltas, is_checkpoint_folder
 from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
-from ..math.checks import linalg_threads
+from ..math.checks import linalg_threads, release_memory
 from ..math.subspaces import pca_basis, prediction_basis
 
 
@@ -204,6 +204,7 @@ class _Covariances:
             stats = self.activations.stats
             for site in [s for s in stats if _site_layer(s) < layer and s not in self.pending]:
                 del stats[site]
+        release_memory()  # the freed d × d matrices go back to the OS, not only to the heap
 
     def close(self) -> None:
         if self.pool is not None:

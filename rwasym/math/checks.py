@@ -148,3 +148,27 @@ def linalg_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Freed float64 matrices of a few MB stay in the heap once glibc raises its mmap threshold, so
+    a loop that frees one layer's matrices and allocates the next one's shows a growing RSS; the
+    long drivers (probe layer by layer) call this after each release so their peak RSS is what
+    is alive, not what was ever freed."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

@@ -165,7 +165,9 @@ def native_config(**overrides: Any) -> Any:
 
 
 def _jsonable_config(cfg: Any) -> dict:
-    out = {}
+    """The config as JSON values; a field that cannot be written is dropped with a warning naming it
+    (the reloaded model then uses that field's default)."""
+    out, dropped = {}, []
     for key, value in cfg.to_dict().items():
         if key == "device":
             continue
@@ -175,9 +177,15 @@ def _jsonable_config(cfg: Any) -> dict:
             value = value.item()  # numpy scalars
         try:
             json.dumps(value)
-        except TypeError:
+        except (TypeError, ValueError):
+            dropped.append(f"{key} ({type(value).__name__})")
             continue
         out[key] = value
+    if dropped:
+        import warnings
+
+        warnings.warn(f"rwasym: the saved config leaves out {', '.join(dropped)}: not JSON-serialisable; the "
+                      "reloaded model uses their defaults", stacklevel=3)
     return out
 
 
