@@ -3,8 +3,8 @@ random-init config with its norms perturbed, each checked against an oracle comp
 Hugging Face module itself.
 
 Per family: load; logits equal Hugging Face's; `self_check`; the effective unembedding equals the
-finite-difference map of the HF final norm + lm_head; the probe's whole-matrix activation rows of
-one read matrix (W_Q, input side) and one write matrix (W_out against resid_post, or W_O against
+finite-difference map of the HF final norm + lm_head; the probe's activation rows (whole matrix and
+every head) of one read matrix (W_Q, input side) and one write matrix (W_out against resid_post, or W_O against
 resid_mid where the MLP is a mixture of experts) equal f recomputed from HF forward hooks, a
 float64 eigendecomposition and the planted ΔW; a rank-1 edit of W_O through rwasym gives the
 logits of the same edit written into the HF module; every edit restores bit-exactly (also when
@@ -101,7 +101,7 @@ def test_family(fam, tmp_path):
         planted[name] = d
         tuned.set_weight(name, model.weight(name) + d)
     data = torch.randint(3, 96, (16, 16), generator=g)
-    res = rwasym.probe(model, tuned, data, k=2, null_samples=0, curves=False, heads=False, matrices=studied)
+    res = rwasym.probe(model, tuned, data, k=2, null_samples=0, curves=False, heads=True, matrices=studied)
     layer = f"{fam.layers}.0"
     a = _inputs_of(hf, f"{layer}.{fam.q_input}", data)
     if fam.write == "W_out":
@@ -114,10 +114,15 @@ def test_family(fam, tmp_path):
     if o_name in studied and write != o_name:
         checks.append((o_name, "output", _inputs_of(hf, f"{layer}.{fam.resid_mid_input}", data)))
     for name, side, rows in checks:
-        d, U = planted[name], _top_k(rows, 2)
-        f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())
-        (row,) = [r for r in res.rows if r["matrix"] == name and r["subspace"] == "activation" and r["stream"] == "residual"]
-        assert row["side"] == side and row["fraction"] == pytest.approx(f, rel=1e-5), (name, row["site"])
+        spec, U = model.matrix(name), _top_k(rows, 2)
+        found = [r for r in res.rows if r["matrix"] == name and r["subspace"] == "activation" and r["stream"] == "residual"]
+        assert [r["head"] for r in found] == [None] + list(range(spec.n_heads))
+        for row in found:  # the whole matrix, then each head's rows (Q/K/V) or columns (O) of the planted ΔW
+            d, h, dh = planted[name], row["head"], spec.d_head
+            if h is not None:
+                d = d[h * dh:(h + 1) * dh] if spec.kind in ("W_Q", "W_K", "W_V") else d[:, h * dh:(h + 1) * dh]
+            f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())
+            assert row["side"] == side and row["fraction"] == pytest.approx(f, rel=1e-5), (name, h, row["site"])
 
     # a rank-1 edit of W_O, through rwasym and written into the HF module by hand
     u = torch.randn(model.d_model, generator=g, dtype=torch.float64)

@@ -394,3 +394,24 @@ def test_intervene_and_spectra_cli_take_tuned_adapter(adapters, tmp_path, one_th
     got = json.loads((tmp_path / "pt" / "results.json").read_text())["rows"]
     ref = post_training_report(base, rwasym.load(base, adapter=adapter_folder), k=4)["rows"]
     assert [r["consistency"] for r in got] == pytest.approx([r["consistency"] for r in ref])
+
+
+def test_lora_probe_never_forms_a_dense_delta(adapters, monkeypatch, one_thread):
+    """The README's claim: a LoRA probe works on the factors. Materialising ΔW (LowRankDelta.materialize)
+    or forming W_tuned − W_base (WeightDeltas) inside it raises; the probe still runs and gives rows."""
+    from rwasym.models import deltas as deltas_module
+
+    folder, adapter_folder, _ = adapters["llama"]
+    base = rwasym.load(folder)
+    tuned = rwasym.load(base, adapter=adapter_folder)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(5))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LoRA probe formed a dense n_out × n_in ΔW")
+
+    monkeypatch.setattr(LowRankDelta, "materialize", refuse)
+    monkeypatch.setattr(deltas_module.WeightDeltas, "__getitem__", refuse)
+    res = rwasym.probe(base, tuned, data, k=4, null_samples=8, progress=False)
+    assert res.rows and res.curves and any(r["head"] is not None for r in res.rows)
+    with pytest.raises(AssertionError, match="dense"):  # the trap is armed
+        next(iter(tuned.adapter.values())).materialize()
