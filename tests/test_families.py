@@ -113,12 +113,29 @@ def test_family(fam, tmp_path):
     checks = [(read, "input", a), (write, "output", resid)]
     if o_name in studied and write != o_name:
         checks.append((o_name, "output", _inputs_of(hf, f"{layer}.{fam.resid_mid_input}", data)))
+    raw = rwasym.probe(model, tuned, data, k=2, null_samples=0, curves=False, heads=False, matrices=studied,
+                       post_norm="raw") if fam.post_norm else res
+
+    def post_scale(name):  # γ_post_eff by hand from the HF norm's parameter: w or 1 + w, over √(1 + ε)
+        if not fam.post_norm or model.matrix(name).side != "write":
+            return None
+        norm = hf.get_submodule(f"{layer}.{'post_attention_layernorm' if name.endswith('W_O') else 'post_feedforward_layernorm'}")
+        w = norm.weight.double()
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        return (1 + w if fam.post_norm == "1+w" else w) / (1 + eps) ** 0.5
+
     for name, side, rows in checks:
-        spec, U = model.matrix(name), _top_k(rows, 2)
+        spec, U, gamma = model.matrix(name), _top_k(rows, 2), post_scale(name)
+        for result, scaled in ((res, gamma is not None), (raw, False)):
+            (row,) = [r for r in result.rows if r["matrix"] == name and r["head"] is None
+                      and r["subspace"] == "activation" and r["stream"] == "residual"]
+            d = planted[name] * (gamma[:, None] if scaled else 1)
+            f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())
+            assert row["post_norm_scaled"] == scaled and row["fraction"] == pytest.approx(f, rel=1e-5), (name, scaled)
         found = [r for r in res.rows if r["matrix"] == name and r["subspace"] == "activation" and r["stream"] == "residual"]
         assert [r["head"] for r in found] == [None] + list(range(spec.n_heads))
         for row in found:  # the whole matrix, then each head's rows (Q/K/V) or columns (O) of the planted ΔW
-            d, h, dh = planted[name], row["head"], spec.d_head
+            d, h, dh = planted[name] * (1 if gamma is None else gamma[:, None]), row["head"], spec.d_head
             if h is not None:
                 d = d[h * dh:(h + 1) * dh] if spec.kind in ("W_Q", "W_K", "W_V") else d[:, h * dh:(h + 1) * dh]
             f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())

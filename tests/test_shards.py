@@ -292,6 +292,6 @@ def test_cli_probe_streams_a_tuned_folder(pairs, tmp_path, monkeypatch):
     _refuse_loading(monkeypatch, tuned_folder)
     assert main(["probe", "--base", str(base_folder), "--tuned", str(tuned_folder), "--data",
                  str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "p.json"), "--null-samples", "4",
-                 "--quiet"]) == 0
+                 "--post-norm", "raw", "--quiet"]) == 0
     result = json.loads((tmp_path / "p.json").read_text())
-    assert result["config"]["tuned_streamed"] is True and result["rows"]
+    assert result["config"]["tuned_streamed"] is True and result["rows"] and result["config"]["post_norm"] == "raw"

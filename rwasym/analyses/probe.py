@@ -233,6 +233,7 @@ def probe(
     max_tokens: Optional[int] = None,
     progress: Optional[bool] = None,
     stats_budget: Optional[Union[int, float]] = None,
+    post_norm: str = "residual",
 ) -> ProbeResult:
     """Measure where ΔW = W_tuned − W_base concentrates, for every matrix (and head).
 
@@ -250,6 +251,10 @@ def probe(
     curves: r(k) on a log grid of k for whole matrices, with the exact std of the Haar null of r
     at each k (the null mean of r is exactly 1); ``curve_null_samples`` >= 2 switches that band
     on (it is closed form: no draws, the number itself no longer matters).
+    post_norm: where a write matrix's sublayer output is normalised before the residual add (OLMo 2,
+    Gemma 2/3: `Model.post_norm_scale`), ``"residual"`` (default) measures the change as it reaches
+    the residual stream, diag(γ_post_eff)·ΔW (per-token RMS factored out), on every row of that
+    matrix; ``"raw"`` measures the raw ΔW. Rows record ``post_norm_scaled``.
     stats_budget: bytes the float64 activation sums of one capture pass may hold (8·d² per site);
     when the probe's sites need more, its layers are captured in consecutive groups, one forward
     pass per group (`layer_groups`; the numbers are the same). None: the base model's own parameter
@@ -270,6 +275,9 @@ def probe(
         else CheckpointDeltas(base, tuned, matrices)
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
+    if post_norm not in ("residual", "raw"):
+        raise RwasymError(f"post_norm={post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
+                          "sees it) or 'raw' (the raw ΔW)")
     generator = torch.Generator().manual_seed(seed)
     pred_full = prediction_basis(base.unembedding(), base.d_model)
     rows: list[dict] = []
@@ -291,13 +299,14 @@ def probe(
         try:
             with linalg_threads(1):
                 _probe_rows(base, group, deltas, covs, pred_full, k, null_samples, heads, variance, curves,
-                            curve_null_samples, generator, progress, rows, curve_rows)
+                            curve_null_samples, generator, progress, rows, curve_rows, post_norm)
         finally:
             covs.close()
         del covs
     config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
                   n_tokens=n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
-                  max_tokens=max_tokens, capture_passes=len(groups), **_provenance(base, tuned, data))
+                  max_tokens=max_tokens, capture_passes=len(groups), post_norm=post_norm,
+                  **_provenance(base, tuned, data))
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
 
@@ -335,7 +344,7 @@ def _provenance(base: Model, tuned: Union[Model, str, os.PathLike], data: Any) -
 
 
 def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
-                curve_null_samples, generator, progress, rows, curve_rows) -> None:
+                curve_null_samples, generator, progress, rows, curve_rows, post_norm="residual") -> None:
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
 
     def full_basis(c_h, site, head):
@@ -370,6 +379,10 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
         delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
+        gamma = base.post_norm_scale(spec.name) if post_norm == "residual" else None
+        if gamma is not None:  # the change as the residual stream sees it: diag(γ_post_eff)·ΔW
+            delta = LowRankDelta(gamma[:, None] * delta.B, delta.A, delta.scale) if isinstance(delta, LowRankDelta) \
+                else gamma[:, None] * delta
         spectra: dict = {}  # head -> DeltaSpectrum of that ΔW: one SVD shared by subspaces, sides and k
         nulls: dict = {}  # (head, side, k) -> NullResult: one set of draws shared by the side's subspaces
         resid_side = "input" if spec.side == "read" else "output"
@@ -402,7 +415,7 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                            null_mean=None if null is None else null.mean,
                            null_std=None if null is None else null.std,
                            null_percentile=None if null is None else null.percentile_of(fraction),
-                           delta_norm=float(d.norm()))
+                           delta_norm=float(d.norm()), post_norm_scaled=gamma is not None)
                 if c_h is not None:
                     explained = full.explained_variance_ratio.cumsum(0)
                     k90 = int((explained < variance - 1e-12).sum()) + 1

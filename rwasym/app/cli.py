@@ -69,6 +69,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
     result = rwasym.probe(base, tuned, _read_tokens(args.data, base), k=args.k, null_samples=args.null_samples,
                           matrices=args.matrices, heads=not args.no_heads, curves=not args.no_curves, seed=args.seed,
+                          post_norm=args.post_norm,
                           max_tokens=args.max_tokens, progress=False if args.quiet else None)
     result.to_json(args.out)
     print(result.summary())
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
     p.add_argument("--no-heads", action="store_true", help="whole matrices only")
     p.add_argument("--no-curves", action="store_true", help="no r(k) curves (whole-matrix f at every k of a log grid, with the exact Haar null band)")
+    p.add_argument("--post-norm", choices=["residual", "raw"], default="residual",
+                   help="post-sublayer-norm models (OLMo 2, Gemma 2/3): measure W_O / W_out as diag(γ_post)·ΔW "
+                        "(residual, as the residual stream sees it) or the raw ΔW")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

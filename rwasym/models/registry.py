@@ -473,6 +473,21 @@ class Model:
         gamma = self.final_norm_scale()
         return w_u if gamma is None else gamma[:, None] * w_u
 
+    def post_norm_scale(self, name: str) -> Optional[Float[Tensor, " d_model"]]:
+        """γ_eff (`norm_scale`) of the norm a write matrix's sublayer output passes through before
+        the residual add — OLMo 2 and Gemma 2/3 normalise the attention output (``ln1_post``) and
+        the MLP output (``ln2_post``) — or None where the output is added as it is (pre-norm
+        blocks) or for read matrices. What reaches the residual stream is then, per token,
+        diag(γ_eff)·(W x)/rms(W x): the write side's change as the stream sees it is
+        diag(γ_eff)·ΔW with the per-token RMS factored out."""
+        spec = self.matrix(name)
+        if spec.side != "write":
+            return None
+        block = self.bridge.blocks[spec.layer]
+        norm = block._modules.get("ln1_post" if spec.kind == "W_O" else "ln2_post")
+        module = getattr(norm, "original_component", None)
+        return None if module is None else norm_scale(module, self.d_model)
+
     def final_norm_scale(self) -> Optional[Float[Tensor, " d_model"]]:
         """γ_eff of the final norm N, measured: γ_eff,i = (N(x)_i − N(−x)_i) / (2 x_i) at a zero-mean,
         unit-RMS x of ±1 entries (odd d_model: two such probes, each with one zero entry). This is

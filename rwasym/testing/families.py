@@ -28,7 +28,8 @@ class Family:
     final_norm: the final norm's path; write: the write matrix whose probe row the oracle
     recomputes (``W_out`` against resid_post; ``W_O`` against resid_mid where the MLP is not
     studied); resid_mid_input: the module (relative to a layer) whose input is resid_mid, where
-    the oracle also recomputes W_O's row.
+    the oracle also recomputes W_O's row; post_norm: the scale rule of the post-sublayer norms
+    (``w``: γ = weight, OLMo 2; ``1+w``: Gemma), for the oracle of diag(γ_post_eff)·ΔW.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Family:
     conv1d: bool = False
     write: str = "W_out"
     resid_mid_input: str = ""
+    post_norm: str = ""  # post-sublayer norms (post_attention_ / post_feedforward_layernorm): "w" or "1+w" scale
     extra: dict = field(default_factory=dict)
 
 
@@ -55,7 +57,8 @@ def _t():
 _LLAMA = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=48, max_position_embeddings=64)
 _POST_NORM = ("post-sublayer norms (attention / MLP outputs are normalised before the residual add): "
-              "write-side rows measure the raw sublayer output ΔW, not diag(γ_post)·ΔW")
+              "probe rows of W_O / W_out measure diag(γ_post)·ΔW (`post_norm='raw'`: the raw ΔW); "
+              "rank-1 edits and closed_form_u still use the raw ΔW")
 _MOE = ("mixture of experts: only the attention matrices are studied (expert MLPs and the router are "
         "left out, with a warning at load)")
 _MQA = "one key/value head (multi-query)"
@@ -94,18 +97,19 @@ FAMILIES: tuple[Family, ...] = (
                                             query_pre_attn_scalar=8, sliding_window=4),
            "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
            status="supported (see notes)", notes="logit soft-capping, sliding window 4 < sequence; " + _POST_NORM,
-           resid_mid_input="pre_feedforward_layernorm"),
+           resid_mid_input="pre_feedforward_layernorm", post_norm="1+w"),
     Family("gemma3", "Gemma 3 (text)", lambda c, l: _t().Gemma3ForCausalLM(_t().Gemma3TextConfig(
         **{**l, "num_key_value_heads": 1}, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
         layer_types=["sliding_attention", "full_attention"], **c)),
         "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
-        status="supported (see notes)", notes=f"{_MQA}, sliding window; " + _POST_NORM),
+        status="supported (see notes)", notes=f"{_MQA}, sliding window; " + _POST_NORM,
+        resid_mid_input="pre_feedforward_layernorm", post_norm="1+w"),
     Family("olmo", "OLMo", _llama_like("OlmoConfig", "OlmoForCausalLM"),
            "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="parameter-free LayerNorm"),
     Family("olmo2", "OLMo 2", _llama_like("Olmo2Config", "Olmo2ForCausalLM"),
            "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
            status="supported (see notes)", notes="no pre-norms (resid_mid is the MLP input); " + _POST_NORM,
-           resid_mid_input="mlp"),
+           resid_mid_input="mlp", post_norm="w"),
     Family("phi3", "Phi-3", _llama_like("Phi3Config", "Phi3ForCausalLM"),
            "model.layers", "self_attn.qkv_proj", "self_attn.o_proj", "model.norm",
            notes="fused qkv and gate_up projections"),
