@@ -188,6 +188,8 @@ def test_capture_passes_by_layer_group_give_the_same_rows(pair_data, monkeypatch
     assert default.config["capture_passes"] == 2 and default.rows == one.rows
     with pytest.raises(RwasymError, match="stats_budget"):
         probe(base, tuned, tokens, stats_budget=0)
+    with pytest.raises(RwasymError, match="post_norm='x'"):
+        probe(base, tuned, tokens, post_norm="x")
     # a one-shot iterator of batches is read once, whatever the budget
     captured.clear()
     it = probe(base, tuned, iter([tokens[:8], tokens[8:]]), k=3, null_samples=20, progress=False, stats_budget=1)
@@ -217,7 +219,12 @@ def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatc
         alone = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
         torch.set_num_threads(2)
         overlapped = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
+        assert workers and threading.get_ident() not in workers  # the overlapped run did use the worker
+        workers.clear()
+        torch.set_num_threads(3)  # more threads: in place again (large eigendecompositions on all of them)
+        in_place = probe(base, tuned, tokens, k=3, null_samples=20, progress=False, stats_budget=float("inf"))
+        assert not workers
     finally:
         torch.set_num_threads(threads)
     assert overlapped.rows == alone.rows and overlapped.curves == alone.curves and len(alone.rows) > 50
-    assert workers and threading.get_ident() not in workers  # the overlapped run did use the worker
+    assert in_place.rows == alone.rows
