@@ -31,6 +31,17 @@ def _planted(base, name, u, v):
     return tuned
 
 
+def _planted_and_noise(base, name, seed):
+    """`_planted` with a random rank-1 u vᵀ in ``name``, then 0.01·N(0, 1) added to every matrix."""
+    g = torch.Generator().manual_seed(seed)
+    n_out, n_in = base.matrix(name).shape
+    tuned = _planted(base, name, torch.randn(n_out, generator=g, dtype=torch.float64),
+                     torch.randn(n_in, generator=g, dtype=torch.float64))
+    for spec in tuned.matrices():
+        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    return tuned
+
+
 def _row(result, **match):
     rows = [r for r in result.rows if all(r[k] == v for k, v in match.items())]
     assert len(rows) == 1, (match, len(rows))
@@ -127,11 +138,7 @@ def test_probe_holds_one_weight_delta_at_a_time(pair_data, monkeypatch):
     from rwasym.models import deltas as deltas_module
 
     base, tokens = pair_data
-    g = torch.Generator().manual_seed(7)
-    tuned = _planted(base, "blocks.0.attn.W_Q", torch.randn(32, generator=g, dtype=torch.float64),
-                     torch.randn(32, generator=g, dtype=torch.float64))
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    tuned = _planted_and_noise(base, "blocks.0.attn.W_Q", 7)
     alive, peak, formed = set(), [0], [0]
     original = deltas_module.WeightDeltas.__getitem__
 
@@ -156,11 +163,7 @@ def test_capture_passes_by_layer_group_give_the_same_rows(pair_data, monkeypatch
     from rwasym.analyses.probe import layer_groups, probe_sites
 
     base, tokens = pair_data
-    g = torch.Generator().manual_seed(8)
-    tuned = _planted(base, "blocks.1.mlp.W_out", torch.randn(32, generator=g, dtype=torch.float64),
-                     torch.randn(48, generator=g, dtype=torch.float64))
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    tuned = _planted_and_noise(base, "blocks.1.mlp.W_out", 8)
     specs = base.matrices()
     sites = probe_sites(base, specs)
     per_layer = [sum(8 * w * w for h, w in sites.items() if h.startswith(f"blocks.{L}.")) for L in (0, 1)]
@@ -208,11 +211,7 @@ def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatc
     monkeypatch.setattr(_Covariances, "_compute", lambda self, site: (workers.append(threading.get_ident()),
                                                                       compute(self, site))[1])
     base, tokens = pair_data
-    g = torch.Generator().manual_seed(9)
-    tuned = _planted(base, "blocks.0.attn.W_Q", torch.randn(32, generator=g, dtype=torch.float64),
-                     torch.randn(32, generator=g, dtype=torch.float64))
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    tuned = _planted_and_noise(base, "blocks.0.attn.W_Q", 9)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

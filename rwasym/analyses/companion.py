@@ -58,7 +58,7 @@ def tuned_weights(base: Model, tuned: Any) -> Callable[[str], Tensor]:
     if is_checkpoint_folder(tuned):
         weights = CheckpointWeights(tuned)
         check_same_architecture(base, weights.model)
-        return weights.__getitem__
+        return weights.weight
     tuned = load(tuned)
     check_same_architecture(base, tuned)
     return tuned.weight

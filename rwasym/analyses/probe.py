@@ -360,13 +360,7 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
         return bases[(site, head)]
 
     def layer_sites(layer):
-        out = []
-        for spec in specs:
-            if spec.layer == layer:
-                out.append(base.input_hook(spec.name))
-                if spec.side == "write":
-                    out.append(_residual_site(base, spec))
-        return list(dict.fromkeys(out))
+        return list(probe_sites(base, [spec for spec in specs if spec.layer == layer]))
 
     layers = list(dict.fromkeys(spec.layer for spec in specs))
     layer = None

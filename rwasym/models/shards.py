@@ -28,15 +28,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
-from ..math.checks import require_finite
-from .deltas import check_same_architecture
+from .deltas import WeightDeltas, check_same_architecture
 from .loading import is_checkpoint_folder
 from .layouts import fused_qkv_rows, host_linear, index_probe, is_transposed
 from .registry import MatrixSpec, Model, matches_pattern
@@ -387,6 +386,10 @@ class CheckpointWeights(Mapping):
             self._fused = (entry.key, _host_read([(self.folder, entry)], f"{entry.key} in {str(self.folder)!r}"))
         return _linear(self._fused[1], entry)
 
+    def weight(self, name: str) -> Float[Tensor, "n_out n_in"]:
+        """``self[name]``, under `Model.weight`'s name (so a `WeightDeltas` can read it as its tuned side)."""
+        return self[name]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -394,30 +397,17 @@ class CheckpointWeights(Mapping):
         return len(self._entries)
 
 
-class CheckpointDeltas(Mapping):
+class CheckpointDeltas(WeightDeltas):
     """{matrix name: ΔW} with ΔW = W_tuned − W_base (float64, nn.Linear layout), W_tuned read from
     a tuned checkpoint folder (`CheckpointWeights`) and W_base from the loaded ``base``: the tuned
-    model is never loaded, and each ΔW is formed when looked up and not kept. Equals
-    ``weight_deltas(base, load(tuned_folder), pattern)`` (fp32 / fp16 / bf16 checkpoints)."""
+    model is never loaded, and each ΔW is formed when looked up and not kept (`WeightDeltas`, with
+    the checkpoint as its tuned side). Equals ``weight_deltas(base, load(tuned_folder), pattern)``
+    (fp32 / fp16 / bf16 checkpoints)."""
 
     def __init__(self, base: Model, tuned_folder: PathLike, pattern: Union[str, Sequence[str], None] = None) -> None:
-        self.base, self.tuned = base, CheckpointWeights(tuned_folder)
-        check_same_architecture(base, self.tuned.model)
-        self._names = [spec.name for spec in base.matrices(pattern)]
-
-    def __getitem__(self, name: str) -> Float[Tensor, "n_out n_in"]:
-        if name not in self._names:
-            raise RwasymError(f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
-                              f"e.g. {', '.join(self._names[:4])}")
-        delta = self.tuned[name] - self.base.weight(name)
-        require_finite(delta, f"ΔW of {name}")
-        return delta
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+        tuned = CheckpointWeights(tuned_folder)
+        check_same_architecture(base, tuned.model)
+        super().__init__(base, tuned, [spec.name for spec in base.matrices(pattern)])
 
 
 def weight_delta_norms(

@@ -52,9 +52,15 @@ def build_hf_model(arch: str, folder: Union[str, Path], *, seed: int = 0, vocab_
             max_position_embeddings=64, **common))
     else:
         raise ValueError(f"unknown test architecture {arch!r}; choose from {HF_ARCHS}")
-    # Random init leaves norms at γ=1, β=0; perturb them so folding γ is actually tested.
+    return perturb_and_save(model, folder, vocab_size)
+
+
+def perturb_and_save(model: Any, folder: Union[str, Path], vocab_size: int):
+    """Add 0.1·N(0, 1) to every 1-D parameter of a random-init HF model (norms off γ=1, β=0, so that
+    folding them in is actually tested; biases off 0), save it with a word-level tokenizer of
+    ``vocab_size`` to ``folder`` and return it in eval mode."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     folder = Path(folder)

@@ -9,7 +9,7 @@ row; the README's support table is `support_table()` of the same rows, checked b
 the two cannot drift.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -45,7 +45,6 @@ class Family:
     write: str = "W_out"
     resid_mid_input: str = ""
     post_norm: str = ""  # post-sublayer norms (post_attention_ / post_feedforward_layernorm): "w" or "1+w" scale
-    extra: dict = field(default_factory=dict)
 
 
 def _t():
@@ -145,20 +144,12 @@ FAMILIES: tuple[Family, ...] = (
 def build_family(family: Union[Family, str], folder: Union[str, Path], *, seed: int = 0, vocab_size: int = 96):
     """Build the tiny random-init model of ``family``, perturb its 1-D parameters, save it with a
     word-level tokenizer to ``folder`` and return the Hugging Face model in eval mode."""
-    from . import _word_tokenizer
+    from . import perturb_and_save
 
     fam = family if isinstance(family, Family) else {f.name: f for f in FAMILIES}[family]
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="eager")
-    model = fam.make(common, dict(_LLAMA))
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    _word_tokenizer(vocab_size).save_pretrained(folder)
-    return model.eval()
+    return perturb_and_save(fam.make(common, dict(_LLAMA)), folder, vocab_size)
 
 
 def support_table() -> str:
