@@ -393,6 +393,26 @@ class Evaluator:
         for e in range(U.shape[0]):
             yield self._metrics(*self._from_streams([o[e] for o in outs]))
 
+    def iter_joint(self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]) -> Iterator[dict[str, float]]:
+        """Metrics of ``host`` under each of k joint edits, after one batched forward per stream.
+
+        edits[e] maps every matrix of the set to (U (r, n_out), V (r, n_in)) (α folded into U):
+        edit e is W_m + U_mᵀ V_m for all m at once (`rwasym.hooks.edits.edit_hooks`, rank r). Every
+        edit of a call names the same matrices with the same r."""
+        names = list(edits[0]) if edits else []
+        if not names or any(list(e) != names for e in edits):
+            raise RwasymError("iter_joint needs k >= 1 edits that all name the same matrices, in the same order")
+        hooks: list = []
+        for name in names:
+            pairs = [e[name] for e in edits]
+            hooks += edit_hooks(host, name, torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
+        # a write hook runs before any read hook at the same point (one matrix's output may be another's input)
+        hooks = hooks[1::2] + hooks[0::2]
+        runner = self._runner(host, min(host.matrix(n).layer for n in names))
+        outs = [runner.logits(i, len(edits), hooks) for i in range(len(self.streams))]
+        for e in range(len(edits)):
+            yield self._metrics(*self._from_streams([o[e] for o in outs]))
+
     def measure_edits(self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> list[dict[str, float]]:
         """`iter_edits` as a list."""
         return list(self.iter_edits(host, matrix, U, V))

@@ -2,7 +2,10 @@
 
 `sweep` edits every matrix (optionally every head) along target directions (pca / prediction)
 and norm-matched controls (random / orthogonal), at every α, in one mode (see `rwasym.math.rank1`),
-and measures each edited model (`rwasym.analyses.behaviour`). The output is a JSON-lines file:
+and measures each edited model (`rwasym.analyses.behaviour`). With ``joint=True`` each
+``matrices`` entry is a set edited all at once, at every rank of ``ranks`` (`rwasym.analyses.joint`:
+rank-r transplants / ablations into e.g. every layer's W_Q, with per-matrix matched controls); its
+rows resume, shard and summarise like the per-matrix ones. The output is a JSON-lines file:
 
 - line 1, the header: ``{"rwasym_sweep": 1, "config_hash": ..., "config": {...}, "reference": {...}}``
   — the configuration (model weight hashes, data hashes, matrices, directions, alphas, mode,
@@ -36,7 +39,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ from ..math.inference import bootstrap_ci, permutation_pvalue
 from ..math.rank1 import directions as make_directions, match_output_energy
 from ..models import Model, check_same_architecture, embed_head, head_input_block, head_slice, load
 from .behaviour import Evaluator
+from .joint import iter_values as joint_values, joint_edits, matrix_set
 
 __all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]
 
@@ -85,9 +89,13 @@ class SweepConfig:
     max_pairs: Optional[int] = _opt(None, "held-out pairs used (default all)", type=int)
     max_tokens: Optional[int] = _opt(None, "tokens of the covariance capture (default all)", type=int)
     reuse_prefix: bool = _opt(True, "score chosen and rejected in one pass where they share a prefix")
+    joint: bool = _opt(False, "edit every matrix of each --matrices entry at once (a set: globs joined by +, or "
+                       "read / write / all); one row per set, rank, direction and α (rwasym.analyses.joint)")
+    ranks: Sequence[int] = _opt((1,), "joint: edit ranks r, each edit the top-r target directions of every matrix "
+                                "(controls: random r-frames)", list_of=int)
 
     def __post_init__(self) -> None:
-        for name in ("matrices", "alphas"):  # lists and single values become tuples
+        for name in ("matrices", "alphas", "ranks"):  # lists and single values become tuples
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, (str, int, float)) else tuple(value))
         if self.mode not in MODES:
@@ -99,6 +107,14 @@ class SweepConfig:
         if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
             raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
         object.__setattr__(self, "alphas", tuple(alphas))
+        ranks = self.ranks
+        if not ranks or len(set(ranks)) != len(ranks) or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                                 and r >= 1 for r in ranks):
+            raise RwasymError(f"ranks must be distinct positive integers such as 1,8; got {list(ranks)}")
+        if not self.joint and ranks != (1,):
+            raise RwasymError(f"ranks={list(ranks)} needs joint=True (--joint): per-matrix sweeps are rank 1")
+        if self.joint and self.heads:
+            raise RwasymError("joint edits are whole-matrix edits of a set; drop heads (--heads) or joint (--joint)")
         e = self.edits_per_pass
         if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
             raise RwasymError(f"edits_per_pass must be a positive integer; got {e!r}")
@@ -116,13 +132,14 @@ class SweepConfig:
             seed=int(self.seed), beta=float(self.beta), metrics=sorted(metrics), edits_per_pass=edits_per_pass,
             max_tokens=self.max_tokens, reuse_prefix=bool(self.reuse_prefix), dtype=dtype,
             **({} if self.match == "norm" else {"match": self.match}),
+            **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
 _DESCRIPTORS = ("id", "matrix", "layer", "matrix_kind", "head", "side", "direction", "index", "target",
                 "matched_to", "alpha", "mode", "seed", "u_norm", "edit_norm", "input_second_moment",
-                "input_energy_ratio")
+                "input_energy_ratio", "rank", "n_matrices")
 
 
 # --------------------------------------------------------------------------------- parsing
@@ -294,7 +311,11 @@ def sweep(
     kinds = parse_directions(cfg.directions)
     # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
     edits_per_pass = cfg.edits_per_pass or (4 if base.device.type == "cpu" else 64)
-    chosen = {s.name for p in cfg.matrices for s in base.matrices(p)}
+    if cfg.joint:
+        sets = {entry: matrix_set(base, entry) for entry in cfg.matrices}
+        chosen = {s.name for group in sets.values() for s in group}
+    else:
+        chosen = {s.name for p in cfg.matrices for s in base.matrices(p)}
     specs = [s for s in base.matrices() if s.name in chosen]
     if not specs:
         raise base.unmatched(list(cfg.matrices))
@@ -324,7 +345,9 @@ def sweep(
         check_same_architecture(base, tuned)
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
         plan, warned = [], set()
-        for spec in specs:
+        if cfg.joint:
+            plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
+        for spec in specs if not cfg.joint else []:
             full = tuned.weight(spec.name) - base.weight(spec.name)  # ΔW (float64), one matrix at a time
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
                 delta = full if head is None else head_slice(spec, full, head)
@@ -339,33 +362,68 @@ def sweep(
                                     alpha=alpha, mode=mode, seed=int(seed), edit_norm=abs(alpha) * d.norm)
                         u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
                         items.append((meta, u, v))
-                plan += [(spec.name, items[i : i + edits_per_pass]) for i in range(0, len(items), edits_per_pass)]
+                plan += [([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c))
+                         for c in (items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))]
         if not plan:
             raise RwasymError(f"nothing to sweep for {[s.name for s in specs]} with directions {cfg.directions!r}: every "
                               "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)")
-        mine = [c for j, (_, c) in enumerate(plan) if j % size == rank]  # every pass when size == 1
-        bar = tqdm(total=sum(len(c) for c in mine), initial=sum(1 for c in mine for m, _, _ in c if m["id"] in store.rows),
+        mine = [metas for j, (metas, _) in enumerate(plan) if j % size == rank]  # every pass when size == 1
+        bar = tqdm(total=sum(len(m) for m in mine), initial=sum(1 for ms in mine for m in ms if m["id"] in store.rows),
                    desc="sweep", unit="edit", disable=quiet(progress) or rank != 0)
-        for j, (name, chunk) in enumerate(plan):
-            if j % size != rank or all(meta["id"] in store.rows for meta, _, _ in chunk):
+        for j, (metas, run) in enumerate(plan):
+            if j % size != rank or all(meta["id"] in store.rows for meta in metas):
                 continue  # another rank's pass, or finished
-            U = torch.stack([u for _, u, _ in chunk])
-            V = torch.stack([v for _, _, v in chunk])
-            for (meta, _, _), values in zip(chunk, ev.iter_edits(host, name, U, V)):
+            for meta, values in zip(metas, run()):
                 if meta["id"] not in store.rows:
                     store.append({**meta, **values, **ev.gap_fractions(values, mode)})
                     bar.update(1)
         bar.close()
         if size == 1:
-            return [store.rows[meta["id"]] for _, chunk in plan for meta, _, _ in chunk]
+            return [store.rows[meta["id"]] for metas, _ in plan for meta in metas]
     finally:
         store.close()
-    ids = [meta["id"] for _, chunk in plan for meta, _, _ in chunk]
+    ids = [meta["id"] for metas, _ in plan for meta in metas]
     distributed.barrier()  # every rank file is complete
     if rank == 0:
         _merge_shards(out, config, ev.reference, ids)
     distributed.barrier()  # <out> is merged
     return read_sweep(out)[1]
+
+
+def _matrix_pass(ev: Evaluator, host: Model, name: str, chunk: list) -> Callable[[], Iterator[dict]]:
+    """The pass of per-matrix rank-1 edits ``chunk`` = [(meta, u, v)] of matrix ``name``."""
+    return lambda: ev.iter_edits(host, name, torch.stack([u for _, u, _ in chunk]), torch.stack([v for _, _, v in chunk]))
+
+
+def _joint_plan(ev: Evaluator, base: Model, tuned: Model, sets: dict, acts: Any, kinds: list, cfg: SweepConfig, sign: float,
+                edits_per_pass: int) -> list:
+    """The passes of a joint sweep (`rwasym.analyses.joint`): per set and rank, every α of every
+    target / control edit, ``edits_per_pass`` edits per batched forward."""
+    host = base if sign > 0 else tuned
+    deltas: dict[str, torch.Tensor] = {}
+
+    def delta_of(name: str) -> torch.Tensor:  # ΔW once per matrix (sets may share matrices)
+        if name not in deltas:
+            deltas[name] = tuned.weight(name) - base.weight(name)
+        return deltas[name]
+
+    plan = []
+    for label, specs in sets.items():
+        for r in cfg.ranks:
+            edits = joint_edits(base, specs, delta_of, acts, kinds, r,
+                                lambda *parts: _generator(cfg.seed, "joint", *parts), cfg.match)
+            items = []
+            for alpha in cfg.alphas:
+                for desc, edit in edits:
+                    meta = dict(id=_hash(["joint", label, r, desc["direction"], desc["index"], desc["target"],
+                                          float(alpha), cfg.mode, int(cfg.seed)]),
+                                matrix=label, layer=None, matrix_kind="joint", head=None, **desc, alpha=alpha,
+                                mode=cfg.mode, seed=int(cfg.seed), edit_norm=abs(alpha) * desc["u_norm"])
+                    items.append((meta, edit, sign * alpha))
+            for i in range(0, len(items), edits_per_pass):
+                chunk = items[i : i + edits_per_pass]
+                plan.append(([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk)))
+    return plan
 
 
 def _rank_path(out: Union[str, os.PathLike], rank: int) -> Path:
@@ -436,20 +494,22 @@ class SweepSummary:
         for r in self.rows:
             if metrics is None or r["metric"] in metrics:
                 head = "" if r["head"] is None else r["head"]
-                lines.append(f"| {r['matrix']} | {head} | {r['mode']} | {r['alpha']:g} | {r['target']} | "
+                target = r["target"] if "rank" not in r else f"{r['target']} (rank {r['rank']})"
+                lines.append(f"| {r['matrix']} | {head} | {r['mode']} | {r['alpha']:g} | {target} | "
                              f"{r['control']} | {r['metric']} | {r['target_mean']:.4g} | {r['control_mean']:.4g} | "
                              f"{r['diff']:+.4g} [{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] | {r['p_value']:.3g} |")
         return "\n".join(lines)
 
 
 def _group_order(item: tuple) -> tuple:
-    matrix, head, mode, alpha, target = item[0]
-    return (matrix, -1 if head is None else head, mode, alpha, target)
+    matrix, head, mode, alpha, target, rank = item[0]
+    return (matrix, -1 if head is None else head, mode, alpha, target, rank or 0)
 
 
 def summarize(rows: Union[Sequence[dict], str, os.PathLike], *, metrics: Optional[Sequence[str]] = None,
               n_boot: int = 2000, n_permutations: int = 2000, level: float = 0.95, seed: int = 0) -> SweepSummary:
-    """Per matrix × head × mode × α × target family: target rows versus each control kind and
+    """Per matrix (or joint set) × head × mode × α × target family (× rank for joint rows): target
+    rows versus each control kind and
     both pooled ("control"), for every numeric metric (default: all but the row descriptors,
     input_energy included): means, diff = target − control, bootstrap CI, permutation p."""
     if isinstance(rows, (str, os.PathLike)):
@@ -459,10 +519,10 @@ def summarize(rows: Union[Sequence[dict], str, os.PathLike], *, metrics: Optiona
         metrics = sorted({k for r in rows for k, v in r.items()
                           if k not in _DESCRIPTORS and isinstance(v, (int, float)) and not isinstance(v, bool)})
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["matrix"], r["head"], r["mode"], r["alpha"], r["target"]), []).append(r)
+    for r in rows:  # joint rows (rwasym.analyses.joint) are grouped by their edit rank too
+        groups.setdefault((r["matrix"], r["head"], r["mode"], r["alpha"], r["target"], r.get("rank")), []).append(r)
     out = []
-    for (matrix, head, mode, alpha, target), members in sorted(groups.items(), key=_group_order):
+    for (matrix, head, mode, alpha, target, rank), members in sorted(groups.items(), key=_group_order):
         for control in [c for c in CONTROLS if any(m["direction"] == c for m in members)] + ["control"]:
             wanted = CONTROLS if control == "control" else (control,)
             for metric in metrics:
@@ -471,7 +531,8 @@ def summarize(rows: Union[Sequence[dict], str, os.PathLike], *, metrics: Optiona
                 if not t or not c:
                     continue
                 lo, hi = bootstrap_ci(t, c, n_boot, level, seed)
-                out.append(dict(matrix=matrix, head=head, mode=mode, alpha=alpha, target=target, control=control,
+                out.append(dict(matrix=matrix, head=head, mode=mode, alpha=alpha, target=target,
+                                **({} if rank is None else {"rank": rank}), control=control,
                                 metric=metric, n_target=len(t), n_control=len(c), target_mean=float(np.mean(t)),
                                 control_mean=float(np.mean(c)), diff=float(np.mean(t) - np.mean(c)), ci_low=lo,
                                 ci_high=hi, p_value=permutation_pvalue(t, c, n_permutations, seed)))

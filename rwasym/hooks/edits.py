@@ -28,19 +28,24 @@ MECHANISMS = ("hook", "weight")
 MODES = ("transplant", "ablate")
 
 
-def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> list[tuple[str, Callable]]:
-    """Forward hooks applying k rank-1 edits at once, edit e on batch slice e.
+def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k *r n_out"], V: Float[Tensor, "k *r n_in"]) -> list[tuple[str, Callable]]:
+    """Forward hooks applying k rank-1 (or rank-r) edits at once, edit e on batch slice e.
 
     The forward's batch must be k·B rows laid out edit-major (row e·B + b, e.g.
     ``tokens.repeat(k, 1)``); edit e adds (vₑᵀ a) uₑ to the output of rows e·B:(e+1)·B, with a the
-    linear's input captured at ``spec.hook_in`` in the same forward. Fold α into U. Hook tensors
+    linear's input captured at ``spec.hook_in`` in the same forward. Fold α into U. With U of shape
+    (k, r, n_out) and V (k, r, n_in), edit e is the rank-r W + U[e]ᵀ V[e] = W + Σ_j U[e, j] V[e, j]ᵀ
+    (the joint sweep's edits; hooks of several matrices may be active together). Hook tensors
     may be per-head shaped (…, heads, d_head): they are flattened with `flatten_site` and reshaped
     back. Use inside ``model.bridge.hooks(fwd_hooks=...)``.
     """
     spec = model.matrix(matrix)
-    if U.dim() != 2 or V.dim() != 2 or U.shape != (U.shape[0], spec.n_out) or V.shape != (U.shape[0], spec.n_in):
-        raise RwasymError(f"{matrix} edits need U of shape (k, {spec.n_out}) and V of shape (k, {spec.n_in}); "
-                          f"got {tuple(U.shape)} and {tuple(V.shape)}. Embed per-head vectors with embed_head.")
+    if U.dim() == 2 and V.dim() == 2:
+        U, V = U[:, None], V[:, None]  # rank 1
+    if U.dim() != 3 or U.shape[::2] != (U.shape[0], spec.n_out) or V.shape != (*U.shape[:2], spec.n_in):
+        raise RwasymError(f"{matrix} edits need U of shape (k, {spec.n_out}) and V of shape (k, {spec.n_in}) (or "
+                          f"(k, r, {spec.n_out}) and (k, r, {spec.n_in}) for rank r); got {tuple(U.shape)} and "
+                          f"{tuple(V.shape)}. Embed per-head vectors with embed_head.")
     k = U.shape[0]
     U = U.to(model.device, model.dtype)
     V = V.to(model.device, model.dtype)
@@ -61,8 +66,13 @@ def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[
         if flat.shape[0] % k:
             raise RwasymError(f"a batch of {k} edits needs a forward batch that is a multiple of {k} "
                               f"(edit-major: tokens.repeat({k}, 1)); got batch {flat.shape[0]}")
-        coef = torch.einsum("etn,en->et", a.reshape(k, -1, spec.n_in), V)  # (k, B·pos)
-        out = flat.reshape(k, -1, spec.n_out) + coef.unsqueeze(-1) * U.unsqueeze(1)  # (k, B·pos, n_out)
+        a = a.reshape(k, -1, spec.n_in)
+        if U.shape[1] == 1:  # rank 1: one product per entry
+            coef = torch.einsum("etn,en->et", a, V[:, 0])  # (k, B·pos)
+            out = flat.reshape(k, -1, spec.n_out) + coef.unsqueeze(-1) * U[:, 0].unsqueeze(1)  # (k, B·pos, n_out)
+        else:
+            coef = torch.einsum("etn,ern->etr", a, V)  # (k, B·pos, r)
+            out = flat.reshape(k, -1, spec.n_out) + torch.einsum("etr,ero->eto", coef, U)
         return out.reshape(y.shape)
 
     return [(spec.hook_in, read), (spec.hook_out, write)]

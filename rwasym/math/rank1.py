@@ -15,6 +15,10 @@
   ‖u_target‖ of target ``matched_to = j mod k`` (so ‖α u vᵀ‖_F matches, since ‖v‖ = 1);
   `match_output_energy` instead matches the mean-square change of the linear's output,
   ‖u‖² vᵀ M v with M = E[a aᵀ] (high-energy PCA directions otherwise move the model more).
+- Rank r (the joint sweep, `rwasym.analyses.joint`): `frame_edit` is the least-squares rank-r
+  component of ΔW on an orthonormal frame F (r rows) of one side, ΔW FᵀF (input) or FᵀF ΔW
+  (output), as factors (U, V) with edit E = Uᵀ V; `random_frame` draws a Haar frame; `edit_norm`
+  and `edit_energy` give ‖E‖_F and the mean-square output change tr(E M Eᵀ) without forming E.
 """
 
 from dataclasses import dataclass, replace
@@ -28,9 +32,10 @@ from ..errors import RwasymError
 from .checks import as_float64_matrix, require_vector
 from .covariance import RunningCovariance
 from .lowrank import LowRankDelta
-from .subspaces import complement_basis, pca_basis, prediction_basis
+from .subspaces import complement_basis, haar_frames, pca_basis, prediction_basis
 
-__all__ = ["DIRECTION_KINDS", "Direction", "closed_form_u", "directions", "match_output_energy", "unit_vector"]
+__all__ = ["DIRECTION_KINDS", "Direction", "closed_form_u", "directions", "edit_energy", "edit_norm", "frame_edit",
+           "match_output_energy", "random_frame", "unit_vector"]
 
 DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal")
 _TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
@@ -205,3 +210,46 @@ def directions(
         out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
                              direction=drawn[j].clone(), matched_to=matched))
     return out
+
+
+# -- rank r: edits E = Uᵀ V on an orthonormal frame ------------------------------------------------
+def frame_edit(delta: Float[Tensor, "n_out n_in"], frame: Float[Tensor, "r n"],
+               side: str) -> tuple[Float[Tensor, "r n_out"], Float[Tensor, "r n_in"]]:
+    """(U, V) of the least-squares rank-r component of ΔW on the orthonormal frame F (rows f_j).
+
+    side "input" (F in R^{n_in}): E = ΔW FᵀF = Σ_j (ΔW f_j) f_jᵀ, so U = F ΔWᵀ, V = F — rank 1 is
+    `closed_form_u`'s u vᵀ. side "output" (F in R^{n_out}): E = FᵀF ΔW = Σ_j f_j (ΔWᵀ f_j)ᵀ, so
+    U = F, V = F ΔW — rank 1 is the ``prediction`` edit p pᵀ ΔW. E = Uᵀ V in both (argmin of
+    ‖ΔW − E‖_F over E with that row / column space). The rows of V need not be unit. float64.
+    """
+    delta = as_float64_matrix(delta, "delta (ΔW)")
+    F = as_float64_matrix(frame, "frame")
+    n = delta.shape[1] if side == "input" else delta.shape[0]
+    if side not in ("input", "output") or F.shape[1] != n:
+        raise RwasymError(f"frame_edit needs side 'input' (frame rows in R^{delta.shape[1]}) or 'output' (rows in "
+                          f"R^{delta.shape[0]}); got side={side!r} and a frame of shape {tuple(F.shape)}")
+    gram = F @ F.T
+    if float((gram - torch.eye(F.shape[0], dtype=torch.float64)).abs().max()) > 1e-8:
+        raise RwasymError("frame_edit needs an orthonormal frame (F Fᵀ = I); orthonormalise its rows first "
+                          "(torch.linalg.qr(F.T).Q.T)")
+    return (F @ delta.T, F) if side == "input" else (F, F @ delta)
+
+
+def random_frame(n: int, r: int, generator: Optional[torch.Generator] = None) -> Float[Tensor, "r n"]:
+    """A Haar-uniform orthonormal r-frame of R^n as rows (sign-fixed QR of a Gaussian), float64."""
+    if not 1 <= r <= n:
+        raise RwasymError(f"a frame of {r} orthonormal vectors needs 1 <= r <= n = {n}")
+    return haar_frames(1, n, r, generator)[0].T
+
+
+def edit_norm(U: Float[Tensor, "r n_out"], V: Float[Tensor, "r n_in"]) -> float:
+    """‖Uᵀ V‖_F = (Σ_ij (U Uᵀ)_ij (V Vᵀ)_ij)^½, without forming the n_out × n_in edit."""
+    return max(float(((U @ U.T) * (V @ V.T)).sum()), 0.0) ** 0.5
+
+
+def edit_energy(U: Float[Tensor, "r n_out"], V: Float[Tensor, "r n_in"],
+                second_moment: Float[Tensor, "n_in n_in"]) -> float:
+    """The mean-square output change E‖E a‖² = tr(E M Eᵀ) of the edit E = Uᵀ V, with M = E[a aᵀ]
+    the uncentered second moment of the input: Σ_ij (U Uᵀ)_ij (V M Vᵀ)_ij."""
+    M = as_float64_matrix(second_moment, "second_moment (E[a aᵀ] of the matrix input)")
+    return max(float(((U @ U.T) * (V @ M @ V.T)).sum()), 0.0)

@@ -1,0 +1,255 @@
+"""Joint sweeps (`rwasym.analyses.joint`): rank-r edits of matrix sets at once, each row checked
+against the same edit written by hand into the Hugging Face modules (PCA from HF forward hooks and
+a float64 eigh, the prediction subspace from the HF final norm and lm_head, metrics from plain HF
+forwards), per-matrix matched controls, the rank-r algebra against brute force, resume, errors."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError
+from rwasym.analyses.joint import joint_edits, matrix_set
+from rwasym.analyses.sweep import SweepConfig, read_sweep, summarize, sweep
+from rwasym.data.pairs import PreferencePairs
+from rwasym.hooks.activations import capture
+from rwasym.math.rank1 import directions, edit_energy, edit_norm, frame_edit, random_frame
+from rwasym.testing import build_hf_model
+
+BETA = 0.1
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, one_thread):
+    """A tiny HF Llama (GQA) base and a tuned copy with ΔW planted in both layers' q_proj and o_proj
+    (down_proj untouched: the write set must leave it out), saved; held-out pairs and a corpus."""
+    root = tmp_path_factory.mktemp("joint")
+    hf = build_hf_model("llama", root / "base")
+    tuned = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.o_proj):
+                lin.weight.add_(0.3 * torch.randn(lin.weight.shape, generator=g))
+    shutil.copytree(root / "base", root / "tuned")  # the tokenizer files
+    tuned.save_pretrained(root / "tuned")
+    pairs = PreferencePairs(prompt=torch.randint(3, 96, (12, 6), generator=g),
+                            chosen=torch.randint(3, 96, (12, 2), generator=g),
+                            rejected=torch.randint(3, 96, (12, 2), generator=g))
+    data = torch.randint(3, 96, (8, 16), generator=g)
+    return dict(root=root, hf=hf, tuned=tuned.eval(), pairs=pairs, data=data)
+
+
+def _inputs(hf, module, tokens):
+    box = []
+    handle = module.register_forward_hook(lambda m, args, out: box.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            hf(tokens)
+    finally:
+        handle.remove()
+    return box[0].reshape(-1, box[0].shape[-1]).double()
+
+
+def _top(rows, k):
+    vals, vecs = torch.linalg.eigh(torch.cov(rows.T))
+    return vecs[:, torch.argsort(vals, descending=True)[:k]]  # (n, k)
+
+
+def _logp(hf, prompt, completion):
+    """Σ log p(completion | prompt) per pair under the HF model (no padding)."""
+    seq = torch.cat([prompt, completion], 1)
+    with torch.no_grad():
+        lp = hf(seq).logits.double().log_softmax(-1)
+    n = prompt.shape[1]
+    return lp[:, n - 1 : -1].gather(-1, completion.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def _hand_metrics(edited, base, pairs):
+    lc, lr = _logp(edited, pairs.prompt, pairs.chosen), _logp(edited, pairs.prompt, pairs.rejected)
+    bc, br = _logp(base, pairs.prompt, pairs.chosen), _logp(base, pairs.prompt, pairs.rejected)
+    margins = BETA * ((lc - bc) - (lr - br))
+    text = torch.cat([pairs.prompt, pairs.chosen], 1)
+    with torch.no_grad():
+        lp = edited(text).logits.double().log_softmax(-1)[:, :-1]
+        lb = base(text).logits.double().log_softmax(-1)[:, :-1]
+    ce = -lp.gather(-1, text[:, 1:].unsqueeze(-1)).mean()
+    kl = (lp.exp() * (lp - lb)).sum(-1).mean()
+    return dict(margin=float(margins.mean()), accuracy=float((lc > lr).double().mean()), ce=float(ce),
+                kl_base=float(kl))
+
+
+def _run(pair, out, **kw):
+    cfg = dict(joint=True, matrices=("blocks.*.attn.W_Q", "write"), ranks=(1, 2),
+               directions="pca:1,prediction:1,random:3,orthogonal:3", alphas=(1.5,), edits_per_pass=4,
+               beta=BETA, progress=False)
+    return sweep(str(pair["root"] / "base"), str(pair["root"] / "tuned"), pair["pairs"], out=out,
+                 data=pair["data"], **{**cfg, **kw})
+
+
+@pytest.mark.parametrize("mode", ["transplant", "ablate"])
+def test_joint_target_rows_equal_the_edit_written_into_the_hf_modules(pair, tmp_path, mode):
+    rows = _run(pair, tmp_path / "j.jsonl", mode=mode)
+    assert len(rows) == 2 * 2 * 7  # sets × ranks × (1 target + 6 controls)
+    hf, tuned = pair["hf"], pair["tuned"]
+    layers = range(len(hf.model.layers))
+    norm = hf.model.norm.weight.detach().double()
+    P_all = torch.linalg.svd(norm[:, None] * hf.lm_head.weight.detach().double().T, full_matrices=False)[0]
+    host = hf if mode == "transplant" else tuned
+    sign = 1.0 if mode == "transplant" else -1.0
+    for label, module in (("blocks.*.attn.W_Q", "q_proj"), ("write", "o_proj")):
+        for r in (1, 2):
+            row = next(x for x in rows if x["matrix"] == label and x["rank"] == r and x["index"] == 0
+                       and x["direction"] == x["target"])
+            assert row["target"] == ("pca" if module == "q_proj" else "prediction")
+            assert row["n_matrices"] == 2  # the write set leaves the untouched down_proj out
+            edited = copy.deepcopy(host)
+            total = 0.0
+            for i in layers:
+                lin_b = getattr(hf.model.layers[i].self_attn, module)
+                lin_t = getattr(tuned.model.layers[i].self_attn, module)
+                delta = lin_t.weight.detach().double() - lin_b.weight.detach().double()
+                if module == "q_proj":  # top-r PCA of the base's input over the corpus
+                    V = _top(_inputs(hf, lin_b, pair["data"]), r)
+                    E = delta @ V @ V.T
+                else:  # top-r prediction subspace of diag(γ_final)·W_U
+                    P = P_all[:, :r]
+                    E = P @ P.T @ delta
+                total += float(E.square().sum())
+                with torch.no_grad():
+                    getattr(edited.model.layers[i].self_attn, module).weight.add_((sign * 1.5 * E).float())
+            want = _hand_metrics(edited, hf, pair["pairs"])
+            # γ_final is measured on the norm module in float32 (rwasym.models.registry.norm_scale): ~1e-7
+            assert row["u_norm"] == pytest.approx(total ** 0.5, rel=1e-9 if module == "q_proj" else 1e-6)
+            for key, value in want.items():
+                assert row[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), (label, r, key)
+            gap = row["margin"]  # the gap fraction of the row's own margin
+            ref = read_sweep(tmp_path / "j.jsonl")[0]["reference"]
+            b, t = ref["base"]["margin"], ref["tuned"]["margin"]
+            expect = (gap - b) / (t - b) if mode == "transplant" else (t - gap) / (t - b)
+            assert row["gap_margin"] == pytest.approx(expect, rel=1e-9)
+
+
+def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
+    base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
+    specs = matrix_set(base, "blocks.*.attn.W_Q")
+    stats = capture(base, pair["data"], sites={base.input_hook(s.name): s.n_in for s in specs}, progress=False,
+                    gram_dtype=torch.float64)
+    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
+    gens = {}
+
+    def gen(*parts):
+        return gens.setdefault(parts, torch.Generator().manual_seed(len(gens) + 1))
+
+    for match in ("norm", "output"):
+        edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 2), ("random", 4), ("orthogonal", 4)],
+                            3, gen, match)
+        assert [d["direction"] for d, _ in edits] == ["pca"] * 2 + ["random"] * 4 + ["orthogonal"] * 4
+        for name in deltas:
+            C = stats.for_matrix(name).covariance()
+            M = stats.for_matrix(name).second_moment()
+            top = _top_from(C, 6)
+            for desc, edit in edits[2:]:
+                U, V = edit[name]
+                U_t, V_t = edits[desc["matched_to"]][1][name]
+                E, E_t = U.T @ V, U_t.T @ V_t
+                if match == "norm":
+                    assert float(E.norm()) == pytest.approx(float(E_t.norm()), rel=1e-10)
+                else:
+                    assert float((E @ M @ E.T).trace()) == pytest.approx(float((E_t @ M @ E_t.T).trace()), rel=1e-9)
+                # the row space of a control edit is an r-frame; orthogonal ones avoid the top c·r PCs
+                assert torch.linalg.matrix_rank(V).item() == 3
+                if desc["direction"] == "orthogonal":
+                    assert float((V @ top).abs().max()) < 1e-10
+            U0, V0 = edits[0][1][name]
+            assert torch.allclose(U0.T @ V0, deltas[name] @ top[:, :3] @ top[:, :3].T, atol=1e-12)
+            U1, V1 = edits[1][1][name]  # target 1: the next block of r PCs
+            assert torch.allclose(U1.T @ V1, deltas[name] @ top[:, 3:6] @ top[:, 3:6].T, atol=1e-12)
+
+
+def _top_from(C, k):
+    vals, vecs = torch.linalg.eigh(C.double())
+    return vecs[:, torch.argsort(vals, descending=True)[:k]]
+
+
+def test_frame_edit_norm_and_energy_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    A = torch.randn(200, 5, dtype=torch.float64, generator=g) + 0.3
+    M = A.T @ A / A.shape[0]
+    for side, n in (("input", 5), ("output", 7)):
+        F = random_frame(n, 3, g)
+        assert torch.allclose(F @ F.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+        U, V = frame_edit(delta, F, side)
+        E = U.T @ V
+        want = delta @ F.T @ F if side == "input" else F.T @ F @ delta
+        assert torch.allclose(E, want, atol=1e-12)
+        assert edit_norm(U, V) == pytest.approx(float(E.norm()), rel=1e-12)
+        assert edit_energy(U, V, M) == pytest.approx(float((A @ E.T).square().sum(1).mean()), rel=1e-10)
+    # rank 1 on the input side is closed_form_u's u vᵀ
+    d = directions("pca", delta, 1, cov=M)[0]
+    U, V = frame_edit(delta, d.v[None], "input")
+    assert torch.allclose(U.T @ V, torch.outer(d.u, d.v), atol=1e-12)
+    with pytest.raises(RwasymError, match="orthonormal"):
+        frame_edit(delta, 2 * F, "output")
+    with pytest.raises(RwasymError, match="side"):
+        frame_edit(delta, F, "output2")
+
+
+def test_joint_sweep_resumes_and_summarises(pair, tmp_path):
+    out = tmp_path / "r.jsonl"
+    full = _run(pair, out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:6]) + lines[6][:20])  # header + 5 rows + a half-written row
+    with pytest.warns(UserWarning, match="half-written"):
+        resumed = _run(pair, out)
+    assert [r["id"] for r in resumed] == [r["id"] for r in full]
+    for a, b in zip(resumed, full):
+        assert a["margin"] == pytest.approx(b["margin"], abs=1e-12)
+    summary = summarize(resumed, metrics=["gap_margin"])
+    ranks = {(r["matrix"], r["rank"]) for r in summary.rows}
+    assert ranks == {(m, k) for m in ("blocks.*.attn.W_Q", "write") for k in (1, 2)}
+    one = next(r for r in summary.rows if r["matrix"] == "write" and r["rank"] == 2 and r["control"] == "control")
+    members = [r for r in full if r["matrix"] == "write" and r["rank"] == 2]
+    assert one["n_target"] == 1 and one["n_control"] == 6
+    assert one["target_mean"] == pytest.approx(next(r["gap_margin"] for r in members if r["direction"] == "prediction"))
+    # another rank list is another configuration
+    with pytest.raises(RwasymError, match="ranks"):
+        _run(pair, out, ranks=(1, 3))
+
+
+def test_joint_config_errors(pair, tmp_path):
+    with pytest.raises(RwasymError, match="needs joint"):
+        SweepConfig(ranks=(2,))
+    with pytest.raises(RwasymError, match="heads"):
+        SweepConfig(joint=True, heads=True)
+    with pytest.raises(RwasymError, match="distinct positive"):
+        SweepConfig(joint=True, ranks=(0,))
+    base = rwasym.load(str(pair["root"] / "base"))
+    with pytest.raises(RwasymError, match="matches no matrix"):
+        matrix_set(base, "blocks.*.attn.W_X")
+    assert [s.name for s in matrix_set(base, "blocks.0.attn.W_Q+blocks.1.mlp.W_out")] == [
+        "blocks.0.attn.W_Q", "blocks.1.mlp.W_out"]
+    with pytest.raises(RwasymError, match="c·r"):
+        _run(pair, tmp_path / "e.jsonl", matrices=("blocks.*.attn.W_Q",), ranks=(32,), directions="pca:1,random:1")
+
+
+def test_cli_intervene_joint(pair, tmp_path, capsys):
+    from rwasym.app.cli import main
+
+    pairs = tmp_path / "pairs.safetensors"
+    pair["pairs"].save(pairs)
+    out = tmp_path / "cli.jsonl"
+    code = main(["intervene", "--base", str(pair["root"] / "base"), "--tuned", str(pair["root"] / "tuned"),
+                 "--pairs", str(pairs), "--joint", "--matrices", "read,blocks.0.attn.W_Q+blocks.1.attn.W_O",
+                 "--ranks", "1,2", "--directions", "pca:1,random:2", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| read |  | transplant | 1 | pca (rank 2) | random | gap_margin |" in printed
+    header, rows = read_sweep(out)
+    assert header["config"]["joint"] is True and header["config"]["ranks"] == [1, 2]
+    assert len(rows) == 2 * 2 * 3
+    # the read set: q_proj of both layers (the only read matrices with a ΔW); the mixed set: W_Q and W_O by pca
+    assert {(r["matrix"], r["n_matrices"]) for r in rows} == {("read", 2), ("blocks.0.attn.W_Q+blocks.1.attn.W_O", 2)}
