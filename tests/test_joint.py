@@ -253,3 +253,61 @@ def test_cli_intervene_joint(pair, tmp_path, capsys):
     assert len(rows) == 2 * 2 * 3
     # the read set: q_proj of both layers (the only read matrices with a ΔW); the mixed set: W_Q and W_O by pca
     assert {(r["matrix"], r["n_matrices"]) for r in rows} == {("read", 2), ("blocks.0.attn.W_Q+blocks.1.attn.W_O", 2)}
+
+
+@pytest.fixture(scope="module")
+def olmo2_pair(tmp_path_factory, one_thread):
+    """A tiny OLMo 2 (post-sublayer norms, perturbed) and a tuned copy with ΔW in both o_proj."""
+    from rwasym.testing.families import build_family
+
+    root = tmp_path_factory.mktemp("olmo2")
+    hf = build_family("olmo2", root / "base")
+    tuned = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            layer.self_attn.o_proj.weight.add_(0.3 * torch.randn(layer.self_attn.o_proj.weight.shape, generator=g))
+    shutil.copytree(root / "base", root / "tuned")
+    tuned.save_pretrained(root / "tuned")
+    pairs = PreferencePairs(prompt=torch.randint(3, 96, (12, 6), generator=g),
+                            chosen=torch.randint(3, 96, (12, 2), generator=g),
+                            rejected=torch.randint(3, 96, (12, 2), generator=g))
+    return dict(root=root, hf=hf, tuned=tuned.eval(), pairs=pairs)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_path, joint):
+    """OLMo 2 normalises the attention output before the residual add, so the residual stream sees
+    diag(γ_post)·ΔW: the prediction edit is p pᵀ diag(γ)ΔW there, written as the raw diag(γ)⁻¹ p pᵀ diag(γ)ΔW,
+    with norms (and hence control matching) in the residual convention; post_norm='raw' edits p pᵀ ΔW."""
+    hf, tuned, pairs = olmo2_pair["hf"], olmo2_pair["tuned"], olmo2_pair["pairs"]
+    final = hf.model.norm.weight.detach().double()
+    p = torch.linalg.svd(final[:, None] * hf.lm_head.weight.detach().double().T, full_matrices=False)[0][:, 0]
+    layers = [0, 1] if joint else [0]
+    for post_norm in ("residual", "raw"):
+        rows = sweep(str(olmo2_pair["root"] / "base"), str(olmo2_pair["root"] / "tuned"), pairs,
+                     out=tmp_path / f"{post_norm}.jsonl", matrices="blocks.*.attn.W_O" if joint else "blocks.0.attn.W_O",
+                     joint=joint, directions="prediction:1,random:2", alphas=(2.0,), beta=BETA, post_norm=post_norm,
+                     progress=False)
+        row = next(r for r in rows if r["direction"] == "prediction")
+        controls = [r for r in rows if r["direction"] == "random"]
+        edited, total = copy.deepcopy(hf), 0.0
+        for i in layers:
+            o_b, o_t = hf.model.layers[i].self_attn.o_proj, tuned.model.layers[i].self_attn.o_proj
+            delta = o_t.weight.detach().double() - o_b.weight.detach().double()
+            norm = hf.model.layers[i].post_attention_layernorm
+            gamma = norm.weight.detach().double() / (1 + norm.variance_epsilon) ** 0.5
+            if post_norm == "raw":
+                gamma = torch.ones_like(gamma)
+            E_res = torch.outer(p, p @ (gamma[:, None] * delta))  # p pᵀ diag(γ) ΔW
+            total += float(E_res.square().sum())
+            with torch.no_grad():
+                o = edited.model.layers[i].self_attn.o_proj
+                o.weight.add_((2.0 * E_res / gamma[:, None]).float())
+        assert row["u_norm"] == pytest.approx(total ** 0.5, rel=1e-6), post_norm
+        assert all(c["u_norm"] == pytest.approx(row["u_norm"], rel=1e-9) for c in controls)  # matched, same convention
+        want = _hand_metrics(edited, hf, pairs)
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), (post_norm, key)
+    header = read_sweep(tmp_path / "raw.jsonl")[0]
+    assert header["config"]["post_norm"] == "raw"

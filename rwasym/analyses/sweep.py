@@ -89,6 +89,10 @@ class SweepConfig:
     max_pairs: Optional[int] = _opt(None, "held-out pairs used (default all)", type=int)
     max_tokens: Optional[int] = _opt(None, "tokens of the covariance capture (default all)", type=int)
     reuse_prefix: bool = _opt(True, "score chosen and rejected in one pass where they share a prefix")
+    post_norm: str = _opt("residual", "post-sublayer-norm models (OLMo 2, Gemma 2/3): residual = directions, norms "
+                          "and matching of W_O / W_out edits in diag(γ_post)·ΔW, as the residual stream sees the "
+                          "change (the edit written is the raw-weight equivalent); raw = on the raw ΔW",
+                          choices=("residual", "raw"))
     joint: bool = _opt(False, "edit every matrix of each --matrices entry at once (a set: globs joined by +, or "
                        "read / write / all); one row per set, rank, direction and α (rwasym.analyses.joint)")
     ranks: Sequence[int] = _opt((1,), "joint: edit ranks r, each edit the top-r target directions of every matrix "
@@ -101,6 +105,8 @@ class SweepConfig:
         if self.mode not in MODES:
             raise RwasymError(f"mode must be one of {MODES}; got {self.mode!r}")
         parse_directions(self.directions)
+        if self.post_norm not in ("residual", "raw"):
+            raise RwasymError(f"post_norm must be 'residual' or 'raw'; got {self.post_norm!r}")
         if self.match not in MATCHES:
             raise RwasymError(f"match must be one of {MATCHES}; got {self.match!r}")
         alphas = [float(a) for a in self.alphas]
@@ -120,11 +126,12 @@ class SweepConfig:
             raise RwasymError(f"edits_per_pass must be a positive integer; got {e!r}")
 
     def header(self, *, base: str, tuned: str, pairs: str, cov_data: str, matrices: Sequence[str],
-               metrics: Any, edits_per_pass: int, dtype: str) -> dict:
+               metrics: Any, edits_per_pass: int, dtype: str, post_norm: bool = False) -> dict:
         """The ``config`` of the sweep file's header: this configuration resolved against the run
         (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
         evaluator's metric dict —, the pass width, the dtype).
-        Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume."""
+        Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume, and
+        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``)."""
         kinds = parse_directions(self.directions)
         return dict(
             base=base, tuned=tuned, pairs=pairs, cov_data=cov_data, matrices=list(matrices), heads=bool(self.heads),
@@ -133,6 +140,7 @@ class SweepConfig:
             max_tokens=self.max_tokens, reuse_prefix=bool(self.reuse_prefix), dtype=dtype,
             **({} if self.match == "norm" else {"match": self.match}),
             **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
+            **({"post_norm": self.post_norm} if post_norm else {}),
         )
 
     def to_dict(self) -> dict:
@@ -328,7 +336,8 @@ def sweep(
         pairs=_hash([None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
                      for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")]),
         cov_data=data_hash(tokens_for_hash) if isinstance(tokens_for_hash, torch.Tensor) else str(tokens_for_hash),
-        matrices=[s.name for s in specs], metrics=ev.metrics, edits_per_pass=edits_per_pass, dtype=str(base.dtype))
+        matrices=[s.name for s in specs], metrics=ev.metrics, edits_per_pass=edits_per_pass, dtype=str(base.dtype),
+        post_norm=any(base.post_norm_scale(s.name) is not None for s in specs))
     alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
     rank, size = distributed.world()
     if size == 1:
@@ -349,6 +358,9 @@ def sweep(
             plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
         for spec in specs if not cfg.joint else []:
             full = tuned.weight(spec.name) - base.weight(spec.name)  # ΔW (float64), one matrix at a time
+            gamma = _post_scale(base, spec.name, cfg.post_norm)
+            if gamma is not None:  # directions and norms as the residual stream sees the change
+                full = gamma[:, None] * full
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
                 delta = full if head is None else head_slice(spec, full, head)
                 if float(delta.abs().max()) == 0.0:
@@ -361,7 +373,7 @@ def sweep(
                                     matrix=spec.name, layer=spec.layer, matrix_kind=spec.kind, head=head, **desc,
                                     alpha=alpha, mode=mode, seed=int(seed), edit_norm=abs(alpha) * d.norm)
                         u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
-                        items.append((meta, u, v))
+                        items.append((meta, u if gamma is None else u / gamma, v))  # the raw-weight edit
                 plan += [([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c))
                          for c in (items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))]
         if not plan:
@@ -390,6 +402,19 @@ def sweep(
     return read_sweep(out)[1]
 
 
+def _post_scale(base: Model, name: str, post_norm: str) -> Optional[torch.Tensor]:
+    """γ_post_eff of a write matrix behind a post-sublayer norm under the residual convention
+    (`Model.post_norm_scale`), else None. An edit E_res chosen on diag(γ)·ΔW is written as the raw
+    E = diag(γ)⁻¹ E_res, so that the residual stream sees E_res (per-token RMS aside)."""
+    if post_norm != "residual":
+        return None
+    gamma = base.post_norm_scale(name)
+    if gamma is not None and float(gamma.abs().min()) == 0.0:
+        raise RwasymError(f"{name}: its post-sublayer norm has a zero scale, so an edit cannot be expressed in the "
+                          "residual convention; use post_norm='raw' (--post-norm raw)")
+    return gamma
+
+
 def _matrix_pass(ev: Evaluator, host: Model, name: str, chunk: list) -> Callable[[], Iterator[dict]]:
     """The pass of per-matrix rank-1 edits ``chunk`` = [(meta, u, v)] of matrix ``name``."""
     return lambda: ev.iter_edits(host, name, torch.stack([u for _, u, _ in chunk]), torch.stack([v for _, _, v in chunk]))
@@ -405,13 +430,19 @@ def _joint_plan(ev: Evaluator, base: Model, tuned: Model, sets: dict, acts: Any,
     def delta_of(name: str) -> torch.Tensor:  # ΔW once per matrix (sets may share matrices)
         if name not in deltas:
             deltas[name] = tuned.weight(name) - base.weight(name)
+            if scales.get(name) is not None:  # residual convention: diag(γ_post)·ΔW
+                deltas[name] = scales[name][:, None] * deltas[name]
         return deltas[name]
+
+    scales = {s.name: _post_scale(base, s.name, cfg.post_norm) for group in sets.values() for s in group}
 
     plan = []
     for label, specs in sets.items():
         for r in cfg.ranks:
             edits = joint_edits(base, specs, delta_of, acts, kinds, r,
                                 lambda *parts: _generator(cfg.seed, "joint", *parts), cfg.match)
+            edits = [(desc, {n: (U if scales[n] is None else U / scales[n], V) for n, (U, V) in edit.items()})
+                     for desc, edit in edits]  # the raw-weight edits
             items = []
             for alpha in cfg.alphas:
                 for desc, edit in edits:

@@ -180,6 +180,19 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from . import experiments
 
+    if args.name == "real":
+        from .real import PARTS, RealConfig, real_experiment, real_report
+
+        parts = [p.strip() for p in (args.parts or ",".join(PARTS)).split(",") if p.strip()]
+        if args.report_only:
+            res = real_report(args.out)
+        else:
+            seeds = tuple(_seeds(args.seeds))
+            cfg = RealConfig.smoke(seeds=seeds) if args.quick else RealConfig(seeds=seeds)
+            res = real_experiment(args.out, cfg, parts=parts,
+                                  progress=False if args.quiet else None)
+        print(f"wrote {args.out}/report.md and results.json ({', '.join(f'{k} {v / 60:.1f} min' for k, v in res['seconds'].items())})")
+        return 0
     kwargs = dict(seeds=_seeds(args.seeds), k=args.k, null_samples=args.null_samples, quick=args.quick,
                   progress=False if args.quiet else None)
     if args.name == "graded":
@@ -414,8 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="grads.json")
     p.set_defaults(func=_cmd_gradients)
-    p = sub.add_parser("experiment", help="the paper's experiments on the default pair, over seeds")
-    p.add_argument("name", choices=["graded", "trajectory", "sweep"])
+    p = sub.add_parser("experiment", help="the paper's experiments on the default pair (real: on the real pair), over seeds")
+    p.add_argument("name", choices=["graded", "trajectory", "sweep", "real"],
+                   help="real: every experiment on SmolLM2-135M + DPO (rwasym.app.real; resumable units)")
+    p.add_argument("--parts", default=None, help="real: comma-separated parts (asymmetry, trajectory, mechanism, "
+                   "joint, companion, graded; default all)")
+    p.add_argument("--report-only", action="store_true", help="real: rebuild the report from the finished units")
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the figure")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
     p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")

@@ -1,0 +1,98 @@
+"""`rwasym experiment real` (rwasym.app.real) on the quick real pair (2 real SmolLM2 blocks, 3 DPO
+steps): units are written and reused, the report's pooled statistics equal the same statistics
+recomputed from the sweep files, the λ = 1 reuse is the graded objective's own run bit for bit."""
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rwasym.analyses.sweep import read_sweep
+from rwasym.app import real
+from rwasym.math.inference import bootstrap_ci, permutation_pvalue
+
+
+@pytest.fixture(scope="module")
+def run(shared_gguf_cache, quick_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    cfg = real.RealConfig.smoke(joint_modes=("transplant",))  # one mode: the default suite's time
+    real.real_experiment(out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache,
+                         progress=False, log=lambda m: None)
+    return out, cfg
+
+
+def test_units_are_written_and_a_rerun_computes_nothing(run, monkeypatch, quick_cache):
+    out, cfg = run
+    names = sorted(p.stem for p in (out / "units").glob("*.json"))
+    assert names == ["alpha_scan_s0", "asymmetry_s0", "graded_s0_l0", "graded_s0_l1", "joint_s0_transplant_output"]
+    for fn in ("_asymmetry", "_joint", "_graded"):
+        monkeypatch.setattr(real, fn, lambda *a, **k: pytest.fail("recomputed a finished unit"))
+    before = json.loads((out / "results.json").read_text())
+    after = real.real_experiment(out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache,
+                                 progress=False, log=lambda m: None)
+    assert after["joint"]["table"] == before["joint"]["table"]
+    text = (out / "report.md").read_text()
+    for heading in ("## Asymmetry", "## Contrast and graded control", "## Causal test", "### α scan"):
+        assert heading in text
+    assert (out / "depth_activation.png").stat().st_size > 0 and (out / "graded.png").exists()
+
+
+def test_pooled_joint_statistics_recomputed_from_the_sweep_files(run):
+    out, _ = run
+    table = json.loads((out / "results.json").read_text())["joint"]["table"]
+    assert table
+    for row in table:
+        _, rows = read_sweep(out / "sweeps" / f"joint_s0_{row['mode']}_{row['match']}.jsonl")
+        sel = [r for r in rows if r["matrix"] == row["set"] and r["rank"] == row["rank"] and r[row["metric"]] is not None]
+        t = [r[row["metric"]] for r in sel if r["direction"] == r["target"]]
+        c = [r[row["metric"]] for r in sel if r["direction"] in ("random", "orthogonal")]
+        assert len(t) == 1 and len(c) == 3  # quick: 1 target, random:2 + orthogonal:1
+        assert row["target"] == pytest.approx(np.mean(t), rel=1e-12)
+        assert row["control"] == pytest.approx(np.mean(c), rel=1e-12)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(bootstrap_ci(t, c, 2000, 0.95, 0))
+        assert row["p"] == pytest.approx(permutation_pvalue(t, c, 10000, 0))
+
+
+def test_asymmetry_cells_equal_the_probe_summary(run):
+    """The report's side × subspace cells against `asymmetry_summary` (experiments.py's own
+    reduction) over the unit's probe rows."""
+    from rwasym.analyses.probe import ProbeResult
+    from rwasym.app.experiments import asymmetry_summary
+
+    out, _ = run
+    rows = json.loads((out / "units" / "asymmetry_s0.json").read_text())["by_k"]["4"]
+    want = asymmetry_summary(ProbeResult(rows=[dict(r, head=None, stream="residual") for r in rows]))
+    assert set(want) == set(real.CELLS)
+    table = {r["cell"]: r["k=4"] for r in json.loads((out / "results.json").read_text())["asymmetry"]["table"]}
+    for cell, value in want.items():
+        assert float(table[cell]) == pytest.approx(value, rel=5e-3)  # the table prints 3 digits
+
+
+def test_graded_lambda_one_on_the_real_model_is_the_dpo_run(quick_cache):
+    """The real experiment reuses each seed's DPO run as its λ = 1 run: retrain it with the graded
+    objective at λ = 1 on the real architecture and compare every parameter bit for bit."""
+    from rwasym.app.experiments import clone
+    from rwasym.substrate.real_pair import load_real_pairs, real_pair
+    from rwasym.substrate.train import AlignConfig, align
+
+    base, tuned, info = real_pair(quick_cache, quick=True, progress=False, seed=0)
+    train, _ = load_real_pairs(info)
+    spec = info["spec"]["align"]
+    config = replace(AlignConfig(**{**spec, "betas": tuple(spec["betas"])}), objective="graded", lam=1.0,
+                     checkpoint_every=0)
+    policy = clone(base)
+    align(policy, base, train, config, progress=False)
+    for s in base.matrices():
+        assert torch.equal(policy.weight(s.name), tuned.weight(s.name)), s.name
+    assert not torch.equal(base.weight("blocks.1.attn.W_Q"), tuned.weight("blocks.1.attn.W_Q"))
+
+
+def test_unknown_part_and_bad_seeds(tmp_path):
+    with pytest.raises(real.RwasymError, match="unknown part"):
+        real.real_experiment(tmp_path, parts=("asymetry",))
+    with pytest.raises(real.RwasymError, match="distinct integers"):
+        real.real_experiment(tmp_path, real.RealConfig(seeds=(0, 0)))
