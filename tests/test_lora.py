@@ -415,3 +415,40 @@ def test_lora_probe_never_forms_a_dense_delta(adapters, monkeypatch, one_thread)
     assert res.rows and res.curves and any(r["head"] is not None for r in res.rows)
     with pytest.raises(AssertionError, match="dense"):  # the trap is armed
         next(iter(tuned.adapter.values())).materialize()
+
+
+def test_phi3_fused_gate_up_and_qkv_adapters(tmp_path, one_thread):
+    """Phi-3 fuses q/k/v (qkv_proj) and the gated MLP's gate and up projections (gate_up_proj, its
+    output chunked into [gate | up] by Phi3MLP): a peft adapter on both splits into W_Q/W_K/W_V and
+    W_gate/W_in equal to peft's get_delta_weight split by hand, and the tuned model's logits are
+    peft's."""
+    from rwasym.testing.families import build_family
+
+    hf = build_family("phi3", tmp_path / "base")
+    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    base = rwasym.load(tmp_path / "base")
+    names = base.host_module_names()
+    assert names["blocks.0.mlp.W_in"] == names["blocks.0.mlp.W_gate"] == "model.layers.0.mlp.gate_up_proj"
+    deltas = lora_deltas(base, tmp_path / "adapter")
+    cfg = hf.config
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+    sizes = [cfg.num_attention_heads * d_head, cfg.num_key_value_heads * d_head, cfg.num_key_value_heads * d_head]
+    oracle = copy.deepcopy(pm).double()
+    for layer in range(cfg.num_hidden_layers):
+        mods = oracle.base_model.model.model.layers[layer]
+        gate, up = mods.mlp.gate_up_proj.get_delta_weight("default").chunk(2, dim=0)
+        q, k, v = mods.self_attn.qkv_proj.get_delta_weight("default").split(sizes, dim=0)
+        for kind, want in (("mlp.W_gate", gate), ("mlp.W_in", up), ("attn.W_Q", q), ("attn.W_K", k), ("attn.W_V", v)):
+            got = deltas[f"blocks.{layer}.{kind}"].materialize()
+            assert (got - want).norm() <= 1e-10 * want.norm(), (layer, kind)
+    tuned = rwasym.load(tmp_path / "base", adapter=tmp_path / "adapter")
+    tokens = torch.randint(3, 90, (2, 10), generator=g)
+    with torch.no_grad():
+        want, got, plain = pm(tokens).logits, tuned.bridge(tokens), base.bridge(tokens)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and (plain - want).abs().max() > 1e-2

@@ -168,7 +168,7 @@ def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> d
 
     Adapter modules are matched to matrices by the host module's name in the Hugging Face model
     (`Model.host_module_names`); a fused QKV host's B is split into W_Q/W_K/W_V rows (see
-    `rwasym.models.layouts.fused_qkv_rows`). Matrices the adapter does not touch get a rank-0 `LowRankDelta`. Raises
+    `rwasym.models.layouts.fused_qkv_rows`), a fused gate-up host's (Phi-3) into W_gate/W_in rows. Matrices the adapter does not touch get a rank-0 `LowRankDelta`. Raises
     RwasymError when an adapter module matches no studied matrix (listing the valid module names)
     or its shape differs from the base's (a different base).
     """
@@ -199,6 +199,11 @@ def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> d
             )
         if not fused:
             out[specs[0].name] = delta
+            continue
+        if {s.kind for s in specs} == {"W_in", "W_gate"}:  # a fused gate-up host: B's rows are [gate | up]
+            for spec in specs:
+                part = base._gate_up[spec.layer][spec.kind]
+                out[spec.name] = delta.rows(torch.arange(part.start, part.stop))
             continue
         rows = base._fused_rows.get(specs[0].layer)
         if rows is None:

@@ -138,6 +138,7 @@ class Model:
                           "(blocks.*.attn.*) only", stacklevel=2)
         # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
         self._fused_rows = self._detect_fused_rows() if detect_fused else {}
+        self._gate_up = self._detect_gate_up() if detect_fused else {}
         self.tokenizer_source: Optional[tuple] = None  # (folder or hub name, revision) of the saved tokenizer
         self._tokenizer: Any = None
         self.provenance: dict = {}  # where the weights came from beyond `source` (e.g. "gguf": the quantized file)
@@ -171,6 +172,24 @@ class Model:
             parts = [host_linear(self.bridge, f"blocks.{layer}.attn.{x}").weight.detach() for x in "qkv"]
             if all(p.shape == (len(r), w.shape[1]) and torch.equal(w[r], p) for r, p in zip(rows, parts)):
                 found[layer] = rows
+        return found
+
+    def _detect_gate_up(self) -> dict[int, dict[str, slice]]:
+        """layer → {"W_gate": rows, "W_in": rows} of a fused gate-up host (Phi-3 ``mlp.gate_up_proj``,
+        whose output is chunked into [gate | up]), found by comparing its rows with the bridge's split
+        gate / in copies; layers without one (or whose rows do not match exactly) are left out."""
+        found = {}
+        for layer, block in enumerate(self.bridge.blocks):
+            mlp = getattr(block, "mlp", None)
+            fused = getattr(getattr(mlp, "original_component", None), "gate_up_proj", None)
+            if not isinstance(fused, nn.Linear) or "gate" not in mlp._modules or "in" not in mlp._modules:
+                continue
+            gate, up = (host_linear(self.bridge, f"blocks.{layer}.mlp.{x}").weight.detach() for x in ("gate", "in"))
+            w, d = fused.weight.detach(), gate.shape[0]
+            for rows in ({"W_gate": slice(0, d), "W_in": slice(d, 2 * d)}, {"W_in": slice(0, d), "W_gate": slice(d, 2 * d)}):
+                if w.shape[0] == 2 * d and torch.equal(w[rows["W_gate"]], gate) and torch.equal(w[rows["W_in"]], up):
+                    found[layer] = {**rows, "host": fused}
+                    break
         return found
 
     @torch.no_grad()
@@ -246,7 +265,7 @@ class Model:
         """Matrix name → qualified name of the nn.Module holding its weight in the Hugging Face model
         (``bridge.original_model``), e.g. ``model.layers.0.self_attn.q_proj`` — the names PEFT
         adapters use. W_Q/W_K/W_V of a fused layer all map to the fused host (GPT-2 ``c_attn``,
-        NeoX ``query_key_value``). Found by identity among the module tree's aliases, keeping the
+        NeoX ``query_key_value``), W_gate/W_in of a fused gate-up layer to it (Phi-3 ``gate_up_proj``). Found by identity among the module tree's aliases, keeping the
         name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias.
         """
         host = self.bridge.original_model
@@ -262,7 +281,10 @@ class Model:
             component = spec.component
             if spec.kind in ("W_Q", "W_K", "W_V") and spec.layer in self._fused_rows:
                 component = f"blocks.{spec.layer}.attn.qkv"
-            names = aliases.get(id(host_linear(self.bridge, component)), [])
+            if spec.kind in ("W_in", "W_gate") and spec.layer in self._gate_up:  # Phi-3's fused gate_up_proj
+                names = aliases.get(id(self._gate_up[spec.layer]["host"]), [])
+            else:
+                names = aliases.get(id(host_linear(self.bridge, component)), [])
             real = [n for n in names if hf_names is None or n in hf_names]
             if real:
                 out[spec.name] = real[0]

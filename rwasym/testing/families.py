@@ -111,7 +111,7 @@ FAMILIES: tuple[Family, ...] = (
            resid_mid_input="mlp", post_norm="w"),
     Family("phi3", "Phi-3", _llama_like("Phi3Config", "Phi3ForCausalLM"),
            "model.layers", "self_attn.qkv_proj", "self_attn.o_proj", "model.norm",
-           notes="fused qkv and gate_up projections"),
+           notes="fused qkv and gate_up projections (LoRA adapters on either are split per matrix)"),
     Family("falcon", "Falcon", lambda c, l: _t().FalconForCausalLM(_t().FalconConfig(
         num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
         new_decoder_architecture=False, multi_query=True, **c)),
