@@ -24,7 +24,11 @@ SWEEP = dict(matrices=["blocks.1.attn.W_Q"], directions="pca:2,random:3,orthogon
              edits_per_pass=3, progress=False)
 
 
+CALLS = []  # one entry per evaluation of the metric (a measured edit, or a reference model)
+
+
 def slow(logits, batch):  # the subprocess defines a sleeping metric of the same name
+    CALLS.append(1)
     return float(logits.double().mean())
 
 
@@ -72,7 +76,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(files, tmp_path):
             time.sleep(0.3)
             return float(logits.double().mean())
         sweep({str(files / 'base')!r}, {str(files / 'tuned')!r}, {str(files / 'pairs.safetensors')!r},
-              out={str(out)!r}, metrics={{"slow": slow}}, **{SWEEP!r})
+              out={str(out)!r}, metrics={{"slow": slow}}, **{dict(SWEEP, edits_per_pass=1)!r})
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -87,8 +91,12 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(files, tmp_path):
         proc.wait()
     header, partial = read_sweep(out)
     assert 2 <= len(partial) < 16 and header["config"]["metrics"] == ["slow"]
-    resumed = _run(files, out)
-    full = _run(files, tmp_path / "full.jsonl")
+    CALLS.clear()
+    resumed = _run(files, out, edits_per_pass=1)
+    # the kill lost at most the row in flight: every flushed row is kept, only the rest is measured
+    # (plus the two reference models, base and tuned)
+    assert len(CALLS) == 16 - len(partial) + 2
+    full = _run(files, tmp_path / "full.jsonl", edits_per_pass=1)
     assert len(full) == 16 and len({r["id"] for r in full}) == 16
     _same_rows(read_sweep(out)[1], full)
     _same_rows(resumed, full)

@@ -578,3 +578,39 @@ def real_report(out: Union[str, Path]) -> dict:
         sections += sec + [f"\n_{len(units)} units, {results['seconds'][part] / 60:.1f} min._\n"]
     report.write_outputs(out, results, sections)
     return results
+
+
+def readme_tables(results: dict) -> str:
+    """The README's real-pair tables, generated from ``docs/results/real/results.json`` (a test
+    checks the README holds exactly this text, so the two cannot drift)."""
+    from . import report
+
+    parts = []
+    if "asymmetry" in results:
+        rows = {r["cell"]: r for r in results["asymmetry"]["table"]}
+        cols = [c for c in rows["read_activation"] if c != "cell"]
+        parts.append(report.markdown_table([{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS],
+                                           ["cell", *cols]))
+    if "graded" in results:
+        wide: dict = {}
+        for r in results["graded"]["by_lam"]:
+            if r["cell"] in ("read_activation", "write_prediction", "heldout_accuracy", "heldout_margin"):
+                wide.setdefault(r["lam"], {"λ": f"{r['lam']:g}", "seeds": r["n"]})[r["cell"]] = _pm(r)
+        slopes = {s["cell"]: _pm(s) for s in results["graded"]["slopes"]}
+        parts.append(report.markdown_table(list(wide.values()) + [
+            {"λ": "slope", **{c: slopes.get(c, "") for c in ("read_activation", "write_prediction",
+                                                            "heldout_accuracy", "heldout_margin")}}]))
+    if "mechanism" in results:
+        parts.append(report.markdown_table([dict(objective=r["objective"], side=r["side"],
+                                                 **{k: _pm(r[k]) for k in ("a_top1_share", "delta_top1_share",
+                                                                          "G_input_pca_relative",
+                                                                          "G_prediction_relative")})
+                                            for r in results["mechanism"]["rows"]]))
+    if "joint" in results:
+        rows = [r for r in results["joint"]["table"] if r["match"] == "output"]
+        parts.append(report.markdown_table([dict(set=r["set"], rank=r["rank"], mode=r["mode"], metric=r["metric"],
+                                                 target=r["target"], control=r["control"],
+                                                 diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
+                                                 p=r["p"], target_kl=r["target_kl"], control_kl=r["control_kl"])
+                                            for r in rows]))
+    return "\n".join(parts)
