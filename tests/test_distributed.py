@@ -41,20 +41,43 @@ WORKER = textwrap.dedent("""
     from rwasym.hooks.activations import capture
     from rwasym.hooks.gradients import capture_gradients
 
+    import rwasym.hooks.gradients as gradients_module
+    from rwasym.analyses.sweep import sweep
+    from rwasym.math.covariance import RunningCovariance
+
     root = sys.argv[1]
     assert distributed.init_from_env() and not distributed.init_from_env()  # idempotent
     rank, size = distributed.world()
+    local = {"tokens": [], "batches": []}  # this rank's own counts, recorded just before each all-reduce
+    reduce_cov, reduce_grads = RunningCovariance.all_reduce, gradients_module._all_reduce
+
+    def recording_cov(self):
+        local["tokens"].append(self.count)
+        return reduce_cov(self)
+
+    def recording_grads(stats):
+        local["batches"].append(stats.n_batches)
+        return reduce_grads(stats)
+
+    RunningCovariance.all_reduce, gradients_module._all_reduce = recording_cov, recording_grads
     model = rwasym.load(root + "/base")
     data = load_file(root + "/tokens.safetensors")
     acts = capture(model, data, batch_size=3, max_tokens=70, progress=False)
+    local["capture_tokens"] = sorted(set(local["tokens"]))
     loss_fn, batches = rwasym.objective_batches("ce", data["input_ids"], batch_size=3, n_batches=3)
     grads = capture_gradients(model, loss_fn, batches, progress=False)
+    RunningCovariance.all_reduce, gradients_module._all_reduce = reduce_cov, reduce_grads
+    # a sweep whose metric is the rank that measured the row: the merged file says who did what
+    sweep(root + "/base", root + "/tuned", root + "/pairs.safetensors", matrices=["blocks.1.attn.W_Q"],
+          directions="pca:2,random:3", alphas=(1.0,), edits_per_pass=2, out=root + "/ranks.jsonl",
+          metrics={"rank": lambda logits, batch: float(rank)}, progress=False)
     try:  # rank 1 gets one batch more than rank 0: both ranks must refuse
         capture(model, data["input_ids"][: 3 + 3 * rank], batch_size=3, progress=False)
         mismatch = ""
     except RwasymError as err:
         mismatch = str(err)
     torch.save(dict(world=size, acts=acts.state_dict()["stats"], mismatch=mismatch, n_batches=grads.n_batches,
+                    local_tokens=local["capture_tokens"], local_batches=local["batches"],
                     inputs={k: v.state_dict() for k, v in grads.inputs.items()},
                     grads={k: v.state_dict() for k, v in grads.grads.items()}, G=grads.G),
                f"{root}/rank{rank}.pt")
@@ -150,6 +173,20 @@ def test_capture_and_gradients_on_two_ranks_equal_one_process(files):
             assert torch.allclose(got["G"][name], grads.G[name], atol=1e-10, rtol=0)
             assert float(grads.G[name].norm()) > 0
         assert "ranks disagree" in got["mismatch"] and "same data" in got["mismatch"]
+    # each rank handled only its share before the all-reduce: batches i ≡ rank (mod 2), under the global
+    # token budget (the tokens a single process keeps, in batch order)
+    mask = data["attention_mask"].bool()
+    kept, budget = [], 70
+    for i in range(0, len(mask), 3):
+        n = min(int(mask[i : i + 3].sum()), max(budget, 0))
+        kept.append(n)
+        budget -= n
+    for rank in (0, 1):
+        got = torch.load(files / f"rank{rank}.pt")
+        assert got["local_tokens"] == [sum(kept[rank::2])], rank
+        assert got["local_batches"] == [len(range(rank, 3, 2))], rank  # of the 3 gradient batches
+    _, rows = read_sweep(files / "ranks.jsonl")
+    assert len(rows) == 5 and [r["rank"] for r in rows] == [float((j // 2) % 2) for j in range(5)]  # odd passes: rank 1
 
 
 def test_probe_cli_under_torchrun_equals_one_process(files, tmp_path):
