@@ -163,11 +163,15 @@ def test_family(fam, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.bridge(tokens), ours)
 
-    # an edit of a deep copy acts like the same edit of a fresh load (not on Falcon: see its notes)
-    if "deepcopy" not in fam.notes:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            twin, fresh = copy.deepcopy(model), rwasym.load(tmp_path / "base")
+    # an edit of a deep copy acts like the same edit of a fresh load (not on Falcon: see its notes), and
+    # so does an edit of `clone` (which reloads from the folder), on every family
+    from rwasym.app.experiments import clone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twins = [clone(model)] + ([copy.deepcopy(model)] if "deepcopy" not in fam.notes else [])
+        fresh = rwasym.load(tmp_path / "base")
+    for twin in twins:
         for spec in model.matrices("blocks.0.*.*"):
             d = 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64)
             with twin.edit({spec.name: model.weight(spec.name) + d}), fresh.edit({spec.name: model.weight(spec.name) + d}):

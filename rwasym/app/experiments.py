@@ -108,9 +108,22 @@ def pretraining_contrast(run: Union[str, Path], data: Any, *, k: int = 8, null_s
 
 
 def clone(model: Model) -> Model:
-    """An independent copy of a model (same weights, own parameters), e.g. to align from a shared base."""
+    """An independent copy of a model (same weights, own parameters), e.g. to align from a shared base.
+
+    Loaded again from its source folder when that gives the same weights (`Model.weights_hash`), else
+    a deep copy: a deep-copied TransformerBridge of some architectures (Falcon) ignores edits of its
+    copied parameters, a fresh load never does."""
     import copy
 
+    source = model.source
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load-time notes were shown when the model was first loaded
+            fresh = load(source)
+        if fresh.weights_hash() == model.weights_hash() and fresh.dtype == model.dtype:
+            return fresh
     return Model(copy.deepcopy(model.bridge), source=model.source)
 
 
