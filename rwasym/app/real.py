@@ -234,6 +234,41 @@ def _companion(s: _Seed, cfg: RealConfig) -> dict:
     return dict(post_by_kind=post["by_kind"], post_rows=post["rows"], reconstruction=recon, geometry=geo)
 
 
+def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: Optional[bool]) -> list[tuple]:
+    """(unit name, part, seed, fn(pair)) in run order: every seed of the cheap, central units first
+    (a run cut short has whole rows of seeds), the rest after — probes, mechanism, output-matched
+    joint edits, the CE contrast, the α scan, norm-matched joint edits, λ = 0.5, the companion
+    analyses, the remaining λ."""
+    def joint(mode: str, match: str, name: str, alphas: Sequence[float], sets: Sequence[str],
+              ranks: Sequence[int]) -> Callable:
+        return lambda s: _joint(s, cfg, out, mode, match, alphas, sets, ranks, name, progress)
+
+    def graded(lam: float) -> Callable:
+        return lambda s: _graded(s, cfg, lam)
+
+    units: list[tuple] = []
+    for part, fn in (("asymmetry", _asymmetry), ("trajectory", _trajectory), ("mechanism", _mechanism)):
+        units += [(f"{part}_s{seed}", part, seed, lambda s, fn=fn: fn(s, cfg)) for seed in seeds]
+    lams = sorted(float(x) for x in cfg.lams)
+    first = [x for x in lams if x in (0.0, 1.0)]
+    middle = [x for x in lams if x == 0.5]
+    rest = [x for x in lams if x not in first + middle]
+    scan_sets = [x for x in cfg.joint_sets if x != "blocks.*.attn.W_Q"] or list(cfg.joint_sets)
+    for i, match in enumerate(cfg.joint_matches):
+        units += [(f"joint_s{seed}_{mode}_{match}", "joint", seed,
+                   joint(mode, match, f"joint_s{seed}_{mode}_{match}", (1.0,), cfg.joint_sets, cfg.joint_ranks))
+                  for seed in seeds for mode in cfg.joint_modes]
+        if i == 0:
+            units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in first for seed in seeds]
+            units.append((f"alpha_scan_s{seeds[0]}", "joint", seeds[0],
+                          joint("transplant", match, f"alpha_scan_s{seeds[0]}", cfg.alpha_scan, scan_sets,
+                                cfg.joint_ranks[-1:])))
+    units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in middle for seed in seeds]
+    units += [(f"companion_s{seed}", "companion", seed, lambda s: _companion(s, cfg)) for seed in seeds]
+    units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in rest for seed in seeds]
+    return units
+
+
 def real_experiment(out: Union[str, Path] = "docs/results/real", config: Optional[RealConfig] = None, *,
                     parts: Sequence[str] = PARTS, cache_dir: Any = None, progress: Optional[bool] = None,
                     log: Any = print, report: bool = True) -> Optional[dict]:
@@ -257,30 +292,9 @@ def real_experiment(out: Union[str, Path] = "docs/results/real", config: Optiona
             pairs[seed] = _Seed(seed, cfg.quick, cache_dir, progress)
         return pairs[seed]
 
-    # parts outer, seeds inner: a run cut short has every seed of the parts it finished
-    for part in [p for p in PARTS if p in parts]:
-        if part == "graded":  # λ = 1 (free) and the CE contrast first, then the inner λ
-            order = sorted(run_cfg.lams, key=lambda x: (x not in (0.0, 1.0), abs(x - 0.5), x))
-            for lam in order:
-                for seed in seeds:
-                    _unit(out, f"graded_s{seed}_l{float(lam):g}", lambda: _graded(pair(seed), run_cfg, float(lam)), log)
-            continue
-        for seed in seeds:
-            tag = f"s{seed}"
-            if part == "joint":
-                for mode in run_cfg.joint_modes:
-                    for match in run_cfg.joint_matches:
-                        name = f"joint_{tag}_{mode}_{match}"
-                        _unit(out, name, lambda: _joint(pair(seed), run_cfg, out, mode, match, (1.0,), run_cfg.joint_sets,
-                                                        run_cfg.joint_ranks, name, progress), log)
-                if seed == seeds[0]:
-                    name = f"alpha_scan_{tag}"
-                    sets = [x for x in run_cfg.joint_sets if x != "blocks.*.attn.W_Q"] or list(run_cfg.joint_sets)
-                    _unit(out, name, lambda: _joint(pair(seed), run_cfg, out, "transplant", run_cfg.joint_matches[0],
-                                                    run_cfg.alpha_scan, sets, run_cfg.joint_ranks[-1:], name, progress), log)
-                continue
-            fn = dict(asymmetry=_asymmetry, trajectory=_trajectory, mechanism=_mechanism, companion=_companion)[part]
-            _unit(out, f"{part}_{tag}", lambda: fn(pair(seed), run_cfg), log)
+    for name, part, seed, fn in _schedule(run_cfg, seeds, out, progress):
+        if part in parts:
+            _unit(out, name, lambda: fn(pair(seed)), log)
     return real_report(out) if report else None
 
 
