@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: demo test install dev clean
+.PHONY: demo test install dev clean mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,12 @@ demo: $(STAMP_BASE)
 test: $(STAMP_DEV)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Mutation testing of the pure math (tests/MUTATION.md; not part of `make test`).
+mutation: $(STAMP_DEV)
+	$(BIN)/pip install --quiet "mutmut==3.8.1"
+	rm -rf mutants
+	$(BIN)/mutmut run || true
+	$(BIN)/mutmut results --all true | awk -F': ' '{split($$1, a, "__mutmut"); print a[1], $$2}' | sort | uniq -c
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis rwasym_out
+	rm -rf $(VENV) .pytest_cache .hypothesis rwasym_out mutants

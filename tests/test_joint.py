@@ -311,3 +311,49 @@ def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_pa
             assert row[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), (post_norm, key)
     header = read_sweep(tmp_path / "raw.jsonl")[0]
     assert header["config"]["post_norm"] == "raw"
+
+
+# -- written to kill surviving mutants of rwasym.math.rank1 (tests/MUTATION.md) ----------------------
+def test_rank1_algebra_edge_cases():
+    from dataclasses import replace
+
+    from rwasym.math.covariance import RunningCovariance
+    from rwasym.math.lowrank import LowRankDelta
+    from rwasym.math.rank1 import Direction, closed_form_u, match_output_energy
+
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(6, 2, dtype=torch.float64, generator=g), torch.randn(2, 5, dtype=torch.float64, generator=g)
+    low, v = LowRankDelta(B, A, scale=0.5), torch.randn(5, dtype=torch.float64, generator=g)
+    v = v / v.norm()
+    assert torch.allclose(closed_form_u(low, v), 0.5 * B @ (A @ v), atol=1e-14)
+    assert torch.allclose(closed_form_u(low, v), closed_form_u(low.materialize(), v), atol=1e-14)
+    with pytest.raises(RwasymError, match="unit vector"):
+        closed_form_u(low, 2 * v)
+    with pytest.raises(RwasymError, match="unit vector"):
+        closed_form_u(low.materialize(), 1.01 * v)
+    # energy with a RunningCovariance: centred (the default) and uncentred
+    acc = RunningCovariance(5)
+    X = torch.randn(50, 5, dtype=torch.float64, generator=g) + 2.0
+    acc.add(X)
+    d = Direction("random", 0, "input", "pca", u=torch.ones(6, dtype=torch.float64), v=v, direction=v)
+    assert d.energy(acc) == pytest.approx(float(v @ torch.cov(X.T) @ v), rel=1e-12)
+    assert d.energy(acc, center=False) == pytest.approx(float(v @ (X.T @ X / 50) @ v), rel=1e-12)
+    # output matching: each control to the target it names (not its position), energies equal, the
+    # name kept; a zero-energy control cannot be matched
+    M = X.T @ X / 50
+    e = torch.eye(5, dtype=torch.float64)
+    targets = [Direction("pca", i, "input", "pca", u=(i + 1.0) * torch.ones(6, dtype=torch.float64), v=e[i],
+                         direction=e[i]) for i in range(2)]
+    controls = [replace(targets[0], kind="random", index=j, u=torch.ones(6, dtype=torch.float64), v=e[2 + j],
+                        matched_to=m) for j, m in enumerate((1, 1, 0))]
+    out = match_output_energy(controls, targets, M)
+    energy = lambda x: float(x.u.square().sum()) * float(x.v @ M @ x.v)
+    assert [c.matched_to for c in out] == [1, 1, 0]
+    for c in out:
+        assert energy(c) == pytest.approx(energy(targets[c.matched_to]), rel=1e-12)
+    unnamed = match_output_energy([replace(c, matched_to=None) for c in controls], targets, M)
+    assert [c.matched_to for c in unnamed] == [0, 1, 0]  # position modulo the number of targets
+    with pytest.raises(RwasymError, match="zero output energy"):
+        match_output_energy([replace(controls[0], u=torch.zeros(6, dtype=torch.float64))], targets, M)
+    with pytest.raises(RwasymError, match="at least one target"):
+        match_output_energy(controls, [], M)

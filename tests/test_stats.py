@@ -228,3 +228,43 @@ def test_t975_is_the_student_t_quantile_for_every_df():
     assert t975(40) > 2.02 > 1.96
     with pytest.raises(RwasymError, match="df >= 1"):
         t975(0)
+
+
+# -- written to kill surviving mutants of rwasym.math.inference (tests/MUTATION.md) ----------------
+def test_seed_interval_small_n_by_hand():
+    from rwasym.math.inference import seed_interval
+
+    assert seed_interval([2.5, None]) == dict(n=1, mean=2.5, std=None, ci_low=None, ci_high=None)
+    got = seed_interval([1.0, 3.0])  # n = 2: std √2, half-width t975(1)·√2/√2 = 12.706
+    assert got == dict(n=2, mean=2.0, std=pytest.approx(2 ** 0.5), ci_low=pytest.approx(2.0 - 12.706),
+                       ci_high=pytest.approx(2.0 + 12.706))
+    with pytest.raises(RwasymError, match="at least one value"):
+        seed_interval([None])
+
+
+def test_t975_table_boundary_and_expansion_terms():
+    from rwasym.math.inference import t975
+
+    assert t975(30) == 2.042 and t975(1) == 12.706  # the table up to df = 30, the expansion above
+    assert 2.0395 < t975(31) < 2.0396 and 1.95996 < t975(10**9) < 1.95997
+    with pytest.raises(RwasymError, match="df >= 1"):
+        t975(0)
+
+
+def test_permutation_and_bootstrap_edge_cases():
+    from rwasym.math.inference import bootstrap_ci, permutation_pvalue
+
+    assert permutation_pvalue([1.0], [2.0]) == 1.0  # one target, one control: 2 splits, both as extreme
+    for bad in (([], [1.0, 2.0]), ([1.0, 2.0], [])):
+        with pytest.raises(RwasymError, match="non-empty"):
+            permutation_pvalue(*bad)
+        with pytest.raises(RwasymError, match="non-empty"):
+            bootstrap_ci(*bad)
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(RwasymError, match="level"):
+            bootstrap_ci([1.0, 2.0], [3.0], level=level)
+    x, y = [0.3, 1.2], [0.1, -0.4]  # C(4, 2) = 6 splits: exact when n_permutations >= 6
+    assert permutation_pvalue(x, y, n_permutations=6) * 6 == pytest.approx(round(permutation_pvalue(x, y) * 6))
+    mc = [permutation_pvalue(x + [0.5], y + [0.7], n_permutations=5, seed=None if i < 0 else 4) for i in range(2)]
+    assert mc[0] == mc[1] and (mc[0] * 6) == pytest.approx(round(mc[0] * 6))  # seeded Monte Carlo: (1 + k)/6
+    assert bootstrap_ci([1.0, 2.0, 4.0], [0.0, 1.0]) == bootstrap_ci([1.0, 2.0, 4.0], [0.0, 1.0], seed=0)

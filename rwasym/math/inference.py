@@ -6,7 +6,7 @@ experiments compare per-seed values).
 
 import itertools
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95,
     return float(lo), float(hi)
 
 
-# Two-sided 95% quantiles of Student's t, df = 1..30 (df > 30 uses 1.96).
+# Two-sided 95% quantiles of Student's t, df = 1..30 (above: the expansion in `t975`).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
          2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
          2.052, 2.048, 2.045, 2.042)
@@ -82,9 +82,9 @@ def t975(df: int) -> float:
     return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
 
 
-def seed_interval(values: Sequence[float]) -> dict:
+def seed_interval(values: Sequence[Optional[float]]) -> dict:
     """Mean, sample std and the 95% t-interval mean ± t₀.₉₇₅(n−1)·std/√n of per-seed values
-    (None for the interval when n < 2)."""
+    (None values, e.g. a metric a seed lacks, are left out; None for the interval when n < 2)."""
     xs = [float(v) for v in values if v is not None]
     if not xs:
         raise RwasymError("seed_interval needs at least one value")
