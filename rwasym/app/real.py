@@ -603,28 +603,55 @@ def readme_tables(results: dict) -> str:
     if "asymmetry" in results:
         rows = {r["cell"]: r for r in results["asymmetry"]["table"]}
         cols = [c for c in rows["read_activation"] if c != "cell"]
-        parts.append(report.markdown_table([{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS],
-                                           ["cell", *cols]))
-    if "graded" in results:
+        parts += ["**Asymmetry** (mean relative fraction r of whole matrices, residual-stream side; mean over seeds "
+                  "[95% t-interval]):\n",
+                  report.markdown_table([{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS],
+                                        ["cell", *cols])]
+    if "trajectory" in results:
         wide: dict = {}
+        for r in results["trajectory"]["by_step"]:
+            wide.setdefault(r["step"], {"step": r["step"]})[r["cell"]] = _pm(r)
+        parts += ["**Trajectory within the DPO run** (k = 8):\n", report.markdown_table(list(wide.values()))]
+    if "mechanism" in results:
+        parts += ["**Mechanism** (gradient anisotropy of the base on the same pair batches; spikiness of C_a and C_δ, "
+                  "relative fraction of G = Σ δ aᵀ, k = 8):\n",
+                  report.markdown_table([dict(objective=r["objective"], side=r["side"],
+                                              **{k: _pm(r[k]) for k in ("a_top1_share", "delta_top1_share",
+                                                                       "delta_effective_rank", "G_input_pca_relative",
+                                                                       "G_prediction_relative")})
+                                         for r in results["mechanism"]["rows"]])]
+    if "joint" in results:
+        for match in ("output", "norm"):
+            rows = [r for r in results["joint"]["table"] if r["match"] == match]
+            if not rows:
+                continue
+            parts += [f"**Joint edits, controls matched in {'output energy' if match == 'output' else 'Frobenius norm'}** "
+                      "(fraction of the base → tuned gap moved, α = 1; target and control means pooled over seeds, "
+                      "diff with its bootstrap 95% CI, permutation p; KL to the unedited host):\n",
+                      report.markdown_table([dict(set=r["set"], rank=r["rank"], mode=r["mode"], metric=r["metric"],
+                                                  seeds=r["seeds"], target=r["target"], control=r["control"],
+                                                  diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
+                                                  p=r["p"], target_kl=r["target_kl"], control_kl=r["control_kl"])
+                                             for r in rows])]
+        scan = results["joint"].get("alpha_scan") or []
+        if scan:
+            parts += ["**α scan** (first seed, rank-8 transplant, output-matched controls):\n",
+                      report.markdown_table(scan)]
+    if "graded" in results:
+        wide = {}
         for r in results["graded"]["by_lam"]:
             if r["cell"] in ("read_activation", "write_prediction", "heldout_accuracy", "heldout_margin"):
                 wide.setdefault(r["lam"], {"λ": f"{r['lam']:g}", "seeds": r["n"]})[r["cell"]] = _pm(r)
         slopes = {s["cell"]: _pm(s) for s in results["graded"]["slopes"]}
-        parts.append(report.markdown_table(list(wide.values()) + [
-            {"λ": "slope", **{c: slopes.get(c, "") for c in ("read_activation", "write_prediction",
-                                                            "heldout_accuracy", "heldout_margin")}}]))
-    if "mechanism" in results:
-        parts.append(report.markdown_table([dict(objective=r["objective"], side=r["side"],
-                                                 **{k: _pm(r[k]) for k in ("a_top1_share", "delta_top1_share",
-                                                                          "G_input_pca_relative",
-                                                                          "G_prediction_relative")})
-                                            for r in results["mechanism"]["rows"]]))
-    if "joint" in results:
-        rows = [r for r in results["joint"]["table"] if r["match"] == "output"]
-        parts.append(report.markdown_table([dict(set=r["set"], rank=r["rank"], mode=r["mode"], metric=r["metric"],
-                                                 target=r["target"], control=r["control"],
-                                                 diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
-                                                 p=r["p"], target_kl=r["target_kl"], control_kl=r["control_kl"])
-                                            for r in rows]))
+        parts += ["**Graded objective** L_λ = λ·DPO + (1 − λ)·CE(chosen) (λ = 0: the CE contrast), k = 8:\n",
+                  report.markdown_table(list(wide.values()) + ([
+                      {"λ": "slope", **{c: slopes.get(c, "") for c in ("read_activation", "write_prediction",
+                                                                      "heldout_accuracy", "heldout_margin")}}]
+                      if slopes else []))]
+    if "companion" in results:
+        parts += ["**Post-training SVD** (per kind) **and rebuilt models**:\n",
+                  report.markdown_table(results["companion"]["post_by_kind"]),
+                  report.markdown_table(results["companion"]["reconstruction"])]
+    minutes = ", ".join(f"{k} {v / 60:.0f} min" for k, v in results.get("seconds", {}).items())
+    parts.append(f"Wall-clock per part (2 cores, shared with test runs, so upper bounds): {minutes}.\n")
     return "\n".join(parts)
