@@ -239,9 +239,9 @@ def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: Optional[bool])
     (a run cut short has whole rows of seeds), the rest after — probes, mechanism, output-matched
     joint edits, the CE contrast, the α scan, norm-matched joint edits, λ = 0.5, the companion
     analyses, the remaining λ."""
-    def joint(mode: str, match: str, name: str, alphas: Sequence[float], sets: Sequence[str],
-              ranks: Sequence[int]) -> Callable:
-        return lambda s: _joint(s, cfg, out, mode, match, alphas, sets, ranks, name, progress)
+    def joint(name: str, seed: int, mode: str, match: str, alphas: Sequence[float], sets: Sequence[str],
+              ranks: Sequence[int]) -> tuple:
+        return (name, "joint", seed, lambda s: _joint(s, cfg, out, mode, match, alphas, sets, ranks, name, progress))
 
     def graded(lam: float) -> Callable:
         return lambda s: _graded(s, cfg, lam)
@@ -255,14 +255,12 @@ def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: Optional[bool])
     rest = [x for x in lams if x not in first + middle]
     scan_sets = [x for x in cfg.joint_sets if x != "blocks.*.attn.W_Q"] or list(cfg.joint_sets)
     for i, match in enumerate(cfg.joint_matches):
-        units += [(f"joint_s{seed}_{mode}_{match}", "joint", seed,
-                   joint(mode, match, f"joint_s{seed}_{mode}_{match}", (1.0,), cfg.joint_sets, cfg.joint_ranks))
+        units += [joint(f"joint_s{seed}_{mode}_{match}", seed, mode, match, (1.0,), cfg.joint_sets, cfg.joint_ranks)
                   for seed in seeds for mode in cfg.joint_modes]
         if i == 0:
             units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in first for seed in seeds]
-            units.append((f"alpha_scan_s{seeds[0]}", "joint", seeds[0],
-                          joint("transplant", match, f"alpha_scan_s{seeds[0]}", cfg.alpha_scan, scan_sets,
-                                cfg.joint_ranks[-1:])))
+            units.append(joint(f"alpha_scan_s{seeds[0]}", seeds[0], "transplant", match, cfg.alpha_scan, scan_sets,
+                               cfg.joint_ranks[-1:]))
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in middle for seed in seeds]
     units += [(f"companion_s{seed}", "companion", seed, lambda s: _companion(s, cfg)) for seed in seeds]
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in rest for seed in seeds]
@@ -316,6 +314,17 @@ def _pm(r: dict, digits: int = 3) -> str:
     if r.get("ci_low") is None:
         return f"{r['mean']:.{digits}g}"
     return f"{r['mean']:.{digits}g} [{r['ci_low']:.{digits}g}, {r['ci_high']:.{digits}g}]"
+
+
+def _pivot(rows: list[dict], head: Callable[[dict], dict], cells: Optional[Sequence[str]] = None) -> list[dict]:
+    """Long rows (one per x and ``cell``, with an interval) as one row per distinct ``head(r)`` — its
+    leading columns — with each cell's mean [95% interval] (``cells``: keep only these)."""
+    wide: dict = {}
+    for r in rows:
+        if cells is None or r["cell"] in cells:
+            first = head(r)
+            wide.setdefault(tuple(first.values()), dict(first))[r["cell"]] = _pm(r)
+    return list(wide.values())
 
 
 def _cells(rows: list[dict], key: str = "relative") -> dict[str, float]:
@@ -390,13 +399,10 @@ def _graded_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
                      yerr=("ci_low", "ci_high") if len(seeds) > 1 else None,
                      title=f"graded λ·DPO + (1−λ)·CE on the real pair, {len(seeds)} seeds",
                      xlabel="λ (contrastive share)", ylabel="mean relative fraction r")
-    wide: dict = {}
-    for r in by_lam:
-        wide.setdefault(r["lam"], {"λ": r["lam"], "seeds": r["n"]})[r["cell"]] = _pm(r)
     sections = ["## Contrast and graded control\n",
                 "Each seed's base aligned with L_λ at the DPO run's steps, learning rate and seed (λ = 0: CE on the "
                 "chosen completions, the pretraining-like contrast; λ = 1: the DPO run). Mean over seeds [95% "
-                "t-interval].\n", report.markdown_table(list(wide.values())),
+                "t-interval].\n", report.markdown_table(_pivot(by_lam, lambda r: {"λ": r["lam"], "seeds": r["n"]})),
                 "\n### Slope of each cell against λ (per seed, then mean [95% t-interval])\n",
                 report.markdown_table([dict(cell=s["cell"], per_seed=", ".join(f"{v:.3g}" for v in s["per_seed"]),
                                             slope=_pm(s)) for s in slopes]), "\n![graded](graded.png)\n"]
@@ -446,12 +452,10 @@ def _trajectory_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
                      hline=1.0, yerr=("ci_low", "ci_high") if len(units) > 1 else None,
                      title=f"within one DPO run, {len(units)} seeds", xlabel="alignment step",
                      ylabel="mean relative fraction r")
-    wide: dict = {}
-    for r in by_step:
-        wide.setdefault(r["step"], {"step": r["step"]})[r["cell"]] = _pm(r)
     return dict(by_step=by_step), ["## Trajectory within the DPO run\n",
                                    "Every saved checkpoint probed against the base; mean over seeds [95% t-interval].\n",
-                                   report.markdown_table(list(wide.values())), "\n![trajectory](trajectory.png)\n"]
+                                   report.markdown_table(_pivot(by_step, lambda r: {"step": r["step"]})),
+                                   "\n![trajectory](trajectory.png)\n"]
 
 
 def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict, list[str]]:
@@ -608,10 +612,8 @@ def readme_tables(results: dict) -> str:
                   report.markdown_table([{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS],
                                         ["cell", *cols])]
     if "trajectory" in results:
-        wide: dict = {}
-        for r in results["trajectory"]["by_step"]:
-            wide.setdefault(r["step"], {"step": r["step"]})[r["cell"]] = _pm(r)
-        parts += ["**Trajectory within the DPO run** (k = 8):\n", report.markdown_table(list(wide.values()))]
+        parts += ["**Trajectory within the DPO run** (k = 8):\n",
+                  report.markdown_table(_pivot(results["trajectory"]["by_step"], lambda r: {"step": r["step"]}))]
     if "mechanism" in results:
         parts += ["**Mechanism** (gradient anisotropy of the base on the same pair batches; spikiness of C_a and C_δ, "
                   "relative fraction of G = Σ δ aᵀ, k = 8):\n",
@@ -638,16 +640,12 @@ def readme_tables(results: dict) -> str:
             parts += ["**α scan** (first seed, rank-8 transplant, output-matched controls):\n",
                       report.markdown_table(scan)]
     if "graded" in results:
-        wide = {}
-        for r in results["graded"]["by_lam"]:
-            if r["cell"] in ("read_activation", "write_prediction", "heldout_accuracy", "heldout_margin"):
-                wide.setdefault(r["lam"], {"λ": f"{r['lam']:g}", "seeds": r["n"]})[r["cell"]] = _pm(r)
+        cells = ("read_activation", "write_prediction", "heldout_accuracy", "heldout_margin")
+        wide = _pivot(results["graded"]["by_lam"], lambda r: {"λ": f"{r['lam']:g}", "seeds": r["n"]}, cells)
         slopes = {s["cell"]: _pm(s) for s in results["graded"]["slopes"]}
         parts += ["**Graded objective** L_λ = λ·DPO + (1 − λ)·CE(chosen) (λ = 0: the CE contrast), k = 8:\n",
-                  report.markdown_table(list(wide.values()) + ([
-                      {"λ": "slope", **{c: slopes.get(c, "") for c in ("read_activation", "write_prediction",
-                                                                      "heldout_accuracy", "heldout_margin")}}]
-                      if slopes else []))]
+                  report.markdown_table(wide + ([{"λ": "slope", **{c: slopes.get(c, "") for c in cells}}]
+                                                if slopes else []))]
     if "companion" in results:
         parts += ["**Post-training SVD** (per kind) **and rebuilt models**:\n",
                   report.markdown_table(results["companion"]["post_by_kind"]),
