@@ -192,6 +192,19 @@ def test_null_is_seeded():
     assert torch.equal(a.samples, random_null(delta, "input", 2, samples=30, generator=gen(13)).samples)
 
 
+def test_percentile_of_a_degenerate_null_is_100():
+    """k = n: every draw is f = 1 up to rounding (above or below by ~1e-16), so a tie within 1e-12
+    counts as <=; without it, the observed f = 1 read as a low percentile of its own null."""
+    d = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    drawn = random_null(d, "input", 6, samples=200, generator=torch.Generator().manual_seed(1))
+    assert float((drawn.samples - 1).abs().max()) < 1e-12
+    rounded = NullResult(mean=1.0, std=0.0, samples=1 + torch.tensor([2.2e-16, -1.1e-16, 4.4e-16], dtype=torch.float64),
+                         k=6, n=6, side="input")
+    for null in (drawn, rounded):
+        assert null.percentile_of(1.0) == 100.0
+        assert null.percentile_of(1.0 - 1e-9) == 0.0  # a tie is only a rounding-close value
+
+
 def test_percentile_of():
     null = NullResult(mean=0.25, std=0.1, samples=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), k=1, n=4, side="input")
     assert [null.percentile_of(v) for v in (0.0, 0.1, 0.25, 0.4, 0.9)] == [0.0, 25.0, 50.0, 100.0, 100.0]

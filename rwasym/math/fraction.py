@@ -108,7 +108,8 @@ class NullResult:
         return float(self.samples.std())
 
     def percentile_of(self, observed: "float | FractionResult") -> float:
-        """Percentage of null samples <= observed fraction f, in [0, 100]."""
+        """Percentage of null samples <= observed fraction f, in [0, 100]; a sample within 1e-12 of f
+        counts as a tie (<=), so a degenerate null (k = n: every f is 1 up to rounding) gives 100."""
         if isinstance(observed, FractionResult):
             mine, theirs = (self.k, self.n, self.side), (observed.k, observed.n, observed.side)
             if mine != theirs:
@@ -117,7 +118,7 @@ class NullResult:
                     f"{mine}; draw the null with the same k and side as the observation."
                 )
             observed = observed.fraction
-        return 100.0 * float((self.samples <= float(observed)).double().mean())
+        return 100.0 * float((self.samples <= float(observed) + 1e-12).double().mean())
 
 
 class NullMoments(NamedTuple):
