@@ -53,14 +53,14 @@ def _run(files, out, **kw):
                  metrics={"slow": slow}, **{**SWEEP, **kw})
 
 
-def _same_rows(a, b):
+def _same_rows(a, b, rel=0.0, abs=1e-9):
     a, b = sorted(a, key=lambda r: r["id"]), sorted(b, key=lambda r: r["id"])
     assert [r["id"] for r in a] == [r["id"] for r in b]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
             if isinstance(x[k], float):
-                assert x[k] == pytest.approx(y[k], abs=1e-9, rel=0), k
+                assert x[k] == pytest.approx(y[k], abs=abs, rel=rel), k
             else:
                 assert x[k] == y[k], k
 
@@ -276,7 +276,13 @@ def test_sweep_file_written_by_rwasym_0_1_resumes(files, tmp_path, monkeypatch, 
     assert header == old_header and len(old_rows) == 6 and len(rows) == 16
     assert rows[:6] == old_rows  # kept verbatim, not recomputed
     assert sum(calls) == 10  # only the missing rows were measured
-    _same_rows(resumed, _run(files, tmp_path / "fresh.jsonl", match=match))
+    fresh = _run(files, tmp_path / "fresh.jsonl", match=match)
+    kept = {r["id"] for r in old_rows}
+    _same_rows([r for r in resumed if r["id"] not in kept], [r for r in fresh if r["id"] not in kept])
+    # the kept rows were computed on another machine, whose float32 kernels round differently
+    # (measured here: u_norm 3e-8 relative, margins 2.3e-8 absolute), so they agree with this
+    # machine's to float32 precision: 1e-6 relative, 1e-6 absolute on log-probability differences
+    _same_rows([r for r in resumed if r["id"] in kept], [r for r in fresh if r["id"] in kept], rel=1e-6, abs=1e-6)
 
 
 def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
