@@ -185,7 +185,8 @@ def test_output_energy_matching_equalises_the_edited_output_change(models):
         return float(diff.square().sum(-1).mean())
 
     for c in matched:
-        assert mean_square_change(c) == pytest.approx(mean_square_change(targets[c.matched_to]), rel=1e-4)
+        # float32 forward passes: measured ≤ 5.9e-8 relative
+        assert mean_square_change(c) == pytest.approx(mean_square_change(targets[c.matched_to]), rel=1e-6)
         assert torch.allclose(c.u / c.u.norm(), controls[c.index].u / controls[c.index].u.norm())  # direction kept
     assert mean_square_change(controls[0]) < 0.5 * mean_square_change(targets[0])  # norm-matching leaves a gap
     with pytest.raises(RwasymError, match="at least one target"):
