@@ -37,7 +37,7 @@ test: $(STAMP_DEV)
 mutation: $(STAMP_DEV)
 	$(BIN)/pip install --quiet "mutmut==3.8.1"
 	rm -rf mutants
-	$(BIN)/mutmut run || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run || true  # one thread per mutant: 2 children on 2 cores
 	$(BIN)/mutmut results --all true | awk -F': ' '{split($$1, a, "__mutmut"); print a[1], $$2}' | sort | uniq -c
 
 clean:

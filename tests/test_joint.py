@@ -357,3 +357,70 @@ def test_rank1_algebra_edge_cases():
         match_output_energy([replace(controls[0], u=torch.zeros(6, dtype=torch.float64))], targets, M)
     with pytest.raises(RwasymError, match="at least one target"):
         match_output_energy(controls, [], M)
+
+
+def test_rank1_direction_edge_cases():
+    """Edge cases of `directions`, `random_frame`, `frame_edit`, `edit_norm` / `edit_energy` that the
+    mutation run (tests/MUTATION.md) found untested: count and k validation at their boundaries,
+    seeded reproducibility, zero components (a rank-1 ΔW along the top PC has no component on an
+    orthogonal control: u = 0, not nan), controls rescaled below unit norm, targets never rescaled."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, 6, dtype=torch.float64, generator=g) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.2], dtype=torch.float64)
+    cov = torch.cov(X.T)
+    top = torch.linalg.eigh(cov).eigenvectors[:, -1]
+    p = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=g)).Q
+    delta = 0.3 * torch.outer(torch.randn(4, dtype=torch.float64, generator=g), top)  # rank 1 along the top PC
+    for count in (0, -1, True):
+        with pytest.raises(RwasymError, match="count must be a positive integer"):
+            directions("random", delta, count, side="input")
+    # orthogonal: k = n - 1 leaves a 1-dim complement; k = n leaves none
+    last = directions("orthogonal", delta, 2, cov=cov, k=5, side="input", generator=torch.Generator().manual_seed(0))
+    assert all(abs(float(d.v @ top)) < 1e-12 for d in last)
+    with pytest.raises(RwasymError, match="orthogonal complement of a 6-dim subspace of R\\^6 is empty"):
+        directions("orthogonal", delta, 1, cov=cov, k=6, side="input")
+    # seeded: the same generator seed gives the same draws (orthogonal, random, random_frame)
+    for kind, kw in (("orthogonal", dict(cov=cov, k=2, side="input")), ("random", dict(side="input"))):
+        a, b = (directions(kind, delta, 3, generator=torch.Generator().manual_seed(7), **kw) for _ in range(2))
+        assert all(torch.equal(x.v, y.v) for x, y in zip(a, b))
+        c = directions(kind, delta, 3, generator=torch.Generator().manual_seed(8), **kw)
+        assert not torch.equal(a[0].v, c[0].v)
+    assert torch.equal(random_frame(6, 2, torch.Generator().manual_seed(3)), random_frame(6, 2, torch.Generator().manual_seed(3)))
+    # ΔW has no component on the complement of its top PC: every orthogonal control is a zero edit
+    zero = directions("orthogonal", delta, 3, cov=cov, k=1, side="input", target_norms=[2.0], generator=g)
+    assert all(torch.equal(d.u, torch.zeros(4, dtype=torch.float64)) and d.matched_to == 0 for d in zero)
+    # the threshold is relative to ‖ΔW‖: the same holds for a ΔW a million times larger
+    big = directions("orthogonal", 1e6 * delta, 3, cov=cov, k=1, side="input", target_norms=[2.0], generator=g)
+    assert all(torch.equal(d.u, torch.zeros(4, dtype=torch.float64)) for d in big)
+    # output side, p ⟂ the column space of ΔW (or ΔW = 0): u = 0 and v = e₀, not nan
+    e0 = torch.eye(6, dtype=torch.float64)[0]
+    for dw in (torch.outer(p[:, 0], top), torch.zeros(4, 6, dtype=torch.float64)):
+        (d,) = directions("prediction", dw, 1, unembedding=p[:, 1:])
+        assert torch.equal(d.u, torch.zeros(4, dtype=torch.float64)) and torch.equal(d.v, e0)
+    # Direction.energy computes in float64 whatever the covariance's dtype
+    d32 = directions("pca", delta, 1, cov=cov)[0]
+    c32 = cov.float()
+    assert d32.energy(c32) == pytest.approx(float(d32.v @ c32.double() @ d32.v), rel=1e-13)
+    # rescaling to a target norm works below 1 too; without target_norms nothing is rescaled or matched
+    small = directions("random", 1e-3 * torch.randn(4, 6, dtype=torch.float64, generator=g), 2, side="input",
+                       target_norms=[0.5, 0.25], generator=g)
+    assert [float(d.u.norm()) for d in small] == pytest.approx([0.5, 0.25], rel=1e-12)
+    plain = directions("random", delta, 2, side="input", generator=torch.Generator().manual_seed(5))
+    assert all(d.matched_to is None and torch.allclose(d.u, delta @ d.v, atol=1e-15) for d in plain)
+    targets = directions("pca", delta, 2, cov=cov, target_norms=[9.0])
+    assert all(d.matched_to is None and torch.allclose(d.u, delta @ d.v, atol=1e-15) for d in targets)
+    # random_frame accepts 1 <= r <= n only
+    for r in (1, 6):
+        F = random_frame(6, r, g)
+        assert torch.allclose(F @ F.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
+    for r in (0, 7):
+        with pytest.raises(RwasymError, match=f"a frame of {r} orthonormal vectors needs 1 <= r <= n = 6"):
+            random_frame(6, r, g)
+    # frame_edit: a frame 10% off orthonormal is refused; norms and energies of small edits are exact
+    F = random_frame(6, 2, g)
+    with pytest.raises(RwasymError, match="orthonormal"):
+        frame_edit(delta, 1.1 * F, "input")
+    U, V = frame_edit(delta, F, "input")
+    E = U.T @ V
+    assert edit_norm(U, V) == pytest.approx(float(E.norm()), rel=1e-12) and float(E.norm()) < 1
+    M = X.T @ X / len(X) * 1e-4
+    assert edit_energy(U, V, M) == pytest.approx(float((E @ M @ E.T).trace()), rel=1e-12) and edit_energy(U, V, M) < 1

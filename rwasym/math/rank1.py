@@ -95,13 +95,14 @@ class Direction:
         return float(self.v @ C.cpu() @ self.v)
 
 
-def _side_vectors(delta: Tensor, drawn: Tensor, side: str) -> tuple[Tensor, Tensor]:
-    """(u, v) of the least-squares rank-1 component of ΔW along the drawn unit vector."""
+def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(u, v) of the least-squares rank-1 component of ΔW along the drawn unit vector; on the output
+    side a component of norm <= ``tiny`` is the zero edit (u = 0, v = e_0)."""
     if side == "input":
         return delta @ drawn, drawn
     w = delta.T @ drawn  # (n_in,)
     norm = w.norm()
-    if float(norm) == 0.0:  # ΔW has no component along p: a zero edit (v arbitrary but unit)
+    if float(norm) <= tiny:  # ΔW has no component along p: a zero edit (v arbitrary but unit)
         v = torch.zeros_like(w)
         v[0] = 1.0
         return torch.zeros_like(drawn), v
@@ -176,7 +177,9 @@ def directions(
     orthogonal: Haar-uniform unit vector in the orthogonal complement of the top-``k`` target
     subspace (PCA of ``cov`` / prediction subspace) of that side.
     target_norms: rescale control j's u to target_norms[j mod len] (its direction is kept), so
-    each control edit has its matched target's Frobenius norm. float64 throughout.
+    each control edit has its matched target's Frobenius norm; a control on which ΔW has no
+    component (‖u‖ ≤ 1e-12·‖ΔW‖_F, e.g. an orthogonal control of a rank-1 ΔW along the top PC)
+    stays the zero edit. float64 throughout.
     """
     if kind not in DIRECTION_KINDS:
         raise RwasymError(f"unknown direction kind {kind!r}; choose from {', '.join(DIRECTION_KINDS)}")
@@ -200,13 +203,14 @@ def directions(
             raise RwasymError(f"the orthogonal complement of a {k}-dim subspace of R^{n} is empty; use k < {n}")
         drawn = torch.stack([complement_basis(basis, 1, generator)[:, 0] for _ in range(count)])
     out = []
+    tiny = 1e-12 * float(delta.norm())  # a component this small is rounding: the edit is zero, not rescaled noise
     for j in range(count):
-        u, v = _side_vectors(delta, drawn[j], side)
+        u, v = _side_vectors(delta, drawn[j], side, tiny)
         matched = None
         if target_norms and kind in ("random", "orthogonal"):
             matched = j % len(target_norms)
             norm = float(u.norm())
-            u = u * (target_norms[matched] / norm) if norm > 0 else u
+            u = u * (target_norms[matched] / norm) if norm > tiny else torch.zeros_like(u)
         out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
                              direction=drawn[j].clone(), matched_to=matched))
     return out
