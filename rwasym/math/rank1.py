@@ -150,7 +150,7 @@ def match_output_energy(
         m = d.matched_to if d.matched_to is not None else j % len(targets)
         want, have = effect(targets[m]), effect(d)
         if have <= 0.0:
-            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0 or vᵀ M v = 0); it cannot "
+            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0: ΔW has no component along it; or vᵀ M v = 0); it cannot "
                               "be matched — use match='norm' or more data for M")
         out.append(replace(d, u=d.u * (want / have) ** 0.5, matched_to=m))
     return out
