@@ -8,7 +8,7 @@ import rwasym
 from rwasym import RwasymError
 from rwasym.analyses.anisotropy import anisotropy_report
 from rwasym.hooks.gradients import capture_gradients
-from rwasym.models.layouts import host_linear, is_transposed
+from rwasym.models.layouts import clean_key, host_linear, is_transposed
 
 
 def ce_loss(model, tokens):
@@ -74,10 +74,7 @@ _FINAL = {"native": ("ln_out", "head"), "gpt2": ("transformer.ln_f", "lm_head"),
 
 def _modules(model):
     """Module name (without the bridge's ``_original_component`` levels) -> the innermost torch module."""
-    out = {}
-    for name, module in model.bridge.original_model.named_modules():
-        out[".".join(p for p in name.split(".") if p != "_original_component")] = module
-    return out
+    return {clean_key(name): module for name, module in model.bridge.original_model.named_modules()}
 
 
 def _spiky(C):

@@ -53,14 +53,14 @@ def _run(files, out, **kw):
                  metrics={"slow": slow}, **{**SWEEP, **kw})
 
 
-def _same_rows(a, b, rel=0.0, abs=1e-9):
+def _same_rows(a, b, rel=0.0, atol=1e-9):
     a, b = sorted(a, key=lambda r: r["id"]), sorted(b, key=lambda r: r["id"])
     assert [r["id"] for r in a] == [r["id"] for r in b]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
             if isinstance(x[k], float):
-                assert x[k] == pytest.approx(y[k], abs=abs, rel=rel), k
+                assert x[k] == pytest.approx(y[k], abs=atol, rel=rel), k
             else:
                 assert x[k] == y[k], k
 
@@ -282,7 +282,7 @@ def test_sweep_file_written_by_rwasym_0_1_resumes(files, tmp_path, monkeypatch, 
     # the kept rows were computed on another machine, whose float32 kernels round differently
     # (measured here: u_norm 3e-8 relative, margins 2.3e-8 absolute), so they agree with this
     # machine's to float32 precision: 1e-6 relative, 1e-6 absolute on log-probability differences
-    _same_rows([r for r in resumed if r["id"] in kept], [r for r in fresh if r["id"] in kept], rel=1e-6, abs=1e-6)
+    _same_rows([r for r in resumed if r["id"] in kept], [r for r in fresh if r["id"] in kept], rel=1e-6, atol=1e-6)
 
 
 def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):

@@ -95,7 +95,7 @@ class Direction:
         return float(self.v @ C.cpu() @ self.v)
 
 
-def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float = 0.0) -> tuple[Tensor, Tensor]:
+def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float) -> tuple[Tensor, Tensor]:
     """(u, v) of the least-squares rank-1 component of ΔW along the drawn unit vector; on the output
     side a component of norm <= ``tiny`` is the zero edit (u = 0, v = e_0)."""
     if side == "input":
