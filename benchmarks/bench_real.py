@@ -158,7 +158,7 @@ def bench_sweep(base, tuned, info, layers, n_edits, n_naive, max_pairs, edits_pe
 
     from rwasym.analyses.behaviour import Evaluator, _Runner
     from rwasym.math.rank1 import directions
-    from rwasym.substrate.real_pair import load_real_pairs
+    from rwasym.studies.real_pair import load_real_pairs
 
     _, held = load_real_pairs(info)
     ev = Evaluator(base, tuned, held, max_pairs=max_pairs)
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--edits-per-pass", type=int, default=4, help="the sweep's CPU default")
     args = ap.parse_args()
     import rwasym
-    from rwasym.substrate.real_pair import real_pair
+    from rwasym.studies.real_pair import real_pair
     from rwasym.testing import real_model_folder
 
     parts = args.parts.split(",")

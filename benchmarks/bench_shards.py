@@ -1,4 +1,4 @@
-"""Peak memory of `rwasym.models.shards.weight_delta_norms` on a checkpoint pair bigger than the target.
+"""Peak memory of `rwasym.models.checkpoint.weight_delta_norms` on a checkpoint pair bigger than the target.
 
 Writes a random Llama-layout (GQA) sharded safetensors pair to a temporary folder under /tmp —
 tensor by tensor with a minimal safetensors writer, never a whole model in memory — then, in a

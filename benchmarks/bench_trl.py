@@ -1,4 +1,4 @@
-"""Alignment speed: the built-in loop (`rwasym.substrate.train.align`) versus TRL's DPOTrainer (`align_trl`).
+"""Alignment speed: the built-in loop (`rwasym.train.align`) versus TRL's DPOTrainer (`align_trl`).
 
 Both train the same native base (the quick default pair's pretrained base: the demo architecture,
 d_model 128, 2 layers, vocab 512) on the same pairs with the same `AlignConfig` (batch, steps, lr,
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import rwasym
-from rwasym.substrate.default_pair import default_pair, default_spec, load_default_pairs
-from rwasym.substrate.train import align
-from rwasym.substrate.trl_backend import align_trl
+from rwasym.studies.default_pair import default_pair, default_spec, load_default_pairs
+from rwasym.train import align
+from rwasym.train.trl_backend import align_trl
 
 
 def main() -> None:

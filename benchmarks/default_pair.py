@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import rwasym
-from rwasym.substrate.language import corpus
+from rwasym.studies.language import corpus
 from rwasym.math.spectra import spikiness
 from rwasym.math.covariance import RunningCovariance
-from rwasym.substrate.default_pair import default_pair, default_spec
+from rwasym.studies.default_pair import default_pair, default_spec
 
 
 @torch.no_grad()

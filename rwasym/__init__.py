@@ -32,7 +32,7 @@ _LAZY = {
     **{n: ("rwasym.hooks.gradients", n) for n in ("GradientStats", "capture_gradients")},
     "rank1_edit": ("rwasym.hooks.edits", "rank1_edit"),
     "anisotropy_report": ("rwasym.analyses.anisotropy", "anisotropy_report"),
-    "objective_batches": ("rwasym.analyses.objectives", "objective_batches"),
+    "objective_batches": ("rwasym.objectives", "objective_batches"),
     **{n: ("rwasym.analyses.probe", n) for n in ("ProbeResult", "probe")},
     "Evaluator": ("rwasym.analyses.behaviour", "Evaluator"),
     **{n: ("rwasym.analyses.sweep", n) for n in ("SweepConfig", "SweepSummary", "read_sweep", "summarize")},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rwasym.data.pairs import ByteTokenizer, PreferencePairs, load_pairs_jsonl, load_text
-from rwasym.substrate.language import Language, LanguageConfig, PairConfig, bigram_accuracy, corpus, entropy_per_token, language, make_pairs, unigram_entropy
+from rwasym.studies.language import Language, LanguageConfig, PairConfig, bigram_accuracy, corpus, entropy_per_token, language, make_pairs, unigram_entropy
 from rwasym.errors import RwasymError
 
 SMALL = LanguageConfig(d_vocab=16, markov_rank=2, copy_prob=0.4, copy_mode_frac=0.5, class_fraction=0.5, seed=3)

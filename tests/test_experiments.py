@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rwasym
-from rwasym.app import experiments
+from rwasym.studies import experiments
 from rwasym.math import inference
 from rwasym.app.cli import main
 
@@ -51,7 +51,7 @@ def test_objective_batches_compute_the_package_losses(models):
     logits = model.bridge(batches[0])
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.d_vocab), batches[0][:, 1:].reshape(-1))
     assert float(loss_fn(model, batches[0])) == pytest.approx(float(ref), rel=1e-6)
-    from rwasym.substrate.language import LanguageConfig, PairConfig, make_pairs
+    from rwasym.studies.language import LanguageConfig, PairConfig, make_pairs
 
     pairs = make_pairs(PairConfig(n_per_rule=4, prompt_len=6, cont_len=1), LanguageConfig(d_vocab=64))
     loss_fn, batches = rwasym.objective_batches("dpo", pairs, reference=model, batch_size=3, n_batches=10)
@@ -113,7 +113,7 @@ def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     from safetensors.torch import save_file
 
     from rwasym.analyses.companion import checkpoint_folders, geometry, post_training_report
-    from rwasym.substrate.default_pair import default_pair
+    from rwasym.studies.default_pair import default_pair
 
     base, tuned, info = default_pair(quick=True, progress=False)
     tokens = torch.randint(0, base.d_vocab, (8, 32))

@@ -8,7 +8,7 @@ import rwasym
 from rwasym import RwasymError
 from rwasym.analyses.anisotropy import anisotropy_report
 from rwasym.hooks.gradients import capture_gradients
-from rwasym.models.layouts import clean_key, host_linear, is_transposed
+from rwasym.models.host import clean_key, host_linear, is_transposed
 
 
 def ce_loss(model, tokens):

@@ -18,7 +18,7 @@ The ΔW part dominates and grows like 1/ε: bf16 keeps 8 mantissa bits, so round
 moves each entry by up to 2⁻⁹|W| and ΔW = bf16(W + δ) − bf16(W) is off by ~0.4%·‖W‖/‖ΔW‖.
 Hence the test's tolerance: |Δr|/r < 0.05 at ε = 0.1, and the documented failure at ε = 0.001.
 For realistic fine-tuning deltas (ε ~ 1e-3 – 1e-2) load fp32 checkpoints in float32 (the
-`rwasym.load` default) or stream ΔW from the files (`rwasym.models.shards`, exact in the stored dtype);
+`rwasym.load` default) or stream ΔW from the files (`rwasym.models.checkpoint`, exact in the stored dtype);
 a bf16 *checkpoint* pair is itself exact, since bf16 → float32 → float64 loses nothing.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 import rwasym
 from rwasym.analyses.probe import probe
-from rwasym.app import experiments
+from rwasym.studies import experiments
 from rwasym.testing import build_hf_model
 
 _BF16_TOL = 0.05  # |r_bf16 − r_fp32| / r_fp32 at ε = 0.1 (measured worst 0.035)

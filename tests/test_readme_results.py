@@ -1,7 +1,7 @@
 """The README's result tables against the JSON they were made from (docs/results/): every number
 the README states for the default pair's probe, graded control and slopes is recomputed from the
 committed results.json, so a rerun that changes a result cannot leave a stale README behind.
-The real pair's tables are generated from docs/results/real/results.json (`rwasym.app.real.readme_tables`)."""
+The real pair's tables are generated from docs/results/real/results.json (`rwasym.studies.real.readme_tables`)."""
 
 import json
 import re
@@ -59,8 +59,8 @@ def test_real_pair_tables_are_generated_from_the_real_json():
     path = ROOT / "docs" / "results" / "real" / "results.json"
     if not path.exists():
         pytest.skip("docs/results/real has not been produced")
-    from rwasym.app.real import readme_tables
+    from rwasym.studies.real import readme_tables
 
     tables = readme_tables(json.loads(path.read_text()))
     assert tables and tables in README, ("README's real-pair tables are stale: paste "
-                                         "rwasym.app.real.readme_tables(results.json of docs/results/real)")
+                                         "rwasym.studies.real.readme_tables(results.json of docs/results/real)")

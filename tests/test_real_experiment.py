@@ -1,4 +1,4 @@
-"""`rwasym experiment real` (rwasym.app.real) on the quick real pair (2 real SmolLM2 blocks, 3 DPO
+"""`rwasym experiment real` (rwasym.studies.real) on the quick real pair (2 real SmolLM2 blocks, 3 DPO
 steps): units are written and reused, the report's pooled statistics equal the same statistics
 recomputed from the sweep files, the λ = 1 reuse is the graded objective's own run bit for bit."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rwasym.analyses.sweep import read_sweep
-from rwasym.app import real
+from rwasym.studies import real
 from rwasym.math.inference import bootstrap_ci, permutation_pvalue
 
 
@@ -61,7 +61,7 @@ def test_asymmetry_cells_equal_the_probe_summary(run):
     """The report's side × subspace cells against `asymmetry_summary` (experiments.py's own
     reduction) over the unit's probe rows."""
     from rwasym.analyses.probe import ProbeResult
-    from rwasym.app.experiments import asymmetry_summary
+    from rwasym.studies.experiments import asymmetry_summary
 
     out, _ = run
     rows = json.loads((out / "units" / "asymmetry_s0.json").read_text())["by_k"]["4"]
@@ -75,9 +75,9 @@ def test_asymmetry_cells_equal_the_probe_summary(run):
 def test_graded_lambda_one_on_the_real_model_is_the_dpo_run(quick_cache):
     """The real experiment reuses each seed's DPO run as its λ = 1 run: retrain it with the graded
     objective at λ = 1 on the real architecture and compare every parameter bit for bit."""
-    from rwasym.app.experiments import clone
-    from rwasym.substrate.real_pair import load_real_pairs, real_pair
-    from rwasym.substrate.train import AlignConfig, align
+    from rwasym.studies.experiments import clone
+    from rwasym.studies.real_pair import load_real_pairs, real_pair
+    from rwasym.train import AlignConfig, align
 
     base, tuned, info = real_pair(quick_cache, quick=True, progress=False, seed=0)
     train, _ = load_real_pairs(info)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rwasym.substrate import real_pair as rp
+from rwasym.studies import real_pair as rp
 
 
 def test_quick_real_pair_builds_caches_and_reloads(real_folder, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rwasym
-from rwasym.app import report
+from rwasym import report
 from rwasym.math.spectra import lifecycle
 
 

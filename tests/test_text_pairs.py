@@ -13,7 +13,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.analyses.objectives import pair_logprobs
+from rwasym.objectives import pair_logprobs
 from rwasym.data.pairs import ByteTokenizer, PreferencePairs, load_pairs_jsonl
 
 TEXT = [

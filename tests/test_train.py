@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import rwasym
-from rwasym.substrate.language import LanguageConfig, PairConfig, corpus, make_pairs
+from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs
 from rwasym.data.pairs import PreferencePairs
 from rwasym.errors import RwasymError
 from rwasym.testing import build_hf_model
-from rwasym.substrate.train import AlignConfig, TrainConfig, align, log_spaced_steps, lr_at, pretrain
-from rwasym.analyses.objectives import alignment_loss, dpo_loss, heldout_ce, mean_kl, pair_logprobs, preference_accuracy, sequence_logprobs, sft_loss
-from rwasym.substrate.default_pair import default_pair
+from rwasym.train import AlignConfig, TrainConfig, align, log_spaced_steps, lr_at, pretrain
+from rwasym.objectives import alignment_loss, dpo_loss, heldout_ce, mean_kl, pair_logprobs, preference_accuracy, sequence_logprobs, sft_loss
+from rwasym.studies.default_pair import default_pair
 
 LANG = LanguageConfig(d_vocab=32, markov_rank=2, copy_prob=0.6, seed=2)
 TINY = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=24, d_vocab=32, d_mlp=64, seed=1)

@@ -1,4 +1,4 @@
-"""TRL as an oracle for rwasym's alignment losses, and the TRL backend (`rwasym.substrate.trl_backend`).
+"""TRL as an oracle for rwasym's alignment losses, and the TRL backend (`rwasym.train.trl_backend`).
 
 The loss mapping checked here (TRL 1.16 ``DPOTrainer._compute_loss``; TRL has no ``rpo_alpha``):
 rwasym dpo ↔ ``loss_type=["sigmoid"]``; sft ↔ ``["sft"]``; graded L_λ = λ·L_DPO + (1 − λ)·L_CE(chosen)
@@ -17,15 +17,15 @@ pytest.importorskip("peft", reason="the LoRA path needs peft: install rwasym[hf]
 
 import rwasym  # noqa: E402
 from rwasym.app.cli import main  # noqa: E402
-from rwasym.substrate.language import LanguageConfig, PairConfig, corpus, make_pairs  # noqa: E402
+from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs  # noqa: E402
 from rwasym.errors import RwasymError  # noqa: E402
 from rwasym.data.pairs import PreferencePairs  # noqa: E402
 from rwasym.testing import build_hf_model  # noqa: E402
-from rwasym.analyses.objectives import (  # noqa: E402
+from rwasym.objectives import (  # noqa: E402
     alignment_loss, dpo_loss, preference_accuracy, sequence_logprobs, sft_loss,
 )
-from rwasym.substrate.train import AlignConfig, TrainConfig, align, pretrain  # noqa: E402
-from rwasym.substrate.trl_backend import (  # noqa: E402
+from rwasym.train import AlignConfig, TrainConfig, align, pretrain  # noqa: E402
+from rwasym.train.trl_backend import (  # noqa: E402
     _trainer_class, align_trl, gpt2_to_native_state, native_to_gpt2, pairs_to_examples, trl_loss_settings,
 )
 
@@ -170,7 +170,7 @@ def test_native_to_gpt2_is_exact_and_invertible():
     x = torch.randint(0, 32, (3, 20))
     torch.testing.assert_close(gpt2(x).logits, model.bridge(x), atol=2e-5, rtol=1e-5)
     state = gpt2_to_native_state(gpt2, 2)
-    from rwasym.models.layouts import clean_key
+    from rwasym.models.host import clean_key
 
     for key, value in model.bridge.original_model.state_dict().items():
         if clean_key(key) in state:

@@ -21,7 +21,7 @@ from ..math.checks import linalg_threads
 from ..hooks.activations import capture
 from ..errors import RwasymError
 from ..models import Model, check_same_architecture, load, read_meta
-from ..models.shards import CheckpointWeights, is_checkpoint_folder
+from ..models.checkpoint import CheckpointWeights, is_checkpoint_folder
 from ..math.spectra import Lifecycle, alpha_req, lifecycle, rankme_from_cov
 from ..math.svd import REBUILD_MODES, post_training_svd, rebuild
 
@@ -31,7 +31,7 @@ def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
     """{"rows": one dict per matrix, "by_kind": means per matrix kind} of `post_training_svd`.
 
     A ``tuned`` Hugging Face checkpoint folder (config.json + safetensors) is read one matrix at a
-    time from its files (`rwasym.models.shards.CheckpointWeights`), never loaded."""
+    time from its files (`rwasym.models.checkpoint.CheckpointWeights`), never loaded."""
     base = load(base)
     tuned_weight = tuned_weights(base, tuned)
     rows = []

@@ -21,7 +21,7 @@ Q/K/V, columns for O); an inner-side per-head basis is the PCA of that head's bl
 covariance. A tuned model loaded with a LoRA adapter (``load(base, adapter=folder)``) is probed
 through its factored ΔW = s · B A (`rwasym.math.lowrank.LowRankDelta`): no n_out × n_in delta is formed.
 A tuned model given as a Hugging Face checkpoint folder (config.json + safetensors) is never loaded:
-each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.models.shards.CheckpointDeltas`).
+each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.models.checkpoint.CheckpointDeltas`).
 """
 
 import json
@@ -38,7 +38,7 @@ from ..hooks.activations import ActivationStats, capture, data_hash, quiet
 from ..errors import RwasymError
 from ..math.lowrank import LowRankDelta
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
-from ..models.shards import CheckpointDeltas, is_checkpoint_folder
+from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
 from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
 from ..math.checks import linalg_threads, release_memory
 from ..math.subspaces import pca_basis, prediction_basis

@@ -1,2 +1,3 @@
-"""What users run: the command line (`cli`, every argparse parser), the paper's experiments
-(`experiments`), the companion reports (`spectra`), the demo and the report/figure writers."""
+"""What users run: the command line (`cli`, every argparse parser) and the companion reports
+(`spectra`). The study's experiments, demo and reports are in `rwasym.studies`, tables and
+figures in `rwasym.report`."""

@@ -18,7 +18,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..studies.demo import run_demo
 
     data = pairs = None
     if args.model or args.tuned or args.tuned_adapter:
@@ -81,9 +81,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     import rwasym
-    from ..substrate.language import LanguageConfig, PairConfig, corpus, make_pairs
+    from ..studies.language import LanguageConfig, PairConfig, corpus, make_pairs
     from ..errors import RwasymError
-    from ..substrate.train import AlignConfig, TrainConfig, align, pretrain
+    from ..train.loops import AlignConfig, TrainConfig, align, pretrain
 
     progress = not args.quiet
     if args.backend != "builtin" and args.stage != "align":
@@ -114,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise RwasymError("--lora-rank trains a peft LoRA adapter through TRL: add --backend trl (the built-in "
                               "loop trains the full weights)")
         if args.backend == "trl":  # TRL's DPOTrainer on the same pairs, settings and output layout
-            from ..substrate.trl_backend import align_trl
+            from ..train.trl_backend import align_trl
 
             lora = None if args.lora_rank is None else dict(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                              target_modules="all-linear", lora_dropout=0.0)
@@ -153,7 +153,7 @@ def _seeds(text: str) -> list[int]:
 
 def _cmd_gradients(args: argparse.Namespace) -> int:
     import rwasym
-    from . import report
+    from .. import report
 
     model = rwasym.load(args.model)
     if args.objective == "ce":
@@ -178,10 +178,10 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from . import experiments
+    from ..studies import experiments
 
     if args.name == "real":
-        from .real import PARTS, RealConfig, real_experiment, real_report
+        from ..studies.real import PARTS, RealConfig, real_experiment, real_report
 
         parts = [p.strip() for p in (args.parts or ",".join(PARTS)).split(",") if p.strip()]
         if args.report_only:
@@ -346,7 +346,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     """``rwasym pair real``: build (or reuse) the cached real aligned pair and print where it is."""
     import json
 
-    from ..substrate.real_pair import real_pair
+    from ..studies.real_pair import real_pair
 
     _, _, info = real_pair(quick=args.quick, seed=args.seed, progress=not args.quiet)
     print(json.dumps({k: info[k] for k in ("base", "tuned", "folder", "heldout_accuracy", "seconds")}, indent=1))
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="probe.json")
     p.set_defaults(func=_cmd_probe)
-    from ..analyses.objectives import OBJECTIVES as GRADIENT_OBJECTIVES
+    from ..objectives import OBJECTIVES as GRADIENT_OBJECTIVES
 
     add_intervene_parser(sub)
     p = sub.add_parser("train", help="train a native model (pretrain) or align a base (align)")
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_gradients)
     p = sub.add_parser("experiment", help="the paper's experiments on the default pair (real: on the real pair), over seeds")
     p.add_argument("name", choices=["graded", "trajectory", "sweep", "real"],
-                   help="real: every experiment on SmolLM2-135M + DPO (rwasym.app.real; resumable units)")
+                   help="real: every experiment on SmolLM2-135M + DPO (rwasym.studies.real; resumable units)")
     p.add_argument("--parts", default=None, help="real: comma-separated parts (asymmetry, trajectory, mechanism, "
                    "joint, companion, graded; default all)")
     p.add_argument("--report-only", action="store_true", help="real: rebuild the report from the finished units")

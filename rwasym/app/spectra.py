@@ -8,11 +8,11 @@ from typing import Any, Optional, Sequence, Union
 
 from ..analyses.companion import (expand_checkpoints, geometry, lifecycle_from_checkpoints, post_training_report,
                                   reconstruction_experiment, tuned_weights)
-from ..analyses.objectives import heldout_ce, preference_accuracy
+from ..objectives import heldout_ce, preference_accuracy
 from ..math.checks import linalg_threads
 from ..math.svd import post_training_svd
 from ..models import load
-from . import report
+from .. import report
 
 __all__ = ["run_geometry", "run_lifecycle", "run_post_training"]
 

@@ -110,7 +110,7 @@ def capture_gradients(
     """Run ``loss_fn(model, batch).backward()`` per batch and stream C_a, C_δ and G per matrix.
 
     loss_fn: any scalar loss of the model on a batch (CE on text, DPO / SFT / graded on
-    preference pairs: see `rwasym.substrate.train`). Parameter gradients are left zeroed afterwards and the
+    preference pairs: see `rwasym.train`). Parameter gradients are left zeroed afterwards and the
     model is left in the mode it had; nothing is updated.
 
     Data parallel (under ``torchrun``, see `rwasym.distributed`): with world_size W > 1, every

@@ -1,3 +1,2 @@
-"""Aligned pairs rwasym builds itself: the procedural language and its preference pairs (`language`),
-the training loops (`train`), the cached embedded default pair (`default_pair`), the real pair
-(`real_pair`: SmolLM2-135M and a DPO fine-tune on a text task) and the TRL backend."""
+"""Deprecated (moved in 0.2; removed in 0.3): the study's pairs and language are in `rwasym.studies`,
+the training loops in `rwasym.train`. Each old module here is an alias that warns."""

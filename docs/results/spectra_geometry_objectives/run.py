@@ -3,11 +3,11 @@ import json, time
 from dataclasses import replace
 from pathlib import Path
 import rwasym
-from rwasym.substrate.default_pair import default_pair, load_default_pairs
-from rwasym.app.experiments import _align_config, clone
-from rwasym.substrate.train import align
+from rwasym.studies.default_pair import default_pair, load_default_pairs
+from rwasym.studies.experiments import _align_config, clone
+from rwasym.train import align
 from rwasym.app.spectra import run_geometry
-from rwasym.substrate.language import corpus, LanguageConfig
+from rwasym.studies.language import corpus, LanguageConfig
 
 t0 = time.time()
 base, tuned, info = default_pair(seed=0, progress=False)

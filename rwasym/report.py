@@ -1,0 +1,242 @@
+"""Tables → JSON, Markdown and PNG figures. No math here: every number comes from a result object.
+
+Figures need matplotlib (the ``plots`` extra); each function returns the matplotlib Figure and
+writes a PNG when ``path`` is given.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from .errors import RwasymError
+
+KIND_ORDER = ("W_Q", "W_K", "W_V", "W_in", "W_gate", "W_O", "W_out")
+PathLike = Union[str, Path]
+
+
+def _plt():
+    try:
+        import sys
+
+        import matplotlib
+
+        if "matplotlib.pyplot" not in sys.modules:  # a script: draw off-screen; a notebook keeps its backend
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RwasymError("figures need matplotlib: pip install 'rwasym[plots]'") from None
+    return plt
+
+
+def _finish(fig, path: Optional[PathLike]):
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Optional[Sequence[str]] = None) -> str:
+    """A GitHub Markdown table of ``rows`` (floats to 3 significant digits)."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(obj: Any, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=_json_default))
+    return path
+
+
+def write_outputs(out: PathLike, results: dict, sections: Sequence[str]) -> Path:
+    """An analysis folder: ``results.json`` (``results`` stamped with the package version) and
+    ``report.md`` (the Markdown ``sections``, one per line); creates ``out``. Returns ``out``."""
+    from ._version import __version__
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["version"] = __version__
+    write_json(results, out / "results.json")
+    (out / "report.md").write_text("\n".join(sections) + "\n")
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def asymmetry_grid(rows: Iterable[dict], subspace: str) -> tuple[list[int], list[str], list[list[float]]]:
+    """(layers, kinds, grid[layer][kind]) of whole-matrix residual-side relative fractions."""
+    cells: dict[tuple[int, str], float] = {}
+    for r in rows:
+        if r["head"] is None and r["stream"] == "residual" and r["subspace"] == subspace:
+            cells[(r["layer"], r["kind"])] = r["relative"]
+    layers = sorted({layer for layer, _ in cells})
+    kinds = [k for k in KIND_ORDER if any(kind == k for _, kind in cells)]
+    grid = [[cells.get((layer, kind), float("nan")) for kind in kinds] for layer in layers]
+    return layers, kinds, grid
+
+
+def asymmetry_heatmap(result: Any, path: Optional[PathLike] = None, title: str = ""):
+    """Layer × matrix-kind heatmaps of r on the residual-stream side, activation vs prediction."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, subspace in zip(axes, ("activation", "prediction")):
+        layers, kinds, grid = asymmetry_grid(result.rows, subspace)
+        if not layers:
+            ax.set_axis_off()
+            continue
+        vmax = max(2.0, max(v for row in grid for v in row if not math.isnan(v)))
+        im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(kinds)), [f"{k}\n({'write' if k in ('W_O', 'W_out') else 'read'})" for k in kinds])
+        ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < vmax * 0.6 else "k", fontsize=8)
+        ax.set_title(f"{subspace} subspace (k={result.config.get('k')})")
+        fig.colorbar(im, ax=ax, label="relative fraction r (1 = isotropic)")
+    fig.suptitle(title or "Where ΔW concentrates: residual-stream side of each matrix")
+    return _finish(fig, path)
+
+
+def rk_curves(result: Any, path: Optional[PathLike] = None, kinds: Sequence[str] = ("W_Q", "W_O", "W_in", "W_out")):
+    """r(k) curves of whole matrices (residual side, both subspaces) with the ±2σ Haar-null band."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, subspace in zip(axes, ("activation", "prediction")):
+        band_drawn = False
+        for c in result.curves:
+            if c["stream"] != "residual" or c["subspace"] != subspace or c["kind"] not in kinds:
+                continue
+            line, = ax.plot(c["ks"], c["relative"], marker="o", ms=3, label=f"L{c['layer']} {c['kind']}")
+            if c.get("null_relative_std") and not band_drawn:
+                lo = [1 - 2 * s for s in c["null_relative_std"]]
+                hi = [1 + 2 * s for s in c["null_relative_std"]]
+                ax.fill_between(c["ks"], lo, hi, color="0.8", alpha=0.6, label="random null ±2σ")
+                band_drawn = True
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("subspace dimension k")
+        ax.set_title(f"{subspace} subspace")
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("relative fraction r(k) = f(k) / (k/n)")
+    return _finish(fig, path)
+
+
+def spectra_plot(spectra: dict[str, Sequence[float]], path: Optional[PathLike] = None, title: str = "",
+                 ylabel: str = "eigenvalue / sum"):
+    """Normalised eigenvalue spectra on log-log axes (e.g. C_a versus C_δ of one matrix)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, values in spectra.items():
+        total = sum(values)
+        ys = [v / total for v in values if v > 0]
+        ax.plot(range(1, len(ys) + 1), ys, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index i")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[PathLike] = None,
+              title: str = "", xlabel: Optional[str] = None, ylabel: Optional[str] = None, hline: Optional[float] = None,
+              yerr: Optional[tuple[str, str]] = None, logx: bool = False):
+    """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves).
+
+    ``yerr``: (low, high) keys of an interval drawn as a shaded band (e.g. a 95% CI over seeds).
+    ``logx``: symmetric-log x axis (log-spaced checkpoints, step 0 included).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    groups: dict[Any, list] = {}
+    for r in rows:
+        band = (r[yerr[0]], r[yerr[1]]) if yerr else (None, None)
+        groups.setdefault(r[group], []).append((r[x], r[y], *band))
+    for label, pts in groups.items():
+        pts.sort(key=lambda p: p[0])
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=str(label))
+        if yerr:
+            ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
+                            color=line.get_color(), alpha=0.2, lw=0)
+    if hline is not None:
+        ax.axhline(hline, color="k", lw=0.8, ls="--")
+    if logx:
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, title=group, title_fontsize=7)
+    return _finish(fig, path)
+
+
+def singular_value_heatmap(lifecycle: Any, matrix: str, path: Optional[PathLike] = None, top: int = 32):
+    """Singular values of one matrix (rows: checkpoints; columns: index) on a log colour scale."""
+    plt = _plt()
+    rows = [r for r in lifecycle.rows if r.name == matrix]
+    if not rows:
+        raise RwasymError(f"no lifecycle rows for {matrix!r}")
+    rows.sort(key=lambda r: r.step)
+    grid = [[math.log10(max(s, 1e-12)) for s in list(r.singular_values)[:top]] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    im = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_yticks(range(len(rows)), [str(r.step) for r in rows])
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("training step")
+    ax.set_title(f"{matrix}: log10 singular values over training")
+    fig.colorbar(im, ax=ax, label="log10 σ")
+    return _finish(fig, path)
+
+
+def rotation_images(R_U: Any, R_V: Any, path: Optional[PathLike] = None, title: str = ""):
+    """|R_U| = |U_kᵀ U'_k| and |R_V| = |V_kᵀ V'_k| side by side (a consistent rotation shows the
+    same pattern twice; no rotation is the identity)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, R, label in ((axes[0], R_U, "|R_U| = |U_kᵀ U'_k| (output side)"), (axes[1], R_V, "|R_V| = |V_kᵀ V'_k| (input side)")):
+        im = ax.imshow(abs(R.detach().cpu().double()).numpy() if hasattr(R, "detach") else abs(R),
+                       vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("tuned singular direction")
+        ax.set_ylabel("base singular direction")
+        fig.colorbar(im, ax=ax, label="|cosine|", fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def effect_plot(rows: Sequence[dict], metric: str, path: Optional[PathLike] = None, title: str = ""):
+    """Strip plot of one intervention metric by direction kind (target vs controls), per matrix."""
+    plt = _plt()
+    matrices = sorted({r["matrix"] for r in rows})
+    kinds = sorted({r["direction"] for r in rows})
+    fig, ax = plt.subplots(figsize=(min(14, max(5, 1.6 * len(matrices) * len(kinds) / 2)), 4.2))
+    for i, m in enumerate(matrices):
+        for j, kind in enumerate(kinds):
+            ys = [r[metric] for r in rows if r["matrix"] == m and r["direction"] == kind and r.get(metric) is not None]
+            xpos = i * (len(kinds) + 1) + j
+            ax.scatter([xpos] * len(ys), ys, s=10, alpha=0.6, label=kind if i == 0 else None,
+                       color=f"C{j}")
+    ax.set_xticks([i * (len(kinds) + 1) + (len(kinds) - 1) / 2 for i in range(len(matrices))], matrices,
+                  rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"rank-1 edits: {metric} by direction")
+    ax.legend(fontsize=7)
+    return _finish(fig, path)

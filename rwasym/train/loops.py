@@ -1,0 +1,261 @@
+"""Training loops over any `rwasym.Model`: CE pretraining, DPO / SFT / graded alignment.
+
+Plain torch: logits come from ``model.bridge(tokens)`` (batch, pos, d_vocab) and the optimised
+parameters are ``model.bridge.parameters()``, so the same loops train native bridges and Hugging
+Face models loaded with `rwasym.load`. Runs are deterministic from ``config.seed`` on one machine:
+`torch.manual_seed` at the start and a seeded `torch.Generator` for the data order. The model's
+current train/eval mode is kept; `rwasym.load` returns eval mode, so dropout stays off (as TRL's
+``disable_dropout``), which also keeps runs deterministic.
+
+The losses and metrics themselves (DPO, SFT, graded, CE; preference accuracy, KL, held-out CE)
+live in `rwasym.objectives`.
+
+Checkpoints go to ``out/step_{N:06d}/`` (`rwasym.save_model` for native models, ``save_pretrained``
+for Hugging Face ones) and the log to ``out/log.jsonl`` (one JSON object per logged step).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm import tqdm
+
+from ..objectives import all_scores, check_objective, check_tokens, next_token_ce, objective_value, pack_pairs
+from ..data.pairs import PreferencePairs
+from ..errors import RwasymError
+from ..models import Model, save_model
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["AlignConfig", "TrainConfig", "TrainResult", "align", "log_spaced_steps", "lr_at", "pretrain",
+           "save_checkpoint"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """CE pretraining hyper-parameters (AdamW, linear warmup then cosine decay)."""
+
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 32  # sequences per step
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices (≥ 2-D parameters) only
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments (nanoGPT values)
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio at the last step
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    n_checkpoints: int = 8  # log-spaced checkpoints between step 1 and the end (+ step 0 and final)
+    log_every: int = 10  # steps between log.jsonl records
+    seed: int = 0  # seeds torch and the data order
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Alignment hyper-parameters: objective "dpo" | "sft" | "graded" (L_λ, λ = ``lam``)."""
+
+    objective: str = "dpo"  # which loss: dpo | sft | graded (`rwasym.objectives`)
+    beta: float = 0.1  # DPO temperature β
+    lam: float = 0.5  # λ of the graded objective (ignored by dpo / sft)
+    steps: int = 300  # optimizer steps
+    batch_size: int = 64  # pairs per optimizer step
+    grad_accum: int = 1  # micro-batches batch_size is split into (same update, 1/grad_accum of the memory)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decay on matrices (0: the change stays the objective's own)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moments
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    checkpoint_every: int = 50  # trajectory checkpoint period in steps (0 = step 0 and final only)
+    log_every: int = 10  # steps between log.jsonl records
+    seed: int = 0  # seeds torch and the data order
+
+
+@dataclass
+class TrainResult:
+    """What a training loop did: logged records, checkpoint folders, wall time, last loss."""
+
+    history: list[dict] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _bar(total: int, progress: bool, desc: str):
+    return tqdm(total=total, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False)
+
+
+def _optimizer(model: Model, cfg: Any) -> torch.optim.Optimizer:
+    params = [p for p in model.bridge.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): linear warmup, then cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def log_spaced_steps(total: int, n: int) -> list[int]:
+    """0, ~n geometrically spaced steps in [1, total], and total (sorted, unique)."""
+    inner = {round(math.exp(math.log(total) * i / max(1, n - 1))) for i in range(n)} if n > 0 and total > 0 else set()
+    return sorted({0, total} | inner)
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    """Yield ``steps`` index batches from seeded epoch permutations of range(n)."""
+    g = torch.Generator().manual_seed(int(seed))
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos : pos + min(batch_size, n)]
+        pos += batch_size
+
+
+def save_checkpoint(model: Model, folder: PathLike, meta: dict) -> Path:
+    """Save native models with `rwasym.save_model`, Hugging Face ones with ``save_pretrained`` (+
+    tokenizer and an ``rwasym-train.json`` with ``meta``); either loads back with `rwasym.load`."""
+    folder = Path(folder)
+    if getattr(model.cfg, "architecture", None) in (None, "TransformerLensNative"):
+        return save_model(model, folder, meta=meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)  # the adapter syncs fused QKV and unwraps the bridge's module tree
+    (folder / "rwasym-train.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return folder
+
+
+def _write_log(fh, record: dict) -> None:
+    if fh is not None:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+
+
+def _step(model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, accum: int, clip: float,
+          lr: float) -> tuple[float, dict, float]:
+    """One optimizer step on batch ``idx``, accumulated over ``accum`` micro-batches weighted by their
+    share of the batch (for per-pair mean losses the gradient equals the whole batch's).
+    Returns (loss, stats, gradient norm before clipping)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    total, stats = 0.0, {}
+    for part in torch.tensor_split(idx, accum):
+        loss, part_stats = loss_of(part)
+        weight = len(part) / len(idx)
+        (loss * weight).backward()
+        total += loss.item() * weight
+        for key, value in part_stats.items():
+            stats[key] = stats.get(key, 0.0) + value * weight
+    norm = torch.nn.utils.clip_grad_norm_(model.bridge.parameters(), clip if clip > 0 else float("inf"))
+    opt.step()
+    return total, stats, float(norm)
+
+
+def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of: Any, checkpoint: Any,
+          fh: Any, result: "TrainResult", progress: bool, desc: str) -> None:
+    """The shared optimisation loop: seeded batches, lr schedule, step, log, checkpoint, bar."""
+    with _bar(config.steps, progress, desc) as bar:
+        for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
+            lr = lr_at(step, config)
+            result.final_loss, stats, norm = _step(model, opt, idx, loss_of, getattr(config, "grad_accum", 1),
+                                                   config.grad_clip, lr)
+            if step % config.log_every == 0 or step + 1 == config.steps:
+                record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
+                result.history.append(record)
+                _write_log(fh, record)
+            checkpoint(step + 1, result.final_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.final_loss:.3f}")
+
+
+# ----------------------------------------------------------------------------------- pretrain
+def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig = TrainConfig(), *,
+             out: Optional[PathLike] = None, progress: bool = True) -> TrainResult:
+    """Next-token CE pretraining of ``model`` (in place) on ``corpus`` rows.
+
+    With ``out``: checkpoints at step 0, `log_spaced_steps` and the final step into
+    ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm).
+    """
+    corpus = check_tokens(model, corpus, "corpus")
+    if corpus.shape[1] < 2:
+        raise RwasymError("corpus rows need >= 2 tokens to have a next-token target.")
+    torch.manual_seed(config.seed)
+    opt, result, t0 = _optimizer(model, config), TrainResult(), time.perf_counter()
+    ckpt_steps = set(log_spaced_steps(config.steps, config.n_checkpoints)) if out is not None else set()
+    fh = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fh = open(Path(out) / "log.jsonl", "w")
+
+    def checkpoint(step: int, loss: float) -> None:
+        if step in ckpt_steps:
+            meta = {"stage": "pretrain", "step": step, "loss": loss, "config": asdict(config)}
+            result.checkpoints.append(save_checkpoint(model, Path(out) / f"step_{step:06d}", meta))
+
+    try:
+        checkpoint(0, float("nan"))
+        _loop(model, opt, config, len(corpus), lambda idx: (next_token_ce(model, corpus[idx]), {}),
+              checkpoint, fh, result, progress, "pretrain")
+    finally:
+        if fh is not None:
+            fh.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# -------------------------------------------------------------------------------------- align
+def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, config: AlignConfig = AlignConfig(), *,
+          out: Optional[PathLike] = None, progress: bool = True) -> TrainResult:
+    """Align ``model`` (in place) on ``pairs`` with ``config.objective``; ``reference`` stays frozen.
+
+    Reference log-probs are computed once up front (the reference never changes). With ``out``:
+    trajectory checkpoints at step 0, every ``checkpoint_every`` steps and the final step into
+    ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm, margin, ...).
+    """
+    check_objective(config, reference)
+    if config.grad_accum < 1 or config.batch_size % config.grad_accum:
+        raise RwasymError(f"grad_accum must be >= 1 and divide batch_size; got grad_accum={config.grad_accum}, "
+                          f"batch_size={config.batch_size}")
+    if reference is model or (reference is not None and reference.bridge is model.bridge):
+        raise RwasymError("reference must be a separate frozen copy of the base, not the model being trained; "
+                          "load the base twice (e.g. rwasym.load(folder)).")
+    packed = pack_pairs(model, pairs)
+    ref = all_scores(reference, packed) if config.objective != "sft" else (torch.zeros(len(pairs)),) * 2
+    torch.manual_seed(config.seed)
+    opt, result, t0 = _optimizer(model, config), TrainResult(), time.perf_counter()
+    every = config.checkpoint_every
+    fh = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fh = open(Path(out) / "log.jsonl", "w")
+
+    def checkpoint(step: int, loss: float) -> None:
+        if out is not None and (step == 0 or step == config.steps or (every > 0 and step % every == 0)):
+            meta = {"stage": "align", "step": step, "loss": loss, "config": asdict(config)}
+            result.checkpoints.append(save_checkpoint(model, Path(out) / f"step_{step:06d}", meta))
+
+    try:
+        checkpoint(0, float("nan"))
+        _loop(model, opt, config, len(pairs),
+              lambda idx: objective_value(model, packed.take(idx), (ref[0][idx], ref[1][idx]), config),
+              checkpoint, fh, result, progress, f"align[{config.objective}]")
+    finally:
+        if fh is not None:
+            fh.close()
+    result.seconds = time.perf_counter() - t0
+    return result
