@@ -260,9 +260,10 @@ def test_fused_qkv_sync_makes_save_pretrained_faithful(hf_folder, arch, tmp_path
     else:  # query_key_value rows: [h, (q, k, v), d_head]
         grid = torch.arange(3 * d).reshape(n_heads, 3, d_head)
         expected = [grid[:, i].reshape(-1) for i in range(3)]
-    assert set(model._fused_rows) == set(range(model.n_layers))
-    for rows in model._fused_rows.values():
-        assert all(torch.equal(r, e) for r, e in zip(rows, expected))
+    for layer in range(model.n_layers):
+        layouts = [model.host_layout(f"blocks.{layer}.attn.{kind}") for kind in ("W_Q", "W_K", "W_V")]
+        assert all(layout.fused == "qkv" and layout.module is layouts[0].module for layout in layouts)
+        assert all(torch.equal(layout.rows, e) for layout, e in zip(layouts, expected))
     g = torch.Generator().manual_seed(9)
     for kind in ("W_Q", "W_K", "W_V"):
         name = f"blocks.1.attn.{kind}"

@@ -1,4 +1,4 @@
-"""Streaming weight deltas from safetensors checkpoints (`rwasym.models.shards`).
+"""Streaming weight deltas from safetensors checkpoints (`rwasym.models.checkpoint`).
 
 The oracle is the in-memory path: ``rwasym.weight_deltas(rwasym.load(base), rwasym.load(tuned))``
 must equal the streamed ΔW bit for bit (names, order, layout, values) on GPT-2 (Conv1D, fused
@@ -16,7 +16,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.models.shards import checkpoint_matrices, stream_weight_deltas, weight_delta_norms
+from rwasym.models.checkpoint import checkpoint_matrices, stream_weight_deltas, weight_delta_norms
 from rwasym.testing import HF_ARCHS
 
 _SHARD = "20KB"  # the tiny models are ~100 KB: several shards each
@@ -102,6 +102,20 @@ def test_weight_delta_norms(pairs):
     for name, d in expected.items():
         assert norms[name] == pytest.approx(float(d.square().sum().sqrt()), rel=1e-12)
 
+
+
+def test_phi3_fused_gate_up_streams(tmp_path):
+    """Phi-3 stores W_gate and W_in as the halves [gate | up] of one ``mlp.gate_up_proj`` tensor (and
+    W_Q, W_K, W_V as rows of ``self_attn.qkv_proj``): streaming reads each matrix's rows of it."""
+    from rwasym.testing.families import build_family
+
+    hf = build_family("phi3", tmp_path / "base")
+    tuned = _tuned_copy(hf, tmp_path / "base", tmp_path / "tuned")
+    _assert_equal_to_load(tmp_path / "base", tuned)
+    entries = {e.name: e for e in checkpoint_matrices(tuned, "blocks.1.mlp.*")}
+    gate, up = entries["blocks.1.mlp.W_gate"], entries["blocks.1.mlp.W_in"]
+    assert gate.key == up.key == "model.layers.1.mlp.gate_up_proj.weight" and gate.host_shape == (96, 32)
+    assert (gate.rows, up.rows) == (tuple(range(48)), tuple(range(48, 96)))
 
 # -- errors --------------------------------------------------------------------------------------
 def test_missing_and_corrupt_folders(pairs, tmp_path):
@@ -217,7 +231,7 @@ def _refuse_loading(monkeypatch, folder):
 def test_checkpoint_deltas_equal_loaded_deltas(pairs, arch):
     """CheckpointDeltas (tuned read from its files, base loaded) = the in-memory ΔW, bit for bit,
     in any lookup order (a fused qkv host re-read when the order jumps)."""
-    from rwasym.models.shards import CheckpointDeltas, CheckpointWeights, is_checkpoint_folder
+    from rwasym.models.checkpoint import CheckpointDeltas, CheckpointWeights, is_checkpoint_folder
 
     base_folder, tuned_folder = pairs[arch]
     assert is_checkpoint_folder(tuned_folder) and is_checkpoint_folder(str(base_folder))

@@ -1,9 +1,11 @@
 """The only folder that knows TransformerBridge and host layouts.
 
-registry (`Model`, `MatrixSpec`, self_check), heads (head slicing), layouts (Conv1D transposes,
-fused QKV rows), loading (load, load_pair, native checkpoints), gpt2 (native ↔ HF GPT-2 export),
-deltas (weight_deltas), lora (PEFT adapters), shards (streaming deltas from safetensors), gguf
-(GGUF files de-quantized into cached Hugging Face folders), cache (the rwasym cache root).
+registry (`Model`, `MatrixSpec`, self_check), heads (head slicing), host (the one owner of host
+layouts: Conv1D transposes, fused qkv and gate-up rows, syncing, Hugging Face module names, save),
+loading (load, load_pair, native checkpoints), gpt2 (native ↔ HF GPT-2 export), deltas
+(weight_deltas), lora (PEFT adapters), checkpoint (streaming deltas from safetensors checkpoints),
+gguf (GGUF files de-quantized into cached Hugging Face folders), cache (the rwasym cache root).
+``layouts`` and ``shards`` are deprecated aliases of ``host`` and ``checkpoint`` (removed in 0.3).
 """
 
 from .deltas import check_same_architecture, weight_deltas

@@ -3,7 +3,7 @@
 Float64, nn.Linear layout (n_out × n_in). ``weight_deltas(..., lazy=True)`` returns a mapping that
 forms each ΔW when read and keeps none, so a loop over it holds one float64 matrix at a time.
 Checkpoints larger than memory stream their deltas from safetensors instead
-(`rwasym.models.shards.stream_weight_deltas`).
+(`rwasym.models.checkpoint.stream_weight_deltas`).
 """
 
 from collections.abc import Mapping
@@ -22,7 +22,7 @@ class WeightDeltas(Mapping):
     materialises them all, as a plain dict would hold them)."""
 
     def __init__(self, base: Model, tuned: Any, names: Sequence[str]) -> None:
-        # tuned: a Model, or anything with its ``weight(name)`` (`rwasym.models.shards.CheckpointWeights`)
+        # tuned: a Model, or anything with its ``weight(name)`` (`rwasym.models.checkpoint.CheckpointWeights`)
         self.base, self.tuned, self._names = base, tuned, list(names)
 
     def __getitem__(self, name: str):
@@ -50,7 +50,7 @@ def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], 
     reads the models' current weights, so an edit made in between shows).
 
     For a tuned Hugging Face checkpoint folder that should not be loaded, use
-    `rwasym.models.shards.CheckpointDeltas` (the same values, W_tuned read from its files).
+    `rwasym.models.checkpoint.CheckpointDeltas` (the same values, W_tuned read from its files).
 
     Raises RwasymError naming the first matrix whose name or shape differs. When ``tuned`` was
     loaded with a LoRA adapter (``load(base, adapter=...)``) and ``base`` was not, returns the

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RwasymError
-from .layouts import clean_key
+from .host import clean_key
 
 __all__ = ["gpt2_to_native_state", "native_to_gpt2"]
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import RwasymError
 from . import gguf
-from .layouts import clean_key
+from .host import clean_key
 from .registry import Model
 
 __all__ = ["load", "load_native", "load_pair", "native_config", "read_meta", "save_model"]
@@ -282,7 +282,7 @@ def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: 
     """(base, tuned) Models for a command: ``tuned`` is a full checkpoint, or ``tuned_adapter`` a PEFT
     LoRA adapter folder applied to ``base`` (exactly one of them). With ``stream=True`` a tuned
     Hugging Face checkpoint folder is returned as its path, unloaded, for the commands that read
-    it a matrix at a time (`rwasym.models.shards.is_checkpoint_folder`)."""
+    it a matrix at a time (`rwasym.models.checkpoint.is_checkpoint_folder`)."""
     if (tuned is None) == (tuned_adapter is None):
         raise RwasymError(f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
                           "(a PEFT LoRA adapter folder applied to --base)")

@@ -9,7 +9,8 @@ A and B are always in `nn.Linear` layout (y = W a), whatever the host stores: wi
 
 Fused QKV hosts (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) carry one adapter for q, k and v:
 A is shared and B's rows are stacked like the host's fused weight; `lora_deltas` takes W_Q, W_K and
-W_V's rows of B (`rwasym.models.layouts.fused_qkv_rows`), so each gets its own `LowRankDelta`.
+W_V's rows of B (`rwasym.models.host.HostLayout.rows`), so each gets its own `LowRankDelta`; a
+fused gate-up host (Phi-3 ``gate_up_proj``) is split into W_gate and W_in the same way.
 
 The factored type itself, and why nothing downstream forms the n_out × n_in matrix, is
 `rwasym.math.lowrank.LowRankDelta`. Matrices an adapter leaves alone get a rank-0 `LowRankDelta`
@@ -167,8 +168,9 @@ def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> d
     """Every studied matrix of ``base`` → its factored ΔW under ``adapter`` (a folder or `read_adapter`).
 
     Adapter modules are matched to matrices by the host module's name in the Hugging Face model
-    (`Model.host_module_names`); a fused QKV host's B is split into W_Q/W_K/W_V rows (see
-    `rwasym.models.layouts.fused_qkv_rows`), a fused gate-up host's (Phi-3) into W_gate/W_in rows. Matrices the adapter does not touch get a rank-0 `LowRankDelta`. Raises
+    (`Model.host_module_names`); a fused QKV host's B is split into W_Q/W_K/W_V rows, a fused gate-up
+    host's (Phi-3) into W_gate/W_in rows (`Model.host_layout`, `rwasym.models.host`). Matrices the
+    adapter does not touch get a rank-0 `LowRankDelta`. Raises
     RwasymError when an adapter module matches no studied matrix (listing the valid module names)
     or its shape differs from the base's (a different base).
     """
@@ -197,20 +199,12 @@ def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> d
                 f"{'/'.join(s.name for s in specs)} {'stack to' if fused else 'is'} {expect}; the adapter was trained "
                 f"on a different base (it names {adapter.base_model_name_or_path!r}): load that base"
             )
-        if not fused:
-            out[specs[0].name] = delta
-            continue
-        if {s.kind for s in specs} == {"W_in", "W_gate"}:  # a fused gate-up host: B's rows are [gate | up]
-            for spec in specs:
-                part = base._gate_up[spec.layer][spec.kind]
-                out[spec.name] = delta.rows(torch.arange(part.start, part.stop))
-            continue
-        rows = base._fused_rows.get(specs[0].layer)
-        if rows is None:
-            raise RwasymError(f"{module!r} is a fused qkv host whose row layout rwasym could not read off the "
-                              "bridge's split_qkv_matrix, so the adapter's B cannot be split into W_Q, W_K, W_V")
-        for spec in specs:
-            out[spec.name] = delta.rows(rows["W_Q W_K W_V".split().index(spec.kind)])
+        layouts = [base.host_layout(spec.name) for spec in specs]
+        if fused and any(layout.rows is None for layout in layouts):
+            raise RwasymError(f"{module!r} is a fused host whose row layout rwasym could not read off the bridge's "
+                              f"split, so the adapter's B cannot be split into {'/'.join(s.name for s in specs)}")
+        for spec, layout in zip(specs, layouts):  # a fused host's B is split into each matrix's rows
+            out[spec.name] = delta if layout.rows is None else delta.rows(layout.rows)
     return out
 
 
@@ -225,8 +219,7 @@ def merge_adapter(model: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -
     changed = [name for name, d in deltas.items() if d.rank]
     for name in changed:
         model.set_weight(name, model.weight(name) + deltas[name].materialize())
-    if any(model.matrix(n).layer in model._fused_rows and model.matrix(n).kind in ("W_Q", "W_K", "W_V")
-           for n in changed):
+    if any(model.host_layout(n).fused == "qkv" for n in changed):
         model.sync_fused_qkv()
     model.adapter = deltas
     return model

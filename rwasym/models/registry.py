@@ -1,9 +1,11 @@
-"""The adapter: every piece of architecture knowledge rwasym has lives here.
+"""The adapter: the matrix registry and weight read/write of one TransformerBridge.
 
 A studied matrix is always returned in `nn.Linear` layout, W ∈ R^{n_out × n_in} acting as
-y = W a, whatever the host stores (GPT-2 `Conv1D` is transposed; fused QKV hosts are read through
-the bridge's split q/k/v linears, which are the ones the bridge's forward pass uses; GQA K/V have
-`n_key_value_heads` heads).
+y = W a, whatever the host stores (GPT-2 `Conv1D` is transposed; fused QKV and gate-up hosts are
+read through the bridge's split linears, which are the ones the bridge's forward pass uses; GQA K/V
+have `n_key_value_heads` heads). How each matrix is stored in the Hugging Face model (transpose,
+fused rows, module names, syncing and saving) is `rwasym.models.host`'s, read here through
+`Model.host_layout`.
 
 Registry names use TransformerLens vocabulary: ``blocks.{L}.attn.W_Q|W_K|W_V|W_O`` and
 ``blocks.{L}.mlp.W_in|W_gate|W_out``. Each matrix is defined by the linear map it feeds: its input
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import RwasymError
 from ..math.checks import require_finite
 from .heads import head_slice
-from .layouts import clean_key, fused_qkv_rows, host_linear, is_transposed
+from .host import HostLayout, host_layouts, host_linear, host_module_names, is_transposed, save_hf, sync_fused
 
 _ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
 _MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
@@ -125,7 +127,7 @@ class Model:
     use its hooks); everything architecture-specific is answered here.
     """
 
-    def __init__(self, bridge: nn.Module, source: Any = None, *, detect_fused: bool = True):
+    def __init__(self, bridge: nn.Module, source: Any = None, *, weightless: bool = False):
         self.bridge = bridge
         self.source = source
         self.cfg = bridge.cfg
@@ -136,9 +138,9 @@ class Model:
             warnings.warn(f"rwasym: {type(getattr(bridge, 'original_model', bridge)).__name__}'s MLPs are mixtures of experts; "
                           "rwasym does not study expert matrices yet, so its registry holds the attention matrices "
                           "(blocks.*.attn.*) only", stacklevel=2)
-        # detect_fused=False: a weightless (meta-device) skeleton, whose values cannot be compared
-        self._fused_rows = self._detect_fused_rows() if detect_fused else {}
-        self._gate_up = self._detect_gate_up() if detect_fused else {}
+        # where each matrix is stored (`rwasym.models.host`); a weightless (meta-device) skeleton's fused
+        # rows are read off the bridge's split without comparing values
+        self._layouts = host_layouts(bridge, self._specs.values(), check_values=not weightless)
         self.tokenizer_source: Optional[tuple] = None  # (folder or hub name, revision) of the saved tokenizer
         self._tokenizer: Any = None
         self.provenance: dict = {}  # where the weights came from beyond `source` (e.g. "gguf": the quantized file)
@@ -149,80 +151,19 @@ class Model:
                 "TransformerBridge whose blocks expose attn.q/k/v/o and mlp.in/out"
             )
 
-    # -- fused QKV hosts -----------------------------------------------------------------------
-    def _detect_fused_rows(self) -> dict[int, list[Tensor]]:
-        """layer → row indices of W_Q, W_K, W_V in the host's fused qkv weight (`fused_qkv_rows`).
+    # -- host layouts (rwasym.models.host) ------------------------------------------------------
+    def host_layout(self, name: str) -> HostLayout:
+        """Where matrix ``name`` is stored in the Hugging Face (or native) model: its host module,
+        Conv1D transpose and, for a fused qkv or gate-up host, its rows (`rwasym.models.host.HostLayout`)."""
+        return self._layouts[self.matrix(name).name]
 
-        The bridge's forward uses split q/k/v copies; the fused parameter is what
-        ``save_pretrained`` writes, so `sync_fused_qkv` must know where each part lives. Detected
-        once, at load, and kept only where the fused weight's rows equal the split copies exactly.
-        """
-        found = {}
-        for layer, block in enumerate(self.bridge.blocks):
-            attn = getattr(block, "attn", None)
-            if attn is None or "qkv" not in attn._modules or "q" not in attn._modules:
-                continue
-            try:
-                rows = fused_qkv_rows(self.bridge, f"blocks.{layer}.attn")
-            except RwasymError:
-                continue
-            fused = host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
-            w = fused.weight.detach()
-            w = w.T if is_transposed(fused) else w
-            parts = [host_linear(self.bridge, f"blocks.{layer}.attn.{x}").weight.detach() for x in "qkv"]
-            if all(p.shape == (len(r), w.shape[1]) and torch.equal(w[r], p) for r, p in zip(rows, parts)):
-                found[layer] = rows
-        return found
-
-    def _detect_gate_up(self) -> dict[int, dict[str, slice]]:
-        """layer → {"W_gate": rows, "W_in": rows} of a fused gate-up host (Phi-3 ``mlp.gate_up_proj``,
-        whose output is chunked into [gate | up]), found by comparing its rows with the bridge's split
-        gate / in copies; layers without one (or whose rows do not match exactly) are left out."""
-        found = {}
-        for layer, block in enumerate(self.bridge.blocks):
-            mlp = getattr(block, "mlp", None)
-            fused = getattr(getattr(mlp, "original_component", None), "gate_up_proj", None)
-            if not isinstance(fused, nn.Linear) or "gate" not in mlp._modules or "in" not in mlp._modules:
-                continue
-            gate, up = (host_linear(self.bridge, f"blocks.{layer}.mlp.{x}").weight.detach() for x in ("gate", "in"))
-            w, d = fused.weight.detach(), gate.shape[0]
-            for rows in ({"W_gate": slice(0, d), "W_in": slice(d, 2 * d)}, {"W_in": slice(0, d), "W_gate": slice(d, 2 * d)}):
-                if w.shape[0] == 2 * d and torch.equal(w[rows["W_gate"]], gate) and torch.equal(w[rows["W_in"]], up):
-                    found[layer] = {**rows, "host": fused}
-                    break
-        return found
-
-    @torch.no_grad()
     def sync_fused_qkv(self) -> int:
         """Copy the split q/k/v weights (and biases) the forward pass uses back into the host's
         fused qkv parameter, so ``original_model.save_pretrained`` saves what the bridge computes.
 
         Returns the number of layers synced; raises when a fused layer's rows are unknown.
         """
-        synced = 0
-        for layer, block in enumerate(self.bridge.blocks):
-            attn = getattr(block, "attn", None)
-            if attn is None or "qkv" not in attn._modules:
-                continue
-            rows = self._fused_rows.get(layer)
-            if rows is None:
-                raise RwasymError(
-                    f"blocks.{layer}.attn has a fused qkv parameter whose row layout rwasym could not read "
-                    "off the bridge's split_qkv_matrix; saving it would drop changes to W_Q/W_K/W_V"
-                )
-            fused = host_linear(self.bridge, f"blocks.{layer}.attn.qkv")
-            hosts = [host_linear(self.bridge, f"blocks.{layer}.attn.{x}") for x in "qkv"]
-            w = (fused.weight.T if is_transposed(fused) else fused.weight).clone()
-            for r, h in zip(rows, hosts):
-                w[r] = h.weight.to(w.dtype)
-            fused.weight.copy_(w.T if is_transposed(fused) else w)
-            if getattr(fused, "bias", None) is not None and all(h.bias is not None for h in hosts):
-                b = fused.bias.clone()  # the split biases may be views of the fused one
-                for r, h in zip(rows, hosts):
-                    b[r] = h.bias.to(b.dtype)
-                fused.bias.copy_(b)
-            synced += 1
-        return synced
+        return sync_fused(self.bridge, self._layouts, ("qkv",))
 
     def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
         """Save as a plain Hugging Face folder (config, safetensors, tokenizer when there is one).
@@ -232,8 +173,8 @@ class Model:
 
         The bridge rewires the HF module tree (aliases, split q/k/v copies), so the host's own
         ``save_pretrained`` would write duplicated or stale tensors. This syncs the fused qkv
-        parameter from the split copies (`sync_fused_qkv`), maps the bridge's state dict back to
-        the HF names, loads it into a fresh instance of the HF class and saves that.
+        parameters from the split copies, maps the bridge's state dict back to the HF names, loads
+        it into a fresh instance of the HF class and saves that (`rwasym.models.host.save_hf`).
         """
         host = self.bridge.original_model
         if not hasattr(host, "save_pretrained"):  # a native model: exported as an exact GPT-2 when it is one
@@ -242,53 +183,17 @@ class Model:
 
             native_to_gpt2(self).save_pretrained(folder)
             return folder
-        self.sync_fused_qkv()
-        fresh = type(host)(host.config)
-        wanted = fresh.state_dict()
-        clean = {}
-        for key, value in host.state_dict().items():
-            name = clean_key(key)
-            if name in wanted and name not in clean:
-                clean[name] = value.detach().clone()
-        missing = [k for k in wanted if k not in clean]
-        if missing:
-            raise RwasymError(f"cannot map the bridge back to {type(host).__name__}: missing {missing[:5]}")
-        fresh.load_state_dict(clean, strict=True)
-        folder = Path(folder)
-        fresh.save_pretrained(folder)
-        tokenizer = getattr(self.bridge, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        return folder
+        return save_hf(self.bridge, self._layouts, folder)
 
     def host_module_names(self) -> dict[str, str]:
         """Matrix name → qualified name of the nn.Module holding its weight in the Hugging Face model
         (``bridge.original_model``), e.g. ``model.layers.0.self_attn.q_proj`` — the names PEFT
         adapters use. W_Q/W_K/W_V of a fused layer all map to the fused host (GPT-2 ``c_attn``,
         NeoX ``query_key_value``), W_gate/W_in of a fused gate-up layer to it (Phi-3 ``gate_up_proj``). Found by identity among the module tree's aliases, keeping the
-        name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias.
+        name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias
+        (`rwasym.models.host.host_module_names`).
         """
-        host = self.bridge.original_model
-        aliases: dict[int, list[str]] = {}
-        for qualified, module in host.named_modules(remove_duplicate=False):
-            aliases.setdefault(id(module), []).append(clean_key(qualified))
-        hf_names = None
-        if hasattr(host, "config") and hasattr(host, "save_pretrained"):
-            with torch.device("meta"):
-                hf_names = {n for n, _ in type(host)(host.config).named_modules()}
-        out = {}
-        for spec in self.matrices():
-            component = spec.component
-            if spec.kind in ("W_Q", "W_K", "W_V") and spec.layer in self._fused_rows:
-                component = f"blocks.{spec.layer}.attn.qkv"
-            if spec.kind in ("W_in", "W_gate") and spec.layer in self._gate_up:  # Phi-3's fused gate_up_proj
-                names = aliases.get(id(self._gate_up[spec.layer]["host"]), [])
-            else:
-                names = aliases.get(id(host_linear(self.bridge, component)), [])
-            real = [n for n in names if hf_names is None or n in hf_names]
-            if real:
-                out[spec.name] = real[0]
-        return out
+        return host_module_names(self.bridge, self._layouts)
 
     # -- registry -----------------------------------------------------------------------------
     def _build_registry(self) -> Iterator[MatrixSpec]:
