@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rwasym
-from rwasym import RwasymError, flatten_site
+from rwasym import RwasymError
+from rwasym.models import flatten_site
 from rwasym.analyses.probe import probe
 
 
