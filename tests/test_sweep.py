@@ -310,3 +310,37 @@ def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
     assert got == SweepConfig(alphas=(0.5, 1.0), edits_per_pass=2, reuse_prefix=False, heads=True, match="output")
     assert config_from_args(parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p"]),
                             SweepConfig) == SweepConfig()
+
+
+def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, capsys):
+    """The `rwasym intervene` data path: the pair file is read once (CLI, with the base's tokenizer), turned
+    into the evaluation set once (rwasym.sweep's boundary), and each model is loaded once; the Evaluator
+    below takes the typed forms it is given."""
+    import rwasym.analyses.behaviour as behaviour
+    import rwasym.models.loading as loading
+    from rwasym.app.cli import main
+    from rwasym.models import Model
+
+    calls = {"load_pairs": 0, "as_eval_set": 0, "loads": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    real_load = loading.load
+
+    def load(source, *args, **kwargs):
+        calls["loads"] += not isinstance(source, Model)  # a Model passed through is no load
+        return real_load(source, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "load_pairs", counted("load_pairs", Model.load_pairs))
+    monkeypatch.setattr(behaviour, "as_eval_set", counted("as_eval_set", behaviour.as_eval_set))
+    for module in ("rwasym.models.loading", "rwasym.models", "rwasym.analyses.sweep", "rwasym.analyses.behaviour",
+                   "rwasym.hooks.activations"):
+        monkeypatch.setattr(f"{module}.load", load)
+    assert main(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"), "--pairs",
+                 str(files / "pairs.safetensors"), "--matrices", "blocks.1.attn.W_Q", "--directions", "pca:1,random:1",
+                 "--alphas", "1", "--out", str(tmp_path / "s.jsonl"), "--quiet"]) == 0
+    assert calls == {"load_pairs": 1, "as_eval_set": 1, "loads": 2}, calls

@@ -121,6 +121,25 @@ def as_eval_set(pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -
     return EvalSet(chosen, chosen_scored, rejected, rejected_scored, text, text_mask)
 
 
+def eval_set(model: Model, pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -> EvalSet:
+    """The one resolver of held-out pairs for ``model``: a file is read with the model's own tokenizer
+    (`Model.load_pairs`; token-id files need none), anything else goes through `as_eval_set`; an
+    `EvalSet` passes through untouched. Token ids are checked against the model's vocabulary.
+    Entry points (`Evaluator`, `rwasym.sweep`) call it once; everything below takes the `EvalSet`."""
+    if isinstance(pairs, EvalSet):
+        data = pairs
+    else:
+        if isinstance(pairs, (str, os.PathLike)):  # a file: text is tokenized with the model's tokenizer
+            pairs = model.load_pairs(pairs)
+        data = as_eval_set(pairs, text, max_pairs)
+    for name in ("chosen", "rejected", "text"):
+        t = getattr(data, name)
+        if int(t.max()) >= model.d_vocab or int(t.min()) < 0:
+            raise RwasymError(f"{name} token ids must lie in [0, {model.d_vocab}) for this model; got "
+                              f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?")
+    return data
+
+
 @dataclass
 class _Stream:
     """One batch of sequences run through the model. select: logit positions kept (None = all);
@@ -303,14 +322,7 @@ class Evaluator:
                  reuse_prefix: bool = True, max_pairs: Optional[int] = None):
         self.base, self.tuned = load(base), load(tuned)
         check_same_architecture(self.base, self.tuned)
-        if isinstance(data, (str, os.PathLike)):  # a file: text is tokenized with the base model's tokenizer
-            data = self.base.load_pairs(data)
-        self.data = as_eval_set(data, text, max_pairs)
-        for name in ("chosen", "rejected", "text"):
-            t = getattr(self.data, name)
-            if int(t.max()) >= self.base.d_vocab or int(t.min()) < 0:
-                raise RwasymError(f"{name} token ids must lie in [0, {self.base.d_vocab}) for this model; got "
-                                  f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?")
+        self.data = eval_set(self.base, data, text, max_pairs)
         if isinstance(metrics, Mapping):
             self.metrics = dict(metrics)
         else:

@@ -51,8 +51,9 @@ from ..hooks.edits import MODES
 from ..errors import RwasymError
 from ..math.inference import bootstrap_ci, permutation_pvalue
 from ..math.rank1 import directions as make_directions, match_output_energy
+from ..models.deltas import WeightDeltas
 from ..models import Model, check_same_architecture, embed_head, head_input_block, head_slice, load
-from .behaviour import Evaluator
+from .behaviour import Evaluator, eval_set
 from .joint import iter_values as joint_values, joint_edits, matrix_set
 
 __all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]
@@ -316,6 +317,8 @@ def sweep(
                           f"{', '.join(f.name for f in fields(SweepConfig))}")
     cfg = replace(config or SweepConfig(), **overrides)
     base, tuned = load(base), load(tuned)
+    check_same_architecture(base, tuned)  # before any capture: a mismatch costs nothing
+    data_set = eval_set(base, pairs, text, cfg.max_pairs)  # pairs resolved once; the Evaluator takes the EvalSet
     kinds = parse_directions(cfg.directions)
     # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
     edits_per_pass = cfg.edits_per_pass or (4 if base.device.type == "cpu" else 64)
@@ -327,8 +330,7 @@ def sweep(
     specs = [s for s in base.matrices() if s.name in chosen]
     if not specs:
         raise base.unmatched(list(cfg.matrices))
-    ev = Evaluator(base, tuned, pairs, text=text, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix,
-                   max_pairs=cfg.max_pairs)
+    ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix)
     cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
     tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
     config = cfg.header(
@@ -351,13 +353,13 @@ def sweep(
         # float64 products: a sweep file's rows (PCA directions, their norms) stay reproducible across versions
         acts = capture(base, cov_data, sites={base.input_hook(s.name): s.n_in for s in specs},
                        max_tokens=max_tokens, progress=progress, gram_dtype=torch.float64)
-        check_same_architecture(base, tuned)
+        deltas = WeightDeltas(base, tuned, [s.name for s in specs])  # each ΔW formed when read, float64
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
         plan, warned = [], set()
         if cfg.joint:
             plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
         for spec in specs if not cfg.joint else []:
-            full = tuned.weight(spec.name) - base.weight(spec.name)  # ΔW (float64), one matrix at a time
+            full = deltas[spec.name]  # ΔW (float64), one matrix at a time
             gamma = _post_scale(base, spec.name, cfg.post_norm)
             if gamma is not None:  # directions and norms as the residual stream sees the change
                 full = gamma[:, None] * full
@@ -426,10 +428,11 @@ def _joint_plan(ev: Evaluator, base: Model, tuned: Model, sets: dict, acts: Any,
     target / control edit, ``edits_per_pass`` edits per batched forward."""
     host = base if sign > 0 else tuned
     deltas: dict[str, torch.Tensor] = {}
+    formed = WeightDeltas(base, tuned, sorted({s.name for group in sets.values() for s in group}))
 
     def delta_of(name: str) -> torch.Tensor:  # ΔW once per matrix (sets may share matrices)
         if name not in deltas:
-            deltas[name] = tuned.weight(name) - base.weight(name)
+            deltas[name] = formed[name]
             if scales.get(name) is not None:  # residual convention: diag(γ_post)·ΔW
                 deltas[name] = scales[name][:, None] * deltas[name]
         return deltas[name]
