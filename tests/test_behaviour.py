@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rwasym
+from rwasym.testing import perturb
 from rwasym import RwasymError
 from rwasym.analyses import behaviour
 from rwasym.analyses.behaviour import Evaluator, as_eval_set
@@ -16,12 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(model, scale=0.05, seed=0):
-    tuned = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    for spec in tuned.matrices():
-        w = tuned.weight(spec.name)
-        tuned.set_weight(spec.name, w + scale * torch.randn(spec.shape, generator=g, dtype=torch.float64))
-    return tuned
+    return perturb(copy.deepcopy(model), scale, seed)
 
 
 @pytest.fixture(scope="module")

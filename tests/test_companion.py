@@ -8,16 +8,12 @@ from rwasym import RwasymError
 from rwasym.analyses.companion import geometry, lifecycle_from_checkpoints, post_training_report, reconstruction_experiment
 from rwasym.math.spectra import lifecycle, rankme
 from rwasym.math.svd import post_training_svd
+from rwasym.testing import perturb
 
 
 @pytest.fixture(scope="module")
 def pair(native_cfg):
-    base, tuned = rwasym.load(native_cfg), rwasym.load(native_cfg)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in tuned.bridge.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return base, tuned
+    return rwasym.load(native_cfg), perturb(rwasym.load(native_cfg), 0.05, seed=4, every_parameter=True)
 
 
 def test_post_training_report_matches_direct(pair):

