@@ -188,6 +188,55 @@ def test_family(fam, tmp_path):
         assert float((again.bridge(tokens) - tuned.bridge(tokens)).abs().max()) <= 1e-6 * scale
 
 
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_family_streamed_checkpoint(fam, tmp_path):
+    """A tuned folder streamed from its safetensors files (`rwasym.models.checkpoint`: the path
+    ``rwasym.probe(base, tuned_folder)`` takes) gives the ΔW of the loaded tuned model bit for bit —
+    every studied matrix changed, so each one's key, transpose and fused rows (qkv; Phi-3's gate-up
+    halves W_gate, W_in) are checked; on Phi-3 also the probe rows of ``rwasym.probe(base, tuned_folder)``."""
+    from rwasym.models.checkpoint import CheckpointDeltas, checkpoint_matrices, stream_weight_deltas
+
+    hf = build_family(fam, tmp_path / "base")
+    tuned_hf = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuned_hf.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tuned_hf.save_pretrained(tmp_path / "tuned", max_shard_size="40KB")  # several shards
+    for file in (tmp_path / "base").glob("*token*"):
+        (tmp_path / "tuned" / file.name).write_bytes(file.read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, tuned = rwasym.load(tmp_path / "base"), rwasym.load(tmp_path / "tuned")
+    expected = rwasym.weight_deltas(base, tuned)
+    streamed = list(stream_weight_deltas(tmp_path / "base", tmp_path / "tuned"))
+    assert [name for name, _ in streamed] == list(expected)
+    for name, delta in streamed:
+        assert delta.dtype == torch.float64 and torch.equal(delta, expected[name]), name
+        assert float(delta.abs().max()) > 0, name  # every matrix changed: a wrong row or transpose shows
+    from_base = CheckpointDeltas(base, tmp_path / "tuned")  # what probe(base, tuned_folder) reads
+    assert all(torch.equal(from_base[name], expected[name]) for name in expected)
+    entries = {e.name: e for e in checkpoint_matrices(tmp_path / "tuned", "blocks.0.*.*")}
+    names = base.host_module_names()
+    assert all(e.key == f"{names[n]}.weight" for n, e in entries.items())
+    if fam.name == "phi3":
+        gate, up = entries["blocks.0.mlp.W_gate"], entries["blocks.0.mlp.W_in"]
+        assert gate.key == up.key == "model.layers.0.mlp.gate_up_proj.weight" and gate.fused == up.fused == "gate_up"
+        d_mlp = base.matrix("blocks.0.mlp.W_in").n_out
+        assert (gate.rows, up.rows) == (tuple(range(d_mlp)), tuple(range(d_mlp, 2 * d_mlp)))
+        # the probe of the tuned folder (the gate-up rows are new to streaming; ΔW above covers the rest)
+        data = torch.randint(3, 96, (4, 16), generator=g)
+        kw = dict(k=2, null_samples=0, curves=False, heads=False, matrices="blocks.0.mlp.*")
+        loaded, from_folder = rwasym.probe(base, tuned, data, **kw), rwasym.probe(base, tmp_path / "tuned", data, **kw)
+        assert from_folder.config["tuned_streamed"] is True and len(from_folder.rows) == len(loaded.rows) > 0
+        for a, b in zip(from_folder.rows, loaded.rows):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                assert value == (pytest.approx(b[key], rel=1e-12, abs=1e-15) if isinstance(value, float) else b[key]), \
+                    (a["matrix"], key)
+
+
 def test_readme_support_table_is_generated_from_the_family_table():
     readme = (ROOT / "README.md").read_text()
     assert support_table() in readme, "README's support table is stale: paste rwasym.testing.families.support_table()"
