@@ -13,9 +13,10 @@ Tokenizers: any object with ``encode(text) -> list[int]`` (a Hugging Face tokeni
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
@@ -25,11 +26,11 @@ from ..errors import RwasymError
 
 __all__ = ["ByteTokenizer", "PreferencePairs", "load_pairs", "load_pairs_jsonl", "load_text", "tokenize_preference"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike[str]
 _PARTS = ("prompt", "chosen", "rejected")
 
 
-def _prefix_lengths(mask: Optional[Tensor], x: Tensor, what: str) -> Tensor:
+def _prefix_lengths(mask: Tensor | None, x: Tensor, what: str) -> Tensor:
     """Per-row count of valid tokens; checks the mask's True entries form a prefix."""
     if mask is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
@@ -54,10 +55,10 @@ class PreferencePairs:
     prompt: Int[Tensor, "n p"]
     chosen: Int[Tensor, "n c"]
     rejected: Int[Tensor, "n c"]
-    prompt_mask: Optional[Bool[Tensor, "n p"]] = None
-    chosen_mask: Optional[Bool[Tensor, "n c"]] = None
-    rejected_mask: Optional[Bool[Tensor, "n c"]] = None
-    rule: Optional[Int[Tensor, " n"]] = None
+    prompt_mask: Bool[Tensor, "n p"] | None = None
+    chosen_mask: Bool[Tensor, "n c"] | None = None
+    rejected_mask: Bool[Tensor, "n c"] | None = None
+    rule: Int[Tensor, " n"] | None = None
     rule_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -149,9 +150,10 @@ class PreferencePairs:
             if len(widths) != 1 or any(getattr(p, f"{part}_mask") is not None for p in parts):
                 raise RwasymError(f"concat needs unmasked pairs of equal {part} length; got lengths {sorted(widths)}.")
             kwargs[part] = torch.cat([getattr(p, part) for p in parts])
-        if all(p.rule is not None for p in parts):
-            kwargs["rule"] = torch.cat([torch.tensor([names.index(p.rule_names[r]) for r in p.rule.tolist()],
-                                                     dtype=torch.long) for p in parts])
+        rules = [p.rule for p in parts if p.rule is not None]
+        if len(rules) == len(parts):
+            kwargs["rule"] = torch.cat([torch.tensor([names.index(p.rule_names[r]) for r in rule.tolist()],
+                                                     dtype=torch.long) for p, rule in zip(parts, rules)])
             kwargs["rule_names"] = names
         return PreferencePairs(**kwargs)
 
@@ -171,7 +173,7 @@ class PreferencePairs:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
                 names = tuple(json.loads((f.metadata() or {}).get("rule_names", "[]")))
         except (OSError, ValueError, RuntimeError) as err:
             raise RwasymError(f"cannot read preference pairs from {str(path)!r} ({err}).") from None
@@ -198,7 +200,7 @@ class ByteTokenizer:
         return self.vocab_size
 
 
-def _vocab_size(tokenizer: Any, d_vocab: Optional[int]) -> Optional[int]:
+def _vocab_size(tokenizer: Any, d_vocab: int | None) -> int | None:
     if d_vocab is not None:
         return int(d_vocab)
     try:
@@ -207,8 +209,8 @@ def _vocab_size(tokenizer: Any, d_vocab: Optional[int]) -> Optional[int]:
         return getattr(tokenizer, "vocab_size", None)
 
 
-def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: Optional[int] = None, n_ctx: Optional[int] = None,
-               chat_template: bool = False, max_length: Optional[int] = None) -> "PreferencePairs":
+def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: int | None = None, n_ctx: int | None = None,
+               chat_template: bool = False, max_length: int | None = None) -> "PreferencePairs":
     """Preference pairs from `PreferencePairs` (as is), a ``.jsonl`` file (`load_pairs_jsonl`) or a
     ``.safetensors`` file written by `PreferencePairs.save`. ``max_length`` truncates JSONL pairs as
     TRL does (`load_pairs_jsonl`); stored tensors are used as they are."""
@@ -233,6 +235,7 @@ def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: Optional[int] = N
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids: Any  # whatever the tokenizer returns: an iterable of token ids
     if hasattr(tokenizer, "encode"):
         try:
             ids = tokenizer.encode(text, add_special_tokens=False)
@@ -245,7 +248,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _check_ids(ids: Tensor, d_vocab: Optional[int], where: str) -> None:
+def _check_ids(ids: Tensor, d_vocab: int | None, where: str) -> None:
     if ids.numel() == 0:
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -257,7 +260,7 @@ def _check_ids(ids: Tensor, d_vocab: Optional[int], where: str) -> None:
 
 
 def load_text(path: PathLike, tokenizer: Any = None, seq_len: int = 64,
-              d_vocab: Optional[int] = None) -> Int[Tensor, "batch pos"]:
+              d_vocab: int | None = None) -> Int[Tensor, "batch pos"]:
     """Tokenize a UTF-8 text file and cut the token stream into rows of ``seq_len`` (the tail that
     does not fill a row is dropped). ``tokenizer`` defaults to `ByteTokenizer`; ``d_vocab``
     (default: the tokenizer's vocabulary size) bounds the ids."""
@@ -278,7 +281,7 @@ def load_text(path: PathLike, tokenizer: Any = None, seq_len: int = 64,
     return ids[: n * seq_len].view(n, seq_len)  # (n, seq_len)
 
 
-def _pad(rows: list[list[int]]) -> tuple[Tensor, Optional[Tensor]]:
+def _pad(rows: list[list[int]]) -> tuple[Tensor, Tensor | None]:
     width = max(len(r) for r in rows)
     out = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -302,7 +305,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = False,
+def tokenize_preference(record: dict[str, Any], tokenizer: Any, *, chat_template: bool = False,
                         where: str = "pair") -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one text pair, tokenized as TRL's ``DPOTrainer``
     (1.16, ``_prepare_dataset``) does, so the completion's tokens are exactly the ones TRL scores:
@@ -315,7 +318,7 @@ def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = F
       with the generation prompt and prompt + chosen / prompt + rejected without it;
     - the prompt is the common prefix of the three token lists; the rest of each is the completion.
     """
-    values = [record[p] for p in _PARTS]
+    values: list[Any] = [record[p] for p in _PARTS]  # JSON values: strings or message lists
     if chat_template and all(isinstance(v, str) for v in values):
         values = [[{"role": "user", "content": values[0]}], [{"role": "assistant", "content": values[1]}],
                   [{"role": "assistant", "content": values[2]}]]
@@ -324,7 +327,7 @@ def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = F
             raise RwasymError(f"{where} is conversational (or --chat-template was given), but the tokenizer has no "
                               "chat template; pass plain-string pairs, or a model whose tokenizer has one.")
 
-        def render(messages: list, generation: bool = False) -> list[int]:
+        def render(messages: list[dict[str, Any]], generation: bool = False) -> list[int]:
             out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
                                                 return_dict=True)
             return [int(i) for i in out["input_ids"]]
@@ -336,8 +339,10 @@ def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = F
         completions = [v if not eos or v.endswith(eos) else v + eos for v in values[1:]]
 
         def encode(text: str) -> list[int]:
-            return [int(i) for i in tokenizer(text=text)["input_ids"]] if callable(tokenizer) \
-                else _encode(tokenizer, text)
+            if callable(tokenizer):
+                out: Any = tokenizer(text=text)  # a Hugging Face BatchEncoding
+                return [int(i) for i in out["input_ids"]]
+            return _encode(tokenizer, text)
 
         prompt = encode(values[0])
         full = [encode(values[0] + c) for c in completions]
@@ -349,9 +354,9 @@ def tokenize_preference(record: dict, tokenizer: Any, *, chat_template: bool = F
     return prompt[:n], full[0][n:], full[1][n:]
 
 
-def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[int] = None, *,
-                     chat_template: bool = False, n_ctx: Optional[int] = None,
-                     max_length: Optional[int] = None) -> PreferencePairs:
+def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: int | None = None, *,
+                     chat_template: bool = False, n_ctx: int | None = None,
+                     max_length: int | None = None) -> PreferencePairs:
     """Read ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines (blank lines skipped).
 
     Values are lists of token ids, or text in TRL's preference format — strings or conversational
@@ -364,7 +369,8 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[in
     Errors name the file and line number.
     """
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise RwasymError(f"max_length must be an integer >= 2 (prompt + at least one completion token); got {max_length!r}.")
+        raise RwasymError("max_length must be an integer >= 2 (prompt + at least one completion token); "
+                          f"got {max_length!r}.")
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -387,15 +393,16 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: Optional[in
         if any(isinstance(record[p], str) or _is_messages(record[p]) for p in _PARTS):
             if tokenizer is None:
                 raise RwasymError(f"{where} holds text, but there is no tokenizer to read it: use a model that has "
-                                  "one (a Hugging Face folder, hub name or GGUF file), pass a tokenizer (tokenizer=), or give "
-                                  "token-id lists.")
+                                  "one (a Hugging Face folder, hub name or GGUF file), pass a tokenizer (tokenizer=), "
+                                  "or give token-id lists.")
             parts = tokenize_preference(record, tokenizer, chat_template=chat_template, where=where)
         else:
             parts = []
             for part in _PARTS:
                 value = record[part]
                 if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
-                    raise RwasymError(f"{where}: {part} must be a string, a message list or a list of integer token ids.")
+                    raise RwasymError(f"{where}: {part} must be a string, a message list or a list of integer "
+                                      "token ids.")
                 parts.append(value)
         if max_length is not None and parts[0]:
             room = max_length - len(parts[0])

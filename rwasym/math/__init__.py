@@ -8,15 +8,26 @@ inference (bootstrap, permutation, t-intervals).
 """
 
 from .covariance import RunningCovariance
-from .fraction import (DeltaSpectrum, FractionResult, NullMoments, NullResult, delta_spectrum, fraction_curve,
-                       null_fractions, null_moments, random_null, relative_fraction)
+from .fraction import (
+    DeltaSpectrum,
+    FractionResult,
+    NullMoments,
+    NullResult,
+    delta_spectrum,
+    fraction_curve,
+    null_fractions,
+    null_moments,
+    random_null,
+    relative_fraction,
+)
 from .lowrank import LowRankDelta
 from .rank1 import Direction, closed_form_u, directions, match_output_energy
 from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
 from .subspaces import Basis, complement_basis, haar_frames, k_for_variance, pca_basis, prediction_basis, random_basis
 from .svd import post_training_svd, rebuild
 
-__all__ = ["Basis", "DeltaSpectrum", "Direction", "FractionResult", "NullMoments", "LowRankDelta", "NullResult", "RunningCovariance", "alpha_req",
-           "closed_form_u", "complement_basis", "delta_spectrum", "directions", "fraction_curve", "haar_frames", "k_for_variance",
-           "lifecycle", "match_output_energy", "null_fractions", "null_moments", "pca_basis", "post_training_svd", "prediction_basis", "random_basis",
-           "random_null", "rankme", "rankme_from_cov", "rebuild", "relative_fraction", "spikiness"]
+__all__ = ["Basis", "DeltaSpectrum", "Direction", "FractionResult", "NullMoments", "LowRankDelta", "NullResult",
+           "RunningCovariance", "alpha_req", "closed_form_u", "complement_basis", "delta_spectrum", "directions",
+           "fraction_curve", "haar_frames", "k_for_variance", "lifecycle", "match_output_energy", "null_fractions",
+           "null_moments", "pca_basis", "post_training_svd", "prediction_basis", "random_basis", "random_null",
+           "rankme", "rankme_from_cov", "rebuild", "relative_fraction", "spikiness"]

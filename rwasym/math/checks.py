@@ -6,11 +6,16 @@ input converted to the form the math uses (float64 on CPU, plain ints).
 
 import contextlib
 import operator
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Literal, SupportsIndex, cast
 
 import torch
 from torch import Tensor
 
 from ..errors import RwasymError
+
+if TYPE_CHECKING:
+    import ctypes
 
 
 def shape_str(x: Tensor) -> str:
@@ -94,8 +99,8 @@ def require_int(value: object, what: str) -> int:
     """Coerce an integer-like value (int, numpy int, 0-d integer tensor) to a Python int."""
     if isinstance(value, bool):
         raise RwasymError(f"{what} must be an integer; got the bool {value!r}.")
-    try:
-        return operator.index(value)
+    try:  # operator.index raises TypeError for any value without __index__ (typeshed wants SupportsIndex)
+        return operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise RwasymError(f"{what} must be an integer; got {value!r} ({type(value).__name__}).") from None
 
@@ -136,7 +141,7 @@ def require_orthonormal(U: Tensor, what: str, tol: float = 1e-4) -> None:
 
 
 @contextlib.contextmanager
-def linalg_threads(n: int = 1):
+def linalg_threads(n: int = 1) -> Generator[None, None, None]:
     """Run small dense linear algebra (QR / eigh / SVD of ≤ 1k matrices) on ``n`` threads.
 
     On small matrices OpenMP thread start-up dominates: measured on 2 CPU cores, a batched
@@ -157,18 +162,18 @@ def release_memory() -> None:
     a loop that frees one layer's matrices and allocates the next one's shows a growing RSS; the
     long drivers (probe layer by layer) call this after each release so their peak RSS is what
     is alive, not what was ever freed."""
-    global _LIBC
-    if _LIBC is None:
+    global _libc
+    if _libc is None:
         import ctypes
         import ctypes.util
 
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+            _libc = libc if hasattr(libc, "malloc_trim") else False
         except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
-_LIBC = None
+_libc: "ctypes.CDLL | Literal[False] | None" = None  # None: not looked up yet; False: no malloc_trim

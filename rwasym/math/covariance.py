@@ -12,8 +12,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .. import distributed
-from .checks import require_finite, require_floating, require_int, require_tensor, shape_str
 from ..errors import RwasymError
+from .checks import require_finite, require_floating, require_int, require_tensor, shape_str
 
 __all__ = ["RunningCovariance"]
 
@@ -66,13 +66,14 @@ class RunningCovariance:
         self.name = name
         self.device = torch.device(device)
         self._count = 0
-        self._sum = torch.zeros(dim, dtype=torch.float64, device=self.device)  # (d,)
-        self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # (d, d)
+        self._sum: Tensor = torch.zeros(dim, dtype=torch.float64, device=self.device)  # (d,)
+        self._sum_outer: Tensor = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # (d, d)
 
     def __repr__(self) -> str:
         return f"RunningCovariance(dim={self.dim}, count={self._count}, name={self.name!r})"
 
-    def _label(self) -> str:
+    def label(self) -> str:
+        """How this accumulator is named in error messages (its dim, and its statistic's name if set)."""
         label = f"RunningCovariance(dim={self.dim})"
         return f"{label} for statistic {self.name!r}" if self.name else label
 
@@ -80,7 +81,7 @@ class RunningCovariance:
     def _rows(self, x: Tensor, weight_mask: Tensor | None) -> Tensor:
         """Validate a batch and return the selected rows (n, d) on the device: float64 for float64
         inputs or ``gram_dtype=torch.float64``, else float32."""
-        what = f"the input to {self._label()}.add"
+        what = f"the input to {self.label()}.add"
         x = require_floating(require_tensor(x, what), what)
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise RwasymError(
@@ -118,7 +119,7 @@ class RunningCovariance:
         # fp16/bf16/fp32 inputs): an O(d) check instead of a pass over the batch. Nothing is
         # added when it fails.
         if not bool(torch.isfinite(row_sum).all()):
-            require_finite(rows, f"the input to {self._label()}.add (selected rows)")
+            require_finite(rows, f"the input to {self.label()}.add (selected rows)")
         n = rows.shape[0]
         self._count += n
         self._sum += row_sum
@@ -133,11 +134,11 @@ class RunningCovariance:
 
     def merge(self, other: "RunningCovariance") -> "RunningCovariance":
         """Add another accumulator's sums into this one (in place) and return self."""
-        if not isinstance(other, RunningCovariance):
+        if not isinstance(other, RunningCovariance):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise RwasymError(f"can only merge a RunningCovariance; got {type(other).__name__}.")
         if other.dim != self.dim:
             raise RwasymError(
-                f"cannot merge {other._label()} into {self._label()}: dimensions differ "
+                f"cannot merge {other.label()} into {self.label()}: dimensions differ "
                 f"({other.dim} != {self.dim}); merge accumulators of the same site."
             )
         self._count += other._count
@@ -174,13 +175,13 @@ class RunningCovariance:
     def _require_tokens(self, what: str, minimum: int = 1) -> None:
         if self._count == 0:
             raise RwasymError(
-                f"{self._label()} is empty: no tokens were accumulated (count=0), so its {what} "
+                f"{self.label()} is empty: no tokens were accumulated (count=0), so its {what} "
                 "is undefined; check the data / attention mask (an empty batch or an all-False "
                 "weight_mask adds nothing)."
             )
         if self._count < minimum:
             raise RwasymError(
-                f"{self._label()} holds count={self._count} token(s) but the unbiased {what} "
+                f"{self.label()} holds count={self._count} token(s) but the unbiased {what} "
                 f"divides by N - 1 and needs at least {minimum}; accumulate more tokens or pass "
                 "unbiased=False."
             )
@@ -225,19 +226,16 @@ class RunningCovariance:
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise RwasymError(
-                f"state dict for {self._label()} is missing keys {missing}; expected keys "
+                f"state dict for {self.label()} is missing keys {missing}; expected keys "
                 f"{list(_STATE_KEYS)} as written by RunningCovariance.state_dict()."
             )
         dim, count = require_int(state["dim"], "state['dim']"), require_int(state["count"], "state['count']")
         if dim != self.dim:
-            raise RwasymError(f"state dict has dim={dim} but {self._label()} has dim={self.dim}.")
+            raise RwasymError(f"state dict has dim={dim} but {self.label()} has dim={self.dim}.")
         if count < 0:
             raise RwasymError(f"state dict has a negative count={count}; the file is corrupt.")
-        s, S = state["sum"], state["sum_outer"]
-        for key, value, shape in (("sum", s, (dim,)), ("sum_outer", S, (dim, dim))):
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                got = shape_str(value) if isinstance(value, Tensor) else type(value).__name__
-                raise RwasymError(f"state['{key}'] must be a tensor of shape {shape}; got {got}.")
+        s = _state_tensor(state["sum"], "sum", (dim,))
+        S = _state_tensor(state["sum_outer"], "sum_outer", (dim, dim))
         self._count = count
         self._sum = s.detach().to(device=self.device, dtype=torch.float64).clone()
         self._sum_outer = S.detach().to(device=self.device, dtype=torch.float64).clone()
@@ -256,3 +254,11 @@ class RunningCovariance:
         acc = cls(require_int(state["dim"], "state['dim']"), name=name, device=device)
         acc.load_state_dict(state)
         return acc
+
+
+def _state_tensor(value: object, key: str, shape: tuple[int, ...]) -> Tensor:
+    """``value`` (read from ``state[key]``), which must be a tensor of ``shape``."""
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        got = shape_str(value) if isinstance(value, Tensor) else type(value).__name__
+        raise RwasymError(f"state['{key}'] must be a tensor of shape {shape}; got {got}.")
+    return value

@@ -21,14 +21,18 @@ singular basis at O(r k'² + k'³) each, k' = min(k, n − k).
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence, Union
+from typing import Literal, NamedTuple, TypeGuard
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from numpy.typing import NDArray
 from torch import Tensor
 
+from ..errors import RwasymError
+from ._typed_torch import from_numpy, linalg, tolist
 from .checks import (
     as_float64_matrix,
     linalg_threads,
@@ -38,7 +42,6 @@ from .checks import (
     require_positive_int,
     shape_str,
 )
-from ..errors import RwasymError
 from .lowrank import LowRankDelta
 from .subspaces import Basis
 
@@ -60,7 +63,7 @@ __all__ = [
 ]
 
 Side = Literal["input", "output"]
-_SIDES = ("input", "output")
+_SIDES: tuple[Side, ...] = ("input", "output")
 _NULL_CHUNK_BYTES = 32 * 2**20  # float64 bytes of Gaussian blocks drawn at once by null_fractions
 _NEGLIGIBLE_SIGMA = 1e-10  # σ_i <= this · σ_max is numerical zero: dropped from DeltaSpectrum.weights
 
@@ -143,9 +146,12 @@ class DeltaSpectrum:
     shape: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weights, Tensor) or not isinstance(self.shape, (tuple, list)):
+        # run-time guards for callers that bypass the annotations
+        if (not isinstance(self.weights, Tensor)  # pyright: ignore[reportUnnecessaryIsInstance]
+                or not isinstance(self.shape, (tuple, list))):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise RwasymError(f"DeltaSpectrum needs a weights tensor and a shape tuple; got "
-                              f"{type(self.weights).__name__} and {type(self.shape).__name__}. Use delta_spectrum(delta).")
+                              f"{type(self.weights).__name__} and {type(self.shape).__name__}. "
+                              "Use delta_spectrum(delta).")
         w = self.weights.detach().to("cpu", torch.float64)
         shape = tuple(require_positive_int(x, "each of DeltaSpectrum.shape") for x in self.shape)
         if len(shape) != 2 or w.dim() != 1 or not 1 <= w.shape[0] <= min(shape):
@@ -176,8 +182,12 @@ class FractionCurve(NamedTuple):
 
 
 # --------------------------------------------------------------------------------- helpers
-def _check_side(side: object) -> str:
-    if side not in _SIDES:
+def _is_side(side: object) -> TypeGuard[Side]:
+    return side in _SIDES
+
+
+def _check_side(side: object) -> Side:
+    if not _is_side(side):
         raise RwasymError(
             f"side must be one of {list(_SIDES)} ('input' = read side, ΔW U with U in R^n_in; "
             f"'output' = write side, Uᵀ ΔW with U in R^n_out); got side={side!r}."
@@ -188,10 +198,10 @@ def _check_side(side: object) -> str:
 def _delta64(delta: object) -> tuple[Tensor | LowRankDelta, Tensor]:
     """ΔW as float64 CPU (a LowRankDelta stays factored) and its energy ‖ΔW‖²_F; error when ΔW is
     exactly zero."""
-    if isinstance(delta, LowRankDelta):
-        D, energy = delta, torch.tensor(delta.frobenius_sq(), dtype=torch.float64)
+    D = delta if isinstance(delta, LowRankDelta) else as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
+    if isinstance(D, LowRankDelta):
+        energy = torch.tensor(D.frobenius_sq(), dtype=torch.float64)
     else:
-        D = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
         energy = D.square().sum()
     if float(energy) == 0.0:
         raise RwasymError(
@@ -231,7 +241,7 @@ def _basis64(basis: object, D: Tensor | LowRankDelta, side: str) -> Tensor:
 
 
 def column_energies(
-    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta], basis: Float[Tensor, "n m"], side: Side
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta, basis: Float[Tensor, "n m"], side: Side
 ) -> Float[Tensor, " m"]:
     """e_j = ‖ΔW u_j‖² (input side) or ‖u_jᵀ ΔW‖² (output side) for every column u_j of ``basis``,
     *without* the checks of `relative_fraction`: for callers whose float64 ΔW is known finite and
@@ -271,7 +281,7 @@ def relative_fraction(
     return FractionResult(fraction=f, relative=f * n / k, k=k, n=n, side=side)
 
 
-def delta_spectrum(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum]) -> DeltaSpectrum:
+def delta_spectrum(delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum) -> DeltaSpectrum:
     """ΔW's normalised spectrum w_i = σ_i²/Σσ² (descending; σ_i <= 1e-10 σ_max dropped) and shape.
 
     One SVD (O(n_out n_in min(n_out, n_in)) dense, O(r² (n_out + n_in)) factored) that every k and
@@ -283,14 +293,16 @@ def delta_spectrum(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, Delta
     if isinstance(D, LowRankDelta):
         svals = D.svdvals()  # the QR core's
     else:  # LAPACK's SVD of a wide matrix runs ~3x slower than of its (tall) transpose
-        svals = torch.linalg.svdvals(D if D.shape[0] >= D.shape[1] else D.T)  # descending
+        svals = linalg.svdvals(D if D.shape[0] >= D.shape[1] else D.T)  # descending
     sigma2 = svals.square()
     weights = sigma2 / sigma2.sum()
     keep = svals > _NEGLIGIBLE_SIGMA * svals[0]
-    return DeltaSpectrum(weights=weights[keep].contiguous(), shape=tuple(int(x) for x in D.shape))
+    return DeltaSpectrum(weights=weights[keep].contiguous(), shape=(int(D.shape[0]), int(D.shape[1])))
 
 
-def _null_inputs(delta: object, side: object, k: object) -> tuple[str, "DeltaSpectrum", int, int]:
+def _null_inputs(
+    delta: Tensor | LowRankDelta | DeltaSpectrum, side: object, k: object
+) -> tuple[Side, DeltaSpectrum, int, int]:
     """The checked (side, spectrum, n, k) every Haar-null function starts from."""
     side = _check_side(side)
     spectrum = delta_spectrum(delta)
@@ -313,7 +325,7 @@ def _haar_moments(s2: float, n: int, k: int) -> NullMoments:
 
 
 def null_moments(
-    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum], side: Side, k: int
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum, side: Side, k: int
 ) -> NullMoments:
     """Exact mean and std of f over Haar-random k-dim subspaces of the side's space (no sampling).
 
@@ -331,7 +343,7 @@ def null_moments(
     return _haar_moments(spectrum.s2, n, k)
 
 
-def _bartlett_factor(rng: np.random.Generator, samples: int, m: int, k: int) -> np.ndarray:
+def _bartlett_factor(rng: np.random.Generator, samples: int, m: int, k: int) -> NDArray[np.float64]:
     """Lower-triangular L (samples, k, k) with L Lᵀ ~ Wishart(m, I_k), m >= k (Bartlett decomposition):
     L_ii = sqrt(χ²_{m−i}) for i = 0..k−1, L_ij ~ N(0, 1) below the diagonal, all independent."""
     L = np.tril(rng.standard_normal((samples, k, k)), -1)
@@ -355,7 +367,7 @@ def _spectral_null_draws(
     r, m = weights.shape[0], n - weights.shape[0]
     rows = r + (m if m < k else k)
     chunk = max(1, _NULL_CHUNK_BYTES // (8 * 2 * rows * k))
-    draws = []
+    draws: list[Tensor] = []
     for start in range(0, samples, chunk):
         s = min(chunk, samples - start)
         parts = [rng.standard_normal((s, r, k))]  # G_r
@@ -363,15 +375,15 @@ def _spectral_null_draws(
             parts.append(rng.standard_normal((s, m, k)))  # G_rest itself
         elif m >= k:
             parts.append(np.swapaxes(_bartlett_factor(rng, s, m, k), 1, 2))  # Lᵀ: same Gram as G_rest
-        H = torch.from_numpy(np.concatenate(parts, axis=1))  # (s, rows, k)
+        H = from_numpy(np.concatenate(parts, axis=1))  # (s, rows, k)
         with linalg_threads(1):  # many small QRs: OpenMP start-up would dominate (see linalg_threads)
-            Q = torch.linalg.qr(H).Q  # (s, rows, k)
+            Q = linalg.qr(H).Q  # (s, rows, k)
         draws.append(Q[:, :r, :].square().sum(dim=-1) @ weights)  # (s, r) @ (r,) -> (s,)
     return torch.cat(draws)
 
 
 def null_fractions(
-    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum],
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum,
     side: Side,
     k: int,
     samples: int,
@@ -400,7 +412,7 @@ def null_fractions(
 
 
 def random_null(
-    delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta, DeltaSpectrum],
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum,
     side: Side,
     k: int,
     samples: int = 1000,
@@ -443,10 +455,10 @@ def fraction_curve(
     return FractionCurve(ks=k_values, fraction=fraction, relative=fraction * n / k_values.double())
 
 
-def _check_ks(ks: object, m: int) -> Tensor:
+def _check_ks(ks: Sequence[object] | Tensor | None, m: int) -> Tensor:
     if ks is None:
         return torch.arange(1, m + 1)
-    values = [require_int(k, "each k in ks") for k in (ks.tolist() if isinstance(ks, Tensor) else ks)]
+    values = [require_int(k, "each k in ks") for k in (tolist(ks) if isinstance(ks, Tensor) else ks)]
     bad = [k for k in values if not 1 <= k <= m]
     if not values or bad:
         raise RwasymError(
@@ -459,7 +471,8 @@ def _check_ks(ks: object, m: int) -> Tensor:
 def log_k_grid(n: int) -> list[int]:
     """Sorted unique k values 1, 2, 4, ..., (powers of two below n), n. Example: 10 -> [1, 2, 4, 8, 10]."""
     n = require_positive_int(n, "n")
-    grid, k = [], 1
+    grid: list[int] = []
+    k = 1
     while k < n:
         grid.append(k)
         k *= 2

@@ -6,16 +6,18 @@ experiments compare per-seed values).
 
 import itertools
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from ..errors import RwasymError
 
 __all__ = ["bootstrap_ci", "permutation_pvalue", "seed_interval", "slope"]
 
-Sample = Union[Sequence[float], np.ndarray, torch.Tensor]
+Sample = Sequence[float] | np.ndarray | torch.Tensor
 
 
 def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: int = 0) -> float:
@@ -31,12 +33,12 @@ def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: 
         raise RwasymError(f"permutation_pvalue needs two non-empty samples; got sizes {x.size} and {y.size}")
     pooled, nx = np.concatenate([x, y]), x.size
     total = pooled.sum()
-    observed = abs(x.mean() - y.mean())
+    observed: float = abs(x.mean() - y.mean())  # a numpy float64, a float subclass
     tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
     if math.comb(pooled.size, nx) <= n_permutations:
         idx = np.array(list(itertools.combinations(range(pooled.size), nx)))  # (C, n_x)
         sx = pooled[idx].sum(1)
-        diffs = np.abs(sx / nx - (total - sx) / y.size)
+        diffs: NDArray[np.float64] = np.abs(sx / nx - (total - sx) / y.size)
         return float(np.mean(diffs >= observed - tol))
     rng = np.random.default_rng(seed)
     perms = np.argsort(rng.random((n_permutations, pooled.size)), axis=1)  # uniform permutations
@@ -52,7 +54,8 @@ def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95,
     (n_boot, n_x))`` first, then y's), quantiles (1 − level)/2 and (1 + level)/2 (numpy "linear")."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.size == 0 or y.size == 0 or not 0 < level < 1:
-        raise RwasymError(f"bootstrap_ci needs two non-empty samples and 0 < level < 1; got sizes {x.size}, {y.size}, level {level}")
+        raise RwasymError(f"bootstrap_ci needs two non-empty samples and 0 < level < 1; got sizes {x.size}, "
+                          f"{y.size}, level {level}")
     rng = np.random.default_rng(seed)
     bx = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
     by = y[rng.integers(0, y.size, (n_boot, y.size))].mean(1)
@@ -82,7 +85,7 @@ def t975(df: int) -> float:
     return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
 
 
-def seed_interval(values: Sequence[Optional[float]]) -> dict:
+def seed_interval(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample std and the 95% t-interval mean ± t₀.₉₇₅(n−1)·std/√n of per-seed values
     (None values, e.g. a metric a seed lacks, are left out; None for the interval when n < 2)."""
     xs = [float(v) for v in values if v is not None]

@@ -10,13 +10,13 @@ lives in `rwasym.models.lora`.
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
+from ._typed_torch import linalg
 
 __all__ = ["LowRankDelta"]
 
@@ -81,7 +81,7 @@ class LowRankDelta:
         """‖ΔW‖_F."""
         return math.sqrt(max(self.frobenius_sq(), 0.0))
 
-    def matvec(self, v: Float[Tensor, "n_in *k"]) -> Float[Tensor, "n_out *k"]:
+    def matvec(self, v: Float[Tensor, " n_in *k"]) -> Float[Tensor, " n_out *k"]:
         """ΔW v = scale · B (A v) for a vector (n_in,) or a matrix (n_in, k); float64."""
         v = v.detach().to("cpu", torch.float64)
         if v.shape[0] != self.shape[1]:
@@ -89,7 +89,7 @@ class LowRankDelta:
                               f"rows; got {tuple(v.shape)}")
         return self.scale * (self.B @ (self.A @ v))
 
-    def rmatvec(self, u: Float[Tensor, "n_out *k"]) -> Float[Tensor, "n_in *k"]:
+    def rmatvec(self, u: Float[Tensor, " n_out *k"]) -> Float[Tensor, " n_in *k"]:
         """ΔWᵀ u = scale · Aᵀ (Bᵀ u) for a vector (n_out,) or a matrix (n_out, k); float64."""
         u = u.detach().to("cpu", torch.float64)
         if u.shape[0] != self.shape[0]:
@@ -97,11 +97,11 @@ class LowRankDelta:
                               f"rows; got {tuple(u.shape)}")
         return self.scale * (self.A.T @ (self.B.T @ u))
 
-    def rows(self, index: Union[slice, Tensor]) -> "LowRankDelta":
+    def rows(self, index: slice | Tensor) -> "LowRankDelta":
         """ΔW[index] (rows of B; A shared), still factored."""
         return LowRankDelta(self.B[index], self.A, self.scale)
 
-    def cols(self, index: Union[slice, Tensor]) -> "LowRankDelta":
+    def cols(self, index: slice | Tensor) -> "LowRankDelta":
         """ΔW[:, index] (columns of A; B shared), still factored."""
         return LowRankDelta(self.B, self.A[:, index], self.scale)
 
@@ -111,18 +111,18 @@ class LowRankDelta:
         Q_B R_B = B and Q_A R_A = Aᵀ (reduced QR), so ΔW = Q_B (scale R_B R_Aᵀ) Q_Aᵀ; with the small
         SVD scale R_B R_Aᵀ = Ũ S Ṽᵀ, U = Q_B Ũ and Vh = Ṽᵀ Q_Aᵀ. S is descending, q = min(r, n_out, n_in).
         """
-        q_b, r_b = torch.linalg.qr(self.B)  # (n_out, q_b), (q_b, r)
-        q_a, r_a = torch.linalg.qr(self.A.T)  # (n_in, q_a), (q_a, r)
-        u, s, vh = torch.linalg.svd(self.scale * (r_b @ r_a.T), full_matrices=False)  # (q_b, q_a)
+        q_b, r_b = linalg.qr(self.B)  # (n_out, q_b), (q_b, r)
+        q_a, r_a = linalg.qr(self.A.T)  # (n_in, q_a), (q_a, r)
+        u, s, vh = linalg.svd(self.scale * (r_b @ r_a.T), full_matrices=False)  # (q_b, q_a)
         return q_b @ u, s, vh @ q_a.T
 
     def svdvals(self) -> Float[Tensor, " q"]:
         """Singular values of ΔW (descending, q = min(r, n_out, n_in) of them), via `svd`'s small core."""
         if self.rank == 0:
             return torch.zeros(0, dtype=torch.float64)
-        r_b = torch.linalg.qr(self.B, mode="r").R  # (q_b, r)
-        r_a = torch.linalg.qr(self.A.T, mode="r").R  # (q_a, r)
-        return torch.linalg.svdvals(self.scale * (r_b @ r_a.T))
+        r_b = linalg.qr(self.B, mode="r").R  # (q_b, r)
+        r_a = linalg.qr(self.A.T, mode="r").R  # (q_a, r)
+        return linalg.svdvals(self.scale * (r_b @ r_a.T))
 
     def __repr__(self) -> str:
         return f"LowRankDelta(shape={self.shape}, rank={self.rank}, scale={self.scale:g})"

@@ -22,13 +22,14 @@
 """
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
+from ._typed_torch import linalg
 from .checks import as_float64_matrix, require_vector
 from .covariance import RunningCovariance
 from .lowrank import LowRankDelta
@@ -44,14 +45,16 @@ _TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
 def unit_vector(v: Any, n: int, what: str = "v") -> Tensor:
     """A finite float64 vector of length n with ‖v‖ = 1 (to 1e-6), or RwasymError."""
     v = require_vector(v, n, what)
-    norm = float(v.norm())
+    norm = float(linalg.vector_norm(v))
     if abs(norm - 1.0) > 1e-6:
         raise RwasymError(f"{what} must be a unit vector (‖{what}‖ = 1); got ‖{what}‖ = {norm:.6g}. "
                           f"Normalise it first: {what} = {what} / {what}.norm().")
     return v
 
 
-def closed_form_u(delta: Union[Float[Tensor, "n_out n_in"], LowRankDelta], v: Float[Tensor, " n_in"]) -> Float[Tensor, " n_out"]:
+def closed_form_u(
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta, v: Float[Tensor, " n_in"]
+) -> Float[Tensor, " n_out"]:
     """u = ΔW v, the least-squares rank-1 component of ΔW along the unit input direction v.
 
     For ‖v‖ = 1, ‖ΔW − u vᵀ‖²_F is minimised by u = ΔW v (its gradient −2(ΔW − u vᵀ)v vanishes
@@ -82,14 +85,14 @@ class Direction:
     u: Float[Tensor, " n_out"]
     v: Float[Tensor, " n_in"]
     direction: Tensor
-    matched_to: Optional[int] = None
+    matched_to: int | None = None
 
     @property
     def norm(self) -> float:
         """‖u vᵀ‖_F = ‖u‖ (α = 1)."""
-        return float(self.u.norm())
+        return float(linalg.vector_norm(self.u))
 
-    def energy(self, cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance], center: bool = True) -> float:
+    def energy(self, cov: Float[Tensor, "n_in n_in"] | RunningCovariance, center: bool = True) -> float:
         """Input energy vᵀ C v (C: the input covariance, e.g. the base's)."""
         C = cov.covariance(center=center) if isinstance(cov, RunningCovariance) else cov.to(torch.float64)
         return float(self.v @ C.cpu() @ self.v)
@@ -101,7 +104,7 @@ def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float) -> tuple
     if side == "input":
         return delta @ drawn, drawn
     w = delta.T @ drawn  # (n_in,)
-    norm = w.norm()
+    norm = linalg.vector_norm(w)
     if float(norm) <= tiny:  # ΔW has no component along p: a zero edit (v arbitrary but unit)
         v = torch.zeros_like(w)
         v[0] = 1.0
@@ -109,7 +112,8 @@ def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float) -> tuple
     return norm * drawn, w / norm
 
 
-def _subspace(side: str, k: int, n: int, cov: Any, unembedding: Any, what: str) -> Tensor:
+def _subspace(side: str, k: int, n: int, cov: Tensor | RunningCovariance | None, unembedding: Tensor | None,
+              what: str) -> Tensor:
     if side == "input":
         if cov is None:
             raise RwasymError(f"{what} directions on the input side need cov= (the input covariance, "
@@ -145,13 +149,13 @@ def match_output_energy(
     def effect(d: Direction) -> float:
         return float(d.u.square().sum()) * float(d.v @ M @ d.v)
 
-    out = []
+    out: list[Direction] = []
     for j, d in enumerate(controls):
         m = d.matched_to if d.matched_to is not None else j % len(targets)
         want, have = effect(targets[m]), effect(d)
         if have <= 0.0:
-            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0: ΔW has no component along it; or vᵀ M v = 0); it cannot "
-                              "be matched — use match='norm' or more data for M")
+            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0: ΔW has no component "
+                              "along it; or vᵀ M v = 0); it cannot be matched — use match='norm' or more data for M")
         out.append(replace(d, u=d.u * (want / have) ** 0.5, matched_to=m))
     return out
 
@@ -161,12 +165,12 @@ def directions(
     delta: Float[Tensor, "n_out n_in"],
     count: int,
     *,
-    cov: Union[Float[Tensor, "n_in n_in"], RunningCovariance, None] = None,
-    unembedding: Optional[Float[Tensor, "d_model d_vocab"]] = None,
-    side: Optional[str] = None,
-    k: Optional[int] = None,
-    target_norms: Optional[list[float]] = None,
-    generator: Optional[torch.Generator] = None,
+    cov: Float[Tensor, "n_in n_in"] | RunningCovariance | None = None,
+    unembedding: Float[Tensor, "d_model d_vocab"] | None = None,
+    side: str | None = None,
+    k: int | None = None,
+    target_norms: list[float] | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[Direction]:
     """``count`` edit directions of ``kind`` for ΔW (n_out × n_in; a head block works too).
 
@@ -184,7 +188,9 @@ def directions(
     if kind not in DIRECTION_KINDS:
         raise RwasymError(f"unknown direction kind {kind!r}; choose from {', '.join(DIRECTION_KINDS)}")
     delta = as_float64_matrix(delta, "delta (ΔW)")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if (isinstance(count, bool)
+            or not isinstance(count, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+            or count < 1):
         raise RwasymError(f"count must be a positive integer; got {count!r}")
     side = {"pca": "input", "prediction": "output"}.get(kind, side)
     if side not in ("input", "output"):
@@ -194,7 +200,7 @@ def directions(
         drawn = _subspace(side, count, n, cov, unembedding, kind).T  # (count, n)
     elif kind == "random":
         gauss = torch.randn(count, n, dtype=torch.float64, generator=generator)
-        drawn = gauss / gauss.norm(dim=1, keepdim=True)  # uniform on the sphere
+        drawn = gauss / linalg.vector_norm(gauss, dim=1, keepdim=True)  # uniform on the sphere
     else:
         if k is None:
             raise RwasymError("orthogonal directions need k= (the dimension of the target subspace to avoid)")
@@ -202,14 +208,15 @@ def directions(
         if n - k < 1:
             raise RwasymError(f"the orthogonal complement of a {k}-dim subspace of R^{n} is empty; use k < {n}")
         drawn = torch.stack([complement_basis(basis, 1, generator)[:, 0] for _ in range(count)])
-    out = []
-    tiny = 1e-12 * float(delta.norm())  # a component this small is rounding: the edit is zero, not rescaled noise
+    out: list[Direction] = []
+    # a component this small is rounding: the edit is zero, not rescaled noise
+    tiny = 1e-12 * float(linalg.vector_norm(delta))
     for j in range(count):
         u, v = _side_vectors(delta, drawn[j], side, tiny)
         matched = None
         if target_norms and kind in ("random", "orthogonal"):
             matched = j % len(target_norms)
-            norm = float(u.norm())
+            norm = float(linalg.vector_norm(u))
             u = u * (target_norms[matched] / norm) if norm > tiny else torch.zeros_like(u)
         out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
                              direction=drawn[j].clone(), matched_to=matched))
@@ -239,7 +246,7 @@ def frame_edit(delta: Float[Tensor, "n_out n_in"], frame: Float[Tensor, "r n"],
     return (F @ delta.T, F) if side == "input" else (F, F @ delta)
 
 
-def random_frame(n: int, r: int, generator: Optional[torch.Generator] = None) -> Float[Tensor, "r n"]:
+def random_frame(n: int, r: int, generator: torch.Generator | None = None) -> Float[Tensor, "r n"]:
     """A Haar-uniform orthonormal r-frame of R^n as rows (sign-fixed QR of a Gaussian), float64."""
     if not 1 <= r <= n:
         raise RwasymError(f"a frame of {r} orthonormal vectors needs 1 <= r <= n = {n}")

@@ -24,7 +24,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
-from .checks import as_float64_array
+from ._common import as_f64, fit_line, jsonable
+from ._typed_torch import linalg, special, tolist
 
 # ----------------------------------------------------------------------------- private helpers
 
@@ -34,29 +35,25 @@ _PSD_RTOL = 1e-8  # min eigenvalue >= -rtol * lambda_1 accepted as "positive sem
 _NAME_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def _as_f64(x: Any, name: str, fn: str, ndim: int = 2) -> Tensor:
-    return as_float64_array(x, f"{fn}: {name}", ndim)
-
-
 def _entropy_rank(w: Tensor, eps: float = 0.0) -> float:
     """exp(-sum p_i log p_i) with p_i = w_i / sum(w) + eps, taking 0 log 0 = 0."""
     p = w / w.sum() + eps
-    return math.exp(-float(torch.special.xlogy(p, p).sum()))
+    return math.exp(-float(special.xlogy(p, p).sum()))
 
 
-def _eigvalsh_desc(C: Any, name: str, fn: str) -> Tensor:
+def _eigvalsh_desc(C_in: object, name: str, fn: str) -> Tensor:
     """Eigenvalues of a symmetric PSD matrix, descending, tiny negatives clamped to 0."""
-    C = _as_f64(C, name, fn)
+    C = as_f64(C_in, name, fn)
     if C.shape[0] != C.shape[1]:
         raise RwasymError(f"{fn}: {name} must be square (d x d), got shape {tuple(C.shape)}; "
                           f"pass a covariance such as Z.T @ Z, not the data Z itself")
-    norm = float(torch.linalg.matrix_norm(C))
-    asym = float(torch.linalg.matrix_norm(C - C.T))
+    norm = float(linalg.matrix_norm(C))
+    asym = float(linalg.matrix_norm(C - C.T))
     if asym > _SYMMETRY_RTOL * norm:
         raise RwasymError(f"{fn}: {name} is not symmetric (||C - C.T||_F / ||C||_F = "
                           f"{asym / norm:.3g}); pass a covariance, or symmetrise it with "
                           f"(C + C.T) / 2")
-    lam = torch.linalg.eigvalsh((C + C.T) / 2).flip(0)
+    lam = linalg.eigvalsh((C + C.T) / 2).flip(0)
     if lam[0] <= 0:
         raise RwasymError(f"{fn}: {name} has no positive eigenvalue (largest = "
                           f"{float(lam[0]):.3g}); the covariance is zero — check that "
@@ -68,37 +65,7 @@ def _eigvalsh_desc(C: Any, name: str, fn: str) -> Tensor:
     return lam.clamp_min(0.0)
 
 
-def _fit_line(x: Tensor, y: Tensor) -> tuple[float, float, float]:
-    """Least-squares y = slope * x + intercept; returns (slope, intercept, r2).
-
-    slope and r2 are NaN when x has no spread; r2 is NaN when y has no spread.
-    """
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    if sxx <= 1e-24 * max(1.0, float((x**2).sum())):
-        return math.nan, float(ym), math.nan
-    slope = float(((x - xm) * (y - ym)).sum()) / sxx
-    intercept = float(ym) - slope * float(xm)
-    ss_res = float(((y - (slope * x + intercept)) ** 2).sum())
-    ss_tot = float(((y - ym) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan
-    return slope, intercept, r2
-
-
-def _jsonable(v: Any) -> Any:
-    """Plain JSON-able Python: non-finite floats -> None, tuples/tensors -> lists."""
-    if isinstance(v, Tensor):
-        return _jsonable(v.tolist())
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def _check_eps(eps: float, fn: str) -> None:
+def _check_eps(eps: object, fn: str) -> None:
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
         raise RwasymError(f"{fn}: eps must be a float in [0, 1), got {eps!r}; the default 1e-7 "
                           f"follows Garrido et al. 2023")
@@ -119,7 +86,7 @@ class AlphaReq:
     d: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(self.__dict__)
+        return jsonable(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -132,7 +99,7 @@ class Spikiness:
     d: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(self.__dict__)
+        return jsonable(self.__dict__)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -147,11 +114,11 @@ def rankme(Z: Float[Tensor, "n d"], eps: float = 1e-7) -> float:
 
     Example: ``rankme(torch.randn(4000, 32))`` is about 31.97 (of a maximum of 32).
     """
-    Z = _as_f64(Z, "Z", "rankme")
+    Z64 = as_f64(Z, "Z", "rankme")
     _check_eps(eps, "rankme")
-    s = torch.linalg.svdvals(Z)
+    s = linalg.svdvals(Z64)
     if s[0] <= 0:
-        raise RwasymError(f"rankme: Z (shape {tuple(Z.shape)}) is all zeros, so RankMe is "
+        raise RwasymError(f"rankme: Z (shape {tuple(Z64.shape)}) is all zeros, so RankMe is "
                           f"undefined; check that the activations were captured")
     return _entropy_rank(s, eps)
 
@@ -171,7 +138,7 @@ def rankme_from_cov(
     _check_eps(eps, "rankme_from_cov")
     lam = _eigvalsh_desc(C, "C", "rankme_from_cov")
     if n_samples is not None:
-        if not (isinstance(n_samples, int) and n_samples >= 1):
+        if not (isinstance(n_samples, int) and n_samples >= 1):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise RwasymError(f"rankme_from_cov: n_samples must be a positive int, got "
                               f"{n_samples!r}; pass the number of rows accumulated into C")
         lam = lam[: min(n_samples, lam.numel())]
@@ -202,13 +169,13 @@ def alpha_req(
         raise RwasymError(f"{fn}: pass exactly one of Z (samples, n x d) or cov= (d x d); got "
                           f"{'both' if Z is not None else 'neither'}")
     if Z is not None:
-        Zc = _as_f64(Z, "Z", fn)
+        Zc = as_f64(Z, "Z", fn)
         if Zc.shape[0] < 2:
             raise RwasymError(f"{fn}: Z has {Zc.shape[0]} row(s); a covariance needs at least 2 "
                               f"samples — pass more rows or a precomputed cov=")
         d = Zc.shape[1]
         Zc = Zc - Zc.mean(dim=0, keepdim=True)
-        lam = torch.linalg.svdvals(Zc) ** 2 / (Zc.shape[0] - 1)  # min(n, d) eigenvalues
+        lam = linalg.svdvals(Zc) ** 2 / (Zc.shape[0] - 1)  # min(n, d) eigenvalues
         if lam[0] <= 0:
             raise RwasymError(f"{fn}: Z has zero variance (all rows equal); nothing to fit")
     else:
@@ -218,7 +185,8 @@ def alpha_req(
         lo, hi = 1, max(2, d // 2)
     else:
         lo, hi = index_range
-    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo < hi <= d):
+    if not (isinstance(lo, int) and isinstance(hi, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+            and 1 <= lo < hi <= d):
         raise RwasymError(f"{fn}: index_range=({lo!r}, {hi!r}) is out of range for d={d}; pass "
                           f"1-based inclusive ints with 1 <= lo < hi <= d")
     n_ok = int((lam > _NEGLIGIBLE_RTOL * lam[0]).sum())
@@ -228,7 +196,7 @@ def alpha_req(
                           f"index_range from lo={lo} ({n_ok} of d={d} are > 1e-10 * lambda_1); "
                           f"pass more samples or a lower index_range")
     i = torch.arange(lo, hi + 1, dtype=torch.float64)
-    slope, intercept, r2 = _fit_line(i.log(), lam[lo - 1 : hi].log())
+    slope, intercept, r2 = fit_line(i.log(), lam[lo - 1 : hi].log())
     return AlphaReq(alpha=-slope, intercept=intercept, r2=r2, lo=lo, hi=hi, d=d)
 
 
@@ -284,7 +252,7 @@ class LifecycleRow:
         d = dict(self.__dict__)
         if not include_singular_values:
             del d["singular_values"]
-        return _jsonable(d)
+        return jsonable(d)
 
 
 def _mean(xs: list[float]) -> float:
@@ -316,7 +284,7 @@ class Lifecycle:
         for r in self.rows:
             if math.isfinite(r.effective_rank):
                 by_name[r.name].append(r)
-        out = []
+        out: list[dict[str, Any]] = []
         for name, rs in by_name.items():
             rs.sort(key=lambda r: r.step)
             best = min(rs, key=lambda r: (r.effective_rank, r.step))
@@ -326,7 +294,7 @@ class Lifecycle:
                         "effective_rank_last": rs[-1].effective_rank,
                         "compression": rs[0].effective_rank - best.effective_rank})
         out.sort(key=lambda o: (o["layer"] if o["layer"] is not None else -1, o["kind"], o["name"]))
-        return _jsonable(out)
+        return jsonable(out)
 
     def kind_summary(self) -> list[dict[str, Any]]:
         """Means over layers per (kind, step): stable rank, effective rank, its fraction of
@@ -334,7 +302,7 @@ class Lifecycle:
         groups: dict[tuple[str, int], list[LifecycleRow]] = defaultdict(list)
         for r in self.rows:
             groups[(r.kind, r.step)].append(r)
-        out = []
+        out: list[dict[str, Any]] = []
         for (kind, step), rs in sorted(groups.items()):
             out.append({"kind": kind, "step": step, "n_matrices": len(rs),
                         "stable_rank_mean": _mean([r.stable_rank for r in rs]),
@@ -342,7 +310,7 @@ class Lifecycle:
                         "effective_rank_frac_mean": _mean(
                             [r.effective_rank / min(r.n_out, r.n_in) for r in rs]),
                         "top_k_energy_mean": _mean([r.top_k_energy for r in rs])})
-        return _jsonable(out)
+        return jsonable(out)
 
     def to_dict(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "rows": self.to_rows(include_singular_values=True),
@@ -363,7 +331,7 @@ def _row(step: int, name: str, shape: tuple[int, int], s: Tensor, top_k: int,
         stable = eff = energy = math.nan
     return LifecycleRow(step=step, name=name, layer=layer, kind=kind, n_out=shape[0],
                         n_in=shape[1], stable_rank=stable, effective_rank=eff,
-                        top_k_energy=energy, top_k=k, singular_values=tuple(s.tolist()))
+                        top_k_energy=energy, top_k=k, singular_values=tuple(tolist(s)))
 
 
 def lifecycle(
@@ -382,10 +350,11 @@ def lifecycle(
     ``torch.linalg.svdvals`` call (float64). A matrix must keep its shape across steps.
     """
     fn = "lifecycle"
-    if not isinstance(weights_by_step, Mapping) or len(weights_by_step) == 0:
+    if (not isinstance(weights_by_step, Mapping)  # pyright: ignore[reportUnnecessaryIsInstance]
+            or len(weights_by_step) == 0):
         raise RwasymError(f"{fn}: weights_by_step is empty; pass {{step: {{name: tensor}}}} "
                           f"with at least one checkpoint")
-    if not (isinstance(top_k, int) and top_k >= 1):
+    if not (isinstance(top_k, int) and top_k >= 1):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise RwasymError(f"{fn}: top_k={top_k!r} is out of range; pass an int >= 1 (it is "
                           f"clipped to min(n_out, n_in) per matrix)")
     _check_eps(eps, fn)
@@ -394,12 +363,12 @@ def lifecycle(
     rows: list[LifecycleRow] = []
     for step in sorted(weights_by_step):
         mats = weights_by_step[step]
-        if not isinstance(mats, Mapping) or len(mats) == 0:
+        if not isinstance(mats, Mapping) or len(mats) == 0:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise RwasymError(f"{fn}: checkpoint step={step} has no matrices; pass a non-empty "
                               f"{{name: tensor}} mapping for every step or drop the step")
         by_shape: dict[tuple[int, int], list[tuple[str, Tensor]]] = defaultdict(list)
         for name, w in mats.items():
-            w = _as_f64(w, f"weights_by_step[{step}][{name!r}]", fn)
+            w = as_f64(w, f"weights_by_step[{step}][{name!r}]", fn)
             shape = (w.shape[0], w.shape[1])
             if shapes.setdefault(name, shape) != shape:
                 raise RwasymError(f"{fn}: matrix {name!r} has shape {shape} at step {step} but "
@@ -409,7 +378,7 @@ def lifecycle(
             by_shape[shape].append((name, w))
         for shape, items in by_shape.items():
             stacked = torch.stack([w for _, w in items])  # (batch, n_out, n_in)
-            svals = torch.linalg.svdvals(stacked)  # (batch, min(n_out, n_in))
+            svals = linalg.svdvals(stacked)  # (batch, min(n_out, n_in))
             rows.extend(_row(int(step), name, shape, s, top_k, eps)
                         for (name, _), s in zip(items, svals))
     rows.sort(key=lambda r: (r.step, r.name))

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import RwasymError
+from ._typed_torch import linalg
 from .checks import (
     as_float64_matrix,
     require_finite,
@@ -25,7 +27,6 @@ from .checks import (
     require_positive_int,
     shape_str,
 )
-from ..errors import RwasymError
 from .covariance import RunningCovariance
 
 __all__ = [
@@ -78,7 +79,7 @@ def _sign_fixed_qr(gauss: Tensor) -> Tensor:
     """Q of a (batched) QR with the signs of diag(R) moved into Q (Mezzadri 2007, "How to generate
     random matrices from the classical compact groups"): for Gaussian input, exactly Haar instead of
     biased by LAPACK's sign convention."""
-    q, r = torch.linalg.qr(gauss)  # (..., n, k), (..., k, k)
+    q, r = linalg.qr(gauss)  # (..., n, k), (..., k, k)
     signs = r.diagonal(dim1=-2, dim2=-1).sign()  # (..., k)
     signs[signs == 0] = 1.0
     return q * signs.unsqueeze(-2)
@@ -93,9 +94,9 @@ def haar_frames(samples: int, n: int, k: int, generator: torch.Generator | None 
     return _sign_fixed_qr(torch.randn(samples, n, k, dtype=torch.float64, generator=generator))
 
 
-def _symmetric_matrix(C: object, what: str) -> Tensor:
+def _symmetric_matrix(C_in: object, what: str) -> Tensor:
     """Validate a finite, square, symmetric matrix; return float64 CPU."""
-    C = as_float64_matrix(C, what)
+    C = as_float64_matrix(C_in, what)
     if C.shape[0] != C.shape[1]:
         raise RwasymError(
             f"{what} must be a square (d, d) covariance matrix; got shape {shape_str(C)}. Pass the "
@@ -114,7 +115,7 @@ def _symmetric_matrix(C: object, what: str) -> Tensor:
 def _as_covariance(cov_or_stats: object, center: bool) -> tuple[Tensor, str]:
     """A (d, d) float64 covariance from a tensor or a RunningCovariance, and its description."""
     if isinstance(cov_or_stats, RunningCovariance):
-        what = f"the covariance of {cov_or_stats._label()}"
+        what = f"the covariance of {cov_or_stats.label()}"
         cov = cov_or_stats.covariance(center=center).cpu()
         return require_finite(cov, what), what
     if isinstance(cov_or_stats, Tensor):
@@ -128,7 +129,7 @@ def _as_covariance(cov_or_stats: object, center: bool) -> tuple[Tensor, str]:
 
 def _descending_spectrum(C: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:
     """Eigenvalues (desc), eigenvectors (desc columns) and ratios λ_i / Σλ of a PSD matrix."""
-    evals, evecs = torch.linalg.eigh(C)  # ascending
+    evals, evecs = linalg.eigh(C)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
     top = float(evals[0])
     if float(evals[-1]) < -1e-6 * max(abs(top), 1e-300):

@@ -22,7 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
-from .spectra import _as_f64, _fit_line, _jsonable
+from ._common import as_f64, fit_line, jsonable
+from ._typed_torch import linalg, tolist
 from .subspaces import haar_frames
 
 REBUILD_MODES = (
@@ -35,16 +36,19 @@ REBUILD_MODES = (
 _ZERO_RTOL = 1e-12  # a singular value <= rtol * sigma_1 counts as zero
 
 
-def _svd_pair(W_base: Any, W_tuned: Any, fn: str):
-    """Thin SVDs of both matrices with the tuned signs aligned to the base (see module doc)."""
-    A = _as_f64(W_base, "W_base", fn)
-    B = _as_f64(W_tuned, "W_tuned", fn)
+def _svd_pair(
+    W_base: object, W_tuned: object, fn: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Thin SVDs of both matrices with the tuned signs aligned to the base (see module doc):
+    (U, S, V, U', S', V'), V and V' as (n_in, r)."""
+    A = as_f64(W_base, "W_base", fn)
+    B = as_f64(W_tuned, "W_tuned", fn)
     if A.shape != B.shape:
         raise RwasymError(f"{fn}: W_base has shape {tuple(A.shape)} but W_tuned has shape "
                           f"{tuple(B.shape)}; pass the same matrix of two checkpoints of one "
                           f"architecture (both stored as n_out x n_in)")
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)  # (n_out, r), (r,), (r, n_in)
-    U2, S2, Vh2 = torch.linalg.svd(B, full_matrices=False)
+    U, S, Vh = linalg.svd(A, full_matrices=False)  # (n_out, r), (r,), (r, n_in)
+    U2, S2, Vh2 = linalg.svd(B, full_matrices=False)
     sign = torch.sign((U * U2).sum(dim=0))  # (r,)
     sign[sign == 0] = 1.0
     return U, S, Vh.T, U2 * sign, S2, Vh2.T * sign  # V, V' as (n_in, r)
@@ -86,7 +90,7 @@ class PostTrainingSVD:
         d = {k: v for k, v in self.__dict__.items() if k not in ("R_U", "R_V")}
         if include_rotations:
             d["R_U"], d["R_V"] = self.R_U, self.R_V
-        return _jsonable(d)
+        return jsonable(d)
 
 
 def post_training_svd(
@@ -107,7 +111,7 @@ def post_training_svd(
     r = S.numel()
     if k is None:
         k = r
-    if not (isinstance(k, int) and 1 <= k <= r):
+    if not (isinstance(k, int) and 1 <= k <= r):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise RwasymError(f"{fn}: k={k!r} is out of range for W of shape ({n_out}, {n_in}); "
                           f"pass an int with 1 <= k <= min(n_out, n_in) = {r}, or k=None for all")
     for label, s in (("W_base", S), ("W_tuned", S2)):
@@ -117,7 +121,7 @@ def post_training_svd(
                               f"than k={k}, so sigma'/sigma is undefined; pass k <= {n_pos}")
     s, s2 = S[:k], S2[:k]
     ratio = s2 / s
-    slope, intercept, r2 = _fit_line(s.log(), s2.log())
+    slope, intercept, r2 = fit_line(s.log(), s2.log())
     R_U = U[:, :k].T @ U2[:, :k]  # (k, k)
     R_V = V[:, :k].T @ V2[:, :k]  # (k, k)
     eye = torch.eye(k, dtype=torch.float64)
@@ -126,12 +130,12 @@ def post_training_svd(
         ratio_mean=float(ratio.mean()), ratio_std=float(ratio.std(correction=0)),
         ratio_min=float(ratio.min()), ratio_max=float(ratio.max()),
         fit_slope=slope, fit_intercept=intercept, fit_r2=r2,
-        consistency=float(torch.linalg.matrix_norm(R_U - R_V)) / math.sqrt(2 * k),
-        orth_defect_u=float(torch.linalg.matrix_norm(R_U.T @ R_U - eye)),
-        orth_defect_v=float(torch.linalg.matrix_norm(R_V.T @ R_V - eye)),
+        consistency=float(linalg.matrix_norm(R_U - R_V)) / math.sqrt(2 * k),
+        orth_defect_u=float(linalg.matrix_norm(R_U.T @ R_U - eye)),
+        orth_defect_v=float(linalg.matrix_norm(R_V.T @ R_V - eye)),
         diag_dominance_u=float(torch.diagonal(R_U).abs().mean()),
         diag_dominance_v=float(torch.diagonal(R_V).abs().mean()),
-        sigma_base=tuple(s.tolist()), sigma_tuned=tuple(s2.tolist()), R_U=R_U, R_V=R_V,
+        sigma_base=tuple(tolist(s)), sigma_tuned=tuple(tolist(s2)), R_U=R_U, R_V=R_V,
     )
 
 
