@@ -137,10 +137,10 @@ def measure(base: str, tuned: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    import transformer_lens.model_bridge.sources._bridge_builder  # noqa: F401
+    import transformer_lens.model_bridge.sources  # noqa: F401
     import transformers  # noqa: F401
 
-    from rwasym.models import shards
+    from rwasym.models import checkpoint as shards
     from rwasym.models.loading import bridge_classes
 
     bridge_classes()

@@ -7,7 +7,22 @@ import rwasym
 from rwasym.testing import HF_ARCHS, build_hf_model
 
 
+# Lanes (`make test-fast` deselects all but unit): a test is marked by what it needs — the real SmolLM2 model,
+# tiny Hugging Face models, an executed notebook, torchrun, the docs build — read off its fixtures and file.
+_LANE_FIXTURES = {"real": ("real_gguf", "real_folder", "shared_gguf_cache"), "hf": ("hf_folder", "models")}
+_LANE_FILES = {"test_notebooks.py": "notebook", "test_distributed.py": "distributed", "test_docs.py": "docs"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        lane = _LANE_FILES.get(item.path.name)
+        if lane is None:
+            names = set(getattr(item, "fixturenames", ()))
+            lane = next((m for m, fixtures in _LANE_FIXTURES.items() if names & set(fixtures)), None)
+        if lane is not None and lane not in item.keywords:
+            item.add_marker(getattr(pytest.mark, lane))
+        if not any(m in item.keywords for m in ("real", "hf", "notebook", "distributed", "docs", "slow")):
+            item.add_marker(pytest.mark.unit)
     if os.environ.get("RWASYM_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow test: set RWASYM_SLOW=1 to run it")
