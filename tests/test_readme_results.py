@@ -31,8 +31,14 @@ def test_default_pair_probe_table_matches_the_trajectory_json():
 
     rows = _load("trajectory")["rows"]
     last = max(r["step"] for r in rows)
-    for kind, side in (("W_Q", "read"), ("W_K", "read"), ("W_V", "read"), ("W_in", "read"), ("W_O", "write"),
-                       ("W_out", "write")):
+    for kind, side in (
+        ("W_Q", "read"),
+        ("W_K", "read"),
+        ("W_V", "read"),
+        ("W_in", "read"),
+        ("W_O", "write"),
+        ("W_out", "write"),
+    ):
         cells = []
         for key in ("r_activation", "r_prediction"):
             s = seed_interval([r[key] for r in rows if r["step"] == last and r["kind"] == kind])
@@ -56,9 +62,12 @@ def test_default_pair_graded_table_and_slopes_match_the_graded_json():
         pattern = rf"{re.escape(label)} \+?{s['mean']:.2f} \[{s['ci_low']:.2f}, {s['ci_high']:.2f}\]"
         lo3 = f"{s['ci_low']:.3f}"  # the page gives a near-zero bound to 3 decimals
         ok = re.search(pattern, DEFAULT_PAGE) or re.search(
-            rf"{re.escape(label)} \+?{s['mean']:.2f} \[{lo3.rstrip('0')}, {s['ci_high']:.2f}\]", DEFAULT_PAGE)
-        assert ok, (f"docs/results/default_pair.md: slope of {cell} is stale: "
-                    f"{s['mean']:.2f} [{s['ci_low']:.3f}, {s['ci_high']:.2f}]")
+            rf"{re.escape(label)} \+?{s['mean']:.2f} \[{lo3.rstrip('0')}, {s['ci_high']:.2f}\]", DEFAULT_PAGE
+        )
+        assert ok, (
+            f"docs/results/default_pair.md: slope of {cell} is stale: "
+            f"{s['mean']:.2f} [{s['ci_low']:.3f}, {s['ci_high']:.2f}]"
+        )
 
 
 def test_real_pair_tables_are_generated_from_the_real_json():
@@ -68,13 +77,17 @@ def test_real_pair_tables_are_generated_from_the_real_json():
     from rwasym.studies.real import readme_tables
 
     tables = readme_tables(json.loads(path.read_text()))
-    assert tables and tables in REAL_PAGE, ("docs/results/real_pair.md: the real-pair tables are stale: paste "
-                                            "rwasym.studies.real.readme_tables(results.json of docs/results/real) "
-                                            "between its real-tables markers")
+    assert tables and tables in REAL_PAGE, (
+        "docs/results/real_pair.md: the real-pair tables are stale: paste "
+        "rwasym.studies.real.readme_tables(results.json of docs/results/real) "
+        "between its real-tables markers"
+    )
     begin, end = "<!-- real-tables:begin -->", "<!-- real-tables:end -->"
     inside = REAL_PAGE.split(begin, 1)[1].split(end, 1)[0]
-    assert inside.strip() == tables.strip(), "docs/results/real_pair.md: the text between the real-tables markers " \
+    assert inside.strip() == tables.strip(), (
+        "docs/results/real_pair.md: the text between the real-tables markers "
         "must be exactly rwasym.studies.real.readme_tables(...)"
+    )
 
 
 def test_results_pages_link_to_committed_files():
