@@ -11,10 +11,12 @@ How each README command is exercised:
   extras that pyproject.toml defines (`test_readme_make_and_pip_lines_match_the_makefile`).
 """
 
+import importlib
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,41 @@ def test_quickstart_example_is_the_readme_example():
     assert readme and quickstart and quickstart[0] == readme[0], (
         "docs/quickstart.md's first Python block must equal the README's example"
     )
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+
+
+def test_every_rwasym_name_in_the_docs_resolves():
+    """Every dotted ``rwasym.…`` name the README and the docs pages mention (code or text) is importable, so a
+    rename in the package cannot leave a page pointing at nothing. Deprecated aliases still resolve (with a
+    warning) until they are removed; then the pages that name them fail here."""
+    pages = [README, *sorted(DOCS.glob("*.md")), *sorted(DOCS.glob("*/*.md"))]
+    pages = [p for p in pages if p.parent.name != "results" or p.name in ("default_pair.md", "real_pair.md")]
+    names = {}
+    for page in pages:
+        for match in re.finditer(r"(?<![\w./-])rwasym(?:\.[A-Za-z_]\w*)+", page.read_text()):
+            if match.group(0) not in ("rwasym.json",):  # save_model's file name
+                names.setdefault(match.group(0), page.relative_to(ROOT))
+    assert len(names) > 50, f"expected the pages to name many rwasym objects; found {len(names)}"
+    broken = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, page in sorted(names.items()):
+            try:
+                _resolve(name)
+            except (AttributeError, ImportError) as e:
+                broken.append(f"{page}: {name} ({e})")
+    assert not broken, "names in the docs that do not resolve:\n" + "\n".join(broken)
 
 
 # -- the README ------------------------------------------------------------------------------------------
