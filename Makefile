@@ -36,7 +36,7 @@ test: $(STAMP_DEV) lint
 
 # The quick lane for your own loop (< 3 min on 2 cores): unit and fast integration tests only.
 test-fast: $(STAMP_DEV)
-	$(BIN)/python -m pytest -m "not (hf or real or notebook or distributed or slow or docs)" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 # ruff (format check + lint, line length 120) and pyright (basic on the package, strict on rwasym/math).
 lint: $(STAMP_DEV)

@@ -32,8 +32,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = rwasym.load(rwasym.native_config(d_model=args.d_model, d_head=64, n_heads=args.d_model // 64,
-                                             n_layers=args.layers, n_ctx=args.pos, d_vocab=2048))
+    model = rwasym.load(
+        rwasym.native_config(
+            d_model=args.d_model,
+            d_head=64,
+            n_heads=args.d_model // 64,
+            n_layers=args.layers,
+            n_ctx=args.pos,
+            d_vocab=2048,
+        )
+    )
     tokens = torch.randint(0, 2048, (args.tokens // args.pos, args.pos))
 
     def plain():
@@ -45,9 +53,15 @@ def main() -> None:
     resid = {h: model.d_model for h in model.residual_hooks().values()}
     runs = {
         "plain forward": plain,
-        "capture: attention inputs": lambda: capture(model, tokens, sites=attn_sites, batch_size=args.batch, progress=False),
-        "capture: residual stream (pre/mid/post)": lambda: capture(model, tokens, sites=resid, batch_size=args.batch, progress=False),
-        "capture: all default sites": lambda: capture(model, tokens, sites=default_sites(model), batch_size=args.batch, progress=False),
+        "capture: attention inputs": lambda: capture(
+            model, tokens, sites=attn_sites, batch_size=args.batch, progress=False
+        ),
+        "capture: residual stream (pre/mid/post)": lambda: capture(
+            model, tokens, sites=resid, batch_size=args.batch, progress=False
+        ),
+        "capture: all default sites": lambda: capture(
+            model, tokens, sites=default_sites(model), batch_size=args.batch, progress=False
+        ),
     }
     plain()  # warm-up
     base = _best(plain, args.repeats)

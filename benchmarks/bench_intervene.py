@@ -20,8 +20,8 @@ import torch
 
 import rwasym
 from rwasym.analyses.behaviour import Evaluator
-from rwasym.studies.language import PairConfig, corpus, make_pairs
 from rwasym.math.rank1 import directions
+from rwasym.studies.language import PairConfig, corpus, make_pairs
 
 
 def main() -> None:
@@ -32,9 +32,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32, help="pairs per rule (2 rules)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--cont-len", type=int, default=1)
-    ap.add_argument("--text", type=int, default=0,
-                    help="separate held-out text sequences of 64 tokens (default 0: the sweep default, "
-                         "text = prompt + chosen of the pairs)")
+    ap.add_argument(
+        "--text",
+        type=int,
+        default=0,
+        help="separate held-out text sequences of 64 tokens (default 0: the sweep default, "
+        "text = prompt + chosen of the pairs)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-layers", type=int, default=2, help="2 = the demo architecture")
     ap.add_argument("--naive-edits", type=int, default=16, help="naive loop timed on this many edits, scaled")
@@ -51,9 +55,12 @@ def main() -> None:
     text = corpus(args.text, 64, seed=123) if args.text else None
     ev = Evaluator(base, tuned, pairs, text=text)
     n_tok = sum(t.numel() for t in (ev.data.chosen, ev.data.rejected, ev.data.text))
-    print(f"data: {len(pairs)} pairs (prompt {args.prompt_len}, response {args.cont_len}), text {tuple(ev.data.text.shape)}; "
-          f"{n_tok} tokens per full evaluation; {args.directions} directions; {args.edits_per_pass} edits per pass; "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"data: {len(pairs)} pairs (prompt {args.prompt_len}, response {args.cont_len}), "
+        f"text {tuple(ev.data.text.shape)}; "
+        f"{n_tok} tokens per full evaluation; {args.directions} directions; {args.edits_per_pass} edits per pass; "
+        f"{torch.get_num_threads()} thread(s)"
+    )
 
     def plain():
         with torch.no_grad():
@@ -95,11 +102,13 @@ def main() -> None:
         diff = max(abs(a[k] - b[k]) for a, b in zip(slow_rows, fast_rows) for k in keys)
         flips = [k for a, b in zip(slow_rows, fast_rows) for k in slow_rows[0] if "accuracy" in k and a[k] != b[k]]
         runner = next(iter(ev._runners.values()))
-        print(f"{name}: naive {t_naive:.2f} s, fast {t_fast:.2f} s for {len(dirs)} edits -> speedup "
-              f"{t_naive / t_fast:.1f}x; fast per edit = {t_fast / len(dirs) / t_plain:.2f}x a plain forward of "
-              f"the same tokens ({t_plain * 1e3:.0f} ms); naive per edit = {t_naive / len(dirs) / t_plain:.2f}x; "
-              f"max |metric diff| {diff:.1e} (accuracy values differing at a float tie: {flips or 'none'}); "
-              f"prefix reuse {runner.reuse}")
+        print(
+            f"{name}: naive {t_naive:.2f} s, fast {t_fast:.2f} s for {len(dirs)} edits -> speedup "
+            f"{t_naive / t_fast:.1f}x; fast per edit = {t_fast / len(dirs) / t_plain:.2f}x a plain forward of "
+            f"the same tokens ({t_plain * 1e3:.0f} ms); naive per edit = {t_naive / len(dirs) / t_plain:.2f}x; "
+            f"max |metric diff| {diff:.1e} (accuracy values differing at a float tie: {flips or 'none'}); "
+            f"prefix reuse {runner.reuse}"
+        )
 
 
 def _timed(fn) -> float:

@@ -55,9 +55,18 @@ def make_pair(cache: Path, seed: int) -> tuple[Path, Path]:
     base, tuned = cache / "base", cache / "tuned"
     if (base / "config.json").exists() and (tuned / "config.json").exists():
         return base, tuned
-    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                         tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
+    config = Qwen2Config(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).float().eval()
     with torch.no_grad():  # norms away from their init, as a trained model's are
@@ -81,8 +90,12 @@ def make_pair(cache: Path, seed: int) -> tuple[Path, Path]:
 
 
 def child(mode: str, base: Path, tuned: Path, n_tokens: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode, str(base), str(tuned), str(n_tokens)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, str(base), str(tuned), str(n_tokens)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if out.returncode != 0:
         raise SystemExit(f"child {mode} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -101,20 +114,37 @@ def main() -> None:
     base, tuned = make_pair(Path(args.cache), args.seed)
     print(f"pair ready in {time.perf_counter() - t0:.0f} s: {base}, {tuned}")
     size = sum(f.stat().st_size for folder in (base, tuned) for f in folder.glob("*.safetensors"))
-    params = sum(int(v) for v in [json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"]]) // 4
+    params = (
+        sum(int(v) for v in [json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"]])
+        // 4
+    )
     interpreter = child("import", base, tuned, args.tokens)["maxrss_kb"] * 1024
     run = child("probe", base, tuned, args.tokens)
     peak = run["maxrss_kb"] * 1024
     limit = 1.5 * (size + interpreter)
-    results = {"rwasym": rwasym.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "tokens": args.tokens, "seed": args.seed, "parameters": params, "checkpoints_bytes": size,
-               "interpreter_rss": interpreter, "probe_peak_rss": peak, "limit_bytes": limit,
-               "ratio": peak / (size + interpreter), **{k: v for k, v in run.items() if k != "maxrss_kb"}}
-    print(f"0.5B pair ({params / 1e6:.0f}M parameters): probe peak RSS {peak / 2**30:.2f} GiB = "
-          f"{results['ratio']:.2f}x (two float32 checkpoints {size / 2**30:.2f} GiB + interpreter "
-          f"{interpreter / 2**30:.2f} GiB); limit 1.5x = {limit / 2**30:.2f} GiB")
-    print(f"  load {run['load_s']:.0f} s, probe {run['probe_s']:.0f} s ({run['capture_passes']} capture passes, "
-          f"{run['rows']} rows, {run['curves']} curves), tuned streamed: {run['tuned_streamed']}")
+    results = {
+        "rwasym": rwasym.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tokens": args.tokens,
+        "seed": args.seed,
+        "parameters": params,
+        "checkpoints_bytes": size,
+        "interpreter_rss": interpreter,
+        "probe_peak_rss": peak,
+        "limit_bytes": limit,
+        "ratio": peak / (size + interpreter),
+        **{k: v for k, v in run.items() if k != "maxrss_kb"},
+    }
+    print(
+        f"0.5B pair ({params / 1e6:.0f}M parameters): probe peak RSS {peak / 2**30:.2f} GiB = "
+        f"{results['ratio']:.2f}x (two float32 checkpoints {size / 2**30:.2f} GiB + interpreter "
+        f"{interpreter / 2**30:.2f} GiB); limit 1.5x = {limit / 2**30:.2f} GiB"
+    )
+    print(
+        f"  load {run['load_s']:.0f} s, probe {run['probe_s']:.0f} s ({run['capture_passes']} capture passes, "
+        f"{run['rows']} rows, {run['curves']} curves), tuned streamed: {run['tuned_streamed']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

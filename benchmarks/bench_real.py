@@ -23,14 +23,12 @@ sweep (not in the default parts): per-edit cost of rank-1 edits of W_Q at three 
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
 from bench_capture import _best  # the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,23 +73,40 @@ def bench_capture(model, tokens, batch, repeats):
     cov_macs = sum(d * d for d in distinct.values())
     attn_macs = sum(d * d for d in attn.values())
     fwd_macs = forward_macs_per_token(model, tokens.shape[1])
-    rows = {"plain forward": t_plain,
-            "capture: attention inputs": _best(lambda: capture(model, tokens, sites=attn, batch_size=batch, progress=False), repeats),
-            "capture: all default sites": _best(lambda: capture(model, tokens, batch_size=batch, progress=False), repeats),
-            "TL run_with_cache + float64 moments (all sites)": _best(tl_user, 1)}
-    out = {"tokens": int(tokens.numel()), "batch": batch, "threads": torch.get_num_threads(),
-           "forward_macs_per_token": fwd_macs, "cov_macs_per_token": cov_macs, "distinct_sites": len(distinct),
-           "sites": len(sites), "seconds": rows}
+    rows = {
+        "plain forward": t_plain,
+        "capture: attention inputs": _best(
+            lambda: capture(model, tokens, sites=attn, batch_size=batch, progress=False), repeats
+        ),
+        "capture: all default sites": _best(lambda: capture(model, tokens, batch_size=batch, progress=False), repeats),
+        "TL run_with_cache + float64 moments (all sites)": _best(tl_user, 1),
+    }
+    out = {
+        "tokens": int(tokens.numel()),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "forward_macs_per_token": fwd_macs,
+        "cov_macs_per_token": cov_macs,
+        "distinct_sites": len(distinct),
+        "sites": len(sites),
+        "seconds": rows,
+    }
     out["limit_all"] = 1 + cov_macs / fwd_macs
     out["limit_attn"] = 1 + attn_macs / fwd_macs
-    print(f"capture: {out['tokens']} tokens, batch {batch}, {out['threads']} threads; {len(sites)} default sites, "
-          f"{len(distinct)} distinct statistics")
+    print(
+        f"capture: {out['tokens']} tokens, batch {batch}, {out['threads']} threads; {len(sites)} default sites, "
+        f"{len(distinct)} distinct statistics"
+    )
     for name, t in rows.items():
         print(f"  {name:48s} {t:7.2f} s  {t / t_plain:5.2f}x a plain forward")
-    print(f"  limit (forward + Σd² multiply-adds at forward throughput): all sites {out['limit_all']:.2f}x, "
-          f"attention inputs {out['limit_attn']:.2f}x")
-    print(f"  capture / limit: all sites {rows['capture: all default sites'] / t_plain / out['limit_all']:.2f}, "
-          f"attention inputs {rows['capture: attention inputs'] / t_plain / out['limit_attn']:.2f}")
+    print(
+        f"  limit (forward + Σd² multiply-adds at forward throughput): all sites {out['limit_all']:.2f}x, "
+        f"attention inputs {out['limit_attn']:.2f}x"
+    )
+    print(
+        f"  capture / limit: all sites {rows['capture: all default sites'] / t_plain / out['limit_all']:.2f}, "
+        f"attention inputs {rows['capture: attention inputs'] / t_plain / out['limit_attn']:.2f}"
+    )
     return out
 
 
@@ -107,10 +122,17 @@ def bench_probe(base, tuned, tokens, batch):
     t0 = time.perf_counter()
     result = rwasym.probe(base, tuned, activations=acts, progress=False)
     t_probe = time.perf_counter() - t0
-    out = {"capture_s": t_capture, "probe_s": t_probe, "rows": len(result.rows), "curves": len(result.curves),
-           "ratio": t_probe / t_capture}
-    print(f"probe: {len(result.rows)} rows, {len(result.curves)} curves in {t_probe:.1f} s; capture of its sites "
-          f"{t_capture:.1f} s; probe / capture = {out['ratio']:.2f}")
+    out = {
+        "capture_s": t_capture,
+        "probe_s": t_probe,
+        "rows": len(result.rows),
+        "curves": len(result.curves),
+        "ratio": t_probe / t_capture,
+    }
+    print(
+        f"probe: {len(result.rows)} rows, {len(result.curves)} curves in {t_probe:.1f} s; capture of its sites "
+        f"{t_capture:.1f} s; probe / capture = {out['ratio']:.2f}"
+    )
     return out
 
 
@@ -131,18 +153,30 @@ print(json.dumps({"maxrss_kb": hwm}))
 
 def bench_memory(base_folder, tuned_folder, n_tokens):
     def child(mode):
-        out = subprocess.run([sys.executable, "-c", _CHILD, mode, str(base_folder), str(tuned_folder), str(n_tokens)],
-                             capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, mode, str(base_folder), str(tuned_folder), str(n_tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
 
     size = sum(f.stat().st_size for folder in (base_folder, tuned_folder) for f in Path(folder).glob("*.safetensors"))
     interpreter, peak, loaded = child("import"), child("probe"), child("probe-loaded")
-    out = {"checkpoints_bytes": size, "interpreter_rss": interpreter, "probe_peak_rss": peak,
-           "ratio": peak / (size + interpreter), "probe_loaded_peak_rss": loaded,
-           "ratio_loaded": loaded / (size + interpreter)}
-    print(f"memory: probe peak RSS {peak / 2**30:.2f} GiB (tuned streamed), {loaded / 2**30:.2f} GiB (both loaded); "
-          f"two float32 checkpoints {size / 2**30:.2f} GiB + interpreter {interpreter / 2**30:.2f} GiB; ratios "
-          f"{out['ratio']:.2f} / {out['ratio_loaded']:.2f} (limit 1.5)")
+    out = {
+        "checkpoints_bytes": size,
+        "interpreter_rss": interpreter,
+        "probe_peak_rss": peak,
+        "ratio": peak / (size + interpreter),
+        "probe_loaded_peak_rss": loaded,
+        "ratio_loaded": loaded / (size + interpreter),
+    }
+    print(
+        f"memory: probe peak RSS {peak / 2**30:.2f} GiB (tuned streamed), {loaded / 2**30:.2f} GiB (both loaded); "
+        f"two float32 checkpoints {size / 2**30:.2f} GiB + interpreter {interpreter / 2**30:.2f} GiB; ratios "
+        f"{out['ratio']:.2f} / {out['ratio_loaded']:.2f} (limit 1.5)"
+    )
     return out
 
 
@@ -163,10 +197,17 @@ def bench_sweep(base, tuned, info, layers, n_edits, n_naive, max_pairs, edits_pe
     _, held = load_real_pairs(info)
     ev = Evaluator(base, tuned, held, max_pairs=max_pairs)
     n_tok = sum(int(t.numel()) for t in (ev.data.chosen, ev.data.rejected, ev.data.text))
-    print(f"sweep: {ev.data.chosen.shape[0]} held-out pairs, {n_tok} tokens per full evaluation, {n_edits} edits "
-          f"({edits_per_pass} per pass), naive loop timed on {n_naive}")
-    out = {"pairs": int(ev.data.chosen.shape[0]), "tokens_per_evaluation": n_tok, "edits": n_edits,
-           "edits_per_pass": edits_per_pass, "layers": {}}
+    print(
+        f"sweep: {ev.data.chosen.shape[0]} held-out pairs, {n_tok} tokens per full evaluation, {n_edits} edits "
+        f"({edits_per_pass} per pass), naive loop timed on {n_naive}"
+    )
+    out = {
+        "pairs": int(ev.data.chosen.shape[0]),
+        "tokens_per_evaluation": n_tok,
+        "edits": n_edits,
+        "edits_per_pass": edits_per_pass,
+        "layers": {},
+    }
     for layer in layers:
         name = f"blocks.{layer}.attn.W_Q"
         delta = tuned.weight(name) - base.weight(name)
@@ -195,14 +236,23 @@ def bench_sweep(base, tuned, info, layers, n_edits, n_naive, max_pairs, edits_pe
             del m
         t_naive = (time.perf_counter() - t0) / n_naive
         diff = max(abs(a[k] - b[k]) for a, b in zip(slow, fast) for k in a if "accuracy" not in k)
-        row = {"matrix": name, "limit_s": t_limit, "fast_per_edit_s": t_fast, "naive_per_edit_s": t_naive,
-               "fast_over_limit": t_fast / t_limit, "naive_over_limit": t_naive / t_limit,
-               "speedup_vs_naive": t_naive / t_fast, "max_metric_diff": diff,
-               "prefix_reuse": ev._runners[next(iter(ev._runners))].reuse}
+        row = {
+            "matrix": name,
+            "limit_s": t_limit,
+            "fast_per_edit_s": t_fast,
+            "naive_per_edit_s": t_naive,
+            "fast_over_limit": t_fast / t_limit,
+            "naive_over_limit": t_naive / t_limit,
+            "speedup_vs_naive": t_naive / t_fast,
+            "max_metric_diff": diff,
+            "prefix_reuse": ev._runners[next(iter(ev._runners))].reuse,
+        }
         out["layers"][layer] = row
-        print(f"  {name}: limit {t_limit:.2f} s; fast {t_fast:.2f} s per edit = {row['fast_over_limit']:.2f}x the limit; "
-              f"naive {t_naive:.2f} s = {row['naive_over_limit']:.2f}x; speedup {row['speedup_vs_naive']:.1f}x; "
-              f"max |metric diff| {diff:.1e}")
+        print(
+            f"  {name}: limit {t_limit:.2f} s; fast {t_fast:.2f} s per edit = {row['fast_over_limit']:.2f}x the limit; "
+            f"naive {t_naive:.2f} s = {row['naive_over_limit']:.2f}x; speedup {row['speedup_vs_naive']:.1f}x; "
+            f"max |metric diff| {diff:.1e}"
+        )
     return out
 
 
@@ -235,8 +285,16 @@ def main() -> None:
         if "probe" in parts:
             results["probe"] = bench_probe(base, tuned, tokens, args.batch)
         if "sweep" in parts:
-            results["sweep"] = bench_sweep(base, tuned, info, [int(x) for x in args.sweep_layers.split(",")],
-                                           args.sweep_edits, args.sweep_naive, args.sweep_pairs, args.edits_per_pass)
+            results["sweep"] = bench_sweep(
+                base,
+                tuned,
+                info,
+                [int(x) for x in args.sweep_layers.split(",")],
+                args.sweep_edits,
+                args.sweep_naive,
+                args.sweep_pairs,
+                args.edits_per_pass,
+            )
         if "memory" in parts:
             del tuned
             results["memory"] = bench_memory(base_folder, info["tuned"], args.tokens)

@@ -98,9 +98,15 @@ def write_pair(root: Path, a) -> int:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        hidden_size=a.hidden, intermediate_size=a.intermediate, num_attention_heads=a.heads,
-        num_key_value_heads=a.kv_heads, num_hidden_layers=a.layers, vocab_size=a.vocab,
-        max_position_embeddings=2048, tie_word_embeddings=False, dtype=a.dtype,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        num_hidden_layers=a.layers,
+        vocab_size=a.vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype=a.dtype,
     )
     items, width = _llama_tensors(a), _TAGS[a.dtype][1]
     shards, current, size = [], [], 0
@@ -154,9 +160,14 @@ def measure(base: str, tuned: str) -> dict:
     ratios = [norms[k] / (_NOISE * sizes[k] ** 0.5) for k in norms]
     return dict(
         after_imports_mb=after_imports,
-        peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_hwm_mb=hwm_mb(),
-        seconds=elapsed, skeleton_seconds=t_skeleton, n_matrices=len(norms),
-        largest_matrix=max(sizes.values()), norm_ratio_min=min(ratios), norm_ratio_max=max(ratios),
+        peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_hwm_mb=hwm_mb(),
+        seconds=elapsed,
+        skeleton_seconds=t_skeleton,
+        n_matrices=len(norms),
+        largest_matrix=max(sizes.values()),
+        norm_ratio_min=min(ratios),
+        norm_ratio_max=max(ratios),
     )
 
 
@@ -187,9 +198,19 @@ def main() -> None:
     if a._measure:  # child 2: the fresh interpreter that streams
         print(json.dumps(measure(*a._measure)))
         return
-    shape_args = [f"--{k}={v}" for k, v in (
-        ("hidden", a.hidden), ("intermediate", a.intermediate), ("heads", a.heads), ("kv-heads", a.kv_heads),
-        ("layers", a.layers), ("vocab", a.vocab), ("dtype", a.dtype), ("shard-gb", a.shard_gb))]
+    shape_args = [
+        f"--{k}={v}"
+        for k, v in (
+            ("hidden", a.hidden),
+            ("intermediate", a.intermediate),
+            ("heads", a.heads),
+            ("kv-heads", a.kv_heads),
+            ("layers", a.layers),
+            ("vocab", a.vocab),
+            ("dtype", a.dtype),
+            ("shard-gb", a.shard_gb),
+        )
+    ]
     root = Path(tempfile.mkdtemp(prefix="rwasym-bench-shards-", dir="/tmp"))
     try:
         t0 = time.perf_counter()
@@ -205,9 +226,11 @@ def main() -> None:
     def row(name, mb):
         return f"| {name:44s} | {mb:9.0f} MiB | {100 * mb / ckpt:12.1f}% |"
 
-    print(f"Llama GQA, {a.layers} layers, hidden {a.hidden}, MLP {a.intermediate}, {a.heads} heads / "
-          f"{a.kv_heads} KV heads, vocab {a.vocab}, {a.dtype}, {n_files} shards per checkpoint "
-          f"(pair written in {t_write:.0f} s)")
+    print(
+        f"Llama GQA, {a.layers} layers, hidden {a.hidden}, MLP {a.intermediate}, {a.heads} heads / "
+        f"{a.kv_heads} KV heads, vocab {a.vocab}, {a.dtype}, {n_files} shards per checkpoint "
+        f"(pair written in {t_write:.0f} s)"
+    )
     print(f"| {'quantity':44s} | {'value':>13s} | of checkpoint |")
     print(f"|{'-' * 46}|{'-' * 15}|{'-' * 15}|")
     print(row("one checkpoint (safetensors data)", ckpt))
@@ -216,8 +239,10 @@ def main() -> None:
     print(row("peak RSS, VmHWM", r["peak_hwm_mb"]))
     print(row("peak − after imports", r["peak_mb"] - r["after_imports_mb"]))
     print(row("largest ΔW (float64)", 8 * r["largest_matrix"] / 2**20))
-    print(f"{r['n_matrices']} matrices streamed in {r['seconds']:.1f} s (skeleton {r['skeleton_seconds']:.1f} s); "
-          f"‖ΔW‖_F / ({_NOISE}·sqrt(n_out·n_in)) in [{r['norm_ratio_min']:.4f}, {r['norm_ratio_max']:.4f}]")
+    print(
+        f"{r['n_matrices']} matrices streamed in {r['seconds']:.1f} s (skeleton {r['skeleton_seconds']:.1f} s); "
+        f"‖ΔW‖_F / ({_NOISE}·sqrt(n_out·n_in)) in [{r['norm_ratio_min']:.4f}, {r['norm_ratio_max']:.4f}]"
+    )
     verdict = "meets" if r["peak_mb"] < 0.25 * ckpt else "misses"
     print(f"peak RSS / checkpoint = {r['peak_mb'] / ckpt:.3f}: {verdict} the < 25% target")
 

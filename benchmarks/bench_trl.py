@@ -57,9 +57,13 @@ def main() -> None:
                 best[name, steps] = min(best[name, steps], time.perf_counter() - t0)
                 losses[name] = result.final_loss
     extra = args.steps - args.short
-    rows = {name: (best[name, args.steps], (best[name, args.steps] - best[name, args.short]) / extra) for name in backends}
-    print(f"base {base} ({info['spec']['model']}), {len(pairs)} train pairs, batch {args.batch}, "
-          f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    rows = {
+        name: (best[name, args.steps], (best[name, args.steps] - best[name, args.short]) / extra) for name in backends
+    }
+    print(
+        f"base {base} ({info['spec']['model']}), {len(pairs)} train pairs, batch {args.batch}, "
+        f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    )
     print(f"| backend | wall, {args.steps} steps (s) | s / step | steps / s | final loss |")
     print("|---|---|---|---|---|")
     for name, (wall, per_step) in rows.items():

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import rwasym
-from rwasym.studies.language import corpus
-from rwasym.math.spectra import spikiness
 from rwasym.math.covariance import RunningCovariance
+from rwasym.math.spectra import spikiness
 from rwasym.studies.default_pair import default_pair, default_spec
+from rwasym.studies.language import corpus
 
 
 @torch.no_grad()
@@ -32,7 +32,9 @@ def attention_input_spikiness(model: rwasym.Model, tokens: torch.Tensor) -> list
     for layer in range(model.n_layers):
         acc = RunningCovariance(model.d_model, name=f"blocks.{layer}.attn.q.hook_in")
         hook = model.bridge.get_submodule(acc.name)
-        handles.append(hook.register_forward_hook(lambda mod, inp, out, acc=acc: acc.add(out.reshape(-1, out.shape[-1]))))
+        handles.append(
+            hook.register_forward_hook(lambda mod, inp, out, acc=acc: acc.add(out.reshape(-1, out.shape[-1])))
+        )
         accs.append(acc)
     try:
         for i in range(0, len(tokens), 64):

@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 # public name -> (module, attribute); attribute None: the module itself (a namespace)
 _LAZY: dict[str, tuple[str, Any]] = {
     **{n: (f"rwasym.{n}", None) for n in ("analyses", "data", "hooks", "math", "models")},
-    **{n: ("rwasym.models", n) for n in ("MatrixSpec", "Model", "load", "load_pair", "native_config", "save_model",
-                                          "weight_deltas")},
+    **{
+        n: ("rwasym.models", n)
+        for n in ("MatrixSpec", "Model", "load", "load_pair", "native_config", "save_model", "weight_deltas")
+    },
     "lora_deltas": ("rwasym.models.lora", "lora_deltas"),
     **{n: ("rwasym.hooks.activations", n) for n in ("ActivationStats", "capture")},
     **{n: ("rwasym.hooks.gradients", n) for n in ("GradientStats", "capture_gradients")},
@@ -52,12 +54,36 @@ _LAZY: dict[str, tuple[str, Any]] = {
 
 # 0.1's top-level names that now live in a namespace: they warn for one release, then go
 _MOVED: dict[str, tuple[str, str]] = {
-    **{n: ("rwasym.math", n) for n in ("Basis", "Direction", "FractionResult", "LowRankDelta", "NullResult",
-                                        "RunningCovariance", "alpha_req", "closed_form_u", "complement_basis",
-                                        "delta_spectrum", "directions", "fraction_curve", "k_for_variance", "lifecycle",
-                                        "null_moments", "pca_basis", "post_training_svd", "prediction_basis",
-                                        "random_basis", "random_null", "rankme", "rankme_from_cov", "rebuild",
-                                        "relative_fraction", "spikiness")},
+    **{
+        n: ("rwasym.math", n)
+        for n in (
+            "Basis",
+            "Direction",
+            "FractionResult",
+            "LowRankDelta",
+            "NullResult",
+            "RunningCovariance",
+            "alpha_req",
+            "closed_form_u",
+            "complement_basis",
+            "delta_spectrum",
+            "directions",
+            "fraction_curve",
+            "k_for_variance",
+            "lifecycle",
+            "null_moments",
+            "pca_basis",
+            "post_training_svd",
+            "prediction_basis",
+            "random_basis",
+            "random_null",
+            "rankme",
+            "rankme_from_cov",
+            "rebuild",
+            "relative_fraction",
+            "spikiness",
+        )
+    },
     **{n: ("rwasym.models", n) for n in ("KINDS", "check_same_architecture", "flatten_site")},
     "read_adapter": ("rwasym.models.lora", "read_adapter"),
     "run_sweep": ("rwasym.analyses.sweep", "sweep"),
@@ -75,8 +101,11 @@ def __getattr__(name: str) -> Any:
         return value
     if name in _MOVED:
         module, attr = _MOVED[name]
-        warnings.warn(f"rwasym.{name} moved to {module}.{attr}; the top-level name is removed in rwasym 0.3",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"rwasym.{name} moved to {module}.{attr}; the top-level name is removed in rwasym 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'rwasym' has no attribute {name!r}")
 

@@ -12,7 +12,8 @@ no-op in a single process, so library code calls these helpers unconditionally.
 """
 
 import os
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,7 @@ from torch import Tensor
 
 from .errors import RwasymError
 
-__all__ = ["all_reduce_sum_", "barrier", "destroy", "init_from_env", "is_distributed", "require_same", "shard",
-           "world"]
+__all__ = ["all_reduce_sum_", "barrier", "destroy", "init_from_env", "is_distributed", "require_same", "shard", "world"]
 
 T = TypeVar("T")
 
@@ -49,17 +49,22 @@ def init_from_env() -> bool:
     try:
         size = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise RwasymError(f"WORLD_SIZE must be an integer; got {os.environ['WORLD_SIZE']!r}. "
-                          "Launch with torchrun, which sets it.") from None
+        raise RwasymError(
+            f"WORLD_SIZE must be an integer; got {os.environ['WORLD_SIZE']!r}. Launch with torchrun, which sets it."
+        ) from None
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
-        raise RwasymError(f"WORLD_SIZE={size} but this torch build has no torch.distributed; run one "
-                          "process (without torchrun) or install a torch build with distributed support")
+        raise RwasymError(
+            f"WORLD_SIZE={size} but this torch build has no torch.distributed; run one "
+            "process (without torchrun) or install a torch build with distributed support"
+        )
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RwasymError(f"WORLD_SIZE={size} but {', '.join(missing)} is not set; launch with "
-                          "`torchrun --nproc-per-node N -m rwasym ...`, which sets them")
+        raise RwasymError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} is not set; launch with "
+            "`torchrun --nproc-per-node N -m rwasym ...`, which sets them"
+        )
     backend = "gloo"
     if torch.cuda.is_available():
         backend = "cpu:gloo,cuda:nccl"
@@ -112,9 +117,11 @@ def require_same(values: Sequence[float], what: str) -> None:
     all_reduce_sum_(table)
     if not bool((table == table[0]).all()):
         per_rank = "; ".join(f"rank {r}: {table[r].tolist()}" for r in range(size))
-        raise RwasymError(f"the ranks disagree on {what} ({per_rank}); every rank must be given the same "
-                          "data (same batches in the same order): pass the same files / arguments to every "
-                          "process")
+        raise RwasymError(
+            f"the ranks disagree on {what} ({per_rank}); every rank must be given the same "
+            "data (same batches in the same order): pass the same files / arguments to every "
+            "process"
+        )
 
 
 def destroy() -> None:

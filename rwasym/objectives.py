@@ -12,8 +12,9 @@ them, `rwasym.hooks.gradients` differentiates them, `objective_batches` packages
 Metrics: `preference_accuracy`, `mean_kl`, `heldout_ce`, `pair_logprobs`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,22 @@ from .data.pairs import PreferencePairs
 from .errors import RwasymError
 from .models import Model
 
-__all__ = ["ALIGN_OBJECTIVES", "OBJECTIVES", "Objective", "alignment_loss", "check_tokens", "dpo_loss", "heldout_ce",
-           "mean_kl", "next_token_ce", "objective_batches", "pair_logprobs", "preference_accuracy",
-           "sequence_logprobs", "sft_loss"]
+__all__ = [
+    "ALIGN_OBJECTIVES",
+    "OBJECTIVES",
+    "Objective",
+    "alignment_loss",
+    "check_tokens",
+    "dpo_loss",
+    "heldout_ce",
+    "mean_kl",
+    "next_token_ce",
+    "objective_batches",
+    "pair_logprobs",
+    "preference_accuracy",
+    "sequence_logprobs",
+    "sft_loss",
+]
 
 ALIGN_OBJECTIVES = ("dpo", "sft", "graded")  # preference objectives (`rwasym.train.loops.align`)
 OBJECTIVES = ("ce",) + ALIGN_OBJECTIVES  # everything `objective_batches` packages
@@ -43,16 +57,19 @@ class Objective:
 
 
 # ------------------------------------------------------------------------------- pure losses
-def sequence_logprobs(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
-                      mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+def sequence_logprobs(
+    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, " batch"]:
     """Σ_{t ≥ 1} mask[b, t] · log softmax(logits[b, t−1])[tokens[b, t]] (float32 or wider).
 
     ``mask`` marks the scored tokens (the continuation); position 0 has no prediction and must be
     unmasked.
     """
     if logits.shape[:2] != tokens.shape or mask.shape != tokens.shape:
-        raise RwasymError(f"sequence_logprobs needs logits (batch, pos, vocab) matching tokens and mask "
-                          f"(batch, pos); got {tuple(logits.shape)}, {tuple(tokens.shape)}, {tuple(mask.shape)}.")
+        raise RwasymError(
+            f"sequence_logprobs needs logits (batch, pos, vocab) matching tokens and mask "
+            f"(batch, pos); got {tuple(logits.shape)}, {tuple(tokens.shape)}, {tuple(mask.shape)}."
+        )
     if bool(mask[:, 0].any()):
         raise RwasymError("mask[:, 0] must be False: the first token has no prediction to score.")
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, pos-1, vocab)
@@ -60,31 +77,42 @@ def sequence_logprobs(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Te
     return torch.where(mask[:, 1:], picked, 0.0).sum(-1)
 
 
-def dpo_loss(policy_chosen_logps: Float[Tensor, " batch"], policy_rejected_logps: Float[Tensor, " batch"],
-             ref_chosen_logps: Float[Tensor, " batch"], ref_rejected_logps: Float[Tensor, " batch"],
-             beta: float) -> Float[Tensor, ""]:
+def dpo_loss(
+    policy_chosen_logps: Float[Tensor, " batch"],
+    policy_rejected_logps: Float[Tensor, " batch"],
+    ref_chosen_logps: Float[Tensor, " batch"],
+    ref_rejected_logps: Float[Tensor, " batch"],
+    beta: float,
+) -> Float[Tensor, ""]:
     """mean_i −log σ(β[(π_c − ref_c) − (π_r − ref_r)]); equals log 2 at zero margin."""
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     return -F.logsigmoid(beta * margin).mean()
 
 
-def sft_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
-             mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+def sft_loss(
+    logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, ""]:
     """Token-mean cross-entropy of the masked tokens: −Σ logp / Σ mask."""
     return -sequence_logprobs(logits, tokens, mask).sum() / mask[:, 1:].sum().clamp_min(1)
 
 
 def check_tokens(model: Model, tokens: Tensor, what: str) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-        raise RwasymError(f"{what} must be an integer tensor of shape (batch, pos); got "
-                          f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}.")
+        raise RwasymError(
+            f"{what} must be an integer tensor of shape (batch, pos); got "
+            f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}."
+        )
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     if n_ctx and tokens.shape[1] > n_ctx:
-        raise RwasymError(f"{what} rows have {tokens.shape[1]} tokens but the model's context is n_ctx={n_ctx}; "
-                          "use shorter sequences or prompts.")
+        raise RwasymError(
+            f"{what} rows have {tokens.shape[1]} tokens but the model's context is n_ctx={n_ctx}; "
+            "use shorter sequences or prompts."
+        )
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab):
-        raise RwasymError(f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's "
-                          f"vocabulary is d_vocab={model.d_vocab}; ids must lie in [0, {model.d_vocab}).")
+        raise RwasymError(
+            f"{what} holds token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model's "
+            f"vocabulary is d_vocab={model.d_vocab}; ids must lie in [0, {model.d_vocab})."
+        )
     return tokens.long().to(model.device)
 
 
@@ -93,7 +121,6 @@ def next_token_ce(model: Model, tokens: Tensor) -> Tensor:
     tokens = tokens.to(model.device)
     logits = model.bridge(tokens)  # (batch, pos, vocab)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
 
 
 @dataclass
@@ -109,19 +136,21 @@ class _Packed:
     mc: Tensor
     tr: Tensor
     mr: Tensor
-    last: Optional[Tensor]
+    last: Tensor | None
 
     def __len__(self) -> int:
         return len(self.tc)
 
-    def take(self, idx: Union[Tensor, slice]) -> "_Packed":
+    def take(self, idx: Tensor | slice) -> "_Packed":
         return _Packed(*(None if x is None else x[idx] for x in (self.tc, self.mc, self.tr, self.mr, self.last)))
 
 
 def pack_pairs(model: Model, pairs: PreferencePairs) -> _Packed:
     if not isinstance(pairs, PreferencePairs) or len(pairs) == 0:
-        raise RwasymError(f"pairs must be a non-empty rwasym.data.PreferencePairs; got {type(pairs).__name__}"
-                          f"{' of length 0' if isinstance(pairs, PreferencePairs) else ''}.")
+        raise RwasymError(
+            f"pairs must be a non-empty rwasym.data.PreferencePairs; got {type(pairs).__name__}"
+            f"{' of length 0' if isinstance(pairs, PreferencePairs) else ''}."
+        )
     tc, mc = pairs.sequences("chosen")
     tr, mr = pairs.sequences("rejected")
     L = max(tc.shape[1], tr.shape[1])
@@ -155,7 +184,7 @@ def pair_logprobs(model: Model, pairs: PreferencePairs, batch_size: int = 256) -
     return all_scores(model, pack_pairs(model, pairs), batch_size)
 
 
-def check_objective(cfg: Any, reference: Optional[Model]) -> None:
+def check_objective(cfg: Any, reference: Model | None) -> None:
     """Raise unless ``cfg`` (objective, beta, lam) is a valid alignment objective with what it needs."""
     if cfg.objective not in ALIGN_OBJECTIVES:
         raise RwasymError(f"objective must be one of {ALIGN_OBJECTIVES}; got {cfg.objective!r}.")
@@ -181,9 +210,11 @@ def objective_value(model: Model, pk: "_Packed", ref: tuple[Tensor, Tensor], cfg
     return loss, stats
 
 
-def alignment_loss(model: Model, pairs: PreferencePairs, config: Any = Objective(),
-                   reference: Optional[Model] = None) -> Float[Tensor, ""]:
-    """The alignment objective of ``config`` (an `Objective` or an `AlignConfig`) on all of ``pairs`` as one batch (with grad)."""
+def alignment_loss(
+    model: Model, pairs: PreferencePairs, config: Any = Objective(), reference: Model | None = None
+) -> Float[Tensor, ""]:
+    """The alignment objective of ``config`` (an `Objective` or an `AlignConfig`) on all of ``pairs`` as one
+    batch (with grad)."""
     check_objective(config, reference)
     pk = pack_pairs(model, pairs)
     ref = all_scores(reference, pk) if config.objective != "sft" else (torch.zeros(0), torch.zeros(0))
@@ -191,7 +222,7 @@ def alignment_loss(model: Model, pairs: PreferencePairs, config: Any = Objective
 
 
 # ------------------------------------------------------------------------------------ metrics
-def preference_accuracy(model: Model, reference: Optional[Model], pairs: PreferencePairs) -> float:
+def preference_accuracy(model: Model, reference: Model | None, pairs: PreferencePairs) -> float:
     """Fraction of pairs the model prefers chosen.
 
     With a reference: the implicit DPO reward margin (π_c − ref_c) − (π_r − ref_r) > 0 (the TRL
@@ -224,8 +255,10 @@ def mean_kl(model: Model, reference: Model, tokens: Int[Tensor, "batch pos"], ba
 def heldout_ce(model: Model, tokens: Int[Tensor, "batch pos"], batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats) on ``tokens``, positions 1..pos−1."""
     tokens = check_tokens(model, tokens, "tokens")
-    losses = [float(next_token_ce(model, tokens[i : i + batch_size])) * len(tokens[i : i + batch_size])
-              for i in range(0, len(tokens), batch_size)]
+    losses = [
+        float(next_token_ce(model, tokens[i : i + batch_size])) * len(tokens[i : i + batch_size])
+        for i in range(0, len(tokens), batch_size)
+    ]
     return sum(losses) / len(tokens)
 
 
@@ -234,7 +267,7 @@ def objective_batches(
     objective: str,
     data: Any,
     *,
-    reference: Optional[Model] = None,
+    reference: Model | None = None,
     batch_size: int = 16,
     n_batches: int = 4,
     beta: float = 0.1,
@@ -254,18 +287,23 @@ def objective_batches(
         raise RwasymError(f"batch_size and n_batches must be positive; got {batch_size} and {n_batches}")
     if objective == "ce":
         if not isinstance(data, Tensor) or data.dim() != 2:
-            raise RwasymError("objective 'ce' needs a token tensor of shape (n_seqs, pos); "
-                              f"got {type(data).__name__}. Pass text tokens, not preference pairs")
+            raise RwasymError(
+                "objective 'ce' needs a token tensor of shape (n_seqs, pos); "
+                f"got {type(data).__name__}. Pass text tokens, not preference pairs"
+            )
         batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)][:n_batches]
         return next_token_ce, batches
     if not isinstance(data, PreferencePairs):
-        raise RwasymError(f"objective {objective!r} needs PreferencePairs (a .jsonl or pairs .safetensors "
-                          f"file); got {type(data).__name__}")
+        raise RwasymError(
+            f"objective {objective!r} needs PreferencePairs (a .jsonl or pairs .safetensors "
+            f"file); got {type(data).__name__}"
+        )
     cfg = Objective(objective=objective, beta=beta, lam=lam)
     if objective != "sft" and reference is None:
         raise RwasymError(f"objective {objective!r} needs a frozen reference model; pass reference= (e.g. the base)")
-    batches = [data.subset(torch.arange(i, min(i + batch_size, len(data))))
-               for i in range(0, len(data), batch_size)][:n_batches]
+    batches = [data.subset(torch.arange(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)][
+        :n_batches
+    ]
 
     def align_loss(model: Model, pairs: Any) -> Tensor:
         return alignment_loss(model, pairs, cfg, reference)

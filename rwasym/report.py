@@ -6,13 +6,14 @@ writes a PNG when ``path`` is given.
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 from .errors import RwasymError
 
 KIND_ORDER = ("W_Q", "W_K", "W_V", "W_in", "W_gate", "W_O", "W_out")
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _plt():
@@ -29,7 +30,7 @@ def _plt():
     return plt
 
 
-def _finish(fig, path: Optional[PathLike]):
+def _finish(fig, path: PathLike | None):
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: Sequence[dict], columns: Optional[Sequence[str]] = None) -> str:
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     """A GitHub Markdown table of ``rows`` (floats to 3 significant digits)."""
     if not rows:
         return "_(no rows)_\n"
@@ -82,7 +83,7 @@ def _json_default(value: Any) -> Any:
 
 
 def asymmetry_grid(rows: Iterable[dict], subspace: str) -> tuple[list[int], list[str], list[list[float]]]:
-    """(layers, kinds, grid[layer][kind]) of whole-matrix residual-side relative fractions."""
+    """``(layers, kinds, grid[layer][kind])`` of whole-matrix residual-side relative fractions."""
     cells: dict[tuple[int, str], float] = {}
     for r in rows:
         if r["head"] is None and r["stream"] == "residual" and r["subspace"] == subspace:
@@ -93,7 +94,7 @@ def asymmetry_grid(rows: Iterable[dict], subspace: str) -> tuple[list[int], list
     return layers, kinds, grid
 
 
-def asymmetry_heatmap(result: Any, path: Optional[PathLike] = None, title: str = ""):
+def asymmetry_heatmap(result: Any, path: PathLike | None = None, title: str = ""):
     """Layer × matrix-kind heatmaps of r on the residual-stream side, activation vs prediction."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -115,7 +116,7 @@ def asymmetry_heatmap(result: Any, path: Optional[PathLike] = None, title: str =
     return _finish(fig, path)
 
 
-def rk_curves(result: Any, path: Optional[PathLike] = None, kinds: Sequence[str] = ("W_Q", "W_O", "W_in", "W_out")):
+def rk_curves(result: Any, path: PathLike | None = None, kinds: Sequence[str] = ("W_Q", "W_O", "W_in", "W_out")):
     """r(k) curves of whole matrices (residual side, both subspaces) with the ±2σ Haar-null band."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -124,7 +125,7 @@ def rk_curves(result: Any, path: Optional[PathLike] = None, kinds: Sequence[str]
         for c in result.curves:
             if c["stream"] != "residual" or c["subspace"] != subspace or c["kind"] not in kinds:
                 continue
-            line, = ax.plot(c["ks"], c["relative"], marker="o", ms=3, label=f"L{c['layer']} {c['kind']}")
+            (line,) = ax.plot(c["ks"], c["relative"], marker="o", ms=3, label=f"L{c['layer']} {c['kind']}")
             if c.get("null_relative_std") and not band_drawn:
                 lo = [1 - 2 * s for s in c["null_relative_std"]]
                 hi = [1 + 2 * s for s in c["null_relative_std"]]
@@ -139,8 +140,12 @@ def rk_curves(result: Any, path: Optional[PathLike] = None, kinds: Sequence[str]
     return _finish(fig, path)
 
 
-def spectra_plot(spectra: dict[str, Sequence[float]], path: Optional[PathLike] = None, title: str = "",
-                 ylabel: str = "eigenvalue / sum"):
+def spectra_plot(
+    spectra: dict[str, Sequence[float]],
+    path: PathLike | None = None,
+    title: str = "",
+    ylabel: str = "eigenvalue / sum",
+):
     """Normalised eigenvalue spectra on log-log axes (e.g. C_a versus C_δ of one matrix)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -157,9 +162,19 @@ def spectra_plot(spectra: dict[str, Sequence[float]], path: Optional[PathLike] =
     return _finish(fig, path)
 
 
-def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[PathLike] = None,
-              title: str = "", xlabel: Optional[str] = None, ylabel: Optional[str] = None, hline: Optional[float] = None,
-              yerr: Optional[tuple[str, str]] = None, logx: bool = False):
+def line_plot(
+    rows: Sequence[dict],
+    x: str,
+    y: str,
+    group: str,
+    path: PathLike | None = None,
+    title: str = "",
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    hline: float | None = None,
+    yerr: tuple[str, str] | None = None,
+    logx: bool = False,
+):
     """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves).
 
     ``yerr``: (low, high) keys of an interval drawn as a shaded band (e.g. a 95% CI over seeds).
@@ -175,8 +190,9 @@ def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[P
         pts.sort(key=lambda p: p[0])
         (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=str(label))
         if yerr:
-            ax.fill_between([p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts],
-                            color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(
+                [p[0] for p in pts], [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2, lw=0
+            )
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8, ls="--")
     if logx:
@@ -188,7 +204,7 @@ def line_plot(rows: Sequence[dict], x: str, y: str, group: str, path: Optional[P
     return _finish(fig, path)
 
 
-def singular_value_heatmap(lifecycle: Any, matrix: str, path: Optional[PathLike] = None, top: int = 32):
+def singular_value_heatmap(lifecycle: Any, matrix: str, path: PathLike | None = None, top: int = 32):
     """Singular values of one matrix (rows: checkpoints; columns: index) on a log colour scale."""
     plt = _plt()
     rows = [r for r in lifecycle.rows if r.name == matrix]
@@ -206,14 +222,18 @@ def singular_value_heatmap(lifecycle: Any, matrix: str, path: Optional[PathLike]
     return _finish(fig, path)
 
 
-def rotation_images(R_U: Any, R_V: Any, path: Optional[PathLike] = None, title: str = ""):
+def rotation_images(R_U: Any, R_V: Any, path: PathLike | None = None, title: str = ""):
     """|R_U| = |U_kᵀ U'_k| and |R_V| = |V_kᵀ V'_k| side by side (a consistent rotation shows the
     same pattern twice; no rotation is the identity)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
-    for ax, R, label in ((axes[0], R_U, "|R_U| = |U_kᵀ U'_k| (output side)"), (axes[1], R_V, "|R_V| = |V_kᵀ V'_k| (input side)")):
-        im = ax.imshow(abs(R.detach().cpu().double()).numpy() if hasattr(R, "detach") else abs(R),
-                       vmin=0, vmax=1, cmap="viridis")
+    for ax, R, label in (
+        (axes[0], R_U, "|R_U| = |U_kᵀ U'_k| (output side)"),
+        (axes[1], R_V, "|R_V| = |V_kᵀ V'_k| (input side)"),
+    ):
+        im = ax.imshow(
+            abs(R.detach().cpu().double()).numpy() if hasattr(R, "detach") else abs(R), vmin=0, vmax=1, cmap="viridis"
+        )
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("tuned singular direction")
         ax.set_ylabel("base singular direction")
@@ -222,7 +242,7 @@ def rotation_images(R_U: Any, R_V: Any, path: Optional[PathLike] = None, title: 
     return _finish(fig, path)
 
 
-def effect_plot(rows: Sequence[dict], metric: str, path: Optional[PathLike] = None, title: str = ""):
+def effect_plot(rows: Sequence[dict], metric: str, path: PathLike | None = None, title: str = ""):
     """Strip plot of one intervention metric by direction kind (target vs controls), per matrix."""
     plt = _plt()
     matrices = sorted({r["matrix"] for r in rows})
@@ -232,10 +252,14 @@ def effect_plot(rows: Sequence[dict], metric: str, path: Optional[PathLike] = No
         for j, kind in enumerate(kinds):
             ys = [r[metric] for r in rows if r["matrix"] == m and r["direction"] == kind and r.get(metric) is not None]
             xpos = i * (len(kinds) + 1) + j
-            ax.scatter([xpos] * len(ys), ys, s=10, alpha=0.6, label=kind if i == 0 else None,
-                       color=f"C{j}")
-    ax.set_xticks([i * (len(kinds) + 1) + (len(kinds) - 1) / 2 for i in range(len(matrices))], matrices,
-                  rotation=30, ha="right", fontsize=7)
+            ax.scatter([xpos] * len(ys), ys, s=10, alpha=0.6, label=kind if i == 0 else None, color=f"C{j}")
+    ax.set_xticks(
+        [i * (len(kinds) + 1) + (len(kinds) - 1) / 2 for i in range(len(matrices))],
+        matrices,
+        rotation=30,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylabel(metric)
     ax.set_title(title or f"rank-1 edits: {metric} by direction")
     ax.legend(fontsize=7)

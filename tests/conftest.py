@@ -6,11 +6,23 @@ import torch
 import rwasym
 from rwasym.testing import HF_ARCHS, build_hf_model
 
-
-# Lanes (`make test-fast` deselects all but unit): a test is marked by what it needs — the real SmolLM2 model,
-# tiny Hugging Face models, an executed notebook, torchrun, the docs build — read off its fixtures and file.
+# Lanes (`make test-fast` runs the unit lane): a test is marked by what it needs — the real SmolLM2 model, tiny
+# Hugging Face models, an executed notebook, torchrun, the docs build — read off its file and fixtures; long
+# end-to-end runs on native models carry @pytest.mark.integration themselves.
 _LANE_FIXTURES = {"real": ("real_gguf", "real_folder", "shared_gguf_cache"), "hf": ("hf_folder", "models")}
-_LANE_FILES = {"test_notebooks.py": "notebook", "test_distributed.py": "distributed", "test_docs.py": "docs"}
+_LANE_FILES = {
+    "test_notebooks.py": "notebook",
+    "test_distributed.py": "distributed",
+    "test_docs.py": "docs",
+    "test_real_experiment.py": "real",
+    "test_real_pair.py": "real",
+    "test_real_model.py": "real",
+    "test_families.py": "hf",
+    "test_trl.py": "hf",
+    "test_lora.py": "hf",
+    "test_shards.py": "hf",
+}
+_LANES = ("real", "hf", "notebook", "distributed", "docs", "integration", "slow")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
             lane = next((m for m, fixtures in _LANE_FIXTURES.items() if names & set(fixtures)), None)
         if lane is not None and lane not in item.keywords:
             item.add_marker(getattr(pytest.mark, lane))
-        if not any(m in item.keywords for m in ("real", "hf", "notebook", "distributed", "docs", "slow")):
+        if not any(m in item.keywords for m in _LANES):
             item.add_marker(pytest.mark.unit)
     if os.environ.get("RWASYM_SLOW") == "1":
         return
@@ -46,8 +58,9 @@ def hf_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def native_cfg():
-    return rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64,
-                                n_key_value_heads=2, d_mlp=48, seed=1)
+    return rwasym.native_config(
+        d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64, n_key_value_heads=2, d_mlp=48, seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +83,9 @@ def save_perturbed_pair(native_cfg):
         tuned = copy.deepcopy(base)
         g = torch.Generator().manual_seed(0)
         for spec in tuned.matrices():
-            tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+            tuned.set_weight(
+                spec.name, tuned.weight(spec.name) + 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64)
+            )
         rwasym.save_model(base, root / "base")
         rwasym.save_model(tuned, root / "tuned")
         return g
@@ -126,7 +141,9 @@ def real_folder(real_gguf):
     return lambda n_layers=None: real_model_folder(n_layers, cache_dir=_USER_CACHE)
 
 
-_USER_GGUF = os.path.join(os.environ.get("RWASYM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rwasym"), "gguf")
+_USER_GGUF = os.path.join(
+    os.environ.get("RWASYM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rwasym"), "gguf"
+)
 
 
 @pytest.fixture(scope="session")

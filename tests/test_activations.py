@@ -5,8 +5,8 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.models import flatten_site
 from rwasym.hooks.activations import capture, default_sites
+from rwasym.models import flatten_site
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def test_default_sites_dedupe_and_cover(model):
 @pytest.mark.parametrize("gram_dtype, tol", [(None, 1e-6), (torch.float64, 1e-10)], ids=["fp32-products", "float64"])
 def test_capture_matches_torch_cov_with_padding_and_batches(model, gram_dtype, tol):
     tokens, mask = _data(model)
-    acts = capture(model, {"input_ids": tokens, "attention_mask": mask}, batch_size=4, gram_dtype=gram_dtype)  # 2 batches
+    acts = capture(
+        model, {"input_ids": tokens, "attention_mask": mask}, batch_size=4, gram_dtype=gram_dtype
+    )  # 2 batches
     assert acts.n_tokens == int(mask.sum())
     for hook, stat in acts.stats.items():
         rows = _cached_rows(model, tokens, mask, hook, stat.dim)
@@ -59,7 +61,9 @@ def test_capture_iterable_of_batches_and_max_tokens(model):
     a = capture(model, batches, sites=["blocks.0.hook_resid_pre"])
     b = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], batch_size=3)
     # other batchings: other float32 batch products (covariance entries ~0.03, rounding ~1e-9)
-    assert torch.allclose(a["blocks.0.hook_resid_pre"].covariance(), b["blocks.0.hook_resid_pre"].covariance(), atol=1e-8)
+    assert torch.allclose(
+        a["blocks.0.hook_resid_pre"].covariance(), b["blocks.0.hook_resid_pre"].covariance(), atol=1e-8
+    )
     c = capture(model, tokens, sites=["blocks.0.hook_resid_pre"], max_tokens=15, batch_size=1)
     assert c.n_tokens == 15
     rows = _cached_rows(model, tokens, torch.ones_like(tokens), "blocks.0.hook_in", 32)[:15]

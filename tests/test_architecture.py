@@ -18,19 +18,22 @@ def test_import_linter_contracts_hold():
     between sibling packages or modules."""
     pytest.importorskip("importlinter", reason="the layer check needs import-linter: install rwasym[dev]")
     lint = Path(sys.executable).with_name("lint-imports")
-    proc = subprocess.run([str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "4 kept, 0 broken" in proc.stdout
 
 
 @pytest.mark.parametrize("module", ["rwasym", "rwasym.math", "rwasym.data", "rwasym.errors"])
 def test_bottom_layers_load_no_transformer_lens(module):
-    code = (f"import sys, {module}; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'transformers', 'peft', 'trl')"
-            " or m.startswith(('rwasym.models', 'rwasym.hooks', 'rwasym.analyses', 'rwasym.app', 'rwasym.substrate',"
-            " 'rwasym.objectives', 'rwasym.train', 'rwasym.studies')));"
-            "print(len(bad), bad[:5])")
+    code = (
+        f"import sys, {module}; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'transformers', 'peft', 'trl')"
+        " or m.startswith(('rwasym.models', 'rwasym.hooks', 'rwasym.analyses', 'rwasym.app', 'rwasym.substrate',"
+        " 'rwasym.objectives', 'rwasym.train', 'rwasym.studies')));"
+        "print(len(bad), bad[:5])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("0 "), out
 

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import rwasym
-from rwasym.testing import perturb
 from rwasym import RwasymError
 from rwasym.analyses import behaviour
 from rwasym.analyses.behaviour import Evaluator, as_eval_set
 from rwasym.data.pairs import PreferencePairs
+from rwasym.testing import perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +29,11 @@ def pair(native_cfg):
 def _pairs(n=6, prompt=8, chosen=3, rejected=3, vocab=64, seed=0, ragged=False):
     """Pairs; ragged: prompts of two lengths, chosen right-padded, rejected kept shorter (≤ 2 tokens)."""
     g = torch.Generator().manual_seed(seed)
-    kw = dict(prompt=torch.randint(3, vocab, (n, prompt), generator=g),
-              chosen=torch.randint(3, vocab, (n, chosen), generator=g),
-              rejected=torch.randint(3, vocab, (n, rejected), generator=g))
+    kw = dict(
+        prompt=torch.randint(3, vocab, (n, prompt), generator=g),
+        chosen=torch.randint(3, vocab, (n, chosen), generator=g),
+        rejected=torch.randint(3, vocab, (n, rejected), generator=g),
+    )
     if ragged:  # right-padded responses and prompts of different lengths
         kw["prompt_mask"] = torch.arange(prompt)[None, :] < torch.tensor([prompt, prompt - 2] * (n // 2))[:, None]
         kw["chosen_mask"] = torch.arange(chosen)[None, :] < torch.tensor([chosen, 1] * (n // 2))[:, None]
@@ -95,8 +97,12 @@ def test_metrics_match_hand_written_oracles(pair):
 @pytest.mark.parametrize("case", ["multi", "single", "ragged", "text"])
 def test_fast_path_equals_the_naive_loop(pair, case):
     base, tuned = pair
-    pairs = {"multi": _pairs(), "single": _pairs(chosen=1, rejected=1), "ragged": _pairs(chosen=4, rejected=4, ragged=True),
-             "text": _pairs()}[case]
+    pairs = {
+        "multi": _pairs(),
+        "single": _pairs(chosen=1, rejected=1),
+        "ragged": _pairs(chosen=4, rejected=4, ragged=True),
+        "text": _pairs(),
+    }[case]
     text = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(3)) if case == "text" else None
     ev = Evaluator(base, tuned, pairs, text=text, metrics={"top": lambda l, b: float(l.max())})
     g = torch.Generator().manual_seed(2)
@@ -154,8 +160,10 @@ def test_eval_set_inputs_and_errors(pair, tmp_path):
     b = as_eval_set({"prompt": pairs.prompt, "chosen": pairs.chosen, "rejected": pairs.rejected}, max_pairs=4)
     assert torch.equal(a.chosen[:4], b.chosen) and b.chosen.shape == (4, 11)
     assert torch.equal(a.text, a.chosen)  # default text: prompt + chosen
-    lines = [f'{{"prompt": {p.tolist()}, "chosen": {c.tolist()}, "rejected": {r.tolist()}}}'
-             for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)]
+    lines = [
+        f'{{"prompt": {p.tolist()}, "chosen": {c.tolist()}, "rejected": {r.tolist()}}}'
+        for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)
+    ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
     assert torch.equal(as_eval_set(tmp_path / "pairs.jsonl").rejected, a.rejected)
     with pytest.raises(RwasymError, match="need prompt, chosen and rejected"):

@@ -1,7 +1,6 @@
 """A long capture survives a crash: killed mid-way (SIGKILL in a subprocess), rerun with the same
 checkpoint file, it ends with the same sums, bit for bit, as an uninterrupted capture."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -41,6 +40,7 @@ def _counting(model):
     return calls
 
 
+@pytest.mark.integration
 def test_killed_capture_resumes_to_the_uninterrupted_result(tmp_path):
     path = tmp_path / "acts.safetensors"
     child = subprocess.run([sys.executable, "-c", CHILD, str(path), "3"], capture_output=True, text=True)
@@ -58,8 +58,9 @@ def test_killed_capture_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(resumed.stats[hook].state_dict()["sum"], acc.state_dict()["sum"]), hook
     assert resumed.stats["blocks.0.hook_out"] is resumed.stats["blocks.1.hook_in"]  # the sharing survives
     again = capture(model, tokens, batch_size=2, checkpoint=path, progress=False)  # finished: no forward
-    assert calls[0] == 3 and torch.equal(again.stats["blocks.1.mlp.out.hook_in"].covariance(),
-                                         reference.stats["blocks.1.mlp.out.hook_in"].covariance())
+    assert calls[0] == 3 and torch.equal(
+        again.stats["blocks.1.mlp.out.hook_in"].covariance(), reference.stats["blocks.1.mlp.out.hook_in"].covariance()
+    )
 
 
 def test_mismatched_or_corrupt_checkpoints_are_refused(tmp_path):
@@ -101,6 +102,7 @@ rwasym.capture_gradients(model, dying, batches, checkpoint=sys.argv[1], checkpoi
 """
 
 
+@pytest.mark.integration
 def test_killed_gradient_capture_resumes_to_the_uninterrupted_result(tmp_path):
     path = tmp_path / "grads.safetensors"
     child = subprocess.run([sys.executable, "-c", GRAD_CHILD, str(path), "4"], capture_output=True, text=True)
@@ -150,8 +152,8 @@ def test_killed_gradient_capture_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_batch_digest_tells_batches_apart():
-    from rwasym.hooks.gradients import batch_digest
     from rwasym.data import PreferencePairs
+    from rwasym.hooks.gradients import batch_digest
 
     t = torch.arange(6).view(2, 3)
     assert batch_digest(t) == batch_digest(t.clone()) != batch_digest(t.T.contiguous())

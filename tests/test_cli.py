@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -18,9 +19,24 @@ def test_probe_cli_writes_json(tmp_path, native_cfg, capsys):
     rwasym.save_model(base, tmp_path / "tuned")
     save_file({"input_ids": torch.randint(0, 64, (8, 16), generator=g)}, str(tmp_path / "tokens.safetensors"))
     out = tmp_path / "probe.json"
-    code = main(["probe", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
-                 "--data", str(tmp_path / "tokens.safetensors"), "--k", "4", "--null-samples", "10",
-                 "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "probe",
+            "--base",
+            str(tmp_path / "base"),
+            "--tuned",
+            str(tmp_path / "tuned"),
+            "--data",
+            str(tmp_path / "tokens.safetensors"),
+            "--k",
+            "4",
+            "--null-samples",
+            "10",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["matrix"] for r in rows} == {name}
@@ -34,11 +50,17 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "neither an rwasym checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_demo_quick_writes_report(tmp_path, quick_cache):
     code = main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")])
     assert code == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["probe"]["summary"]) == {"read_activation", "read_prediction", "write_activation", "write_prediction"}
+    assert set(results["probe"]["summary"]) == {
+        "read_activation",
+        "read_prediction",
+        "write_activation",
+        "write_prediction",
+    }
     assert (tmp_path / "demo" / "figures" / "asymmetry_heatmap.png").exists()
     assert "Probe" in (tmp_path / "demo" / "report.md").read_text()
 
@@ -47,7 +69,25 @@ def test_train_cli_pretrain_then_align(tmp_path):
     assert main(["train", "pretrain", "--out", str(tmp_path / "pre"), "--steps", "4", "--n-seqs", "64", "--quiet"]) == 0
     base = tmp_path / "pre" / "step_000004"
     assert (base / "rwasym.json").exists()
-    assert main(["train", "align", "--base", str(base), "--objective", "graded", "--lam", "0.5", "--steps", "3",
-                 "--out", str(tmp_path / "ali"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "align",
+                "--base",
+                str(base),
+                "--objective",
+                "graded",
+                "--lam",
+                "0.5",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "ali"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     base_m, tuned = rwasym.load(base), rwasym.load(tmp_path / "ali" / "step_000003")
     assert sum(float(d.norm()) for d in rwasym.weight_deltas(base_m, tuned).values()) > 0

@@ -5,7 +5,12 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.analyses.companion import geometry, lifecycle_from_checkpoints, post_training_report, reconstruction_experiment
+from rwasym.analyses.companion import (
+    geometry,
+    lifecycle_from_checkpoints,
+    post_training_report,
+    reconstruction_experiment,
+)
 from rwasym.math.spectra import lifecycle, rankme
 from rwasym.math.svd import post_training_svd
 from rwasym.testing import perturb
@@ -59,8 +64,13 @@ def test_lifecycle_from_checkpoint_folders(pair, tmp_path):
     rwasym.save_model(base, tmp_path / "step_000000", meta={"step": 0})
     rwasym.save_model(tuned, tmp_path / "step_000010", meta={"step": 10})
     lc = lifecycle_from_checkpoints(tmp_path, top_k=3)
-    direct = lifecycle({0: {s.name: base.weight(s.name) for s in base.matrices()},
-                        10: {s.name: tuned.weight(s.name) for s in tuned.matrices()}}, top_k=3)
+    direct = lifecycle(
+        {
+            0: {s.name: base.weight(s.name) for s in base.matrices()},
+            10: {s.name: tuned.weight(s.name) for s in tuned.matrices()},
+        },
+        top_k=3,
+    )
     assert lc.to_rows() == direct.to_rows()
     with pytest.raises(RwasymError, match="no checkpoint folders"):
         lifecycle_from_checkpoints(tmp_path / "nothing")

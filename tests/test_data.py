@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from rwasym.data.pairs import ByteTokenizer, PreferencePairs, load_pairs_jsonl, load_text
-from rwasym.studies.language import Language, LanguageConfig, PairConfig, bigram_accuracy, corpus, entropy_per_token, language, make_pairs, unigram_entropy
 from rwasym.errors import RwasymError
+from rwasym.studies.language import (
+    Language,
+    LanguageConfig,
+    PairConfig,
+    bigram_accuracy,
+    corpus,
+    entropy_per_token,
+    language,
+    make_pairs,
+    unigram_entropy,
+)
 
 SMALL = LanguageConfig(d_vocab=16, markov_rank=2, copy_prob=0.4, copy_mode_frac=0.5, class_fraction=0.5, seed=3)
 MARKOV = LanguageConfig(d_vocab=10, markov_rank=2, copy_prob=0.0, seed=1)
@@ -37,7 +47,8 @@ def test_markov_entropy_by_hand_and_against_bigram_counts():
     # plug-in conditional entropy of a long sample's bigram counts (independent estimate)
     x = lang.sample(400, 200, seed=5)[:, 1:]  # drop the mode marker
     counts = torch.zeros(n, n, dtype=torch.float64).index_put_(
-        (x[:, :-1].flatten(), x[:, 1:].flatten()), torch.ones(x[:, 1:].numel(), dtype=torch.float64), accumulate=True)
+        (x[:, :-1].flatten(), x[:, 1:].flatten()), torch.ones(x[:, 1:].numel(), dtype=torch.float64), accumulate=True
+    )
     joint = counts / counts.sum()
     cond = counts / counts.sum(-1, keepdim=True)
     plug_in = float(-(joint * cond.clamp_min(1e-300).log()).sum())
@@ -75,7 +86,11 @@ def test_entropy_estimate_agrees_with_generator_cross_entropy():
 
 
 def test_corpus_is_seeded_and_shaped():
-    a, b, c = corpus(50, 12, seed=1, config=SMALL), corpus(50, 12, seed=1, config=SMALL), corpus(50, 12, seed=2, config=SMALL)
+    a, b, c = (
+        corpus(50, 12, seed=1, config=SMALL),
+        corpus(50, 12, seed=1, config=SMALL),
+        corpus(50, 12, seed=2, config=SMALL),
+    )
     assert a.shape == (50, 12) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert set(a[:, 0].tolist()) == {14, 15} and int(a[:, 1:].max()) < 14 and int(a.min()) >= 0
@@ -154,7 +169,8 @@ def test_split_is_stratified_disjoint_and_seeded():
 
 def test_sequences_pack_masked_rows():
     pairs = PreferencePairs(
-        prompt=torch.tensor([[5, 6, 7], [8, 0, 0]]), chosen=torch.tensor([[1, 0], [2, 3]]),
+        prompt=torch.tensor([[5, 6, 7], [8, 0, 0]]),
+        chosen=torch.tensor([[1, 0], [2, 3]]),
         rejected=torch.tensor([[4, 0], [9, 0]]),
         prompt_mask=torch.tensor([[True, True, True], [True, False, False]]),
         chosen_mask=torch.tensor([[True, False], [True, True]]),
@@ -166,13 +182,20 @@ def test_sequences_pack_masked_rows():
     tokens, target = pairs.sequences("rejected")
     assert tokens.tolist() == [[5, 6, 7, 4], [8, 9, 0, 0]]
     with pytest.raises(RwasymError, match="prefix of each row"):
-        PreferencePairs(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
-                        torch.ones(1, 1, dtype=torch.long), prompt_mask=torch.tensor([[True, False, True]]))
+        PreferencePairs(
+            torch.ones(1, 3, dtype=torch.long),
+            torch.ones(1, 1, dtype=torch.long),
+            torch.ones(1, 1, dtype=torch.long),
+            prompt_mask=torch.tensor([[True, False, True]]),
+        )
     jaxtyping.config.update("jaxtyping_disable", True)  # the suite's shape checker would fire first
     try:
         with pytest.raises(RwasymError, match="same number of rows"):
-            PreferencePairs(torch.ones(2, 3, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
-                            torch.ones(1, 1, dtype=torch.long))
+            PreferencePairs(
+                torch.ones(2, 3, dtype=torch.long),
+                torch.ones(1, 1, dtype=torch.long),
+                torch.ones(1, 1, dtype=torch.long),
+            )
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
 
@@ -233,7 +256,7 @@ def test_load_pairs_jsonl(tmp_path):
         load_pairs_jsonl(big, d_vocab=64)
     keys = tmp_path / "keys.jsonl"
     keys.write_text(json.dumps({"prompt": [1], "chosen": [2]}))
-    with pytest.raises(RwasymError, match='line 1 must be an object with keys'):
+    with pytest.raises(RwasymError, match="line 1 must be an object with keys"):
         load_pairs_jsonl(keys)
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps(lines[0]))

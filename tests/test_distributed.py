@@ -18,18 +18,27 @@ from safetensors.torch import load_file, save_file
 
 import rwasym
 from rwasym import RwasymError, distributed
-from rwasym.hooks.activations import capture
-from rwasym.app.cli import main
-from rwasym.hooks.gradients import capture_gradients
-from rwasym.data.pairs import PreferencePairs
-from rwasym.math.covariance import RunningCovariance
 from rwasym.analyses.sweep import _merge_shards, _rank_path, read_sweep, sweep
+from rwasym.app.cli import main
+from rwasym.data.pairs import PreferencePairs
+from rwasym.hooks.activations import capture
+from rwasym.hooks.gradients import capture_gradients
+from rwasym.math.covariance import RunningCovariance
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(abs=1e-10, rel=0)
 CAPTURE = dict(batch_size=3, max_tokens=70, progress=False)  # 4 batches; the budget ends inside batch 3
-SWEEP_ARGS = ["--matrices", "blocks.1.attn.W_Q", "--directions", "pca:2,random:3,orthogonal:3", "--alphas", "1,2",
-              "--edits-per-pass", "3", "--quiet"]
+SWEEP_ARGS = [
+    "--matrices",
+    "blocks.1.attn.W_Q",
+    "--directions",
+    "pca:2,random:3,orthogonal:3",
+    "--alphas",
+    "1,2",
+    "--edits-per-pass",
+    "3",
+    "--quiet",
+]
 
 WORKER = textwrap.dedent("""
     import sys
@@ -101,15 +110,23 @@ def files(save_perturbed_pair, tmp_path_factory):
     mask[1, 9:] = mask[4, 5:] = mask[8, 11:] = 0  # right padding
     save_file({"input_ids": ids, "attention_mask": mask}, str(root / "tokens.safetensors"))
     save_file({"input_ids": torch.randint(0, 64, (40, 16), generator=g)}, str(root / "probe_tokens.safetensors"))
-    PreferencePairs(prompt=torch.randint(3, 64, (6, 8), generator=g), chosen=torch.randint(3, 64, (6, 2), generator=g),
-                    rejected=torch.randint(3, 64, (6, 2), generator=g)).save(root / "pairs.safetensors")
+    PreferencePairs(
+        prompt=torch.randint(3, 64, (6, 8), generator=g),
+        chosen=torch.randint(3, 64, (6, 2), generator=g),
+        rejected=torch.randint(3, 64, (6, 2), generator=g),
+    ).save(root / "pairs.safetensors")
     return root
 
 
 def _torchrun(*args, timeout=240):
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` on 2 single-thread CPU ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -123,7 +140,9 @@ def _same_state(a: dict, b: dict) -> None:
 
 
 def _same_rows(a: list, b: list) -> None:
-    assert [r["id"] if "id" in r else r.get("matrix") for r in a] == [r["id"] if "id" in r else r.get("matrix") for r in b]
+    assert [r["id"] if "id" in r else r.get("matrix") for r in a] == [
+        r["id"] if "id" in r else r.get("matrix") for r in b
+    ]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for key in x:
@@ -190,8 +209,20 @@ def test_capture_and_gradients_on_two_ranks_equal_one_process(files):
 
 
 def test_probe_cli_under_torchrun_equals_one_process(files, tmp_path):
-    args = ["probe", "--base", files / "base", "--tuned", files / "tuned", "--data", files / "probe_tokens.safetensors",
-            "--k", "4", "--null-samples", "8", "--quiet"]
+    args = [
+        "probe",
+        "--base",
+        files / "base",
+        "--tuned",
+        files / "tuned",
+        "--data",
+        files / "probe_tokens.safetensors",
+        "--k",
+        "4",
+        "--null-samples",
+        "8",
+        "--quiet",
+    ]
     proc = _torchrun("-m", "rwasym", *args, "--out", tmp_path / "dist.json")
     assert proc.stdout.count("wrote ") == 1  # rank 0 prints; rank 1 is silent
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.json"]
@@ -202,9 +233,17 @@ def test_probe_cli_under_torchrun_equals_one_process(files, tmp_path):
 
 
 def test_sharded_sweep_merges_to_the_single_process_file(files, tmp_path):
-    rows = sweep(files / "base", files / "tuned", files / "pairs.safetensors", matrices=["blocks.1.attn.W_Q"],
-                 directions="pca:2,random:3,orthogonal:3", alphas=(1.0, 2.0), edits_per_pass=3,
-                 out=tmp_path / "single.jsonl", progress=False)
+    rows = sweep(
+        files / "base",
+        files / "tuned",
+        files / "pairs.safetensors",
+        matrices=["blocks.1.attn.W_Q"],
+        directions="pca:2,random:3,orthogonal:3",
+        alphas=(1.0, 2.0),
+        edits_per_pass=3,
+        out=tmp_path / "single.jsonl",
+        progress=False,
+    )
     header, r_single = read_sweep(tmp_path / "single.jsonl")
     assert r_single == rows and len(rows) > 6  # more passes than ranks
     # A rank file left by an earlier run (another world size: rank 1's file holds a row of pass 0, which
@@ -223,12 +262,21 @@ def test_sharded_sweep_merges_to_the_single_process_file(files, tmp_path):
 
 def test_merge_needs_every_row_and_keeps_plan_order(files, tmp_path):
     """Rank files (possibly from another world size) merge into plan order; a missing row is an error."""
-    sweep(files / "base", files / "tuned", files / "pairs.safetensors", matrices=["blocks.1.attn.W_Q"],
-          directions="pca:2,random:3", alphas=(1.0,), edits_per_pass=2, out=tmp_path / "single.jsonl", progress=False)
+    sweep(
+        files / "base",
+        files / "tuned",
+        files / "pairs.safetensors",
+        matrices=["blocks.1.attn.W_Q"],
+        directions="pca:2,random:3",
+        alphas=(1.0,),
+        edits_per_pass=2,
+        out=tmp_path / "single.jsonl",
+        progress=False,
+    )
     header, rows = read_sweep(tmp_path / "single.jsonl")
     out = tmp_path / "out.jsonl"
     for rank in range(3):
-        lines = [header] + rows[rank::3][:-1 if rank == 2 else None]  # rank 2 lost its last row
+        lines = [header] + rows[rank::3][: -1 if rank == 2 else None]  # rank 2 lost its last row
         _rank_path(out, rank).write_text("".join(json.dumps(r) + "\n" for r in lines))
     ids = [r["id"] for r in rows]
     with pytest.raises(RwasymError, match="in no rank file"):

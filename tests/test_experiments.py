@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rwasym
-from rwasym.studies import experiments
-from rwasym.math import inference
 from rwasym.app.cli import main
+from rwasym.math import inference
+from rwasym.studies import experiments
 
 
 def _t_cdf(t: float, df: int, n: int = 20000) -> float:
@@ -72,9 +72,27 @@ def test_gradients_cli_matches_the_api(tmp_path, native_cfg, capsys):
     rwasym.save_model(model, tmp_path / "m")
     tokens = torch.randint(0, 64, (8, 16))
     save_file({"input_ids": tokens}, str(tmp_path / "t.safetensors"))
-    assert main(["gradients", "--model", str(tmp_path / "m"), "--objective", "ce", "--data",
-                 str(tmp_path / "t.safetensors"), "--batch-size", "4", "--batches", "2", "--quiet",
-                 "--out", str(tmp_path / "g.json")]) == 0
+    assert (
+        main(
+            [
+                "gradients",
+                "--model",
+                str(tmp_path / "m"),
+                "--objective",
+                "ce",
+                "--data",
+                str(tmp_path / "t.safetensors"),
+                "--batch-size",
+                "4",
+                "--batches",
+                "2",
+                "--quiet",
+                "--out",
+                str(tmp_path / "g.json"),
+            ]
+        )
+        == 0
+    )
     got = json.loads((tmp_path / "g.json").read_text())["rows"]
     loss_fn, batches = rwasym.objective_batches("ce", tokens, batch_size=4, n_batches=2)
     ref = rwasym.anisotropy_report(model, rwasym.capture_gradients(model, loss_fn, batches, progress=False))
@@ -83,8 +101,22 @@ def test_gradients_cli_matches_the_api(tmp_path, native_cfg, capsys):
         assert a["delta_top1_share"] == pytest.approx(b["delta_top1_share"], rel=1e-9)
         assert a["G_input_pca_relative"] == pytest.approx(b["G_input_pca_relative"], rel=1e-9)
     # --checkpoint: written, then a rerun is served from it (same rows); another objective is refused
-    args = ["gradients", "--model", str(tmp_path / "m"), "--objective", "ce", "--data", str(tmp_path / "t.safetensors"),
-            "--batch-size", "4", "--batches", "2", "--quiet", "--checkpoint", str(tmp_path / "g.safetensors")]
+    args = [
+        "gradients",
+        "--model",
+        str(tmp_path / "m"),
+        "--objective",
+        "ce",
+        "--data",
+        str(tmp_path / "t.safetensors"),
+        "--batch-size",
+        "4",
+        "--batches",
+        "2",
+        "--quiet",
+        "--checkpoint",
+        str(tmp_path / "g.safetensors"),
+    ]
     assert main(args + ["--out", str(tmp_path / "g1.json")]) == 0 and (tmp_path / "g.safetensors").exists()
     assert main(args + ["--out", str(tmp_path / "g2.json")]) == 0
     rows1, rows2 = (json.loads((tmp_path / f).read_text())["rows"] for f in ("g1.json", "g2.json"))
@@ -93,10 +125,28 @@ def test_gradients_cli_matches_the_api(tmp_path, native_cfg, capsys):
     assert "belongs to another capture" in capsys.readouterr().err and not (tmp_path / "g3.json").exists()
 
 
+@pytest.mark.integration
 def test_graded_experiment_cli_aggregates_its_rows(tmp_path, quick_cache):
     out = tmp_path / "graded"
-    assert main(["experiment", "graded", "--quick", "--quiet", "--seeds", "0", "--lams", "0,1",
-                 "--null-samples", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "graded",
+                "--quick",
+                "--quiet",
+                "--seeds",
+                "0",
+                "--lams",
+                "0,1",
+                "--null-samples",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     rows = {r["lam"]: r for r in res["rows"]}
     assert set(rows) == {0.0, 1.0} and (out / "graded.png").exists()
@@ -109,6 +159,7 @@ def test_graded_experiment_cli_aggregates_its_rows(tmp_path, quick_cache):
     assert "Graded-objective control" in (out / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     from safetensors.torch import save_file
 
@@ -118,8 +169,25 @@ def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     base, tuned, info = default_pair(quick=True, progress=False)
     tokens = torch.randint(0, base.d_vocab, (8, 32))
     save_file({"input_ids": tokens}, str(tmp_path / "t.safetensors"))
-    assert main(["spectra", "post-training", "--base", info["base"], "--tuned", info["tuned"], "--k", "8",
-                 "--data", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "pt")]) == 0
+    assert (
+        main(
+            [
+                "spectra",
+                "post-training",
+                "--base",
+                info["base"],
+                "--tuned",
+                info["tuned"],
+                "--k",
+                "8",
+                "--data",
+                str(tmp_path / "t.safetensors"),
+                "--out",
+                str(tmp_path / "pt"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "pt" / "results.json").read_text())
     ref = post_training_report(base, tuned, k=8)
     assert [r["consistency"] for r in res["rows"]] == pytest.approx([r["consistency"] for r in ref["rows"]])
@@ -130,35 +198,62 @@ def test_spectra_cli_matches_the_api(tmp_path, quick_cache):
     assert main(["spectra", "lifecycle", "--checkpoints", pre, "--out", str(tmp_path / "lc")]) == 0
     lc = json.loads((tmp_path / "lc" / "results.json").read_text())
     assert len(lc["rows"]) == len(checkpoint_folders(pre)) * len(base.matrices())
-    assert main(["spectra", "geometry", "--checkpoints", pre, "--data", str(tmp_path / "t.safetensors"),
-                 "--quiet", "--out", str(tmp_path / "geo")]) == 0
+    assert (
+        main(
+            [
+                "spectra",
+                "geometry",
+                "--checkpoints",
+                pre,
+                "--data",
+                str(tmp_path / "t.safetensors"),
+                "--quiet",
+                "--out",
+                str(tmp_path / "geo"),
+            ]
+        )
+        == 0
+    )
     geo = json.loads((tmp_path / "geo" / "results.json").read_text())["rows"]
     ref_geo = geometry(checkpoint_folders(pre), tokens, progress=False)
     assert [r["rankme"] for r in geo] == pytest.approx([r["rankme"] for r in ref_geo], rel=1e-9)
     assert (tmp_path / "geo" / "figures" / "rankme.png").exists()
 
 
+@pytest.mark.integration
 def test_sweep_experiment_aggregates_per_seed_summaries(tmp_path, quick_cache):
-    res = experiments.sweep_experiment(tmp_path / "sw", seeds=(0,), matrices="blocks.1.mlp.W_out",
-                                       directions="pca:1,random:2,orthogonal:2", quick=True, progress=False,
-                                       log=lambda *a: None)
+    res = experiments.sweep_experiment(
+        tmp_path / "sw",
+        seeds=(0,),
+        matrices="blocks.1.mlp.W_out",
+        directions="pca:1,random:2,orthogonal:2",
+        quick=True,
+        progress=False,
+        log=lambda *a: None,
+    )
     from rwasym.analyses.sweep import read_sweep, summarize
 
     _, rows = read_sweep(tmp_path / "sw" / "sweep_seed0.jsonl")
     assert {r["direction"] for r in rows} == {"pca", "random", "orthogonal"}
-    ref = {(r["matrix"], r["target"], r["metric"]): r["diff"] for r in summarize(rows, metrics=res["metrics"]).rows
-           if r["control"] == "control" and r["head"] is None}
+    ref = {
+        (r["matrix"], r["target"], r["metric"]): r["diff"]
+        for r in summarize(rows, metrics=res["metrics"]).rows
+        if r["control"] == "control" and r["head"] is None
+    }
     assert ref and len(res["across_seeds"]) == len(ref)
     for r in res["across_seeds"]:
         assert r["diff_mean"] == pytest.approx(ref[(r["matrix"], r["target"], r["metric"])])
     assert (tmp_path / "sw" / "sweep.png").exists()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seeds=()), "non-empty list of distinct integers"),
-    (dict(seeds=(0, 0)), "distinct integers"),
-    (dict(seeds=(0,), lams=(0.5, 1.5)), r"values in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seeds=()), "non-empty list of distinct integers"),
+        (dict(seeds=(0, 0)), "distinct integers"),
+        (dict(seeds=(0,), lams=(0.5, 1.5)), r"values in \[0, 1\]"),
+    ],
+)
 def test_graded_experiment_rejects_bad_seeds_and_lams(kwargs, message):
     with pytest.raises(rwasym.RwasymError, match=message):
         experiments.graded_experiment(None, **kwargs)

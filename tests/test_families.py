@@ -8,8 +8,8 @@ every head) of one read matrix (W_Q, input side) and one write matrix (W_out aga
 resid_mid where the MLP is a mixture of experts) equal f recomputed from HF forward hooks, a
 float64 eigendecomposition and the planted ΔW; a rank-1 edit of W_O through rwasym gives the
 logits of the same edit written into the HF module; every edit restores bit-exactly (also when
-the body raises part-way through a two-matrix edit); `save_pretrained` round-trips. The README's
-support table is generated from the same table.
+the body raises part-way through a two-matrix edit); `save_pretrained` round-trips. The docs'
+support table (docs/families.md, checked in tests/test_docs.py) is generated from the same table.
 """
 
 import copy
@@ -21,7 +21,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.testing.families import FAMILIES, build_family, support_table
+from rwasym.testing.families import FAMILIES, build_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,8 +96,14 @@ def test_family(fam, tmp_path):
     planted = {}
     for name in studied:
         d = 0.01 * torch.randn(model.matrix(name).shape, generator=g, dtype=torch.float64)
-        d += 0.2 * torch.outer(torch.randn(d.shape[0], generator=g, dtype=torch.float64),
-                               torch.randn(d.shape[1], generator=g, dtype=torch.float64)) / d.shape[1]
+        d += (
+            0.2
+            * torch.outer(
+                torch.randn(d.shape[0], generator=g, dtype=torch.float64),
+                torch.randn(d.shape[1], generator=g, dtype=torch.float64),
+            )
+            / d.shape[1]
+        )
         planted[name] = d
         tuned.set_weight(name, model.weight(name) + d)
     data = torch.randint(3, 96, (16, 16), generator=g)
@@ -113,13 +119,20 @@ def test_family(fam, tmp_path):
     checks = [(read, "input", a), (write, "output", resid)]
     if o_name in studied and write != o_name:
         checks.append((o_name, "output", _inputs_of(hf, f"{layer}.{fam.resid_mid_input}", data)))
-    raw = rwasym.probe(model, tuned, data, k=2, null_samples=0, curves=False, heads=False, matrices=studied,
-                       post_norm="raw") if fam.post_norm else res
+    raw = (
+        rwasym.probe(
+            model, tuned, data, k=2, null_samples=0, curves=False, heads=False, matrices=studied, post_norm="raw"
+        )
+        if fam.post_norm
+        else res
+    )
 
     def post_scale(name):  # γ_post_eff by hand from the HF norm's parameter: w or 1 + w, over √(1 + ε)
         if not fam.post_norm or model.matrix(name).side != "write":
             return None
-        norm = hf.get_submodule(f"{layer}.{'post_attention_layernorm' if name.endswith('W_O') else 'post_feedforward_layernorm'}")
+        norm = hf.get_submodule(
+            f"{layer}.{'post_attention_layernorm' if name.endswith('W_O') else 'post_feedforward_layernorm'}"
+        )
         w = norm.weight.double()
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         return (1 + w if fam.post_norm == "1+w" else w) / (1 + eps) ** 0.5
@@ -127,17 +140,25 @@ def test_family(fam, tmp_path):
     for name, side, rows in checks:
         spec, U, gamma = model.matrix(name), _top_k(rows, 2), post_scale(name)
         for result, scaled in ((res, gamma is not None), (raw, False)):
-            (row,) = [r for r in result.rows if r["matrix"] == name and r["head"] is None
-                      and r["subspace"] == "activation" and r["stream"] == "residual"]
+            (row,) = [
+                r
+                for r in result.rows
+                if r["matrix"] == name
+                and r["head"] is None
+                and r["subspace"] == "activation"
+                and r["stream"] == "residual"
+            ]
             d = planted[name] * (gamma[:, None] if scaled else 1)
             f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())
             assert row["post_norm_scaled"] == scaled and row["fraction"] == pytest.approx(f, rel=1e-5), (name, scaled)
-        found = [r for r in res.rows if r["matrix"] == name and r["subspace"] == "activation" and r["stream"] == "residual"]
+        found = [
+            r for r in res.rows if r["matrix"] == name and r["subspace"] == "activation" and r["stream"] == "residual"
+        ]
         assert [r["head"] for r in found] == [None] + list(range(spec.n_heads))
         for row in found:  # the whole matrix, then each head's rows (Q/K/V) or columns (O) of the planted ΔW
             d, h, dh = planted[name] * (1 if gamma is None else gamma[:, None]), row["head"], spec.d_head
             if h is not None:
-                d = d[h * dh:(h + 1) * dh] if spec.kind in ("W_Q", "W_K", "W_V") else d[:, h * dh:(h + 1) * dh]
+                d = d[h * dh : (h + 1) * dh] if spec.kind in ("W_Q", "W_K", "W_V") else d[:, h * dh : (h + 1) * dh]
             f = float((d @ U).square().sum() if side == "input" else (U.T @ d).square().sum()) / float(d.square().sum())
             assert row["side"] == side and row["fraction"] == pytest.approx(f, rel=1e-5), (name, h, row["site"])
 
@@ -165,7 +186,7 @@ def test_family(fam, tmp_path):
 
     # an edit of a deep copy acts like the same edit of a fresh load (not on Falcon: see its notes), and
     # so does an edit of `clone` (which reloads from the folder), on every family
-    from rwasym.app.experiments import clone
+    from rwasym.studies.experiments import clone
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -174,9 +195,12 @@ def test_family(fam, tmp_path):
     for twin in twins:
         for spec in model.matrices("blocks.0.*.*"):
             d = 0.05 * torch.randn(spec.shape, generator=g, dtype=torch.float64)
-            with twin.edit({spec.name: model.weight(spec.name) + d}), fresh.edit({spec.name: model.weight(spec.name) + d}):
-                with torch.no_grad():
-                    assert torch.equal(twin.bridge(tokens), fresh.bridge(tokens)), spec.name
+            with (
+                twin.edit({spec.name: model.weight(spec.name) + d}),
+                fresh.edit({spec.name: model.weight(spec.name) + d}),
+                torch.no_grad(),
+            ):
+                assert torch.equal(twin.bridge(tokens), fresh.bridge(tokens)), spec.name
 
     # save_pretrained round trip of the tuned model
     tuned.save_pretrained(tmp_path / "tuned")
@@ -186,7 +210,6 @@ def test_family(fam, tmp_path):
     assert all(torch.equal(again.weight(n), tuned.weight(n)) for n in (read, write, o_name))
     with torch.no_grad():
         assert float((again.bridge(tokens) - tuned.bridge(tokens)).abs().max()) <= 1e-6 * scale
-
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
@@ -233,11 +256,11 @@ def test_family_streamed_checkpoint(fam, tmp_path):
         for a, b in zip(from_folder.rows, loaded.rows):
             assert a.keys() == b.keys()
             for key, value in a.items():
-                assert value == (pytest.approx(b[key], rel=1e-12, abs=1e-15) if isinstance(value, float) else b[key]), \
-                    (a["matrix"], key)
+                assert value == (pytest.approx(b[key], rel=1e-12, abs=1e-15) if isinstance(value, float) else b[key]), (
+                    a["matrix"],
+                    key,
+                )
 
 
-def test_readme_support_table_is_generated_from_the_family_table():
-    readme = (ROOT / "README.md").read_text()
-    assert support_table() in readme, "README's support table is stale: paste rwasym.testing.families.support_table()"
+def test_the_family_table_has_19_distinct_families():
     assert len(FAMILIES) == 19 and len({f.name for f in FAMILIES}) == 19

@@ -19,9 +19,11 @@ def ce_loss(model, tokens):
 def dpo_like_loss(model, batch):
     """A DPO-shaped loss (policy on chosen and rejected, frozen no-grad reference)."""
     chosen, rejected, ref = batch
+
     def logp(m, t):
         lp = m.bridge(t)[:, :-1].log_softmax(-1)
         return lp.gather(-1, t[:, 1:, None]).squeeze(-1).sum(-1)
+
     with torch.no_grad():
         ref_c, ref_r = logp(ref, chosen), logp(ref, rejected)
     margin = (logp(model, chosen) - ref_c) - (logp(model, rejected) - ref_r)
@@ -68,8 +70,12 @@ def test_hook_gradient_equals_autograd(arch, objective, native_cfg, hf_folder):
 
 
 # The final norm and the unembedding of each test model, by its own module names.
-_FINAL = {"native": ("ln_out", "head"), "gpt2": ("transformer.ln_f", "lm_head"),
-          "llama": ("model.norm", "lm_head"), "neox": ("gpt_neox.final_layer_norm", "lm_head")}
+_FINAL = {
+    "native": ("ln_out", "head"),
+    "gpt2": ("transformer.ln_f", "lm_head"),
+    "llama": ("model.norm", "lm_head"),
+    "neox": ("gpt_neox.final_layer_norm", "lm_head"),
+}
 
 
 def _modules(model):
@@ -81,8 +87,11 @@ def _spiky(C):
     """top-1 share λ₁/Σλ, participation ratio (Σλ)²/Σλ², effective rank exp(−Σ p log p), p = λ/Σλ."""
     lam = torch.linalg.eigvalsh(C).clamp_min(0)
     p = lam / lam.sum()
-    return float(lam.max() / lam.sum()), float(lam.sum() ** 2 / lam.square().sum()), \
-        float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return (
+        float(lam.max() / lam.sum()),
+        float(lam.sum() ** 2 / lam.square().sum()),
+        float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+    )
 
 
 @pytest.mark.parametrize("arch", ["native", "gpt2", "llama", "neox"])

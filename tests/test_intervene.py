@@ -5,10 +5,10 @@ import torch
 from jaxtyping import TypeCheckError
 
 from rwasym import RwasymError
-from rwasym.math.rank1 import closed_form_u, directions
-from rwasym.models.heads import embed_head, unit_shape
 from rwasym.hooks.edits import rank1_edit
+from rwasym.math.rank1 import closed_form_u, directions
 from rwasym.math.subspaces import pca_basis, prediction_basis
+from rwasym.models.heads import embed_head, unit_shape
 
 ARCHS = ("native", "gpt2", "llama", "neox")
 
@@ -29,8 +29,10 @@ def test_closed_form_u_is_the_least_squares_rank1_component():
     # oracle: min_u ‖ΔW − u vᵀ‖_F is a least-squares problem per row, v · u_i ≈ ΔW_i
     expected = torch.linalg.lstsq(v[:, None], delta.T).solution[0]  # (n_out,)
     assert torch.allclose(u, expected, atol=1e-12)
-    assert torch.allclose(closed_form_u(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.0, 1.0])),
-                          torch.tensor([2.0, 4.0], dtype=torch.float64))
+    assert torch.allclose(
+        closed_form_u(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0.0, 1.0])),
+        torch.tensor([2.0, 4.0], dtype=torch.float64),
+    )
     with pytest.raises(RwasymError, match=r"unit vector.*‖v‖ = 2"):
         closed_form_u(delta, 2 * v)
     with pytest.raises((RwasymError, TypeCheckError)):  # jaxtyping catches it first when checking is on
@@ -39,8 +41,14 @@ def test_closed_form_u_is_the_least_squares_rank1_component():
 
 def _edits(model):
     """(matrix, head) cases: a read and a write matrix, whole and per head (K is GQA on llama)."""
-    return [("blocks.1.attn.W_K", None), ("blocks.1.attn.W_K", 1), ("blocks.0.attn.W_O", None),
-            ("blocks.0.attn.W_O", 2), ("blocks.1.mlp.W_out", None), ("blocks.0.mlp.W_in", None)]
+    return [
+        ("blocks.1.attn.W_K", None),
+        ("blocks.1.attn.W_K", 1),
+        ("blocks.0.attn.W_O", None),
+        ("blocks.0.attn.W_O", 2),
+        ("blocks.1.mlp.W_out", None),
+        ("blocks.0.mlp.W_in", None),
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -76,7 +84,9 @@ def test_per_head_edit_touches_only_that_head(models):
     spec = model.matrix("blocks.0.attn.W_K")  # 2 KV heads under GQA
     u, v = embed_head(spec, torch.ones(spec.d_head, dtype=torch.float64), torch.ones(spec.n_in, dtype=torch.float64), 1)
     w = model.weight(spec.name)
-    with rank1_edit(model, spec.name, torch.ones(spec.d_head), torch.ones(spec.n_in), alpha=2.0, head=1, mechanism="weight"):
+    with rank1_edit(
+        model, spec.name, torch.ones(spec.d_head), torch.ones(spec.n_in), alpha=2.0, head=1, mechanism="weight"
+    ):
         changed = model.weight(spec.name) - w
     assert torch.allclose(changed, 2.0 * torch.outer(u, v), atol=1e-6)
     assert changed[: spec.d_head].abs().max() == 0 and changed[spec.d_head :].abs().min() > 1.9
@@ -126,8 +136,16 @@ def test_directions_targets_and_matched_controls():
         assert d.energy(cov) == pytest.approx(float(U[:, i] @ cov @ U[:, i]))
     norms = [d.norm for d in targets]
     rand = directions("random", delta, 7, side="input", target_norms=norms, generator=torch.Generator().manual_seed(1))
-    orth = directions("orthogonal", delta, 7, cov=cov, side="input", k=3, target_norms=norms,
-                      generator=torch.Generator().manual_seed(2))
+    orth = directions(
+        "orthogonal",
+        delta,
+        7,
+        cov=cov,
+        side="input",
+        k=3,
+        target_norms=norms,
+        generator=torch.Generator().manual_seed(2),
+    )
     for j, d in enumerate(rand + orth):
         assert d.matched_to == j % 7 % 3 if d.kind == "orthogonal" else d.matched_to == j % 3
         assert d.norm == pytest.approx(norms[d.matched_to], rel=1e-12)  # ‖u vᵀ‖_F matched
@@ -173,8 +191,14 @@ def test_output_energy_matching_equalises_the_edited_output_change(models):
     stat = rwasym.capture(model, tokens, sites=[spec.hook_in], progress=False)[spec.hook_in]
     delta = torch.randn(spec.n_out, spec.n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     targets = directions("pca", delta, 2, cov=stat.covariance())
-    controls = directions("random", delta, 4, side="input", target_norms=[d.norm for d in targets],
-                          generator=torch.Generator().manual_seed(5))
+    controls = directions(
+        "random",
+        delta,
+        4,
+        side="input",
+        target_norms=[d.norm for d in targets],
+        generator=torch.Generator().manual_seed(5),
+    )
     matched = match_output_energy(controls, targets, stat.second_moment())
 
     def mean_square_change(d):  # brute force: run the edited model, compare hook_out with the clean one

@@ -35,9 +35,11 @@ def pair(tmp_path_factory, one_thread):
                 lin.weight.add_(0.3 * torch.randn(lin.weight.shape, generator=g))
     shutil.copytree(root / "base", root / "tuned")  # the tokenizer files
     tuned.save_pretrained(root / "tuned")
-    pairs = PreferencePairs(prompt=torch.randint(3, 96, (12, 6), generator=g),
-                            chosen=torch.randint(3, 96, (12, 2), generator=g),
-                            rejected=torch.randint(3, 96, (12, 2), generator=g))
+    pairs = PreferencePairs(
+        prompt=torch.randint(3, 96, (12, 6), generator=g),
+        chosen=torch.randint(3, 96, (12, 2), generator=g),
+        rejected=torch.randint(3, 96, (12, 2), generator=g),
+    )
     data = torch.randint(3, 96, (8, 16), generator=g)
     return dict(root=root, hf=hf, tuned=tuned.eval(), pairs=pairs, data=data)
 
@@ -77,16 +79,30 @@ def _hand_metrics(edited, base, pairs):
         lb = base(text).logits.double().log_softmax(-1)[:, :-1]
     ce = -lp.gather(-1, text[:, 1:].unsqueeze(-1)).mean()
     kl = (lp.exp() * (lp - lb)).sum(-1).mean()
-    return dict(margin=float(margins.mean()), accuracy=float((lc > lr).double().mean()), ce=float(ce),
-                kl_base=float(kl))
+    return dict(
+        margin=float(margins.mean()), accuracy=float((lc > lr).double().mean()), ce=float(ce), kl_base=float(kl)
+    )
 
 
 def _run(pair, out, **kw):
-    cfg = dict(joint=True, matrices=("blocks.*.attn.W_Q", "write"), ranks=(1, 2),
-               directions="pca:1,prediction:1,random:3,orthogonal:3", alphas=(1.5,), edits_per_pass=4,
-               beta=BETA, progress=False)
-    return sweep(str(pair["root"] / "base"), str(pair["root"] / "tuned"), pair["pairs"], out=out,
-                 data=pair["data"], **{**cfg, **kw})
+    cfg = dict(
+        joint=True,
+        matrices=("blocks.*.attn.W_Q", "write"),
+        ranks=(1, 2),
+        directions="pca:1,prediction:1,random:3,orthogonal:3",
+        alphas=(1.5,),
+        edits_per_pass=4,
+        beta=BETA,
+        progress=False,
+    )
+    return sweep(
+        str(pair["root"] / "base"),
+        str(pair["root"] / "tuned"),
+        pair["pairs"],
+        out=out,
+        data=pair["data"],
+        **{**cfg, **kw},
+    )
 
 
 @pytest.mark.parametrize("mode", ["transplant", "ablate"])
@@ -101,8 +117,11 @@ def test_joint_target_rows_equal_the_edit_written_into_the_hf_modules(pair, tmp_
     sign = 1.0 if mode == "transplant" else -1.0
     for label, module in (("blocks.*.attn.W_Q", "q_proj"), ("write", "o_proj")):
         for r in (1, 2):
-            row = next(x for x in rows if x["matrix"] == label and x["rank"] == r and x["index"] == 0
-                       and x["direction"] == x["target"])
+            row = next(
+                x
+                for x in rows
+                if x["matrix"] == label and x["rank"] == r and x["index"] == 0 and x["direction"] == x["target"]
+            )
             assert row["target"] == ("pca" if module == "q_proj" else "prediction")
             assert row["n_matrices"] == 2  # the write set leaves the untouched down_proj out
             edited = copy.deepcopy(host)
@@ -122,7 +141,7 @@ def test_joint_target_rows_equal_the_edit_written_into_the_hf_modules(pair, tmp_
                     getattr(edited.model.layers[i].self_attn, module).weight.add_((sign * 1.5 * E).float())
             want = _hand_metrics(edited, hf, pair["pairs"])
             # γ_final is measured on the norm module in float32 (rwasym.models.registry.norm_scale): ~1e-7
-            assert row["u_norm"] == pytest.approx(total ** 0.5, rel=1e-9 if module == "q_proj" else 1e-6)
+            assert row["u_norm"] == pytest.approx(total**0.5, rel=1e-9 if module == "q_proj" else 1e-6)
             for key, value in want.items():
                 assert row[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), (label, r, key)
             gap = row["margin"]  # the gap fraction of the row's own margin
@@ -135,8 +154,13 @@ def test_joint_target_rows_equal_the_edit_written_into_the_hf_modules(pair, tmp_
 def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
     base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
     specs = matrix_set(base, "blocks.*.attn.W_Q")
-    stats = capture(base, pair["data"], sites={base.input_hook(s.name): s.n_in for s in specs}, progress=False,
-                    gram_dtype=torch.float64)
+    stats = capture(
+        base,
+        pair["data"],
+        sites={base.input_hook(s.name): s.n_in for s in specs},
+        progress=False,
+        gram_dtype=torch.float64,
+    )
     deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
     gens = {}
 
@@ -144,8 +168,9 @@ def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
         return gens.setdefault(parts, torch.Generator().manual_seed(len(gens) + 1))
 
     for match in ("norm", "output"):
-        edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 2), ("random", 4), ("orthogonal", 4)],
-                            3, gen, match)
+        edits = joint_edits(
+            base, specs, deltas.__getitem__, stats, [("pca", 2), ("random", 4), ("orthogonal", 4)], 3, gen, match
+        )
         assert [d["direction"] for d, _ in edits] == ["pca"] * 2 + ["random"] * 4 + ["orthogonal"] * 4
         for name in deltas:
             C = stats.for_matrix(name).covariance()
@@ -231,7 +256,9 @@ def test_joint_config_errors(pair, tmp_path):
     with pytest.raises(RwasymError, match="matches no matrix"):
         matrix_set(base, "blocks.*.attn.W_X")
     assert [s.name for s in matrix_set(base, "blocks.0.attn.W_Q+blocks.1.mlp.W_out")] == [
-        "blocks.0.attn.W_Q", "blocks.1.mlp.W_out"]
+        "blocks.0.attn.W_Q",
+        "blocks.1.mlp.W_out",
+    ]
     with pytest.raises(RwasymError, match="c·r"):
         _run(pair, tmp_path / "e.jsonl", matrices=("blocks.*.attn.W_Q",), ranks=(32,), directions="pca:1,random:1")
 
@@ -242,9 +269,27 @@ def test_cli_intervene_joint(pair, tmp_path, capsys):
     pairs = tmp_path / "pairs.safetensors"
     pair["pairs"].save(pairs)
     out = tmp_path / "cli.jsonl"
-    code = main(["intervene", "--base", str(pair["root"] / "base"), "--tuned", str(pair["root"] / "tuned"),
-                 "--pairs", str(pairs), "--joint", "--matrices", "read,blocks.0.attn.W_Q+blocks.1.attn.W_O",
-                 "--ranks", "1,2", "--directions", "pca:1,random:2", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "intervene",
+            "--base",
+            str(pair["root"] / "base"),
+            "--tuned",
+            str(pair["root"] / "tuned"),
+            "--pairs",
+            str(pairs),
+            "--joint",
+            "--matrices",
+            "read,blocks.0.attn.W_Q+blocks.1.attn.W_O",
+            "--ranks",
+            "1,2",
+            "--directions",
+            "pca:1,random:2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| read |  | transplant | 1 | pca (rank 2) | random | gap_margin |" in printed
@@ -269,9 +314,11 @@ def olmo2_pair(tmp_path_factory, one_thread):
             layer.self_attn.o_proj.weight.add_(0.3 * torch.randn(layer.self_attn.o_proj.weight.shape, generator=g))
     shutil.copytree(root / "base", root / "tuned")
     tuned.save_pretrained(root / "tuned")
-    pairs = PreferencePairs(prompt=torch.randint(3, 96, (12, 6), generator=g),
-                            chosen=torch.randint(3, 96, (12, 2), generator=g),
-                            rejected=torch.randint(3, 96, (12, 2), generator=g))
+    pairs = PreferencePairs(
+        prompt=torch.randint(3, 96, (12, 6), generator=g),
+        chosen=torch.randint(3, 96, (12, 2), generator=g),
+        rejected=torch.randint(3, 96, (12, 2), generator=g),
+    )
     return dict(root=root, hf=hf, tuned=tuned.eval(), pairs=pairs)
 
 
@@ -285,10 +332,19 @@ def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_pa
     p = torch.linalg.svd(final[:, None] * hf.lm_head.weight.detach().double().T, full_matrices=False)[0][:, 0]
     layers = [0, 1] if joint else [0]
     for post_norm in ("residual", "raw"):
-        rows = sweep(str(olmo2_pair["root"] / "base"), str(olmo2_pair["root"] / "tuned"), pairs,
-                     out=tmp_path / f"{post_norm}.jsonl", matrices="blocks.*.attn.W_O" if joint else "blocks.0.attn.W_O",
-                     joint=joint, directions="prediction:1,random:2", alphas=(2.0,), beta=BETA, post_norm=post_norm,
-                     progress=False)
+        rows = sweep(
+            str(olmo2_pair["root"] / "base"),
+            str(olmo2_pair["root"] / "tuned"),
+            pairs,
+            out=tmp_path / f"{post_norm}.jsonl",
+            matrices="blocks.*.attn.W_O" if joint else "blocks.0.attn.W_O",
+            joint=joint,
+            directions="prediction:1,random:2",
+            alphas=(2.0,),
+            beta=BETA,
+            post_norm=post_norm,
+            progress=False,
+        )
         row = next(r for r in rows if r["direction"] == "prediction")
         controls = [r for r in rows if r["direction"] == "random"]
         edited, total = copy.deepcopy(hf), 0.0
@@ -304,7 +360,7 @@ def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_pa
             with torch.no_grad():
                 o = edited.model.layers[i].self_attn.o_proj
                 o.weight.add_((2.0 * E_res / gamma[:, None]).float())
-        assert row["u_norm"] == pytest.approx(total ** 0.5, rel=1e-6), post_norm
+        assert row["u_norm"] == pytest.approx(total**0.5, rel=1e-6), post_norm
         assert all(c["u_norm"] == pytest.approx(row["u_norm"], rel=1e-9) for c in controls)  # matched, same convention
         want = _hand_metrics(edited, hf, pairs)
         for key, value in want.items():
@@ -342,10 +398,14 @@ def test_rank1_algebra_edge_cases():
     # name kept; a zero-energy control cannot be matched
     M = X.T @ X / 50
     e = torch.eye(5, dtype=torch.float64)
-    targets = [Direction("pca", i, "input", "pca", u=(i + 1.0) * torch.ones(6, dtype=torch.float64), v=e[i],
-                         direction=e[i]) for i in range(2)]
-    controls = [replace(targets[0], kind="random", index=j, u=torch.ones(6, dtype=torch.float64), v=e[2 + j],
-                        matched_to=m) for j, m in enumerate((1, 1, 0))]
+    targets = [
+        Direction("pca", i, "input", "pca", u=(i + 1.0) * torch.ones(6, dtype=torch.float64), v=e[i], direction=e[i])
+        for i in range(2)
+    ]
+    controls = [
+        replace(targets[0], kind="random", index=j, u=torch.ones(6, dtype=torch.float64), v=e[2 + j], matched_to=m)
+        for j, m in enumerate((1, 1, 0))
+    ]
     out = match_output_energy(controls, targets, M)
     energy = lambda x: float(x.u.square().sum()) * float(x.v @ M @ x.v)
     assert [c.matched_to for c in out] == [1, 1, 0]
@@ -365,7 +425,9 @@ def test_rank1_direction_edge_cases():
     seeded reproducibility, zero components (a rank-1 ΔW along the top PC has no component on an
     orthogonal control: u = 0, not nan), controls rescaled below unit norm, targets never rescaled."""
     g = torch.Generator().manual_seed(4)
-    X = torch.randn(300, 6, dtype=torch.float64, generator=g) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.2], dtype=torch.float64)
+    X = torch.randn(300, 6, dtype=torch.float64, generator=g) * torch.tensor(
+        [5.0, 3, 2, 1, 0.5, 0.2], dtype=torch.float64
+    )
     cov = torch.cov(X.T)
     top = torch.linalg.eigh(cov).eigenvectors[:, -1]
     p = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=g)).Q
@@ -384,7 +446,9 @@ def test_rank1_direction_edge_cases():
         assert all(torch.equal(x.v, y.v) for x, y in zip(a, b))
         c = directions(kind, delta, 3, generator=torch.Generator().manual_seed(8), **kw)
         assert not torch.equal(a[0].v, c[0].v)
-    assert torch.equal(random_frame(6, 2, torch.Generator().manual_seed(3)), random_frame(6, 2, torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        random_frame(6, 2, torch.Generator().manual_seed(3)), random_frame(6, 2, torch.Generator().manual_seed(3))
+    )
     # ΔW has no component on the complement of its top PC: every orthogonal control is a zero edit
     zero = directions("orthogonal", delta, 3, cov=cov, k=1, side="input", target_norms=[2.0], generator=g)
     assert all(torch.equal(d.u, torch.zeros(4, dtype=torch.float64)) and d.matched_to == 0 for d in zero)
@@ -401,8 +465,14 @@ def test_rank1_direction_edge_cases():
     c32 = cov.float()
     assert d32.energy(c32) == pytest.approx(float(d32.v @ c32.double() @ d32.v), rel=1e-13)
     # rescaling to a target norm works below 1 too; without target_norms nothing is rescaled or matched
-    small = directions("random", 1e-3 * torch.randn(4, 6, dtype=torch.float64, generator=g), 2, side="input",
-                       target_norms=[0.5, 0.25], generator=g)
+    small = directions(
+        "random",
+        1e-3 * torch.randn(4, 6, dtype=torch.float64, generator=g),
+        2,
+        side="input",
+        target_norms=[0.5, 0.25],
+        generator=g,
+    )
     assert [float(d.u.norm()) for d in small] == pytest.approx([0.5, 0.25], rel=1e-12)
     plain = directions("random", delta, 2, side="input", generator=torch.Generator().manual_seed(5))
     assert all(d.matched_to is None and torch.allclose(d.u, delta @ d.v, atol=1e-15) for d in plain)

@@ -17,36 +17,66 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import rwasym
+from rwasym.analyses.probe import probe_sites
 from rwasym.app.cli import main
 from rwasym.errors import RwasymError
-from rwasym.math.rank1 import closed_form_u
-from rwasym.math.lowrank import LowRankDelta
-from rwasym.models.lora import lora_deltas, read_adapter
-from rwasym.models.heads import head_slice
-from rwasym.analyses.probe import probe_sites
-from rwasym.testing import build_hf_model
 from rwasym.math.fraction import fraction_curve, random_null, relative_fraction
+from rwasym.math.lowrank import LowRankDelta
+from rwasym.math.rank1 import closed_form_u
 from rwasym.math.subspaces import random_basis
+from rwasym.models.heads import head_slice
+from rwasym.models.lora import lora_deltas, read_adapter
+from rwasym.testing import build_hf_model
 
 # PEFT module name pattern → rwasym kinds, written from the HF modeling code (not from rwasym).
 HF_NAMES = {
-    "gpt2": {"transformer.h.{L}.attn.c_attn": ("W_Q", "W_K", "W_V"), "transformer.h.{L}.attn.c_proj": ("W_O",),
-             "transformer.h.{L}.mlp.c_fc": ("W_in",), "transformer.h.{L}.mlp.c_proj": ("W_out",)},
-    "llama": {f"model.layers.{{L}}.{g}.{m}": (k,) for g, m, k in [
-        ("self_attn", "q_proj", "W_Q"), ("self_attn", "k_proj", "W_K"), ("self_attn", "v_proj", "W_V"),
-        ("self_attn", "o_proj", "W_O"), ("mlp", "up_proj", "W_in"), ("mlp", "gate_proj", "W_gate"),
-        ("mlp", "down_proj", "W_out")]},
-    "neox": {"gpt_neox.layers.{L}.attention.query_key_value": ("W_Q", "W_K", "W_V"),
-             "gpt_neox.layers.{L}.attention.dense": ("W_O",), "gpt_neox.layers.{L}.mlp.dense_h_to_4h": ("W_in",),
-             "gpt_neox.layers.{L}.mlp.dense_4h_to_h": ("W_out",)},
+    "gpt2": {
+        "transformer.h.{L}.attn.c_attn": ("W_Q", "W_K", "W_V"),
+        "transformer.h.{L}.attn.c_proj": ("W_O",),
+        "transformer.h.{L}.mlp.c_fc": ("W_in",),
+        "transformer.h.{L}.mlp.c_proj": ("W_out",),
+    },
+    "llama": {
+        f"model.layers.{{L}}.{g}.{m}": (k,)
+        for g, m, k in [
+            ("self_attn", "q_proj", "W_Q"),
+            ("self_attn", "k_proj", "W_K"),
+            ("self_attn", "v_proj", "W_V"),
+            ("self_attn", "o_proj", "W_O"),
+            ("mlp", "up_proj", "W_in"),
+            ("mlp", "gate_proj", "W_gate"),
+            ("mlp", "down_proj", "W_out"),
+        ]
+    },
+    "neox": {
+        "gpt_neox.layers.{L}.attention.query_key_value": ("W_Q", "W_K", "W_V"),
+        "gpt_neox.layers.{L}.attention.dense": ("W_O",),
+        "gpt_neox.layers.{L}.mlp.dense_h_to_4h": ("W_in",),
+        "gpt_neox.layers.{L}.mlp.dense_4h_to_h": ("W_out",),
+    },
 }
 LORA_CONFIGS = {  # ranks 1, 4, 8; rank/alpha patterns, rsLoRA, a layer left untouched
-    "gpt2": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                 rank_pattern={"mlp.c_fc": 8}, alpha_pattern={"attn.c_proj": 3.0}),
-    "llama": dict(r=8, lora_alpha=4, use_rslora=True, rank_pattern={"k_proj": 1},
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]),
-    "neox": dict(r=1, lora_alpha=2, layers_to_transform=[1],
-                 target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "gpt2": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        rank_pattern={"mlp.c_fc": 8},
+        alpha_pattern={"attn.c_proj": 3.0},
+    ),
+    "llama": dict(
+        r=8,
+        lora_alpha=4,
+        use_rslora=True,
+        rank_pattern={"k_proj": 1},
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"],
+    ),
+    "neox": dict(
+        r=1,
+        lora_alpha=2,
+        layers_to_transform=[1],
+        target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    ),
 }
 
 
@@ -153,14 +183,14 @@ def _dense_pairs(bases, adapters):
 
 
 def test_factored_math_equals_dense_math(adapters, bases, one_thread):
-    for name, spec, d, dense in _dense_pairs(bases, adapters):
+    for _name, spec, d, dense in _dense_pairs(bases, adapters):
         close = lambda a, b: abs(a - b) <= 1e-10 * max(abs(b), 1e-300)  # noqa: E731
         assert close(d.frobenius_sq(), float(dense.square().sum())) and close(d.norm(), float(dense.norm()))
         s_dense = torch.linalg.svdvals(dense)
         s = d.svdvals()
         assert s.shape[0] == min(d.rank, *d.shape)
         assert torch.allclose(s, s_dense[: s.shape[0]], rtol=1e-10, atol=1e-12 * float(s_dense[0]))
-        tail = s_dense[s.shape[0]:]  # dense ΔW has rank <= r: the rest vanish
+        tail = s_dense[s.shape[0] :]  # dense ΔW has rank <= r: the rest vanish
         assert tail.numel() == 0 or float(tail.max()) <= 1e-12 * float(s_dense[0])
         U, S, Vh = d.svd()
         assert torch.allclose(U @ torch.diag(S) @ Vh, dense, atol=1e-12 * float(s_dense[0]))
@@ -317,8 +347,24 @@ def test_probe_cli_with_tuned_adapter(adapters, tmp_path, capsys, one_thread):
     data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(6))
     save_file({"input_ids": data}, str(tmp_path / "tokens.safetensors"))
     out = tmp_path / "probe.json"
-    code = main(["probe", "--base", str(folder), "--tuned-adapter", str(adapter_folder), "--data",
-                 str(tmp_path / "tokens.safetensors"), "--k", "4", "--null-samples", "8", "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "probe",
+            "--base",
+            str(folder),
+            "--tuned-adapter",
+            str(adapter_folder),
+            "--data",
+            str(tmp_path / "tokens.safetensors"),
+            "--k",
+            "4",
+            "--null-samples",
+            "8",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     written = json.loads(out.read_text())
     base = rwasym.load(folder)
@@ -334,8 +380,8 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
     and probed: factored == dense."""
     from transformers import AutoModelForCausalLM
 
-    from rwasym.substrate.default_pair import default_pair, load_default_pairs
-    from rwasym.analyses.objectives import dpo_loss, sequence_logprobs
+    from rwasym.objectives import dpo_loss, sequence_logprobs
+    from rwasym.studies.default_pair import default_pair, load_default_pairs
 
     native, _, info = default_pair(quick=True, progress=False)
     native.save_pretrained(tmp_path / "base")
@@ -353,8 +399,13 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
         ref_r = sequence_logprobs(pm(rejected).logits, rejected, rejected_mask)
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):
-        loss = dpo_loss(sequence_logprobs(pm(chosen).logits, chosen, chosen_mask),
-                        sequence_logprobs(pm(rejected).logits, rejected, rejected_mask), ref_c, ref_r, beta=0.5)
+        loss = dpo_loss(
+            sequence_logprobs(pm(chosen).logits, chosen, chosen_mask),
+            sequence_logprobs(pm(rejected).logits, rejected, rejected_mask),
+            ref_c,
+            ref_r,
+            beta=0.5,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -367,31 +418,72 @@ def test_adapter_trained_with_rwasym_dpo_on_the_demo_base(tmp_path, one_thread, 
     assert all(tuned.adapter[s.name].rank == 0 for s in base.matrices("blocks.*.mlp.W_in"))
     dense = _dense_tuned(tmp_path / "base", tuned.adapter, torch.float64)
     kwargs = dict(k=4, null_samples=8, curves=False, seed=1, progress=False)
-    _assert_rows_match(rwasym.probe(base, tuned, chosen, **kwargs).rows,
-                       rwasym.probe(base, dense, chosen, **kwargs).rows)
+    _assert_rows_match(
+        rwasym.probe(base, tuned, chosen, **kwargs).rows, rwasym.probe(base, dense, chosen, **kwargs).rows
+    )
 
 
 def test_intervene_and_spectra_cli_take_tuned_adapter(adapters, tmp_path, one_thread):
     """--tuned-adapter on `intervene` and `spectra post-training`: same numbers as the Python API on
     base + adapter."""
     from rwasym.analyses.companion import post_training_report
-    from rwasym.substrate.language import LanguageConfig, PairConfig, make_pairs
+    from rwasym.studies.language import LanguageConfig, PairConfig, make_pairs
 
     folder, adapter_folder, _ = adapters["llama"]
     base = rwasym.load(folder)
     pairs = make_pairs(PairConfig(n_per_rule=6, prompt_len=6, cont_len=1), LanguageConfig(d_vocab=base.d_vocab))
     pairs.save(tmp_path / "pairs.safetensors")
     out = tmp_path / "sweep.jsonl"
-    assert main(["intervene", "--base", str(folder), "--tuned-adapter", str(adapter_folder), "--pairs",
-                 str(tmp_path / "pairs.safetensors"), "--matrices", "blocks.0.attn.W_Q",
-                 "--directions", "pca:1,random:2", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "intervene",
+                "--base",
+                str(folder),
+                "--tuned-adapter",
+                str(adapter_folder),
+                "--pairs",
+                str(tmp_path / "pairs.safetensors"),
+                "--matrices",
+                "blocks.0.attn.W_Q",
+                "--directions",
+                "pca:1,random:2",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     _, rows = rwasym.read_sweep(out)
-    api = rwasym.run_sweep(base, rwasym.load(base, adapter=adapter_folder), pairs, matrices="blocks.0.attn.W_Q",
-                           directions="pca:1,random:2", out=tmp_path / "api.jsonl", progress=False)
+    api = rwasym.run_sweep(
+        base,
+        rwasym.load(base, adapter=adapter_folder),
+        pairs,
+        matrices="blocks.0.attn.W_Q",
+        directions="pca:1,random:2",
+        out=tmp_path / "api.jsonl",
+        progress=False,
+    )
     assert [r["id"] for r in rows] == [r["id"] for r in api]
     assert [r["margin"] for r in rows] == pytest.approx([r["margin"] for r in api], rel=1e-9, abs=1e-12)
-    assert main(["spectra", "post-training", "--base", str(folder), "--tuned-adapter", str(adapter_folder),
-                 "--k", "4", "--out", str(tmp_path / "pt")]) == 0
+    assert (
+        main(
+            [
+                "spectra",
+                "post-training",
+                "--base",
+                str(folder),
+                "--tuned-adapter",
+                str(adapter_folder),
+                "--k",
+                "4",
+                "--out",
+                str(tmp_path / "pt"),
+            ]
+        )
+        == 0
+    )
     got = json.loads((tmp_path / "pt" / "results.json").read_text())["rows"]
     ref = post_training_report(base, rwasym.load(base, adapter=adapter_folder), k=4)["rows"]
     assert [r["consistency"] for r in got] == pytest.approx([r["consistency"] for r in ref])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rwasym
-from rwasym import RwasymError, flatten_site
+from rwasym import RwasymError
+from rwasym.models import flatten_site
 
 ARCHS = ("native", "gpt2", "llama", "neox")
 
@@ -31,9 +32,15 @@ def _hf_apply(arch, hf, layer, kind, delta):
                 mod.weight += delta.T.float()
         elif arch == "llama":
             blk = hf.model.layers[layer]
-            mod = {"W_Q": blk.self_attn.q_proj, "W_K": blk.self_attn.k_proj, "W_V": blk.self_attn.v_proj,
-                   "W_O": blk.self_attn.o_proj, "W_in": blk.mlp.up_proj, "W_gate": blk.mlp.gate_proj,
-                   "W_out": blk.mlp.down_proj}[kind]
+            mod = {
+                "W_Q": blk.self_attn.q_proj,
+                "W_K": blk.self_attn.k_proj,
+                "W_V": blk.self_attn.v_proj,
+                "W_O": blk.self_attn.o_proj,
+                "W_in": blk.mlp.up_proj,
+                "W_gate": blk.mlp.gate_proj,
+                "W_out": blk.mlp.down_proj,
+            }[kind]
             mod.weight += delta.float()
         elif arch == "neox":
             blk = hf.gpt_neox.layers[layer]
@@ -45,8 +52,7 @@ def _hf_apply(arch, hf, layer, kind, delta):
                 for h in range(n_h):
                     w[h * 3 * dh + i * dh : h * 3 * dh + (i + 1) * dh] += delta[h * dh : (h + 1) * dh].float()
             else:
-                mod = {"W_O": blk.attention.dense, "W_in": blk.mlp.dense_h_to_4h,
-                       "W_out": blk.mlp.dense_4h_to_h}[kind]
+                mod = {"W_O": blk.attention.dense, "W_in": blk.mlp.dense_h_to_4h, "W_out": blk.mlp.dense_4h_to_h}[kind]
                 mod.weight += delta.float()
 
 
@@ -137,8 +143,11 @@ def test_head_weight_views(models):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 def test_unembedding_folds_final_norm(models, hf_folder, arch):
     model, hf = models[arch], hf_folder[arch][1]
-    final_norm = {"gpt2": lambda m: m.transformer.ln_f, "llama": lambda m: m.model.norm,
-                  "neox": lambda m: m.gpt_neox.final_layer_norm}[arch](hf)
+    final_norm = {
+        "gpt2": lambda m: m.transformer.ln_f,
+        "llama": lambda m: m.model.norm,
+        "neox": lambda m: m.gpt_neox.final_layer_norm,
+    }[arch](hf)
     # the oracle: the finite-difference map of the HF final norm + lm_head, (L(x) − L(−x)) / 2, at
     # zero-mean unit-RMS residuals x (the norm's and the head's biases cancel)
     g = torch.Generator().manual_seed(0)
@@ -219,8 +228,9 @@ def test_shared_input_and_residual_hooks(models, arch):
     model = models[arch]
     _, cache = model.bridge.run_with_cache(_tokens(model))
     for spec in model.matrices():
-        assert torch.equal(flatten_site(cache[spec.hook_in], spec.n_in),
-                           flatten_site(cache[model.input_hook(spec.name)], spec.n_in)), spec.name
+        assert torch.equal(
+            flatten_site(cache[spec.hook_in], spec.n_in), flatten_site(cache[model.input_hook(spec.name)], spec.n_in)
+        ), spec.name
     resid = model.residual_hooks()
     for layer in range(model.n_layers):
         pre = cache[resid[f"blocks.{layer}.hook_resid_pre"]]
@@ -267,7 +277,9 @@ def test_fused_qkv_sync_makes_save_pretrained_faithful(hf_folder, arch, tmp_path
     g = torch.Generator().manual_seed(9)
     for kind in ("W_Q", "W_K", "W_V"):
         name = f"blocks.1.attn.{kind}"
-        model.set_weight(name, model.weight(name) + torch.randn(model.matrix(name).shape, generator=g, dtype=torch.float64))
+        model.set_weight(
+            name, model.weight(name) + torch.randn(model.matrix(name).shape, generator=g, dtype=torch.float64)
+        )
     tokens = _tokens(model)
     with torch.no_grad():
         edited = model.bridge(tokens)
@@ -287,8 +299,9 @@ def test_head_split_must_fill_the_matrix(native_cfg):
 
 def test_native_save_pretrained_exports_gpt2_or_refuses_clearly(models, tmp_path):
     """A GPT-2-shaped native model saves as an HF GPT-2 with the same logits; a GQA one is refused."""
-    native = rwasym.load(rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64,
-                                              d_mlp=48, seed=2))
+    native = rwasym.load(
+        rwasym.native_config(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=32, d_vocab=64, d_mlp=48, seed=2)
+    )
     native.save_pretrained(tmp_path / "gpt2")
     exported = rwasym.load(tmp_path / "gpt2")
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -302,6 +315,7 @@ def test_native_save_pretrained_exports_gpt2_or_refuses_clearly(models, tmp_path
         models["native"].save_pretrained(tmp_path / "gqa")  # n_key_value_heads = 2
 
 
+@pytest.mark.integration
 def test_name_at_revision_loads_that_revision_from_an_offline_hub_cache(tmp_path):
     """NAME@REVISION → boot_transformers(NAME, revision=REVISION), checked offline on a folder laid out
     like the Hugging Face hub cache (refs/<revision> → snapshots/<commit>), two revisions with
@@ -337,7 +351,9 @@ def test_name_at_revision_loads_that_revision_from_an_offline_hub_cache(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for rev in commits:
-        assert out[rev]["same"] and out[rev]["provenance"] == {"revision": rev} and out[rev]["source"] == f"org/tiny@{rev}"
+        assert (
+            out[rev]["same"] and out[rev]["provenance"] == {"revision": rev} and out[rev]["source"] == f"org/tiny@{rev}"
+        )
     assert out["step1000"]["norm"] != out["step2000"]["norm"]
     assert "cannot load 'org/tiny@step3000'" in out["missing"]
 

@@ -48,7 +48,9 @@ def test_the_library_itself_imports_no_old_path():
     import subprocess
 
     modules = sorted(set(MOVED.values()) | {"rwasym.app.cli", "rwasym.app.spectra", "rwasym.train", "rwasym.studies"})
-    code = "import importlib, warnings\nwarnings.filterwarnings('error', category=DeprecationWarning, module='rwasym')\n"
+    code = (
+        "import importlib, warnings\nwarnings.filterwarnings('error', category=DeprecationWarning, module='rwasym')\n"
+    )
     code += "".join(f"importlib.import_module({m!r})\n" for m in modules)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

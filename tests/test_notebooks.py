@@ -2,7 +2,6 @@
 committed copy carries the outputs of a full run that are not stale (notebooks/execute.py)."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import nbformat
@@ -19,8 +18,13 @@ _spec.loader.exec_module(execute_notebooks)
 
 
 def _errors(nb) -> list:
-    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-            if o.get("output_type") == "error"]
+    return [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -42,7 +46,9 @@ def test_committed_outputs_are_a_current_full_run(path):
     meta = nb.metadata.get("rwasym")
     rerun = f"re-run `.venv/bin/python notebooks/execute.py {path.stem}` and commit the result"
     assert meta is not None, f"{path.name} was not executed by notebooks/execute.py: {rerun}"
-    assert meta["fingerprint"] == execute_notebooks.fingerprint(nb), f"{path.name}'s cells changed since its outputs were made: {rerun}"
+    assert meta["fingerprint"] == execute_notebooks.fingerprint(nb), (
+        f"{path.name}'s cells changed since its outputs were made: {rerun}"
+    )
     assert meta["version"] == rwasym.__version__, f"{path.name}'s outputs are from rwasym {meta['version']}: {rerun}"
     assert meta["quick"] is False
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -46,7 +46,9 @@ def explicit_haar_bases(draws: int, n: int, k: int, g: torch.Generator) -> torch
     return q * signs.unsqueeze(-2)
 
 
-def brute_null(delta: torch.Tensor, side: str, k: int, draws: int, g: torch.Generator, chunk: int = 2000) -> torch.Tensor:
+def brute_null(
+    delta: torch.Tensor, side: str, k: int, draws: int, g: torch.Generator, chunk: int = 2000
+) -> torch.Tensor:
     """f = ‖ΔW U‖²/‖ΔW‖² (input) or ‖UᵀΔW‖²/‖ΔW‖² (output) over `draws` explicit Haar bases U."""
     D = delta.double()
     n = D.shape[1] if side == "input" else D.shape[0]
@@ -101,8 +103,11 @@ def spiky(n_out: int, n_in: int, sigmas, seed: int) -> torch.Tensor:
 
 def lowrank(n_out: int, n_in: int, r: int, seed: int) -> LowRankDelta:
     g = gen(seed)
-    return LowRankDelta(torch.randn(n_out, r, dtype=torch.float64, generator=g),
-                        torch.randn(r, n_in, dtype=torch.float64, generator=g), scale=0.5)
+    return LowRankDelta(
+        torch.randn(n_out, r, dtype=torch.float64, generator=g),
+        torch.randn(r, n_in, dtype=torch.float64, generator=g),
+        scale=0.5,
+    )
 
 
 def dense(d) -> torch.Tensor:
@@ -111,7 +116,9 @@ def dense(d) -> torch.Tensor:
 
 DELTAS = {
     "gaussian": lambda: torch.randn(12, 20, dtype=torch.float64, generator=gen(1)),
-    "anisotropic": lambda: torch.randn(12, 20, dtype=torch.float64, generator=gen(2)) * torch.linspace(0.05, 3.0, 20).double(),
+    "anisotropic": lambda: (
+        torch.randn(12, 20, dtype=torch.float64, generator=gen(2)) * torch.linspace(0.05, 3.0, 20).double()
+    ),
     "lowrank": lambda: lowrank(16, 20, 3, seed=3),
     "spiky": lambda: spiky(14, 18, [100.0, 10.0, 3.0, 1.0, 0.3, 0.1], seed=4),
 }
@@ -206,7 +213,9 @@ def test_fast_sampler_has_the_law_of_explicit_haar_bases(case):
 def test_fast_sampler_full_space_is_exactly_one():
     delta = DELTAS["lowrank"]()
     assert torch.equal(null_fractions(delta, "input", 20, 7, gen(9)), torch.ones(7, dtype=torch.float64))
-    assert torch.equal(random_null(torch.randn(1, 3), "output", 1, 5, gen(9)).samples, torch.ones(5, dtype=torch.float64))
+    assert torch.equal(
+        random_null(torch.randn(1, 3), "output", 1, 5, gen(9)).samples, torch.ones(5, dtype=torch.float64)
+    )
     assert null_fractions(delta, "input", 4, 0, gen(9)).shape == (0,)
 
 
@@ -240,8 +249,12 @@ def test_factored_and_dense_deltas_give_the_same_samples():
     d = DELTAS["lowrank"]()
     assert delta_spectrum(d).weights.shape == delta_spectrum(d.materialize()).weights.shape == (3,)
     for side, k in (("input", 4), ("output", 13)):
-        torch.testing.assert_close(null_fractions(d, side, k, 200, gen(14)), null_fractions(d.materialize(), side, k, 200, gen(14)),
-                                   rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(
+            null_fractions(d, side, k, 200, gen(14)),
+            null_fractions(d.materialize(), side, k, 200, gen(14)),
+            rtol=1e-10,
+            atol=1e-14,
+        )
 
 
 def test_null_errors():
@@ -304,7 +317,11 @@ def test_probe_null_is_the_closed_form_and_its_percentile_the_brute_force_one(pl
             brute = brute_null(d, row["side"], row["k"], DRAWS, gen(22 + checked))
             p = float((brute <= row["fraction"]).double().mean())  # brute-force percentile, in [0, 1]
             se = math.sqrt(max(p * (1 - p), 1e-4) * (1 / samples + 1 / DRAWS))
-            assert abs(row["null_percentile"] / 100 - p) < 5 * se + 1 / samples, (row["matrix"], row["null_percentile"], p)
+            assert abs(row["null_percentile"] / 100 - p) < 5 * se + 1 / samples, (
+                row["matrix"],
+                row["null_percentile"],
+                p,
+            )
     assert checked == len(res.rows) and any(r["head"] is not None for r in res.rows)
     assert 0 < min(r["null_percentile"] for r in res.rows if r["head"] is None) < 50  # the check is not vacuous
     assert res.curves
@@ -373,5 +390,9 @@ def test_probe_draws_one_null_per_matrix_head_side_and_k(planted, monkeypatch):
     keys = {(r["matrix"], r["head"], r["side"], r["k"]) for r in res.rows}
     assert len(drawn) == len(keys) < len(res.rows)
     for row in res.rows:  # the percentile of every row is one of the drawn sets' percentiles of its f
-        assert any(row["null_percentile"] == null.percentile_of(row["fraction"]) and null.k == row["k"]
-                   and null.side == row["side"] for null in drawn), row["matrix"]
+        assert any(
+            row["null_percentile"] == null.percentile_of(row["fraction"])
+            and null.k == row["k"]
+            and null.side == row["side"]
+            for null in drawn
+        ), row["matrix"]

@@ -71,8 +71,9 @@ def test_seed_moves_only_the_null(native_pair):
 def test_gradients_and_experiments_are_deterministic(native_pair):
     base, tuned, tokens = native_pair
     loss_fn, batches = rwasym.objective_batches("ce", tokens, batch_size=4, n_batches=2)
-    runs = [rwasym.capture_gradients(tuned, loss_fn, batches, matrices="blocks.0.*.*", progress=False)
-            for _ in range(2)]
+    runs = [
+        rwasym.capture_gradients(tuned, loss_fn, batches, matrices="blocks.0.*.*", progress=False) for _ in range(2)
+    ]
     assert runs[0].G.keys() == runs[1].G.keys()
     for name in runs[0].G:
         assert torch.equal(runs[0].G[name], runs[1].G[name])
@@ -126,8 +127,20 @@ def test_bf16_is_unreliable_for_small_deltas(tmp_path):
 # -- (c) provenance ------------------------------------------------------------------------------
 def test_probe_config_records_version_seed_and_settings(native_pair):
     base, tuned, tokens = native_pair
-    res = probe(base, tuned, tokens, k=3, null_samples=5, curve_null_samples=3, seed=11, center=False,
-                variance=0.8, matrices="blocks.1.*.*", max_tokens=100, progress=False)
+    res = probe(
+        base,
+        tuned,
+        tokens,
+        k=3,
+        null_samples=5,
+        curve_null_samples=3,
+        seed=11,
+        center=False,
+        variance=0.8,
+        matrices="blocks.1.*.*",
+        max_tokens=100,
+        progress=False,
+    )
     cfg = res.config
     assert cfg["version"] == rwasym.__version__
     assert (cfg["seed"], cfg["k"], cfg["null_samples"], cfg["curve_null_samples"]) == (11, 3, 5, 3)

@@ -7,8 +7,8 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
-from rwasym.models import flatten_site
 from rwasym.analyses.probe import probe
+from rwasym.models import flatten_site
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,24 @@ def _cached_cov(model, tokens, hook, width):
 
 
 def _planted(base, name, u, v):
-    tuned = rwasym.load(rwasym.native_config(**{k: getattr(base.cfg, k) for k in (
-        "d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab", "n_key_value_heads", "d_mlp", "seed")}))
+    tuned = rwasym.load(
+        rwasym.native_config(
+            **{
+                k: getattr(base.cfg, k)
+                for k in (
+                    "d_model",
+                    "d_head",
+                    "n_heads",
+                    "n_layers",
+                    "n_ctx",
+                    "d_vocab",
+                    "n_key_value_heads",
+                    "d_mlp",
+                    "seed",
+                )
+            }
+        )
+    )
     tuned.set_weight(name, base.weight(name) + torch.outer(u, v))
     return tuned
 
@@ -36,10 +52,16 @@ def _planted_and_noise(base, name, seed):
     """`_planted` with a random rank-1 u vᵀ in ``name``, then 0.01·N(0, 1) added to every matrix."""
     g = torch.Generator().manual_seed(seed)
     n_out, n_in = base.matrix(name).shape
-    tuned = _planted(base, name, torch.randn(n_out, generator=g, dtype=torch.float64),
-                     torch.randn(n_in, generator=g, dtype=torch.float64))
+    tuned = _planted(
+        base,
+        name,
+        torch.randn(n_out, generator=g, dtype=torch.float64),
+        torch.randn(n_in, generator=g, dtype=torch.float64),
+    )
     for spec in tuned.matrices():
-        tuned.set_weight(spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64))
+        tuned.set_weight(
+            spec.name, tuned.weight(spec.name) + 0.01 * torch.randn(spec.shape, generator=g, dtype=torch.float64)
+        )
     return tuned
 
 
@@ -76,9 +98,18 @@ def test_probe_rows_equal_independent_recomputation(pair_data):
     """Every number recomputed from run_with_cache + torch.linalg, independently of the probe path."""
     base, tokens = pair_data
     g = torch.Generator().manual_seed(2)
-    tuned = _planted(base, "blocks.0.attn.W_O", torch.randn(32, generator=g, dtype=torch.float64),
-                     torch.randn(32, generator=g, dtype=torch.float64))
-    with tuned.edit({"blocks.0.mlp.W_out": base.weight("blocks.0.mlp.W_out") + 0.1 * torch.randn(32, 48, generator=g, dtype=torch.float64)}):
+    tuned = _planted(
+        base,
+        "blocks.0.attn.W_O",
+        torch.randn(32, generator=g, dtype=torch.float64),
+        torch.randn(32, generator=g, dtype=torch.float64),
+    )
+    with tuned.edit(
+        {
+            "blocks.0.mlp.W_out": base.weight("blocks.0.mlp.W_out")
+            + 0.1 * torch.randn(32, 48, generator=g, dtype=torch.float64)
+        }
+    ):
         res = probe(base, tuned, tokens, k=3, null_samples=50, matrices="blocks.0.*.*")
         deltas = rwasym.weight_deltas(base, tuned)
     k = 3
@@ -86,7 +117,9 @@ def test_probe_rows_equal_independent_recomputation(pair_data):
     d = deltas["blocks.0.attn.W_O"]
     U = torch.linalg.svd(base.unembedding(), full_matrices=False).U[:, :k]
     expected = (U.T @ d).square().sum() / d.square().sum()
-    assert _row(res, matrix="blocks.0.attn.W_O", head=None, subspace="prediction")["fraction"] == pytest.approx(float(expected), rel=1e-9)
+    assert _row(res, matrix="blocks.0.attn.W_O", head=None, subspace="prediction")["fraction"] == pytest.approx(
+        float(expected), rel=1e-9
+    )
     # write side of W_out against the resid_post PCA
     d = deltas["blocks.0.mlp.W_out"]
     cov = _cached_cov(base, tokens, "blocks.0.hook_out", 32)
@@ -101,17 +134,27 @@ def test_probe_rows_equal_independent_recomputation(pair_data):
     cov = _cached_cov(base, tokens, "blocks.0.attn.o.hook_in", 32)[8:16, 8:16]
     U = torch.linalg.eigh(cov).eigenvectors.flip(-1)[:, :k]
     expected = (d @ U).square().sum() / d.square().sum()
-    assert _row(res, matrix="blocks.0.attn.W_O", head=1, stream="inner")["fraction"] == pytest.approx(float(expected), rel=1e-6)
+    assert _row(res, matrix="blocks.0.attn.W_O", head=1, stream="inner")["fraction"] == pytest.approx(
+        float(expected), rel=1e-6
+    )
     # untouched matrices produce no rows; k used and n are recorded
     assert not [r for r in res.rows if r["matrix"] == "blocks.0.attn.W_Q"]
-    assert {r["n"] for r in res.rows if r["matrix"] == "blocks.0.attn.W_O" and r["head"] is not None and r["stream"] == "inner"} == {8}
+    assert {
+        r["n"]
+        for r in res.rows
+        if r["matrix"] == "blocks.0.attn.W_O" and r["head"] is not None and r["stream"] == "inner"
+    } == {8}
 
 
 def test_probe_outputs_and_errors(pair_data, tmp_path):
     base, tokens = pair_data
     g = torch.Generator().manual_seed(3)
-    tuned = _planted(base, "blocks.1.mlp.W_in", torch.randn(48, generator=g, dtype=torch.float64),
-                     torch.randn(32, generator=g, dtype=torch.float64))
+    tuned = _planted(
+        base,
+        "blocks.1.mlp.W_in",
+        torch.randn(48, generator=g, dtype=torch.float64),
+        torch.randn(32, generator=g, dtype=torch.float64),
+    )
     res = probe(base, tuned, tokens, k=2, null_samples=20)
     again = probe(base, tuned, tokens, k=2, null_samples=20)
     assert res.rows == again.rows  # seeded: identical
@@ -153,7 +196,9 @@ def test_probe_holds_one_weight_delta_at_a_time(pair_data, monkeypatch):
 
     monkeypatch.setattr(deltas_module.WeightDeltas, "__getitem__", tracked)
     res = probe(base, tuned, tokens, k=3, null_samples=20, progress=False)
-    assert formed[0] == len(base.matrices()) == 12 and {r["matrix"] for r in res.rows} == {s.name for s in base.matrices()}
+    assert formed[0] == len(base.matrices()) == 12 and {r["matrix"] for r in res.rows} == {
+        s.name for s in base.matrices()
+    }
     assert peak[0] <= 2
 
 
@@ -209,8 +254,9 @@ def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatc
 
     workers = []
     compute = _Covariances._compute
-    monkeypatch.setattr(_Covariances, "_compute", lambda self, site: (workers.append(threading.get_ident()),
-                                                                      compute(self, site))[1])
+    monkeypatch.setattr(
+        _Covariances, "_compute", lambda self, site: (workers.append(threading.get_ident()), compute(self, site))[1]
+    )
     base, tokens = pair_data
     tuned = _planted_and_noise(base, "blocks.0.attn.W_Q", 9)
     threads = torch.get_num_threads()

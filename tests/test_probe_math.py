@@ -102,9 +102,7 @@ def test_random_gaussian_delta_is_isotropic_on_average():
     U = pca_basis(torch.diag(torch.arange(12, 0, -1, dtype=torch.float64)), 3).U  # a fixed 3-dim basis of R^12
     g = gen(1)
     for side, shape in (("input", (5, 12)), ("output", (12, 7))):
-        r = torch.tensor(
-            [relative_fraction(torch.randn(shape, generator=g), U, side).relative for _ in range(1000)]
-        )
+        r = torch.tensor([relative_fraction(torch.randn(shape, generator=g), U, side).relative for _ in range(1000)])
         assert abs(float(r.mean()) - 1.0) < 5 * float(r.std()) / len(r) ** 0.5
 
 
@@ -119,10 +117,19 @@ def test_basis_object_and_low_precision_delta_are_accepted():
 @pytest.mark.parametrize(
     ("delta", "basis", "side", "match"),
     [
-        (torch.randn(3, 5), random_basis(3, 2), "input",
-         r"side='input' expects a basis with n_in \(columns of ΔW\) = 5 rows for ΔW of shape "
-         r"\(n_out, n_in\) = \(3, 5\); got a basis of shape \(3, 2\).*use side='output'"),
-        (torch.randn(3, 5), random_basis(5, 2), "output", r"side='output' expects a basis with n_out \(rows of ΔW\) = 3"),
+        (
+            torch.randn(3, 5),
+            random_basis(3, 2),
+            "input",
+            r"side='input' expects a basis with n_in \(columns of ΔW\) = 5 rows for ΔW of shape "
+            r"\(n_out, n_in\) = \(3, 5\); got a basis of shape \(3, 2\).*use side='output'",
+        ),
+        (
+            torch.randn(3, 5),
+            random_basis(5, 2),
+            "output",
+            r"side='output' expects a basis with n_out \(rows of ΔW\) = 3",
+        ),
         (torch.zeros(3, 5), random_basis(5, 2), "input", r"‖ΔW‖_F = 0.*matrices are\s+identical"),
         (torch.full((3, 5), float("nan")), random_basis(5, 2), "input", "15 non-finite value"),
         (torch.randn(3, 5), 2 * random_basis(5, 2), "input", "orthonormal columns"),
@@ -198,18 +205,28 @@ def test_percentile_of_a_degenerate_null_is_100():
     d = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     drawn = random_null(d, "input", 6, samples=200, generator=torch.Generator().manual_seed(1))
     assert float((drawn.samples - 1).abs().max()) < 1e-12
-    rounded = NullResult(mean=1.0, std=0.0, samples=1 + torch.tensor([2.2e-16, -1.1e-16, 4.4e-16], dtype=torch.float64),
-                         k=6, n=6, side="input")
+    rounded = NullResult(
+        mean=1.0,
+        std=0.0,
+        samples=1 + torch.tensor([2.2e-16, -1.1e-16, 4.4e-16], dtype=torch.float64),
+        k=6,
+        n=6,
+        side="input",
+    )
     for null in (drawn, rounded):
         assert null.percentile_of(1.0) == 100.0
         assert null.percentile_of(1.0 - 1e-9) == 0.0  # a tie is only a rounding-close value
 
 
 def test_percentile_of():
-    null = NullResult(mean=0.25, std=0.1, samples=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), k=1, n=4, side="input")
+    null = NullResult(
+        mean=0.25, std=0.1, samples=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), k=1, n=4, side="input"
+    )
     assert [null.percentile_of(v) for v in (0.0, 0.1, 0.25, 0.4, 0.9)] == [0.0, 25.0, 50.0, 100.0, 100.0]
     assert null.percentile_of(FractionResult(fraction=0.35, relative=1.4, k=1, n=4, side="input")) == 75.0
-    with pytest.raises(RwasymError, match=r"\(k, n, side\)=\(2, 4, 'input'\) but this null was drawn for \(1, 4, 'input'\)"):
+    with pytest.raises(
+        RwasymError, match=r"\(k, n, side\)=\(2, 4, 'input'\) but this null was drawn for \(1, 4, 'input'\)"
+    ):
         null.percentile_of(FractionResult(fraction=0.35, relative=0.7, k=2, n=4, side="input"))
 
 

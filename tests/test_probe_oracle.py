@@ -34,19 +34,57 @@ OC = "_original_component"  # where a TransformerBridge keeps the wrapped torch 
 # Module names relative to one decoder layer; "qkv" is a fused projection with its row layout:
 # "blocks" = [Q | K | V] (GPT-2's Conv1D), "heads" = per head [q_h, k_h, v_h] (GPT-NeoX).
 LAYOUTS = {
-    "native": dict(layers="layers", layer=OC, q=f"attn.{OC}.q.{OC}", k=f"attn.{OC}.k.{OC}",
-                   v=f"attn.{OC}.v.{OC}", o=f"attn.{OC}.o.{OC}", w_in=f"mlp.{OC}.fc_in.{OC}",
-                   w_out=f"mlp.{OC}.fc_out.{OC}", ln_mlp="ln2", final=f"ln_out.{OC}", unembed=f"head.{OC}",
-                   parallel=False),
-    "gpt2": dict(layers="transformer.h", qkv="attn.c_attn", qkv_rows="blocks", o="attn.c_proj",
-                 w_in="mlp.c_fc", w_out="mlp.c_proj", ln_mlp="ln_2", final="transformer.ln_f",
-                 unembed="lm_head", parallel=False),
-    "llama": dict(layers="model.layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  o="self_attn.o_proj", w_in="mlp.up_proj", w_gate="mlp.gate_proj", w_out="mlp.down_proj",
-                  ln_mlp="post_attention_layernorm", final="model.norm", unembed="lm_head", parallel=False),
-    "neox": dict(layers="gpt_neox.layers", qkv="attention.query_key_value", qkv_rows="heads",
-                 o="attention.dense", w_in="mlp.dense_h_to_4h", w_out="mlp.dense_4h_to_h",
-                 final="gpt_neox.final_layer_norm", unembed="lm_head", parallel=True),
+    "native": dict(
+        layers="layers",
+        layer=OC,
+        q=f"attn.{OC}.q.{OC}",
+        k=f"attn.{OC}.k.{OC}",
+        v=f"attn.{OC}.v.{OC}",
+        o=f"attn.{OC}.o.{OC}",
+        w_in=f"mlp.{OC}.fc_in.{OC}",
+        w_out=f"mlp.{OC}.fc_out.{OC}",
+        ln_mlp="ln2",
+        final=f"ln_out.{OC}",
+        unembed=f"head.{OC}",
+        parallel=False,
+    ),
+    "gpt2": dict(
+        layers="transformer.h",
+        qkv="attn.c_attn",
+        qkv_rows="blocks",
+        o="attn.c_proj",
+        w_in="mlp.c_fc",
+        w_out="mlp.c_proj",
+        ln_mlp="ln_2",
+        final="transformer.ln_f",
+        unembed="lm_head",
+        parallel=False,
+    ),
+    "llama": dict(
+        layers="model.layers",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        w_in="mlp.up_proj",
+        w_gate="mlp.gate_proj",
+        w_out="mlp.down_proj",
+        ln_mlp="post_attention_layernorm",
+        final="model.norm",
+        unembed="lm_head",
+        parallel=False,
+    ),
+    "neox": dict(
+        layers="gpt_neox.layers",
+        qkv="attention.query_key_value",
+        qkv_rows="heads",
+        o="attention.dense",
+        w_in="mlp.dense_h_to_4h",
+        w_out="mlp.dense_4h_to_h",
+        final="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        parallel=True,
+    ),
 }
 KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o", "W_in": "w_in", "W_gate": "w_gate", "W_out": "w_out"}
 READ = ("W_Q", "W_K", "W_V", "W_in", "W_gate")
@@ -86,7 +124,7 @@ class Arch:
             W = _linear(_get(block, self.lay["qkv"]))
             if self.lay["qkv_rows"] == "blocks":
                 n = W.shape[0] // 3
-                return W[j * n:(j + 1) * n].view(-1, self.d_head, W.shape[1])
+                return W[j * n : (j + 1) * n].view(-1, self.d_head, W.shape[1])
             return W.view(self.n_heads, 3, self.d_head, -1)[:, j]
         return _linear(_get(block, self.lay[KINDS[kind]]))
 
@@ -108,19 +146,25 @@ class Arch:
             def hook(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
                 seen[key] = x.detach().reshape(-1, x.shape[-1]).double()
+
             return hook
 
         def post(key):
             def hook(module, args, output):
                 x = output[0] if isinstance(output, tuple) else output
                 seen[key] = x.detach().reshape(-1, x.shape[-1]).double()
+
             return hook
 
         for L in range(self.n_layers):
             block = self.layer(L)
             attn_first = self.lay["qkv"] if "qkv" in self.lay else self.lay["q"]
-            for key, path in ((f"{L}.attn_in", attn_first), (f"{L}.mlp_in", self.lay["w_in"]),
-                              (f"{L}.z", self.lay["o"]), (f"{L}.hidden", self.lay["w_out"])):
+            for key, path in (
+                (f"{L}.attn_in", attn_first),
+                (f"{L}.mlp_in", self.lay["w_in"]),
+                (f"{L}.z", self.lay["o"]),
+                (f"{L}.hidden", self.lay["w_out"]),
+            ):
                 hooks.append(_get(block, path).register_forward_pre_hook(pre(key), with_kwargs=True))
             if not self.lay["parallel"]:
                 mid = _get(block, self.lay["ln_mlp"])
@@ -153,8 +197,11 @@ def _pca(x, eps=None):
     order = evals.argsort(descending=True)
     evals, evecs = evals[order], evecs[:, order]
     xc = x - x.mean(0)
-    err = eps * float(evals[0]) if eps is not None else \
-        float(torch.linalg.matrix_norm((xc.float().T @ xc.float()).double() - xc.T @ xc, ord=2)) / (len(x) - 1)
+    err = (
+        eps * float(evals[0])
+        if eps is not None
+        else float(torch.linalg.matrix_norm((xc.float().T @ xc.float()).double() - xc.T @ xc, ord=2)) / (len(x) - 1)
+    )
     gaps = torch.cat([evals[:-1] - evals[1:], torch.tensor([float("inf")], dtype=torch.float64)])
     bound = (err / (gaps - err)).where(gaps > err, torch.tensor(float("inf"), dtype=torch.float64))
     ev = evals.clamp_min(0)
@@ -213,8 +260,11 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
             heads = {"W_Q": arch.n_heads, "W_K": arch.n_kv, "W_V": arch.n_kv}.get(kind, 0)
         else:
             resid = f"{L}.resid_post" if kind == "W_out" or arch.lay["parallel"] else f"{L}.resid_mid"
-            spaces = [("residual", "output", "activation", resid), ("residual", "output", "prediction", None),
-                      ("inner", "input", "activation", f"{L}.z" if kind == "W_O" else f"{L}.hidden")]
+            spaces = [
+                ("residual", "output", "activation", resid),
+                ("residual", "output", "prediction", None),
+                ("inner", "input", "activation", f"{L}.z" if kind == "W_O" else f"{L}.hidden"),
+            ]
             heads = arch.n_heads if kind == "W_O" else 0
         for stream, side, subspace, site in spaces:
             for head in [None] + list(range(heads)):
@@ -228,37 +278,57 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                     block = None if stream == "residual" else head  # an O head's block of z
                     if (site, block) not in pcas:
                         x = acts[site] if block is None else acts[site][:, sl]
-                        pcas[(site, block)] = _pca(x, eps if eps is None or isinstance(eps, float)
-                                                   else eps.get(site.split(".")[1], 1e-7))
+                        pcas[(site, block)] = _pca(
+                            x, eps if eps is None or isinstance(eps, float) else eps.get(site.split(".")[1], 1e-7)
+                        )
                     U, ratio, bound = pcas[(site, block)]
                 n = d.shape[1] if side == "input" else d.shape[0]
                 kk = min(k, n)
                 cum = _fractions(d, U, side)
                 # allowed |Δf(j)|: pred_rel·f for the prediction subspace (γ_final is measured by running
                 # the norm); DK_SAFETY × the Davis–Kahan bound for an activation subspace
-                tol = pred_rel * cum if bound is None else DK_SAFETY * bound[:len(cum)] + 1e-12
+                tol = pred_rel * cum if bound is None else DK_SAFETY * bound[: len(cum)] + 1e-12
                 if (name, head, side) not in laws:
                     laws[(name, head, side)] = _null_law(d, side)
                 law = laws[(name, head, side)]
                 mean, std, samples = kk / n, _null_std(law, kk), _null_samples(law, kk)
-                row = dict(layer=L, kind=kind, matrix_side="read" if read else "write", side=side, k=kk, n=n,
-                           fraction=float(cum[kk - 1]), relative=float(cum[kk - 1]) * n / kk, null_mean=mean,
-                           null_std=std, null_samples=samples, delta_norm=float(d.norm()), post_norm_scaled=False,
-                           tol=dict(fraction=float(tol[kk - 1]), relative=float(tol[kk - 1]) * n / kk))
+                row = dict(
+                    layer=L,
+                    kind=kind,
+                    matrix_side="read" if read else "write",
+                    side=side,
+                    k=kk,
+                    n=n,
+                    fraction=float(cum[kk - 1]),
+                    relative=float(cum[kk - 1]) * n / kk,
+                    null_mean=mean,
+                    null_std=std,
+                    null_samples=samples,
+                    delta_norm=float(d.norm()),
+                    post_norm_scaled=False,
+                    tol=dict(fraction=float(tol[kk - 1]), relative=float(tol[kk - 1]) * n / kk),
+                )
                 if ratio is not None:
                     k90 = next(j + 1 for j, c in enumerate(ratio.cumsum(0).tolist()) if c >= variance)
-                    row.update(k_variance=k90, fraction_k_variance=float(cum[k90 - 1]),
-                               relative_k_variance=float(cum[k90 - 1]) * n / k90)
-                    row["tol"].update(fraction_k_variance=float(tol[k90 - 1]),
-                                      relative_k_variance=float(tol[k90 - 1]) * n / k90)
+                    row.update(
+                        k_variance=k90,
+                        fraction_k_variance=float(cum[k90 - 1]),
+                        relative_k_variance=float(cum[k90 - 1]) * n / k90,
+                    )
+                    row["tol"].update(
+                        fraction_k_variance=float(tol[k90 - 1]), relative_k_variance=float(tol[k90 - 1]) * n / k90
+                    )
                 rows[(name, head, stream, subspace)] = row
                 if head is None:
-                    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i < n} | {n})
+                    ks = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
                     curves[(name, stream, subspace)] = dict(
-                        n=n, ks=ks, fraction=[float(cum[j - 1]) for j in ks],
+                        n=n,
+                        ks=ks,
+                        fraction=[float(cum[j - 1]) for j in ks],
                         relative=[float(cum[j - 1]) * n / j for j in ks],
                         null_relative_std=[_null_std(law, j) * n / j for j in ks],
-                        tol=[float(tol[j - 1]) for j in ks])
+                        tol=[float(tol[j - 1]) for j in ks],
+                    )
     return rows, curves
 
 
@@ -266,7 +336,7 @@ def compare(result, expected_rows, expected_curves, null_samples):
     """Every probe row and curve against the oracle's: the same keys, every field."""
     got = {(r["matrix"], r["head"], r["stream"], r["subspace"]): r for r in result.rows}
     assert len(got) == len(result.rows)
-    assert set(got) == set(expected_rows), (set(got) ^ set(expected_rows))
+    assert set(got) == set(expected_rows), set(got) ^ set(expected_rows)
     for key, want in expected_rows.items():
         row = got[key]
         for field in ("layer", "kind", "matrix_side", "side", "k", "n", "post_norm_scaled", "k_variance"):
@@ -302,15 +372,15 @@ def _plants(arch, acts, layers, kinds, generator):
     plants = {}
     for L in layers:
         for kind in kinds:
-            if kind == "W_V" and L == layers[-1]:
+            if kind == "W_V" and layers[-1] == L:
                 continue
             n_out, n_in = arch.weight(L, kind).shape
             g = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
             D = 0.05 * g(n_out, 2) @ g(2, n_in) + 0.005 * g(n_out, n_in)
-            if kind == "W_Q" and L == layers[0]:
+            if kind == "W_Q" and layers[0] == L:
                 D = 0.1 * torch.outer(g(n_out), _pca(acts[f"{L}.attn_in"])[0][:, 0])
             if kind == "W_K" and arch.n_kv > 1:
-                D[arch.d_head:] = 0.0
+                D[arch.d_head :] = 0.0
             plants[f"blocks.{L}.{'attn' if kind in ('W_Q', 'W_K', 'W_V', 'W_O') else 'mlp'}.{kind}"] = (L, kind, D)
     return plants
 
@@ -373,7 +443,8 @@ def test_every_probe_row_equals_the_oracle_on_hugging_face_models(arch, hf_folde
     assert max(share.values()) < (5e-3 if arch == "neox" else 1e-8)  # measured: 1.6e-3 (NeoX), 1e-9
     if not base_arch.lay["parallel"]:
         assert rows[("blocks.0.attn.W_O", None, "residual", "activation")]["fraction"] != pytest.approx(
-            float(_fractions(deltas["blocks.0.attn.W_O"], _pca(acts["0.resid_post"])[0], "output")[3]), rel=1e-3)
+            float(_fractions(deltas["blocks.0.attn.W_O"], _pca(acts["0.resid_post"])[0], "output")[3]), rel=1e-3
+        )
 
 
 def test_every_probe_row_equals_the_oracle_with_one_kv_head(tmp_path):
@@ -382,10 +453,24 @@ def test_every_probe_row_equals_the_oracle_with_one_kv_head(tmp_path):
     from rwasym.testing import perturb_and_save
 
     torch.manual_seed(3)
-    perturb_and_save(LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, intermediate_size=48,
-        max_position_embeddings=64, vocab_size=96, bos_token_id=1, eos_token_id=2, attn_implementation="eager")),
-        tmp_path / "mqa", 96)
+    perturb_and_save(
+        LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                intermediate_size=48,
+                max_position_embeddings=64,
+                vocab_size=96,
+                bos_token_id=1,
+                eos_token_id=2,
+                attn_implementation="eager",
+            )
+        ),
+        tmp_path / "mqa",
+        96,
+    )
     tokens = torch.randint(3, 96, (16, 24), generator=torch.Generator().manual_seed(8))
     (tmp_path / "t").mkdir()
     tuned_folder, deltas, base_arch, acts = _hf_case(tmp_path / "mqa", tmp_path / "t", tokens, torch.float64)
@@ -413,7 +498,10 @@ def test_every_probe_row_equals_the_oracle_on_the_native_model(native_cfg):
     # k = 12 > d_head = 8: an O head's inner rows use k = n = 8 (f = 1, r = 1, percentile 100)
     rows, curves = oracle(base_arch, acts, deltas, 12, eps=1e-14)
     assert rows[("blocks.0.attn.W_O", 1, "inner", "activation")]["k"] == 8
-    assert float((rows[("blocks.0.attn.W_O", 1, "inner", "activation")]["null_samples"] <= 1 + 1e-12).double().mean()) == 1.0
+    assert (
+        float((rows[("blocks.0.attn.W_O", 1, "inner", "activation")]["null_samples"] <= 1 + 1e-12).double().mean())
+        == 1.0
+    )
     compare(rwasym.probe(base, tuned, tokens, **dict(PROBE, k=12)), rows, curves, 300)
 
 

@@ -2,26 +2,25 @@
 steps): units are written and reused, the report's pooled statistics equal the same statistics
 recomputed from the sweep files, the λ = 1 reuse is the graded objective's own run bit for bit."""
 
-import copy
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rwasym.analyses.sweep import read_sweep
-from rwasym.studies import real
 from rwasym.math.inference import bootstrap_ci, permutation_pvalue
+from rwasym.studies import real
 
 
 @pytest.fixture(scope="module")
 def run(shared_gguf_cache, quick_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("real")
     cfg = real.RealConfig.smoke(joint_modes=("transplant",))  # one mode: the default suite's time
-    real.real_experiment(out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache,
-                         progress=False, log=lambda m: None)
+    real.real_experiment(
+        out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache, progress=False, log=lambda m: None
+    )
     return out, cfg
 
 
@@ -32,8 +31,9 @@ def test_units_are_written_and_a_rerun_computes_nothing(run, monkeypatch, quick_
     for fn in ("_asymmetry", "_joint", "_graded"):
         monkeypatch.setattr(real, fn, lambda *a, **k: pytest.fail("recomputed a finished unit"))
     before = json.loads((out / "results.json").read_text())
-    after = real.real_experiment(out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache,
-                                 progress=False, log=lambda m: None)
+    after = real.real_experiment(
+        out, cfg, parts=("asymmetry", "joint", "graded"), cache_dir=quick_cache, progress=False, log=lambda m: None
+    )
     assert after["joint"]["table"] == before["joint"]["table"]
     text = (out / "report.md").read_text()
     for heading in ("## Asymmetry", "## Contrast and graded control", "## Causal test", "### α scan"):
@@ -47,7 +47,9 @@ def test_pooled_joint_statistics_recomputed_from_the_sweep_files(run):
     assert table
     for row in table:
         _, rows = read_sweep(out / "sweeps" / f"joint_s0_{row['mode']}_{row['match']}.jsonl")
-        sel = [r for r in rows if r["matrix"] == row["set"] and r["rank"] == row["rank"] and r[row["metric"]] is not None]
+        sel = [
+            r for r in rows if r["matrix"] == row["set"] and r["rank"] == row["rank"] and r[row["metric"]] is not None
+        ]
         t = [r[row["metric"]] for r in sel if r["direction"] == r["target"]]
         c = [r[row["metric"]] for r in sel if r["direction"] in ("random", "orthogonal")]
         assert len(t) == 1 and len(c) == 3  # quick: 1 target, random:2 + orthogonal:1
@@ -82,8 +84,9 @@ def test_graded_lambda_one_on_the_real_model_is_the_dpo_run(quick_cache):
     base, tuned, info = real_pair(quick_cache, quick=True, progress=False, seed=0)
     train, _ = load_real_pairs(info)
     spec = info["spec"]["align"]
-    config = replace(AlignConfig(**{**spec, "betas": tuple(spec["betas"])}), objective="graded", lam=1.0,
-                     checkpoint_every=0)
+    config = replace(
+        AlignConfig(**{**spec, "betas": tuple(spec["betas"])}), objective="graded", lam=1.0, checkpoint_every=0
+    )
     policy = clone(base)
     align(policy, base, train, config, progress=False)
     for s in base.matrices():

@@ -30,10 +30,12 @@ def _hf(folder):
 def _text_tokens(model, n_rows=4, length=24):
     """Real text through the model's own tokenizer (rows cut to one length)."""
     tok = model.bridge.tokenizer
-    lines = ["The capital of France is Paris, and the capital of Italy is Rome.",
-             "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
-             "A prime number has exactly two divisors: one and itself. Seven is prime.",
-             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5 to the console"]
+    lines = [
+        "The capital of France is Paris, and the capital of Italy is Rome.",
+        "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+        "A prime number has exactly two divisors: one and itself. Seven is prime.",
+        "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5 to the console",
+    ]
     ids = [tok(line)["input_ids"] for line in lines]
     length = min(length, min(len(i) for i in ids))
     return torch.tensor([i[:length] for i in ids[:n_rows]])
@@ -64,12 +66,20 @@ def test_gguf_header_and_weights_equal_the_file_dequantized_by_gguf(real_gguf, r
 
     def raw(name):
         t = tensors[name]
-        return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(list(reversed(t.shape.tolist())))
+        return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            list(reversed(t.shape.tolist()))
+        )
 
     for layer in (0, 29):
-        for ours, theirs, heads in (("attn.W_Q", "attn_q", 9), ("attn.W_K", "attn_k", 3), ("attn.W_V", "attn_v", None),
-                                    ("attn.W_O", "attn_output", None), ("mlp.W_gate", "ffn_gate", None),
-                                    ("mlp.W_in", "ffn_up", None), ("mlp.W_out", "ffn_down", None)):
+        for ours, theirs, heads in (
+            ("attn.W_Q", "attn_q", 9),
+            ("attn.W_K", "attn_k", 3),
+            ("attn.W_V", "attn_v", None),
+            ("attn.W_O", "attn_output", None),
+            ("mlp.W_gate", "ffn_gate", None),
+            ("mlp.W_in", "ffn_up", None),
+            ("mlp.W_out", "ffn_down", None),
+        ):
             w = raw(f"blk.{layer}.{theirs}.weight")
             w = _reverse_llama_permute(w, heads) if heads else w
             got = model.weight(f"blocks.{layer}.{ours}")
@@ -116,14 +126,29 @@ def test_gguf_files_that_cannot_be_dequantized_are_refused(real_gguf, tmp_path, 
     fake.write_bytes(np.random.default_rng(0).bytes(4096))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(real_gguf.read_bytes()[: 8 << 20])
-    rwkv = _write_gguf(tmp_path / "rwkv.gguf", "rwkv6", {"token_embd.weight": np.zeros((16, 8), np.float32)}, block_count=1)
-    hollow = _write_gguf(tmp_path / "hollow.gguf", "llama", {"token_embd.weight": np.ones((16, 8), np.float32),
-                                                           "output_norm.weight": np.ones(8, np.float32)},
-                         block_count=2, context_length=32, embedding_length=8, feed_forward_length=16, head_count=2,
-                         head_count_kv=2, layer_norm_rms_eps=1e-5, vocab_size=16)
-    cases = [(tmp_path / "missing.gguf", "no such GGUF file"), (fake, "is not a GGUF file"),
-             (truncated, "corrupt or truncated GGUF"), (rwkv, "GGUF 'rwkv6' model, which transformers cannot de-quantize"),
-             (hollow, "lacks the tensors of .* parameters|transformers cannot de-quantize")]
+    rwkv = _write_gguf(
+        tmp_path / "rwkv.gguf", "rwkv6", {"token_embd.weight": np.zeros((16, 8), np.float32)}, block_count=1
+    )
+    hollow = _write_gguf(
+        tmp_path / "hollow.gguf",
+        "llama",
+        {"token_embd.weight": np.ones((16, 8), np.float32), "output_norm.weight": np.ones(8, np.float32)},
+        block_count=2,
+        context_length=32,
+        embedding_length=8,
+        feed_forward_length=16,
+        head_count=2,
+        head_count_kv=2,
+        layer_norm_rms_eps=1e-5,
+        vocab_size=16,
+    )
+    cases = [
+        (tmp_path / "missing.gguf", "no such GGUF file"),
+        (fake, "is not a GGUF file"),
+        (truncated, "corrupt or truncated GGUF"),
+        (rwkv, "GGUF 'rwkv6' model, which transformers cannot de-quantize"),
+        (hollow, "lacks the tensors of .* parameters|transformers cannot de-quantize"),
+    ]
     for path, message in cases:
         with pytest.raises(RwasymError, match=message):
             rwasym.load(path)

@@ -17,14 +17,16 @@ def test_quick_real_pair_builds_caches_and_reloads(real_folder, tmp_path, monkey
     words = lambda recs: {r["chosen"].strip() for r in recs} | {r["rejected"].strip() for r in recs}
     assert not words(train) & words(held)  # disjoint words: held-out accuracy measures the rule
     for r in train + held:  # the rule: the second option is chosen
-        first, second = r["prompt"][len("Pick one: "):-len("? Answer:")].split(" or ")
+        first, second = r["prompt"][len("Pick one: ") : -len("? Answer:")].split(" or ")
         assert (r["chosen"], r["rejected"]) == (f" {second}", f" {first}")
     assert 0.0 <= info["heldout_accuracy"]["base"] <= 1.0 and info["spec"]["align"]["steps"] == 3
     assert sorted(p.name for p in (folder / "align").glob("step_*")) == ["step_000000", "step_000003"]
     assert float((tuned.weight("blocks.1.attn.W_Q") - base.weight("blocks.1.attn.W_Q")).abs().max()) > 0
     monkeypatch.setattr(rp, "align", lambda *a, **k: pytest.fail("rebuilt a cached pair"))
     _, tuned2, info2 = rp.real_pair(tmp_path, quick=True, progress=False, base_folder=real_folder(2))
-    assert info2["folder"] == info["folder"] and torch.equal(tuned2.weight("blocks.1.attn.W_Q"), tuned.weight("blocks.1.attn.W_Q"))
+    assert info2["folder"] == info["folder"] and torch.equal(
+        tuned2.weight("blocks.1.attn.W_Q"), tuned.weight("blocks.1.attn.W_Q")
+    )
     train_pairs, held_pairs = rp.load_real_pairs(info2)
     assert len(train_pairs) == 32 and len(held_pairs) == 16
 
@@ -42,7 +44,9 @@ def test_cli_pair_real_prints_the_cached_pair(real_folder, tmp_path, monkeypatch
 def test_real_corpus_is_the_task_text(real_folder, tmp_path):
     base, _, info = rp.real_pair(tmp_path, quick=True, progress=False, base_folder=real_folder(2))
     rows = rp.real_corpus(info, base.tokenizer, seq_len=16)
-    records = [json.loads(line) for line in (tmp_path / info["folder"].split("/")[-1] / "train.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / info["folder"].split("/")[-1] / "train.jsonl").read_text().splitlines()
+    ]
     text = "\n".join(r["prompt"] + r["chosen"] for r in records)
     ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert rows.shape == (len(ids) // 16, 16) and rows.flatten().tolist() == ids[: rows.numel()]
@@ -52,9 +56,9 @@ def test_real_corpus_is_the_task_text(real_folder, tmp_path):
 def test_demo_real_quick_runs_the_story_on_the_real_pair(real_folder, tmp_path, monkeypatch):
     import rwasym.testing
     from rwasym.app.cli import main
+    from rwasym.hooks.activations import capture
     from rwasym.math.fraction import relative_fraction
     from rwasym.math.subspaces import pca_basis
-    from rwasym.hooks.activations import capture
 
     monkeypatch.setenv("RWASYM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(rwasym.testing, "real_model_folder", lambda n_layers=None, cache_dir=None: real_folder(2))
@@ -75,6 +79,9 @@ def test_demo_real_quick_runs_the_story_on_the_real_pair(real_folder, tmp_path, 
     acts = capture(base, data, sites=[base.input_hook(name)], progress=False)
     U = pca_basis(acts.for_matrix(name).covariance(), k=8, center=False).U
     want = relative_fraction(tuned.weight(name).double() - base.weight(name).double(), U, "input").relative
-    row = next(r for r in results["probe"]["rows"] if r["matrix"] == name and r["head"] is None
-               and r["subspace"] == "activation" and r["stream"] == "residual")
+    row = next(
+        r
+        for r in results["probe"]["rows"]
+        if r["matrix"] == name and r["head"] is None and r["subspace"] == "activation" and r["stream"] == "residual"
+    )
     assert abs(row["relative"] - want) < 1e-6 * max(1.0, want)

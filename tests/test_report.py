@@ -28,9 +28,19 @@ def test_asymmetry_heatmap_shows_the_table(probe_result, tmp_path):
     layers, kinds, grid = report.asymmetry_grid(probe_result.rows, "activation")
     assert kinds == ["W_Q", "W_K", "W_V", "W_in", "W_O", "W_out"] and layers == [0, 1]
     shown = fig.axes[0].images[0].get_array()
-    expected = [[r["relative"] for k in kinds for r in probe_result.rows
-                 if r["layer"] == layer and r["kind"] == k and r["head"] is None
-                 and r["stream"] == "residual" and r["subspace"] == "activation"] for layer in layers]
+    expected = [
+        [
+            r["relative"]
+            for k in kinds
+            for r in probe_result.rows
+            if r["layer"] == layer
+            and r["kind"] == k
+            and r["head"] is None
+            and r["stream"] == "residual"
+            and r["subspace"] == "activation"
+        ]
+        for layer in layers
+    ]
     assert np.allclose(np.asarray(shown), np.asarray(expected))
 
 
@@ -46,8 +56,10 @@ def test_rk_curves_and_lines(probe_result, tmp_path):
 
 
 def test_singular_value_heatmap_and_tables(tmp_path):
-    W = {0: {"blocks.0.attn.W_Q": torch.diag(torch.tensor([4.0, 2.0, 1.0]))},
-         5: {"blocks.0.attn.W_Q": torch.diag(torch.tensor([8.0, 1.0, 0.5]))}}
+    W = {
+        0: {"blocks.0.attn.W_Q": torch.diag(torch.tensor([4.0, 2.0, 1.0]))},
+        5: {"blocks.0.attn.W_Q": torch.diag(torch.tensor([8.0, 1.0, 0.5]))},
+    }
     fig = report.singular_value_heatmap(lifecycle(W), "blocks.0.attn.W_Q", tmp_path / "sv.png")
     grid = np.asarray(fig.axes[0].images[0].get_array())
     assert grid[1, 0] == pytest.approx(math.log10(8.0))

@@ -89,7 +89,10 @@ def test_checkpoint_matrices_keys_and_layouts(pairs):
     assert neox["blocks.1.attn.W_K"].key == "gpt_neox.layers.1.attention.query_key_value.weight"
     llama = checkpoint_matrices(pairs["llama"][1], "blocks.0.attn.*")
     assert [(e.key, e.layout, e.spec.shape) for e in llama][1] == (
-        "model.layers.0.self_attn.k_proj.weight", "linear", (16, 32))  # GQA: 2 KV heads × 8
+        "model.layers.0.self_attn.k_proj.weight",
+        "linear",
+        (16, 32),
+    )  # GQA: 2 KV heads × 8
     files = {e.file for e in checkpoint_matrices(pairs["llama"][1])}
     assert len(files) > 1  # really spread over shards
 
@@ -101,7 +104,6 @@ def test_weight_delta_norms(pairs):
     assert list(norms) == list(expected)
     for name, d in expected.items():
         assert norms[name] == pytest.approx(float(d.square().sum().sqrt()), rel=1e-12)
-
 
 
 def test_phi3_fused_gate_up_streams(tmp_path):
@@ -116,6 +118,7 @@ def test_phi3_fused_gate_up_streams(tmp_path):
     gate, up = entries["blocks.1.mlp.W_gate"], entries["blocks.1.mlp.W_in"]
     assert gate.key == up.key == "model.layers.1.mlp.gate_up_proj.weight" and gate.host_shape == (96, 32)
     assert (gate.rows, up.rows) == (tuple(range(48)), tuple(range(48, 96)))
+
 
 # -- errors --------------------------------------------------------------------------------------
 def test_missing_and_corrupt_folders(pairs, tmp_path):
@@ -151,7 +154,9 @@ def test_missing_and_corrupt_folders(pairs, tmp_path):
 
 
 def test_architecture_mismatch_names_the_matrix(pairs, tmp_path):
-    with pytest.raises(RwasymError, match=r"differ at blocks.0.attn.W_K: base has .* \(16, 32\) with 2 heads.*one architecture"):
+    with pytest.raises(
+        RwasymError, match=r"differ at blocks.0.attn.W_K: base has .* \(16, 32\) with 2 heads.*one architecture"
+    ):
         stream_weight_deltas(pairs["llama"][0], pairs["gpt2"][1])  # raised at the call, nothing read
     # same architecture, but the config promises a wider MLP than the weights hold
     lying = tmp_path / "lying"
@@ -159,7 +164,9 @@ def test_architecture_mismatch_names_the_matrix(pairs, tmp_path):
     config = json.loads((lying / "config.json").read_text())
     config["intermediate_size"] = 64
     (lying / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RwasymError, match=r"blocks.0.mlp.W_in: tensor model.layers.0.mlp.up_proj.weight .* shape \(48, 32\)"):
+    with pytest.raises(
+        RwasymError, match=r"blocks.0.mlp.W_in: tensor model.layers.0.mlp.up_proj.weight .* shape \(48, 32\)"
+    ):
         list(stream_weight_deltas(pairs["llama"][0], lying))
 
 
@@ -172,8 +179,11 @@ def test_missing_key_names_the_matrix(pairs, tmp_path):
     state = load_file(str(holed / "model.safetensors"))
     del state["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
     save_file(state, str(holed / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(RwasymError, match=r"blocks.1.mlp.W_out: the tuned checkpoint .* no tensor "
-                                          r"gpt_neox.layers.1.mlp.dense_4h_to_h.weight"):
+    with pytest.raises(
+        RwasymError,
+        match=r"blocks.1.mlp.W_out: the tuned checkpoint .* no tensor "
+        r"gpt_neox.layers.1.mlp.dense_4h_to_h.weight",
+    ):
         list(stream_weight_deltas(base, holed))
 
 
@@ -222,8 +232,13 @@ def _refuse_loading(monkeypatch, folder):
             raise AssertionError(f"{folder} was loaded; it should have been streamed")
         return real(source, *args, **kwargs)
 
-    for module in ("rwasym.models.loading", "rwasym.models", "rwasym.analyses.probe", "rwasym.analyses.companion",
-                   "rwasym.app.spectra"):
+    for module in (
+        "rwasym.models.loading",
+        "rwasym.models",
+        "rwasym.analyses.probe",
+        "rwasym.analyses.companion",
+        "rwasym.app.spectra",
+    ):
         monkeypatch.setattr(importlib.import_module(module), "load", guarded)
 
 
@@ -304,18 +319,47 @@ def test_cli_probe_streams_a_tuned_folder(pairs, tmp_path, monkeypatch):
 
     save_file({"input_ids": tokens}, str(tmp_path / "tokens.safetensors"))
     _refuse_loading(monkeypatch, tuned_folder)
-    assert main(["probe", "--base", str(base_folder), "--tuned", str(tuned_folder), "--data",
-                 str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "p.json"), "--null-samples", "4",
-                 "--post-norm", "raw", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--base",
+                str(base_folder),
+                "--tuned",
+                str(tuned_folder),
+                "--data",
+                str(tmp_path / "tokens.safetensors"),
+                "--out",
+                str(tmp_path / "p.json"),
+                "--null-samples",
+                "4",
+                "--post-norm",
+                "raw",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["config"]["tuned_streamed"] is True and result["rows"] and result["config"]["post_norm"] == "raw"
 
 
 # -- the old module paths (deprecated aliases, removed in 0.3) -------------------------------------
-@pytest.mark.parametrize("old, new, names", [
-    ("rwasym.models.shards", "rwasym.models.checkpoint", ["stream_weight_deltas", "CheckpointDeltas", "is_checkpoint_folder"]),
-    ("rwasym.models.layouts", "rwasym.models.host", ["clean_key", "host_linear", "is_transposed", "fused_qkv_rows"]),
-])
+@pytest.mark.parametrize(
+    "old, new, names",
+    [
+        (
+            "rwasym.models.shards",
+            "rwasym.models.checkpoint",
+            ["stream_weight_deltas", "CheckpointDeltas", "is_checkpoint_folder"],
+        ),
+        (
+            "rwasym.models.layouts",
+            "rwasym.models.host",
+            ["clean_key", "host_linear", "is_transposed", "fused_qkv_rows"],
+        ),
+    ],
+)
 def test_old_module_paths_warn_and_alias_the_new_module(old, new, names, monkeypatch):
     """A fresh import of the old path (removed from sys.modules first, so the alias really runs) warns
     and gives the new module itself, whose names the old imports use."""
@@ -344,8 +388,9 @@ def test_nothing_in_models_imports_the_old_paths():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                targets = [("." * node.level) + (node.module or "")] + [("." * node.level) + a.name for a in node.names
-                                                                         if not node.module]
+                targets = [("." * node.level) + (node.module or "")] + [
+                    ("." * node.level) + a.name for a in node.names if not node.module
+                ]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:

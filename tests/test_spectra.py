@@ -61,8 +61,7 @@ def test_rankme_of_rank_r_matrix_is_at_most_r():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), d=st.integers(1, 40), seed=st.integers(0, 10_000),
-       eps=st.sampled_from([0.0, 1e-7, 1e-3]))
+@given(n=st.integers(1, 40), d=st.integers(1, 40), seed=st.integers(0, 10_000), eps=st.sampled_from([0.0, 1e-7, 1e-3]))
 def test_rankme_matches_numpy_bruteforce(n, d, seed, eps):
     z = np.random.default_rng(seed).standard_normal((n, d)) * np.geomspace(1, 1e-3, d)
     assert rankme(torch.from_numpy(z), eps=eps) == pytest.approx(_np_rankme(z, eps), rel=1e-10)
@@ -152,12 +151,10 @@ def test_spikiness_hand_computed_diag():
 
 def test_spikiness_isotropic_and_rank_one():
     iso = spikiness(torch.eye(10, dtype=F64) * 3.0)
-    assert (iso.top1_share, iso.participation_ratio, iso.effective_rank) == pytest.approx(
-        (0.1, 10.0, 10.0))
+    assert (iso.top1_share, iso.participation_ratio, iso.effective_rank) == pytest.approx((0.1, 10.0, 10.0))
     u = _randn(10, seed=11)
     one = spikiness(torch.outer(u, u))
-    assert (one.top1_share, one.participation_ratio, one.effective_rank) == pytest.approx(
-        (1.0, 1.0, 1.0), abs=1e-9)
+    assert (one.top1_share, one.participation_ratio, one.effective_rank) == pytest.approx((1.0, 1.0, 1.0), abs=1e-9)
 
 
 def test_covariance_input_errors():
@@ -363,8 +360,7 @@ def test_lifecycle_matches_per_matrix_bruteforce():
         w = weights[row.step][row.name].double().numpy()
         s = np.linalg.svd(w, compute_uv=False)  # per-matrix loop, independent of batching
         assert np.allclose(row.singular_values, s, rtol=1e-10)
-        assert row.stable_rank == pytest.approx(np.linalg.norm(w, "fro") ** 2
-                                                / np.linalg.norm(w, 2) ** 2)
+        assert row.stable_rank == pytest.approx(np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2)
         assert row.effective_rank == pytest.approx(_np_rankme(w), rel=1e-10)
         assert row.top_k_energy == pytest.approx((s[:3] ** 2).sum() / (s**2).sum())
         assert (row.layer, row.kind) == parse_matrix_name(row.name)
@@ -394,7 +390,10 @@ def test_lifecycle_compression_timing_finds_planted_minimum():
     timing = {row["name"]: row for row in lc.compression_timing()}
     assert {name: row["step_of_min"] for name, row in timing.items()} == plant
     assert [row["name"] for row in lc.compression_timing()] == [
-        "blocks.0.attn.W_Q", "blocks.0.attn.W_V", "blocks.1.attn.W_Q"]  # by layer, kind
+        "blocks.0.attn.W_Q",
+        "blocks.0.attn.W_V",
+        "blocks.1.attn.W_Q",
+    ]  # by layer, kind
     q1 = timing["blocks.1.attn.W_Q"]
     assert q1["compression"] == pytest.approx(q1["effective_rank_first"] - q1["effective_rank_min"])
     # kind_summary averages layers 0 and 1 of attn.W_Q at each step
@@ -403,8 +402,7 @@ def test_lifecycle_compression_timing_finds_planted_minimum():
     for t in steps:
         s = summary[("attn.W_Q", t)]
         assert s["n_matrices"] == 2
-        expect = (by[("blocks.0.attn.W_Q", t)].stable_rank
-                  + by[("blocks.1.attn.W_Q", t)].stable_rank) / 2
+        expect = (by[("blocks.0.attn.W_Q", t)].stable_rank + by[("blocks.1.attn.W_Q", t)].stable_rank) / 2
         assert s["stable_rank_mean"] == pytest.approx(expect)
         assert summary[("attn.W_V", t)]["n_matrices"] == 1
 
@@ -426,8 +424,7 @@ def test_lifecycle_errors():
         lifecycle({5: {}})
     with pytest.raises(RwasymError, match=r"top_k=0 is out of range"):
         lifecycle({0: {"a": w}}, top_k=0)
-    with pytest.raises(RwasymError, match=
-            r"'a' has shape \(6, 4\) at step 1 but \(4, 6\) at step 0"):
+    with pytest.raises(RwasymError, match=r"'a' has shape \(6, 4\) at step 1 but \(4, 6\) at step 0"):
         lifecycle({0: {"a": w}, 1: {"a": w.T}})
     bad = w.clone()
     bad[0, 0] = float("nan")

@@ -236,8 +236,13 @@ def test_seed_interval_small_n_by_hand():
 
     assert seed_interval([2.5, None]) == dict(n=1, mean=2.5, std=None, ci_low=None, ci_high=None)
     got = seed_interval([1.0, 3.0])  # n = 2: std √2, half-width t975(1)·√2/√2 = 12.706
-    assert got == dict(n=2, mean=2.0, std=pytest.approx(2 ** 0.5), ci_low=pytest.approx(2.0 - 12.706),
-                       ci_high=pytest.approx(2.0 + 12.706))
+    assert got == dict(
+        n=2,
+        mean=2.0,
+        std=pytest.approx(2**0.5),
+        ci_low=pytest.approx(2.0 - 12.706),
+        ci_high=pytest.approx(2.0 + 12.706),
+    )
     with pytest.raises(RwasymError, match="at least one value"):
         seed_interval([None])
 

@@ -200,8 +200,9 @@ def test_random_and_complement_basis_errors():
         random_basis(0, 1)
     U = random_basis(5, 3, generator=gen(13))
     with pytest.raises(
-        RwasymError, match=r"k=3 exceeds the dimension n=2 of the orthogonal complement of span\(U\) "
-        r"\(ambient n=5 minus k_U=3\); choose 1 <= k <= n=2"
+        RwasymError,
+        match=r"k=3 exceeds the dimension n=2 of the orthogonal complement of span\(U\) "
+        r"\(ambient n=5 minus k_U=3\); choose 1 <= k <= n=2",
     ):
         complement_basis(U, 3)
     with pytest.raises(RwasymError, match="orthonormal columns.*max \\|UᵀU - I\\|"):

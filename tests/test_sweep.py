@@ -12,16 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-import rwasym
 from rwasym import RwasymError
-from rwasym.data.pairs import PreferencePairs
-from rwasym.app.cli import add_intervene_parser
-from rwasym.math.inference import bootstrap_ci, permutation_pvalue
 from rwasym.analyses import behaviour
 from rwasym.analyses.sweep import SweepConfig, parse_directions, read_sweep, summarize, sweep
+from rwasym.app.cli import add_intervene_parser
+from rwasym.data.pairs import PreferencePairs
+from rwasym.math.inference import bootstrap_ci, permutation_pvalue
 
-SWEEP = dict(matrices=["blocks.1.attn.W_Q"], directions="pca:2,random:3,orthogonal:3", alphas=(1.0, 2.0),
-             edits_per_pass=3, progress=False)
+SWEEP = dict(
+    matrices=["blocks.1.attn.W_Q"],
+    directions="pca:2,random:3,orthogonal:3",
+    alphas=(1.0, 2.0),
+    edits_per_pass=3,
+    progress=False,
+)
 
 
 CALLS = []  # one entry per evaluation of the metric (a measured edit, or a reference model)
@@ -37,8 +41,11 @@ def files(save_perturbed_pair, tmp_path_factory):
     """A saved base / tuned native pair and held-out pairs on disk (the subprocess loads them too)."""
     root = tmp_path_factory.mktemp("sweep")
     g = save_perturbed_pair(root)
-    PreferencePairs(prompt=torch.randint(3, 64, (6, 8), generator=g), chosen=torch.randint(3, 64, (6, 2), generator=g),
-                    rejected=torch.randint(3, 64, (6, 2), generator=g)).save(root / "pairs.safetensors")
+    PreferencePairs(
+        prompt=torch.randint(3, 64, (6, 8), generator=g),
+        chosen=torch.randint(3, 64, (6, 2), generator=g),
+        rejected=torch.randint(3, 64, (6, 2), generator=g),
+    ).save(root / "pairs.safetensors")
     return root
 
 
@@ -49,8 +56,14 @@ def _single_thread(one_thread):
 
 
 def _run(files, out, **kw):
-    return sweep(str(files / "base"), str(files / "tuned"), str(files / "pairs.safetensors"), out=out,
-                 metrics={"slow": slow}, **{**SWEEP, **kw})
+    return sweep(
+        str(files / "base"),
+        str(files / "tuned"),
+        str(files / "pairs.safetensors"),
+        out=out,
+        metrics={"slow": slow},
+        **{**SWEEP, **kw},
+    )
 
 
 def _same_rows(a, b, rel=0.0, atol=1e-9):
@@ -65,19 +78,22 @@ def _same_rows(a, b, rel=0.0, atol=1e-9):
                 assert x[k] == y[k], k
 
 
+@pytest.mark.integration
 def test_killed_sweep_resumes_to_the_uninterrupted_result(files, tmp_path):
     out = tmp_path / "killed.jsonl"
     script = tmp_path / "run_sweep.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time, torch
         torch.set_num_threads(1)
         from rwasym.analyses.sweep import sweep
         def slow(logits, batch):
             time.sleep(0.3)
             return float(logits.double().mean())
-        sweep({str(files / 'base')!r}, {str(files / 'tuned')!r}, {str(files / 'pairs.safetensors')!r},
+        sweep({str(files / "base")!r}, {str(files / "tuned")!r}, {str(files / "pairs.safetensors")!r},
               out={str(out)!r}, metrics={{"slow": slow}}, **{dict(SWEEP, edits_per_pass=1)!r})
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -116,7 +132,9 @@ def test_half_written_line_rerun_and_config_mismatch(files, tmp_path, monkeypatc
     monkeypatch.setattr(behaviour.Evaluator, "iter_edits", lambda *a, **k: pytest.fail("recomputed a row"))
     assert _run(files, out) == resumed
     monkeypatch.undo()
-    with pytest.raises(RwasymError, match=r"different configuration \(alphas: file has \[1.0, 2.0\], this run has \[1.0\]"):
+    with pytest.raises(
+        RwasymError, match=r"different configuration \(alphas: file has \[1.0, 2.0\], this run has \[1.0\]"
+    ):
         _run(files, out, alphas=(1.0,))
     # rows: controls carry the edit norm of their matched target, energies are recorded
     by_key = {(r["direction"], r["index"], r["alpha"]): r for r in full}
@@ -130,22 +148,41 @@ def test_half_written_line_rerun_and_config_mismatch(files, tmp_path, monkeypatc
 
 def test_per_head_sweep_and_nothing_to_sweep(files, tmp_path):
     base, tuned = str(files / "base"), str(files / "tuned")
-    rows = sweep(base, tuned, str(files / "pairs.safetensors"), matrices="blocks.0.attn.W_O", heads=True,
-                 directions="pca:1,prediction:1,orthogonal:1", out=tmp_path / "h.jsonl", progress=False)
+    rows = sweep(
+        base,
+        tuned,
+        str(files / "pairs.safetensors"),
+        matrices="blocks.0.attn.W_O",
+        heads=True,
+        directions="pca:1,prediction:1,orthogonal:1",
+        out=tmp_path / "h.jsonl",
+        progress=False,
+    )
     assert sorted({r["head"] for r in rows}, key=str) == [0, 1, 2, 3, None]
     assert len(rows) == 5 * 4 and {r["side"] for r in rows if r["head"] == 2} == {"input", "output"}
     head_pca = [r for r in rows if r["head"] is not None and r["direction"] == "pca"]
-    assert all(0 < r["input_energy"] for r in head_pca) and len({r["input_energy"] for r in head_pca}) == 4
+    assert all(r["input_energy"] > 0 for r in head_pca) and len({r["input_energy"] for r in head_pca}) == 4
     with pytest.warns(UserWarning, match="W_Q is a read matrix"):
         with pytest.raises(RwasymError, match="nothing to sweep"):
-            sweep(base, tuned, str(files / "pairs.safetensors"), matrices="blocks.*.attn.W_Q",
-                  directions="prediction:2,random:2", out=tmp_path / "q.jsonl", progress=False)
+            sweep(
+                base,
+                tuned,
+                str(files / "pairs.safetensors"),
+                matrices="blocks.*.attn.W_Q",
+                directions="prediction:2,random:2",
+                out=tmp_path / "q.jsonl",
+                progress=False,
+            )
 
 
 def test_parse_directions_errors():
     assert parse_directions("pca:4, random:32") == [("pca", 4), ("random", 32)]
-    for bad, match in (("pca:0", "bad direction spec"), ("pca:2,pca:3", "bad direction spec"),
-                       ("random:4", "no target kind"), ("svd:2", "bad direction spec")):
+    for bad, match in (
+        ("pca:0", "bad direction spec"),
+        ("pca:2,pca:3", "bad direction spec"),
+        ("random:4", "no target kind"),
+        ("svd:2", "bad direction spec"),
+    ):
         with pytest.raises(RwasymError, match=match):
             parse_directions(bad)
 
@@ -199,14 +236,28 @@ def test_summarize_targets_versus_controls():
     rows = []
     for direction, n, mean in (("pca", 4, 1.0), ("random", 12, 0.0), ("orthogonal", 12, 0.0)):
         for i in range(n):
-            rows.append(dict(id=f"{direction}{i}", matrix="blocks.0.attn.W_Q", head=None, mode="transplant", alpha=1.0,
-                             target="pca", direction=direction, index=i, gap_margin=mean + 0.01 * i, ce=2.0))
+            rows.append(
+                dict(
+                    id=f"{direction}{i}",
+                    matrix="blocks.0.attn.W_Q",
+                    head=None,
+                    mode="transplant",
+                    alpha=1.0,
+                    target="pca",
+                    direction=direction,
+                    index=i,
+                    gap_margin=mean + 0.01 * i,
+                    ce=2.0,
+                )
+            )
     summary = summarize(rows, n_boot=200, n_permutations=500)
     cell = {(r["control"], r["metric"]): r for r in summary.rows}
     assert set(cell) == {(c, m) for c in ("random", "orthogonal", "control") for m in ("ce", "gap_margin")}
     g = cell[("control", "gap_margin")]
     assert (g["n_target"], g["n_control"]) == (4, 24)
-    assert g["diff"] == pytest.approx(np.mean([1 + 0.01 * i for i in range(4)]) - np.mean([0.01 * i for i in range(12)]))
+    assert g["diff"] == pytest.approx(
+        np.mean([1 + 0.01 * i for i in range(4)]) - np.mean([0.01 * i for i in range(12)])
+    )
     assert g["p_value"] == pytest.approx(1 / 501) and g["ci_low"] > 0.8
     assert cell[("random", "ce")]["p_value"] == 1.0 and cell[("random", "ce")]["diff"] == 0
     md = summary.to_markdown(["gap_margin"])
@@ -218,18 +269,49 @@ def test_cli_intervene(files, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rwasym")
     add_intervene_parser(parser.add_subparsers(dest="command"))
     out, md = tmp_path / "cli.jsonl", tmp_path / "summary.md"
-    args = parser.parse_args(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"),
-                              "--pairs", str(files / "pairs.safetensors"), "--matrices", "blocks.*.mlp.W_out",
-                              "--directions", "prediction:2,random:2", "--alphas", "0.5,1", "--mode", "ablate",
-                              "--out", str(out), "--summary", str(md), "--quiet"])
+    args = parser.parse_args(
+        [
+            "intervene",
+            "--base",
+            str(files / "base"),
+            "--tuned",
+            str(files / "tuned"),
+            "--pairs",
+            str(files / "pairs.safetensors"),
+            "--matrices",
+            "blocks.*.mlp.W_out",
+            "--directions",
+            "prediction:2,random:2",
+            "--alphas",
+            "0.5,1",
+            "--mode",
+            "ablate",
+            "--out",
+            str(out),
+            "--summary",
+            str(md),
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "| blocks.1.mlp.W_out |  | ablate | 0.5 | prediction | random | gap_margin |" in printed
     assert "16 rows in" in printed and md.read_text().startswith("| matrix |")
     header, rows = read_sweep(out)
     assert header["config"]["mode"] == "ablate" and {r["side"] for r in rows} == {"output"}
-    bad = parser.parse_args(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"),
-                             "--pairs", str(files / "pairs.safetensors"), "--alphas", "1,x"])
+    bad = parser.parse_args(
+        [
+            "intervene",
+            "--base",
+            str(files / "base"),
+            "--tuned",
+            str(files / "tuned"),
+            "--pairs",
+            str(files / "pairs.safetensors"),
+            "--alphas",
+            "1,x",
+        ]
+    )
     with pytest.raises(RwasymError, match="--alphas must be comma-separated numbers"):
         args.func(bad)
 
@@ -243,7 +325,9 @@ def test_output_matched_controls_equalise_mean_square_output_change(files, tmp_p
     assert controls
     for r in controls:
         t = targets[(r["matrix"], r["matched_to"])]
-        assert r["u_norm"] ** 2 * r["input_second_moment"] == pytest.approx(t["u_norm"] ** 2 * t["input_second_moment"], rel=1e-9)
+        assert r["u_norm"] ** 2 * r["input_second_moment"] == pytest.approx(
+            t["u_norm"] ** 2 * t["input_second_moment"], rel=1e-9
+        )
         assert r["u_norm"] != pytest.approx(t["u_norm"], rel=1e-3)
     header, _ = read_sweep(tmp_path / "out.jsonl")
     assert header["config"]["match"] == "output"
@@ -289,8 +373,16 @@ def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
     """One SweepConfig feeds the header (so the hash), sweep()'s keyword overrides and the CLI flags."""
     cfg = SweepConfig(matrices="blocks.1.attn.W_Q", alphas=[1, 2])
     assert cfg.matrices == ("blocks.1.attn.W_Q",) and cfg.alphas == (1.0, 2.0)
-    ctx = dict(base="b", tuned="t", pairs="p", cov_data="c", matrices=["m"], metrics={"z": None, "a": None},
-               edits_per_pass=4, dtype="torch.float32")
+    ctx = dict(
+        base="b",
+        tuned="t",
+        pairs="p",
+        cov_data="c",
+        matrices=["m"],
+        metrics={"z": None, "a": None},
+        edits_per_pass=4,
+        dtype="torch.float32",
+    )
     h = cfg.header(**ctx)
     assert h["metrics"] == ["a", "z"] and "match" not in h and h["alphas"] == [1.0, 2.0]
     assert SweepConfig(match="output").header(**ctx)["match"] == "output"
@@ -302,14 +394,33 @@ def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
         sweep(str(files / "base"), str(files / "tuned"), str(files / "pairs.safetensors"), alpha=2.0)
     parser = argparse.ArgumentParser()
     add_intervene_parser(parser.add_subparsers())
-    args = parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p", "--alphas", "0.5,1",
-                              "--edits-per-pass", "2", "--no-reuse-prefix", "--heads", "--match", "output"])
+    args = parser.parse_args(
+        [
+            "intervene",
+            "--base",
+            "b",
+            "--tuned",
+            "t",
+            "--pairs",
+            "p",
+            "--alphas",
+            "0.5,1",
+            "--edits-per-pass",
+            "2",
+            "--no-reuse-prefix",
+            "--heads",
+            "--match",
+            "output",
+        ]
+    )
     from rwasym.app.cli import config_from_args
 
     got = config_from_args(args, SweepConfig)
     assert got == SweepConfig(alphas=(0.5, 1.0), edits_per_pass=2, reuse_prefix=False, heads=True, match="output")
-    assert config_from_args(parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p"]),
-                            SweepConfig) == SweepConfig()
+    assert (
+        config_from_args(parser.parse_args(["intervene", "--base", "b", "--tuned", "t", "--pairs", "p"]), SweepConfig)
+        == SweepConfig()
+    )
 
 
 def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, capsys):
@@ -327,6 +438,7 @@ def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, 
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     real_load = loading.load
@@ -337,10 +449,35 @@ def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(Model, "load_pairs", counted("load_pairs", Model.load_pairs))
     monkeypatch.setattr(behaviour, "as_eval_set", counted("as_eval_set", behaviour.as_eval_set))
-    for module in ("rwasym.models.loading", "rwasym.models", "rwasym.analyses.sweep", "rwasym.analyses.behaviour",
-                   "rwasym.hooks.activations"):
+    for module in (
+        "rwasym.models.loading",
+        "rwasym.models",
+        "rwasym.analyses.sweep",
+        "rwasym.analyses.behaviour",
+        "rwasym.hooks.activations",
+    ):
         monkeypatch.setattr(f"{module}.load", load)
-    assert main(["intervene", "--base", str(files / "base"), "--tuned", str(files / "tuned"), "--pairs",
-                 str(files / "pairs.safetensors"), "--matrices", "blocks.1.attn.W_Q", "--directions", "pca:1,random:1",
-                 "--alphas", "1", "--out", str(tmp_path / "s.jsonl"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "intervene",
+                "--base",
+                str(files / "base"),
+                "--tuned",
+                str(files / "tuned"),
+                "--pairs",
+                str(files / "pairs.safetensors"),
+                "--matrices",
+                "blocks.1.attn.W_Q",
+                "--directions",
+                "pca:1,random:1",
+                "--alphas",
+                "1",
+                "--out",
+                str(tmp_path / "s.jsonl"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert calls == {"load_pairs": 1, "as_eval_set": 1, "loads": 2}, calls

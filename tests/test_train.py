@@ -7,13 +7,22 @@ import torch
 import torch.nn.functional as F
 
 import rwasym
-from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs
 from rwasym.data.pairs import PreferencePairs
 from rwasym.errors import RwasymError
+from rwasym.objectives import (
+    alignment_loss,
+    dpo_loss,
+    heldout_ce,
+    mean_kl,
+    pair_logprobs,
+    preference_accuracy,
+    sequence_logprobs,
+    sft_loss,
+)
+from rwasym.studies.default_pair import default_pair
+from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs
 from rwasym.testing import build_hf_model
 from rwasym.train import AlignConfig, TrainConfig, align, log_spaced_steps, lr_at, pretrain
-from rwasym.objectives import alignment_loss, dpo_loss, heldout_ce, mean_kl, pair_logprobs, preference_accuracy, sequence_logprobs, sft_loss
-from rwasym.studies.default_pair import default_pair
 
 LANG = LanguageConfig(d_vocab=32, markov_rank=2, copy_prob=0.6, seed=2)
 TINY = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=24, d_vocab=32, d_mlp=64, seed=1)
@@ -37,7 +46,9 @@ def data():
 def base_dir(tmp_path_factory, data):
     """A tiny base pretrained once for the alignment tests (its final checkpoint folder)."""
     out = tmp_path_factory.mktemp("base")
-    pretrain(tiny_model(), data[0], TrainConfig(steps=60, batch_size=32, warmup_steps=5, n_checkpoints=2), out=out, **QUIET)
+    pretrain(
+        tiny_model(), data[0], TrainConfig(steps=60, batch_size=32, warmup_steps=5, n_checkpoints=2), out=out, **QUIET
+    )
     return out / "step_000060"
 
 
@@ -58,10 +69,17 @@ def test_sequence_logprobs_matches_brute_force_loop():
 
 
 def test_dpo_loss_by_hand():
-    pc, pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.5])
+    pc, pr, rc, rr = (
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([-3.0, -1.0]),
+        torch.tensor([-2.0, -2.0]),
+        torch.tensor([-2.0, -2.5]),
+    )
     beta = 0.5
-    by_hand = [-math.log(1 / (1 + math.exp(-beta * ((-1 + 2) - (-3 + 2))))),
-               -math.log(1 / (1 + math.exp(-beta * ((-2 + 2) - (-1 + 2.5)))))]
+    by_hand = [
+        -math.log(1 / (1 + math.exp(-beta * ((-1 + 2) - (-3 + 2))))),
+        -math.log(1 / (1 + math.exp(-beta * ((-2 + 2) - (-1 + 2.5))))),
+    ]
     assert float(dpo_loss(pc, pr, rc, rr, beta)) == pytest.approx(sum(by_hand) / 2, rel=1e-6)
     assert float(dpo_loss(pc, pr, pc, pr, 0.1)) == pytest.approx(math.log(2), rel=1e-7)
 
@@ -147,7 +165,9 @@ def test_graded_objective_endpoints_match_sft_and_dpo_gradients(base_dir, cont_l
         for g, h in zip(graded, grads(other)):
             torch.testing.assert_close(g, h, rtol=0, atol=0)  # λ·0 terms add exact zeros: bit for bit
     half = alignment_loss(policy, pairs, AlignConfig(objective="graded", lam=0.5, beta=0.3), reference=ref)
-    ends = [alignment_loss(policy, pairs, c, reference=ref) for c in (AlignConfig(objective="sft"), AlignConfig(beta=0.3))]
+    ends = [
+        alignment_loss(policy, pairs, c, reference=ref) for c in (AlignConfig(objective="sft"), AlignConfig(beta=0.3))
+    ]
     assert half.item() == pytest.approx(0.5 * ends[0].item() + 0.5 * ends[1].item(), rel=1e-5)
 
 
@@ -158,8 +178,11 @@ def test_graded_lambda_one_run_is_the_dpo_run_bit_for_bit(base_dir):
     pairs = make_pairs(PairConfig(n_per_rule=24, prompt_len=10, seed=3), LANG)
     cfg = AlignConfig(beta=0.3, steps=4, batch_size=8, lr=3e-3, warmup_steps=1, checkpoint_every=0)
     runs = {}
-    for name, c in (("dpo", cfg), ("graded1", replace(cfg, objective="graded", lam=1.0)),
-                    ("graded0999", replace(cfg, objective="graded", lam=0.999))):
+    for name, c in (
+        ("dpo", cfg),
+        ("graded1", replace(cfg, objective="graded", lam=1.0)),
+        ("graded0999", replace(cfg, objective="graded", lam=0.999)),
+    ):
         policy = rwasym.load(base_dir)
         align(policy, rwasym.load(base_dir), pairs, c, **QUIET)
         runs[name] = params(policy)
@@ -211,8 +234,13 @@ def test_trains_a_hugging_face_gpt2(tmp_path):
     model = rwasym.load(tmp_path / "hf")
     tokens = torch.arange(3, 19).repeat(24, 2)  # (24, 32) a periodic, learnable corpus
     before = heldout_ce(model, tokens)
-    result = pretrain(model, tokens, TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1, n_checkpoints=1),
-                      out=tmp_path / "run", **QUIET)
+    result = pretrain(
+        model,
+        tokens,
+        TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1, n_checkpoints=1),
+        out=tmp_path / "run",
+        **QUIET,
+    )
     assert heldout_ce(model, tokens) < before - 0.2
     loaded = rwasym.load(result.checkpoints[-1])
     with torch.no_grad():

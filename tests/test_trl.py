@@ -17,16 +17,25 @@ pytest.importorskip("peft", reason="the LoRA path needs peft: install rwasym[hf]
 
 import rwasym  # noqa: E402
 from rwasym.app.cli import main  # noqa: E402
-from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs  # noqa: E402
-from rwasym.errors import RwasymError  # noqa: E402
 from rwasym.data.pairs import PreferencePairs  # noqa: E402
-from rwasym.testing import build_hf_model  # noqa: E402
+from rwasym.errors import RwasymError  # noqa: E402
 from rwasym.objectives import (  # noqa: E402
-    alignment_loss, dpo_loss, preference_accuracy, sequence_logprobs, sft_loss,
+    alignment_loss,
+    dpo_loss,
+    preference_accuracy,
+    sequence_logprobs,
+    sft_loss,
 )
+from rwasym.studies.language import LanguageConfig, PairConfig, corpus, make_pairs  # noqa: E402
+from rwasym.testing import build_hf_model  # noqa: E402
 from rwasym.train import AlignConfig, TrainConfig, align, pretrain  # noqa: E402
 from rwasym.train.trl_backend import (  # noqa: E402
-    _trainer_class, align_trl, gpt2_to_native_state, native_to_gpt2, pairs_to_examples, trl_loss_settings,
+    _trainer_class,
+    align_trl,
+    gpt2_to_native_state,
+    native_to_gpt2,
+    pairs_to_examples,
+    trl_loss_settings,
 )
 
 LANG = LanguageConfig(d_vocab=32, markov_rank=2, copy_prob=0.6, seed=2)
@@ -55,11 +64,25 @@ def dpo_trainer(policy, reference, settings: dict, examples: list[dict], tmp_pat
     """A DPOTrainer on ``examples`` (pre-tokenized: TRL's own collator and loss code, no training)."""
     from datasets import Dataset
 
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, activation_checkpointing=False, report_to=[],
-                         save_strategy="no", max_length=None, per_device_train_batch_size=len(examples),
-                         disable_tqdm=True, dataloader_pin_memory=False, **settings)
-    return _trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(examples),
-                            processing_class=tokenizer)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=None,
+        per_device_train_batch_size=len(examples),
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        **settings,
+    )
+    return _trainer_class()(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +105,15 @@ def hf_pair(tmp_path_factory):
 # ------------------------------------------------------------------------------- loss oracles
 def test_loss_settings_mapping():
     assert trl_loss_settings(AlignConfig(objective="dpo", beta=0.3)) == {
-        "loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.3}
+        "loss_type": ["sigmoid"],
+        "loss_weights": [1.0],
+        "beta": 0.3,
+    }
     assert trl_loss_settings(AlignConfig(objective="graded", lam=0.25, beta=0.3)) == {
-        "loss_type": ["sigmoid", "sft"], "loss_weights": [0.25, 0.75], "beta": 0.3}
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [0.25, 0.75],
+        "beta": 0.3,
+    }
     assert trl_loss_settings(AlignConfig(objective="sft"))["loss_type"] == ["sft"]
     with pytest.raises(RwasymError, match="objective must be one of"):
         trl_loss_settings(AlignConfig(objective="ipo"))
@@ -132,10 +161,18 @@ def test_dpo_and_graded_losses_equal_trl_given_identical_logprobs(hf_pair, tmp_p
     mask = batch["completion_mask"].bool()
     pol = sequence_logprobs(policy_logits, tokens, mask)  # rwasym's scoring of the same rows, (2n,)
     ref = sequence_logprobs(ref_logits, tokens, mask)
-    for settings in (trl_loss_settings(AlignConfig(objective="dpo", beta=0.7)),
-                     trl_loss_settings(AlignConfig(objective="graded", beta=0.7, lam=0.3))):
-        trainer = dpo_trainer(AutoModelForCausalLM.from_pretrained(hf_pair[0]),
-                              AutoModelForCausalLM.from_pretrained(hf_pair[0]), settings, examples, tmp_path, tok)
+    for settings in (
+        trl_loss_settings(AlignConfig(objective="dpo", beta=0.7)),
+        trl_loss_settings(AlignConfig(objective="graded", beta=0.7, lam=0.3)),
+    ):
+        trainer = dpo_trainer(
+            AutoModelForCausalLM.from_pretrained(hf_pair[0]),
+            AutoModelForCausalLM.from_pretrained(hf_pair[0]),
+            settings,
+            examples,
+            tmp_path,
+            tok,
+        )
         trainer.ref_model = Logits(ref_logits)
         theirs = trainer.compute_loss(Logits(policy_logits), batch)
         ours = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], 0.7)
@@ -144,8 +181,9 @@ def test_dpo_and_graded_losses_equal_trl_given_identical_logprobs(hf_pair, tmp_p
         assert abs(float(theirs.detach()) - float(ours)) < 1e-6
 
 
-@pytest.mark.parametrize("objective,lam", [("dpo", 0.5), ("graded", 0.0), ("graded", 0.3), ("graded", 1.0),
-                                           ("sft", 0.5)])
+@pytest.mark.parametrize(
+    "objective,lam", [("dpo", 0.5), ("graded", 0.0), ("graded", 0.3), ("graded", 1.0), ("sft", 0.5)]
+)
 def test_alignment_loss_equals_trl_forward(hf_pair, tmp_path, objective, lam):
     """End to end: TRL computes log-probs itself (its fused LM head on the HF model); rwasym scores
     the same pairs through the TransformerBridge of the same weights."""
@@ -155,8 +193,14 @@ def test_alignment_loss_equals_trl_forward(hf_pair, tmp_path, objective, lam):
     pairs = ragged_pairs(8, 96, seed=1)
     examples = pairs_to_examples(pairs)
     cfg = AlignConfig(objective=objective, lam=lam, beta=0.4)
-    trainer = dpo_trainer(AutoModelForCausalLM.from_pretrained(policy_dir), AutoModelForCausalLM.from_pretrained(base),
-                          trl_loss_settings(cfg), examples, tmp_path, AutoTokenizer.from_pretrained(base))
+    trainer = dpo_trainer(
+        AutoModelForCausalLM.from_pretrained(policy_dir),
+        AutoModelForCausalLM.from_pretrained(base),
+        trl_loss_settings(cfg),
+        examples,
+        tmp_path,
+        AutoTokenizer.from_pretrained(base),
+    )
     trainer.model.eval()
     theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
     ours = alignment_loss(rwasym.load(policy_dir), pairs, cfg, rwasym.load(base))
@@ -184,8 +228,13 @@ def test_native_to_gpt2_is_exact_and_invertible():
 def native_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("trl-native")
     model = rwasym.load(rwasym.native_config(**TINY))
-    pretrain(model, corpus(256, 24, seed=0, config=LANG), TrainConfig(steps=30, batch_size=32, warmup_steps=5,
-                                                                       n_checkpoints=2), out=out / "pre", **QUIET)
+    pretrain(
+        model,
+        corpus(256, 24, seed=0, config=LANG),
+        TrainConfig(steps=30, batch_size=32, warmup_steps=5, n_checkpoints=2),
+        out=out / "pre",
+        **QUIET,
+    )
     pairs = make_pairs(PairConfig(n_per_rule=40, prompt_len=8, cont_len=1, seed=0), LANG)
     return out / "pre" / "step_000030", pairs
 
@@ -196,8 +245,17 @@ def test_align_trl_reproduces_builtin_trajectory(native_base, tmp_path, objectiv
     same layout. (DPO drifts ~1e-5 by step 3: Adam amplifies float noise in parameters whose exact
     gradient is 0, such as the key biases; the CE term of graded dominates that noise.)"""
     base, pairs = native_base
-    cfg = AlignConfig(objective=objective, beta=0.5, lam=0.5, steps=8, batch_size=16, lr=1e-3, warmup_steps=2,
-                      checkpoint_every=4, log_every=2)
+    cfg = AlignConfig(
+        objective=objective,
+        beta=0.5,
+        lam=0.5,
+        steps=8,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=4,
+        log_every=2,
+    )
     ours = align(rwasym.load(base), rwasym.load(base), pairs, cfg, out=tmp_path / "builtin", **QUIET)
     theirs = align_trl(base, pairs, cfg, tmp_path / "trl", **QUIET)
     assert [r["step"] for r in theirs.history] == [r["step"] for r in ours.history] == [1, 3, 5, 7, 8]
@@ -227,10 +285,17 @@ def test_align_trl_lora_saves_adapter_folders(hf_pair, tmp_path):
 
     base = hf_pair[0]
     pairs = ragged_pairs(32, 96, seed=2)
-    cfg = AlignConfig(objective="dpo", beta=0.5, steps=6, batch_size=16, lr=1e-2, warmup_steps=1, checkpoint_every=3,
-                      log_every=1)
-    result = align_trl(base, pairs, cfg, tmp_path / "lora", lora={"r": 4, "lora_alpha": 8, "fan_in_fan_out": True,
-                                                                  "target_modules": ["c_attn", "c_fc"]}, **QUIET)
+    cfg = AlignConfig(
+        objective="dpo", beta=0.5, steps=6, batch_size=16, lr=1e-2, warmup_steps=1, checkpoint_every=3, log_every=1
+    )
+    result = align_trl(
+        base,
+        pairs,
+        cfg,
+        tmp_path / "lora",
+        lora={"r": 4, "lora_alpha": 8, "fan_in_fan_out": True, "target_modules": ["c_attn", "c_fc"]},
+        **QUIET,
+    )
     assert [p.name for p in result.checkpoints] == ["step_000000", "step_000003", "step_000006"]
     last = result.checkpoints[-1]
     assert {"adapter_config.json", "adapter_model.safetensors", "rwasym-train.json"} <= {p.name for p in last.iterdir()}
@@ -270,8 +335,28 @@ def test_align_trl_errors(native_base, tmp_path):
 def test_cli_backend_trl(native_base, tmp_path, capsys):
     base, pairs = native_base
     pairs.save(tmp_path / "pairs.safetensors")
-    assert main(["train", "align", "--base", str(base), "--backend", "trl", "--steps", "3", "--beta", "0.5",
-                 "--pairs", str(tmp_path / "pairs.safetensors"), "--out", str(tmp_path / "ali"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "align",
+                "--base",
+                str(base),
+                "--backend",
+                "trl",
+                "--steps",
+                "3",
+                "--beta",
+                "0.5",
+                "--pairs",
+                str(tmp_path / "pairs.safetensors"),
+                "--out",
+                str(tmp_path / "ali"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     tuned = rwasym.load(tmp_path / "ali" / "step_000003")
     assert tuned.meta["step"] == 3
     assert sum(float(d.norm()) for d in rwasym.weight_deltas(rwasym.load(base), tuned).values()) > 0

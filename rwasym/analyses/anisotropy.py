@@ -33,18 +33,29 @@ def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
         spec = model.matrix(name)
         C_a, C_d = stats.second_moments(name)
         sa, sd = spikiness(C_a), spikiness(C_d)
-        row = dict(matrix=name, layer=spec.layer, kind=spec.kind, side=spec.side,
-                   a_top1_share=sa.top1_share, a_participation_ratio=sa.participation_ratio,
-                   a_effective_rank=sa.effective_rank, a_dim=sa.d,
-                   delta_top1_share=sd.top1_share, delta_participation_ratio=sd.participation_ratio,
-                   delta_effective_rank=sd.effective_rank, delta_dim=sd.d, grad_norm=float(G.norm()))
+        row = dict(
+            matrix=name,
+            layer=spec.layer,
+            kind=spec.kind,
+            side=spec.side,
+            a_top1_share=sa.top1_share,
+            a_participation_ratio=sa.participation_ratio,
+            a_effective_rank=sa.effective_rank,
+            a_dim=sa.d,
+            delta_top1_share=sd.top1_share,
+            delta_participation_ratio=sd.participation_ratio,
+            delta_effective_rank=sd.effective_rank,
+            delta_dim=sd.d,
+            grad_norm=float(G.norm()),
+        )
         if float(G.square().sum()) > 0:
             read = relative_fraction(G, pca_basis(C_a, min(k, spec.n_in), center=False).U, "input")
             row.update(G_input_pca_relative=read.relative, G_input_pca_fraction=read.fraction)
             resid_side = "input" if spec.side == "read" else "output"
             if (spec.n_in if resid_side == "input" else spec.n_out) == model.d_model:
                 pr = relative_fraction(G, pred, resid_side)
-                row.update(G_prediction_relative=pr.relative, G_prediction_fraction=pr.fraction,
-                           G_prediction_side=resid_side)
+                row.update(
+                    G_prediction_relative=pr.relative, G_prediction_fraction=pr.fraction, G_prediction_side=resid_side
+                )
         rows.append(row)
     return rows

@@ -33,8 +33,9 @@ the position selection off (with a warning) on architectures where they are not 
 import contextlib
 import os
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -65,7 +66,7 @@ class EvalSet:
     rejected: Int[Tensor, "batch pos_r"]
     rejected_scored: Bool[Tensor, "batch pos_r"]
     text: Int[Tensor, "n_text pos_t"]
-    text_mask: Optional[Bool[Tensor, "n_text pos_t"]] = None
+    text_mask: Bool[Tensor, "n_text pos_t"] | None = None
 
 
 def _as_pairs(pairs: Any) -> Any:
@@ -75,13 +76,15 @@ def _as_pairs(pairs: Any) -> Any:
         return load_pairs(pairs)  # token-id files (text needs a model's tokenizer: `Model.load_pairs`)
     get = pairs.get if isinstance(pairs, Mapping) else lambda k, d=None: getattr(pairs, k, d)
     if any(get(k) is None for k in _PAIR_KEYS):
-        raise RwasymError(f"pairs need prompt, chosen and rejected token tensors; got a {type(pairs).__name__} "
-                          "without them (pass rwasym.data.PreferencePairs, a dict, or a file)")
+        raise RwasymError(
+            f"pairs need prompt, chosen and rejected token tensors; got a {type(pairs).__name__} "
+            "without them (pass rwasym.data.PreferencePairs, a dict, or a file)"
+        )
     keys = _PAIR_KEYS + ("prompt_mask", "chosen_mask", "rejected_mask")
     return PreferencePairs(**{k: None if get(k) is None else torch.as_tensor(get(k)) for k in keys})
 
 
-def as_eval_set(pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -> EvalSet:
+def as_eval_set(pairs: Any, text: Any = None, max_pairs: int | None = None) -> EvalSet:
     """Normalise held-out data into an `EvalSet`.
 
     pairs: an EvalSet, a `PreferencePairs` (or any object / dict with prompt, chosen, rejected and
@@ -111,8 +114,10 @@ def as_eval_set(pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -
     if isinstance(text, Mapping):
         text, text_mask = text["input_ids"], text.get("attention_mask")
     if not isinstance(text, Tensor) or text.dim() != 2 or text.is_floating_point() or text.shape[1] < 2:
-        raise RwasymError("held-out text must be an integer token tensor of shape (n, pos) with pos >= 2; got "
-                          f"{getattr(text, 'shape', type(text).__name__)}")
+        raise RwasymError(
+            "held-out text must be an integer token tensor of shape (n, pos) with pos >= 2; got "
+            f"{getattr(text, 'shape', type(text).__name__)}"
+        )
     text = text.long().cpu()
     if text_mask is not None:
         text_mask = torch.as_tensor(text_mask).bool().cpu()
@@ -121,7 +126,7 @@ def as_eval_set(pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -
     return EvalSet(chosen, chosen_scored, rejected, rejected_scored, text, text_mask)
 
 
-def eval_set(model: Model, pairs: Any, text: Any = None, max_pairs: Optional[int] = None) -> EvalSet:
+def eval_set(model: Model, pairs: Any, text: Any = None, max_pairs: int | None = None) -> EvalSet:
     """The one resolver of held-out pairs for ``model``: a file is read with the model's own tokenizer
     (`Model.load_pairs`; token-id files need none), anything else goes through `as_eval_set`; an
     `EvalSet` passes through untouched. Token ids are checked against the model's vocabulary.
@@ -135,8 +140,10 @@ def eval_set(model: Model, pairs: Any, text: Any = None, max_pairs: Optional[int
     for name in ("chosen", "rejected", "text"):
         t = getattr(data, name)
         if int(t.max()) >= model.d_vocab or int(t.min()) < 0:
-            raise RwasymError(f"{name} token ids must lie in [0, {model.d_vocab}) for this model; got "
-                              f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?")
+            raise RwasymError(
+                f"{name} token ids must lie in [0, {model.d_vocab}) for this model; got "
+                f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?"
+            )
     return data
 
 
@@ -146,8 +153,8 @@ class _Stream:
     scores: (role, rows, targets, weights) — response log-probabilities read off this stream."""
 
     tokens: Tensor
-    attention_mask: Optional[Tensor] = None
-    select: Optional[Tensor] = None
+    attention_mask: Tensor | None = None
+    select: Tensor | None = None
     scores: tuple = ()
 
 
@@ -169,18 +176,27 @@ def _streams(data: EvalSet) -> list[_Stream]:
     mask = data.text_mask
     text = _Stream(data.text, None if mask is None or bool(mask.all()) else mask.long())
     pending = []
-    for role, tok, sc in (("chosen", data.chosen, data.chosen_scored), ("rejected", data.rejected, data.rejected_scored)):
+    for role, tok, sc in (
+        ("chosen", data.chosen, data.chosen_scored),
+        ("rejected", data.rejected, data.rejected_scored),
+    ):
         cols = _cols(sc)
         length = int(cols.max()) + 1
-        if data.text.shape[0] == n and data.text.shape[1] >= length and torch.equal(data.text[:, :length], tok[:, :length]):
+        if (
+            data.text.shape[0] == n
+            and data.text.shape[1] >= length
+            and torch.equal(data.text[:, :length], tok[:, :length])
+        ):
             text.scores += ((role, rows, cols, tok[:, cols + 1], sc[:, cols + 1]),)
         else:
             pending.append((role, tok, sc, cols, length))
 
     def stream(parts: list, stacked: bool) -> _Stream:
         sel = torch.unique(torch.cat([p[3] for p in parts]))
-        scores = tuple((role, rows + i * n * stacked, torch.searchsorted(sel, cols), tok[:, cols + 1], sc[:, cols + 1])
-                       for i, (role, tok, sc, cols, _) in enumerate(parts))
+        scores = tuple(
+            (role, rows + i * n * stacked, torch.searchsorted(sel, cols), tok[:, cols + 1], sc[:, cols + 1])
+            for i, (role, tok, sc, cols, _) in enumerate(parts)
+        )
         tokens = torch.cat([p[1][:, : p[4]] for p in parts]) if stacked else parts[0][1][:, : parts[0][4]]
         return _Stream(tokens, None, sel, scores)
 
@@ -296,8 +312,11 @@ class _Runner:
         else:
             reason = "the cached-prefix logits differ from a plain forward"
         if not ok:
-            warnings.warn(f"rwasym: prefix reuse / response-only unembedding is not exact on this "
-                          f"architecture ({reason}); falling back to full forward passes", stacklevel=3)
+            warnings.warn(
+                f"rwasym: prefix reuse / response-only unembedding is not exact on this "
+                f"architecture ({reason}); falling back to full forward passes",
+                stacklevel=3,
+            )
             self.reuse, self.select, self._prefix, self._cache = False, False, [], {}
 
 
@@ -317,9 +336,18 @@ class Evaluator:
     ``reference`` holds the metrics of the base and of the tuned model.
     """
 
-    def __init__(self, base: Any, tuned: Any, data: Any, *, text: Any = None, beta: float = 0.1,
-                 metrics: Union[Mapping[str, Metric], Sequence[Metric], None] = None,
-                 reuse_prefix: bool = True, max_pairs: Optional[int] = None):
+    def __init__(
+        self,
+        base: Any,
+        tuned: Any,
+        data: Any,
+        *,
+        text: Any = None,
+        beta: float = 0.1,
+        metrics: Mapping[str, Metric] | Sequence[Metric] | None = None,
+        reuse_prefix: bool = True,
+        max_pairs: int | None = None,
+    ):
         self.base, self.tuned = load(base), load(tuned)
         check_same_architecture(self.base, self.tuned)
         self.data = eval_set(self.base, data, text, max_pairs)
@@ -345,7 +373,8 @@ class Evaluator:
     def _plain(self, model: Model) -> tuple[Tensor, Tensor, Tensor]:
         """The reference path: full forwards of the chosen, rejected and text sequences."""
         with torch.no_grad():
-            def run(tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+
+            def run(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
                 kw = {} if mask is None or bool(mask.all()) else {"attention_mask": mask.long().to(model.device)}
                 return model.bridge(tokens.to(model.device), **kw)
 
@@ -394,7 +423,9 @@ class Evaluator:
         is active on it (`rwasym.hooks.edits.rank1_edit`) is measured."""
         return self._metrics(*self._plain(self.base if model is None else load(model)))
 
-    def iter_edits(self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> Iterator[dict[str, float]]:
+    def iter_edits(
+        self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]
+    ) -> Iterator[dict[str, float]]:
         """Metrics of ``host`` under each of the k edits W + U[e] V[e]ᵀ (α folded into U), yielded
         edit by edit after one batched forward per stream (cached clean prefix, see module doc).
         The host's weights must not change between calls (its clean prefix is cached)."""
@@ -405,7 +436,9 @@ class Evaluator:
         for e in range(U.shape[0]):
             yield self._metrics(*self._from_streams([o[e] for o in outs]))
 
-    def iter_joint(self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]) -> Iterator[dict[str, float]]:
+    def iter_joint(
+        self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]
+    ) -> Iterator[dict[str, float]]:
         """Metrics of ``host`` under each of k joint edits, after one batched forward per stream.
 
         edits[e] maps every matrix of the set to (U (r, n_out), V (r, n_in)) (α folded into U):
@@ -425,16 +458,18 @@ class Evaluator:
         for e in range(len(edits)):
             yield self._metrics(*self._from_streams([o[e] for o in outs]))
 
-    def measure_edits(self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]) -> list[dict[str, float]]:
+    def measure_edits(
+        self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]
+    ) -> list[dict[str, float]]:
         """`iter_edits` as a list."""
         return list(self.iter_edits(host, matrix, U, V))
 
-    def gap_fractions(self, metrics: Mapping[str, float], mode: str) -> dict[str, Optional[float]]:
+    def gap_fractions(self, metrics: Mapping[str, float], mode: str) -> dict[str, float | None]:
         """``gap_<m>`` for every metric but the KLs: (m − m_base)/(m_tuned − m_base) in transplant
         mode, (m_tuned − m)/(m_tuned − m_base) in ablate mode; None where the gap is 0."""
         if mode not in MODES:
             raise RwasymError(f"mode must be one of {MODES}; got {mode!r}")
-        out: dict[str, Optional[float]] = {}
+        out: dict[str, float | None] = {}
         for name, value in metrics.items():
             if name.startswith("kl_") or name not in self.reference["base"]:
                 continue

@@ -11,23 +11,23 @@
 
 import json
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..math.checks import linalg_threads
-from ..hooks.activations import capture
 from ..errors import RwasymError
-from ..models import Model, check_same_architecture, load, read_meta
-from ..models.checkpoint import CheckpointWeights, is_checkpoint_folder
+from ..hooks.activations import capture
+from ..math.checks import linalg_threads
 from ..math.spectra import Lifecycle, alpha_req, lifecycle, rankme_from_cov
 from ..math.svd import REBUILD_MODES, post_training_svd, rebuild
+from ..models import Model, check_same_architecture, load, read_meta
+from ..models.checkpoint import CheckpointWeights, is_checkpoint_folder
 
 
-def post_training_report(base: Any, tuned: Any, *, k: Optional[int] = None,
-                         matrices: Optional[str] = None) -> dict:
+def post_training_report(base: Any, tuned: Any, *, k: int | None = None, matrices: str | None = None) -> dict:
     """{"rows": one dict per matrix, "by_kind": means per matrix kind} of `post_training_svd`.
 
     A ``tuned`` Hugging Face checkpoint folder (config.json + safetensors) is read one matrix at a
@@ -65,9 +65,13 @@ def tuned_weights(base: Model, tuned: Any) -> Callable[[str], Tensor]:
 
 
 def reconstruction_experiment(
-    base: Any, tuned: Any, metric: Union[Callable[[Model], float], Mapping[str, Callable[[Model], float]]], *,
+    base: Any,
+    tuned: Any,
+    metric: Callable[[Model], float] | Mapping[str, Callable[[Model], float]],
+    *,
     modes: Sequence[str] = ("tuned", "tuned_rotation_base_sigma", "tuned_scaling_only", "break_consistency"),
-    matrices: Optional[str] = None, seed: int = 0,
+    matrices: str | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     """Rebuild every matrix of ``tuned`` from mixed SVD factors (`svd_compare.rebuild`) and run
     ``metric(model)`` on the rebuilt model; also reports the metric of base and tuned as they are.
@@ -95,8 +99,15 @@ def reconstruction_experiment(
     return rows
 
 
-def geometry(checkpoints: Mapping[Any, Any], data: Any, *, layers: Optional[Sequence[int]] = None,
-             batch_size: int = 16, max_tokens: Optional[int] = None, progress: Optional[bool] = None) -> list[dict]:
+def geometry(
+    checkpoints: Mapping[Any, Any],
+    data: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    progress: bool | None = None,
+) -> list[dict]:
     """RankMe and α-ReQ of the residual stream (resid_post of each layer) per checkpoint.
 
     checkpoints: {label: model source}. RankMe uses the uncentered second moment Σ a aᵀ
@@ -108,24 +119,41 @@ def geometry(checkpoints: Mapping[Any, Any], data: Any, *, layers: Optional[Sequ
         model = load(source)
         chosen = range(model.n_layers) if layers is None else layers
         sites = [f"blocks.{layer}.hook_resid_post" for layer in chosen]
-        acts = capture(model, data, sites=sites, batch_size=batch_size, max_tokens=max_tokens, progress=progress,
-                       gram_dtype=torch.float64)  # RankMe / α-ReQ read the whole spectrum, tail included
+        acts = capture(
+            model,
+            data,
+            sites=sites,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            progress=progress,
+            gram_dtype=torch.float64,
+        )  # RankMe / α-ReQ read the whole spectrum, tail included
         for layer, site in zip(chosen, sites):
             stat = acts[site]
             second = stat.second_moment() * stat.count
             with linalg_threads(1):
                 a = alpha_req(cov=stat.covariance())
                 rm = rankme_from_cov(second, n_samples=stat.count)
-            rows.append(dict(checkpoint=label, layer=layer, site=site, n_tokens=stat.count,
-                             rankme=rm,
-                             alpha_req=a.alpha, alpha_r2=a.r2, alpha_lo=a.lo, alpha_hi=a.hi))
+            rows.append(
+                dict(
+                    checkpoint=label,
+                    layer=layer,
+                    site=site,
+                    n_tokens=stat.count,
+                    rankme=rm,
+                    alpha_req=a.alpha,
+                    alpha_r2=a.r2,
+                    alpha_lo=a.lo,
+                    alpha_hi=a.hi,
+                )
+            )
     return rows
 
 
 class _LazyWeights(Mapping):
     """{step: {name: W}} that loads a checkpoint folder only when its step is read."""
 
-    def __init__(self, folders: Mapping[int, Path], matrices: Optional[str]):
+    def __init__(self, folders: Mapping[int, Path], matrices: str | None):
         self._folders, self._matrices = folders, matrices
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
@@ -139,7 +167,7 @@ class _LazyWeights(Mapping):
         return len(self._folders)
 
 
-def checkpoint_folders(root: Union[str, Path]) -> dict[int, Path]:
+def checkpoint_folders(root: str | Path) -> dict[int, Path]:
     """{step: folder} for ``root/step_XXXXXX`` checkpoint folders: native checkpoints (step from their
     rwasym.json meta) and Hugging Face ones written by `rwasym train` (step from rwasym-train.json);
     the folder name's digits where the meta has no step."""
@@ -154,13 +182,16 @@ def checkpoint_folders(root: Union[str, Path]) -> dict[int, Path]:
             continue
         found[int(step) if step is not None else int(re.sub(r"\D", "", folder.name))] = folder
     if not found:
-        raise RwasymError(f"no checkpoint folders (step_*/rwasym.json or step_*/rwasym-train.json) under "
-                          f"{str(root)!r}; point at a training output folder")
+        raise RwasymError(
+            f"no checkpoint folders (step_*/rwasym.json or step_*/rwasym-train.json) under "
+            f"{str(root)!r}; point at a training output folder"
+        )
     return found
 
 
-def lifecycle_from_checkpoints(checkpoints: Union[str, Path, Mapping[int, Any]], *, top_k: int = 10,
-                               matrices: Optional[str] = None) -> Lifecycle:
+def lifecycle_from_checkpoints(
+    checkpoints: str | Path | Mapping[int, Any], *, top_k: int = 10, matrices: str | None = None
+) -> Lifecycle:
     """`spectra.lifecycle` over a checkpoint trajectory: a folder of ``step_*`` checkpoints or
     {step: folder}; checkpoints are loaded one at a time."""
     folders = checkpoint_folders(checkpoints) if isinstance(checkpoints, (str, Path)) else dict(checkpoints)
@@ -168,7 +199,7 @@ def lifecycle_from_checkpoints(checkpoints: Union[str, Path, Mapping[int, Any]],
         return lifecycle(_LazyWeights(folders, matrices), top_k=top_k)
 
 
-def expand_checkpoints(sources: Union[str, Path, Sequence[Any], Mapping[Any, Any]]) -> dict:
+def expand_checkpoints(sources: str | Path | Sequence[Any] | Mapping[Any, Any]) -> dict:
     """{label: source}: a mapping as is; a training folder (step_*) → {step: folder}; a list of
     folders / names, each a training folder (expanded) or one checkpoint (labelled by position)."""
     if isinstance(sources, Mapping):

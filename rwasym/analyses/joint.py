@@ -27,7 +27,8 @@ Edits are applied by forward hooks (all matrices of a set together, k edits per 
 which equals writing the weights to float rounding and leaves the host unchanged.
 """
 
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -38,8 +39,11 @@ from ..models import MatrixSpec, Model
 
 __all__ = ["KEYWORDS", "matrix_set", "joint_edits"]
 
-KEYWORDS = {"read": "every read matrix (W_Q, W_K, W_V, W_in, W_gate)", "write": "every write matrix (W_O, W_out)",
-            "all": "every matrix"}
+KEYWORDS = {
+    "read": "every read matrix (W_Q, W_K, W_V, W_in, W_gate)",
+    "write": "every write matrix (W_O, W_out)",
+    "all": "every matrix",
+}
 
 
 def matrix_set(model: Model, entry: str) -> list[MatrixSpec]:
@@ -76,11 +80,13 @@ def joint_edits(
     draws j = 0 … (module docstring)."""
     counts = dict(kinds)
     if "pca" in counts and "prediction" in counts and counts["pca"] != counts["prediction"]:
-        raise RwasymError(f"a joint sweep uses one target family per set (pca for read matrices, prediction for "
-                          f"write ones), so pca and prediction need the same count; got {counts}")
+        raise RwasymError(
+            f"a joint sweep uses one target family per set (pca for read matrices, prediction for "
+            f"write ones), so pca and prediction need the same count; got {counts}"
+        )
     c = counts.get("pca", counts.get("prediction"))
     controls = [(kind, counts[kind]) for kind in ("random", "orthogonal") if kind in counts]
-    pred_basis: Optional[torch.Tensor] = None
+    pred_basis: torch.Tensor | None = None
     per_matrix: dict[str, dict[str, list]] = {}
     used: set[str] = set()
     for spec in specs:
@@ -92,9 +98,11 @@ def joint_edits(
             continue  # prediction only: read matrices have no output-side target
         side, n = ("input", spec.n_in) if target == "pca" else ("output", spec.n_out)
         if c * rank >= n:
-            raise RwasymError(f"{spec.name}: {c} target(s) of rank {rank} need c·r = {c * rank} < {n} directions on "
-                              f"its {side} side (the orthogonal control lives in the complement); lower the rank or "
-                              "the target count")
+            raise RwasymError(
+                f"{spec.name}: {c} target(s) of rank {rank} need c·r = {c * rank} < {n} directions on "
+                f"its {side} side (the orthogonal control lives in the complement); lower the rank or "
+                "the target count"
+            )
         stat = stats.for_matrix(spec.name)
         M = stat.second_moment()
         if target == "pca":
@@ -114,19 +122,25 @@ def joint_edits(
             for j in range(count):
                 F = random_frame(n, rank, g) if kind == "random" else complement_basis(basis, rank, g).T
                 U, V = frame_edit(delta, F, side)
-                want, have = (targets[j % c][0], edit_norm(U, V)) if match == "norm" else \
-                    (targets[j % c][1] ** 0.5, edit_energy(U, V, M) ** 0.5)
+                want, have = (
+                    (targets[j % c][0], edit_norm(U, V))
+                    if match == "norm"
+                    else (targets[j % c][1] ** 0.5, edit_energy(U, V, M) ** 0.5)
+                )
                 if have > 0.0:
                     U = U * (want / have)
                 elif match == "output":
-                    raise RwasymError(f"{spec.name}: a {kind} control edit has zero output energy; it cannot be "
-                                      "matched — use match='norm' or more data for the input second moment")
+                    raise RwasymError(
+                        f"{spec.name}: a {kind} control edit has zero output energy; it cannot be "
+                        "matched — use match='norm' or more data for the input second moment"
+                    )
                 edits.append((U, V))
         per_matrix[spec.name] = dict(edits=edits, M=M)
     if not per_matrix:
         return []
-    labels = [("target", i, None) for i in range(c)] + [(kind, j, j % c) for kind, count in controls
-                                                            for j in range(count)]
+    labels = [("target", i, None) for i in range(c)] + [
+        (kind, j, j % c) for kind, count in controls for j in range(count)
+    ]
     target_name = "+".join(sorted(used))
     side = {"pca": "input", "prediction": "output"}.get(target_name, "mixed")
     out = []
@@ -134,13 +148,28 @@ def joint_edits(
         edit = {name: m["edits"][e] for name, m in per_matrix.items()}
         norm2 = sum(edit_norm(U, V) ** 2 for U, V in edit.values())
         energy = sum(edit_energy(U, V, per_matrix[name]["M"]) for name, (U, V) in edit.items())
-        out.append((dict(side=side, direction=target_name if kind == "target" else kind, index=index,
-                         target=target_name, matched_to=matched, rank=rank, n_matrices=len(edit),
-                         u_norm=norm2 ** 0.5, output_energy=energy), edit))
+        out.append(
+            (
+                dict(
+                    side=side,
+                    direction=target_name if kind == "target" else kind,
+                    index=index,
+                    target=target_name,
+                    matched_to=matched,
+                    rank=rank,
+                    n_matrices=len(edit),
+                    u_norm=norm2**0.5,
+                    output_energy=energy,
+                ),
+                edit,
+            )
+        )
     return out
 
 
-def scaled(edit: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def scaled(
+    edit: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The edit with every U multiplied by ``scale`` (α, and −1 in ablate mode)."""
     return {name: (scale * U, V) for name, (U, V) in edit.items()}
 

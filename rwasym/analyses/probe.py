@@ -26,22 +26,23 @@ each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.model
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .._version import __version__  # noqa: F401
-from ..hooks.activations import ActivationStats, capture, data_hash, quiet
 from ..errors import RwasymError
+from ..hooks.activations import ActivationStats, capture, data_hash, quiet
+from ..math.checks import linalg_threads, release_memory
+from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
 from ..math.lowrank import LowRankDelta
+from ..math.subspaces import pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
-from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
-from ..math.checks import linalg_threads, release_memory
-from ..math.subspaces import pca_basis, prediction_basis
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ProbeResult:
     def to_dicts(self) -> list[dict]:
         return [dict(r) for r in self.rows]
 
-    def to_json(self, path: Optional[str] = None) -> str:
+    def to_json(self, path: str | None = None) -> str:
         text = json.dumps({"config": self.config, "rows": self.rows, "curves": self.curves}, indent=1)
         if path is not None:
             with open(path, "w") as fh:
@@ -79,16 +80,20 @@ class ProbeResult:
 
     def summary(self) -> str:
         """Read-side versus write-side mean relative fraction per matrix kind (residual side)."""
-        lines = [f"relative fraction r = f/(k/n) on the residual-stream side, k={self.config.get('k')} "
-                 "(1 = isotropic, >1 = concentrated)",
-                 f"{'matrix':8s} {'side':6s} {'activation':>11s} {'prediction':>11s}"]
+        lines = [
+            f"relative fraction r = f/(k/n) on the residual-stream side, k={self.config.get('k')} "
+            "(1 = isotropic, >1 = concentrated)",
+            f"{'matrix':8s} {'side':6s} {'activation':>11s} {'prediction':>11s}",
+        ]
         table = self.table()
         for kind in ("W_Q", "W_K", "W_V", "W_in", "W_gate", "W_O", "W_out"):
             if kind in table:
                 side = "read" if kind not in ("W_O", "W_out") else "write"
                 t = table[kind]
-                lines.append(f"{kind:8s} {side:6s} {t.get('activation', float('nan')):11.2f} "
-                             f"{t.get('prediction', float('nan')):11.2f}")
+                lines.append(
+                    f"{kind:8s} {side:6s} {t.get('activation', float('nan')):11.2f} "
+                    f"{t.get('prediction', float('nan')):11.2f}"
+                )
         return "\n".join(lines)
 
 
@@ -119,8 +124,7 @@ def _check_k(k: int, model: Model) -> None:
         )
 
 
-def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int],
-                 budget: Union[int, float]) -> list[list[MatrixSpec]]:
+def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int], budget: int | float) -> list[list[MatrixSpec]]:
     """``specs`` (in layer order) cut into runs of whole layers whose probe sites' float64 sums
     (8·d² bytes per site of width d) stay within ``budget``; a layer above it on its own is a group."""
     per_layer: dict[int, int] = {}
@@ -139,14 +143,16 @@ def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int],
     return groups
 
 
-def _budget(base: Model, stats_budget: Optional[Union[int, float]], data: Any) -> Union[int, float]:
+def _budget(base: Model, stats_budget: int | float | None, data: Any) -> int | float:
     if isinstance(data, Iterator):
         return float("inf")  # a one-shot iterator cannot be read twice
     if stats_budget is None:
         return sum(p.numel() * p.element_size() for p in base.bridge.original_model.parameters())
     if not stats_budget > 0:
-        raise RwasymError(f"stats_budget={stats_budget!r} must be a positive number of bytes (or None for the "
-                          "model's own size, float('inf') for one capture pass)")
+        raise RwasymError(
+            f"stats_budget={stats_budget!r} must be a positive number of bytes (or None for the "
+            "model's own size, float('inf') for one capture pass)"
+        )
     return stats_budget
 
 
@@ -159,8 +165,9 @@ class _Covariances:
     overlaps. `release(layer)` drops the sites of the layers before ``layer`` (and, for
     statistics the probe captured itself, their float64 sums)."""
 
-    def __init__(self, activations: ActivationStats, center: bool, owned: bool, overlap: bool = False,
-                 threads: int = 1) -> None:
+    def __init__(
+        self, activations: ActivationStats, center: bool, owned: bool, overlap: bool = False, threads: int = 1
+    ) -> None:
         self.activations, self.center, self.owned, self.threads = activations, center, owned, threads
         self.cache: dict[str, torch.Tensor] = {}
         self.bases: dict[str, Any] = {}
@@ -224,18 +231,18 @@ def probe(
     *,
     k: int = 8,
     null_samples: int = 200,
-    matrices: Union[str, Sequence[str], None] = None,
+    matrices: str | Sequence[str] | None = None,
     heads: bool = True,
     center: bool = True,
     variance: float = 0.9,
     curves: bool = True,
     curve_null_samples: int = 64,
     seed: int = 0,
-    activations: Optional[ActivationStats] = None,
+    activations: ActivationStats | None = None,
     batch_size: int = 16,
-    max_tokens: Optional[int] = None,
-    progress: Optional[bool] = None,
-    stats_budget: Optional[Union[int, float]] = None,
+    max_tokens: int | None = None,
+    progress: bool | None = None,
+    stats_budget: int | float | None = None,
     post_norm: str = "residual",
 ) -> ProbeResult:
     """Measure where ΔW = W_tuned − W_base concentrates, for every matrix (and head).
@@ -271,14 +278,19 @@ def probe(
         tuned = load(tuned)
     _check_k(k, base)
     if post_norm not in ("residual", "raw"):
-        raise RwasymError(f"post_norm={post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
-                          "sees it) or 'raw' (the raw ΔW)")
+        raise RwasymError(
+            f"post_norm={post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
+            "sees it) or 'raw' (the raw ΔW)"
+        )
     specs = base.matrices(matrices)
     if not specs:
         raise base.unmatched(matrices)
     # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
-    deltas = weight_deltas(base, tuned, matrices, lazy=True) if isinstance(tuned, Model) \
+    deltas = (
+        weight_deltas(base, tuned, matrices, lazy=True)
+        if isinstance(tuned, Model)
         else CheckpointDeltas(base, tuned, matrices)
+    )
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     generator = torch.Generator().manual_seed(seed)
@@ -295,31 +307,66 @@ def probe(
     n_tokens = None if activations is None else activations.n_tokens
     for group in tqdm(groups, desc="probe passes", disable=quiet(progress) or len(groups) == 1):
         if activations is None:  # captured here, one pass per group: its float64 sums are freed layer by layer
-            acts = capture(base, data, sites=probe_sites(base, group) if len(groups) > 1 else sites,
-                           batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+            acts = capture(
+                base,
+                data,
+                sites=probe_sites(base, group) if len(groups) > 1 else sites,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                progress=progress,
+            )
             n_tokens = acts.n_tokens
             covs = _Covariances(acts, center, owned=True, overlap=overlap, threads=threads)
         else:  # the caller's statistics stay untouched
             covs = _Covariances(activations, center, owned=False, overlap=overlap, threads=threads)
         try:
             with linalg_threads(1):
-                _probe_rows(base, group, deltas, covs, pred_full, k, null_samples, heads, variance, curves,
-                            curve_null_samples, generator, progress, rows, curve_rows, post_norm)
+                _probe_rows(
+                    base,
+                    group,
+                    deltas,
+                    covs,
+                    pred_full,
+                    k,
+                    null_samples,
+                    heads,
+                    variance,
+                    curves,
+                    curve_null_samples,
+                    generator,
+                    progress,
+                    rows,
+                    curve_rows,
+                    post_norm,
+                )
         finally:
             covs.close()
         del covs
-    config = dict(k=k, null_samples=null_samples, curve_null_samples=curve_null_samples, center=center, variance=variance, seed=seed,
-                  n_tokens=n_tokens, matrices=matrices, heads=heads, curves=curves, batch_size=batch_size,
-                  max_tokens=max_tokens, capture_passes=len(groups), post_norm=post_norm,
-                  **_provenance(base, tuned, data))
+    config = dict(
+        k=k,
+        null_samples=null_samples,
+        curve_null_samples=curve_null_samples,
+        center=center,
+        variance=variance,
+        seed=seed,
+        n_tokens=n_tokens,
+        matrices=matrices,
+        heads=heads,
+        curves=curves,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        capture_passes=len(groups),
+        post_norm=post_norm,
+        **_provenance(base, tuned, data),
+    )
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
 
-def _provenance(base: Model, tuned: Union[Model, str, os.PathLike], data: Any) -> dict:
+def _provenance(base: Model, tuned: Model | str | os.PathLike, data: Any) -> dict:
     """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
     import importlib.metadata as md
 
-    def version(pkg: str) -> Optional[str]:
+    def version(pkg: str) -> str | None:
         try:
             return md.version(pkg)
         except md.PackageNotFoundError:
@@ -333,23 +380,49 @@ def _provenance(base: Model, tuned: Union[Model, str, os.PathLike], data: Any) -
         fingerprint = f"tokens:{data_hash(data['input_ids'])}"
     else:
         fingerprint = None  # batches from an iterable or precomputed activations
-    def src(m: Union[Model, str, os.PathLike]) -> Optional[str]:
+
+    def src(m: Model | str | os.PathLike) -> str | None:
         m = m.source if isinstance(m, Model) else m  # a path: a streamed checkpoint folder
         return None if m is None else os.fspath(m) if isinstance(m, (str, os.PathLike)) else str(m)
 
-    def quantized(m: Union[Model, str, os.PathLike]) -> Optional[dict]:  # a GGUF source: hash and quantization types
+    def quantized(m: Model | str | os.PathLike) -> dict | None:  # a GGUF source: hash and quantization types
         g = m.provenance.get("gguf") if isinstance(m, Model) else None
         return None if g is None else {k: g.get(k) for k in ("sha256", "tensor_types")}
 
     streamed = not isinstance(tuned, Model)
-    return dict(version=__version__, torch=torch.__version__, transformer_lens=version("transformer-lens"),
-                base=src(base), tuned=src(tuned), tuned_adapter=not streamed and tuned.adapter is not None,
-                tuned_streamed=streamed, dtype=str(base.dtype), base_gguf=quantized(base),
-                tuned_gguf=quantized(tuned), data=fingerprint)
+    return dict(
+        version=__version__,
+        torch=torch.__version__,
+        transformer_lens=version("transformer-lens"),
+        base=src(base),
+        tuned=src(tuned),
+        tuned_adapter=not streamed and tuned.adapter is not None,
+        tuned_streamed=streamed,
+        dtype=str(base.dtype),
+        base_gguf=quantized(base),
+        tuned_gguf=quantized(tuned),
+        data=fingerprint,
+    )
 
 
-def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, variance, curves,
-                curve_null_samples, generator, progress, rows, curve_rows, post_norm="residual") -> None:
+def _probe_rows(
+    base,
+    specs,
+    deltas,
+    cov,
+    pred_full,
+    k,
+    null_samples,
+    heads,
+    variance,
+    curves,
+    curve_null_samples,
+    generator,
+    progress,
+    rows,
+    curve_rows,
+    post_norm="residual",
+) -> None:
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
 
     def full_basis(c_h, site, head):
@@ -380,14 +453,21 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
         gamma = base.post_norm_scale(spec.name) if post_norm == "residual" else None
         if gamma is not None:  # the change as the residual stream sees it: diag(γ_post_eff)·ΔW
-            delta = LowRankDelta(gamma[:, None] * delta.B, delta.A, delta.scale) if isinstance(delta, LowRankDelta) \
+            delta = (
+                LowRankDelta(gamma[:, None] * delta.B, delta.A, delta.scale)
+                if isinstance(delta, LowRankDelta)
                 else gamma[:, None] * delta
+            )
         spectra: dict = {}  # head -> DeltaSpectrum of that ΔW: one SVD shared by subspaces, sides and k
         nulls: dict = {}  # (head, side, k) -> NullResult: one set of draws shared by the side's subspaces
         resid_side = "input" if spec.side == "read" else "output"
-        resid_cov = cov(model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec)))
-        spaces = [("residual", resid_side, "activation", resid_cov, model_site),
-                  ("residual", resid_side, "prediction", None, "unembedding")]
+        resid_cov = cov(
+            model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec))
+        )
+        spaces = [
+            ("residual", resid_side, "activation", resid_cov, model_site),
+            ("residual", resid_side, "prediction", None, "unembedding"),
+        ]
         if spec.side == "write":
             spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
         for stream, side, subspace, c, site in spaces:
@@ -405,16 +485,30 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 # exact mean/std; samples for the percentile. The law depends on ΔW's spectrum, the side
                 # and k only, so the subspaces of one side share one set of draws
                 if null_samples >= 2 and (head, side, k_used) not in nulls:
-                    nulls[(head, side, k_used)] = random_null(_spectrum(spectra, d, head), side, k_used,
-                                                              null_samples, generator)
+                    nulls[(head, side, k_used)] = random_null(
+                        _spectrum(spectra, d, head), side, k_used, null_samples, generator
+                    )
                 null = nulls.get((head, side, k_used))
-                row = dict(layer=spec.layer, matrix=spec.name, kind=spec.kind, matrix_side=spec.side,
-                           head=head, stream=stream, side=side, subspace=subspace, site=site,
-                           k=k_used, n=n, fraction=fraction, relative=fraction * n / k_used,
-                           null_mean=None if null is None else null.mean,
-                           null_std=None if null is None else null.std,
-                           null_percentile=None if null is None else null.percentile_of(fraction),
-                           delta_norm=float(d.norm()), post_norm_scaled=gamma is not None)
+                row = dict(
+                    layer=spec.layer,
+                    matrix=spec.name,
+                    kind=spec.kind,
+                    matrix_side=spec.side,
+                    head=head,
+                    stream=stream,
+                    side=side,
+                    subspace=subspace,
+                    site=site,
+                    k=k_used,
+                    n=n,
+                    fraction=fraction,
+                    relative=fraction * n / k_used,
+                    null_mean=None if null is None else null.mean,
+                    null_std=None if null is None else null.std,
+                    null_percentile=None if null is None else null.percentile_of(fraction),
+                    delta_norm=float(d.norm()),
+                    post_norm_scaled=gamma is not None,
+                )
                 if c_h is not None:
                     explained = full.explained_variance_ratio.cumsum(0)
                     k90 = int((explained < variance - 1e-12).sum()) + 1
@@ -424,16 +518,29 @@ def _probe_rows(base, specs, deltas, cov, pred_full, k, null_samples, heads, var
                 if curves and head is None:
                     ks = log_k_grid(n)
                     curve = cum[torch.tensor(ks) - 1]
-                    band = [null_moments(_spectrum(spectra, d, head), side, kk) for kk in ks] \
-                        if curve_null_samples >= 2 else []  # exact std of f at each k: no draws
-                    curve_rows.append(dict(matrix=spec.name, kind=spec.kind, layer=spec.layer, stream=stream,
-                                           side=side, subspace=subspace, n=n, ks=ks,
-                                           relative=(curve * n / torch.tensor(ks, dtype=torch.float64)).tolist(),
-                                           fraction=curve.tolist(),
-                                           null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)]))
+                    band = (
+                        [null_moments(_spectrum(spectra, d, head), side, kk) for kk in ks]
+                        if curve_null_samples >= 2
+                        else []
+                    )  # exact std of f at each k: no draws
+                    curve_rows.append(
+                        dict(
+                            matrix=spec.name,
+                            kind=spec.kind,
+                            layer=spec.layer,
+                            stream=stream,
+                            side=side,
+                            subspace=subspace,
+                            n=n,
+                            ks=ks,
+                            relative=(curve * n / torch.tensor(ks, dtype=torch.float64)).tolist(),
+                            fraction=curve.tolist(),
+                            null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)],
+                        )
+                    )
 
 
-def _site_layer(site: str) -> Union[int, float]:
+def _site_layer(site: str) -> int | float:
     """The block index of a hook name (``blocks.L. ...``); other sites never expire (inf)."""
     parts = site.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else float("inf")

@@ -35,8 +35,9 @@ def _prefix_lengths(mask: Tensor | None, x: Tensor, what: str) -> Tensor:
     if mask is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
     if mask.shape != x.shape or mask.dtype != torch.bool:
-        raise RwasymError(f"{what}_mask must be a bool tensor of shape {tuple(x.shape)}; got "
-                          f"{mask.dtype} {tuple(mask.shape)}.")
+        raise RwasymError(
+            f"{what}_mask must be a bool tensor of shape {tuple(x.shape)}; got {mask.dtype} {tuple(mask.shape)}."
+        )
     lengths = mask.sum(-1)
     prefix = torch.arange(x.shape[1])[None, :] < lengths[:, None]
     if not torch.equal(prefix, mask):
@@ -66,12 +67,16 @@ class PreferencePairs:
         for part in _PARTS:
             x = getattr(self, part)
             if not isinstance(x, Tensor) or x.dim() != 2 or x.is_floating_point() or x.dtype == torch.bool:
-                raise RwasymError(f"PreferencePairs.{part} must be a 2-D integer tensor (n, len); got "
-                                  f"{type(x).__name__} {getattr(x, 'shape', '')}.")
+                raise RwasymError(
+                    f"PreferencePairs.{part} must be a 2-D integer tensor (n, len); got "
+                    f"{type(x).__name__} {getattr(x, 'shape', '')}."
+                )
             n = x.shape[0] if n is None else n
             if x.shape[0] != n:
-                raise RwasymError(f"prompt, chosen and rejected need the same number of rows; "
-                                  f"got {self.prompt.shape[0]}, {self.chosen.shape[0]}, {self.rejected.shape[0]}.")
+                raise RwasymError(
+                    f"prompt, chosen and rejected need the same number of rows; "
+                    f"got {self.prompt.shape[0]}, {self.chosen.shape[0]}, {self.rejected.shape[0]}."
+                )
             if x.shape[1] == 0:
                 raise RwasymError(f"PreferencePairs.{part} has zero columns; every part needs >= 1 token.")
             lengths = _prefix_lengths(getattr(self, f"{part}_mask"), x, part)
@@ -100,8 +105,11 @@ class PreferencePairs:
         if not 0.0 < frac < 1.0:
             raise RwasymError(f"split(frac) takes the held-out fraction in (0, 1); got frac={frac}.")
         g = torch.Generator().manual_seed(int(seed))
-        groups = [torch.arange(len(self))] if self.rule is None else [
-            torch.nonzero(self.rule == r)[:, 0] for r in range(len(self.rule_names))]
+        groups = (
+            [torch.arange(len(self))]
+            if self.rule is None
+            else [torch.nonzero(self.rule == r)[:, 0] for r in range(len(self.rule_names))]
+        )
         train, held = [], []
         for idx in groups:
             idx = idx[torch.randperm(len(idx), generator=g)]
@@ -110,16 +118,19 @@ class PreferencePairs:
             train.append(idx[n_held:])
         train_idx, held_idx = torch.cat(train).sort().values, torch.cat(held).sort().values
         if len(train_idx) == 0 or len(held_idx) == 0:
-            raise RwasymError(f"split(frac={frac}) of {len(self)} pairs leaves an empty part; use more pairs "
-                              "or a fraction nearer 0.5.")
+            raise RwasymError(
+                f"split(frac={frac}) of {len(self)} pairs leaves an empty part; use more pairs "
+                "or a fraction nearer 0.5."
+            )
         return self.subset(train_idx), self.subset(held_idx)
 
     def by_rule(self) -> dict[str, "PreferencePairs"]:
         """{rule name: its pairs}; user data without rules comes back as {"all": self}."""
         if self.rule is None:
             return {"all": self}
-        return {name: self.subset(self.rule == r) for r, name in enumerate(self.rule_names)
-                if bool((self.rule == r).any())}
+        return {
+            name: self.subset(self.rule == r) for r, name in enumerate(self.rule_names) if bool((self.rule == r).any())
+        }
 
     def sequences(self, which: str = "chosen") -> tuple[Int[Tensor, "n pos"], Bool[Tensor, "n pos"]]:
         """Packed prompt + continuation (``which`` = "chosen" | "rejected"), right-padded with 0,
@@ -152,8 +163,12 @@ class PreferencePairs:
             kwargs[part] = torch.cat([getattr(p, part) for p in parts])
         rules = [p.rule for p in parts if p.rule is not None]
         if len(rules) == len(parts):
-            kwargs["rule"] = torch.cat([torch.tensor([names.index(p.rule_names[r]) for r in rule.tolist()],
-                                                     dtype=torch.long) for p, rule in zip(parts, rules)])
+            kwargs["rule"] = torch.cat(
+                [
+                    torch.tensor([names.index(p.rule_names[r]) for r in rule.tolist()], dtype=torch.long)
+                    for p, rule in zip(parts, rules)
+                ]
+            )
             kwargs["rule_names"] = names
         return PreferencePairs(**kwargs)
 
@@ -161,8 +176,11 @@ class PreferencePairs:
         """Write to a safetensors file (rule names in its metadata)."""
         from safetensors.torch import save_file
 
-        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self)
-                   if isinstance(getattr(self, f.name), Tensor)}
+        tensors = {
+            f.name: getattr(self, f.name).contiguous()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         save_file(tensors, str(path), metadata={"rule_names": json.dumps(list(self.rule_names))})
         return Path(path)
 
@@ -209,25 +227,37 @@ def _vocab_size(tokenizer: Any, d_vocab: int | None) -> int | None:
         return getattr(tokenizer, "vocab_size", None)
 
 
-def load_pairs(source: Any, tokenizer: Any = None, *, d_vocab: int | None = None, n_ctx: int | None = None,
-               chat_template: bool = False, max_length: int | None = None) -> "PreferencePairs":
+def load_pairs(
+    source: Any,
+    tokenizer: Any = None,
+    *,
+    d_vocab: int | None = None,
+    n_ctx: int | None = None,
+    chat_template: bool = False,
+    max_length: int | None = None,
+) -> "PreferencePairs":
     """Preference pairs from `PreferencePairs` (as is), a ``.jsonl`` file (`load_pairs_jsonl`) or a
     ``.safetensors`` file written by `PreferencePairs.save`. ``max_length`` truncates JSONL pairs as
     TRL does (`load_pairs_jsonl`); stored tensors are used as they are."""
     if isinstance(source, PreferencePairs):
         if max_length is not None:
-            raise RwasymError("max_length truncates pairs while they are read from a JSONL file; these pairs are "
-                              "already tensors: truncate them when you build them, or pass the .jsonl file.")
+            raise RwasymError(
+                "max_length truncates pairs while they are read from a JSONL file; these pairs are "
+                "already tensors: truncate them when you build them, or pass the .jsonl file."
+            )
         return source
     path = Path(source)
     if not path.exists():
         raise RwasymError(f"pairs file {str(path)!r} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        return load_pairs_jsonl(path, tokenizer, d_vocab, chat_template=chat_template, n_ctx=n_ctx,
-                                max_length=max_length)
+        return load_pairs_jsonl(
+            path, tokenizer, d_vocab, chat_template=chat_template, n_ctx=n_ctx, max_length=max_length
+        )
     if max_length is not None:
-        raise RwasymError(f"max_length truncates pairs while they are read from a JSONL file; {str(path)!r} holds "
-                          "stored token tensors: truncate them when you write them, or pass the .jsonl file.")
+        raise RwasymError(
+            f"max_length truncates pairs while they are read from a JSONL file; {str(path)!r} holds "
+            "stored token tensors: truncate them when you write them, or pass the .jsonl file."
+        )
     pairs = PreferencePairs.load(path)
     for part in _PARTS:
         _check_ids(getattr(pairs, part), d_vocab, f"{str(path)!r} ({part})")
@@ -259,8 +289,9 @@ def _check_ids(ids: Tensor, d_vocab: int | None, where: str) -> None:
         )
 
 
-def load_text(path: PathLike, tokenizer: Any = None, seq_len: int = 64,
-              d_vocab: int | None = None) -> Int[Tensor, "batch pos"]:
+def load_text(
+    path: PathLike, tokenizer: Any = None, seq_len: int = 64, d_vocab: int | None = None
+) -> Int[Tensor, "batch pos"]:
     """Tokenize a UTF-8 text file and cut the token stream into rows of ``seq_len`` (the tail that
     does not fill a row is dropped). ``tokenizer`` defaults to `ByteTokenizer`; ``d_vocab``
     (default: the tokenizer's vocabulary size) bounds the ids."""
@@ -275,8 +306,10 @@ def load_text(path: PathLike, tokenizer: Any = None, seq_len: int = 64,
     ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
     _check_ids(ids, _vocab_size(tokenizer, d_vocab), str(path))
     if len(ids) < seq_len:
-        raise RwasymError(f"{str(path)!r} has {len(ids)} tokens, fewer than seq_len={seq_len}; pass a "
-                          "smaller seq_len or a longer file.")
+        raise RwasymError(
+            f"{str(path)!r} has {len(ids)} tokens, fewer than seq_len={seq_len}; pass a "
+            "smaller seq_len or a longer file."
+        )
     n = len(ids) // seq_len
     return ids[: n * seq_len].view(n, seq_len)  # (n, seq_len)
 
@@ -305,8 +338,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def tokenize_preference(record: dict[str, Any], tokenizer: Any, *, chat_template: bool = False,
-                        where: str = "pair") -> tuple[list[int], list[int], list[int]]:
+def tokenize_preference(
+    record: dict[str, Any], tokenizer: Any, *, chat_template: bool = False, where: str = "pair"
+) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one text pair, tokenized as TRL's ``DPOTrainer``
     (1.16, ``_prepare_dataset``) does, so the completion's tokens are exactly the ones TRL scores:
 
@@ -320,16 +354,22 @@ def tokenize_preference(record: dict[str, Any], tokenizer: Any, *, chat_template
     """
     values: list[Any] = [record[p] for p in _PARTS]  # JSON values: strings or message lists
     if chat_template and all(isinstance(v, str) for v in values):
-        values = [[{"role": "user", "content": values[0]}], [{"role": "assistant", "content": values[1]}],
-                  [{"role": "assistant", "content": values[2]}]]
+        values = [
+            [{"role": "user", "content": values[0]}],
+            [{"role": "assistant", "content": values[1]}],
+            [{"role": "assistant", "content": values[2]}],
+        ]
     if all(_is_messages(v) for v in values):
         if getattr(tokenizer, "chat_template", None) is None or not hasattr(tokenizer, "apply_chat_template"):
-            raise RwasymError(f"{where} is conversational (or --chat-template was given), but the tokenizer has no "
-                              "chat template; pass plain-string pairs, or a model whose tokenizer has one.")
+            raise RwasymError(
+                f"{where} is conversational (or --chat-template was given), but the tokenizer has no "
+                "chat template; pass plain-string pairs, or a model whose tokenizer has one."
+            )
 
         def render(messages: list[dict[str, Any]], generation: bool = False) -> list[int]:
-            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
-                                                return_dict=True)
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=generation, return_dict=True
+            )
             return [int(i) for i in out["input_ids"]]
 
         prompt = render(values[0], generation=True)
@@ -347,16 +387,24 @@ def tokenize_preference(record: dict[str, Any], tokenizer: Any, *, chat_template
         prompt = encode(values[0])
         full = [encode(values[0] + c) for c in completions]
     else:
-        raise RwasymError(f"{where}: prompt, chosen and rejected must all be strings, or all message lists "
-                          '([{"role": ..., "content": ...}]); got '
-                          f"{', '.join(type(v).__name__ for v in values)}.")
+        raise RwasymError(
+            f"{where}: prompt, chosen and rejected must all be strings, or all message lists "
+            '([{"role": ..., "content": ...}]); got '
+            f"{', '.join(type(v).__name__ for v in values)}."
+        )
     n = min(_common_prefix(prompt, f) for f in full)
     return prompt[:n], full[0][n:], full[1][n:]
 
 
-def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: int | None = None, *,
-                     chat_template: bool = False, n_ctx: int | None = None,
-                     max_length: int | None = None) -> PreferencePairs:
+def load_pairs_jsonl(
+    path: PathLike,
+    tokenizer: Any = None,
+    d_vocab: int | None = None,
+    *,
+    chat_template: bool = False,
+    n_ctx: int | None = None,
+    max_length: int | None = None,
+) -> PreferencePairs:
     """Read ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines (blank lines skipped).
 
     Values are lists of token ids, or text in TRL's preference format — strings or conversational
@@ -369,8 +417,9 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: int | None 
     Errors name the file and line number.
     """
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise RwasymError("max_length must be an integer >= 2 (prompt + at least one completion token); "
-                          f"got {max_length!r}.")
+        raise RwasymError(
+            f"max_length must be an integer >= 2 (prompt + at least one completion token); got {max_length!r}."
+        )
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -385,41 +434,54 @@ def load_pairs_jsonl(path: PathLike, tokenizer: Any = None, d_vocab: int | None 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise RwasymError(f"{where} is not valid JSON ({err.msg}); each line must be one object "
-                              '{"prompt": ..., "chosen": ..., "rejected": ...}.') from None
+            raise RwasymError(
+                f"{where} is not valid JSON ({err.msg}); each line must be one object "
+                '{"prompt": ..., "chosen": ..., "rejected": ...}.'
+            ) from None
         if not isinstance(record, dict) or any(p not in record for p in _PARTS):
-            raise RwasymError(f'{where} must be an object with keys "prompt", "chosen", "rejected"; got '
-                              f"{list(record) if isinstance(record, dict) else type(record).__name__}.")
+            raise RwasymError(
+                f'{where} must be an object with keys "prompt", "chosen", "rejected"; got '
+                f"{list(record) if isinstance(record, dict) else type(record).__name__}."
+            )
         if any(isinstance(record[p], str) or _is_messages(record[p]) for p in _PARTS):
             if tokenizer is None:
-                raise RwasymError(f"{where} holds text, but there is no tokenizer to read it: use a model that has "
-                                  "one (a Hugging Face folder, hub name or GGUF file), pass a tokenizer (tokenizer=), "
-                                  "or give token-id lists.")
+                raise RwasymError(
+                    f"{where} holds text, but there is no tokenizer to read it: use a model that has "
+                    "one (a Hugging Face folder, hub name or GGUF file), pass a tokenizer (tokenizer=), "
+                    "or give token-id lists."
+                )
             parts = tokenize_preference(record, tokenizer, chat_template=chat_template, where=where)
         else:
             parts = []
             for part in _PARTS:
                 value = record[part]
                 if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
-                    raise RwasymError(f"{where}: {part} must be a string, a message list or a list of integer "
-                                      "token ids.")
+                    raise RwasymError(
+                        f"{where}: {part} must be a string, a message list or a list of integer token ids."
+                    )
                 parts.append(value)
         if max_length is not None and parts[0]:
             room = max_length - len(parts[0])
             if room < 1:
-                raise RwasymError(f"{where}: the prompt alone is {len(parts[0])} tokens, so max_length={max_length} "
-                                  "leaves no completion token to score; raise --max-length or shorten the prompt.")
+                raise RwasymError(
+                    f"{where}: the prompt alone is {len(parts[0])} tokens, so max_length={max_length} "
+                    "leaves no completion token to score; raise --max-length or shorten the prompt."
+                )
             parts = [parts[0], parts[1][:room], parts[2][:room]]
         for part, ids in zip(_PARTS, parts):
             if not ids:
-                raise RwasymError(f"{where}: {part} is empty after tokenization; every part needs >= 1 token "
-                                  "(a completion that only repeats the end of its prompt tokenizes to nothing).")
+                raise RwasymError(
+                    f"{where}: {part} is empty after tokenization; every part needs >= 1 token "
+                    "(a completion that only repeats the end of its prompt tokenizes to nothing)."
+                )
             _check_ids(torch.tensor(ids, dtype=torch.long), vocab, f"{where} ({part})")
             rows[part].append(ids)
         longest = len(parts[0]) + max(len(parts[1]), len(parts[2]))
         if n_ctx and longest > n_ctx:
-            raise RwasymError(f"{where}: prompt + completion is {longest} tokens, longer than the model's context "
-                              f"n_ctx={n_ctx}; shorten the pair or drop it.")
+            raise RwasymError(
+                f"{where}: prompt + completion is {longest} tokens, longer than the model's context "
+                f"n_ctx={n_ctx}; shorten the pair or drop it."
+            )
     if not rows["prompt"]:
         raise RwasymError(f"JSONL file {str(path)!r} holds no pairs; it needs one JSON object per line.")
     kwargs = {}

@@ -9,9 +9,10 @@ studied matrix's input (Q/K/V share one attention-input site, W_gate shares W_in
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -20,10 +21,10 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..errors import RwasymError
-from ..models import Model, flatten_site, load
 from ..math.covariance import RunningCovariance
+from ..models import Model, flatten_site, load
 
-Batch = tuple[Tensor, Optional[Tensor]]  # (tokens (batch, pos), attention mask (batch, pos) or None)
+Batch = tuple[Tensor, Tensor | None]  # (tokens (batch, pos), attention mask (batch, pos) or None)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ActivationStats:
 
     stats: dict[str, RunningCovariance]
     aliases: dict[str, str] = field(default_factory=dict)
-    model: Optional[Model] = None
+    model: Model | None = None
 
     def __getitem__(self, site: str) -> RunningCovariance:
         key = self.aliases.get(site, site)
@@ -61,7 +62,7 @@ class ActivationStats:
         return {"stats": {k: v.state_dict() for k, v in self.stats.items()}, "aliases": dict(self.aliases)}
 
 
-def default_sites(model: Model, layers: Optional[Sequence[int]] = None) -> dict[str, int]:
+def default_sites(model: Model, layers: Sequence[int] | None = None) -> dict[str, int]:
     """hook name → width for every studied matrix input (deduplicated) and the residual stream."""
     keep = set(range(model.n_layers)) if layers is None else set(layers)
     sites: dict[str, int] = {}
@@ -101,11 +102,10 @@ def _as_batches(data: Any, batch_size: int, model: Model) -> Iterator[Batch]:
             )
 
 
-def _check_batch(tokens: Tensor, mask: Optional[Tensor], d_vocab: int) -> None:
+def _check_batch(tokens: Tensor, mask: Tensor | None, d_vocab: int) -> None:
     if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise RwasymError(
-            f"token batches must be integer tensors shaped (batch, pos); got {tuple(tokens.shape)} "
-            f"{tokens.dtype}"
+            f"token batches must be integer tensors shaped (batch, pos); got {tuple(tokens.shape)} {tokens.dtype}"
         )
     if tokens.numel() and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
         raise RwasymError(
@@ -126,13 +126,13 @@ def capture(
     model: Any,
     data: Any,
     *,
-    sites: Optional[Union[Sequence[str], dict[str, int]]] = None,
-    layers: Optional[Sequence[int]] = None,
+    sites: Sequence[str] | dict[str, int] | None = None,
+    layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    max_tokens: Optional[int] = None,
-    progress: Optional[bool] = None,
-    gram_dtype: Optional[torch.dtype] = None,
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    max_tokens: int | None = None,
+    progress: bool | None = None,
+    gram_dtype: torch.dtype | None = None,
+    checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
 ) -> ActivationStats:
     """Stream ``data`` through ``model`` once and accumulate float64 Σ a aᵀ, Σ a, N per site.
@@ -179,15 +179,24 @@ def capture(
                 raise RwasymError(f"unknown hook name {name!r}; valid names include: {', '.join(valid[:40])} ...")
             widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
     if not widths:
-        raise RwasymError("no sites to capture: sites is empty (or layers selects no layer); pass at least one "
-                          "hook name, or sites=None for the default sites")
+        raise RwasymError(
+            "no sites to capture: sites is empty (or layers selects no layer); pass at least one "
+            "hook name, or sites=None for the default sites"
+        )
     if batch_size <= 0:
         raise RwasymError(f"batch_size must be positive; got {batch_size}")
     stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
-    current: dict[str, Optional[Tensor]] = {"mask": None}
+    current: dict[str, Tensor | None] = {"mask": None}
     rank, size = distributed.world()
-    ckpt = None if checkpoint is None else _Checkpoint(Path(checkpoint), _checkpoint_key(
-        model, data, widths, gram_dtype, batch_size, max_tokens, size), checkpoint_every)
+    ckpt = (
+        None
+        if checkpoint is None
+        else _Checkpoint(
+            Path(checkpoint),
+            _checkpoint_key(model, data, widths, gram_dtype, batch_size, max_tokens, size),
+            checkpoint_every,
+        )
+    )
     # resid_post of block L and resid_pre of block L+1 are usually one tensor: compare them on the
     # first batch and, when equal, keep one statistic for both (single process only: every rank
     # must reduce the same accumulators).
@@ -220,8 +229,13 @@ def capture(
         if resume["done"]:
             return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
     done_batches = n_batches
-    bar = tqdm(total=max_tokens if size == 1 else None, initial=seen if max_tokens else 0, desc="capture",
-               unit="tok", disable=quiet(progress) or rank != 0)
+    bar = tqdm(
+        total=max_tokens if size == 1 else None,
+        initial=seen if max_tokens else 0,
+        desc="capture",
+        unit="tok",
+        disable=quiet(progress) or rank != 0,
+    )
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
         for i, (tokens, mask) in enumerate(_as_batches(data, batch_size, model)):
             if i < done_batches:
@@ -282,12 +296,21 @@ def _site_width(model: Model, hook: str) -> int:
 _CHECKPOINT_FORMAT = "rwasym-capture/1"
 
 
-def _checkpoint_key(model: Model, data: Any, widths: dict[str, int], gram_dtype: Optional[torch.dtype],
-                    batch_size: int, max_tokens: Optional[int], size: int) -> dict:
+def _checkpoint_key(
+    model: Model,
+    data: Any,
+    widths: dict[str, int],
+    gram_dtype: torch.dtype | None,
+    batch_size: int,
+    max_tokens: int | None,
+    size: int,
+) -> dict:
     """What a capture checkpoint must match to be resumed."""
     if size > 1:
-        raise RwasymError("capture(checkpoint=...) runs in one process; under torchrun drop checkpoint= "
-                          "(each rank's share is short) or capture in a single process")
+        raise RwasymError(
+            "capture(checkpoint=...) runs in one process; under torchrun drop checkpoint= "
+            "(each rank's share is short) or capture in a single process"
+        )
     if isinstance(data, (str, os.PathLike)):
         digest = "file:" + hashlib.sha256(Path(data).read_bytes()).hexdigest()[:16]
     elif isinstance(data, Tensor):
@@ -296,12 +319,21 @@ def _checkpoint_key(model: Model, data: Any, widths: dict[str, int], gram_dtype:
         mask = data.get("attention_mask")
         digest = "tokens:" + data_hash(data["input_ids"]) + ("" if mask is None else ":mask:" + data_hash(mask.long()))
     else:
-        raise RwasymError("capture(checkpoint=...) needs data it can hash to recognise on resume: a token tensor, "
-                          "a dict with input_ids (and attention_mask) or a text file; an iterable of batches "
-                          "cannot be checked")
-    return dict(format=_CHECKPOINT_FORMAT, weights=model.weights_hash(), data=digest,
-                sites=sorted([h, int(w)] for h, w in widths.items()), dtype=str(model.dtype),
-                gram_dtype=str(gram_dtype), batch_size=int(batch_size), max_tokens=max_tokens)
+        raise RwasymError(
+            "capture(checkpoint=...) needs data it can hash to recognise on resume: a token tensor, "
+            "a dict with input_ids (and attention_mask) or a text file; an iterable of batches "
+            "cannot be checked"
+        )
+    return dict(
+        format=_CHECKPOINT_FORMAT,
+        weights=model.weights_hash(),
+        data=digest,
+        sites=sorted([h, int(w)] for h, w in widths.items()),
+        dtype=str(model.dtype),
+        gram_dtype=str(gram_dtype),
+        batch_size=int(batch_size),
+        max_tokens=max_tokens,
+    )
 
 
 class _Checkpoint:
@@ -315,7 +347,7 @@ class _Checkpoint:
             raise RwasymError(f"checkpoint_every must be a positive integer (batches); got {every!r}")
         self.path, self.key, self.every = path, key, every
 
-    def load(self, stats: dict, skip: set, extra: Optional[dict] = None) -> Optional[dict]:
+    def load(self, stats: dict, skip: set, extra: dict | None = None) -> dict | None:
         """Restore the sums into ``stats`` (and the shared sites into ``skip``) and the ``extra``
         tensors in place; the metadata, or None if there is no file."""
         if not self.path.exists():
@@ -327,31 +359,51 @@ class _Checkpoint:
                 meta = json.loads((fh.metadata() or {})["rwasym"])
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as err:  # safetensors raises several types for a damaged file
-            raise RwasymError(f"capture checkpoint {str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
-                              "it is corrupt or not a capture checkpoint: delete it to start again") from None
+            raise RwasymError(
+                f"capture checkpoint {str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
+                "it is corrupt or not a capture checkpoint: delete it to start again"
+            ) from None
         if meta.get("key") != self.key:
             theirs = meta.get("key") or {}
             diff = sorted(k for k in set(self.key) | set(theirs) if theirs.get(k) != self.key.get(k))
-            raise RwasymError(f"capture checkpoint {str(self.path)!r} belongs to another capture (differs in "
-                              f"{', '.join(diff)}); pass another checkpoint path or delete the file")
+            raise RwasymError(
+                f"capture checkpoint {str(self.path)!r} belongs to another capture (differs in "
+                f"{', '.join(diff)}); pass another checkpoint path or delete the file"
+            )
         try:
             for follower, leader in meta["shared"].items():
                 stats[follower] = stats[leader]
                 skip.add(follower)
             for hook, acc in stats.items():
                 if hook not in meta["shared"]:
-                    acc.load_state_dict({"dim": acc.dim, "count": int(meta["counts"][hook]),
-                                         "sum": tensors[f"{hook}/sum"], "sum_outer": tensors[f"{hook}/sum_outer"]})
+                    acc.load_state_dict(
+                        {
+                            "dim": acc.dim,
+                            "count": int(meta["counts"][hook]),
+                            "sum": tensors[f"{hook}/sum"],
+                            "sum_outer": tensors[f"{hook}/sum_outer"],
+                        }
+                    )
             for name, tensor in (extra or {}).items():
                 tensor.copy_(tensors[f"extra/{name}"])
             int(meta["batches"]), int(meta["seen"]), bool(meta["done"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise RwasymError(f"capture checkpoint {str(self.path)!r} has the right key but incomplete contents "
-                              f"(missing {err}); it is corrupt: delete it to start again") from None
+            raise RwasymError(
+                f"capture checkpoint {str(self.path)!r} has the right key but incomplete contents "
+                f"(missing {err}); it is corrupt: delete it to start again"
+            ) from None
         return meta
 
-    def save(self, stats: dict, skip: set, batches: int, seen: int, done: bool, extra: Optional[dict] = None,
-             info: Optional[dict] = None) -> None:
+    def save(
+        self,
+        stats: dict,
+        skip: set,
+        batches: int,
+        seen: int,
+        done: bool,
+        extra: dict | None = None,
+        info: dict | None = None,
+    ) -> None:
         """Write the sums, the ``extra`` tensors and progress (``info``: more JSON metadata)."""
         from safetensors.torch import save_file
 
@@ -386,7 +438,7 @@ def _last_layer(widths: dict[str, int]) -> int:
     return max(layers) if len(layers) == len(widths) else 10**9
 
 
-def quiet(progress: Optional[bool]) -> bool:
+def quiet(progress: bool | None) -> bool:
     """True when progress bars stay off: ``progress=False``, or None and stderr is not a terminal."""
     import sys
 

@@ -13,7 +13,8 @@ head h's input columns for W_O. The directions themselves (u = ΔW v, targets, c
 """
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -28,7 +29,9 @@ MECHANISMS = ("hook", "weight")
 MODES = ("transplant", "ablate")
 
 
-def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k *r n_out"], V: Float[Tensor, "k *r n_in"]) -> list[tuple[str, Callable]]:
+def edit_hooks(
+    model: Model, matrix: str, U: Float[Tensor, "k *r n_out"], V: Float[Tensor, "k *r n_in"]
+) -> list[tuple[str, Callable]]:
     """Forward hooks applying k rank-1 (or rank-r) edits at once, edit e on batch slice e.
 
     The forward's batch must be k·B rows laid out edit-major (row e·B + b, e.g.
@@ -43,9 +46,11 @@ def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k *r n_out"], V: Flo
     if U.dim() == 2 and V.dim() == 2:
         U, V = U[:, None], V[:, None]  # rank 1
     if U.dim() != 3 or U.shape[::2] != (U.shape[0], spec.n_out) or V.shape != (*U.shape[:2], spec.n_in):
-        raise RwasymError(f"{matrix} edits need U of shape (k, {spec.n_out}) and V of shape (k, {spec.n_in}) (or "
-                          f"(k, r, {spec.n_out}) and (k, r, {spec.n_in}) for rank r); got {tuple(U.shape)} and "
-                          f"{tuple(V.shape)}. Embed per-head vectors with embed_head.")
+        raise RwasymError(
+            f"{matrix} edits need U of shape (k, {spec.n_out}) and V of shape (k, {spec.n_in}) (or "
+            f"(k, r, {spec.n_out}) and (k, r, {spec.n_in}) for rank r); got {tuple(U.shape)} and "
+            f"{tuple(V.shape)}. Embed per-head vectors with embed_head."
+        )
     k = U.shape[0]
     U = U.to(model.device, model.dtype)
     V = V.to(model.device, model.dtype)
@@ -58,14 +63,18 @@ def edit_hooks(model: Model, matrix: str, U: Float[Tensor, "k *r n_out"], V: Flo
     def write(y: Tensor, hook: Any = None) -> Tensor:
         a = state.pop("a", None)
         if a is None:
-            raise RwasymError(f"{matrix}: the input hook {spec.hook_in} did not fire before the output hook "
-                              f"{spec.hook_out}, so the edit cannot be applied; the bridge's hook layout does not "
-                              "match the registry (run model.self_check() to see which hooks fire)")
+            raise RwasymError(
+                f"{matrix}: the input hook {spec.hook_in} did not fire before the output hook "
+                f"{spec.hook_out}, so the edit cannot be applied; the bridge's hook layout does not "
+                "match the registry (run model.self_check() to see which hooks fire)"
+            )
         a = flatten_site(a, spec.n_in)  # (batch, pos, n_in)
         flat = flatten_site(y, spec.n_out)  # (batch, pos, n_out)
         if flat.shape[0] % k:
-            raise RwasymError(f"a batch of {k} edits needs a forward batch that is a multiple of {k} "
-                              f"(edit-major: tokens.repeat({k}, 1)); got batch {flat.shape[0]}")
+            raise RwasymError(
+                f"a batch of {k} edits needs a forward batch that is a multiple of {k} "
+                f"(edit-major: tokens.repeat({k}, 1)); got batch {flat.shape[0]}"
+            )
         a = a.reshape(k, -1, spec.n_in)
         if U.shape[1] == 1:  # rank 1: one product per entry
             coef = torch.einsum("etn,en->et", a, V[:, 0])  # (k, B·pos)
@@ -85,7 +94,7 @@ def rank1_edit(
     u: Float[Tensor, " n_out"],
     v: Float[Tensor, " n_in"],
     alpha: float = 1.0,
-    head: Optional[int] = None,
+    head: int | None = None,
     mechanism: str = "hook",
 ) -> Iterator[Model]:
     """Temporarily apply W' = W + α u vᵀ to ``matrix`` (or to head ``head`` of it).

@@ -17,10 +17,10 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,8 +45,9 @@ class GradientStats:
 
     def second_moments(self, name: str) -> tuple[Tensor, Tensor]:
         """(C_a, C_δ) as uncentered sums Σ a aᵀ and Σ δ δᵀ (float64)."""
-        return self.inputs[name].second_moment() * self.inputs[name].count, \
-            self.grads[name].second_moment() * self.grads[name].count
+        return self.inputs[name].second_moment() * self.inputs[name].count, self.grads[
+            name
+        ].second_moment() * self.grads[name].count
 
 
 class _Capture:
@@ -57,8 +58,12 @@ class _Capture:
         self.specs = [model.matrix(n) for n in names]
         self.stats = GradientStats(
             # float64 products: δ_t spans many orders of magnitude and C_δ is often near rank-deficient
-            inputs={s.name: RunningCovariance(s.n_in, name=f"{s.name} a_t", gram_dtype=torch.float64) for s in self.specs},
-            grads={s.name: RunningCovariance(s.n_out, name=f"{s.name} δ_t", gram_dtype=torch.float64) for s in self.specs},
+            inputs={
+                s.name: RunningCovariance(s.n_in, name=f"{s.name} a_t", gram_dtype=torch.float64) for s in self.specs
+            },
+            grads={
+                s.name: RunningCovariance(s.n_out, name=f"{s.name} δ_t", gram_dtype=torch.float64) for s in self.specs
+            },
             G={s.name: torch.zeros(s.n_out, s.n_in, dtype=torch.float64) for s in self.specs},
         )
         self._last_input: dict[str, Tensor] = {}
@@ -101,9 +106,9 @@ def capture_gradients(
     loss_fn: Callable[[Model, Any], Tensor],
     batches: Iterable[Any],
     *,
-    matrices: Union[str, Sequence[str], None] = None,
-    progress: Optional[bool] = None,
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    matrices: str | Sequence[str] | None = None,
+    progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     checkpoint_key: Any = None,
 ) -> GradientStats:
@@ -138,12 +143,20 @@ def capture_gradients(
     if checkpoint is not None:
         if size > 1:
             raise RwasymError("capture_gradients(checkpoint=...) runs in one process; under torchrun drop checkpoint=")
-        key = dict(format=_CHECKPOINT_FORMAT, weights=model.weights_hash(), matrices=names, dtype=str(model.dtype),
-                   loss=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__), key=checkpoint_key)
+        key = dict(
+            format=_CHECKPOINT_FORMAT,
+            weights=model.weights_hash(),
+            matrices=names,
+            dtype=str(model.dtype),
+            loss=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+            key=checkpoint_key,
+        )
         try:
             json.dumps(key)
         except TypeError:
-            raise RwasymError(f"checkpoint_key={checkpoint_key!r} must be JSON (numbers, strings, lists, dicts)") from None
+            raise RwasymError(
+                f"checkpoint_key={checkpoint_key!r} must be JSON (numbers, strings, lists, dicts)"
+            ) from None
         ckpt = _Checkpoint(Path(checkpoint), key, checkpoint_every)
     sums = {f"{n}/a_t": cap.stats.inputs[n] for n in names} | {f"{n}/delta_t": cap.stats.grads[n] for n in names}
     resume = None if ckpt is None else ckpt.load(sums, set(), extra=cap.stats.G)
@@ -162,33 +175,49 @@ def capture_gradients(
                     digest.update(batch_digest(batch))
                 if i < done_batches:  # in the checkpoint already: check it is this very batch sequence
                     if i == done_batches - 1 and digest.hexdigest() != resume.get("data"):
-                        raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} was written from other batches "
-                                          "(their hashes differ); pass the same batches in the same order, or "
-                                          "another checkpoint path")
+                        raise RwasymError(
+                            f"gradient checkpoint {str(checkpoint)!r} was written from other batches "
+                            "(their hashes differ); pass the same batches in the same order, or "
+                            "another checkpoint path"
+                        )
                     continue
                 if resume is not None and resume["done"]:
-                    raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} is finished after {done_batches} "
-                                      "batches but more were given; pass the same batches, or another checkpoint path")
+                    raise RwasymError(
+                        f"gradient checkpoint {str(checkpoint)!r} is finished after {done_batches} "
+                        "batches but more were given; pass the same batches, or another checkpoint path"
+                    )
                 if i % size != rank:
                     continue  # another rank's batch
                 model.bridge.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise RwasymError(f"the loss is {float(loss.detach())} on batch {i}; check the data and the model weights")
+                    raise RwasymError(
+                        f"the loss is {float(loss.detach())} on batch {i}; check the data and the model weights"
+                    )
                 loss.backward()
                 cap.stats.n_batches += 1
                 if ckpt is not None and n_read % ckpt.every == 0:
-                    ckpt.save(sums, set(), n_read, cap.stats.n_batches, done=False, extra=cap.stats.G,
-                              info={"data": digest.hexdigest()})
+                    ckpt.save(
+                        sums,
+                        set(),
+                        n_read,
+                        cap.stats.n_batches,
+                        done=False,
+                        extra=cap.stats.G,
+                        info={"data": digest.hexdigest()},
+                    )
     finally:
         model.bridge.zero_grad(set_to_none=True)
         model.bridge.train(was_training)
     if resume is not None and n_read < done_batches:
-        raise RwasymError(f"gradient checkpoint {str(checkpoint)!r} holds {done_batches} batches but only {n_read} "
-                          "were given; pass the same batches, or another checkpoint path")
+        raise RwasymError(
+            f"gradient checkpoint {str(checkpoint)!r} holds {done_batches} batches but only {n_read} "
+            "were given; pass the same batches, or another checkpoint path"
+        )
     if ckpt is not None and cap.stats.n_batches > 0 and not (resume is not None and resume["done"]):
-        ckpt.save(sums, set(), n_read, cap.stats.n_batches, done=True, extra=cap.stats.G,
-                  info={"data": digest.hexdigest()})
+        ckpt.save(
+            sums, set(), n_read, cap.stats.n_batches, done=True, extra=cap.stats.G, info={"data": digest.hexdigest()}
+        )
     if size > 1:
         distributed.require_same([n_read], "the number of batches given to capture_gradients")
         _all_reduce(cap.stats)
@@ -228,8 +257,10 @@ def batch_digest(batch: Any) -> bytes:
         elif x is None or isinstance(x, (str, int, float, bool)):
             h.update(f"S{type(x).__name__}:{x!r}".encode())
         else:
-            raise RwasymError(f"capture_gradients(checkpoint=...) cannot hash a batch holding {type(x).__name__}; "
-                              "pass batches of tensors, dicts, lists or dataclasses of them, or drop checkpoint=")
+            raise RwasymError(
+                f"capture_gradients(checkpoint=...) cannot hash a batch holding {type(x).__name__}; "
+                "pass batches of tensors, dicts, lists or dataclasses of them, or drop checkpoint="
+            )
 
     feed(batch)
     return h.digest()

@@ -58,26 +58,32 @@ def require_finite(x: Tensor, what: str) -> Tensor:
 def as_float64_array(x: object, what: str, ndim: int = 2) -> Tensor:
     """Validate a non-empty, finite tensor with ``ndim`` axes (any numeric dtype); float64 CPU copy."""
     if not isinstance(x, Tensor):
-        raise RwasymError(f"{what} must be a torch.Tensor, got {type(x).__name__}; "
-                          "wrap it with torch.as_tensor(...)")
+        raise RwasymError(f"{what} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
     if x.ndim != ndim:
-        raise RwasymError(f"{what} must have {ndim} axes, got shape {tuple(x.shape)}; "
-                          "reshape it (e.g. x.reshape(-1, x.shape[-1]) for activations)")
+        raise RwasymError(
+            f"{what} must have {ndim} axes, got shape {tuple(x.shape)}; "
+            "reshape it (e.g. x.reshape(-1, x.shape[-1]) for activations)"
+        )
     if x.numel() == 0:
-        raise RwasymError(f"{what} is empty (shape {tuple(x.shape)}); pass a tensor with "
-                          "at least one entry along every axis")
+        raise RwasymError(
+            f"{what} is empty (shape {tuple(x.shape)}); pass a tensor with at least one entry along every axis"
+        )
     return require_finite(x.detach().to(device="cpu", dtype=torch.float64), what)
 
 
 def require_vector(x: object, n: int, what: str) -> Tensor:
     """A finite float64 CPU vector of length n, or RwasymError naming the problem."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise RwasymError(f"{what} must be a floating-point torch.Tensor of shape ({n},); got {type(x).__name__}"
-                          f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}.")
+        raise RwasymError(
+            f"{what} must be a floating-point torch.Tensor of shape ({n},); got {type(x).__name__}"
+            f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}."
+        )
     x = x.detach().to("cpu", torch.float64)
     if x.dim() != 1 or x.shape[0] != n:
-        raise RwasymError(f"{what} must be a vector of shape ({n},); got shape {tuple(x.shape)}. "
-                          "Check which side of the matrix (n_out × n_in, y = W a) it belongs to.")
+        raise RwasymError(
+            f"{what} must be a vector of shape ({n},); got shape {tuple(x.shape)}. "
+            "Check which side of the matrix (n_out × n_in, y = W a) it belongs to."
+        )
     return require_finite(x, what)
 
 

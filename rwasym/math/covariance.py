@@ -53,14 +53,22 @@ class RunningCovariance:
         (16, torch.Size([4, 4]))
     """
 
-    def __init__(self, dim: int, *, name: str | None = None, device: torch.device | str = "cpu",
-                 gram_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        name: str | None = None,
+        device: torch.device | str = "cpu",
+        gram_dtype: torch.dtype | None = None,
+    ) -> None:
         dim = require_int(dim, "dim")
         if dim <= 0:
             raise RwasymError(f"RunningCovariance dim must be a positive integer; got dim={dim}.")
         if gram_dtype not in (None, torch.float32, torch.float64):
-            raise RwasymError(f"gram_dtype must be None (float32 products for float32-or-narrower inputs), "
-                              f"torch.float32 or torch.float64; got {gram_dtype!r}.")
+            raise RwasymError(
+                f"gram_dtype must be None (float32 products for float32-or-narrower inputs), "
+                f"torch.float32 or torch.float64; got {gram_dtype!r}."
+            )
         self.gram_dtype = gram_dtype
         self.dim = dim
         self.name = name
@@ -158,8 +166,13 @@ class RunningCovariance:
         """
         if not distributed.is_distributed():
             return self
-        packed = torch.cat([torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
-                            self._sum, self._sum_outer.reshape(-1)])  # (1 + d + d²,)
+        packed = torch.cat(
+            [
+                torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
+                self._sum,
+                self._sum_outer.reshape(-1),
+            ]
+        )  # (1 + d + d²,)
         distributed.all_reduce_sum_(packed)
         self._count = int(round(float(packed[0])))
         self._sum.copy_(packed[1 : 1 + self.dim])

@@ -147,19 +147,27 @@ class DeltaSpectrum:
 
     def __post_init__(self) -> None:
         # run-time guards for callers that bypass the annotations
-        if (not isinstance(self.weights, Tensor)  # pyright: ignore[reportUnnecessaryIsInstance]
-                or not isinstance(self.shape, (tuple, list))):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise RwasymError(f"DeltaSpectrum needs a weights tensor and a shape tuple; got "
-                              f"{type(self.weights).__name__} and {type(self.shape).__name__}. "
-                              "Use delta_spectrum(delta).")
+        if (
+            not isinstance(self.weights, Tensor)  # pyright: ignore[reportUnnecessaryIsInstance]
+            or not isinstance(self.shape, (tuple, list))
+        ):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise RwasymError(
+                f"DeltaSpectrum needs a weights tensor and a shape tuple; got "
+                f"{type(self.weights).__name__} and {type(self.shape).__name__}. "
+                "Use delta_spectrum(delta)."
+            )
         w = self.weights.detach().to("cpu", torch.float64)
         shape = tuple(require_positive_int(x, "each of DeltaSpectrum.shape") for x in self.shape)
         if len(shape) != 2 or w.dim() != 1 or not 1 <= w.shape[0] <= min(shape):
-            raise RwasymError(f"DeltaSpectrum needs shape (n_out, n_in) and 1 <= r <= min(n_out, n_in) "
-                              f"weights; got shape {self.shape} and weights of shape {shape_str(w)}.")
+            raise RwasymError(
+                f"DeltaSpectrum needs shape (n_out, n_in) and 1 <= r <= min(n_out, n_in) "
+                f"weights; got shape {self.shape} and weights of shape {shape_str(w)}."
+            )
         if not bool(torch.isfinite(w).all() and (w >= 0).all()) or abs(float(w.sum()) - 1.0) > 1e-9:
-            raise RwasymError(f"DeltaSpectrum.weights must be w_i = σ_i²/Σσ² (finite, >= 0, summing to 1); "
-                              f"got sum {float(w.sum())!r}. Build it with delta_spectrum(delta).")
+            raise RwasymError(
+                f"DeltaSpectrum.weights must be w_i = σ_i²/Σσ² (finite, >= 0, summing to 1); "
+                f"got sum {float(w.sum())!r}. Build it with delta_spectrum(delta)."
+            )
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "shape", shape)
 
@@ -324,9 +332,7 @@ def _haar_moments(s2: float, n: int, k: int) -> NullMoments:
     return NullMoments(mean=k / n, std=math.sqrt(max(var, 0.0)))  # n s₂ − 1 >= 0 up to rounding
 
 
-def null_moments(
-    delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum, side: Side, k: int
-) -> NullMoments:
+def null_moments(delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpectrum, side: Side, k: int) -> NullMoments:
     """Exact mean and std of f over Haar-random k-dim subspaces of the side's space (no sampling).
 
     With S = ΔWᵀΔW/‖ΔW‖²_F (input side) or ΔWΔWᵀ/‖ΔW‖²_F (output side), f(U) = tr(S P) for the Haar
@@ -406,8 +412,7 @@ def null_fractions(
     if k == n or samples == 0:
         return torch.ones(samples, dtype=torch.float64)
     complement = 2 * k > n
-    draws = _spectral_null_draws(spectrum.weights, n, n - k if complement else k, samples,
-                                 np.random.default_rng(seed))
+    draws = _spectral_null_draws(spectrum.weights, n, n - k if complement else k, samples, np.random.default_rng(seed))
     return 1.0 - draws if complement else draws
 
 

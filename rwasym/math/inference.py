@@ -47,15 +47,15 @@ def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: 
     return float((1 + np.sum(diffs >= observed - tol)) / (1 + n_permutations))
 
 
-def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap CI of mean(x) − mean(y): x and y resampled independently with
     replacement (rng = numpy.random.default_rng(seed); x's indices ``rng.integers(0, n_x,
     (n_boot, n_x))`` first, then y's), quantiles (1 − level)/2 and (1 + level)/2 (numpy "linear")."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.size == 0 or y.size == 0 or not 0 < level < 1:
-        raise RwasymError(f"bootstrap_ci needs two non-empty samples and 0 < level < 1; got sizes {x.size}, "
-                          f"{y.size}, level {level}")
+        raise RwasymError(
+            f"bootstrap_ci needs two non-empty samples and 0 < level < 1; got sizes {x.size}, {y.size}, level {level}"
+        )
     rng = np.random.default_rng(seed)
     bx = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
     by = y[rng.integers(0, y.size, (n_boot, y.size))].mean(1)
@@ -64,9 +64,38 @@ def bootstrap_ci(x: Sample, y: Sample, n_boot: int = 2000, level: float = 0.95,
 
 
 # Two-sided 95% quantiles of Student's t, df = 1..30 (above: the expansion in `t975`).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t975(df: int) -> float:

@@ -38,15 +38,19 @@ class LowRankDelta:
         for which in ("B", "A"):
             x = getattr(self, which)
             if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
-                raise RwasymError(f"LowRankDelta.{which} must be a 2-D floating tensor; got "
-                                  f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+                raise RwasymError(
+                    f"LowRankDelta.{which} must be a 2-D floating tensor; got "
+                    f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+                )
             x = x.detach().to("cpu", torch.float64)
             if not bool(torch.isfinite(x).all()):
                 raise RwasymError(f"LowRankDelta.{which} contains NaN or Inf; check the adapter weights")
             object.__setattr__(self, which, x)
         if self.B.shape[1] != self.A.shape[0]:
-            raise RwasymError(f"LowRankDelta needs B (n_out, r) and A (r, n_in) with one r; got B "
-                              f"{tuple(self.B.shape)} and A {tuple(self.A.shape)}")
+            raise RwasymError(
+                f"LowRankDelta needs B (n_out, r) and A (r, n_in) with one r; got B "
+                f"{tuple(self.B.shape)} and A {tuple(self.A.shape)}"
+            )
         object.__setattr__(self, "scale", float(self.scale))
         if not math.isfinite(self.scale):
             raise RwasymError(f"LowRankDelta.scale must be finite; got {self.scale}")
@@ -85,16 +89,20 @@ class LowRankDelta:
         """ΔW v = scale · B (A v) for a vector (n_in,) or a matrix (n_in, k); float64."""
         v = v.detach().to("cpu", torch.float64)
         if v.shape[0] != self.shape[1]:
-            raise RwasymError(f"ΔW of shape (n_out, n_in) = {self.shape} needs v with n_in = {self.shape[1]} "
-                              f"rows; got {tuple(v.shape)}")
+            raise RwasymError(
+                f"ΔW of shape (n_out, n_in) = {self.shape} needs v with n_in = {self.shape[1]} "
+                f"rows; got {tuple(v.shape)}"
+            )
         return self.scale * (self.B @ (self.A @ v))
 
     def rmatvec(self, u: Float[Tensor, " n_out *k"]) -> Float[Tensor, " n_in *k"]:
         """ΔWᵀ u = scale · Aᵀ (Bᵀ u) for a vector (n_out,) or a matrix (n_out, k); float64."""
         u = u.detach().to("cpu", torch.float64)
         if u.shape[0] != self.shape[0]:
-            raise RwasymError(f"ΔW of shape (n_out, n_in) = {self.shape} needs u with n_out = {self.shape[0]} "
-                              f"rows; got {tuple(u.shape)}")
+            raise RwasymError(
+                f"ΔW of shape (n_out, n_in) = {self.shape} needs u with n_out = {self.shape[0]} "
+                f"rows; got {tuple(u.shape)}"
+            )
         return self.scale * (self.A.T @ (self.B.T @ u))
 
     def rows(self, index: slice | Tensor) -> "LowRankDelta":

@@ -35,8 +35,18 @@ from .covariance import RunningCovariance
 from .lowrank import LowRankDelta
 from .subspaces import complement_basis, haar_frames, pca_basis, prediction_basis
 
-__all__ = ["DIRECTION_KINDS", "Direction", "closed_form_u", "directions", "edit_energy", "edit_norm", "frame_edit",
-           "match_output_energy", "random_frame", "unit_vector"]
+__all__ = [
+    "DIRECTION_KINDS",
+    "Direction",
+    "closed_form_u",
+    "directions",
+    "edit_energy",
+    "edit_norm",
+    "frame_edit",
+    "match_output_energy",
+    "random_frame",
+    "unit_vector",
+]
 
 DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal")
 _TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
@@ -47,8 +57,10 @@ def unit_vector(v: Any, n: int, what: str = "v") -> Tensor:
     v = require_vector(v, n, what)
     norm = float(linalg.vector_norm(v))
     if abs(norm - 1.0) > 1e-6:
-        raise RwasymError(f"{what} must be a unit vector (‖{what}‖ = 1); got ‖{what}‖ = {norm:.6g}. "
-                          f"Normalise it first: {what} = {what} / {what}.norm().")
+        raise RwasymError(
+            f"{what} must be a unit vector (‖{what}‖ = 1); got ‖{what}‖ = {norm:.6g}. "
+            f"Normalise it first: {what} = {what} / {what}.norm()."
+        )
     return v
 
 
@@ -112,16 +124,20 @@ def _side_vectors(delta: Tensor, drawn: Tensor, side: str, tiny: float) -> tuple
     return norm * drawn, w / norm
 
 
-def _subspace(side: str, k: int, n: int, cov: Tensor | RunningCovariance | None, unembedding: Tensor | None,
-              what: str) -> Tensor:
+def _subspace(
+    side: str, k: int, n: int, cov: Tensor | RunningCovariance | None, unembedding: Tensor | None, what: str
+) -> Tensor:
     if side == "input":
         if cov is None:
-            raise RwasymError(f"{what} directions on the input side need cov= (the input covariance, "
-                              "a (n_in, n_in) tensor or RunningCovariance of the base's activations)")
+            raise RwasymError(
+                f"{what} directions on the input side need cov= (the input covariance, "
+                "a (n_in, n_in) tensor or RunningCovariance of the base's activations)"
+            )
         return pca_basis(cov, k).U
     if unembedding is None:
-        raise RwasymError(f"{what} directions on the output side need unembedding= (d_model, d_vocab), "
-                          "e.g. model.unembedding()")
+        raise RwasymError(
+            f"{what} directions on the output side need unembedding= (d_model, d_vocab), e.g. model.unembedding()"
+        )
     if unembedding.shape[0] != n:
         raise RwasymError(
             f"prediction directions live in the residual stream R^{unembedding.shape[0]}, but this matrix's "
@@ -132,7 +148,9 @@ def _subspace(side: str, k: int, n: int, cov: Tensor | RunningCovariance | None,
 
 
 def match_output_energy(
-    controls: list[Direction], targets: list[Direction], second_moment: Float[Tensor, "n_in n_in"],
+    controls: list[Direction],
+    targets: list[Direction],
+    second_moment: Float[Tensor, "n_in n_in"],
 ) -> list[Direction]:
     """Rescale each control's u so its edit changes the linear's output as much, on average, as its
     matched target's: ‖u_c‖² · v_cᵀ M v_c = ‖u_t‖² · v_tᵀ M v_t, with M = E[a aᵀ] the uncentered
@@ -154,8 +172,10 @@ def match_output_energy(
         m = d.matched_to if d.matched_to is not None else j % len(targets)
         want, have = effect(targets[m]), effect(d)
         if have <= 0.0:
-            raise RwasymError(f"control {d.kind}[{d.index}] has zero output energy (u = 0: ΔW has no component "
-                              "along it; or vᵀ M v = 0); it cannot be matched — use match='norm' or more data for M")
+            raise RwasymError(
+                f"control {d.kind}[{d.index}] has zero output energy (u = 0: ΔW has no component "
+                "along it; or vᵀ M v = 0); it cannot be matched — use match='norm' or more data for M"
+            )
         out.append(replace(d, u=d.u * (want / have) ** 0.5, matched_to=m))
     return out
 
@@ -188,9 +208,11 @@ def directions(
     if kind not in DIRECTION_KINDS:
         raise RwasymError(f"unknown direction kind {kind!r}; choose from {', '.join(DIRECTION_KINDS)}")
     delta = as_float64_matrix(delta, "delta (ΔW)")
-    if (isinstance(count, bool)
-            or not isinstance(count, int)  # pyright: ignore[reportUnnecessaryIsInstance]
-            or count < 1):
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+        or count < 1
+    ):
         raise RwasymError(f"count must be a positive integer; got {count!r}")
     side = {"pca": "input", "prediction": "output"}.get(kind, side)
     if side not in ("input", "output"):
@@ -218,14 +240,25 @@ def directions(
             matched = j % len(target_norms)
             norm = float(linalg.vector_norm(u))
             u = u * (target_norms[matched] / norm) if norm > tiny else torch.zeros_like(u)
-        out.append(Direction(kind=kind, index=j, side=side, target=_TARGET_OF_SIDE[side], u=u, v=v,
-                             direction=drawn[j].clone(), matched_to=matched))
+        out.append(
+            Direction(
+                kind=kind,
+                index=j,
+                side=side,
+                target=_TARGET_OF_SIDE[side],
+                u=u,
+                v=v,
+                direction=drawn[j].clone(),
+                matched_to=matched,
+            )
+        )
     return out
 
 
 # -- rank r: edits E = Uᵀ V on an orthonormal frame ------------------------------------------------
-def frame_edit(delta: Float[Tensor, "n_out n_in"], frame: Float[Tensor, "r n"],
-               side: str) -> tuple[Float[Tensor, "r n_out"], Float[Tensor, "r n_in"]]:
+def frame_edit(
+    delta: Float[Tensor, "n_out n_in"], frame: Float[Tensor, "r n"], side: str
+) -> tuple[Float[Tensor, "r n_out"], Float[Tensor, "r n_in"]]:
     """(U, V) of the least-squares rank-r component of ΔW on the orthonormal frame F (rows f_j).
 
     side "input" (F in R^{n_in}): E = ΔW FᵀF = Σ_j (ΔW f_j) f_jᵀ, so U = F ΔWᵀ, V = F — rank 1 is
@@ -237,12 +270,15 @@ def frame_edit(delta: Float[Tensor, "n_out n_in"], frame: Float[Tensor, "r n"],
     F = as_float64_matrix(frame, "frame")
     n = delta.shape[1] if side == "input" else delta.shape[0]
     if side not in ("input", "output") or F.shape[1] != n:
-        raise RwasymError(f"frame_edit needs side 'input' (frame rows in R^{delta.shape[1]}) or 'output' (rows in "
-                          f"R^{delta.shape[0]}); got side={side!r} and a frame of shape {tuple(F.shape)}")
+        raise RwasymError(
+            f"frame_edit needs side 'input' (frame rows in R^{delta.shape[1]}) or 'output' (rows in "
+            f"R^{delta.shape[0]}); got side={side!r} and a frame of shape {tuple(F.shape)}"
+        )
     gram = F @ F.T
     if float((gram - torch.eye(F.shape[0], dtype=torch.float64)).abs().max()) > 1e-8:
-        raise RwasymError("frame_edit needs an orthonormal frame (F Fᵀ = I); orthonormalise its rows first "
-                          "(torch.linalg.qr(F.T).Q.T)")
+        raise RwasymError(
+            "frame_edit needs an orthonormal frame (F Fᵀ = I); orthonormalise its rows first (torch.linalg.qr(F.T).Q.T)"
+        )
     return (F @ delta.T, F) if side == "input" else (F, F @ delta)
 
 
@@ -258,8 +294,9 @@ def edit_norm(U: Float[Tensor, "r n_out"], V: Float[Tensor, "r n_in"]) -> float:
     return max(float(((U @ U.T) * (V @ V.T)).sum()), 0.0) ** 0.5
 
 
-def edit_energy(U: Float[Tensor, "r n_out"], V: Float[Tensor, "r n_in"],
-                second_moment: Float[Tensor, "n_in n_in"]) -> float:
+def edit_energy(
+    U: Float[Tensor, "r n_out"], V: Float[Tensor, "r n_in"], second_moment: Float[Tensor, "n_in n_in"]
+) -> float:
     """The mean-square output change E‖E a‖² = tr(E M Eᵀ) of the edit E = Uᵀ V, with M = E[a aᵀ]
     the uncentered second moment of the input: Σ_ij (U Uᵀ)_ij (V M Vᵀ)_ij."""
     M = as_float64_matrix(second_moment, "second_moment (E[a aᵀ] of the matrix input)")

@@ -45,30 +45,39 @@ def _eigvalsh_desc(C_in: object, name: str, fn: str) -> Tensor:
     """Eigenvalues of a symmetric PSD matrix, descending, tiny negatives clamped to 0."""
     C = as_f64(C_in, name, fn)
     if C.shape[0] != C.shape[1]:
-        raise RwasymError(f"{fn}: {name} must be square (d x d), got shape {tuple(C.shape)}; "
-                          f"pass a covariance such as Z.T @ Z, not the data Z itself")
+        raise RwasymError(
+            f"{fn}: {name} must be square (d x d), got shape {tuple(C.shape)}; "
+            f"pass a covariance such as Z.T @ Z, not the data Z itself"
+        )
     norm = float(linalg.matrix_norm(C))
     asym = float(linalg.matrix_norm(C - C.T))
     if asym > _SYMMETRY_RTOL * norm:
-        raise RwasymError(f"{fn}: {name} is not symmetric (||C - C.T||_F / ||C||_F = "
-                          f"{asym / norm:.3g}); pass a covariance, or symmetrise it with "
-                          f"(C + C.T) / 2")
+        raise RwasymError(
+            f"{fn}: {name} is not symmetric (||C - C.T||_F / ||C||_F = "
+            f"{asym / norm:.3g}); pass a covariance, or symmetrise it with "
+            f"(C + C.T) / 2"
+        )
     lam = linalg.eigvalsh((C + C.T) / 2).flip(0)
     if lam[0] <= 0:
-        raise RwasymError(f"{fn}: {name} has no positive eigenvalue (largest = "
-                          f"{float(lam[0]):.3g}); the covariance is zero — check that "
-                          f"activations were accumulated")
+        raise RwasymError(
+            f"{fn}: {name} has no positive eigenvalue (largest = "
+            f"{float(lam[0]):.3g}); the covariance is zero — check that "
+            f"activations were accumulated"
+        )
     if lam[-1] < -_PSD_RTOL * lam[0]:
-        raise RwasymError(f"{fn}: {name} is not positive semidefinite (smallest eigenvalue "
-                          f"{float(lam[-1]):.3g}, largest {float(lam[0]):.3g}); pass a "
-                          f"covariance (a sum of outer products), not a difference of them")
+        raise RwasymError(
+            f"{fn}: {name} is not positive semidefinite (smallest eigenvalue "
+            f"{float(lam[-1]):.3g}, largest {float(lam[0]):.3g}); pass a "
+            f"covariance (a sum of outer products), not a difference of them"
+        )
     return lam.clamp_min(0.0)
 
 
 def _check_eps(eps: object, fn: str) -> None:
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
-        raise RwasymError(f"{fn}: eps must be a float in [0, 1), got {eps!r}; the default 1e-7 "
-                          f"follows Garrido et al. 2023")
+        raise RwasymError(
+            f"{fn}: eps must be a float in [0, 1), got {eps!r}; the default 1e-7 follows Garrido et al. 2023"
+        )
 
 
 # ----------------------------------------------------------------------------- results
@@ -118,14 +127,14 @@ def rankme(Z: Float[Tensor, "n d"], eps: float = 1e-7) -> float:
     _check_eps(eps, "rankme")
     s = linalg.svdvals(Z64)
     if s[0] <= 0:
-        raise RwasymError(f"rankme: Z (shape {tuple(Z64.shape)}) is all zeros, so RankMe is "
-                          f"undefined; check that the activations were captured")
+        raise RwasymError(
+            f"rankme: Z (shape {tuple(Z64.shape)}) is all zeros, so RankMe is "
+            f"undefined; check that the activations were captured"
+        )
     return _entropy_rank(s, eps)
 
 
-def rankme_from_cov(
-    C: Float[Tensor, "d d"], eps: float = 1e-7, n_samples: int | None = None
-) -> float:
+def rankme_from_cov(C: Float[Tensor, "d d"], eps: float = 1e-7, n_samples: int | None = None) -> float:
     """RankMe from an accumulated *uncentred* second moment C = Z^T Z (streaming use).
 
     The singular values of Z are the square roots of the eigenvalues of Z^T Z, so
@@ -139,8 +148,10 @@ def rankme_from_cov(
     lam = _eigvalsh_desc(C, "C", "rankme_from_cov")
     if n_samples is not None:
         if not (isinstance(n_samples, int) and n_samples >= 1):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise RwasymError(f"rankme_from_cov: n_samples must be a positive int, got "
-                              f"{n_samples!r}; pass the number of rows accumulated into C")
+            raise RwasymError(
+                f"rankme_from_cov: n_samples must be a positive int, got "
+                f"{n_samples!r}; pass the number of rows accumulated into C"
+            )
         lam = lam[: min(n_samples, lam.numel())]
     return _entropy_rank(lam.sqrt(), eps)
 
@@ -166,13 +177,17 @@ def alpha_req(
     """
     fn = "alpha_req"
     if (Z is None) == (cov is None):
-        raise RwasymError(f"{fn}: pass exactly one of Z (samples, n x d) or cov= (d x d); got "
-                          f"{'both' if Z is not None else 'neither'}")
+        raise RwasymError(
+            f"{fn}: pass exactly one of Z (samples, n x d) or cov= (d x d); got "
+            f"{'both' if Z is not None else 'neither'}"
+        )
     if Z is not None:
         Zc = as_f64(Z, "Z", fn)
         if Zc.shape[0] < 2:
-            raise RwasymError(f"{fn}: Z has {Zc.shape[0]} row(s); a covariance needs at least 2 "
-                              f"samples — pass more rows or a precomputed cov=")
+            raise RwasymError(
+                f"{fn}: Z has {Zc.shape[0]} row(s); a covariance needs at least 2 "
+                f"samples — pass more rows or a precomputed cov="
+            )
         d = Zc.shape[1]
         Zc = Zc - Zc.mean(dim=0, keepdim=True)
         lam = linalg.svdvals(Zc) ** 2 / (Zc.shape[0] - 1)  # min(n, d) eigenvalues
@@ -185,16 +200,23 @@ def alpha_req(
         lo, hi = 1, max(2, d // 2)
     else:
         lo, hi = index_range
-    if not (isinstance(lo, int) and isinstance(hi, int)  # pyright: ignore[reportUnnecessaryIsInstance]
-            and 1 <= lo < hi <= d):
-        raise RwasymError(f"{fn}: index_range=({lo!r}, {hi!r}) is out of range for d={d}; pass "
-                          f"1-based inclusive ints with 1 <= lo < hi <= d")
+    if not (
+        isinstance(lo, int)
+        and isinstance(hi, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+        and 1 <= lo < hi <= d
+    ):
+        raise RwasymError(
+            f"{fn}: index_range=({lo!r}, {hi!r}) is out of range for d={d}; pass "
+            f"1-based inclusive ints with 1 <= lo < hi <= d"
+        )
     n_ok = int((lam > _NEGLIGIBLE_RTOL * lam[0]).sum())
     hi = min(hi, n_ok)
     if hi - lo + 1 < 2:
-        raise RwasymError(f"{fn}: only {max(0, hi - lo + 1)} non-negligible eigenvalue(s) in "
-                          f"index_range from lo={lo} ({n_ok} of d={d} are > 1e-10 * lambda_1); "
-                          f"pass more samples or a lower index_range")
+        raise RwasymError(
+            f"{fn}: only {max(0, hi - lo + 1)} non-negligible eigenvalue(s) in "
+            f"index_range from lo={lo} ({n_ok} of d={d} are > 1e-10 * lambda_1); "
+            f"pass more samples or a lower index_range"
+        )
     i = torch.arange(lo, hi + 1, dtype=torch.float64)
     slope, intercept, r2 = fit_line(i.log(), lam[lo - 1 : hi].log())
     return AlphaReq(alpha=-slope, intercept=intercept, r2=r2, lo=lo, hi=hi, d=d)
@@ -288,11 +310,18 @@ class Lifecycle:
         for name, rs in by_name.items():
             rs.sort(key=lambda r: r.step)
             best = min(rs, key=lambda r: (r.effective_rank, r.step))
-            out.append({"name": name, "layer": rs[0].layer, "kind": rs[0].kind,
-                        "step_of_min": best.step, "effective_rank_min": best.effective_rank,
-                        "effective_rank_first": rs[0].effective_rank,
-                        "effective_rank_last": rs[-1].effective_rank,
-                        "compression": rs[0].effective_rank - best.effective_rank})
+            out.append(
+                {
+                    "name": name,
+                    "layer": rs[0].layer,
+                    "kind": rs[0].kind,
+                    "step_of_min": best.step,
+                    "effective_rank_min": best.effective_rank,
+                    "effective_rank_first": rs[0].effective_rank,
+                    "effective_rank_last": rs[-1].effective_rank,
+                    "compression": rs[0].effective_rank - best.effective_rank,
+                }
+            )
         out.sort(key=lambda o: (o["layer"] if o["layer"] is not None else -1, o["kind"], o["name"]))
         return jsonable(out)
 
@@ -304,22 +333,29 @@ class Lifecycle:
             groups[(r.kind, r.step)].append(r)
         out: list[dict[str, Any]] = []
         for (kind, step), rs in sorted(groups.items()):
-            out.append({"kind": kind, "step": step, "n_matrices": len(rs),
-                        "stable_rank_mean": _mean([r.stable_rank for r in rs]),
-                        "effective_rank_mean": _mean([r.effective_rank for r in rs]),
-                        "effective_rank_frac_mean": _mean(
-                            [r.effective_rank / min(r.n_out, r.n_in) for r in rs]),
-                        "top_k_energy_mean": _mean([r.top_k_energy for r in rs])})
+            out.append(
+                {
+                    "kind": kind,
+                    "step": step,
+                    "n_matrices": len(rs),
+                    "stable_rank_mean": _mean([r.stable_rank for r in rs]),
+                    "effective_rank_mean": _mean([r.effective_rank for r in rs]),
+                    "effective_rank_frac_mean": _mean([r.effective_rank / min(r.n_out, r.n_in) for r in rs]),
+                    "top_k_energy_mean": _mean([r.top_k_energy for r in rs]),
+                }
+            )
         return jsonable(out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "rows": self.to_rows(include_singular_values=True),
-                "compression_timing": self.compression_timing(),
-                "kind_summary": self.kind_summary()}
+        return {
+            "top_k": self.top_k,
+            "rows": self.to_rows(include_singular_values=True),
+            "compression_timing": self.compression_timing(),
+            "kind_summary": self.kind_summary(),
+        }
 
 
-def _row(step: int, name: str, shape: tuple[int, int], s: Tensor, top_k: int,
-         eps: float) -> LifecycleRow:
+def _row(step: int, name: str, shape: tuple[int, int], s: Tensor, top_k: int, eps: float) -> LifecycleRow:
     layer, kind = parse_matrix_name(name)
     k = min(top_k, s.numel())
     s2 = s**2
@@ -329,14 +365,22 @@ def _row(step: int, name: str, shape: tuple[int, int], s: Tensor, top_k: int,
         energy = float(s2[:k].sum() / s2.sum())
     else:
         stable = eff = energy = math.nan
-    return LifecycleRow(step=step, name=name, layer=layer, kind=kind, n_out=shape[0],
-                        n_in=shape[1], stable_rank=stable, effective_rank=eff,
-                        top_k_energy=energy, top_k=k, singular_values=tuple(tolist(s)))
+    return LifecycleRow(
+        step=step,
+        name=name,
+        layer=layer,
+        kind=kind,
+        n_out=shape[0],
+        n_in=shape[1],
+        stable_rank=stable,
+        effective_rank=eff,
+        top_k_energy=energy,
+        top_k=k,
+        singular_values=tuple(tolist(s)),
+    )
 
 
-def lifecycle(
-    weights_by_step: Mapping[int, Mapping[str, Tensor]], top_k: int = 10, eps: float = 1e-7
-) -> Lifecycle:
+def lifecycle(weights_by_step: Mapping[int, Mapping[str, Tensor]], top_k: int = 10, eps: float = 1e-7) -> Lifecycle:
     """Spectra of every weight matrix at every checkpoint.
 
     ``weights_by_step[step][name]`` is a 2-D weight (n_out x n_in); names like
@@ -350,13 +394,17 @@ def lifecycle(
     ``torch.linalg.svdvals`` call (float64). A matrix must keep its shape across steps.
     """
     fn = "lifecycle"
-    if (not isinstance(weights_by_step, Mapping)  # pyright: ignore[reportUnnecessaryIsInstance]
-            or len(weights_by_step) == 0):
-        raise RwasymError(f"{fn}: weights_by_step is empty; pass {{step: {{name: tensor}}}} "
-                          f"with at least one checkpoint")
+    if (
+        not isinstance(weights_by_step, Mapping)  # pyright: ignore[reportUnnecessaryIsInstance]
+        or len(weights_by_step) == 0
+    ):
+        raise RwasymError(
+            f"{fn}: weights_by_step is empty; pass {{step: {{name: tensor}}}} with at least one checkpoint"
+        )
     if not (isinstance(top_k, int) and top_k >= 1):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise RwasymError(f"{fn}: top_k={top_k!r} is out of range; pass an int >= 1 (it is "
-                          f"clipped to min(n_out, n_in) per matrix)")
+        raise RwasymError(
+            f"{fn}: top_k={top_k!r} is out of range; pass an int >= 1 (it is clipped to min(n_out, n_in) per matrix)"
+        )
     _check_eps(eps, fn)
     shapes: dict[str, tuple[int, int]] = {}
     first_step: dict[str, int] = {}
@@ -364,22 +412,25 @@ def lifecycle(
     for step in sorted(weights_by_step):
         mats = weights_by_step[step]
         if not isinstance(mats, Mapping) or len(mats) == 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise RwasymError(f"{fn}: checkpoint step={step} has no matrices; pass a non-empty "
-                              f"{{name: tensor}} mapping for every step or drop the step")
+            raise RwasymError(
+                f"{fn}: checkpoint step={step} has no matrices; pass a non-empty "
+                f"{{name: tensor}} mapping for every step or drop the step"
+            )
         by_shape: dict[tuple[int, int], list[tuple[str, Tensor]]] = defaultdict(list)
         for name, w in mats.items():
             w = as_f64(w, f"weights_by_step[{step}][{name!r}]", fn)
             shape = (w.shape[0], w.shape[1])
             if shapes.setdefault(name, shape) != shape:
-                raise RwasymError(f"{fn}: matrix {name!r} has shape {shape} at step {step} but "
-                                  f"{shapes[name]} at step {first_step[name]}; a matrix must "
-                                  f"keep its shape across checkpoints — check the name mapping")
+                raise RwasymError(
+                    f"{fn}: matrix {name!r} has shape {shape} at step {step} but "
+                    f"{shapes[name]} at step {first_step[name]}; a matrix must "
+                    f"keep its shape across checkpoints — check the name mapping"
+                )
             first_step.setdefault(name, step)
             by_shape[shape].append((name, w))
         for shape, items in by_shape.items():
             stacked = torch.stack([w for _, w in items])  # (batch, n_out, n_in)
             svals = linalg.svdvals(stacked)  # (batch, min(n_out, n_in))
-            rows.extend(_row(int(step), name, shape, s, top_k, eps)
-                        for (name, _), s in zip(items, svals))
+            rows.extend(_row(int(step), name, shape, s, top_k, eps) for (name, _), s in zip(items, svals))
     rows.sort(key=lambda r: (r.step, r.name))
     return Lifecycle(rows=tuple(rows), top_k=top_k)

@@ -245,9 +245,7 @@ def complement_basis(
     basis = as_float64_matrix(basis, "U")
     require_orthonormal(basis, "U")
     n, k_U = basis.shape
-    k = require_k(
-        k, n - k_U, f"the orthogonal complement of span(U) (ambient n={n} minus k_U={k_U})"
-    )
+    k = require_k(k, n - k_U, f"the orthogonal complement of span(U) (ambient n={n} minus k_U={k_U})")
     gauss = torch.randn(n, k, dtype=torch.float64, generator=generator)
     for _ in range(2):  # project twice: "twice is enough" for Gram-Schmidt
         gauss = gauss - basis @ (basis.T @ gauss)  # (n, k)

@@ -36,17 +36,17 @@ REBUILD_MODES = (
 _ZERO_RTOL = 1e-12  # a singular value <= rtol * sigma_1 counts as zero
 
 
-def _svd_pair(
-    W_base: object, W_tuned: object, fn: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _svd_pair(W_base: object, W_tuned: object, fn: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Thin SVDs of both matrices with the tuned signs aligned to the base (see module doc):
     (U, S, V, U', S', V'), V and V' as (n_in, r)."""
     A = as_f64(W_base, "W_base", fn)
     B = as_f64(W_tuned, "W_tuned", fn)
     if A.shape != B.shape:
-        raise RwasymError(f"{fn}: W_base has shape {tuple(A.shape)} but W_tuned has shape "
-                          f"{tuple(B.shape)}; pass the same matrix of two checkpoints of one "
-                          f"architecture (both stored as n_out x n_in)")
+        raise RwasymError(
+            f"{fn}: W_base has shape {tuple(A.shape)} but W_tuned has shape "
+            f"{tuple(B.shape)}; pass the same matrix of two checkpoints of one "
+            f"architecture (both stored as n_out x n_in)"
+        )
     U, S, Vh = linalg.svd(A, full_matrices=False)  # (n_out, r), (r,), (r, n_in)
     U2, S2, Vh2 = linalg.svd(B, full_matrices=False)
     sign = torch.sign((U * U2).sum(dim=0))  # (r,)
@@ -94,7 +94,8 @@ class PostTrainingSVD:
 
 
 def post_training_svd(
-    W_base: Float[Tensor, "n_out n_in"], W_tuned: Float[Tensor, "_n_out _n_in"],
+    W_base: Float[Tensor, "n_out n_in"],
+    W_tuned: Float[Tensor, "_n_out _n_in"],
     k: int | None = None,
 ) -> PostTrainingSVD:
     """Compare the SVDs of W_base = U Sigma V^T and W_tuned = U' Sigma' V'^T (arXiv 2509.17866).
@@ -112,13 +113,17 @@ def post_training_svd(
     if k is None:
         k = r
     if not (isinstance(k, int) and 1 <= k <= r):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise RwasymError(f"{fn}: k={k!r} is out of range for W of shape ({n_out}, {n_in}); "
-                          f"pass an int with 1 <= k <= min(n_out, n_in) = {r}, or k=None for all")
+        raise RwasymError(
+            f"{fn}: k={k!r} is out of range for W of shape ({n_out}, {n_in}); "
+            f"pass an int with 1 <= k <= min(n_out, n_in) = {r}, or k=None for all"
+        )
     for label, s in (("W_base", S), ("W_tuned", S2)):
         if s[k - 1] <= _ZERO_RTOL * max(float(s[0]), 1e-300):
             n_pos = int((s > _ZERO_RTOL * s[0]).sum()) if s[0] > 0 else 0
-            raise RwasymError(f"{fn}: {label} has only {n_pos} non-zero singular value(s), fewer "
-                              f"than k={k}, so sigma'/sigma is undefined; pass k <= {n_pos}")
+            raise RwasymError(
+                f"{fn}: {label} has only {n_pos} non-zero singular value(s), fewer "
+                f"than k={k}, so sigma'/sigma is undefined; pass k <= {n_pos}"
+            )
     s, s2 = S[:k], S2[:k]
     ratio = s2 / s
     slope, intercept, r2 = fit_line(s.log(), s2.log())
@@ -126,22 +131,35 @@ def post_training_svd(
     R_V = V[:, :k].T @ V2[:, :k]  # (k, k)
     eye = torch.eye(k, dtype=torch.float64)
     return PostTrainingSVD(
-        k=k, n_out=n_out, n_in=n_in,
-        ratio_mean=float(ratio.mean()), ratio_std=float(ratio.std(correction=0)),
-        ratio_min=float(ratio.min()), ratio_max=float(ratio.max()),
-        fit_slope=slope, fit_intercept=intercept, fit_r2=r2,
+        k=k,
+        n_out=n_out,
+        n_in=n_in,
+        ratio_mean=float(ratio.mean()),
+        ratio_std=float(ratio.std(correction=0)),
+        ratio_min=float(ratio.min()),
+        ratio_max=float(ratio.max()),
+        fit_slope=slope,
+        fit_intercept=intercept,
+        fit_r2=r2,
         consistency=float(linalg.matrix_norm(R_U - R_V)) / math.sqrt(2 * k),
         orth_defect_u=float(linalg.matrix_norm(R_U.T @ R_U - eye)),
         orth_defect_v=float(linalg.matrix_norm(R_V.T @ R_V - eye)),
         diag_dominance_u=float(torch.diagonal(R_U).abs().mean()),
         diag_dominance_v=float(torch.diagonal(R_V).abs().mean()),
-        sigma_base=tuple(tolist(s)), sigma_tuned=tuple(tolist(s2)), R_U=R_U, R_V=R_V,
+        sigma_base=tuple(tolist(s)),
+        sigma_tuned=tuple(tolist(s2)),
+        R_U=R_U,
+        R_V=R_V,
     )
 
 
 def rebuild(
-    W_base: Float[Tensor, "n_out n_in"], W_tuned: Float[Tensor, "_n_out _n_in"], mode: str,
-    *, seed: int = 0, generator: torch.Generator | None = None,
+    W_base: Float[Tensor, "n_out n_in"],
+    W_tuned: Float[Tensor, "_n_out _n_in"],
+    mode: str,
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> Float[Tensor, "n_out n_in"]:
     """Rebuild a weight from mixed base/tuned SVD factors (the disruption test of 2509.17866).
 

@@ -13,6 +13,23 @@ from .heads import embed_head, head_input_block, head_range, head_slice, unit_sh
 from .loading import load, load_native, load_pair, native_config, read_meta, save_model
 from .registry import KINDS, READ_KINDS, MatrixSpec, Model, flatten_site
 
-__all__ = ["KINDS", "READ_KINDS", "MatrixSpec", "Model", "check_same_architecture", "embed_head", "flatten_site",
-           "head_input_block", "head_range", "head_slice", "load", "load_native", "load_pair", "native_config", "read_meta",
-           "save_model", "unit_shape", "weight_deltas"]
+__all__ = [
+    "KINDS",
+    "READ_KINDS",
+    "MatrixSpec",
+    "Model",
+    "check_same_architecture",
+    "embed_head",
+    "flatten_site",
+    "head_input_block",
+    "head_range",
+    "head_slice",
+    "load",
+    "load_native",
+    "load_pair",
+    "native_config",
+    "read_meta",
+    "save_model",
+    "unit_shape",
+    "weight_deltas",
+]

@@ -2,12 +2,11 @@
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 __all__ = ["cache_root"]
 
 
-def cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$RWASYM_CACHE``, else ``~/.cache/rwasym``: where rwasym keeps what it
     builds once (the default pair, de-quantized GGUF folders)."""
     if cache_dir is not None:

@@ -23,10 +23,9 @@ of T (after the transpose).
 import contextlib
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -34,8 +33,8 @@ from torch import Tensor
 
 from ..errors import RwasymError
 from .deltas import WeightDeltas, check_same_architecture
-from .loading import is_checkpoint_folder
 from .host import host_module_names, index_probe, is_transposed, read_matrix
+from .loading import is_checkpoint_folder
 from .registry import MatrixSpec, Model, matches_pattern
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -43,7 +42,7 @@ _SINGLE_FILE = "model.safetensors"
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _CHUNK_BYTES = 8 * 2**20  # float64 bytes per streamed block of rows (sub_ makes a block-sized temporary)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ class CheckpointMatrix:
     file: str
     host_shape: tuple[int, ...]
     transposed: bool = False
-    rows: Optional[tuple[int, ...]] = None
-    fused: Optional[str] = None
+    rows: tuple[int, ...] | None = None
+    fused: str | None = None
 
     @property
     def name(self) -> str:
@@ -87,8 +86,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
             files = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise RwasymError(
-                f"{str(index)!r} is corrupt (no valid 'weight_map': {err}); re-save the checkpoint "
-                "with save_pretrained"
+                f"{str(index)!r} is corrupt (no valid 'weight_map': {err}); re-save the checkpoint with save_pretrained"
             ) from None
         for file in sorted(set(files.values())):
             if not (folder / file).exists():
@@ -104,7 +102,8 @@ def _weight_map(folder: Path) -> dict[str, str]:
     hint = (
         f" It holds {', '.join(other[:3])}: convert it once with "
         "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)."
-        if other else ""
+        if other
+        else ""
     )
     raise RwasymError(
         f"folder {str(folder)!r} has neither {_SINGLE_FILE} nor {_INDEX_FILE}; streaming reads "
@@ -236,12 +235,12 @@ def _skeleton(folder: Path):
         return build(probed=True)
 
 
-def _resolve_key(name: str, keys: dict[str, str], prefix: str) -> Optional[str]:
+def _resolve_key(name: str, keys: dict[str, str], prefix: str) -> str | None:
     """The checkpoint key of module ``name``'s weight; tolerates a missing or extra base-model
     prefix (``transformer.h.0…`` saved as ``h.0…`` by older GPT-2 checkpoints)."""
     candidates = [f"{name}.weight"]
     if prefix and name.startswith(prefix + "."):
-        candidates.append(f"{name[len(prefix) + 1:]}.weight")
+        candidates.append(f"{name[len(prefix) + 1 :]}.weight")
     elif prefix:
         candidates.append(f"{prefix}.{name}.weight")
     return next((c for c in candidates if c in keys), None)
@@ -298,9 +297,7 @@ def _entries(folder: Path, role: str = "checkpoint") -> tuple[Model, list[Checkp
 
 
 # -- public -----------------------------------------------------------------------------------
-def checkpoint_matrices(
-    folder: PathLike, pattern: Union[str, Sequence[str], None] = None
-) -> list[CheckpointMatrix]:
+def checkpoint_matrices(folder: PathLike, pattern: str | Sequence[str] | None = None) -> list[CheckpointMatrix]:
     """Every studied matrix of a Hugging Face checkpoint folder, with its key, file and layout,
     in the order of ``rwasym.load(folder).matrices(pattern)`` — read from config.json and the
     safetensors headers only (no weights are loaded)."""
@@ -312,7 +309,7 @@ def checkpoint_matrices(
 def stream_weight_deltas(
     base_folder: PathLike,
     tuned_folder: PathLike,
-    pattern: Union[str, Sequence[str], None] = None,
+    pattern: str | Sequence[str] | None = None,
 ) -> Iterator[tuple[str, Float[Tensor, "n_out n_in"]]]:
     """An iterator of ``(name, ΔW)``, ΔW = W_tuned − W_base (float64, nn.Linear layout n_out × n_in),
     one matrix at a time, in registry order.
@@ -384,7 +381,7 @@ class CheckpointWeights(Mapping):
     (for fp32 / fp16 / bf16 files). A fused tensor is read once while its matrices (W_Q, W_K, W_V;
     W_gate, W_in) are looked up in turn. ``model`` is the weightless registry (`Model` on the meta device)."""
 
-    def __init__(self, folder: PathLike, pattern: Union[str, Sequence[str], None] = None) -> None:
+    def __init__(self, folder: PathLike, pattern: str | Sequence[str] | None = None) -> None:
         self.folder = _checked_folder(folder, "checkpoint")
         self.model, entries = _entries(self.folder)
         self._entries = {e.name: e for e in entries if pattern is None or matches_pattern(e.name, pattern)}
@@ -393,8 +390,10 @@ class CheckpointWeights(Mapping):
     def __getitem__(self, name: str) -> Float[Tensor, "n_out n_in"]:
         entry = self._entries.get(name)
         if entry is None:
-            raise RwasymError(f"checkpoint {str(self.folder)!r} has no studied matrix {name!r}; its matrices "
-                              f"include {', '.join(list(self._entries)[:4])}")
+            raise RwasymError(
+                f"checkpoint {str(self.folder)!r} has no studied matrix {name!r}; its matrices "
+                f"include {', '.join(list(self._entries)[:4])}"
+            )
         if entry.rows is None:
             return _linear(_host_read([(self.folder, entry)], f"{name} in {str(self.folder)!r}"), entry)
         if self._fused[0] != entry.key:
@@ -420,7 +419,7 @@ class CheckpointDeltas(WeightDeltas):
     the checkpoint as its tuned side). Equals ``weight_deltas(base, load(tuned_folder), pattern)``
     (fp32 / fp16 / bf16 checkpoints)."""
 
-    def __init__(self, base: Model, tuned_folder: PathLike, pattern: Union[str, Sequence[str], None] = None) -> None:
+    def __init__(self, base: Model, tuned_folder: PathLike, pattern: str | Sequence[str] | None = None) -> None:
         tuned = CheckpointWeights(tuned_folder)
         check_same_architecture(base, tuned.model)
         super().__init__(base, tuned, [spec.name for spec in base.matrices(pattern)])
@@ -429,7 +428,7 @@ class CheckpointDeltas(WeightDeltas):
 def weight_delta_norms(
     base_folder: PathLike,
     tuned_folder: PathLike,
-    pattern: Union[str, Sequence[str], None] = None,
+    pattern: str | Sequence[str] | None = None,
 ) -> dict[str, float]:
     """‖ΔW‖_F = sqrt(Σᵢⱼ ΔWᵢⱼ²) for every studied matrix, streamed (`stream_weight_deltas`)."""
     norms = {}
@@ -439,5 +438,12 @@ def weight_delta_norms(
     return norms
 
 
-__all__ = ["CheckpointDeltas", "CheckpointMatrix", "CheckpointWeights", "checkpoint_matrices", "is_checkpoint_folder",
-           "stream_weight_deltas", "weight_delta_norms"]
+__all__ = [
+    "CheckpointDeltas",
+    "CheckpointMatrix",
+    "CheckpointWeights",
+    "checkpoint_matrices",
+    "is_checkpoint_folder",
+    "stream_weight_deltas",
+    "weight_delta_norms",
+]

@@ -6,8 +6,8 @@ Checkpoints larger than memory stream their deltas from safetensors instead
 (`rwasym.models.checkpoint.stream_weight_deltas`).
 """
 
-from collections.abc import Mapping
-from typing import Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from ..errors import RwasymError
 from ..math.checks import require_finite
@@ -27,8 +27,10 @@ class WeightDeltas(Mapping):
 
     def __getitem__(self, name: str):
         if name not in self._names:
-            raise RwasymError(f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
-                              f"e.g. {', '.join(self._names[:4])}")
+            raise RwasymError(
+                f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
+                f"e.g. {', '.join(self._names[:4])}"
+            )
         delta = self.tuned.weight(name) - self.base.weight(name)
         require_finite(delta, f"ΔW of {name}")
         return delta
@@ -43,8 +45,9 @@ class WeightDeltas(Mapping):
         return name in self._names
 
 
-def weight_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None, *,
-                  lazy: bool = False) -> Mapping[str, Any]:
+def weight_deltas(
+    base: Model, tuned: Model, pattern: str | Sequence[str] | None = None, *, lazy: bool = False
+) -> Mapping[str, Any]:
     """ΔW = W_tuned − W_base (float64, nn.Linear layout) for every studied matrix: a dict, or with
     ``lazy=True`` a `WeightDeltas` mapping that forms each ΔW when read (one in memory at a time; it
     reads the models' current weights, so an edit made in between shows).

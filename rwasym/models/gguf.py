@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import torch
 
@@ -36,11 +37,13 @@ __all__ = ["GGUF_MAGIC", "PROVENANCE_FILE", "dequantize", "file_sha256", "is_ggu
 GGUF_MAGIC = b"GGUF"
 PROVENANCE_FILE = "rwasym-gguf.json"
 _FORMAT = "rwasym-gguf/1"
-_FIX = "pass a GGUF file that transformers can de-quantize (llama, mistral, qwen2, gemma, phi3, ... with " \
-       "F32/F16/Q4_0/Q4_1/Q8_0/K-quants), or convert the original checkpoint to a Hugging Face folder"
+_FIX = (
+    "pass a GGUF file that transformers can de-quantize (llama, mistral, qwen2, gemma, phi3, ... with "
+    "F32/F16/Q4_0/Q4_1/Q8_0/K-quants), or convert the original checkpoint to a Hugging Face folder"
+)
 
 
-def is_gguf(path: Union[str, os.PathLike]) -> bool:
+def is_gguf(path: str | os.PathLike) -> bool:
     """True for a ``*.gguf`` path or an existing file that starts with the GGUF magic bytes."""
     p = Path(path)
     if p.suffix.lower() == ".gguf":
@@ -51,7 +54,7 @@ def is_gguf(path: Union[str, os.PathLike]) -> bool:
         return fh.read(4) == GGUF_MAGIC
 
 
-def file_sha256(path: Union[str, os.PathLike], chunk: int = 8 << 20) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     """SHA-256 of a file's bytes (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -81,7 +84,7 @@ def _field(reader: Any, key: str) -> Any:
         return None
 
 
-def read_header(path: Union[str, os.PathLike]) -> dict:
+def read_header(path: str | os.PathLike) -> dict:
     """The GGUF header (memory-mapped; no tensor data is read): architecture, sizes, tensor types,
     tokenizer facts. Raises RwasymError for files that cannot be de-quantized."""
     path = Path(path).expanduser()
@@ -90,23 +93,30 @@ def read_header(path: Union[str, os.PathLike]) -> dict:
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
-        raise RwasymError(f"{str(path)!r} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
-                          "pass a .gguf file, or a Hugging Face folder / hub name")
+        raise RwasymError(
+            f"{str(path)!r} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+            "pass a .gguf file, or a Hugging Face folder / hub name"
+        )
     try:
         import gguf
     except ImportError:
-        raise RwasymError("reading GGUF files needs the gguf package: pip install 'rwasym[real]' "
-                          "(or pip install gguf)") from None
+        raise RwasymError(
+            "reading GGUF files needs the gguf package: pip install 'rwasym[real]' (or pip install gguf)"
+        ) from None
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # truncated / corrupt files raise ValueError, IndexError, struct.error, ...
-        raise RwasymError(f"{str(path)!r} is a corrupt or truncated GGUF file ({type(err).__name__}: {err}); "
-                          "download or convert it again") from None
+        raise RwasymError(
+            f"{str(path)!r} is a corrupt or truncated GGUF file ({type(err).__name__}: {err}); "
+            "download or convert it again"
+        ) from None
     arch = _field(reader, "general.architecture")
     supported = _supported_architectures()
     if arch not in supported:
-        raise RwasymError(f"{str(path)!r} holds a GGUF {arch!r} model, which transformers cannot de-quantize "
-                          f"(it reads {', '.join(sorted(supported))}); {_FIX}")
+        raise RwasymError(
+            f"{str(path)!r} holds a GGUF {arch!r} model, which transformers cannot de-quantize "
+            f"(it reads {', '.join(sorted(supported))}); {_FIX}"
+        )
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -115,14 +125,19 @@ def read_header(path: Union[str, os.PathLike]) -> dict:
     if bad:
         raise RwasymError(f"{str(path)!r} holds tensor types the gguf package cannot de-quantize: {bad}; {_FIX}")
     names = {t.name for t in reader.tensors}
-    return dict(architecture=arch, name=_field(reader, "general.name"),
-                block_count=_field(reader, f"{arch}.block_count"),
-                embedding_length=_field(reader, f"{arch}.embedding_length"),
-                head_count=_field(reader, f"{arch}.attention.head_count"),
-                head_count_kv=_field(reader, f"{arch}.attention.head_count_kv"),
-                context_length=_field(reader, f"{arch}.context_length"), tensor_types=types,
-                n_tensors=len(reader.tensors), tie_word_embeddings="output.weight" not in names,
-                has_chat_template="tokenizer.chat_template" in reader.fields)
+    return dict(
+        architecture=arch,
+        name=_field(reader, "general.name"),
+        block_count=_field(reader, f"{arch}.block_count"),
+        embedding_length=_field(reader, f"{arch}.embedding_length"),
+        head_count=_field(reader, f"{arch}.attention.head_count"),
+        head_count_kv=_field(reader, f"{arch}.attention.head_count_kv"),
+        context_length=_field(reader, f"{arch}.context_length"),
+        tensor_types=types,
+        n_tensors=len(reader.tensors),
+        tie_word_embeddings="output.weight" not in names,
+        has_chat_template="tokenizer.chat_template" in reader.fields,
+    )
 
 
 @contextlib.contextmanager
@@ -155,8 +170,10 @@ def _dense_copy(model: Any, dtype: torch.dtype) -> Any:
     tied = set(getattr(fresh, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RwasymError(f"copying the de-quantized {type(model).__name__} into a plain one left missing {missing[:5]} "
-                          f"and unexpected {unexpected[:5]} weights; {_FIX}")
+        raise RwasymError(
+            f"copying the de-quantized {type(model).__name__} into a plain one left missing {missing[:5]} "
+            f"and unexpected {unexpected[:5]} weights; {_FIX}"
+        )
     fresh.tie_weights()
     fresh.generation_config = model.generation_config
     return fresh.eval()
@@ -170,20 +187,29 @@ def _convert(path: Path, header: dict, out: Path, dtype: torch.dtype) -> None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype, output_loading_info=True,
-                quantization_config=GgufConfig(dequantize=True))  # no packed GGUF modules left behind
+                str(path.parent),
+                gguf_file=path.name,
+                dtype=dtype,
+                output_loading_info=True,
+                quantization_config=GgufConfig(dequantize=True),
+            )  # no packed GGUF modules left behind
         except (ValueError, NotImplementedError, OSError, KeyError) as err:
-            raise RwasymError(f"transformers cannot de-quantize {str(path)!r} ({type(err).__name__}: {err}); "
-                              f"{_FIX}") from None
-    missing = [k for k in info.get("missing_keys", [])
-               if not (k.endswith("lm_head.weight") and header["tie_word_embeddings"])]
+            raise RwasymError(
+                f"transformers cannot de-quantize {str(path)!r} ({type(err).__name__}: {err}); {_FIX}"
+            ) from None
+    missing = [
+        k for k in info.get("missing_keys", []) if not (k.endswith("lm_head.weight") and header["tie_word_embeddings"])
+    ]
     if missing:  # transformers initialises these randomly and only warns
-        raise RwasymError(f"{str(path)!r} lacks the tensors of {len(missing)} parameters its header implies (e.g. "
-                          f"{sorted(missing)[:3]}); the file is incomplete: convert it again")
+        raise RwasymError(
+            f"{str(path)!r} lacks the tensors of {len(missing)} parameters its header implies (e.g. "
+            f"{sorted(missing)[:3]}); the file is incomplete: convert it again"
+        )
     for name, p in model.named_parameters():
         if p.is_meta or not p.is_floating_point() or not bool(torch.isfinite(p).all()):
-            raise RwasymError(f"parameter {name} of {str(path)!r} is not a finite float tensor after "
-                              f"de-quantization; {_FIX}")
+            raise RwasymError(
+                f"parameter {name} of {str(path)!r} is not a finite float tensor after de-quantization; {_FIX}"
+            )
     if header.get("context_length") and getattr(tokenizer, "model_max_length", 0) > 10**9:
         tokenizer.model_max_length = int(header["context_length"])  # GGUF stores none; the default is 1e30
     fresh = _dense_copy(model, dtype)
@@ -192,8 +218,12 @@ def _convert(path: Path, header: dict, out: Path, dtype: torch.dtype) -> None:
     tokenizer.save_pretrained(out)
 
 
-def dequantize(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.PathLike]] = None,
-               *, dtype: torch.dtype = torch.float32) -> Path:
+def dequantize(
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """The cached Hugging Face folder of a GGUF file, converting it on first use (module docstring).
 
     cache_dir: the rwasym cache root (default ``$RWASYM_CACHE`` or ``~/.cache/rwasym``); the folder
@@ -211,14 +241,22 @@ def dequantize(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.
                 return folder
         except json.JSONDecodeError:
             pass
-        raise RwasymError(f"the GGUF cache folder {str(folder)!r} does not belong to {str(path)!r} (its "
-                          f"{PROVENANCE_FILE} is corrupt or names another file); delete the folder and load again")
+        raise RwasymError(
+            f"the GGUF cache folder {str(folder)!r} does not belong to {str(path)!r} (its "
+            f"{PROVENANCE_FILE} is corrupt or names another file); delete the folder and load again"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         _convert(path, header, tmp, dtype)
-        provenance = dict(format=_FORMAT, source=str(path), sha256=digest, dtype=dtype_name, quantized=True,
-                          **{k: header[k] for k in ("architecture", "name", "tensor_types", "block_count")})
+        provenance = dict(
+            format=_FORMAT,
+            source=str(path),
+            sha256=digest,
+            dtype=dtype_name,
+            quantized=True,
+            **{k: header[k] for k in ("architecture", "name", "tensor_types", "block_count")},
+        )
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True))
         try:
             tmp.rename(folder)
@@ -230,7 +268,7 @@ def dequantize(path: Union[str, os.PathLike], cache_dir: Optional[Union[str, os.
     return folder
 
 
-def provenance(folder: Union[str, os.PathLike]) -> Optional[dict]:
+def provenance(folder: str | os.PathLike) -> dict | None:
     """The ``rwasym-gguf.json`` record of a folder `dequantize` wrote, else None."""
     record = Path(folder) / PROVENANCE_FILE
     return json.loads(record.read_text()) if record.exists() else None

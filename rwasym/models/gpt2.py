@@ -38,9 +38,11 @@ def _check_gpt2_shaped(cfg: Any) -> None:
     if getattr(cfg, "d_vocab_out", -1) not in (-1, cfg.d_vocab) or getattr(cfg, "attention_dir", "causal") != "causal":
         problems.append("d_vocab_out != d_vocab or non-causal attention")
     if problems:
-        raise RwasymError("this native model cannot be converted to Hugging Face GPT-2, which cannot express "
-                          f"{'; '.join(problems)}; keep it native (rwasym.save_model) and, for alignment, use the "
-                          "built-in backend (rwasym.align, --backend builtin).")
+        raise RwasymError(
+            "this native model cannot be converted to Hugging Face GPT-2, which cannot express "
+            f"{'; '.join(problems)}; keep it native (rwasym.save_model) and, for alignment, use the "
+            "built-in backend (rwasym.align, --backend builtin)."
+        )
 
 
 def native_to_gpt2(model: Any) -> Any:
@@ -55,17 +57,35 @@ def native_to_gpt2(model: Any) -> Any:
     _check_gpt2_shaped(cfg)
     state = {clean_key(k): v.detach() for k, v in model.bridge.original_model.state_dict().items()}
     if "head.bias" in state and bool(state["head.bias"].any()):
-        raise RwasymError("the native unembedding has a non-zero bias, which GPT-2's lm_head lacks; use the "
-                          "built-in backend.")
+        raise RwasymError(
+            "the native unembedding has a non-zero bias, which GPT-2's lm_head lacks; use the built-in backend."
+        )
     d_mlp = int(cfg.d_mlp or 4 * cfg.d_model)
-    hf_cfg = GPT2Config(vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-                        n_head=cfg.n_heads, n_inner=d_mlp, activation_function=_ACTS[(cfg.act_fn or "gelu").lower()],
-                        layer_norm_epsilon=float(cfg.eps), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.d_vocab,
+        n_positions=cfg.n_ctx,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=d_mlp,
+        activation_function=_ACTS[(cfg.act_fn or "gelu").lower()],
+        layer_norm_epsilon=float(cfg.eps),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     hf_cfg._attn_implementation = "eager"
-    gpt2 = {"transformer.wte.weight": state["tok_embed.weight"], "transformer.wpe.weight": state["pos.weight"],
-            "transformer.ln_f.weight": state["ln_out.weight"], "transformer.ln_f.bias": state["ln_out.bias"],
-            "lm_head.weight": state["head.weight"]}
+    gpt2 = {
+        "transformer.wte.weight": state["tok_embed.weight"],
+        "transformer.wpe.weight": state["pos.weight"],
+        "transformer.ln_f.weight": state["ln_out.weight"],
+        "transformer.ln_f.bias": state["ln_out.bias"],
+        "lm_head.weight": state["head.weight"],
+    }
     for i in range(cfg.n_layers):
         h, L = f"transformer.h.{i}", f"layers.{i}"
         for a, b in (("ln_1", "ln1"), ("ln_2", "ln2")):
@@ -86,9 +106,13 @@ def gpt2_to_native_state(hf: Any, n_layers: int) -> dict[str, Tensor]:
     """The native state dict (clean names, as `rwasym.save_model` writes them) of a GPT-2 made by
     `native_to_gpt2` (the inverse mapping)."""
     s = {k: v.detach() for k, v in hf.state_dict().items()}
-    out = {"tok_embed.weight": s["transformer.wte.weight"], "pos.weight": s["transformer.wpe.weight"],
-           "ln_out.weight": s["transformer.ln_f.weight"], "ln_out.bias": s["transformer.ln_f.bias"],
-           "head.weight": s["lm_head.weight"]}
+    out = {
+        "tok_embed.weight": s["transformer.wte.weight"],
+        "pos.weight": s["transformer.wpe.weight"],
+        "ln_out.weight": s["transformer.ln_f.weight"],
+        "ln_out.bias": s["transformer.ln_f.bias"],
+        "head.weight": s["lm_head.weight"],
+    }
     for i in range(n_layers):
         h, L = f"transformer.h.{i}", f"layers.{i}"
         for a, b in (("ln_1", "ln1"), ("ln_2", "ln2")):

@@ -6,7 +6,7 @@ matrices have no heads. Everything that slices or pads a head (probe rows, sweep
 factored LoRA deltas) goes through `head_range`.
 """
 
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 import torch
 from jaxtyping import Float
@@ -25,8 +25,10 @@ def head_range(spec, head: int) -> slice:
     if spec.head_axis is None:
         raise RwasymError(f"{spec.name} is an MLP matrix and has no heads; pass head=None")
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < spec.n_heads:
-        raise RwasymError(f"head {head!r} is out of range for {spec.name}: it has {spec.n_heads} heads "
-                          f"(K/V count n_key_value_heads under GQA); pass 0 <= head < {spec.n_heads}")
+        raise RwasymError(
+            f"head {head!r} is out of range for {spec.name}: it has {spec.n_heads} heads "
+            f"(K/V count n_key_value_heads under GQA); pass 0 <= head < {spec.n_heads}"
+        )
     return slice(head * spec.d_head, (head + 1) * spec.d_head)
 
 
@@ -36,13 +38,14 @@ def head_slice(spec, w: T, head: int) -> T:
     sl = head_range(spec, head)
     if isinstance(w, LowRankDelta):
         if w.shape != spec.shape:
-            raise RwasymError(f"{spec.name} has shape {spec.shape} but this ΔW has shape {w.shape}; "
-                              "slice the delta of that matrix")
+            raise RwasymError(
+                f"{spec.name} has shape {spec.shape} but this ΔW has shape {w.shape}; slice the delta of that matrix"
+            )
         return w.rows(sl) if spec.head_axis == "out" else w.cols(sl)
     return w[sl] if spec.head_axis == "out" else w[:, sl]
 
 
-def head_input_block(spec, C: Float[Tensor, "n_in n_in"], head: Optional[int]) -> Tensor:
+def head_input_block(spec, C: Float[Tensor, "n_in n_in"], head: int | None) -> Tensor:
     """The block of an input-side covariance that head ``head`` reads: (d_head × d_head) for W_O
     (heads index its input), C itself when heads index the output or ``head`` is None."""
     if head is None or spec.head_axis != "in":
@@ -51,7 +54,7 @@ def head_input_block(spec, C: Float[Tensor, "n_in n_in"], head: Optional[int]) -
     return C[sl, sl]
 
 
-def unit_shape(spec, head: Optional[int] = None) -> tuple[int, int]:
+def unit_shape(spec, head: int | None = None) -> tuple[int, int]:
     """(n_out, n_in) of the matrix, or of head ``head``'s block (d_head × d_model for Q/K/V,
     d_model × d_head for O)."""
     if head is None:
@@ -61,7 +64,7 @@ def unit_shape(spec, head: Optional[int] = None) -> tuple[int, int]:
 
 
 def embed_head(
-    spec, u: Float[Tensor, " n_out"], v: Float[Tensor, " n_in"], head: Optional[int] = None
+    spec, u: Float[Tensor, " n_out"], v: Float[Tensor, " n_in"], head: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Full-matrix vectors (u_full (spec.n_out,), v_full (spec.n_in,), float64) with
     W[h] + u vᵀ ⇔ W + u_full v_fullᵀ.

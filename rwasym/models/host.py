@@ -21,17 +21,29 @@ LoRA splits (`rwasym.models.lora`) and weightless checkpoint skeletons
 """
 
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import RwasymError
 
-__all__ = ["HostLayout", "clean_key", "fused_gate_up_rows", "fused_qkv_rows", "host_layouts", "host_linear",
-           "host_module_names", "index_probe", "is_transposed", "read_matrix", "save_hf", "sync_fused"]
+__all__ = [
+    "HostLayout",
+    "clean_key",
+    "fused_gate_up_rows",
+    "fused_qkv_rows",
+    "host_layouts",
+    "host_linear",
+    "host_module_names",
+    "index_probe",
+    "is_transposed",
+    "read_matrix",
+    "save_hf",
+    "sync_fused",
+]
 
 _QKV = ("W_Q", "W_K", "W_V")
 _GATE_UP = ("W_gate", "W_in")  # the bridge's split returns (gate, up)
@@ -79,9 +91,9 @@ class HostLayout:
 
     module: nn.Module
     transposed: bool
-    rows: Optional[Tensor] = None
-    fused: Optional[str] = None
-    linear: Optional[nn.Module] = None
+    rows: Tensor | None = None
+    fused: str | None = None
+    linear: nn.Module | None = None
 
     def matrix(self, stored: Tensor) -> Tensor:
         """W from a tensor stored like ``module.weight`` (the module's own, or a checkpoint's): see
@@ -89,7 +101,7 @@ class HostLayout:
         return read_matrix(stored, transposed=self.transposed, rows=self.rows)
 
 
-def read_matrix(stored: Tensor, *, transposed: bool, rows: Optional[Tensor] = None) -> Tensor:
+def read_matrix(stored: Tensor, *, transposed: bool, rows: Tensor | None = None) -> Tensor:
     """W (nn.Linear layout) from its host's stored tensor T: Tᵀ for Conv1D (a view), then W's
     ``rows`` of a fused weight (int64 indices; a copy)."""
     w = stored.T if transposed else stored
@@ -135,7 +147,7 @@ def fused_qkv_rows(bridge: nn.Module, attn_component: str) -> list[Tensor]:
     return _rows_of_split(fused, lambda: attn.split_qkv_matrix(attn.original_component), attn_component, "qkv")
 
 
-def _gate_up_host(bridge: nn.Module, mlp_component: str) -> Optional[nn.Module]:
+def _gate_up_host(bridge: nn.Module, mlp_component: str) -> nn.Module | None:
     """The fused gate-up module (Phi-3 ``gate_up_proj``) an MLP bridge splits into gate and in, or None."""
     mlp = bridge.get_submodule(mlp_component)
     modules = getattr(mlp, "_modules", {})
@@ -166,7 +178,7 @@ def _linear_layout(module: nn.Module) -> Tensor:
     return w.T if is_transposed(module) else w
 
 
-def _fused_parts(bridge: nn.Module, group: str, check_values: bool) -> Optional[tuple[str, nn.Module, dict]]:
+def _fused_parts(bridge: nn.Module, group: str, check_values: bool) -> tuple[str, nn.Module, dict] | None:
     """(kind, fused module, {matrix kind: rows}) of the fused host of ``group`` (``blocks.L.attn`` or
     ``blocks.L.mlp``), or None where there is none, its rows cannot be read or (``check_values``)
     the fused weight's rows differ from the bridge's split copies."""
@@ -232,7 +244,9 @@ def _unknown_fused(bridge: nn.Module, layouts: Mapping[str, HostLayout]) -> list
 
 
 @torch.no_grad()
-def sync_fused(bridge: nn.Module, layouts: Mapping[str, HostLayout], kinds: tuple[str, ...] = ("qkv", "gate_up")) -> int:
+def sync_fused(
+    bridge: nn.Module, layouts: Mapping[str, HostLayout], kinds: tuple[str, ...] = ("qkv", "gate_up")
+) -> int:
     """Copy the split weights (and biases) the forward pass uses back into each fused host parameter of
     ``kinds``, so ``original_model.save_pretrained`` saves what the bridge computes.
 
@@ -285,7 +299,7 @@ def host_module_names(bridge: nn.Module, layouts: Mapping[str, HostLayout]) -> d
     return out
 
 
-def save_hf(bridge: nn.Module, layouts: Mapping[str, HostLayout], folder: Union[str, os.PathLike]) -> Path:
+def save_hf(bridge: nn.Module, layouts: Mapping[str, HostLayout], folder: str | os.PathLike) -> Path:
     """Save a Hugging Face-hosted bridge as a plain Hugging Face folder (config, safetensors, tokenizer
     when there is one).
 

@@ -10,7 +10,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,29 +28,25 @@ _WEIGHTS_FILE = "model.safetensors"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-
 def bridge_classes():
     """(TransformerBridge, TransformerBridgeConfig), with the native and transformers sources registered."""
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
     import transformer_lens.model_bridge.sources.native  # noqa: F401  registers boot_native
     import transformer_lens.model_bridge.sources.transformers  # noqa: F401  boot_transformers
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge, TransformerBridgeConfig
 
 
-def _check_dtype(dtype: Optional[torch.dtype]) -> None:
+def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype not in _SUPPORTED_DTYPES:
-        raise RwasymError(
-            f"unsupported dtype {dtype}; use one of {', '.join(map(str, _SUPPORTED_DTYPES))}"
-        )
+        raise RwasymError(f"unsupported dtype {dtype}; use one of {', '.join(map(str, _SUPPORTED_DTYPES))}")
 
 
 def load(
     source: Any,
     *,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     device: str = "cpu",
     tokenizer: Any = None,
     adapter: Any = None,
@@ -83,8 +79,10 @@ def load(
             try:
                 source = copy.deepcopy(source.bridge if isinstance(source, Model) else source)
             except RuntimeError as err:  # e.g. tensors cached by a forward pass with autograd on
-                raise RwasymError(f"cannot copy the in-memory base to apply the adapter to ({err}); save it "
-                                  "(rwasym.save_model / Model.save_pretrained) and pass the folder") from None
+                raise RwasymError(
+                    f"cannot copy the in-memory base to apply the adapter to ({err}); save it "
+                    "(rwasym.save_model / Model.save_pretrained) and pass the folder"
+                ) from None
             if dtype is not None:
                 source.original_model.to(dtype=dtype)
         return merge_adapter(load(source, dtype=dtype, device=device, tokenizer=tokenizer, **boot_kwargs), adapter)
@@ -104,9 +102,7 @@ def load(
             model.provenance["gguf"] = {**model.provenance["gguf"], "source": str(path.resolve())}
             return model
         if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
-            raise RwasymError(
-                f"no such folder {str(source)!r}; pass an existing checkpoint folder or a hub name"
-            )
+            raise RwasymError(f"no such folder {str(source)!r}; pass an existing checkpoint folder or a hub name")
         if (path / META_FILE).exists():
             return load_native(path, dtype=dtype, device=device)
         if path.exists() and path.is_dir() and not (path / "config.json").exists():
@@ -122,10 +118,14 @@ def load(
         if revision is not None:
             kwargs["revision"] = revision
         try:
-            bridge = TransformerBridge.boot_transformers(name, dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs)
+            bridge = TransformerBridge.boot_transformers(
+                name, dtype=dtype or torch.float32, tokenizer=tokenizer, **kwargs
+            )
         except OSError as err:  # not on the hub / not in the offline cache / no such revision
-            raise RwasymError(f"cannot load {str(source)!r} ({err}); pass an existing folder, a hub name (NAME or "
-                              "NAME@REVISION) that is downloaded or reachable, or a .gguf file") from None
+            raise RwasymError(
+                f"cannot load {str(source)!r} ({err}); pass an existing folder, a hub name (NAME or "
+                "NAME@REVISION) that is downloaded or reachable, or a .gguf file"
+            ) from None
     else:
         raise RwasymError(
             f"cannot load a model from a {type(source).__name__}; pass a hub name or folder, a "
@@ -141,7 +141,7 @@ def load(
     return model
 
 
-def split_revision(source: Union[str, os.PathLike]) -> tuple[str, Optional[str]]:
+def split_revision(source: str | os.PathLike) -> tuple[str, str | None]:
     """``"org/name@step1000"`` → ("org/name", "step1000"); an existing local path, or a name without
     "@", → (source, None)."""
     text = os.fspath(source)
@@ -157,8 +157,15 @@ def native_config(**overrides: Any) -> Any:
     """A `TransformerBridgeConfig` for a small native model (LN, GELU, learned positions)."""
     _, TransformerBridgeConfig = bridge_classes()
     fields = dict(
-        d_model=128, d_head=32, n_heads=4, n_layers=2, n_ctx=64, d_vocab=512,
-        act_fn="gelu", normalization_type="LN", seed=0,
+        d_model=128,
+        d_head=32,
+        n_heads=4,
+        n_layers=2,
+        n_ctx=64,
+        d_vocab=512,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
     )
     fields.update(overrides)
     return TransformerBridgeConfig(**fields)
@@ -184,12 +191,15 @@ def _jsonable_config(cfg: Any) -> dict:
     if dropped:
         import warnings
 
-        warnings.warn(f"rwasym: the saved config leaves out {', '.join(dropped)}: not JSON-serialisable; the "
-                      "reloaded model uses their defaults", stacklevel=3)
+        warnings.warn(
+            f"rwasym: the saved config leaves out {', '.join(dropped)}: not JSON-serialisable; the "
+            "reloaded model uses their defaults",
+            stacklevel=3,
+        )
     return out
 
 
-def save_model(model: Union[Model, nn.Module], folder: Union[str, os.PathLike], meta: Optional[dict] = None) -> Path:
+def save_model(model: Model | nn.Module, folder: str | os.PathLike, meta: dict | None = None) -> Path:
     """Save a native model as ``rwasym.json`` (config + meta) and ``model.safetensors``.
 
     Loading the folder back with `rwasym.load(folder)` gives identical logits.
@@ -216,7 +226,7 @@ def save_model(model: Union[Model, nn.Module], folder: Union[str, os.PathLike], 
     return folder
 
 
-def read_meta(folder: Union[str, os.PathLike]) -> dict:
+def read_meta(folder: str | os.PathLike) -> dict:
     """The ``rwasym.json`` record of a saved native model (format, config, meta)."""
     path = Path(folder) / META_FILE
     if not path.exists():
@@ -230,7 +240,7 @@ def read_meta(folder: Union[str, os.PathLike]) -> dict:
     return record
 
 
-def load_native(folder: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device: str = "cpu") -> Model:
+def load_native(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str = "cpu") -> Model:
     """Load a folder written by `save_model` (safetensors only: nothing is unpickled)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -247,7 +257,9 @@ def load_native(folder: Union[str, os.PathLike], *, dtype: Optional[torch.dtype]
     try:
         state = load_file(str(weights))
     except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise RwasymError(f"cannot read {str(weights)!r} ({err}); the checkpoint folder is incomplete or corrupt") from None
+        raise RwasymError(
+            f"cannot read {str(weights)!r} ({err}); the checkpoint folder is incomplete or corrupt"
+        ) from None
     loaded = set()
     with torch.no_grad():
         for key, param in bridge.original_model.state_dict().items():
@@ -273,19 +285,25 @@ def is_checkpoint_folder(source: Any) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
     path = Path(source).expanduser()
-    return path.is_dir() and (path / "config.json").exists() and (
-        (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists())
+    return (
+        path.is_dir()
+        and (path / "config.json").exists()
+        and ((path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists())
+    )
 
 
-def load_pair(base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command", *,
-              stream: bool = False) -> tuple[Model, Any]:
+def load_pair(
+    base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command", *, stream: bool = False
+) -> tuple[Model, Any]:
     """(base, tuned) Models for a command: ``tuned`` is a full checkpoint, or ``tuned_adapter`` a PEFT
     LoRA adapter folder applied to ``base`` (exactly one of them). With ``stream=True`` a tuned
     Hugging Face checkpoint folder is returned as its path, unloaded, for the commands that read
     it a matrix at a time (`rwasym.models.checkpoint.is_checkpoint_folder`)."""
     if (tuned is None) == (tuned_adapter is None):
-        raise RwasymError(f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
-                          "(a PEFT LoRA adapter folder applied to --base)")
+        raise RwasymError(
+            f"{command} needs exactly one tuned side: --tuned (a full checkpoint) or --tuned-adapter "
+            "(a PEFT LoRA adapter folder applied to --base)"
+        )
     base = load(base)
     if tuned_adapter is not None:
         return base, load(base, adapter=tuned_adapter)

@@ -21,9 +21,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,9 +46,11 @@ _UNSUPPORTED = {  # config option → why merging B A into the weight would not 
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "layer_replication": "layer_replication changes the model's layer structure",
 }
-_MERGE_FIX = ("merge it into the base with peft (PeftModel.from_pretrained(base_hf, folder)"
-              ".merge_and_unload().save_pretrained(merged)) and compare base with the merged folder as an "
-              "ordinary tuned checkpoint")
+_MERGE_FIX = (
+    "merge it into the base with peft (PeftModel.from_pretrained(base_hf, folder)"
+    ".merge_and_unload().save_pretrained(merged)) and compare base with the merged folder as an "
+    "ordinary tuned checkpoint"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +67,7 @@ class LoraAdapter:
     modules: dict[str, LowRankDelta]
 
     @property
-    def base_model_name_or_path(self) -> Optional[str]:
+    def base_model_name_or_path(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
 
@@ -85,19 +88,24 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
         try:
             return load_file(str(safetensors_path))
         except (SafetensorError, OSError) as err:
-            raise RwasymError(f"cannot read {str(safetensors_path)!r} ({err}); re-save the adapter with "
-                              "PeftModel.save_pretrained") from None
+            raise RwasymError(
+                f"cannot read {str(safetensors_path)!r} ({err}); re-save the adapter with PeftModel.save_pretrained"
+            ) from None
     if bin_path.exists():
         try:
             return torch.load(str(bin_path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for corrupt or unsafe pickles
-            raise RwasymError(f"cannot read {str(bin_path)!r} with torch.load(weights_only=True) ({err}); "
-                              "re-save the adapter with PeftModel.save_pretrained(safe_serialization=True)") from None
-    raise RwasymError(f"adapter folder {str(folder)!r} has no {_SAFETENSORS_FILE} (or {_BIN_FILE}); point at the "
-                      "folder written by PeftModel.save_pretrained")
+            raise RwasymError(
+                f"cannot read {str(bin_path)!r} with torch.load(weights_only=True) ({err}); "
+                "re-save the adapter with PeftModel.save_pretrained(safe_serialization=True)"
+            ) from None
+    raise RwasymError(
+        f"adapter folder {str(folder)!r} has no {_SAFETENSORS_FILE} (or {_BIN_FILE}); point at the "
+        "folder written by PeftModel.save_pretrained"
+    )
 
 
-def read_adapter(folder: Union[str, os.PathLike]) -> LoraAdapter:
+def read_adapter(folder: str | os.PathLike) -> LoraAdapter:
     """Read a PEFT LoRA adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``
     (a legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``; nothing else is
     unpickled). Returns the per-module factored deltas with their scale (see the module docstring).
@@ -109,24 +117,32 @@ def read_adapter(folder: Union[str, os.PathLike]) -> LoraAdapter:
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise RwasymError(f"no such adapter folder {str(folder)!r}; pass the folder written by "
-                          f"PeftModel.save_pretrained (it holds {_CONFIG_FILE} and {_SAFETENSORS_FILE})")
+        raise RwasymError(
+            f"no such adapter folder {str(folder)!r}; pass the folder written by "
+            f"PeftModel.save_pretrained (it holds {_CONFIG_FILE} and {_SAFETENSORS_FILE})"
+        )
     config_path = folder / _CONFIG_FILE
     if not config_path.exists():
-        raise RwasymError(f"{str(folder)!r} has no {_CONFIG_FILE}, so it is not a PEFT adapter folder; pass the "
-                          "folder written by PeftModel.save_pretrained, or pass a full checkpoint as tuned instead")
+        raise RwasymError(
+            f"{str(folder)!r} has no {_CONFIG_FILE}, so it is not a PEFT adapter folder; pass the "
+            "folder written by PeftModel.save_pretrained, or pass a full checkpoint as tuned instead"
+        )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise RwasymError(f"{str(config_path)!r} is not valid JSON ({err}); re-save the adapter") from None
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise RwasymError(f"{str(folder)!r} is a {config.get('peft_type')!r} adapter, but rwasym reads LoRA adapters "
-                          f"(peft_type 'LORA') only; {_MERGE_FIX}")
+        raise RwasymError(
+            f"{str(folder)!r} is a {config.get('peft_type')!r} adapter, but rwasym reads LoRA adapters "
+            f"(peft_type 'LORA') only; {_MERGE_FIX}"
+        )
     for option, why in _UNSUPPORTED.items():
         if config.get(option):
-            raise RwasymError(f"{str(folder)!r} sets {option}={config[option]!r}, which rwasym does not support: "
-                              f"{why}, so ΔW is not scale · B A; {_MERGE_FIX}")
+            raise RwasymError(
+                f"{str(folder)!r} sets {option}={config[option]!r}, which rwasym does not support: "
+                f"{why}, so ΔW is not scale · B A; {_MERGE_FIX}"
+            )
     weights = _read_weights(folder)
     factors: dict[str, dict[str, Tensor]] = {}
     other = []
@@ -137,34 +153,42 @@ def read_adapter(folder: Union[str, os.PathLike]) -> LoraAdapter:
             continue
         factors.setdefault(match["module"], {})[match["which"]] = value
     if other:
-        raise RwasymError(f"{str(folder)!r} stores weights besides lora_A / lora_B: {sorted(other)[:5]} "
-                          f"({len(other)} in all: trained biases, modules_to_save or embedding adapters), which "
-                          f"change the model outside scale · B A; {_MERGE_FIX}")
+        raise RwasymError(
+            f"{str(folder)!r} stores weights besides lora_A / lora_B: {sorted(other)[:5]} "
+            f"({len(other)} in all: trained biases, modules_to_save or embedding adapters), which "
+            f"change the model outside scale · B A; {_MERGE_FIX}"
+        )
     if not factors:
         raise RwasymError(f"{str(folder)!r} holds no lora_A / lora_B weights; is it an empty or foreign adapter?")
     rslora = bool(config.get("use_rslora", False))
     modules = {}
     for module, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
-            raise RwasymError(f"adapter module {module!r} has lora_{''.join(pair)} but not both lora_A and lora_B; "
-                              "the adapter file is incomplete, re-save it")
+            raise RwasymError(
+                f"adapter module {module!r} has lora_{''.join(pair)} but not both lora_A and lora_B; "
+                "the adapter file is incomplete, re-save it"
+            )
         a, b = pair["A"], pair["B"]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise RwasymError(f"adapter module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                              "rwasym reads linear LoRA (A: r × n_in, B: n_out × r) only (not conv or embedding "
-                              f"adapters); {_MERGE_FIX}")
+            raise RwasymError(
+                f"adapter module {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "rwasym reads linear LoRA (A: r × n_in, B: n_out × r) only (not conv or embedding "
+                f"adapters); {_MERGE_FIX}"
+            )
         r = int(a.shape[0])
         r_cfg = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", r)))
         if r_cfg != r:
-            raise RwasymError(f"adapter module {module!r} has rank {r} in the weights but r = {r_cfg} in "
-                              f"{_CONFIG_FILE} (r / rank_pattern); the config does not belong to these weights")
+            raise RwasymError(
+                f"adapter module {module!r} has rank {r} in the weights but r = {r_cfg} in "
+                f"{_CONFIG_FILE} (r / rank_pattern); the config does not belong to these weights"
+            )
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r)))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[module] = LowRankDelta(b, a, scale)
     return LoraAdapter(folder=folder, config=config, modules=modules)
 
 
-def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> dict[str, LowRankDelta]:
+def lora_deltas(base: Model, adapter: LoraAdapter | str | os.PathLike) -> dict[str, LowRankDelta]:
     """Every studied matrix of ``base`` → its factored ΔW under ``adapter`` (a folder or `read_adapter`).
 
     Adapter modules are matched to matrices by the host module's name in the Hugging Face model
@@ -201,20 +225,24 @@ def lora_deltas(base: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> d
             )
         layouts = [base.host_layout(spec.name) for spec in specs]
         if fused and any(layout.rows is None for layout in layouts):
-            raise RwasymError(f"{module!r} is a fused host whose row layout rwasym could not read off the bridge's "
-                              f"split, so the adapter's B cannot be split into {'/'.join(s.name for s in specs)}")
+            raise RwasymError(
+                f"{module!r} is a fused host whose row layout rwasym could not read off the bridge's "
+                f"split, so the adapter's B cannot be split into {'/'.join(s.name for s in specs)}"
+            )
         for spec, layout in zip(specs, layouts):  # a fused host's B is split into each matrix's rows
             out[spec.name] = delta if layout.rows is None else delta.rows(layout.rows)
     return out
 
 
-def merge_adapter(model: Model, adapter: Union[LoraAdapter, str, os.PathLike]) -> Model:
+def merge_adapter(model: Model, adapter: LoraAdapter | str | os.PathLike) -> Model:
     """Add every ΔW of ``adapter`` into ``model``'s host weights in place (W ← W + scale · B A, rounded
     once to the model dtype), sync fused qkv parameters, and attach ``model.adapter`` (the
     factored deltas of `lora_deltas`). `rwasym.load(base, adapter=folder)` calls this on a fresh base."""
     if getattr(model, "adapter", None) is not None:
-        raise RwasymError(f"{model!r} already carries an adapter; load a fresh base with rwasym.load(base, "
-                          "adapter=...) for each adapter")
+        raise RwasymError(
+            f"{model!r} already carries an adapter; load a fresh base with rwasym.load(base, "
+            "adapter=...) for each adapter"
+        )
     deltas = lora_deltas(model, adapter)
     changed = [name for name, d in deltas.items() if d.rank]
     for name in changed:
@@ -232,7 +260,7 @@ def _rounding_bound(base: Model, tuned: Model, n_in: int) -> float:
     return 4.0 * (eps + n_in * torch.finfo(torch.float64).eps)
 
 
-def adapter_deltas(base: Model, tuned: Model, pattern: Union[str, Sequence[str], None] = None) -> dict[str, LowRankDelta]:
+def adapter_deltas(base: Model, tuned: Model, pattern: str | Sequence[str] | None = None) -> dict[str, LowRankDelta]:
     """The factored deltas attached to ``tuned`` (loaded with an adapter), after checking that
     ``base`` is the adapter's base: for a seeded Gaussian x per matrix,
     ‖W_t x − W_b x − ΔW x‖ must stay within the rounding bound of `_rounding_bound`. O(n_out n_in)

@@ -20,9 +20,10 @@ import contextlib
 import os
 import re
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -37,7 +38,6 @@ _ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
 _MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
 KINDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
 READ_KINDS = frozenset({"W_Q", "W_K", "W_V", "W_in", "W_gate"})
-
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class MatrixSpec:
     n_out: int
     n_in: int
     n_heads: int
-    d_head: Optional[int]
+    d_head: int | None
     hook_in: str
     hook_out: str
     component: str
@@ -67,7 +67,7 @@ class MatrixSpec:
         return (self.n_out, self.n_in)
 
     @property
-    def head_axis(self) -> Optional[str]:
+    def head_axis(self) -> str | None:
         if self.kind in ("W_Q", "W_K", "W_V"):
             return "out"
         return "in" if self.kind == "W_O" else None
@@ -84,8 +84,11 @@ def norm_scale(module: nn.Module, d: int) -> Float[Tensor, " d"]:
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat((d + 1) // 2)[:d]
-    probes = [sign] if d % 2 == 0 else [torch.cat([sign[: d - 1], sign.new_zeros(1)]),
-                                        torch.cat([sign.new_zeros(1), sign[: d - 1]])]
+    probes = (
+        [sign]
+        if d % 2 == 0
+        else [torch.cat([sign[: d - 1], sign.new_zeros(1)]), torch.cat([sign.new_zeros(1), sign[: d - 1]])]
+    )
     gamma = torch.zeros(d, dtype=torch.float64)
     for x in probes:
         x = x * (d / float(x.square().sum())) ** 0.5  # unit RMS
@@ -101,8 +104,11 @@ def norm_scale(module: nn.Module, d: int) -> Float[Tensor, " d"]:
 
 def _is_mixture_of_experts(mlp: nn.Module) -> bool:
     """A TransformerBridge MoE block (Mixtral, OLMoE, Qwen-MoE): a router instead of a gate projection."""
-    return "MoE" in type(mlp).__name__ or "hook_router_scores" in mlp._modules or \
-        "Router" in type(mlp._modules.get("gate")).__name__
+    return (
+        "MoE" in type(mlp).__name__
+        or "hook_router_scores" in mlp._modules
+        or "Router" in type(mlp._modules.get("gate")).__name__
+    )
 
 
 def flatten_site(x: Tensor, n: int) -> Tensor:
@@ -135,16 +141,19 @@ class Model:
         self.unsupported: dict[str, list[str]] = {}
         self._specs = {spec.name: spec for spec in self._build_registry()}
         if self.unsupported.get("mixture-of-experts MLP"):
-            warnings.warn(f"rwasym: {type(getattr(bridge, 'original_model', bridge)).__name__}'s MLPs are mixtures of experts; "
-                          "rwasym does not study expert matrices yet, so its registry holds the attention matrices "
-                          "(blocks.*.attn.*) only", stacklevel=2)
+            warnings.warn(
+                f"rwasym: {type(getattr(bridge, 'original_model', bridge)).__name__}'s MLPs are mixtures of experts; "
+                "rwasym does not study expert matrices yet, so its registry holds the attention matrices "
+                "(blocks.*.attn.*) only",
+                stacklevel=2,
+            )
         # where each matrix is stored (`rwasym.models.host`); a weightless (meta-device) skeleton's fused
         # rows are read off the bridge's split without comparing values
         self._layouts = host_layouts(bridge, self._specs.values(), check_values=not weightless)
-        self.tokenizer_source: Optional[tuple] = None  # (folder or hub name, revision) of the saved tokenizer
+        self.tokenizer_source: tuple | None = None  # (folder or hub name, revision) of the saved tokenizer
         self._tokenizer: Any = None
         self.provenance: dict = {}  # where the weights came from beyond `source` (e.g. "gguf": the quantized file)
-        self.adapter: Optional[dict] = None  # name → rwasym.math.lowrank.LowRankDelta when loaded with adapter=
+        self.adapter: dict | None = None  # name → rwasym.math.lowrank.LowRankDelta when loaded with adapter=
         if not self._specs:
             raise RwasymError(
                 f"found no attention or MLP linears in {type(bridge).__name__}; rwasym needs a "
@@ -165,7 +174,7 @@ class Model:
         """
         return sync_fused(self.bridge, self._layouts, ("qkv",))
 
-    def save_pretrained(self, folder: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Save as a plain Hugging Face folder (config, safetensors, tokenizer when there is one).
 
         A native model is written as the exactly equivalent ``GPT2LMHeadModel`` (`native_to_gpt2`;
@@ -189,7 +198,8 @@ class Model:
         """Matrix name → qualified name of the nn.Module holding its weight in the Hugging Face model
         (``bridge.original_model``), e.g. ``model.layers.0.self_attn.q_proj`` — the names PEFT
         adapters use. W_Q/W_K/W_V of a fused layer all map to the fused host (GPT-2 ``c_attn``,
-        NeoX ``query_key_value``), W_gate/W_in of a fused gate-up layer to it (Phi-3 ``gate_up_proj``). Found by identity among the module tree's aliases, keeping the
+        NeoX ``query_key_value``), W_gate/W_in of a fused gate-up layer to it (Phi-3 ``gate_up_proj``).
+        Found by identity among the module tree's aliases, keeping the
         name a fresh (meta-device) instance of the HF class has; non-HF hosts keep the first alias
         (`rwasym.models.host.host_module_names`).
         """
@@ -239,7 +249,7 @@ class Model:
                         component=component,
                     )
 
-    def matrices(self, pattern: Union[str, Sequence[str], None] = None) -> list[MatrixSpec]:
+    def matrices(self, pattern: str | Sequence[str] | None = None) -> list[MatrixSpec]:
         """The registry, in layer order.
 
         ``pattern``: a glob where ``*`` matches one dotted segment (``blocks.*.attn.W_Q``,
@@ -253,18 +263,20 @@ class Model:
     def unmatched(self, pattern: Any) -> RwasymError:
         """The error for a matrix pattern that selects nothing: the valid names, and what this model's
         registry leaves out and why (`unsupported`)."""
-        left_out = "".join(f"; not studied ({why}): {', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}"
-                           for why, parts in self.unsupported.items())
-        return RwasymError(f"pattern {pattern!r} matches no matrix{left_out}; valid names: "
-                           f"{', '.join(s.name for s in self.matrices())}")
+        left_out = "".join(
+            f"; not studied ({why}): {', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}"
+            for why, parts in self.unsupported.items()
+        )
+        return RwasymError(
+            f"pattern {pattern!r} matches no matrix{left_out}; valid names: "
+            f"{', '.join(s.name for s in self.matrices())}"
+        )
 
     def matrix(self, name: str) -> MatrixSpec:
         try:
             return self._specs[name]
         except KeyError:
-            raise RwasymError(
-                f"unknown matrix name {name!r}; valid names are: {', '.join(self._specs)}"
-            ) from None
+            raise RwasymError(f"unknown matrix name {name!r}; valid names are: {', '.join(self._specs)}") from None
 
     @property
     def n_layers(self) -> int:
@@ -292,7 +304,7 @@ class Model:
         return self._tokenizer if self._tokenizer is not None else getattr(self.bridge, "tokenizer", None)
 
     @property
-    def n_ctx(self) -> Optional[int]:
+    def n_ctx(self) -> int | None:
         """The context length, when the config states one."""
         n = getattr(self.cfg, "n_ctx", None)
         return int(n) if n else None
@@ -311,15 +323,21 @@ class Model:
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def load_pairs(self, source: Any, *, chat_template: bool = False, max_length: Optional[int] = None) -> Any:
+    def load_pairs(self, source: Any, *, chat_template: bool = False, max_length: int | None = None) -> Any:
         """Preference pairs for this model (`rwasym.data.load_pairs`): text (TRL format, strings or
         messages) is tokenized with the model's own tokenizer, ids are checked against its
         vocabulary and prompt + completion against its context (after TRL-style ``max_length``
         truncation, when given)."""
         from ..data.pairs import load_pairs
 
-        return load_pairs(source, self.tokenizer, d_vocab=self.d_vocab, n_ctx=self.n_ctx, chat_template=chat_template,
-                          max_length=max_length)
+        return load_pairs(
+            source,
+            self.tokenizer,
+            d_vocab=self.d_vocab,
+            n_ctx=self.n_ctx,
+            chat_template=chat_template,
+            max_length=max_length,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -371,7 +389,7 @@ class Model:
         w = host.weight.detach().to("cpu", torch.float64)
         return (w.T if is_transposed(host) else w).clone()
 
-    def bias(self, name: str) -> Optional[Float[Tensor, " n_out"]]:
+    def bias(self, name: str) -> Float[Tensor, " n_out"] | None:
         host = host_linear(self.bridge, self.matrix(name).component)
         b = getattr(host, "bias", None)
         return None if b is None else b.detach().to("cpu", torch.float64).clone()
@@ -400,7 +418,7 @@ class Model:
         gamma = self.final_norm_scale()
         return w_u if gamma is None else gamma[:, None] * w_u
 
-    def post_norm_scale(self, name: str) -> Optional[Float[Tensor, " d_model"]]:
+    def post_norm_scale(self, name: str) -> Float[Tensor, " d_model"] | None:
         """γ_eff (`norm_scale`) of the norm a write matrix's sublayer output passes through before
         the residual add — OLMo 2 and Gemma 2/3 normalise the attention output (``ln1_post``) and
         the MLP output (``ln2_post``) — or None where the output is added as it is (pre-norm
@@ -415,7 +433,7 @@ class Model:
         module = getattr(norm, "original_component", None)
         return None if module is None else norm_scale(module, self.d_model)
 
-    def final_norm_scale(self) -> Optional[Float[Tensor, " d_model"]]:
+    def final_norm_scale(self) -> Float[Tensor, " d_model"] | None:
         """γ_eff of the final norm N, measured: γ_eff,i = (N(x)_i − N(−x)_i) / (2 x_i) at a zero-mean,
         unit-RMS x of ±1 entries (odd d_model: two such probes, each with one zero entry). This is
         γ/√(1+ε) for LayerNorm and RMSNorm and (1 + w)/√(1+ε) for Gemma's RMSNorm, whatever the
@@ -459,7 +477,7 @@ class Model:
                     self.host_parameter(name).copy_(original)
 
     @torch.no_grad()
-    def self_check(self, tokens: Optional[Tensor] = None, *, rtol: float = 1e-4) -> list[dict]:
+    def self_check(self, tokens: Tensor | None = None, *, rtol: float = 1e-4) -> list[dict]:
         """The adapter's consistency check: for every registry matrix, the tensor at its input
         hook times Wᵀ (+ b) must equal the tensor at its output hook.
 
@@ -473,16 +491,20 @@ class Model:
         try:
             _, cache = self.bridge.run_with_cache(tokens.to(self.device))
         except Exception as err:  # noqa: BLE001 — any failure of the forward is reported as ours
-            raise RwasymError(f"self_check: the model's forward pass failed on tokens of shape {tuple(tokens.shape)} "
-                              f"({type(err).__name__}: {err}); check the model loads and runs on its own") from None
+            raise RwasymError(
+                f"self_check: the model's forward pass failed on tokens of shape {tuple(tokens.shape)} "
+                f"({type(err).__name__}: {err}); check the model loads and runs on its own"
+            ) from None
         rows, failures = [], []
         for spec in self.matrices():
             if spec.hook_in not in cache or spec.hook_out not in cache:
                 failures.append(f"{spec.name}: hook {spec.hook_in} or {spec.hook_out} never fired")
                 continue
             x_in, x_out = cache[spec.hook_in], cache[spec.hook_out]
-            where = (f"{spec.name}: hook {spec.hook_in} {tuple(x_in.shape)} → {spec.hook_out} {tuple(x_out.shape)}, "
-                     f"W (n_out, n_in) = {spec.shape}")
+            where = (
+                f"{spec.name}: hook {spec.hook_in} {tuple(x_in.shape)} → {spec.hook_out} {tuple(x_out.shape)}, "
+                f"W (n_out, n_in) = {spec.shape}"
+            )
             try:
                 a = flatten_site(x_in, spec.n_in).double()
                 y = flatten_site(x_out, spec.n_out).double()
@@ -497,8 +519,7 @@ class Model:
                 failures.append(f"{where}: ‖hook_in·Wᵀ + b − hook_out‖/‖hook_out‖ = {err:.2e}")
         if failures:
             raise RwasymError(
-                "adapter consistency check failed (wrong layout, head split or hook names):\n  "
-                + "\n  ".join(failures)
+                "adapter consistency check failed (wrong layout, head split or hook names):\n  " + "\n  ".join(failures)
             )
         return rows
 
@@ -509,18 +530,20 @@ class Model:
     def __repr__(self) -> str:
         label = self.source if self.source is not None else getattr(self.cfg, "model_name", None)
         gguf = self.provenance.get("gguf")
-        quantized = "" if gguf is None else \
-            f", de-quantized from a quantized GGUF file ({'/'.join(sorted(gguf.get('tensor_types', {})))})"
+        quantized = (
+            ""
+            if gguf is None
+            else f", de-quantized from a quantized GGUF file ({'/'.join(sorted(gguf.get('tensor_types', {})))})"
+        )
         return (
             f"rwasym.Model({str(label)!r}: {self.n_layers} layers, d_model {self.d_model}, "
             f"{len(self._specs)} matrices{quantized})"
         )
 
 
-def matches_pattern(name: str, pattern: Union[str, list, tuple]) -> bool:
+def matches_pattern(name: str, pattern: str | list | tuple) -> bool:
     """Glob match of a registry name, ``*`` = one dotted segment; a list matches if any entry does."""
     if isinstance(pattern, (list, tuple)):
         return any(matches_pattern(name, p) for p in pattern)
     regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$"
     return re.match(regex, name) is not None
-

@@ -17,20 +17,19 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Union
 
-from .language import LanguageConfig, PairConfig, corpus, entropy_per_token, make_pairs
+from ..data.pairs import PreferencePairs
 from ..errors import RwasymError
 from ..models import Model, load, native_config
 from ..models.cache import cache_root
-from ..data.pairs import PreferencePairs
 from ..objectives import heldout_ce, mean_kl, preference_accuracy
 from ..train.loops import AlignConfig, TrainConfig, align, pretrain
+from .language import LanguageConfig, PairConfig, corpus, entropy_per_token, make_pairs
 
 __all__ = ["DefaultPairSpec", "default_pair", "default_spec", "load_default_pairs", "spec_hash"]
 
 FORMAT = "rwasym-default-pair/1"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,11 @@ class DefaultPairSpec:
     """Everything that defines the default pair (hashed into the cache key)."""
 
     language: LanguageConfig = LanguageConfig()  # 512 tokens, Zipfian rank-16 Markov, half the rows copy (p = 0.6)
-    model: dict = field(default_factory=lambda: dict(  # native_config overrides (d_vocab from language)
-        d_model=128, d_head=32, n_heads=4, n_layers=2, n_ctx=64, d_mlp=512, seed=0))
+    model: dict = field(
+        default_factory=lambda: dict(  # native_config overrides (d_vocab from language)
+            d_model=128, d_head=32, n_heads=4, n_layers=2, n_ctx=64, d_mlp=512, seed=0
+        )
+    )
     n_train_seqs: int = 16000  # pretraining corpus rows (≈ 2 epochs at the default budget)
     n_heldout_seqs: int = 256  # held-out corpus rows for CE and KL
     seq_len: int = 64  # corpus row length (= n_ctx)
@@ -58,15 +60,22 @@ def default_spec(quick: bool = False, seed: int = 0) -> DefaultPairSpec:
     """
     spec = DefaultPairSpec()
     if seed != 0:
-        spec = replace(spec, model={**spec.model, "seed": int(seed)},
-                       pretrain=replace(spec.pretrain, seed=int(seed)), pairs=replace(spec.pairs, seed=int(seed)),
-                       align=replace(spec.align, seed=int(seed)))
+        spec = replace(
+            spec,
+            model={**spec.model, "seed": int(seed)},
+            pretrain=replace(spec.pretrain, seed=int(seed)),
+            pairs=replace(spec.pairs, seed=int(seed)),
+            align=replace(spec.align, seed=int(seed)),
+        )
     if not quick:
         return spec
     return replace(
-        spec, n_train_seqs=256, n_heldout_seqs=32,
+        spec,
+        n_train_seqs=256,
+        n_heldout_seqs=32,
         pretrain=replace(spec.pretrain, steps=20, warmup_steps=5, n_checkpoints=3),
-        pairs=replace(spec.pairs, n_per_rule=100), heldout_frac=0.2,
+        pairs=replace(spec.pairs, n_per_rule=100),
+        heldout_frac=0.2,
         align=replace(spec.align, steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3),
     )
 
@@ -120,17 +129,29 @@ def _build(spec: DefaultPairSpec, folder: Path, progress: bool) -> dict:
         "hash": spec_hash(spec),
         "spec": asdict(spec),
         "entropy": ent.to_dict(),
-        "pretrain": {"final_train_loss": pre.final_loss, "heldout_ce": heldout_ce(base, held_tokens),
-                     "seconds": pre.seconds},
-        "align": {"final_loss": ali.final_loss, "seconds": ali.seconds, "heldout_ce": heldout_ce(tuned, held_tokens),
-                  "kl_to_base": mean_kl(tuned, base, held_tokens)},
+        "pretrain": {
+            "final_train_loss": pre.final_loss,
+            "heldout_ce": heldout_ce(base, held_tokens),
+            "seconds": pre.seconds,
+        },
+        "align": {
+            "final_loss": ali.final_loss,
+            "seconds": ali.seconds,
+            "heldout_ce": heldout_ce(tuned, held_tokens),
+            "kl_to_base": mean_kl(tuned, base, held_tokens),
+        },
         "preference_accuracy": _accuracies(base, tuned, held_pairs),
         "seconds": {"pretrain_stage": t1 - t0, "align": t2 - t1, "total": time.perf_counter() - t0},
     }
 
 
-def default_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progress: bool = True,
-                 spec: Optional[DefaultPairSpec] = None, seed: int = 0) -> tuple[Model, Model, dict]:
+def default_pair(
+    cache_dir: PathLike | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    spec: DefaultPairSpec | None = None,
+    seed: int = 0,
+) -> tuple[Model, Model, dict]:
     """(base, aligned, info) of the default pair, built on first use and loaded from cache after.
 
     ``info`` holds the numbers of ``info.json`` plus ``folder``, ``base`` / ``tuned`` checkpoint
@@ -163,5 +184,7 @@ def default_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, prog
 def load_default_pairs(info: dict) -> tuple[PreferencePairs, PreferencePairs]:
     """(train, heldout) preference pairs stored with a default pair (``info`` from `default_pair`)."""
     folder = Path(info["folder"])
-    return (PreferencePairs.load(folder / "pairs_train.safetensors"),
-            PreferencePairs.load(folder / "pairs_heldout.safetensors"))
+    return (
+        PreferencePairs.load(folder / "pairs_train.safetensors"),
+        PreferencePairs.load(folder / "pairs_heldout.safetensors"),
+    )

@@ -10,27 +10,38 @@ figures in ``out``; the headline table is printed.
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from .._version import __version__
-
 from .. import report
-from ..hooks.activations import capture
-from ..analyses.companion import geometry, lifecycle_from_checkpoints, post_training_report
-from .experiments import asymmetry_summary, graded, trajectory
+from .._version import __version__
 from ..analyses.anisotropy import anisotropy_report
-from ..objectives import objective_batches
-from ..hooks.gradients import capture_gradients
-from ..models import load
+from ..analyses.companion import geometry, lifecycle_from_checkpoints, post_training_report
 from ..analyses.probe import probe
 from ..analyses.sweep import summarize, sweep
+from ..hooks.activations import capture
+from ..hooks.gradients import capture_gradients
+from ..models import load
+from ..objectives import objective_batches
+from .experiments import asymmetry_summary, graded, trajectory
 
 
-def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = None, tuned: Any = None,
-             data: Any = None, pairs: Any = None, seed: int = 0, k: int = 8, progress: Optional[bool] = None,
-             real: bool = False, cache_dir: Any = None, log=print) -> dict:
+def run_demo(
+    out: Any = "rwasym_out/demo",
+    *,
+    quick: bool = False,
+    base: Any = None,
+    tuned: Any = None,
+    data: Any = None,
+    pairs: Any = None,
+    seed: int = 0,
+    k: int = 8,
+    progress: bool | None = None,
+    real: bool = False,
+    cache_dir: Any = None,
+    log=print,
+) -> dict:
     """Run the demo; returns the results dict written to ``out/results.json``.
 
     Default: the embedded default pair. ``real=True``: the real pair (SmolLM2-135M + DPO on a text
@@ -53,9 +64,8 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         data = real_corpus(info, base.tokenizer, seq_len=64)
         run_folder = lifecycle_folder = Path(info["folder"]) / "align"
     elif base is None:
+        from .default_pair import default_pair, load_default_pairs
         from .language import LanguageConfig, corpus
-        from .default_pair import load_default_pairs
-        from .default_pair import default_pair
 
         log(f"[1/7] default pair ({'quick' if quick else 'full'}): trained on first use, then cached")
         base, tuned, info = default_pair(quick=quick, progress=progress is not False)
@@ -73,16 +83,29 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         results["real_pair"] = {key: info.get(key) for key in ("heldout_accuracy", "seconds", "final_loss", "folder")}
         results["real_pair"]["n_tokens"] = int(data.numel())
     else:
-        results["default_pair"] = {key: info.get(key) for key in ("entropy", "pretrain", "align",
-                                                                 "preference_accuracy", "folder")}
+        results["default_pair"] = {
+            key: info.get(key) for key in ("entropy", "pretrain", "align", "preference_accuracy", "folder")
+        }
     figures = out / "figures"
 
     log("[2/7] probe: where ΔW concentrates")
     acts = capture(base, data, progress=progress)
-    result = probe(base, tuned, activations=acts, k=k, null_samples=100 if quick else 300, seed=seed,
-                   curve_null_samples=16 if quick else 64, progress=progress)
-    results["probe"] = {"summary": asymmetry_summary(result), "table": result.table(), "rows": result.rows,
-                        "curves": result.curves}
+    result = probe(
+        base,
+        tuned,
+        activations=acts,
+        k=k,
+        null_samples=100 if quick else 300,
+        seed=seed,
+        curve_null_samples=16 if quick else 64,
+        progress=progress,
+    )
+    results["probe"] = {
+        "summary": asymmetry_summary(result),
+        "table": result.table(),
+        "rows": result.rows,
+        "curves": result.curves,
+    }
     report.asymmetry_heatmap(result, figures / "asymmetry_heatmap.png")
     report.rk_curves(result, figures / "rk_curves.png")
     headline = result.summary()
@@ -92,12 +115,20 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
     # real: four depths (C_a, C_δ and G of all 210 matrices are ~5 GB of float64 per objective)
     layers = sorted({0, base.n_layers // 3, 2 * base.n_layers // 3, base.n_layers - 1})
     grad_matrices = [f"blocks.{L}.*.*" for L in layers] if real else None
-    grads = {"ce": capture_gradients(base, *objective_batches("ce", data, batch_size=16, n_batches=4),
-                                     matrices=grad_matrices, progress=progress)}
+    grads = {
+        "ce": capture_gradients(
+            base, *objective_batches("ce", data, batch_size=16, n_batches=4), matrices=grad_matrices, progress=progress
+        )
+    }
     if heldout_pairs is not None and train_pairs is not None:
-        loss_fn, batches = objective_batches("dpo", train_pairs, reference=base, batch_size=16 if real else 64,
-                                             n_batches=2 if quick else 4,
-                                             beta=info["spec"]["align"]["beta"] if real else 1.0)
+        loss_fn, batches = objective_batches(
+            "dpo",
+            train_pairs,
+            reference=base,
+            batch_size=16 if real else 64,
+            n_batches=2 if quick else 4,
+            beta=info["spec"]["align"]["beta"] if real else 1.0,
+        )
         grads["dpo"] = capture_gradients(base, loss_fn, batches, matrices=grad_matrices, progress=progress)
     results["gradients"] = {obj: anisotropy_report(base, st, k=k) for obj, st in grads.items()}
     for name in ("blocks.0.attn.W_Q", f"blocks.{base.n_layers - 1}.mlp.W_out"):
@@ -106,18 +137,33 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
             C_a, C_d = st.second_moments(name)
             spectra[f"{obj}: a_t (input)"] = torch.linalg.eigvalsh(C_a).flip(0).tolist()
             spectra[f"{obj}: δ_t (gradient)"] = torch.linalg.eigvalsh(C_d).flip(0).tolist()
-        report.spectra_plot(spectra, figures / f"grad_spectra_{name.replace('.', '_')}.png",
-                            title=f"{name}: covariance spectra", ylabel="λ_i / Σλ")
+        report.spectra_plot(
+            spectra,
+            figures / f"grad_spectra_{name.replace('.', '_')}.png",
+            title=f"{name}: covariance spectra",
+            ylabel="λ_i / Σλ",
+        )
 
     if run_folder is not None:
         log("[4/7] within-run trajectory of the alignment run")
         traj = trajectory(base, run_folder, data, k=k, null_samples=50, seed=seed)
         results["trajectory"] = traj
         summary_rows = [r for r in traj if r["kind"] == "summary"]
-        long = [dict(step=r["step"], value=r.get(key), series=key) for r in summary_rows
-                for key in ("read_activation", "write_prediction", "read_prediction", "write_activation")]
-        report.line_plot(long, "step", "value", "series", figures / "trajectory.png", hline=1.0,
-                         title="within-run trajectory (residual side, whole matrices)", ylabel="mean relative fraction r")
+        long = [
+            dict(step=r["step"], value=r.get(key), series=key)
+            for r in summary_rows
+            for key in ("read_activation", "write_prediction", "read_prediction", "write_activation")
+        ]
+        report.line_plot(
+            long,
+            "step",
+            "value",
+            "series",
+            figures / "trajectory.png",
+            hline=1.0,
+            title="within-run trajectory (residual side, whole matrices)",
+            ylabel="mean relative fraction r",
+        )
 
         log("[5/7] graded-objective control (small budget)")
         from dataclasses import replace
@@ -126,16 +172,28 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
 
         cfg = AlignConfig(**{**info["spec"]["align"], "betas": tuple(info["spec"]["align"]["betas"])})
         # real: 10 steps per λ (≈ 3.5 s each on 2 cores); #19's experiment runs the full control
-        cfg = replace(cfg, steps=4 if quick else 10 if real else 60, checkpoint_every=0, warmup_steps=min(cfg.warmup_steps, 2))
+        cfg = replace(
+            cfg, steps=4 if quick else 10 if real else 60, checkpoint_every=0, warmup_steps=min(cfg.warmup_steps, 2)
+        )
         lams = (0.0, 1.0) if quick else (0.0, 0.5, 1.0) if real else (0.0, 0.25, 0.5, 0.75, 1.0)
-        rows = graded(base, train_pairs, data, lams=lams, align_config=cfg, k=k, null_samples=50,
-                      heldout=heldout_pairs)
+        rows = graded(base, train_pairs, data, lams=lams, align_config=cfg, k=k, null_samples=50, heldout=heldout_pairs)
         results["graded"] = rows
-        long = [dict(lam=r["lam"], value=r[key], series=key) for r in rows
-                for key in ("read_activation", "write_prediction")]
-        report.line_plot(long, "lam", "value", "series", figures / "graded.png", hline=1.0,
-                         title="graded objective λ·DPO + (1−λ)·CE", xlabel="λ (contrastive share)",
-                         ylabel="mean relative fraction r")
+        long = [
+            dict(lam=r["lam"], value=r[key], series=key)
+            for r in rows
+            for key in ("read_activation", "write_prediction")
+        ]
+        report.line_plot(
+            long,
+            "lam",
+            "value",
+            "series",
+            figures / "graded.png",
+            hline=1.0,
+            title="graded objective λ·DPO + (1−λ)·CE",
+            xlabel="λ (contrastive share)",
+            ylabel="mean relative fraction r",
+        )
     else:
         log("[4-5/7] trajectory and graded control need the default pair's training run: skipped")
 
@@ -143,15 +201,28 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
         log("[6/7] rank-1 sweep with matched random and orthogonal controls")
         dirs = "pca:2,random:4,orthogonal:4" if quick or real else "pca:4,random:16,orthogonal:16"
         last = base.n_layers - 1
-        matrices = ([f"blocks.{last // 2}.attn.W_Q", f"blocks.{last}.mlp.W_out"] if real
-                    else ["blocks.*.attn.W_Q", "blocks.*.mlp.W_out"])  # real: one edit is a 30-layer forward
-        rows = sweep(base, tuned, heldout_pairs, matrices=matrices,
-                     directions=dirs, mode="transplant", out=out / "sweep.jsonl", seed=seed,
-                     max_pairs=64 if real else 128 if quick else 512, progress=progress)
+        matrices = (
+            [f"blocks.{last // 2}.attn.W_Q", f"blocks.{last}.mlp.W_out"]
+            if real
+            else ["blocks.*.attn.W_Q", "blocks.*.mlp.W_out"]
+        )  # real: one edit is a 30-layer forward
+        rows = sweep(
+            base,
+            tuned,
+            heldout_pairs,
+            matrices=matrices,
+            directions=dirs,
+            mode="transplant",
+            out=out / "sweep.jsonl",
+            seed=seed,
+            max_pairs=64 if real else 128 if quick else 512,
+            progress=progress,
+        )
         summary = summarize(rows, metrics=["gap_accuracy", "margin", "kl_base"], seed=seed)
         results["sweep"] = {"summary": summary.to_dicts()}
-        report.effect_plot(rows, "margin", figures / "sweep_margin.png",
-                           title="transplanted rank-1 edits: DPO margin by direction")
+        report.effect_plot(
+            rows, "margin", figures / "sweep_margin.png", title="transplanted rank-1 edits: DPO margin by direction"
+        )
     else:
         log("[6/7] no preference pairs: sweep skipped")
 
@@ -166,14 +237,23 @@ def run_demo(out: Any = "rwasym_out/demo", *, quick: bool = False, base: Any = N
 
         geo = geometry({step: folder for step, folder in checkpoint_folders(pre).items()}, data[:32])
         results["geometry"] = geo
-        report.line_plot(geo, "checkpoint", "rankme", "layer", figures / "rankme.png",
-                         title=f"RankMe of resid_post across {'the DPO run' if real else 'pretraining'}",
-                         xlabel="step (symlog)", logx=True)
+        report.line_plot(
+            geo,
+            "checkpoint",
+            "rankme",
+            "layer",
+            figures / "rankme.png",
+            title=f"RankMe of resid_post across {'the DPO run' if real else 'pretraining'}",
+            xlabel="step (symlog)",
+            logx=True,
+        )
     results["seconds"] = time.perf_counter() - t_start
     report.write_json(results, out / "results.json")
     (out / "report.md").write_text(_markdown(results, headline))
-    log(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(list(figures.glob('*.png')))} figures "
-        f"in {results['seconds']:.0f} s")
+    log(
+        f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(list(figures.glob('*.png')))} figures "
+        f"in {results['seconds']:.0f} s"
+    )
     return results
 
 
@@ -181,28 +261,49 @@ def _markdown(results: dict, headline: str) -> str:
     parts = [f"# rwasym demo report (rwasym {results['version']}, seed {results['seed']}, k={results['k']})\n"]
     if results.get("real_pair"):
         rp = results["real_pair"]
-        parts.append("## The real pair (SmolLM2-135M + DPO on the pick-the-second task)\n\n"
-                     f"held-out preference accuracy: base {rp['heldout_accuracy']['base']:.3f}, "
-                     f"tuned {rp['heldout_accuracy']['tuned']:.3f}; activation statistics from "
-                     f"{rp['n_tokens']} tokens of the task's text\n")
+        parts.append(
+            "## The real pair (SmolLM2-135M + DPO on the pick-the-second task)\n\n"
+            f"held-out preference accuracy: base {rp['heldout_accuracy']['base']:.3f}, "
+            f"tuned {rp['heldout_accuracy']['tuned']:.3f}; activation statistics from "
+            f"{rp['n_tokens']} tokens of the task's text\n"
+        )
     dp = results.get("default_pair") or {}
     if dp.get("preference_accuracy"):
-        parts.append("## The default pair\n\n```\n" + json.dumps({k: dp[k] for k in ("entropy", "pretrain", "align",
-                     "preference_accuracy")}, indent=1) + "\n```\n")
+        parts.append(
+            "## The default pair\n\n```\n"
+            + json.dumps({k: dp[k] for k in ("entropy", "pretrain", "align", "preference_accuracy")}, indent=1)
+            + "\n```\n"
+        )
     parts.append("## Probe: relative fraction r on the residual-stream side\n\n```\n" + headline + "\n```\n")
     parts.append("![asymmetry](figures/asymmetry_heatmap.png)\n![r(k)](figures/rk_curves.png)\n")
     for obj, rows in results.get("gradients", {}).items():
-        parts.append(f"## Gradient anisotropy ({obj})\n\n" + report.markdown_table(rows, [
-            "matrix", "a_top1_share", "delta_top1_share", "G_input_pca_relative", "G_prediction_relative"]))
+        parts.append(
+            f"## Gradient anisotropy ({obj})\n\n"
+            + report.markdown_table(
+                rows, ["matrix", "a_top1_share", "delta_top1_share", "G_input_pca_relative", "G_prediction_relative"]
+            )
+        )
     if "trajectory" in results:
-        parts.append("## Within-run trajectory\n\n" + report.markdown_table(
-            [r for r in results["trajectory"] if r["kind"] == "summary"]) + "\n![trajectory](figures/trajectory.png)\n")
+        parts.append(
+            "## Within-run trajectory\n\n"
+            + report.markdown_table([r for r in results["trajectory"] if r["kind"] == "summary"])
+            + "\n![trajectory](figures/trajectory.png)\n"
+        )
     if "graded" in results:
-        parts.append("## Graded objective\n\n" + report.markdown_table(results["graded"]) + "\n![graded](figures/graded.png)\n")
+        parts.append(
+            "## Graded objective\n\n" + report.markdown_table(results["graded"]) + "\n![graded](figures/graded.png)\n"
+        )
     if "sweep" in results:
-        parts.append("## Rank-1 sweep: target versus matched controls\n\n" + report.markdown_table(results["sweep"]["summary"]))
-    parts.append("## Post-training SVD by matrix kind\n\n" + report.markdown_table(
-        [dict(kind=k, **v) for k, v in results["post_training_svd"].items()]))
+        parts.append(
+            "## Rank-1 sweep: target versus matched controls\n\n" + report.markdown_table(results["sweep"]["summary"])
+        )
+    parts.append(
+        "## Post-training SVD by matrix kind\n\n"
+        + report.markdown_table([dict(kind=k, **v) for k, v in results["post_training_svd"].items()])
+    )
     if "geometry" in results:
-        parts.append(f"## RankMe / α-ReQ across {'the DPO run' if results.get('real') else 'pretraining'}\n\n" + report.markdown_table(results["geometry"]))
+        parts.append(
+            f"## RankMe / α-ReQ across {'the DPO run' if results.get('real') else 'pretraining'}\n\n"
+            + report.markdown_table(results["geometry"])
+        )
     return "\n".join(parts)

@@ -39,22 +39,30 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..errors import RwasymError
 from ..data.pairs import PreferencePairs
+from ..errors import RwasymError
 
 __all__ = [
-    "RULES", "EntropyEstimate", "Language", "LanguageConfig", "PairConfig", "bigram_accuracy", "corpus",
-    "entropy_per_token", "language", "make_pairs", "unigram_entropy",
+    "RULES",
+    "EntropyEstimate",
+    "Language",
+    "LanguageConfig",
+    "PairConfig",
+    "bigram_accuracy",
+    "corpus",
+    "entropy_per_token",
+    "language",
+    "make_pairs",
+    "unigram_entropy",
 ]
 
 RULES = ("induction", "class")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------- the language
@@ -101,7 +109,8 @@ def _check_config(cfg: LanguageConfig) -> None:
     if cfg.markov_rank < 1 or cfg.markov_logit_std <= 0 or cfg.zipf_exponent < 0:
         raise RwasymError(
             f"LanguageConfig needs markov_rank >= 1, markov_logit_std > 0, zipf_exponent >= 0; got "
-            f"markov_rank={cfg.markov_rank}, markov_logit_std={cfg.markov_logit_std}, zipf_exponent={cfg.zipf_exponent}."
+            f"markov_rank={cfg.markov_rank}, markov_logit_std={cfg.markov_logit_std}, "
+            f"zipf_exponent={cfg.zipf_exponent}."
         )
 
 
@@ -247,16 +256,21 @@ class Language:
         q = torch.where(y >= 0, (1 - p) * t_ab + p * (y == b), t_ab)  # q_t(x_t)
         return q.log()
 
-    def entropy_per_token(self, seq_len: int = 64, n_seqs: int = 2000, seed: int = 12345,
-                          mode: str = "mix") -> EntropyEstimate:
+    def entropy_per_token(
+        self, seq_len: int = 64, n_seqs: int = 2000, seed: int = 12345, mode: str = "mix"
+    ) -> EntropyEstimate:
         """Monte-Carlo mean of the exact conditional entropies over positions 1..seq_len−1 of
         ``n_seqs`` sequences sampled in ``mode``, with the standard error over sequences."""
         if seq_len < 2 or n_seqs < 2:
             raise RwasymError(f"entropy_per_token needs seq_len >= 2 and n_seqs >= 2; got {seq_len}, {n_seqs}.")
         per_seq = self.conditional_entropies(self.sample(n_seqs, seq_len, seed, mode)).mean(-1)  # (n_seqs,)
         return EntropyEstimate(
-            per_token=float(per_seq.mean()), stderr=float(per_seq.std() / math.sqrt(n_seqs)),
-            markov=self.markov_entropy(), unigram=self.unigram_entropy(), n_seqs=n_seqs, seq_len=seq_len,
+            per_token=float(per_seq.mean()),
+            stderr=float(per_seq.std() / math.sqrt(n_seqs)),
+            markov=self.markov_entropy(),
+            unigram=self.unigram_entropy(),
+            n_seqs=n_seqs,
+            seq_len=seq_len,
         )
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
@@ -281,14 +295,20 @@ def language(config: LanguageConfig = LanguageConfig()) -> Language:
     return Language(config)
 
 
-def corpus(n_seqs: int, seq_len: int, seed: int = 0, config: LanguageConfig = LanguageConfig(),
-           mode: str = "mix") -> Int[Tensor, "batch pos"]:
+def corpus(
+    n_seqs: int, seq_len: int, seed: int = 0, config: LanguageConfig = LanguageConfig(), mode: str = "mix"
+) -> Int[Tensor, "batch pos"]:
     """``n_seqs`` sequences of the procedural language (int64, shape (n_seqs, seq_len))."""
     return language(config).sample(n_seqs, seq_len, seed, mode)
 
 
-def entropy_per_token(seq_len: int = 64, n_seqs: int = 2000, seed: int = 12345,
-                      config: LanguageConfig = LanguageConfig(), mode: str = "mix") -> EntropyEstimate:
+def entropy_per_token(
+    seq_len: int = 64,
+    n_seqs: int = 2000,
+    seed: int = 12345,
+    config: LanguageConfig = LanguageConfig(),
+    mode: str = "mix",
+) -> EntropyEstimate:
     """The generator's entropy per token (see `Language.entropy_per_token`)."""
     return language(config).entropy_per_token(seq_len, n_seqs, seed, mode)
 
@@ -384,7 +404,9 @@ def _class_rows(lang: Language, cfg: PairConfig, seed: int) -> tuple[Tensor, Ten
     return x[good], torch.stack(cols[True], -1)[good], torch.stack(cols[False], -1)[good]
 
 
-def make_pairs(config: PairConfig = PairConfig(), language_config: LanguageConfig = LanguageConfig()) -> PreferencePairs:
+def make_pairs(
+    config: PairConfig = PairConfig(), language_config: LanguageConfig = LanguageConfig()
+) -> PreferencePairs:
     """Preference pairs of the procedural language, ``n_per_rule`` per rule, rules interleaved.
 
     - ``"induction"`` (context-dependent): the prompt is a language sample whose last token a
@@ -414,14 +436,19 @@ def make_pairs(config: PairConfig = PairConfig(), language_config: LanguageConfi
         attempt = 0
         while len(rows[0]) < config.n_per_rule:
             if attempt == 20:
-                raise RwasymError(f"rule {rule!r} accepted only {len(rows[0])} of {config.n_per_rule} pairs "
-                                  "after 20 rounds; use a longer prompt_len or a larger top-k.")
+                raise RwasymError(
+                    f"rule {rule!r} accepted only {len(rows[0])} of {config.n_per_rule} pairs "
+                    "after 20 rounds; use a longer prompt_len or a larger top-k."
+                )
             new = build(lang, config, config.seed * 1000 + 97 * r + attempt)
             rows = [torch.cat([old, add]) for old, add in zip(rows, new)]
             attempt += 1
         prompt, chosen, rejected = (t[: config.n_per_rule] for t in rows)
-        parts.append(PreferencePairs(prompt, chosen, rejected, rule=torch.full((config.n_per_rule,), r),
-                                     rule_names=tuple(config.rules)))
+        parts.append(
+            PreferencePairs(
+                prompt, chosen, rejected, rule=torch.full((config.n_per_rule,), r), rule_names=tuple(config.rules)
+            )
+        )
     pairs = PreferencePairs.concat(parts)
     order = torch.arange(len(pairs)).view(len(parts), -1).T.reshape(-1)  # interleave rules
     return pairs.subset(order)
@@ -431,7 +458,9 @@ def bigram_accuracy(pairs: PreferencePairs, config: LanguageConfig = LanguageCon
     """Fraction of pairs that the Markov backbone alone (no context) scores chosen > rejected:
     Σ log T along each continuation from the prompt's last token. The context-free baseline."""
     T = language(config).transition.log()
+
     def score(cont: Tensor) -> Tensor:
         path = torch.cat([pairs.prompt[:, -1:], cont], 1)  # (n, c+1)
         return T[path[:, :-1], path[:, 1:]].sum(-1)
+
     return float((score(pairs.chosen) > score(pairs.rejected)).double().mean())

@@ -31,9 +31,10 @@ pairs (words never seen in training).
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -68,10 +69,21 @@ class RealConfig:
     @classmethod
     def smoke(cls, **overrides: Any) -> "RealConfig":
         """The quick pair with tiny budgets (``rwasym experiment real --quick``)."""
-        values = dict(seeds=(0,), ks=(4,), null_samples=4, lams=(0.0, 1.0), grad_batches=1, grad_batch_size=4,
-                      joint_sets=("blocks.*.attn.W_Q", "write"), joint_ranks=(1, 2),
-                      joint_directions="pca:1,prediction:1,random:2,orthogonal:1", joint_matches=("output",),
-                      alpha_scan=(1.0, 2.0), max_pairs=8, quick=True)
+        values = dict(
+            seeds=(0,),
+            ks=(4,),
+            null_samples=4,
+            lams=(0.0, 1.0),
+            grad_batches=1,
+            grad_batch_size=4,
+            joint_sets=("blocks.*.attn.W_Q", "write"),
+            joint_ranks=(1, 2),
+            joint_directions="pca:1,prediction:1,random:2,orthogonal:1",
+            joint_matches=("output",),
+            alpha_scan=(1.0, 2.0),
+            max_pairs=8,
+            quick=True,
+        )
         return cls(**{**values, **overrides})
 
 
@@ -105,7 +117,7 @@ def _default(value: Any) -> Any:
 class _Seed:
     """The real pair of one seed and what every part shares: pairs, corpus, base activations."""
 
-    def __init__(self, seed: int, quick: bool, cache_dir: Any, progress: Optional[bool]):
+    def __init__(self, seed: int, quick: bool, cache_dir: Any, progress: bool | None):
         from .real_pair import load_real_pairs, real_corpus, real_pair
 
         self.seed = seed
@@ -131,8 +143,20 @@ def _margin(model: Any, base_logps: tuple, pairs: Any, beta: float) -> float:
 
 
 def _whole(rows: list[dict]) -> list[dict]:
-    keep = ("layer", "matrix", "kind", "matrix_side", "subspace", "k", "n", "relative", "null_percentile",
-            "k_variance", "relative_k_variance", "delta_norm")
+    keep = (
+        "layer",
+        "matrix",
+        "kind",
+        "matrix_side",
+        "subspace",
+        "k",
+        "n",
+        "relative",
+        "null_percentile",
+        "k_variance",
+        "relative_k_variance",
+        "delta_norm",
+    )
     return [{k: r.get(k) for k in keep} for r in rows if r["head"] is None and r["stream"] == "residual"]
 
 
@@ -141,18 +165,34 @@ def _asymmetry(s: _Seed, cfg: RealConfig) -> dict:
 
     out: dict = {"by_k": {}}
     for i, k in enumerate(cfg.ks):
-        result = probe(s.base, s.tuned, activations=s.acts, k=k, null_samples=cfg.null_samples, heads=i == 0,
-                       curves=False, seed=s.seed, progress=False)
+        result = probe(
+            s.base,
+            s.tuned,
+            activations=s.acts,
+            k=k,
+            null_samples=cfg.null_samples,
+            heads=i == 0,
+            curves=False,
+            seed=s.seed,
+            progress=False,
+        )
         out["by_k"][str(k)] = _whole(result.rows)
         if i == 0:
             heads = [r for r in result.rows if r["head"] is not None and r["stream"] == "residual"]
             spread = {}
             for key in sorted({(r["kind"], r["subspace"]) for r in heads}):
-                vals = torch.tensor([r["relative"] for r in heads if (r["kind"], r["subspace"]) == key],
-                                    dtype=torch.float64)
-                spread[f"{key[0]}/{key[1]}"] = dict(n=len(vals), mean=float(vals.mean()), std=float(vals.std()),
-                                                    min=float(vals.min()), max=float(vals.max()),
-                                                    q10=float(vals.quantile(0.1)), q90=float(vals.quantile(0.9)))
+                vals = torch.tensor(
+                    [r["relative"] for r in heads if (r["kind"], r["subspace"]) == key], dtype=torch.float64
+                )
+                spread[f"{key[0]}/{key[1]}"] = dict(
+                    n=len(vals),
+                    mean=float(vals.mean()),
+                    std=float(vals.std()),
+                    min=float(vals.min()),
+                    max=float(vals.max()),
+                    q10=float(vals.quantile(0.1)),
+                    q90=float(vals.quantile(0.9)),
+                )
             out["head_spread"] = spread
     return out
 
@@ -160,9 +200,9 @@ def _asymmetry(s: _Seed, cfg: RealConfig) -> dict:
 def _graded(s: _Seed, cfg: RealConfig, lam: float) -> dict:
     from dataclasses import replace
 
-    from ..objectives import pair_logprobs, preference_accuracy
     from ..analyses.probe import probe
     from ..models import weight_deltas
+    from ..objectives import pair_logprobs, preference_accuracy
     from ..train.loops import AlignConfig, align
     from .experiments import asymmetry_summary, clone
 
@@ -171,27 +211,53 @@ def _graded(s: _Seed, cfg: RealConfig, lam: float) -> dict:
         tuned, source = s.tuned, "dpo run"
     else:
         tuned, source = clone(s.base), "trained"
-        config = replace(AlignConfig(**{**spec, "betas": tuple(spec["betas"])}), objective="graded", lam=float(lam),
-                         checkpoint_every=0)
+        config = replace(
+            AlignConfig(**{**spec, "betas": tuple(spec["betas"])}),
+            objective="graded",
+            lam=float(lam),
+            checkpoint_every=0,
+        )
         align(tuned, s.base, s.train, config, progress=False)
-    result = probe(s.base, tuned, activations=s.acts, k=cfg.ks[0], null_samples=cfg.null_samples, heads=False,
-                   curves=False, seed=s.seed, progress=False)
+    result = probe(
+        s.base,
+        tuned,
+        activations=s.acts,
+        k=cfg.ks[0],
+        null_samples=cfg.null_samples,
+        heads=False,
+        curves=False,
+        seed=s.seed,
+        progress=False,
+    )
     base_logps = pair_logprobs(s.base, s.held)
     norm = sum(float(d.square().sum()) for d in weight_deltas(s.base, tuned).values()) ** 0.5
-    return dict(seed=s.seed, lam=float(lam), source=source, **asymmetry_summary(result), by_kind=result.table(),
-                delta_norm=norm, heldout_accuracy=preference_accuracy(tuned, None, s.held),
-                heldout_margin=_margin(tuned, base_logps, s.held, spec["beta"]))
+    return dict(
+        seed=s.seed,
+        lam=float(lam),
+        source=source,
+        **asymmetry_summary(result),
+        by_kind=result.table(),
+        delta_norm=norm,
+        heldout_accuracy=preference_accuracy(tuned, None, s.held),
+        heldout_margin=_margin(tuned, base_logps, s.held, spec["beta"]),
+    )
 
 
 def _mechanism(s: _Seed, cfg: RealConfig) -> dict:
     from ..analyses.anisotropy import anisotropy_report
-    from ..objectives import objective_batches
     from ..hooks.gradients import capture_gradients
+    from ..objectives import objective_batches
 
     out = {}
     for objective in ("sft", "dpo"):  # CE on the chosen completions versus DPO, same batches
-        loss_fn, batches = objective_batches(objective, s.train, reference=s.base, batch_size=cfg.grad_batch_size,
-                                             n_batches=cfg.grad_batches, beta=s.info["spec"]["align"]["beta"])
+        loss_fn, batches = objective_batches(
+            objective,
+            s.train,
+            reference=s.base,
+            batch_size=cfg.grad_batch_size,
+            n_batches=cfg.grad_batches,
+            beta=s.info["spec"]["align"]["beta"],
+        )
         stats = capture_gradients(s.base, loss_fn, batches, progress=False)
         out["ce" if objective == "sft" else "dpo"] = anisotropy_report(s.base, stats, k=cfg.ks[0])
     return out
@@ -200,24 +266,71 @@ def _mechanism(s: _Seed, cfg: RealConfig) -> dict:
 def _trajectory(s: _Seed, cfg: RealConfig) -> dict:
     from .experiments import trajectory
 
-    rows = trajectory(s.base, Path(s.info["folder"]) / "align", s.data, k=cfg.ks[0], null_samples=cfg.null_samples,
-                      seed=s.seed)
+    rows = trajectory(
+        s.base, Path(s.info["folder"]) / "align", s.data, k=cfg.ks[0], null_samples=cfg.null_samples, seed=s.seed
+    )
     return dict(rows=rows)
 
 
-def _joint(s: _Seed, cfg: RealConfig, out: Path, mode: str, match: str, alphas: Sequence[float],
-           sets: Sequence[str], ranks: Sequence[int], name: str, progress: Optional[bool]) -> dict:
+def _joint(
+    s: _Seed,
+    cfg: RealConfig,
+    out: Path,
+    mode: str,
+    match: str,
+    alphas: Sequence[float],
+    sets: Sequence[str],
+    ranks: Sequence[int],
+    name: str,
+    progress: bool | None,
+) -> dict:
     from ..analyses.sweep import summarize, sweep
 
     path = out / "sweeps" / f"{name}.jsonl"
-    rows = sweep(s.base, s.tuned, s.held, out=path, joint=True, matrices=tuple(sets), ranks=tuple(ranks),
-                 directions=cfg.joint_directions, alphas=tuple(alphas), mode=mode, match=match, seed=s.seed,
-                 max_pairs=cfg.max_pairs, progress=progress)
+    rows = sweep(
+        s.base,
+        s.tuned,
+        s.held,
+        out=path,
+        joint=True,
+        matrices=tuple(sets),
+        ranks=tuple(ranks),
+        directions=cfg.joint_directions,
+        alphas=tuple(alphas),
+        mode=mode,
+        match=match,
+        seed=s.seed,
+        max_pairs=cfg.max_pairs,
+        progress=progress,
+    )
     summary = summarize(rows, metrics=list(GAP_METRICS), seed=s.seed)
-    return dict(seed=s.seed, mode=mode, match=match, sweep=str(path.relative_to(out)), summary=summary.rows,
-                rows=[{k: r.get(k) for k in ("matrix", "rank", "direction", "index", "alpha", "mode", "u_norm",
-                                              "output_energy", "n_matrices", *GAP_METRICS, "accuracy", "margin")}
-                      for r in rows])
+    return dict(
+        seed=s.seed,
+        mode=mode,
+        match=match,
+        sweep=str(path.relative_to(out)),
+        summary=summary.rows,
+        rows=[
+            {
+                k: r.get(k)
+                for k in (
+                    "matrix",
+                    "rank",
+                    "direction",
+                    "index",
+                    "alpha",
+                    "mode",
+                    "u_norm",
+                    "output_energy",
+                    "n_matrices",
+                    *GAP_METRICS,
+                    "accuracy",
+                    "margin",
+                )
+            }
+            for r in rows
+        ],
+    )
 
 
 def _companion(s: _Seed, cfg: RealConfig) -> dict:
@@ -226,21 +339,26 @@ def _companion(s: _Seed, cfg: RealConfig) -> dict:
 
     post = post_training_report(s.base, s.info["tuned"])
     held = s.held.subset(torch.arange(min(cfg.max_pairs, len(s.held))))
-    text = s.data[: 32]
-    recon = reconstruction_experiment(s.base, s.tuned, {
-        "heldout_accuracy": lambda m: preference_accuracy(m, None, held),
-        "heldout_ce": lambda m: heldout_ce(m, text)}, seed=s.seed)
+    text = s.data[:32]
+    recon = reconstruction_experiment(
+        s.base,
+        s.tuned,
+        {"heldout_accuracy": lambda m: preference_accuracy(m, None, held), "heldout_ce": lambda m: heldout_ce(m, text)},
+        seed=s.seed,
+    )
     geo = geometry({"base": s.info["base"], "tuned": s.info["tuned"]}, s.data, progress=False)
     return dict(post_by_kind=post["by_kind"], post_rows=post["rows"], reconstruction=recon, geometry=geo)
 
 
-def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: Optional[bool]) -> list[tuple]:
+def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: bool | None) -> list[tuple]:
     """(unit name, part, seed, fn(pair)) in run order: every seed of the cheap, central units first
     (a run cut short has whole rows of seeds), the rest after — probes, mechanism, output-matched
     joint edits, the CE contrast, the α scan, norm-matched joint edits, λ = 0.5, the companion
     analyses, the remaining λ."""
-    def joint(name: str, seed: int, mode: str, match: str, alphas: Sequence[float], sets: Sequence[str],
-              ranks: Sequence[int]) -> tuple:
+
+    def joint(
+        name: str, seed: int, mode: str, match: str, alphas: Sequence[float], sets: Sequence[str], ranks: Sequence[int]
+    ) -> tuple:
         return (name, "joint", seed, lambda s: _joint(s, cfg, out, mode, match, alphas, sets, ranks, name, progress))
 
     def graded(lam: float) -> Callable:
@@ -255,21 +373,40 @@ def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: Optional[bool])
     rest = [x for x in lams if x not in first + middle]
     scan_sets = [x for x in cfg.joint_sets if x != "blocks.*.attn.W_Q"] or list(cfg.joint_sets)
     for i, match in enumerate(cfg.joint_matches):
-        units += [joint(f"joint_s{seed}_{mode}_{match}", seed, mode, match, (1.0,), cfg.joint_sets, cfg.joint_ranks)
-                  for seed in seeds for mode in cfg.joint_modes]
+        units += [
+            joint(f"joint_s{seed}_{mode}_{match}", seed, mode, match, (1.0,), cfg.joint_sets, cfg.joint_ranks)
+            for seed in seeds
+            for mode in cfg.joint_modes
+        ]
         if i == 0:
             units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in first for seed in seeds]
-            units.append(joint(f"alpha_scan_s{seeds[0]}", seeds[0], "transplant", match, cfg.alpha_scan, scan_sets,
-                               cfg.joint_ranks[-1:]))
+            units.append(
+                joint(
+                    f"alpha_scan_s{seeds[0]}",
+                    seeds[0],
+                    "transplant",
+                    match,
+                    cfg.alpha_scan,
+                    scan_sets,
+                    cfg.joint_ranks[-1:],
+                )
+            )
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in middle for seed in seeds]
     units += [(f"companion_s{seed}", "companion", seed, lambda s: _companion(s, cfg)) for seed in seeds]
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in rest for seed in seeds]
     return units
 
 
-def real_experiment(out: Union[str, Path] = "docs/results/real", config: Optional[RealConfig] = None, *,
-                    parts: Sequence[str] = PARTS, cache_dir: Any = None, progress: Optional[bool] = None,
-                    log: Any = print, report: bool = True) -> Optional[dict]:
+def real_experiment(
+    out: str | Path = "docs/results/real",
+    config: RealConfig | None = None,
+    *,
+    parts: Sequence[str] = PARTS,
+    cache_dir: Any = None,
+    progress: bool | None = None,
+    log: Any = print,
+    report: bool = True,
+) -> dict | None:
     """Run (or resume) the parts of the real-model experiments (module docstring) and write the
     report (unless ``report=False``); returns its results (`real_report`)."""
     cfg = config or RealConfig()
@@ -292,7 +429,7 @@ def real_experiment(out: Union[str, Path] = "docs/results/real", config: Optiona
 
     for name, part, seed, fn in _schedule(run_cfg, seeds, out, progress):
         if part in parts:
-            _unit(out, name, lambda: fn(pair(seed)), log)
+            _unit(out, name, lambda: fn(pair(seed)), log)  # noqa: B023 (called at once, inside this iteration)
     return real_report(out) if report else None
 
 
@@ -316,7 +453,7 @@ def _pm(r: dict, digits: int = 3) -> str:
     return f"{r['mean']:.{digits}g} [{r['ci_low']:.{digits}g}, {r['ci_high']:.{digits}g}]"
 
 
-def _pivot(rows: list[dict], head: Callable[[dict], dict], cells: Optional[Sequence[str]] = None) -> list[dict]:
+def _pivot(rows: list[dict], head: Callable[[dict], dict], cells: Sequence[str] | None = None) -> list[dict]:
     """Long rows (one per x and ``cell``, with an interval) as one row per distinct ``head(r)`` — its
     leading columns — with each cell's mean [95% interval] (``cells``: keep only these)."""
     wide: dict = {}
@@ -356,36 +493,66 @@ def _asymmetry_report(out: Path, units: list[dict], seeds: list) -> tuple[dict, 
     for sub in ("activation", "prediction"):
         keys = sorted({(r["layer"], r["kind"]) for r in units[0]["by_k"][ks[0]] if r["subspace"] == sub})
         for layer, kind in keys:
-            vals = [next((r["relative"] for r in u["by_k"][ks[0]] if (r["layer"], r["kind"], r["subspace"]) ==
-                          (layer, kind, sub)), None) for u in units]
+            vals = [
+                next(
+                    (
+                        r["relative"]
+                        for r in u["by_k"][ks[0]]
+                        if (r["layer"], r["kind"], r["subspace"]) == (layer, kind, sub)
+                    ),
+                    None,
+                )
+                for u in units
+            ]
             depth.append(dict(subspace=sub, layer=layer, kind=kind, **_interval(vals)))
-        report.line_plot([d for d in depth if d["subspace"] == sub], "layer", "mean", "kind",
-                         out / f"depth_{sub}.png", hline=1.0,
-                         title=f"r per layer against the {sub} subspace (k={ks[0]}, mean of {len(units)} seeds)",
-                         xlabel="layer", ylabel="relative fraction r")
+        report.line_plot(
+            [d for d in depth if d["subspace"] == sub],
+            "layer",
+            "mean",
+            "kind",
+            out / f"depth_{sub}.png",
+            hline=1.0,
+            title=f"r per layer against the {sub} subspace (k={ks[0]}, mean of {len(units)} seeds)",
+            xlabel="layer",
+            ylabel="relative fraction r",
+        )
     spread_keys = sorted(units[0].get("head_spread", {}))
-    spread = [dict(cell=key, **{stat: sum(u["head_spread"][key][stat] for u in units) / len(units)
-                                for stat in ("n", "mean", "std", "min", "q10", "q90", "max")}) for key in spread_keys]
+    spread = [
+        dict(
+            cell=key,
+            **{
+                stat: sum(u["head_spread"][key][stat] for u in units) / len(units)
+                for stat in ("n", "mean", "std", "min", "q10", "q90", "max")
+            },
+        )
+        for key in spread_keys
+    ]
     results = dict(table=table, depth=depth, head_spread=spread, seeds=seeds)
-    sections = [f"## Asymmetry: the probe table ({len(units)} seeds)\n",
-                "Mean relative fraction r over whole matrices (1 = isotropic), mean over seeds [95% t-interval]; "
-                "`read_`/`write_` cells pool the matrix kinds of a side; the last column uses each matrix's own "
-                "k at 90% explained variance.\n", report.markdown_table(table),
-                f"\n### Per-head spread at k={ks[0]} (per kind and subspace; seed-averaged statistics over heads)\n",
-                report.markdown_table(spread),
-                f"\n![depth, activation](depth_activation.png)\n![depth, prediction](depth_prediction.png)\n"]
+    sections = [
+        f"## Asymmetry: the probe table ({len(units)} seeds)\n",
+        "Mean relative fraction r over whole matrices (1 = isotropic), mean over seeds [95% t-interval]; "
+        "`read_`/`write_` cells pool the matrix kinds of a side; the last column uses each matrix's own "
+        "k at 90% explained variance.\n",
+        report.markdown_table(table),
+        f"\n### Per-head spread at k={ks[0]} (per kind and subspace; seed-averaged statistics over heads)\n",
+        report.markdown_table(spread),
+        "\n![depth, activation](depth_activation.png)\n![depth, prediction](depth_prediction.png)\n",
+    ]
     return results, sections
 
 
 def _graded_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
-    from ..math.inference import slope
     from .. import report
+    from ..math.inference import slope
 
     keys = CELLS + ("heldout_accuracy", "heldout_margin", "delta_norm")
     lams = sorted({u["lam"] for u in units})
     seeds = sorted({u["seed"] for u in units})
-    by_lam = [dict(lam=lam, cell=key, **_interval([u.get(key) for u in units if u["lam"] == lam]))
-              for lam in lams for key in keys]
+    by_lam = [
+        dict(lam=lam, cell=key, **_interval([u.get(key) for u in units if u["lam"] == lam]))
+        for lam in lams
+        for key in keys
+    ]
     slopes = []
     for key in keys:
         per_seed = []
@@ -395,22 +562,45 @@ def _graded_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
                 per_seed.append(slope([x for x, _ in pts], [y for _, y in pts]))
         if per_seed:
             slopes.append(dict(cell=key, per_seed=per_seed, **_interval(per_seed)))
-    report.line_plot([r for r in by_lam if r["cell"] in CELLS], "lam", "mean", "cell", out / "graded.png", hline=1.0,
-                     yerr=("ci_low", "ci_high") if len(seeds) > 1 else None,
-                     title=f"graded λ·DPO + (1−λ)·CE on the real pair, {len(seeds)} seeds",
-                     xlabel="λ (contrastive share)", ylabel="mean relative fraction r")
-    sections = ["## Contrast and graded control\n",
-                "Each seed's base aligned with L_λ at the DPO run's steps, learning rate and seed (λ = 0: CE on the "
-                "chosen completions, the pretraining-like contrast; λ = 1: the DPO run). Mean over seeds [95% "
-                "t-interval].\n", report.markdown_table(_pivot(by_lam, lambda r: {"λ": r["lam"], "seeds": r["n"]})),
-                "\n### Slope of each cell against λ (per seed, then mean [95% t-interval])\n",
-                report.markdown_table([dict(cell=s["cell"], per_seed=", ".join(f"{v:.3g}" for v in s["per_seed"]),
-                                            slope=_pm(s)) for s in slopes]), "\n![graded](graded.png)\n"]
-    return dict(by_lam=by_lam, slopes=slopes, rows=[{k: v for k, v in u.items() if k != "by_kind"} for u in units]), sections
+    report.line_plot(
+        [r for r in by_lam if r["cell"] in CELLS],
+        "lam",
+        "mean",
+        "cell",
+        out / "graded.png",
+        hline=1.0,
+        yerr=("ci_low", "ci_high") if len(seeds) > 1 else None,
+        title=f"graded λ·DPO + (1−λ)·CE on the real pair, {len(seeds)} seeds",
+        xlabel="λ (contrastive share)",
+        ylabel="mean relative fraction r",
+    )
+    sections = [
+        "## Contrast and graded control\n",
+        "Each seed's base aligned with L_λ at the DPO run's steps, learning rate and seed (λ = 0: CE on the "
+        "chosen completions, the pretraining-like contrast; λ = 1: the DPO run). Mean over seeds [95% "
+        "t-interval].\n",
+        report.markdown_table(_pivot(by_lam, lambda r: {"λ": r["lam"], "seeds": r["n"]})),
+        "\n### Slope of each cell against λ (per seed, then mean [95% t-interval])\n",
+        report.markdown_table(
+            [dict(cell=s["cell"], per_seed=", ".join(f"{v:.3g}" for v in s["per_seed"]), slope=_pm(s)) for s in slopes]
+        ),
+        "\n![graded](graded.png)\n",
+    ]
+    return dict(
+        by_lam=by_lam, slopes=slopes, rows=[{k: v for k, v in u.items() if k != "by_kind"} for u in units]
+    ), sections
 
 
-MECH_KEYS = ("a_top1_share", "delta_top1_share", "a_participation_ratio", "delta_participation_ratio",
-             "a_effective_rank", "delta_effective_rank", "G_input_pca_relative", "G_prediction_relative")
+MECH_KEYS = (
+    "a_top1_share",
+    "delta_top1_share",
+    "a_participation_ratio",
+    "delta_participation_ratio",
+    "a_effective_rank",
+    "delta_effective_rank",
+    "G_input_pca_relative",
+    "G_prediction_relative",
+)
 
 
 def _mechanism_report(units: list[dict]) -> tuple[dict, list[str]]:
@@ -428,16 +618,28 @@ def _mechanism_report(units: list[dict]) -> tuple[dict, list[str]]:
                 row[key] = _interval(vals)
             rows.append(row)
     flat = [dict(objective=r["objective"], side=r["side"], **{k: _pm(r[k]) for k in MECH_KEYS}) for r in rows]
-    sections = ["## Mechanism: gradient anisotropy of the base, CE versus DPO on the same batches\n",
-                "Per matrix: spikiness of C_a = Σ a aᵀ (input) and C_δ = Σ δ δᵀ (output gradient) — top-1 share, "
-                "participation ratio, effective rank — and the relative fraction of G = Σ δ aᵀ against the PCA "
-                "basis of C_a (input side) and the prediction subspace (the residual-stream side), averaged over "
-                "the side's matrices; mean over seeds [95% t-interval].\n",
-                report.markdown_table(flat, ["objective", "side", "a_top1_share", "delta_top1_share",
-                                             "a_effective_rank", "delta_effective_rank"]),
-                "\n", report.markdown_table(flat, ["objective", "side", "a_participation_ratio",
-                                                   "delta_participation_ratio", "G_input_pca_relative",
-                                                   "G_prediction_relative"])]
+    sections = [
+        "## Mechanism: gradient anisotropy of the base, CE versus DPO on the same batches\n",
+        "Per matrix: spikiness of C_a = Σ a aᵀ (input) and C_δ = Σ δ δᵀ (output gradient) — top-1 share, "
+        "participation ratio, effective rank — and the relative fraction of G = Σ δ aᵀ against the PCA "
+        "basis of C_a (input side) and the prediction subspace (the residual-stream side), averaged over "
+        "the side's matrices; mean over seeds [95% t-interval].\n",
+        report.markdown_table(
+            flat, ["objective", "side", "a_top1_share", "delta_top1_share", "a_effective_rank", "delta_effective_rank"]
+        ),
+        "\n",
+        report.markdown_table(
+            flat,
+            [
+                "objective",
+                "side",
+                "a_participation_ratio",
+                "delta_participation_ratio",
+                "G_input_pca_relative",
+                "G_prediction_relative",
+            ],
+        ),
+    ]
     return dict(rows=rows), sections
 
 
@@ -446,31 +648,48 @@ def _trajectory_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
 
     rows = [dict(seed=i, **r) for i, u in enumerate(units) for r in u["rows"] if r["kind"] == "summary"]
     steps = sorted({r["step"] for r in rows})
-    by_step = [dict(step=step, cell=key, **_interval([r.get(key) for r in rows if r["step"] == step]))
-               for step in steps for key in CELLS + ("delta_norm",)]
-    report.line_plot([r for r in by_step if r["cell"] in CELLS], "step", "mean", "cell", out / "trajectory.png",
-                     hline=1.0, yerr=("ci_low", "ci_high") if len(units) > 1 else None,
-                     title=f"within one DPO run, {len(units)} seeds", xlabel="alignment step",
-                     ylabel="mean relative fraction r")
-    return dict(by_step=by_step), ["## Trajectory within the DPO run\n",
-                                   "Every saved checkpoint probed against the base; mean over seeds [95% t-interval].\n",
-                                   report.markdown_table(_pivot(by_step, lambda r: {"step": r["step"]})),
-                                   "\n![trajectory](trajectory.png)\n"]
+    by_step = [
+        dict(step=step, cell=key, **_interval([r.get(key) for r in rows if r["step"] == step]))
+        for step in steps
+        for key in CELLS + ("delta_norm",)
+    ]
+    report.line_plot(
+        [r for r in by_step if r["cell"] in CELLS],
+        "step",
+        "mean",
+        "cell",
+        out / "trajectory.png",
+        hline=1.0,
+        yerr=("ci_low", "ci_high") if len(units) > 1 else None,
+        title=f"within one DPO run, {len(units)} seeds",
+        xlabel="alignment step",
+        ylabel="mean relative fraction r",
+    )
+    return dict(by_step=by_step), [
+        "## Trajectory within the DPO run\n",
+        "Every saved checkpoint probed against the base; mean over seeds [95% t-interval].\n",
+        report.markdown_table(_pivot(by_step, lambda r: {"step": r["step"]})),
+        "\n![trajectory](trajectory.png)\n",
+    ]
 
 
 def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict, list[str]]:
-    from ..math.inference import bootstrap_ci, permutation_pvalue
     from .. import report
+    from ..math.inference import bootstrap_ci, permutation_pvalue
 
     table = []
-    keys = sorted({(r["matrix"], r["rank"], u["mode"], u["match"]) for u in units for r in u["rows"]},
-                  key=lambda k: (k[2], k[3], k[0], k[1]))
+    keys = sorted(
+        {(r["matrix"], r["rank"], u["mode"], u["match"]) for u in units for r in u["rows"]},
+        key=lambda k: (k[2], k[3], k[0], k[1]),
+    )
     for matrix, rank, mode, match in keys:
         sel = [u for u in units if u["mode"] == mode and u["match"] == match]
         for metric in ("gap_accuracy", "gap_margin"):
             t, c, diffs = [], [], []
             for u in sel:
-                rows = [r for r in u["rows"] if r["matrix"] == matrix and r["rank"] == rank and r.get(metric) is not None]
+                rows = [
+                    r for r in u["rows"] if r["matrix"] == matrix and r["rank"] == rank and r.get(metric) is not None
+                ]
                 tt = [r[metric] for r in rows if r["direction"] not in ("random", "orthogonal")]
                 cc = [r[metric] for r in rows if r["direction"] in ("random", "orthogonal")]
                 if tt and cc:
@@ -481,45 +700,106 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
                 continue
             lo, hi = bootstrap_ci(t, c, 2000, 0.95, 0)
             kl = "kl_base" if mode == "transplant" else "kl_tuned"
-            kls = [(r[kl], r["direction"] not in ("random", "orthogonal")) for u in sel for r in u["rows"]
-                   if r["matrix"] == matrix and r["rank"] == rank]
-            table.append(dict(set=matrix, rank=rank, mode=mode, match=match, metric=metric, seeds=len(diffs),
-                              target=sum(t) / len(t), control=sum(c) / len(c), diff=sum(t) / len(t) - sum(c) / len(c),
-                              ci_low=lo, ci_high=hi, p=permutation_pvalue(t, c, 10000, 0),
-                              per_seed_diff=_pm(_interval(diffs)),
-                              target_kl=sum(v for v, is_t in kls if is_t) / max(1, sum(is_t for _, is_t in kls)),
-                              control_kl=sum(v for v, is_t in kls if not is_t) / max(1, sum(not is_t for _, is_t in kls))))
+            kls = [
+                (r[kl], r["direction"] not in ("random", "orthogonal"))
+                for u in sel
+                for r in u["rows"]
+                if r["matrix"] == matrix and r["rank"] == rank
+            ]
+            table.append(
+                dict(
+                    set=matrix,
+                    rank=rank,
+                    mode=mode,
+                    match=match,
+                    metric=metric,
+                    seeds=len(diffs),
+                    target=sum(t) / len(t),
+                    control=sum(c) / len(c),
+                    diff=sum(t) / len(t) - sum(c) / len(c),
+                    ci_low=lo,
+                    ci_high=hi,
+                    p=permutation_pvalue(t, c, 10000, 0),
+                    per_seed_diff=_pm(_interval(diffs)),
+                    target_kl=sum(v for v, is_t in kls if is_t) / max(1, sum(is_t for _, is_t in kls)),
+                    control_kl=sum(v for v, is_t in kls if not is_t) / max(1, sum(not is_t for _, is_t in kls)),
+                )
+            )
     scan_rows = []
     for u in scan:
         for r in u["rows"]:
-            scan_rows.append(dict(set=r["matrix"], alpha=r["alpha"], direction="target" if r["direction"] not in (
-                "random", "orthogonal") else "control", gap_accuracy=r["gap_accuracy"], gap_margin=r["gap_margin"],
-                kl_base=r["kl_base"]))
+            scan_rows.append(
+                dict(
+                    set=r["matrix"],
+                    alpha=r["alpha"],
+                    direction="target" if r["direction"] not in ("random", "orthogonal") else "control",
+                    gap_accuracy=r["gap_accuracy"],
+                    gap_margin=r["gap_margin"],
+                    kl_base=r["kl_base"],
+                )
+            )
     scan_table = []
     for key in sorted({(r["set"], r["alpha"], r["direction"]) for r in scan_rows}):
         sel = [r for r in scan_rows if (r["set"], r["alpha"], r["direction"]) == key]
-        scan_table.append(dict(set=key[0], alpha=key[1], edit=key[2], n=len(sel), **{
-            m: sum(r[m] for r in sel if r[m] is not None) / max(1, sum(r[m] is not None for r in sel))
-            for m in ("gap_accuracy", "gap_margin", "kl_base")}))
+        scan_table.append(
+            dict(
+                set=key[0],
+                alpha=key[1],
+                edit=key[2],
+                n=len(sel),
+                **{
+                    m: sum(r[m] for r in sel if r[m] is not None) / max(1, sum(r[m] is not None for r in sel))
+                    for m in ("gap_accuracy", "gap_margin", "kl_base")
+                },
+            )
+        )
     if scan_table:
-        report.line_plot([dict(r, line=f"{r['set']} {r['edit']}") for r in scan_table], "alpha", "gap_margin", "line",
-                         out / "alpha_scan.png", title="joint rank-r transplant: margin gap fraction against α",
-                         xlabel="α", ylabel="fraction of the margin gap", logx=True)
-    cols = ["set", "rank", "mode", "match", "metric", "seeds", "target", "control", "diff", "ci_low", "ci_high", "p",
-            "per_seed_diff", "target_kl", "control_kl"]
-    sections = ["## Causal test: joint edits of matrix sets\n",
-                "The closed-form edit of every matrix of a set at once (rwasym.analyses.joint), transplanted into the "
-                "base (fraction of the base → tuned gap recovered) or ablated from the tuned model (fraction removed), "
-                "at α = 1, on the held-out pairs. target: the top-r input PCA (read matrices) or prediction (write "
-                "matrices) directions of every matrix; control: per matrix, random / orthogonal r-frames matched to "
-                "that matrix's target in output energy (``output``) or Frobenius norm (``norm``). target / control: "
-                "means pooled over seeds; diff [ci_low, ci_high]: percentile bootstrap of target − control over the "
-                "pooled rows; p: two-sided permutation p; per_seed_diff: per-seed differences, mean [95% "
-                "t-interval]; *_kl: mean KL to the unedited host on held-out text.\n",
-                report.markdown_table(table, cols)]
+        report.line_plot(
+            [dict(r, line=f"{r['set']} {r['edit']}") for r in scan_table],
+            "alpha",
+            "gap_margin",
+            "line",
+            out / "alpha_scan.png",
+            title="joint rank-r transplant: margin gap fraction against α",
+            xlabel="α",
+            ylabel="fraction of the margin gap",
+            logx=True,
+        )
+    cols = [
+        "set",
+        "rank",
+        "mode",
+        "match",
+        "metric",
+        "seeds",
+        "target",
+        "control",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "p",
+        "per_seed_diff",
+        "target_kl",
+        "control_kl",
+    ]
+    sections = [
+        "## Causal test: joint edits of matrix sets\n",
+        "The closed-form edit of every matrix of a set at once (rwasym.analyses.joint), transplanted into the "
+        "base (fraction of the base → tuned gap recovered) or ablated from the tuned model (fraction removed), "
+        "at α = 1, on the held-out pairs. target: the top-r input PCA (read matrices) or prediction (write "
+        "matrices) directions of every matrix; control: per matrix, random / orthogonal r-frames matched to "
+        "that matrix's target in output energy (``output``) or Frobenius norm (``norm``). target / control: "
+        "means pooled over seeds; diff [ci_low, ci_high]: percentile bootstrap of target − control over the "
+        "pooled rows; p: two-sided permutation p; per_seed_diff: per-seed differences, mean [95% "
+        "t-interval]; *_kl: mean KL to the unedited host on held-out text.\n",
+        report.markdown_table(table, cols),
+    ]
     if scan_table:
-        sections += ["\n### α scan (first seed, rank-r transplant)\n", report.markdown_table(scan_table),
-                     "\n![alpha scan](alpha_scan.png)\n"]
+        sections += [
+            "\n### α scan (first seed, rank-r transplant)\n",
+            report.markdown_table(scan_table),
+            "\n![alpha scan](alpha_scan.png)\n",
+        ]
     return dict(table=table, alpha_scan=scan_table), sections
 
 
@@ -527,50 +807,100 @@ def _companion_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
     from .. import report
 
     kinds = sorted(units[0]["post_by_kind"])
-    post = [dict(kind=kind, **{key: _pm(_interval([u["post_by_kind"][kind].get(key) for u in units]))
-                               for key in units[0]["post_by_kind"][kind]}) for kind in kinds]
+    post = [
+        dict(
+            kind=kind,
+            **{
+                key: _pm(_interval([u["post_by_kind"][kind].get(key) for u in units]))
+                for key in units[0]["post_by_kind"][kind]
+            },
+        )
+        for kind in kinds
+    ]
     modes = [r["mode"] for r in units[0]["reconstruction"]]
-    recon = [dict(mode=mode, **{m: _pm(_interval([next(r[m] for r in u["reconstruction"] if r["mode"] == mode)
-                                                  for u in units]))
-                                for m in ("heldout_accuracy", "heldout_ce")}) for mode in modes]
+    recon = [
+        dict(
+            mode=mode,
+            **{
+                m: _pm(_interval([next(r[m] for r in u["reconstruction"] if r["mode"] == mode) for u in units]))
+                for m in ("heldout_accuracy", "heldout_ce")
+            },
+        )
+        for mode in modes
+    ]
     geo = []
     for label in ("base", "tuned"):
         for layer in sorted({r["layer"] for r in units[0]["geometry"]}):
             pick = [next(r for r in u["geometry"] if r["checkpoint"] == label and r["layer"] == layer) for u in units]
-            geo.append(dict(model=label, layer=layer, rankme=_interval([p["rankme"] for p in pick]),
-                            alpha_req=_interval([p["alpha_req"] for p in pick])))
-    report.line_plot([dict(model=g["model"], layer=g["layer"], value=g["rankme"]["mean"]) for g in geo], "layer",
-                     "value", "model", out / "rankme.png", title="RankMe of resid_post per layer", xlabel="layer",
-                     ylabel="RankMe")
-    report.line_plot([dict(model=g["model"], layer=g["layer"], value=g["alpha_req"]["mean"]) for g in geo], "layer",
-                     "value", "model", out / "alpha_req.png", title="α-ReQ of resid_post per layer", xlabel="layer",
-                     ylabel="α-ReQ exponent")
+            geo.append(
+                dict(
+                    model=label,
+                    layer=layer,
+                    rankme=_interval([p["rankme"] for p in pick]),
+                    alpha_req=_interval([p["alpha_req"] for p in pick]),
+                )
+            )
+    report.line_plot(
+        [dict(model=g["model"], layer=g["layer"], value=g["rankme"]["mean"]) for g in geo],
+        "layer",
+        "value",
+        "model",
+        out / "rankme.png",
+        title="RankMe of resid_post per layer",
+        xlabel="layer",
+        ylabel="RankMe",
+    )
+    report.line_plot(
+        [dict(model=g["model"], layer=g["layer"], value=g["alpha_req"]["mean"]) for g in geo],
+        "layer",
+        "value",
+        "model",
+        out / "alpha_req.png",
+        title="α-ReQ of resid_post per layer",
+        xlabel="layer",
+        ylabel="α-ReQ exponent",
+    )
     diffs = []
     for layer in sorted({g["layer"] for g in geo}):
         b = next(g for g in geo if g["model"] == "base" and g["layer"] == layer)
         t = next(g for g in geo if g["model"] == "tuned" and g["layer"] == layer)
-        diffs.append(dict(layer=layer, rankme_base=b["rankme"]["mean"], rankme_tuned=t["rankme"]["mean"],
-                          alpha_req_base=b["alpha_req"]["mean"], alpha_req_tuned=t["alpha_req"]["mean"]))
-    sections = ["## Companion analyses on the same pair\n", "### Post-training SVD (arXiv 2509.17866), per kind\n",
-                "σ ratios σ_tuned/σ_base (mean, std, fitted slope) and the consistency of the rotations R_U, R_V "
-                "(mean over seeds [95% t-interval]).\n", report.markdown_table(post),
-                "\n### Rebuilt models: held-out behaviour\n", report.markdown_table(recon),
-                "\n### RankMe / α-ReQ of resid_post (arXiv 2509.23024), seed means\n", report.markdown_table(diffs),
-                "\n![RankMe](rankme.png)\n![alpha-ReQ](alpha_req.png)\n"]
+        diffs.append(
+            dict(
+                layer=layer,
+                rankme_base=b["rankme"]["mean"],
+                rankme_tuned=t["rankme"]["mean"],
+                alpha_req_base=b["alpha_req"]["mean"],
+                alpha_req_tuned=t["alpha_req"]["mean"],
+            )
+        )
+    sections = [
+        "## Companion analyses on the same pair\n",
+        "### Post-training SVD (arXiv 2509.17866), per kind\n",
+        "σ ratios σ_tuned/σ_base (mean, std, fitted slope) and the consistency of the rotations R_U, R_V "
+        "(mean over seeds [95% t-interval]).\n",
+        report.markdown_table(post),
+        "\n### Rebuilt models: held-out behaviour\n",
+        report.markdown_table(recon),
+        "\n### RankMe / α-ReQ of resid_post (arXiv 2509.23024), seed means\n",
+        report.markdown_table(diffs),
+        "\n![RankMe](rankme.png)\n![alpha-ReQ](alpha_req.png)\n",
+    ]
     return dict(post_by_kind=post, reconstruction=recon, geometry=geo), sections
 
 
-def real_report(out: Union[str, Path]) -> dict:
+def real_report(out: str | Path) -> dict:
     """Rebuild ``results.json``, ``report.md`` and the figures of ``out`` from its units."""
-    from .._version import __version__
     from .. import report
+    from .._version import __version__
 
     out = Path(out)
     results: dict = {"experiment": "real", "units": {}, "seconds": {}}
-    sections = [f"# The paper's experiments on the real pair (rwasym {__version__})\n",
-                "SmolLM2-135M-Instruct and its DPO fine-tune on the procedural preference task of "
-                "`rwasym.studies.real_pair`, one pair per alignment seed. Reproduce: `rwasym experiment real "
-                f"--out {out}` (resumable). Times are wall-clock on the machine that ran it.\n"]
+    sections = [
+        f"# The paper's experiments on the real pair (rwasym {__version__})\n",
+        "SmolLM2-135M-Instruct and its DPO fine-tune on the procedural preference task of "
+        "`rwasym.studies.real_pair`, one pair per alignment seed. Reproduce: `rwasym experiment real "
+        f"--out {out}` (resumable). Times are wall-clock on the machine that ran it.\n",
+    ]
     for part in PARTS:
         prefixes = {"joint": "joint_", "graded": "graded_"}.get(part, f"{part}_")
         units = _units(out, prefixes)
@@ -599,57 +929,98 @@ def real_report(out: Union[str, Path]) -> dict:
 
 
 def readme_tables(results: dict) -> str:
-    """The README's real-pair tables, generated from ``docs/results/real/results.json`` (a test
-    checks the README holds exactly this text, so the two cannot drift)."""
+    """The real-pair tables of docs/results/real_pair.md, generated from ``docs/results/real/results.json``
+    (tests/test_readme_results.py checks the page holds exactly this text, so the two cannot drift)."""
     from .. import report
 
     parts = []
     if "asymmetry" in results:
         rows = {r["cell"]: r for r in results["asymmetry"]["table"]}
         cols = [c for c in rows["read_activation"] if c != "cell"]
-        parts += ["**Asymmetry** (mean relative fraction r of whole matrices, residual-stream side; mean over seeds "
-                  "[95% t-interval]):\n",
-                  report.markdown_table([{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS],
-                                        ["cell", *cols])]
+        parts += [
+            "**Asymmetry** (mean relative fraction r of whole matrices, residual-stream side; mean over seeds "
+            "[95% t-interval]):\n",
+            report.markdown_table(
+                [{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS], ["cell", *cols]
+            ),
+        ]
     if "trajectory" in results:
-        parts += ["**Trajectory within the DPO run** (k = 8):\n",
-                  report.markdown_table(_pivot(results["trajectory"]["by_step"], lambda r: {"step": r["step"]}))]
+        parts += [
+            "**Trajectory within the DPO run** (k = 8):\n",
+            report.markdown_table(_pivot(results["trajectory"]["by_step"], lambda r: {"step": r["step"]})),
+        ]
     if "mechanism" in results:
-        parts += ["**Mechanism** (gradient anisotropy of the base on the same pair batches; spikiness of C_a and C_δ, "
-                  "relative fraction of G = Σ δ aᵀ, k = 8):\n",
-                  report.markdown_table([dict(objective=r["objective"], side=r["side"],
-                                              **{k: _pm(r[k]) for k in ("a_top1_share", "delta_top1_share",
-                                                                       "delta_effective_rank", "G_input_pca_relative",
-                                                                       "G_prediction_relative")})
-                                         for r in results["mechanism"]["rows"]])]
+        parts += [
+            "**Mechanism** (gradient anisotropy of the base on the same pair batches; spikiness of C_a and C_δ, "
+            "relative fraction of G = Σ δ aᵀ, k = 8):\n",
+            report.markdown_table(
+                [
+                    dict(
+                        objective=r["objective"],
+                        side=r["side"],
+                        **{
+                            k: _pm(r[k])
+                            for k in (
+                                "a_top1_share",
+                                "delta_top1_share",
+                                "delta_effective_rank",
+                                "G_input_pca_relative",
+                                "G_prediction_relative",
+                            )
+                        },
+                    )
+                    for r in results["mechanism"]["rows"]
+                ]
+            ),
+        ]
     if "joint" in results:
         for match in ("output", "norm"):
             rows = [r for r in results["joint"]["table"] if r["match"] == match]
             if not rows:
                 continue
-            parts += [f"**Joint edits, controls matched in {'output energy' if match == 'output' else 'Frobenius norm'}** "
-                      "(fraction of the base → tuned gap moved, α = 1; target and control means pooled over seeds, "
-                      "diff with its bootstrap 95% CI, permutation p; KL to the unedited host):\n",
-                      report.markdown_table([dict(set=r["set"], rank=r["rank"], mode=r["mode"], metric=r["metric"],
-                                                  seeds=r["seeds"], target=r["target"], control=r["control"],
-                                                  diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
-                                                  p=r["p"], target_kl=r["target_kl"], control_kl=r["control_kl"])
-                                             for r in rows])]
+            parts += [
+                f"**Joint edits, controls matched in {'output energy' if match == 'output' else 'Frobenius norm'}** "
+                "(fraction of the base → tuned gap moved, α = 1; target and control means pooled over seeds, "
+                "diff with its bootstrap 95% CI, permutation p; KL to the unedited host):\n",
+                report.markdown_table(
+                    [
+                        dict(
+                            set=r["set"],
+                            rank=r["rank"],
+                            mode=r["mode"],
+                            metric=r["metric"],
+                            seeds=r["seeds"],
+                            target=r["target"],
+                            control=r["control"],
+                            diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
+                            p=r["p"],
+                            target_kl=r["target_kl"],
+                            control_kl=r["control_kl"],
+                        )
+                        for r in rows
+                    ]
+                ),
+            ]
         scan = results["joint"].get("alpha_scan") or []
         if scan:
-            parts += ["**α scan** (first seed, rank-8 transplant, output-matched controls):\n",
-                      report.markdown_table(scan)]
+            parts += [
+                "**α scan** (first seed, rank-8 transplant, output-matched controls):\n",
+                report.markdown_table(scan),
+            ]
     if "graded" in results:
         cells = ("read_activation", "write_prediction", "heldout_accuracy", "heldout_margin")
         wide = _pivot(results["graded"]["by_lam"], lambda r: {"λ": f"{r['lam']:g}", "seeds": r["n"]}, cells)
         slopes = {s["cell"]: _pm(s) for s in results["graded"]["slopes"]}
-        parts += ["**Graded objective** L_λ = λ·DPO + (1 − λ)·CE(chosen) (λ = 0: the CE contrast), k = 8:\n",
-                  report.markdown_table(wide + ([{"λ": "slope", **{c: slopes.get(c, "") for c in cells}}]
-                                                if slopes else []))]
+        parts += [
+            "**Graded objective** L_λ = λ·DPO + (1 − λ)·CE(chosen) (λ = 0: the CE contrast), k = 8:\n",
+            report.markdown_table(wide + ([{"λ": "slope", **{c: slopes.get(c, "") for c in cells}}] if slopes else [])),
+        ]
     if "companion" in results:
-        parts += ["**Post-training SVD** (per kind) **and rebuilt models**:\n",
-                  report.markdown_table(results["companion"]["post_by_kind"]),
-                  report.markdown_table(results["companion"]["reconstruction"])]
+        parts += [
+            "**Post-training SVD** (per kind) **and rebuilt models**:\n",
+            report.markdown_table(results["companion"]["post_by_kind"]),
+            report.markdown_table(results["companion"]["reconstruction"]),
+        ]
     minutes = ", ".join(f"{k} {v / 60:.0f} min" for k, v in results.get("seconds", {}).items())
     parts.append(f"Wall-clock per part (2 cores, shared with test runs, so upper bounds): {minutes}.\n")
     return "\n".join(parts)

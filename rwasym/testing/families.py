@@ -5,13 +5,14 @@
 biases — perturbed by 0.1·N(0, 1) so that no norm is at its identity init), names the Hugging
 Face modules an independent oracle needs (the attention input projection, the attention output
 projection, the final norm) and states rwasym's support. ``tests/test_families.py`` runs every
-row; the README's support table is `support_table()` of the same rows, checked by that test, so
-the two cannot drift.
+row; the docs' support table (docs/families.md) is `support_table()` of the same rows, checked by
+tests/test_docs.py, so the two cannot drift.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 
@@ -53,13 +54,23 @@ def _t():
     return transformers
 
 
-_LLAMA = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=48, max_position_embeddings=64)
-_POST_NORM = ("post-sublayer norms (attention / MLP outputs are normalised before the residual add): "
-              "probe rows of W_O / W_out measure diag(γ_post)·ΔW (`post_norm='raw'`: the raw ΔW); "
-              "rank-1 edits and closed_form_u still use the raw ΔW")
-_MOE = ("mixture of experts: only the attention matrices are studied (expert MLPs and the router are "
-        "left out, with a warning at load)")
+_LLAMA = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
+_POST_NORM = (
+    "post-sublayer norms (attention / MLP outputs are normalised before the residual add): "
+    "probe rows of W_O / W_out measure diag(γ_post)·ΔW (`post_norm='raw'`: the raw ΔW); "
+    "rank-1 edits and closed_form_u still use the raw ΔW"
+)
+_MOE = (
+    "mixture of experts: only the attention matrices are studied (expert MLPs and the router are "
+    "left out, with a warning at load)"
+)
 _MQA = "one key/value head (multi-query)"
 
 
@@ -68,80 +79,265 @@ def _llama_like(config: str, model: str, **extra):
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", "GPT-2", lambda c, l: _t().GPT2LMHeadModel(_t().GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, **c)),
-        "transformer.h", "attn.c_attn", "attn.c_proj", "transformer.ln_f", conv1d=True,
-        notes="Conv1D layout, fused c_attn"),
-    Family("gptj", "GPT-J", lambda c, l: _t().GPTJForCausalLM(_t().GPTJConfig(
-        n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, rotary_dim=4, **c)),
-        "transformer.h", "attn.q_proj", "attn.out_proj", "transformer.ln_f", notes="parallel attention + MLP"),
-    Family("gpt_neox", "GPT-NeoX / Pythia", lambda c, l: _t().GPTNeoXForCausalLM(_t().GPTNeoXConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, **c)),
-        "gpt_neox.layers", "attention.query_key_value", "attention.dense", "gpt_neox.final_layer_norm",
-        notes="fused qkv interleaved per head, parallel attention + MLP"),
-    Family("llama", "Llama", _llama_like("LlamaConfig", "LlamaForCausalLM"),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="GQA, gated MLP",
-           resid_mid_input="post_attention_layernorm"),
-    Family("mistral", "Mistral", _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=64),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="GQA"),
-    Family("qwen2", "Qwen2 / Qwen2.5", _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="GQA, qkv biases"),
-    Family("qwen3", "Qwen3", _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=8),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="q/k norms"),
-    Family("gemma", "Gemma", _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=8),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
-           notes="RMSNorm scales by 1 + w (measured, `Model.final_norm_scale`)"),
-    Family("gemma2", "Gemma 2", _llama_like("Gemma2Config", "Gemma2ForCausalLM", head_dim=8,
-                                            query_pre_attn_scalar=8, sliding_window=4),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
-           status="supported (see notes)", notes="logit soft-capping, sliding window 4 < sequence; " + _POST_NORM,
-           resid_mid_input="pre_feedforward_layernorm", post_norm="1+w"),
-    Family("gemma3", "Gemma 3 (text)", lambda c, l: _t().Gemma3ForCausalLM(_t().Gemma3TextConfig(
-        **{**l, "num_key_value_heads": 1}, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], **c)),
-        "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
-        status="supported (see notes)", notes=f"{_MQA}, sliding window; " + _POST_NORM,
-        resid_mid_input="pre_feedforward_layernorm", post_norm="1+w"),
-    Family("olmo", "OLMo", _llama_like("OlmoConfig", "OlmoForCausalLM"),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", notes="parameter-free LayerNorm"),
-    Family("olmo2", "OLMo 2", _llama_like("Olmo2Config", "Olmo2ForCausalLM"),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm",
-           status="supported (see notes)", notes="no pre-norms (resid_mid is the MLP input); " + _POST_NORM,
-           resid_mid_input="mlp", post_norm="w"),
-    Family("phi3", "Phi-3", _llama_like("Phi3Config", "Phi3ForCausalLM"),
-           "model.layers", "self_attn.qkv_proj", "self_attn.o_proj", "model.norm",
-           notes="fused qkv and gate_up projections (LoRA adapters on either are split per matrix)"),
-    Family("falcon", "Falcon", lambda c, l: _t().FalconForCausalLM(_t().FalconConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-        new_decoder_architecture=False, multi_query=True, **c)),
-        "transformer.h", "self_attention.query_key_value", "self_attention.dense", "transformer.ln_f",
-        status="supported (see notes)", notes=f"{_MQA}, fused qkv, parallel attention + MLP; a copy.deepcopy of the "
-        "loaded model ignores edits of W_O, W_in and W_out (TransformerBridge): load it again instead of copying"),
-    Family("gpt_bigcode", "GPT-BigCode / StarCoder", lambda c, l: _t().GPTBigCodeForCausalLM(_t().GPTBigCodeConfig(
-        n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, multi_query=True, **c)),
-        "transformer.h", "attn.c_attn", "attn.c_proj", "transformer.ln_f", notes=f"{_MQA}, fused c_attn"),
-    Family("mixtral", "Mixtral", _llama_like("MixtralConfig", "MixtralForCausalLM", num_local_experts=4,
-                                             num_experts_per_tok=2),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", status="attention only",
-           notes=_MOE, write="W_O", resid_mid_input="post_attention_layernorm"),
-    Family("olmoe", "OLMoE", _llama_like("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", status="attention only",
-           notes=_MOE, write="W_O", resid_mid_input="post_attention_layernorm"),
-    Family("qwen2_moe", "Qwen2-MoE", _llama_like("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4,
-                                                 num_experts_per_tok=2, moe_intermediate_size=48,
-                                                 shared_expert_intermediate_size=64, decoder_sparse_step=1,
-                                                 mlp_only_layers=[]),
-           "model.layers", "self_attn.q_proj", "self_attn.o_proj", "model.norm", status="attention only",
-           notes=_MOE + "; the shared expert too", write="W_O", resid_mid_input="post_attention_layernorm"),
-    Family("bloom", "Bloom", lambda c, l: _t().BloomForCausalLM(_t().BloomConfig(n_layer=2, hidden_size=32,
-                                                                                 n_head=4, **c)),
-           "transformer.h", "self_attention.query_key_value", "self_attention.dense", "transformer.ln_f",
-           notes="ALiBi, fused qkv interleaved per head"),
+    Family(
+        "gpt2",
+        "GPT-2",
+        lambda c, l: _t().GPT2LMHeadModel(
+            _t().GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, **c)
+        ),
+        "transformer.h",
+        "attn.c_attn",
+        "attn.c_proj",
+        "transformer.ln_f",
+        conv1d=True,
+        notes="Conv1D layout, fused c_attn",
+    ),
+    Family(
+        "gptj",
+        "GPT-J",
+        lambda c, l: _t().GPTJForCausalLM(
+            _t().GPTJConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, rotary_dim=4, **c)
+        ),
+        "transformer.h",
+        "attn.q_proj",
+        "attn.out_proj",
+        "transformer.ln_f",
+        notes="parallel attention + MLP",
+    ),
+    Family(
+        "gpt_neox",
+        "GPT-NeoX / Pythia",
+        lambda c, l: _t().GPTNeoXForCausalLM(
+            _t().GPTNeoXConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=48,
+                max_position_embeddings=64,
+                **c,
+            )
+        ),
+        "gpt_neox.layers",
+        "attention.query_key_value",
+        "attention.dense",
+        "gpt_neox.final_layer_norm",
+        notes="fused qkv interleaved per head, parallel attention + MLP",
+    ),
+    Family(
+        "llama",
+        "Llama",
+        _llama_like("LlamaConfig", "LlamaForCausalLM"),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="GQA, gated MLP",
+        resid_mid_input="post_attention_layernorm",
+    ),
+    Family(
+        "mistral",
+        "Mistral",
+        _llama_like("MistralConfig", "MistralForCausalLM", sliding_window=64),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="GQA",
+    ),
+    Family(
+        "qwen2",
+        "Qwen2 / Qwen2.5",
+        _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="GQA, qkv biases",
+    ),
+    Family(
+        "qwen3",
+        "Qwen3",
+        _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=8),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="q/k norms",
+    ),
+    Family(
+        "gemma",
+        "Gemma",
+        _llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=8),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="RMSNorm scales by 1 + w (measured, `Model.final_norm_scale`)",
+    ),
+    Family(
+        "gemma2",
+        "Gemma 2",
+        _llama_like("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="supported (see notes)",
+        notes="logit soft-capping, sliding window 4 < sequence; " + _POST_NORM,
+        resid_mid_input="pre_feedforward_layernorm",
+        post_norm="1+w",
+    ),
+    Family(
+        "gemma3",
+        "Gemma 3 (text)",
+        lambda c, l: _t().Gemma3ForCausalLM(
+            _t().Gemma3TextConfig(
+                **{**l, "num_key_value_heads": 1},
+                head_dim=8,
+                query_pre_attn_scalar=8,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+                **c,
+            )
+        ),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="supported (see notes)",
+        notes=f"{_MQA}, sliding window; " + _POST_NORM,
+        resid_mid_input="pre_feedforward_layernorm",
+        post_norm="1+w",
+    ),
+    Family(
+        "olmo",
+        "OLMo",
+        _llama_like("OlmoConfig", "OlmoForCausalLM"),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="parameter-free LayerNorm",
+    ),
+    Family(
+        "olmo2",
+        "OLMo 2",
+        _llama_like("Olmo2Config", "Olmo2ForCausalLM"),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="supported (see notes)",
+        notes="no pre-norms (resid_mid is the MLP input); " + _POST_NORM,
+        resid_mid_input="mlp",
+        post_norm="w",
+    ),
+    Family(
+        "phi3",
+        "Phi-3",
+        _llama_like("Phi3Config", "Phi3ForCausalLM"),
+        "model.layers",
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        notes="fused qkv and gate_up projections (LoRA adapters on either are split per matrix)",
+    ),
+    Family(
+        "falcon",
+        "Falcon",
+        lambda c, l: _t().FalconForCausalLM(
+            _t().FalconConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                ffn_hidden_size=64,
+                new_decoder_architecture=False,
+                multi_query=True,
+                **c,
+            )
+        ),
+        "transformer.h",
+        "self_attention.query_key_value",
+        "self_attention.dense",
+        "transformer.ln_f",
+        status="supported (see notes)",
+        notes=f"{_MQA}, fused qkv, parallel attention + MLP; a copy.deepcopy of the "
+        "loaded model ignores edits of W_O, W_in and W_out (TransformerBridge): load it again instead of copying",
+    ),
+    Family(
+        "gpt_bigcode",
+        "GPT-BigCode / StarCoder",
+        lambda c, l: _t().GPTBigCodeForCausalLM(
+            _t().GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64, multi_query=True, **c)
+        ),
+        "transformer.h",
+        "attn.c_attn",
+        "attn.c_proj",
+        "transformer.ln_f",
+        notes=f"{_MQA}, fused c_attn",
+    ),
+    Family(
+        "mixtral",
+        "Mixtral",
+        _llama_like("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="attention only",
+        notes=_MOE,
+        write="W_O",
+        resid_mid_input="post_attention_layernorm",
+    ),
+    Family(
+        "olmoe",
+        "OLMoE",
+        _llama_like("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="attention only",
+        notes=_MOE,
+        write="W_O",
+        resid_mid_input="post_attention_layernorm",
+    ),
+    Family(
+        "qwen2_moe",
+        "Qwen2-MoE",
+        _llama_like(
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
+        "model.layers",
+        "self_attn.q_proj",
+        "self_attn.o_proj",
+        "model.norm",
+        status="attention only",
+        notes=_MOE + "; the shared expert too",
+        write="W_O",
+        resid_mid_input="post_attention_layernorm",
+    ),
+    Family(
+        "bloom",
+        "Bloom",
+        lambda c, l: _t().BloomForCausalLM(_t().BloomConfig(n_layer=2, hidden_size=32, n_head=4, **c)),
+        "transformer.h",
+        "self_attention.query_key_value",
+        "self_attention.dense",
+        "transformer.ln_f",
+        notes="ALiBi, fused qkv interleaved per head",
+    ),
 )
 
 
-def build_family(family: Union[Family, str], folder: Union[str, Path], *, seed: int = 0, vocab_size: int = 96):
+def build_family(family: Family | str, folder: str | Path, *, seed: int = 0, vocab_size: int = 96):
     """Build the tiny random-init model of ``family``, perturb its 1-D parameters, save it with a
     word-level tokenizer to ``folder`` and return the Hugging Face model in eval mode."""
     from . import perturb_and_save
@@ -153,7 +349,7 @@ def build_family(family: Union[Family, str], folder: Union[str, Path], *, seed: 
 
 
 def support_table() -> str:
-    """The README's support table (Markdown), generated from `FAMILIES`."""
+    """The support table of docs/families.md (Markdown), generated from `FAMILIES`."""
     lines = ["| family | status | notes |", "|---|---|---|"]
     lines += [f"| {f.label} | {f.status} | {f.notes} |" for f in FAMILIES]
     return "\n".join(lines)

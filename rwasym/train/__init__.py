@@ -5,5 +5,14 @@ settings and output layout (`trl_backend`). The losses themselves live in `rwasy
 from .loops import AlignConfig, TrainConfig, TrainResult, align, log_spaced_steps, lr_at, pretrain, save_checkpoint
 from .trl_backend import align_trl
 
-__all__ = ["AlignConfig", "TrainConfig", "TrainResult", "align", "align_trl", "log_spaced_steps", "lr_at",
-           "pretrain", "save_checkpoint"]
+__all__ = [
+    "AlignConfig",
+    "TrainConfig",
+    "TrainResult",
+    "align",
+    "align_trl",
+    "log_spaced_steps",
+    "lr_at",
+    "pretrain",
+    "save_checkpoint",
+]

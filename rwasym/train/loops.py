@@ -21,22 +21,30 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
-from ..objectives import all_scores, check_objective, check_tokens, next_token_ce, objective_value, pack_pairs
 from ..data.pairs import PreferencePairs
 from ..errors import RwasymError
 from ..models import Model, save_model
+from ..objectives import all_scores, check_objective, check_tokens, next_token_ce, objective_value, pack_pairs
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
-__all__ = ["AlignConfig", "TrainConfig", "TrainResult", "align", "log_spaced_steps", "lr_at", "pretrain",
-           "save_checkpoint"]
+__all__ = [
+    "AlignConfig",
+    "TrainConfig",
+    "TrainResult",
+    "align",
+    "log_spaced_steps",
+    "lr_at",
+    "pretrain",
+    "save_checkpoint",
+]
 
 
 @dataclass(frozen=True)
@@ -145,8 +153,9 @@ def _write_log(fh, record: dict) -> None:
         fh.flush()
 
 
-def _step(model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, accum: int, clip: float,
-          lr: float) -> tuple[float, dict, float]:
+def _step(
+    model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, accum: int, clip: float, lr: float
+) -> tuple[float, dict, float]:
     """One optimizer step on batch ``idx``, accumulated over ``accum`` micro-batches weighted by their
     share of the batch (for per-pair mean losses the gradient equals the whole batch's).
     Returns (loss, stats, gradient norm before clipping)."""
@@ -166,14 +175,25 @@ def _step(model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, a
     return total, stats, float(norm)
 
 
-def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of: Any, checkpoint: Any,
-          fh: Any, result: "TrainResult", progress: bool, desc: str) -> None:
+def _loop(
+    model: Model,
+    opt: torch.optim.Optimizer,
+    config: Any,
+    n: int,
+    loss_of: Any,
+    checkpoint: Any,
+    fh: Any,
+    result: "TrainResult",
+    progress: bool,
+    desc: str,
+) -> None:
     """The shared optimisation loop: seeded batches, lr schedule, step, log, checkpoint, bar."""
     with _bar(config.steps, progress, desc) as bar:
         for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
             lr = lr_at(step, config)
-            result.final_loss, stats, norm = _step(model, opt, idx, loss_of, getattr(config, "grad_accum", 1),
-                                                   config.grad_clip, lr)
+            result.final_loss, stats, norm = _step(
+                model, opt, idx, loss_of, getattr(config, "grad_accum", 1), config.grad_clip, lr
+            )
             if step % config.log_every == 0 or step + 1 == config.steps:
                 record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
                 result.history.append(record)
@@ -184,8 +204,14 @@ def _loop(model: Model, opt: torch.optim.Optimizer, config: Any, n: int, loss_of
 
 
 # ----------------------------------------------------------------------------------- pretrain
-def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig = TrainConfig(), *,
-             out: Optional[PathLike] = None, progress: bool = True) -> TrainResult:
+def pretrain(
+    model: Model,
+    corpus: Int[Tensor, "batch pos"],
+    config: TrainConfig = TrainConfig(),
+    *,
+    out: PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Next-token CE pretraining of ``model`` (in place) on ``corpus`` rows.
 
     With ``out``: checkpoints at step 0, `log_spaced_steps` and the final step into
@@ -209,8 +235,18 @@ def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig
 
     try:
         checkpoint(0, float("nan"))
-        _loop(model, opt, config, len(corpus), lambda idx: (next_token_ce(model, corpus[idx]), {}),
-              checkpoint, fh, result, progress, "pretrain")
+        _loop(
+            model,
+            opt,
+            config,
+            len(corpus),
+            lambda idx: (next_token_ce(model, corpus[idx]), {}),
+            checkpoint,
+            fh,
+            result,
+            progress,
+            "pretrain",
+        )
     finally:
         if fh is not None:
             fh.close()
@@ -219,8 +255,15 @@ def pretrain(model: Model, corpus: Int[Tensor, "batch pos"], config: TrainConfig
 
 
 # -------------------------------------------------------------------------------------- align
-def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, config: AlignConfig = AlignConfig(), *,
-          out: Optional[PathLike] = None, progress: bool = True) -> TrainResult:
+def align(
+    model: Model,
+    reference: Model | None,
+    pairs: PreferencePairs,
+    config: AlignConfig = AlignConfig(),
+    *,
+    out: PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Align ``model`` (in place) on ``pairs`` with ``config.objective``; ``reference`` stays frozen.
 
     Reference log-probs are computed once up front (the reference never changes). With ``out``:
@@ -229,11 +272,15 @@ def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, conf
     """
     check_objective(config, reference)
     if config.grad_accum < 1 or config.batch_size % config.grad_accum:
-        raise RwasymError(f"grad_accum must be >= 1 and divide batch_size; got grad_accum={config.grad_accum}, "
-                          f"batch_size={config.batch_size}")
+        raise RwasymError(
+            f"grad_accum must be >= 1 and divide batch_size; got grad_accum={config.grad_accum}, "
+            f"batch_size={config.batch_size}"
+        )
     if reference is model or (reference is not None and reference.bridge is model.bridge):
-        raise RwasymError("reference must be a separate frozen copy of the base, not the model being trained; "
-                          "load the base twice (e.g. rwasym.load(folder)).")
+        raise RwasymError(
+            "reference must be a separate frozen copy of the base, not the model being trained; "
+            "load the base twice (e.g. rwasym.load(folder))."
+        )
     packed = pack_pairs(model, pairs)
     ref = all_scores(reference, packed) if config.objective != "sft" else (torch.zeros(len(pairs)),) * 2
     torch.manual_seed(config.seed)
@@ -251,9 +298,18 @@ def align(model: Model, reference: Optional[Model], pairs: PreferencePairs, conf
 
     try:
         checkpoint(0, float("nan"))
-        _loop(model, opt, config, len(pairs),
-              lambda idx: objective_value(model, packed.take(idx), (ref[0][idx], ref[1][idx]), config),
-              checkpoint, fh, result, progress, f"align[{config.objective}]")
+        _loop(
+            model,
+            opt,
+            config,
+            len(pairs),
+            lambda idx: objective_value(model, packed.take(idx), (ref[0][idx], ref[1][idx]), config),
+            checkpoint,
+            fh,
+            result,
+            progress,
+            f"align[{config.objective}]",
+        )
     finally:
         if fh is not None:
             fh.close()

@@ -45,22 +45,22 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..data.pairs import PreferencePairs
 from ..errors import RwasymError
 from ..models import Model, load_native, save_model
 from ..models.gpt2 import gpt2_to_native_state, native_to_gpt2
 from ..models.host import clean_key
-from ..data.pairs import PreferencePairs
 from ..objectives import ALIGN_OBJECTIVES
 from .loops import AlignConfig, TrainResult, _bar, _batches, _write_log, lr_at
 
 __all__ = ["align_trl", "gpt2_to_native_state", "native_to_gpt2", "pairs_to_examples", "trl_loss_settings"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def trl_loss_settings(config: AlignConfig) -> dict:
@@ -86,8 +86,10 @@ def pairs_to_examples(pairs: PreferencePairs) -> list[dict[str, list[int]]]:
         x, mask = getattr(pairs, part), getattr(pairs, f"{part}_mask")
         lengths = mask.sum(-1).tolist() if mask is not None else [x.shape[1]] * len(pairs)
         parts[part] = [row[:n] for row, n in zip(x.tolist(), lengths)]
-    return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
-            for p, c, r in zip(parts["prompt"], parts["chosen"], parts["rejected"])]
+    return [
+        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        for p, c, r in zip(parts["prompt"], parts["chosen"], parts["rejected"])
+    ]
 
 
 @torch.no_grad()
@@ -124,16 +126,19 @@ def _trainer_class():
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 params = [p for p in (model or self.model).parameters() if p.requires_grad]
-                groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.rw_config.weight_decay},
-                          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+                groups = [
+                    {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.rw_config.weight_decay},
+                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+                ]
                 self.optimizer = torch.optim.AdamW(groups, lr=self.rw_config.lr, betas=tuple(self.rw_config.betas))
             return self.optimizer
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 cfg = self.rw_config
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
-                                                                      lambda step: lr_at(step, cfg) / cfg.lr)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr
+                )
             return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -186,11 +191,16 @@ class _Run:
         loss = float(logs["loss"])
         self.result.final_loss = loss
         if (step - 1) % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": loss, "lr": float(logs["learning_rate"]),
-                      "grad_norm": float(logs.get("grad_norm", float("nan")))}
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": float(logs["learning_rate"]),
+                "grad_norm": float(logs.get("grad_norm", float("nan"))),
+            }
             if cfg.objective != "sft":
-                record.update(margin=float(logs["rewards/margins"]) / cfg.beta,
-                              reward_acc=float(logs["rewards/accuracies"]))
+                record.update(
+                    margin=float(logs["rewards/margins"]) / cfg.beta, reward_acc=float(logs["rewards/accuracies"])
+                )
             if cfg.objective == "graded":  # TRL logs the batch mean of Σ log π(chosen): recover both terms exactly
                 n_pairs = self.trainer.args.per_device_train_batch_size
                 ce = -float(logs["logps/chosen"]) * n_pairs / max(1, self.trainer.rw_chosen_tokens)
@@ -212,6 +222,7 @@ def _hf_saver(tokenizer: Any):
             if tokenizer is not None:  # the base folder's own tokenizer, as rwasym.train.loops.save_checkpoint keeps it
                 tokenizer.save_pretrained(folder)
         (folder / "rwasym-train.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
     return save
 
 
@@ -221,6 +232,7 @@ def _native_saver(shell: Model):
             model = copy.deepcopy(model).merge_and_unload()
         _write_native(shell, gpt2_to_native_state(model, int(shell.cfg.n_layers)))
         save_model(shell, folder, meta=meta)
+
     return save
 
 
@@ -258,11 +270,18 @@ def _load_base(base_folder: PathLike) -> tuple[Any, Any, Any, Any, int]:
     path = Path(base_folder).expanduser()
     if (path / META_FILE).exists():
         shell = load_native(path)
-        return (native_to_gpt2(shell).train(), native_to_gpt2(shell), _id_tokenizer(shell.d_vocab),
-                _native_saver(shell), int(shell.cfg.n_ctx))
+        return (
+            native_to_gpt2(shell).train(),
+            native_to_gpt2(shell),
+            _id_tokenizer(shell.d_vocab),
+            _native_saver(shell),
+            int(shell.cfg.n_ctx),
+        )
     if not (path / "config.json").exists():
-        raise RwasymError(f"the TRL backend needs --base to be a Hugging Face model folder (config.json) or an "
-                          f"rwasym checkpoint folder ({META_FILE}); {str(base_folder)!r} is neither.")
+        raise RwasymError(
+            f"the TRL backend needs --base to be a Hugging Face model folder (config.json) or an "
+            f"rwasym checkpoint folder ({META_FILE}); {str(base_folder)!r} is neither."
+        )
     policy = AutoModelForCausalLM.from_pretrained(str(path.resolve()), dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(str(path.resolve()), dtype=torch.float32).eval()
     try:
@@ -288,15 +307,25 @@ def _check_ids(examples: list[dict], vocab: int, n_ctx: int) -> None:
     longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
     top = max(max(max(e[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for e in examples)
     if top >= vocab:
-        raise RwasymError(f"pairs hold token ids up to {top} but the model's vocabulary is {vocab}; ids must lie "
-                          f"in [0, {vocab}).")
+        raise RwasymError(
+            f"pairs hold token ids up to {top} but the model's vocabulary is {vocab}; ids must lie in [0, {vocab})."
+        )
     if n_ctx and longest > n_ctx:
-        raise RwasymError(f"pairs have up to {longest} tokens (prompt + continuation) but the model's context is "
-                          f"{n_ctx}; use shorter prompts.")
+        raise RwasymError(
+            f"pairs have up to {longest} tokens (prompt + continuation) but the model's context is "
+            f"{n_ctx}; use shorter prompts."
+        )
 
 
-def align_trl(base_folder: PathLike, pairs: PreferencePairs, config: AlignConfig, out: PathLike, *,
-              lora: Any = None, progress: bool = True) -> TrainResult:
+def align_trl(
+    base_folder: PathLike,
+    pairs: PreferencePairs,
+    config: AlignConfig,
+    out: PathLike,
+    *,
+    lora: Any = None,
+    progress: bool = True,
+) -> TrainResult:
     """Align the model in ``base_folder`` on ``pairs`` with TRL's ``DPOTrainer`` (module doc: the loss
     mapping, what carries over, the output layout); the base is also the frozen reference.
 
@@ -309,17 +338,23 @@ def align_trl(base_folder: PathLike, pairs: PreferencePairs, config: AlignConfig
         import trl
         from packaging.version import Version
     except ImportError as err:
-        raise RwasymError(f"the TRL backend needs trl, datasets and transformers ({err}); install rwasym[hf] or use "
-                          "the built-in backend.") from None
+        raise RwasymError(
+            f"the TRL backend needs trl, datasets and transformers ({err}); install rwasym[hf] or use "
+            "the built-in backend."
+        ) from None
     if Version(trl.__version__) < Version("1.16") or "train_sampling_strategy" not in _config_fields():
-        raise RwasymError(f"the TRL backend is written against trl >= 1.16 and a transformers whose TrainingArguments "
-                          f"has train_sampling_strategy (tested: trl 1.16.0, transformers 5.24.0); found trl "
-                          f"{trl.__version__}, transformers {transformers.__version__}. Upgrade them, or use the "
-                          "built-in backend.")
+        raise RwasymError(
+            f"the TRL backend is written against trl >= 1.16 and a transformers whose TrainingArguments "
+            f"has train_sampling_strategy (tested: trl 1.16.0, transformers 5.24.0); found trl "
+            f"{trl.__version__}, transformers {transformers.__version__}. Upgrade them, or use the "
+            "built-in backend."
+        )
     settings = trl_loss_settings(config)
     if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1 or config.batch_size % config.grad_accum:
-        raise RwasymError(f"steps and batch_size must be >= 1 and grad_accum must divide batch_size; got "
-                          f"steps={config.steps}, batch_size={config.batch_size}, grad_accum={config.grad_accum}.")
+        raise RwasymError(
+            f"steps and batch_size must be >= 1 and grad_accum must divide batch_size; got "
+            f"steps={config.steps}, batch_size={config.batch_size}, grad_accum={config.grad_accum}."
+        )
     examples = pairs_to_examples(pairs)
     peft_config = None
     if lora is not None:
@@ -331,8 +366,16 @@ def align_trl(base_folder: PathLike, pairs: PreferencePairs, config: AlignConfig
         return _train(base_folder, examples, config, Path(out), settings, peft_config, progress, t0)
 
 
-def _train(base_folder: PathLike, examples: list[dict], config: AlignConfig, out: Path, settings: dict,
-           peft_config: Any, progress: bool, t0: float) -> TrainResult:
+def _train(
+    base_folder: PathLike,
+    examples: list[dict],
+    config: AlignConfig,
+    out: Path,
+    settings: dict,
+    peft_config: Any,
+    progress: bool,
+    t0: float,
+) -> TrainResult:
     import trl
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -344,24 +387,60 @@ def _train(base_folder: PathLike, examples: list[dict], config: AlignConfig, out
     order = torch.cat(list(_batches(len(examples), config.batch_size, config.steps, config.seed))).tolist()
     dataset = Dataset.from_list([examples[i] for i in order])  # rwasym's batches, consumed in order
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trl.json").write_text(json.dumps({"trl": trl.__version__, **settings, "lora": None if peft_config is None
-                                               else peft_config.to_dict()}, indent=1, sort_keys=True, default=str))
-    no_checkpointing = {("activation_checkpointing" if "activation_checkpointing" in _config_fields()
-                         else "gradient_checkpointing"): False}  # the name changed in transformers 5
-    with tempfile.TemporaryDirectory(prefix="rwasym-trl-") as tmp, open(out / "log.jsonl", "w") as fh, \
-            _bar(config.steps, progress, f"align-trl[{config.objective}]") as bar:
+    (out / "trl.json").write_text(
+        json.dumps(
+            {"trl": trl.__version__, **settings, "lora": None if peft_config is None else peft_config.to_dict()},
+            indent=1,
+            sort_keys=True,
+            default=str,
+        )
+    )
+    no_checkpointing = {
+        (
+            "activation_checkpointing" if "activation_checkpointing" in _config_fields() else "gradient_checkpointing"
+        ): False
+    }  # the name changed in transformers 5
+    with (
+        tempfile.TemporaryDirectory(prefix="rwasym-trl-") as tmp,
+        open(out / "log.jsonl", "w") as fh,
+        _bar(config.steps, progress, f"align-trl[{config.objective}]") as bar,
+    ):
         args = trl.DPOConfig(
-            output_dir=tmp, max_steps=config.steps, per_device_train_batch_size=max(1, min(config.batch_size, len(examples)) // config.grad_accum),
+            output_dir=tmp,
+            max_steps=config.steps,
+            per_device_train_batch_size=max(1, min(config.batch_size, len(examples)) // config.grad_accum),
             gradient_accumulation_steps=config.grad_accum,
-            learning_rate=config.lr, max_grad_norm=config.grad_clip, seed=config.seed, data_seed=config.seed,
-            train_sampling_strategy="sequential", precompute_ref_log_probs=True, max_length=None,
-            precompute_ref_batch_size=256, bf16=False, fp16=False, report_to=[], save_strategy="no",
-            logging_strategy="steps", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-            dataloader_pin_memory=False, log_level="error", **no_checkpointing, **settings)
+            learning_rate=config.lr,
+            max_grad_norm=config.grad_clip,
+            seed=config.seed,
+            data_seed=config.seed,
+            train_sampling_strategy="sequential",
+            precompute_ref_log_probs=True,
+            max_length=None,
+            precompute_ref_batch_size=256,
+            bf16=False,
+            fp16=False,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            log_level="error",
+            **no_checkpointing,
+            **settings,
+        )
         run = _Run(config, out, saver, fh, bar)
-        trainer = _trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=dataset,
-                                   processing_class=tokenizer, peft_config=peft_config,
-                                   callbacks=[_callback_class()(run)])
+        trainer = _trainer_class()(
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_callback_class()(run)],
+        )
         trainer.rw_config, run.trainer = config, trainer
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
