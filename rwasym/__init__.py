@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from . import analyses, data, hooks, math, models
     from .analyses.anisotropy import anisotropy_report
     from .analyses.behaviour import Evaluator
-    from .analyses.probe import ProbeResult, probe
+    from .analyses.probe import ProbeConfig, ProbeResult, probe
     from .analyses.sweep import SweepConfig, SweepSummary, read_sweep, summarize, sweep
     from .hooks.activations import ActivationStats, capture
     from .hooks.edits import rank1_edit
@@ -47,7 +47,7 @@ _LAZY: dict[str, tuple[str, Any]] = {
     "rank1_edit": ("rwasym.hooks.edits", "rank1_edit"),
     "objective_batches": ("rwasym.objectives", "objective_batches"),
     "anisotropy_report": ("rwasym.analyses.anisotropy", "anisotropy_report"),
-    **{n: ("rwasym.analyses.probe", n) for n in ("ProbeResult", "probe")},
+    **{n: ("rwasym.analyses.probe", n) for n in ("ProbeConfig", "ProbeResult", "probe")},
     "Evaluator": ("rwasym.analyses.behaviour", "Evaluator"),
     **{n: ("rwasym.analyses.sweep", n) for n in ("SweepConfig", "SweepSummary", "read_sweep", "summarize", "sweep")},
 }

@@ -74,7 +74,7 @@ CASES = {
     ),
     "k = 0": (
         lambda m, t: rwasym.probe(m, m, torch.zeros(1, 4, dtype=torch.long), k=0),
-        r"k=0 must be an integer with 1 <= k <= d_model=32",
+        r"k=0 must be a positive integer subspace dimension, at most d_model",
     ),
     "k > dimension": (
         lambda m, t: rwasym.math.pca_basis(torch.eye(8, dtype=torch.float64), 9),

@@ -164,9 +164,9 @@ def test_probe_outputs_and_errors(pair_data, tmp_path):
     df = res.to_dataframe()
     assert set(df["kind"]) == {"W_in"}
     assert "W_in" in res.summary()
-    with pytest.raises(RwasymError, match="1 <= k <= d_model=32"):
+    with pytest.raises(RwasymError, match=r"k=33 exceeds the dimension n=32 of the residual stream \(d_model\)"):
         probe(base, tuned, tokens, k=33)
-    with pytest.raises(RwasymError, match="1 <= k <= d_model"):
+    with pytest.raises(RwasymError, match="k=0 must be a positive integer subspace dimension, at most d_model"):
         probe(base, tuned, tokens, k=0)
     with pytest.raises(RwasymError, match="matches no matrix"):
         probe(base, tuned, tokens, matrices="blocks.9.*.*")
@@ -274,3 +274,49 @@ def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatc
         torch.set_num_threads(threads)
     assert overlapped.rows == alone.rows and overlapped.curves == alone.curves and len(alone.rows) > 50
     assert in_place.rows == alone.rows
+
+
+def test_probe_config_is_the_one_source_of_options(native_cfg, tmp_path):
+    """ProbeConfig (the SweepConfig pattern): a config object and keyword overrides give the same rows;
+    the result records every field but the memory budget; the CLI's flags are the fields; bad options
+    name the problem."""
+    import argparse
+    import dataclasses
+
+    from rwasym.analyses.probe import ProbeConfig
+    from rwasym.app.cli import add_config_flags, config_from_args
+    from rwasym.testing import perturb
+
+    base = rwasym.load(native_cfg)
+    tuned = perturb(rwasym.load(native_cfg), 0.05, seed=3)
+    tokens = torch.randint(0, base.d_vocab, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = ProbeConfig(k=3, null_samples=8, matrices="blocks.0.attn.*", heads=False, curves=False, seed=5)
+    by_config = probe(base, tuned, tokens, cfg)
+    by_keywords = probe(
+        base, tuned, tokens, k=3, null_samples=8, matrices="blocks.0.attn.*", heads=False, curves=False, seed=5
+    )
+    assert by_config.rows == by_keywords.rows and by_config.rows
+    assert {r["k"] for r in by_config.rows} == {3}
+    recorded = {f.name for f in dataclasses.fields(ProbeConfig)} - {"stats_budget"}
+    assert {name: by_config.config[name] for name in recorded} == {
+        name: value for name, value in cfg.to_dict().items() if name in recorded
+    }
+    overridden = probe(base, tuned, tokens, cfg, k=2)
+    assert {r["k"] for r in overridden.rows} == {2} and cfg.k == 3  # the config object is left as it was
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ProbeConfig)
+    args = parser.parse_args(
+        ["--k", "3", "--null-samples", "8", "--matrices", "blocks.0.attn.*", "--no-heads", "--no-curves", "--seed", "5"]
+    )
+    assert config_from_args(args, ProbeConfig) == cfg
+    assert config_from_args(parser.parse_args([]), ProbeConfig) == ProbeConfig()
+
+    with pytest.raises(RwasymError, match=r"unknown options \['kk'\]"):
+        probe(base, tuned, tokens, kk=3)
+    with pytest.raises(RwasymError, match="post_norm='both'"):
+        ProbeConfig(post_norm="both")
+    with pytest.raises(RwasymError, match="variance must satisfy 0 < variance <= 1"):
+        ProbeConfig(variance=1.5)
+    with pytest.raises(RwasymError, match="k=True must be a positive integer"):
+        ProbeConfig(k=True)

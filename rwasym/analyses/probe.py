@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -37,12 +37,13 @@ from tqdm import tqdm
 from .._version import __version__  # noqa: F401
 from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture, data_hash, quiet
-from ..math.checks import linalg_threads, release_memory
+from ..math.checks import linalg_threads, release_memory, require_k
 from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
 from ..math.lowrank import LowRankDelta
-from ..math.subspaces import pca_basis, prediction_basis
+from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
+from .options import option
 
 
 @dataclass
@@ -97,6 +98,62 @@ class ProbeResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What a probe measures. The result's ``config``, and the ``rwasym probe`` flags, derive from these
+    fields (`rwasym.app.cli.add_config_flags`); `probe` takes one, or its fields as keyword overrides."""
+
+    k: int = option(8, "subspace dimension k (per-head spaces smaller than k use their own size; rows record it)")
+    null_samples: int = option(
+        200,
+        "Haar subspaces drawn for the percentile of f in its null (mean and std are exact); < 2 turns the row null off",
+    )
+    matrices: str | Sequence[str] | None = option(
+        None, "registry glob such as 'blocks.*.attn.W_Q' (default every matrix)", type=str
+    )
+    heads: bool = option(True, "compute per-head rows besides whole matrices")
+    center: bool = option(True, "centre the activation covariances (PCA of the centred activations)")
+    variance: float = option(0.9, "rows also report f and r at the k reaching this explained-variance ratio")
+    curves: bool = option(True, "compute r(k) curves: whole-matrix f at every k of a log grid, with the Haar null band")
+    curve_null_samples: int = option(64, "the curves' null band: on when >= 2 (closed form, no draws)")
+    seed: int = option(0, "seeds the Haar draws: every number is reproducible from it")
+    batch_size: int = option(16, "sequences per forward pass of the capture")
+    max_tokens: int | None = option(None, "tokens of the activation capture (default all)", type=int)
+    stats_budget: int | float | None = option(
+        None,
+        "bytes the float64 sums of one capture pass may hold; more sites are captured in consecutive passes "
+        "(default the base's parameter bytes; inf: one pass)",
+        type=float,
+    )
+    post_norm: str = option(
+        "residual",
+        "post-sublayer-norm models (OLMo 2, Gemma 2/3): measure W_O / W_out as diag(γ_post)·ΔW (residual, as "
+        "the residual stream sees it) or the raw ΔW",
+        choices=("residual", "raw"),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise RwasymError(
+                f"k={self.k!r} must be a positive integer subspace dimension, at most d_model (the residual "
+                "stream's width); choose e.g. k=8"
+            )
+        if self.post_norm not in ("residual", "raw"):
+            raise RwasymError(
+                f"post_norm={self.post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
+                "sees it) or 'raw' (the raw ΔW)"
+            )
+        if not 0.0 < float(self.variance) <= 1.0:
+            raise RwasymError(f"variance must satisfy 0 < variance <= 1 (a variance fraction); got {self.variance}")
+        for name in ("null_samples", "curve_null_samples", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
+                raise RwasymError(f"{name} must be a non-negative integer (batch_size positive); got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _residual_site(model: Model, spec: MatrixSpec) -> str:
     """The hook carrying the residual stream that a write matrix writes into."""
     resid = model.residual_hooks()
@@ -114,14 +171,6 @@ def probe_sites(model: Model, specs: Sequence[MatrixSpec]) -> dict[str, int]:
         if spec.side == "write":
             sites.setdefault(_residual_site(model, spec), model.d_model)
     return sites
-
-
-def _check_k(k: int, model: Model) -> None:
-    if not isinstance(k, int) or k <= 0 or k > model.d_model:
-        raise RwasymError(
-            f"k={k!r} must be an integer with 1 <= k <= d_model={model.d_model}; choose a subspace "
-            "dimension no larger than the residual stream"
-        )
 
 
 def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int], budget: int | float) -> list[list[MatrixSpec]]:
@@ -228,36 +277,27 @@ def probe(
     base: Any,
     tuned: Any,
     data: Any = None,
+    config: ProbeConfig | None = None,
     *,
-    k: int = 8,
-    null_samples: int = 200,
-    matrices: str | Sequence[str] | None = None,
-    heads: bool = True,
-    center: bool = True,
-    variance: float = 0.9,
-    curves: bool = True,
-    curve_null_samples: int = 64,
-    seed: int = 0,
     activations: ActivationStats | None = None,
-    batch_size: int = 16,
-    max_tokens: int | None = None,
     progress: bool | None = None,
-    stats_budget: int | float | None = None,
-    post_norm: str = "residual",
+    **overrides: Any,
 ) -> ProbeResult:
     """Measure where ΔW = W_tuned − W_base concentrates, for every matrix (and head).
 
     base, tuned: anything `rwasym.load` accepts; a ``tuned`` Hugging Face checkpoint folder
     (config.json + safetensors) is streamed instead of loaded (module docstring).
     data: corpus for the base model's activation statistics (anything `rwasym.hooks.activations.capture`
-    accepts), or pass precomputed ``activations``. k: subspace dimension (per-head inner spaces of
+    accepts), or pass precomputed ``activations``. config: a `ProbeConfig`, with keyword ``overrides`` of
+    its fields (``probe(base, tuned, data, k=16, heads=False)``). Its fields:
+    k: subspace dimension (per-head inner spaces of
     size d_head < k use k = d_head; the row records the k used). null_samples: Haar-random
     subspaces for the percentile of the observed f in the Haar null (its law depends only on ΔW's
     spectrum, the side and k, so the activation and prediction rows of one side share one set of
     draws); the row's null_mean
     (k/n) and null_std are the null's exact moments (`rwasym.math.fraction.null_moments`), and
     null_samples < 2 turns the row null off (None). variance: rows also report f and r at the k
-    reaching this explained-variance ratio (activation subspaces).
+    reaching this explained-variance ratio (activation subspaces; `rwasym.math.subspaces.k_reaching`).
     curves: r(k) on a log grid of k for whole matrices, with the exact std of the Haar null of r
     at each k (the null mean of r is exactly 1); ``curve_null_samples`` >= 2 switches that band
     on (it is closed form: no draws, the number itself no longer matters).
@@ -273,27 +313,29 @@ def probe(
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
+    unknown = sorted(set(overrides) - {f.name for f in fields(ProbeConfig)})
+    if unknown:
+        raise RwasymError(
+            f"probe got unknown options {unknown}; the configuration fields are "
+            f"{', '.join(f.name for f in fields(ProbeConfig))}"
+        )
+    cfg = replace(config or ProbeConfig(), **overrides)
     base = load(base)
     if not is_checkpoint_folder(tuned):  # a Hugging Face folder is streamed: ΔW read from its files, never loaded
         tuned = load(tuned)
-    _check_k(k, base)
-    if post_norm not in ("residual", "raw"):
-        raise RwasymError(
-            f"post_norm={post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
-            "sees it) or 'raw' (the raw ΔW)"
-        )
-    specs = base.matrices(matrices)
+    require_k(cfg.k, base.d_model, "the residual stream (d_model)")
+    specs = base.matrices(cfg.matrices)
     if not specs:
-        raise base.unmatched(matrices)
+        raise base.unmatched(cfg.matrices)
     # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
     deltas = (
-        weight_deltas(base, tuned, matrices, lazy=True)
+        weight_deltas(base, tuned, cfg.matrices, lazy=True)
         if isinstance(tuned, Model)
-        else CheckpointDeltas(base, tuned, matrices)
+        else CheckpointDeltas(base, tuned, cfg.matrices)
     )
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     pred_full = prediction_basis(base.unembedding(), base.d_model)
     rows: list[dict] = []
     curve_rows: list[dict] = []
@@ -303,7 +345,8 @@ def probe(
     threads = torch.get_num_threads()
     overlap = threads == 2
     sites = probe_sites(base, specs)
-    groups = [specs] if activations is not None else layer_groups(specs, sites, _budget(base, stats_budget, data))
+    budget = _budget(base, cfg.stats_budget, data)
+    groups = [specs] if activations is not None else layer_groups(specs, sites, budget)
     n_tokens = None if activations is None else activations.n_tokens
     for group in tqdm(groups, desc="probe passes", disable=quiet(progress) or len(groups) == 1):
         if activations is None:  # captured here, one pass per group: its float64 sums are freed layer by layer
@@ -311,14 +354,14 @@ def probe(
                 base,
                 data,
                 sites=probe_sites(base, group) if len(groups) > 1 else sites,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
+                batch_size=cfg.batch_size,
+                max_tokens=cfg.max_tokens,
                 progress=progress,
             )
             n_tokens = acts.n_tokens
-            covs = _Covariances(acts, center, owned=True, overlap=overlap, threads=threads)
+            covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads)
         else:  # the caller's statistics stay untouched
-            covs = _Covariances(activations, center, owned=False, overlap=overlap, threads=threads)
+            covs = _Covariances(activations, cfg.center, owned=False, overlap=overlap, threads=threads)
         try:
             with linalg_threads(1):
                 _probe_rows(
@@ -327,38 +370,17 @@ def probe(
                     deltas,
                     covs,
                     pred_full,
-                    k,
-                    null_samples,
-                    heads,
-                    variance,
-                    curves,
-                    curve_null_samples,
-                    generator,
-                    progress,
-                    rows,
-                    curve_rows,
-                    post_norm,
+                    cfg,
+                    generator=generator,
+                    progress=progress,
+                    rows=rows,
+                    curve_rows=curve_rows,
                 )
         finally:
             covs.close()
         del covs
-    config = dict(
-        k=k,
-        null_samples=null_samples,
-        curve_null_samples=curve_null_samples,
-        center=center,
-        variance=variance,
-        seed=seed,
-        n_tokens=n_tokens,
-        matrices=matrices,
-        heads=heads,
-        curves=curves,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        capture_passes=len(groups),
-        post_norm=post_norm,
-        **_provenance(base, tuned, data),
-    )
+    recorded = {name: value for name, value in cfg.to_dict().items() if name != "stats_budget"}  # no number needs it
+    config = dict(**recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data))
     return ProbeResult(rows=rows, curves=curve_rows, config=config)
 
 
@@ -406,23 +428,21 @@ def _provenance(base: Model, tuned: Model | str | os.PathLike, data: Any) -> dic
 
 
 def _probe_rows(
-    base,
-    specs,
-    deltas,
-    cov,
-    pred_full,
-    k,
-    null_samples,
-    heads,
-    variance,
-    curves,
-    curve_null_samples,
-    generator,
-    progress,
-    rows,
-    curve_rows,
-    post_norm="residual",
+    base: Model,
+    specs: Sequence[MatrixSpec],
+    deltas: Any,
+    cov: "_Covariances",
+    pred_full: Any,
+    cfg: ProbeConfig,
+    *,
+    generator: torch.Generator,
+    progress: bool | None,
+    rows: list[dict],
+    curve_rows: list[dict],
 ) -> None:
+    """Append the rows (and r(k) curves) of ``specs`` to ``rows`` / ``curve_rows``: every side, subspace and
+    head of each ΔW in ``deltas``, against the covariances ``cov`` and the full prediction basis."""
+    k, null_samples, heads, curves = cfg.k, cfg.null_samples, cfg.heads, cfg.curves
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
 
     def full_basis(c_h, site, head):
@@ -451,7 +471,7 @@ def _probe_rows(
         delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
-        gamma = base.post_norm_scale(spec.name) if post_norm == "residual" else None
+        gamma = base.post_norm_scale(spec.name) if cfg.post_norm == "residual" else None
         if gamma is not None:  # the change as the residual stream sees it: diag(γ_post_eff)·ΔW
             delta = (
                 LowRankDelta(gamma[:, None] * delta.B, delta.A, delta.scale)
@@ -510,8 +530,7 @@ def _probe_rows(
                     post_norm_scaled=gamma is not None,
                 )
                 if c_h is not None:
-                    explained = full.explained_variance_ratio.cumsum(0)
-                    k90 = int((explained < variance - 1e-12).sum()) + 1
+                    k90 = k_reaching(full.explained_variance_ratio, cfg.variance)
                     f90 = float(cum[k90 - 1])
                     row.update(k_variance=k90, fraction_k_variance=f90, relative_k_variance=f90 * n / k90)
                 rows.append(row)
@@ -520,7 +539,7 @@ def _probe_rows(
                     curve = cum[torch.tensor(ks) - 1]
                     band = (
                         [null_moments(_spectrum(spectra, d, head), side, kk) for kk in ks]
-                        if curve_null_samples >= 2
+                        if cfg.curve_null_samples >= 2
                         else []
                     )  # exact std of f at each k: no draws
                     curve_rows.append(

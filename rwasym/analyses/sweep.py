@@ -58,6 +58,7 @@ from ..models.deltas import WeightDeltas
 from .behaviour import Evaluator, eval_set
 from .joint import iter_values as joint_values
 from .joint import joint_edits, matrix_set
+from .options import option as _opt
 
 __all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]
 
@@ -65,11 +66,6 @@ FORMAT = 1
 TARGETS = ("pca", "prediction")
 CONTROLS = ("random", "orthogonal")
 MATCHES = ("norm", "output")
-
-
-def _opt(default: Any, help: str, **cli: Any) -> Any:
-    """A config field whose comment is also its command-line help (``cli``: argparse extras)."""
-    return field(default=default, metadata=dict(help=help, **cli))
 
 
 @dataclass(frozen=True)

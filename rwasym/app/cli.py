@@ -83,20 +83,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from ..models import load_pair
 
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
-    result = rwasym.probe(
-        base,
-        tuned,
-        _read_tokens(args.data, base),
-        k=args.k,
-        null_samples=args.null_samples,
-        matrices=args.matrices,
-        heads=not args.no_heads,
-        curves=not args.no_curves,
-        seed=args.seed,
-        post_norm=args.post_norm,
-        max_tokens=args.max_tokens,
-        progress=False if args.quiet else None,
-    )
+    from ..analyses.probe import ProbeConfig
+
+    config = config_from_args(args, ProbeConfig)
+    result = rwasym.probe(base, tuned, _read_tokens(args.data, base), config, progress=False if args.quiet else None)
     result.to_json(args.out)
     print(result.summary())
     print(f"wrote {len(result.rows)} rows to {args.out}")
@@ -483,24 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT LoRA adapter folder on --base: the tuned model is base + adapter (instead of --tuned)",
     )
     p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--null-samples", type=int, default=200)
-    p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
-    p.add_argument("--no-heads", action="store_true", help="whole matrices only")
-    p.add_argument(
-        "--no-curves",
-        action="store_true",
-        help="no r(k) curves (whole-matrix f at every k of a log grid, with the exact Haar null band)",
-    )
-    p.add_argument(
-        "--post-norm",
-        choices=["residual", "raw"],
-        default="residual",
-        help="post-sublayer-norm models (OLMo 2, Gemma 2/3): measure W_O / W_out as diag(γ_post)·ΔW "
-        "(residual, as the residual stream sees it) or the raw ΔW",
-    )
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    from ..analyses.probe import ProbeConfig
+
+    add_config_flags(p, ProbeConfig)  # --k, --null-samples, --matrices, --no-heads, ... from its fields
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="probe.json")
     p.set_defaults(func=_cmd_probe)

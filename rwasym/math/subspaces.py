@@ -190,9 +190,15 @@ def k_for_variance(
         raise RwasymError(f"threshold must satisfy 0 < threshold <= 1 (a variance fraction); got {threshold}.")
     C, what = _as_covariance(cov_or_stats, center)
     _, _, ratio = _descending_spectrum(C, what)
+    return k_reaching(ratio, threshold)
+
+
+def k_reaching(ratio: Float[Tensor, " n"], threshold: float = 0.9) -> int:
+    """Smallest k with Σ_{i<=k} ratio_i >= threshold, for explained-variance ratios in descending order
+    (a `Basis`'s ``explained_variance_ratio``); ratios that fall short by rounding give k = n."""
     cumulative = ratio.cumsum(0)  # (n,)
     k = int((cumulative < float(threshold) - 1e-12).sum()) + 1
-    return min(k, C.shape[0])
+    return min(k, ratio.shape[0])
 
 
 def prediction_basis(unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedding, k: int) -> Basis:
