@@ -207,3 +207,18 @@ def test_random_and_complement_basis_errors():
         complement_basis(U, 3)
     with pytest.raises(RwasymError, match="orthonormal columns.*max \\|UᵀU - I\\|"):
         complement_basis(2.0 * U, 1)
+
+
+def test_k_reaching_is_the_smallest_k_whose_cumulative_ratio_reaches_the_threshold():
+    """Brute force over k for random descending spectra; k_for_variance is k_reaching of its eigenvalue ratios."""
+    from rwasym.math.subspaces import k_for_variance, k_reaching
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 30):
+        for threshold in (0.1, 0.5, 0.9, 0.99, 1.0):
+            ratio = torch.rand(n, generator=g, dtype=torch.float64).sort(descending=True).values
+            ratio = ratio / ratio.sum()
+            brute = next((k for k in range(1, n + 1) if float(ratio[:k].sum()) >= threshold - 1e-12), n)
+            assert k_reaching(ratio, threshold) == brute, (n, threshold)
+            C = torch.diag(ratio * 3.0)
+            assert k_for_variance(C, threshold, center=False) == brute
