@@ -1,6 +1,7 @@
 """The pure-math blocks of effect-matched causal tests (issue #28), each against an independent oracle:
 the within-seed rank p (a brute-force count), the stratified rank test (enumeration of every position
-assignment), the seed-level t-interval (by hand), Holm (a hand example and the sequential procedure)."""
+assignment), the seed-level t-interval (by hand), Holm (a hand example and the sequential procedure),
+and the spectrum-matched random delta (its singular values, and the Haar moment of its singular vectors)."""
 
 import itertools
 import math
@@ -8,8 +9,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from rwasym.errors import RwasymError
+from rwasym.math.checks import linalg_threads
 from rwasym.math.inference import (
     holm,
     rank_floor,
@@ -18,6 +21,7 @@ from rwasym.math.inference import (
     seed_interval,
     stratified_rank_test,
 )
+from rwasym.math.rank1 import spectrum_matched_delta
 
 
 # -- within a seed -------------------------------------------------------------------------------
@@ -177,3 +181,40 @@ def test_holm_rejects_what_the_sequential_procedure_rejects():
         for alpha in [rng.random() * 0.3 for _ in range(10)]:
             assert {i for i, a in enumerate(adjusted) if a <= alpha} == _holm_rejections(p, alpha)
         assert all(a >= q for a, q in zip(adjusted, p))
+
+
+# -- the spectrum-matched random delta -----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7), (5, 5)])
+def test_spectrum_matched_delta_keeps_the_spectrum(shape):
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(*shape, generator=g, dtype=torch.float64)
+    r = spectrum_matched_delta(delta, torch.Generator().manual_seed(1))
+    assert r.shape == delta.shape and r.dtype == torch.float64
+    s, s_r = torch.linalg.svdvals(delta), torch.linalg.svdvals(r)
+    assert float((s_r - s).abs().max() / s.max()) < 1e-10
+    assert float(r.norm()) == pytest.approx(float(delta.norm()), rel=1e-12)
+    assert float((r - delta).norm()) > 0.1 * float(delta.norm())  # a new matrix, not ΔW
+    assert torch.equal(r, spectrum_matched_delta(delta, torch.Generator().manual_seed(1)))
+    assert not torch.equal(r, spectrum_matched_delta(delta, torch.Generator().manual_seed(2)))
+    with pytest.raises(RwasymError, match="non-finite"):
+        spectrum_matched_delta(torch.full(shape, float("nan"), dtype=torch.float64), g)
+
+
+def test_spectrum_matched_delta_has_haar_singular_vectors():
+    """Over N draws (ΔW 4 × 3, distinct σ), the mean of u₁u₁ᵀ (top left singular vector) is I/4 and of
+    v₁v₁ᵀ I/3, and the mean of R is 0. Tolerance 5 standard errors: an entry of u uᵀ, u uniform on
+    S^{n−1}, has variance ≤ E u_i⁴ = 3/(n(n + 2)); an entry of R has variance ‖σ‖²/(n_out n_in)."""
+    delta = torch.tensor([[3.0, 0, 0], [0, 2.0, 0], [0, 0, 1.0], [0, 0, 0]], dtype=torch.float64)
+    N, g = 800, torch.Generator().manual_seed(0)
+    uu, vv, mean = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 0 * delta
+    with linalg_threads(1):  # 4 × 3 SVDs: thread start-up would dominate
+        for _ in range(N):
+            r = spectrum_matched_delta(delta, g)
+            U, _, Vh = torch.linalg.svd(r)
+            uu += torch.outer(U[:, 0], U[:, 0]) / N
+            vv += torch.outer(Vh[0], Vh[0]) / N
+            mean += r / N
+    for avg, n in [(uu, 4), (vv, 3)]:
+        tol = 5 * math.sqrt(3 / (n * (n + 2)) / N)
+        assert float((avg - torch.eye(n, dtype=torch.float64) / n).abs().max()) < tol
+    assert float(mean.abs().max()) < 5 * math.sqrt(14 / 12 / N)

@@ -19,6 +19,9 @@
   component of ΔW on an orthonormal frame F (r rows) of one side, ΔW FᵀF (input) or FᵀF ΔW
   (output), as factors (U, V) with edit E = Uᵀ V; `random_frame` draws a Haar frame; `edit_norm`
   and `edit_energy` give ‖E‖_F and the mean-square output change tr(E M Eᵀ) without forming E.
+- `spectrum_matched_delta`: a control for the whole delta that keeps ΔW's singular values and
+  draws its singular vectors Haar-uniformly (it breaks the output directions an input-side frame
+  control ΔW FᵀF keeps).
 """
 
 from dataclasses import dataclass, replace
@@ -45,6 +48,7 @@ __all__ = [
     "frame_edit",
     "match_output_energy",
     "random_frame",
+    "spectrum_matched_delta",
     "unit_vector",
 ]
 
@@ -301,3 +305,24 @@ def edit_energy(
     the uncentered second moment of the input: Σ_ij (U Uᵀ)_ij (V M Vᵀ)_ij."""
     M = as_float64_matrix(second_moment, "second_moment (E[a aᵀ] of the matrix input)")
     return max(float(((U @ U.T) * (V @ M @ V.T)).sum()), 0.0)
+
+
+def spectrum_matched_delta(
+    delta: Float[Tensor, "n_out n_in"], generator: torch.Generator
+) -> Float[Tensor, "n_out n_in"]:
+    """A random delta with ΔW's singular values and Haar-random singular vectors, float64.
+
+    R = U diag(σ) Vᵀ, σ = the r = min(n_out, n_in) singular values of ΔW, U (n_out, r) and V (n_in, r)
+    independent Haar frames from `haar_frames` (U drawn first, then V, from ``generator``). R keeps
+    ΔW's spectrum, so ‖R‖_F = ‖ΔW‖_F and the stable and effective ranks, while its left and right
+    singular subspaces are uniform: the law of R is invariant under R → O₁ R O₂ᵀ for orthogonal O₁,
+    O₂, and E[R] = 0. The control that breaks ΔW's input and output structure (DESIGN "Causal
+    tests: compare edits at equal effect").
+    """
+    d = as_float64_matrix(delta, "delta (ΔW = W_tuned − W_base)")
+    n_out, n_in = d.shape
+    r = min(n_out, n_in)
+    sigma = linalg.svdvals(d)  # (r,)
+    U = haar_frames(1, n_out, r, generator)[0]  # (n_out, r)
+    V = haar_frames(1, n_in, r, generator)[0]  # (n_in, r)
+    return (U * sigma) @ V.T
