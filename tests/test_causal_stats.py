@@ -1,7 +1,8 @@
 """The pure-math blocks of effect-matched causal tests (issue #28), each against an independent oracle:
 the within-seed rank p (a brute-force count), the stratified rank test (enumeration of every position
 assignment), the seed-level t-interval (by hand), Holm (a hand example and the sequential procedure),
-and the spectrum-matched random delta (its singular values, and the Haar moment of its singular vectors)."""
+the spectrum-matched random delta (its singular values, and the Haar moment of its singular vectors),
+and the KL-budget calibration (analytic effects with known inverses)."""
 
 import itertools
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from rwasym.errors import RwasymError
+from rwasym.math.calibration import calibrate_scale
 from rwasym.math.checks import linalg_threads
 from rwasym.math.inference import (
     holm,
@@ -218,3 +220,137 @@ def test_spectrum_matched_delta_has_haar_singular_vectors():
         tol = 5 * math.sqrt(3 / (n * (n + 2)) / N)
         assert float((avg - torch.eye(n, dtype=torch.float64) / n).abs().max()) < tol
     assert float(mean.abs().max()) < 5 * math.sqrt(14 / 12 / N)
+
+
+# -- the KL-budget calibration -------------------------------------------------------------------
+GRID = [(c, b) for c in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3) for b in (1e-3, 1e-2, 0.1, 1.0)]
+
+
+def _bracket(inverse, budget: float, rtol: float) -> tuple[float, float]:
+    """The α range an increasing effect maps into [budget (1 − rtol), budget (1 + rtol)]."""
+    return inverse(budget * (1 - rtol)), inverse(budget * (1 + rtol))
+
+
+def _check_reached(result: dict, inverse, budget: float, rtol: float = 0.05) -> None:
+    lo, hi = _bracket(inverse, budget, rtol)
+    assert result["reached"] and not result["saturated"]
+    assert abs(result["achieved"] - budget) <= rtol * budget
+    assert lo * (1 - 1e-12) <= result["alpha"] <= hi * (1 + 1e-12)
+    assert result["history"][-1] == (result["alpha"], result["achieved"])
+    assert result["evaluations"] == len(result["history"])
+
+
+def test_calibrate_quadratic_effect_in_two_evaluations():
+    for c, b in GRID:
+        result = calibrate_scale(lambda a, c=c: c * a * a, b)
+        _check_reached(result, lambda e, c=c: math.sqrt(e / c), b)
+        assert result["evaluations"] <= 2
+        assert result["alpha"] == pytest.approx(math.sqrt(b / c), rel=1e-12)
+
+
+def test_calibrate_quartic_and_piecewise_effects():
+    for c, b in GRID:
+        for d in (0.1 * c, c, 10 * c):
+            # c α² + d α⁴ = e: α² = (−c + √(c² + 4 d e)) / (2d)
+            inverse = lambda e, c=c, d=d: math.sqrt((-c + math.sqrt(c * c + 4 * d * e)) / (2 * d))
+            _check_reached(calibrate_scale(lambda a, c=c, d=d: c * a * a + d * a**4, b), inverse, b)
+    # α² up to α = 1, then a steep line 1 + 8 (α − 1): a kink at the budget's scale
+    piecewise = lambda a: a * a if a <= 1 else 1 + 8 * (a - 1)
+    inverse = lambda e: math.sqrt(e) if e <= 1 else 1 + (e - 1) / 8
+    for b in (0.05, 0.5, 0.97, 1.02, 3.0, 40.0):
+        _check_reached(calibrate_scale(piecewise, b, alpha0=0.3), inverse, b)
+
+
+def test_calibrate_saturating_effect():
+    sat = lambda a: 1 - math.exp(-a * a)
+    result = calibrate_scale(sat, 2.0)  # above the plateau at 1
+    assert result["saturated"] and not result["reached"] and result["achieved"] < 2.0 * 0.95
+    _check_reached(calibrate_scale(sat, 0.5), lambda e: math.sqrt(-math.log(1 - e)), 0.5)
+    # reachable, but only above alpha_max
+    capped = calibrate_scale(lambda a: 1e-6 * a * a, 1.0, alpha_max=100.0)
+    assert capped["saturated"] and not capped["reached"] and capped["alpha"] == 100.0
+
+
+def test_calibrate_never_returns_an_alpha_outside_tolerance():
+    """A jump at α = 1.2 from 0.72·budget to 2.88·budget: no α meets 5%, so reached is False after
+    max_evals, with the bisection closing on the jump."""
+    b = 0.1
+    jump = lambda a: (0.5 if a < 1.2 else 2.0) * b * a * a
+    result = calibrate_scale(jump, b, max_evals=12)
+    assert not result["reached"] and not result["saturated"] and result["evaluations"] == 12
+    assert abs(result["achieved"] - b) > 0.05 * b
+    assert result["alpha"] == pytest.approx(1.2, rel=0.02)
+
+
+def test_calibrate_errors_name_the_problem():
+    with pytest.raises(RwasymError, match="must be > 0"):
+        calibrate_scale(lambda a: 0.0, 0.1)
+    with pytest.raises(RwasymError, match="not finite"):
+        calibrate_scale(lambda a: float("nan"), 0.1)
+    with pytest.raises(RwasymError, match="not finite"):
+        calibrate_scale(lambda a: a * a if a <= 1 else float("inf"), 10.0)
+    with pytest.raises(RwasymError, match="budget"):
+        calibrate_scale(lambda a: a, -1.0)
+    with pytest.raises(RwasymError, match="rtol"):
+        calibrate_scale(lambda a: a, 1.0, rtol=1.0)
+    with pytest.raises(RwasymError, match="alpha_max"):
+        calibrate_scale(lambda a: a, 1.0, alpha0=10.0, alpha_max=1.0)
+    with pytest.raises(RwasymError, match="max_evals"):
+        calibrate_scale(lambda a: a, 1.0, max_evals=0)
+
+
+def _softmax_kl(scale: float):
+    """A realistic collateral effect: the mean KL(softmax(z + α s δ) ‖ softmax(z)) over 8 positions
+    (≈ c α² for small α, linear growth, then a plateau at the mean −log q of the top-δ tokens)."""
+    g = torch.Generator().manual_seed(0)
+    z, delta = (
+        torch.randn(8, 50, dtype=torch.float64, generator=g),
+        torch.randn(8, 50, dtype=torch.float64, generator=g),
+    )
+    base = torch.log_softmax(z, 1)
+
+    def kl(alpha: float) -> float:
+        edited = torch.log_softmax(z + alpha * scale * delta, 1)
+        return float((edited.exp() * (edited - base)).sum(1).mean())
+
+    return kl
+
+
+@linalg_threads(1)  # (8, 50) softmaxes: thread start-up would dominate
+def test_calibrate_average_evaluations():
+    """Evaluations per calibration over the 7 × 4 grid of (c, budget) above (c ∈ 1e-3..1e3 so the
+    answer lies up to 3 decades from α₀ = 1), rtol 5%, measured:
+
+    | effect                                   | mean | max |
+    |------------------------------------------|------|-----|
+    | c α²                                     | 1.86 | 2   |
+    | c α² + c α⁴                              | 3.64 | 4   |
+    | c α^1.5                                  | 2.71 | 3   |
+    | softmax KL of a logit shift, α₀ = 1      | 3.29 | 5   |
+    | softmax KL, α₀ within 2× of the answer   | 2.18 | 4   |
+
+    The issue's target, ≤ 3 per edit on average, holds for a KL with a warm start (α₀ = the α of a
+    similar edit: the target's for its controls); a cold start up to 3 decades away costs ~3.3.
+    """
+    families = {
+        "quadratic": (lambda c: lambda a: c * a * a, 1.9),
+        "quartic": (lambda c: lambda a: c * a * a + c * a**4, 3.7),
+        "power 1.5": (lambda c: lambda a: c * a**1.5, 2.8),
+        "softmax KL": (lambda c: _softmax_kl(math.sqrt(c)), 3.35),
+    }
+    for name, (make, bound) in families.items():
+        counts = []
+        for c, b in GRID:
+            result = calibrate_scale(make(c), b)
+            assert result["reached"] or (name == "softmax KL" and result["saturated"]), (name, c, b)
+            counts.append(result["evaluations"])
+        assert sum(counts) / len(counts) <= bound, (name, sum(counts) / len(counts))
+    rng, warm = random.Random(0), []
+    for c, b in GRID:
+        effect = _softmax_kl(math.sqrt(c))
+        exact = calibrate_scale(effect, b, rtol=1e-9, max_evals=60)
+        assert exact["reached"]
+        result = calibrate_scale(effect, b, alpha0=exact["alpha"] * 2 ** rng.uniform(-1, 1))
+        assert result["reached"]
+        warm.append(result["evaluations"])
+    assert sum(warm) / len(warm) <= 2.3, sum(warm) / len(warm)

@@ -3,10 +3,12 @@ TransformerLens or transformers (an import-linter contract in the test suite che
 
 checks (validation), covariance (`RunningCovariance`), lowrank (`LowRankDelta`), subspaces (PCA,
 prediction, Haar frames), fraction (relative fraction, nulls, curves), spectra (RankMe, α-ReQ,
-spikiness, lifecycle), svd (post-training SVD), rank1 (closed-form u, directions, matching),
-inference (bootstrap, permutation, t-intervals).
+spikiness, lifecycle), svd (post-training SVD), rank1 (closed-form u, directions, matching,
+spectrum-matched random deltas), calibration (the α of an edit at a collateral-effect budget),
+inference (bootstrap, permutation, t-intervals, rank tests against controls, Holm).
 """
 
+from .calibration import calibrate_scale
 from .covariance import RunningCovariance
 from .fraction import (
     DeltaSpectrum,
@@ -21,7 +23,7 @@ from .fraction import (
     relative_fraction,
 )
 from .lowrank import LowRankDelta
-from .rank1 import Direction, closed_form_u, directions, match_output_energy
+from .rank1 import Direction, closed_form_u, directions, match_output_energy, spectrum_matched_delta
 from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
 from .subspaces import Basis, complement_basis, haar_frames, k_for_variance, pca_basis, prediction_basis, random_basis
 from .svd import post_training_svd, rebuild
@@ -36,6 +38,7 @@ __all__ = [
     "NullResult",
     "RunningCovariance",
     "alpha_req",
+    "calibrate_scale",
     "closed_form_u",
     "complement_basis",
     "delta_spectrum",
@@ -56,5 +59,6 @@ __all__ = [
     "rankme_from_cov",
     "rebuild",
     "relative_fraction",
+    "spectrum_matched_delta",
     "spikiness",
 ]
