@@ -142,7 +142,8 @@ class _Packed:
         return len(self.tc)
 
     def take(self, idx: Tensor | slice) -> "_Packed":
-        return _Packed(*(None if x is None else x[idx] for x in (self.tc, self.mc, self.tr, self.mr, self.last)))
+        last = None if self.last is None else self.last[idx]
+        return _Packed(self.tc[idx], self.mc[idx], self.tr[idx], self.mr[idx], last)
 
 
 def pack_pairs(model: Model, pairs: PreferencePairs) -> _Packed:
@@ -217,7 +218,11 @@ def alignment_loss(
     batch (with grad)."""
     check_objective(config, reference)
     pk = pack_pairs(model, pairs)
-    ref = all_scores(reference, pk) if config.objective != "sft" else (torch.zeros(0), torch.zeros(0))
+    if config.objective == "sft":
+        ref = (torch.zeros(0), torch.zeros(0))
+    else:
+        assert reference is not None  # check_objective: a pair objective has a reference
+        ref = all_scores(reference, pk)
     return objective_value(model, pk, ref, config)[0]
 
 

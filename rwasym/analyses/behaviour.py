@@ -81,7 +81,8 @@ def _as_pairs(pairs: Any) -> Any:
             "without them (pass rwasym.data.PreferencePairs, a dict, or a file)"
         )
     keys = _PAIR_KEYS + ("prompt_mask", "chosen_mask", "rejected_mask")
-    return PreferencePairs(**{k: None if get(k) is None else torch.as_tensor(get(k)) for k in keys})
+    fields: dict[str, Any] = {k: None if get(k) is None else torch.as_tensor(get(k)) for k in keys}
+    return PreferencePairs(**fields)
 
 
 def as_eval_set(pairs: Any, text: Any = None, max_pairs: int | None = None) -> EvalSet:
@@ -215,13 +216,12 @@ class _PrefixUnsupported(Exception):
 
 @contextlib.contextmanager
 def _patched_forward(module: torch.nn.Module, fn: Callable) -> Iterator[None]:
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
+    previous = module.__dict__.get("forward")  # an instance-level forward (a hook's, a patch's) to restore
     module.forward = fn
     try:
         yield
     finally:
-        if had:
+        if previous is not None:
             module.forward = previous
         else:
             del module.forward

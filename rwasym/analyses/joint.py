@@ -85,9 +85,14 @@ def joint_edits(
             f"write ones), so pca and prediction need the same count; got {counts}"
         )
     c = counts.get("pca", counts.get("prediction"))
+    if c is None:
+        raise RwasymError(
+            f"kinds {kinds!r} has no target kind: add ('pca', k) (read side) or ('prediction', k) (write side); "
+            "controls are matched to the targets"
+        )
     controls = [(kind, counts[kind]) for kind in ("random", "orthogonal") if kind in counts]
     pred_basis: torch.Tensor | None = None
-    per_matrix: dict[str, dict[str, list]] = {}
+    per_matrix: dict[str, dict[str, Any]] = {}  # name → {"edits": [(U, V), ...], "M": second moment}
     used: set[str] = set()
     for spec in specs:
         delta = delta_of(spec.name)

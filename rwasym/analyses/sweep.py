@@ -447,7 +447,7 @@ def sweep(
     ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix)
     cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
     tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
-    config = cfg.header(
+    header = cfg.header(
         base=base.weights_hash(),
         tuned=tuned.weights_hash(),
         pairs=_hash(
@@ -466,11 +466,11 @@ def sweep(
     alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
     rank, size = distributed.world()
     if size == 1:
-        store = _Store(out, config, ev.reference)
+        store = _Store(out, header, ev.reference)
     else:  # this rank's own file; rows finished in <out> or any rank file count as done
-        done = _finished_rows(out, config)
+        done = _finished_rows(out, header)
         distributed.barrier()  # every rank has read the files before any rank repairs / appends
-        store = _Store(_rank_path(out, rank), config, ev.reference)
+        store = _Store(_rank_path(out, rank), header, ev.reference)
         store.rows = {**done, **store.rows}
     try:
         # float64 products: a sweep file's rows (PCA directions, their norms) stay reproducible across versions
@@ -546,7 +546,7 @@ def sweep(
     ids = [meta["id"] for metas, _ in plan for meta in metas]
     distributed.barrier()  # every rank file is complete
     if rank == 0:
-        _merge_shards(out, config, ev.reference, ids)
+        _merge_shards(out, header, ev.reference, ids)
     distributed.barrier()  # <out> is merged
     return read_sweep(out)[1]
 
@@ -593,8 +593,9 @@ def _joint_plan(
     def delta_of(name: str) -> torch.Tensor:  # ΔW once per matrix (sets may share matrices)
         if name not in deltas:
             deltas[name] = formed[name]
-            if scales.get(name) is not None:  # residual convention: diag(γ_post)·ΔW
-                deltas[name] = scales[name][:, None] * deltas[name]
+            scale = scales.get(name)
+            if scale is not None:  # residual convention: diag(γ_post)·ΔW
+                deltas[name] = scale[:, None] * deltas[name]
         return deltas[name]
 
     scales = {s.name: _post_scale(base, s.name, cfg.post_norm) for group in sets.values() for s in group}
@@ -606,7 +607,7 @@ def _joint_plan(
                 base, specs, delta_of, acts, kinds, r, lambda *parts: _generator(cfg.seed, "joint", *parts), cfg.match
             )
             edits = [
-                (desc, {n: (U if scales[n] is None else U / scales[n], V) for n, (U, V) in edit.items()})
+                (desc, {n: (U if (scale := scales[n]) is None else U / scale, V) for n, (U, V) in edit.items()})
                 for desc, edit in edits
             ]  # the raw-weight edits
             items = []

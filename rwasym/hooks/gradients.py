@@ -174,6 +174,7 @@ def capture_gradients(
                 if ckpt is not None:
                     digest.update(batch_digest(batch))
                 if i < done_batches:  # in the checkpoint already: check it is this very batch sequence
+                    assert resume is not None  # done_batches > 0 only when resuming
                     if i == done_batches - 1 and digest.hexdigest() != resume.get("data"):
                         raise RwasymError(
                             f"gradient checkpoint {str(checkpoint)!r} was written from other batches "

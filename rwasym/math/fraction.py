@@ -149,8 +149,8 @@ class DeltaSpectrum:
         # run-time guards for callers that bypass the annotations
         if (
             not isinstance(self.weights, Tensor)  # pyright: ignore[reportUnnecessaryIsInstance]
-            or not isinstance(self.shape, (tuple, list))
-        ):  # pyright: ignore[reportUnnecessaryIsInstance]
+            or not isinstance(self.shape, (tuple, list))  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
             raise RwasymError(
                 f"DeltaSpectrum needs a weights tensor and a shape tuple; got "
                 f"{type(self.weights).__name__} and {type(self.shape).__name__}. "

@@ -201,7 +201,7 @@ def alpha_req(
     else:
         lo, hi = index_range
     if not (
-        isinstance(lo, int)
+        isinstance(lo, int)  # pyright: ignore[reportUnnecessaryIsInstance]
         and isinstance(hi, int)  # pyright: ignore[reportUnnecessaryIsInstance]
         and 1 <= lo < hi <= d
     ):

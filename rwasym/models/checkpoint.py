@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from jaxtyping import Float
@@ -130,7 +131,8 @@ def _open(folder: Path, file: str):
 
 def _host_delta(base_folder: Path, b: CheckpointMatrix, tuned_folder: Path, t: CheckpointMatrix) -> Tensor:
     """T_tuned − T_base in float64 and in the host's layout (Conv1D and fused tensors untouched)."""
-    parts = {"qkv": "W_Q, W_K, W_V", "gate_up": "W_gate, W_in"}.get(b.fused, "fused matrices")
+    fused_parts: dict[str | None, str] = {"qkv": "W_Q, W_K, W_V", "gate_up": "W_gate, W_in"}
+    parts = fused_parts.get(b.fused, "fused matrices")
     what = b.name if b.rows is None else f"{b.key} ({parts} of layer {b.spec.layer})"
     return _host_read([(tuned_folder, t), (base_folder, b)], f"ΔW of {what}")
 
@@ -284,7 +286,7 @@ def _entries(folder: Path, role: str = "checkpoint") -> tuple[Model, list[Checkp
             )
         with _open(folder, keys[key]) as handle:
             shape = tuple(handle.get_slice(key).get_shape())
-        expected = tuple(layout.module.weight.shape)
+        expected = tuple(cast(Tensor, layout.module.weight).shape)  # torch types a module attribute as Tensor | Module
         if shape != expected:
             raise RwasymError(
                 f"{spec.name}: tensor {key} in the {role} checkpoint has shape {shape} but its config.json "
@@ -355,6 +357,7 @@ def _stream(base_path: Path, tuned_path: Path, pairs: list) -> Iterator[tuple[st
                 fused_key, fused_delta = None, None  # free the previous layer's first
                 fused_delta = _host_delta(base_path, b, tuned_path, t)
                 fused_key = (b.key, t.key)
+            assert fused_delta is not None  # set together with fused_key
             delta = _linear(fused_delta, b)
         yield b.name, delta
         del delta  # the consumer holds the only reference now

@@ -186,7 +186,8 @@ def _convert(path: Path, header: dict, out: Path, dtype: torch.dtype) -> None:
     with _offline():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model, info = AutoModelForCausalLM.from_pretrained(
+            # with output_loading_info=True from_pretrained returns (model, info); its annotation says model only
+            model, info = AutoModelForCausalLM.from_pretrained(  # pyright: ignore[reportGeneralTypeIssues]
                 str(path.parent),
                 gguf_file=path.name,
                 dtype=dtype,

@@ -24,11 +24,15 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import RwasymError
+
+if TYPE_CHECKING:  # transformers is imported lazily
+    from transformers import PreTrainedModel
 
 __all__ = [
     "HostLayout",
@@ -112,6 +116,7 @@ def _rows_of_split(fused: nn.Module, split: Callable[[], tuple], where: str, wha
     """Row indices (int64) of each part the bridge's ``split`` makes of ``fused``'s weight, read by
     running the split on an index probe in place of the weight (restored afterwards)."""
     original = fused._parameters["weight"]
+    assert original is not None  # a host linear (`host_linear`, `_gate_up_host`) has a weight
     fused._parameters["weight"] = index_probe(original, is_transposed(fused))
     try:
         with torch.device("meta"):  # the split's nn.Linear shells allocate nothing
@@ -138,13 +143,14 @@ def fused_qkv_rows(bridge: nn.Module, attn_component: str) -> list[Tensor]:
     of ``attn_component`` (nn.Linear layout), read off the bridge's own split of an index probe."""
     attn = bridge.get_submodule(attn_component)
     fused = host_linear(bridge, f"{attn_component}.qkv")
-    if not callable(getattr(attn, "split_qkv_matrix", None)):
+    split: Callable[..., tuple] | None = getattr(attn, "split_qkv_matrix", None)
+    if not callable(split):
         raise RwasymError(
             f"{attn_component} has a fused qkv host but no split_qkv_matrix, so rwasym cannot tell "
             "which rows are W_Q, W_K, W_V; compare with rwasym.weight_deltas(rwasym.load(base), "
             "rwasym.load(tuned)) instead"
         )
-    return _rows_of_split(fused, lambda: attn.split_qkv_matrix(attn.original_component), attn_component, "qkv")
+    return _rows_of_split(fused, lambda: split(attn.original_component), attn_component, "qkv")
 
 
 def _gate_up_host(bridge: nn.Module, mlp_component: str) -> nn.Module | None:
@@ -164,17 +170,18 @@ def fused_gate_up_rows(bridge: nn.Module, mlp_component: str) -> list[Tensor]:
     bridge's own ``split_gate_up_matrix`` of an index probe."""
     mlp = bridge.get_submodule(mlp_component)
     fused = _gate_up_host(bridge, mlp_component)
-    if fused is None or not callable(getattr(mlp, "split_gate_up_matrix", None)):
+    split: Callable[..., tuple] | None = getattr(mlp, "split_gate_up_matrix", None)
+    if fused is None or not callable(split):
         raise RwasymError(
             f"{mlp_component} has no fused gate-up host with a split_gate_up_matrix, so rwasym cannot tell "
             "which rows are W_gate, W_in; compare with rwasym.weight_deltas(rwasym.load(base), "
             "rwasym.load(tuned)) instead"
         )
-    return _rows_of_split(fused, lambda: mlp.split_gate_up_matrix(mlp.original_component), mlp_component, "gate-up")
+    return _rows_of_split(fused, lambda: split(mlp.original_component), mlp_component, "gate-up")
 
 
 def _linear_layout(module: nn.Module) -> Tensor:
-    w = module.weight.detach()
+    w = cast(Tensor, module.weight).detach()  # torch types a module attribute as Tensor | Module
     return w.T if is_transposed(module) else w
 
 
@@ -187,9 +194,9 @@ def _fused_parts(bridge: nn.Module, group: str, check_values: bool) -> tuple[str
     if group.endswith(".attn") and "qkv" in modules and "q" in modules:
         kind, kinds, subs, read = "qkv", _QKV, "qkv", fused_qkv_rows
         fused = host_linear(bridge, f"{group}.qkv")
-    elif group.endswith(".mlp") and _gate_up_host(bridge, group) is not None:
+    elif group.endswith(".mlp") and (gate_up := _gate_up_host(bridge, group)) is not None:
         kind, kinds, subs, read = "gate_up", _GATE_UP, ("gate", "in"), fused_gate_up_rows
-        fused = _gate_up_host(bridge, group)
+        fused = gate_up
     else:
         return None
     try:
@@ -233,7 +240,8 @@ def host_layouts(bridge: nn.Module, specs: Iterable, *, check_values: bool = Tru
 def _unknown_fused(bridge: nn.Module, layouts: Mapping[str, HostLayout]) -> list[str]:
     """Fused qkv blocks of ``bridge`` without a fused layout (their rows could not be read)."""
     missing = []
-    for layer, block in enumerate(bridge.blocks):
+    blocks = cast(Iterable[nn.Module], bridge.blocks)  # torch types a module attribute as Tensor | Module
+    for layer, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if attn is None or "qkv" not in attn._modules:
             continue
@@ -264,15 +272,20 @@ def sync_fused(
             hosts.setdefault(id(layout.module), []).append(layout)
     for parts in hosts.values():
         fused = parts[0].module
-        w = _linear_layout(fused).clone()
+        linears: list[nn.Module] = []
         for part in parts:
-            w[part.rows] = _linear_layout(part.linear).to(w.dtype)
-        fused.weight.copy_(w.T if parts[0].transposed else w)
-        if getattr(fused, "bias", None) is not None and all(p.linear.bias is not None for p in parts):
-            b = fused.bias.clone()  # the split biases may be views of the fused one
-            for part in parts:
-                b[part.rows] = part.linear.bias.to(b.dtype)
-            fused.bias.copy_(b)
+            assert part.linear is not None  # `host_layouts` gives every layout the linear the forward pass uses
+            linears.append(part.linear)
+        w = _linear_layout(fused).clone()
+        for part, linear in zip(parts, linears):
+            w[part.rows] = _linear_layout(linear).to(w.dtype)
+        cast(Tensor, fused.weight).copy_(w.T if parts[0].transposed else w)
+        fused_bias = getattr(fused, "bias", None)
+        if fused_bias is not None and all(linear.bias is not None for linear in linears):
+            b = fused_bias.clone()  # the split biases may be views of the fused one
+            for part, linear in zip(parts, linears):
+                b[part.rows] = cast(Tensor, linear.bias).to(b.dtype)
+            fused_bias.copy_(b)
     return len(hosts)
 
 
@@ -283,7 +296,7 @@ def host_module_names(bridge: nn.Module, layouts: Mapping[str, HostLayout]) -> d
     ``c_attn``, NeoX ``query_key_value``, Phi-3 ``gate_up_proj``). Found by identity among the module
     tree's aliases, keeping the name a fresh (meta-device) instance of the HF class has; non-HF hosts
     keep the first alias; a host outside the tree (an unrecognised split copy) has no name."""
-    host = bridge.original_model
+    host = cast(nn.Module, bridge.original_model)  # torch types a module attribute as Tensor | Module
     aliases: dict[int, list[str]] = {}
     for qualified, module in host.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(clean_key(qualified))
@@ -307,7 +320,7 @@ def save_hf(bridge: nn.Module, layouts: Mapping[str, HostLayout], folder: str | 
     ``save_pretrained`` would write duplicated or stale tensors. This syncs the fused parameters
     from the split copies (`sync_fused`), maps the bridge's state dict back to the HF names, loads it
     into a fresh instance of the HF class and saves that."""
-    host = bridge.original_model
+    host = cast("PreTrainedModel", bridge.original_model)  # a Hugging Face-hosted bridge's host
     sync_fused(bridge, layouts)
     fresh = type(host)(host.config)
     wanted = fresh.state_dict()

@@ -92,7 +92,10 @@ def load(
     if isinstance(source, TransformerBridge):
         bridge = source
     elif isinstance(source, (TransformerBridgeConfig, dict)):
-        bridge = TransformerBridge.boot_native(source, tokenizer=tokenizer, device=device, dtype=dtype)
+        # boot_native is attached by setattr in transformer_lens.model_bridge.sources.native (undeclared on the class)
+        bridge = TransformerBridge.boot_native(  # pyright: ignore[reportAttributeAccessIssue]
+            source, tokenizer=tokenizer, device=device, dtype=dtype
+        )
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if gguf.is_gguf(path):
@@ -156,7 +159,7 @@ def split_revision(source: str | os.PathLike) -> tuple[str, str | None]:
 def native_config(**overrides: Any) -> Any:
     """A `TransformerBridgeConfig` for a small native model (LN, GELU, learned positions)."""
     _, TransformerBridgeConfig = bridge_classes()
-    fields = dict(
+    fields: dict[str, Any] = dict(
         d_model=128,
         d_head=32,
         n_heads=4,
@@ -252,7 +255,10 @@ def load_native(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, 
     if isinstance(cfg_dict.get("dtype"), str):
         cfg_dict["dtype"] = getattr(torch, cfg_dict["dtype"])
     cfg_dict["init_weights"] = False  # weights come from the file
-    bridge = TransformerBridge.boot_native(TransformerBridgeConfig.from_dict(cfg_dict), device=device)
+    # boot_native is attached by setattr in transformer_lens.model_bridge.sources.native (undeclared on the class)
+    bridge = TransformerBridge.boot_native(  # pyright: ignore[reportAttributeAccessIssue]
+        TransformerBridgeConfig.from_dict(cfg_dict), device=device
+    )
     weights = folder / _WEIGHTS_FILE
     try:
         state = load_file(str(weights))

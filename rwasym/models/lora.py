@@ -265,10 +265,16 @@ def adapter_deltas(base: Model, tuned: Model, pattern: str | Sequence[str] | Non
     ``base`` is the adapter's base: for a seeded Gaussian x per matrix,
     ‖W_t x − W_b x − ΔW x‖ must stay within the rounding bound of `_rounding_bound`. O(n_out n_in)
     per matrix for the check, nothing materialised. `weight_deltas` calls this."""
+    adapter = tuned.adapter
+    if adapter is None:
+        raise RwasymError(
+            "adapter_deltas needs a tuned model loaded with an adapter (rwasym.load(base, adapter=...)); this "
+            "one has none: compare the two models with rwasym.weight_deltas(base, tuned)"
+        )
     generator = torch.Generator().manual_seed(0)
     out = {}
     for spec in base.matrices(pattern):
-        delta = tuned.adapter[spec.name]
+        delta = adapter[spec.name]
         x = torch.randn(spec.n_in, dtype=torch.float64, generator=generator)
         w_t, w_b = tuned.weight(spec.name), base.weight(spec.name)
         err = float((w_t @ x - w_b @ x - delta.matvec(x)).norm())

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float
@@ -33,6 +33,9 @@ from ..errors import RwasymError
 from ..math.checks import require_finite
 from .heads import head_slice
 from .host import HostLayout, host_layouts, host_linear, host_module_names, is_transposed, save_hf, sync_fused
+
+if TYPE_CHECKING:  # transformer_lens is imported lazily (`rwasym.models.loading.bridge_classes`)
+    from transformer_lens.model_bridge import TransformerBridge
 
 _ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
 _MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
@@ -133,10 +136,13 @@ class Model:
     use its hooks); everything architecture-specific is answered here.
     """
 
+    meta: dict[str, Any]  # only on a model loaded from a native checkpoint (`rwasym.models.loading.load_native`)
+
     def __init__(self, bridge: nn.Module, source: Any = None, *, weightless: bool = False):
-        self.bridge = bridge
+        # a TransformerBridge: the signature says nn.Module so that this module need not import TransformerLens
+        self.bridge = cast("TransformerBridge", bridge)
         self.source = source
-        self.cfg = bridge.cfg
+        self.cfg = self.bridge.cfg
         # what the registry leaves out, by reason (e.g. mixture-of-experts MLPs): warned at load
         self.unsupported: dict[str, list[str]] = {}
         self._specs = {spec.name: spec for spec in self._build_registry()}
@@ -225,7 +231,7 @@ class Model:
                         continue
                     component = f"blocks.{layer}.{group}.{sub}"
                     host = host_linear(self.bridge, component)
-                    w = host.weight
+                    w = cast(Tensor, host.weight)  # torch types a module attribute as Tensor | Module
                     n_out, n_in = (w.shape[1], w.shape[0]) if is_transposed(host) else w.shape
                     heads = {"W_Q": n_heads, "W_O": n_heads, "W_K": n_kv, "W_V": n_kv}.get(kind, 0)
                     width = n_out if kind in ("W_Q", "W_K", "W_V") else n_in
@@ -288,7 +294,7 @@ class Model:
 
     @property
     def d_vocab(self) -> int:
-        return int(self.unembedding_host().weight.shape[0])
+        return int(cast(Tensor, self.unembedding_host().weight).shape[0])
 
     @property
     def tokenizer(self) -> Any:
@@ -380,13 +386,13 @@ class Model:
     # -- reading ------------------------------------------------------------------------------
     def host_parameter(self, name: str) -> nn.Parameter:
         """The parameter the forward pass really uses for ``name`` (host layout)."""
-        return host_linear(self.bridge, self.matrix(name).component).weight
+        return cast(nn.Parameter, host_linear(self.bridge, self.matrix(name).component).weight)
 
     def weight(self, name: str) -> Float[Tensor, "n_out n_in"]:
         """A float64 CPU copy of the matrix in nn.Linear layout (n_out × n_in)."""
         spec = self.matrix(name)
         host = host_linear(self.bridge, spec.component)
-        w = host.weight.detach().to("cpu", torch.float64)
+        w = cast(Tensor, host.weight).detach().to("cpu", torch.float64)
         return (w.T if is_transposed(host) else w).clone()
 
     def bias(self, name: str) -> Float[Tensor, " n_out"] | None:
@@ -413,7 +419,7 @@ class Model:
         zero-mean, unit-RMS residual x (before any logit soft-capping).
         """
         host = self.unembedding_host()
-        w_u = host.weight.detach().to("cpu", torch.float64)
+        w_u = cast(Tensor, host.weight).detach().to("cpu", torch.float64)
         w_u = w_u if is_transposed(host) else w_u.T  # (d_model, vocab)
         gamma = self.final_norm_scale()
         return w_u if gamma is None else gamma[:, None] * w_u
@@ -460,7 +466,8 @@ class Model:
         require_finite(value, f"the new value of {name}")
         host = host_linear(self.bridge, spec.component)
         new = value.T if is_transposed(host) else value
-        host.weight.copy_(new.to(host.weight.device, host.weight.dtype))
+        weight = cast(Tensor, host.weight)
+        weight.copy_(new.to(weight.device, weight.dtype))
 
     @contextlib.contextmanager
     def edit(self, updates: Mapping[str, Tensor]) -> Iterator["Model"]:
@@ -541,9 +548,9 @@ class Model:
         )
 
 
-def matches_pattern(name: str, pattern: str | list | tuple) -> bool:
+def matches_pattern(name: str, pattern: str | Sequence[str]) -> bool:
     """Glob match of a registry name, ``*`` = one dotted segment; a list matches if any entry does."""
-    if isinstance(pattern, (list, tuple)):
+    if not isinstance(pattern, str):
         return any(matches_pattern(name, p) for p in pattern)
     regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$"
     return re.match(regex, name) is not None

@@ -438,7 +438,7 @@ def _units(out: Path, prefix: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "units").glob(f"{prefix}*.json"))]
 
 
-def _interval(values: Sequence[float]) -> dict:
+def _interval(values: Sequence[float | None]) -> dict:
     from ..math.inference import seed_interval
 
     vals = [v for v in values if v is not None]
@@ -609,7 +609,7 @@ def _mechanism_report(units: list[dict]) -> tuple[dict, list[str]]:
     rows = []
     for objective in ("ce", "dpo"):
         for side in ("read", "write"):
-            row = dict(objective=objective, side=side)
+            row: dict[str, Any] = dict(objective=objective, side=side)
             for key in MECH_KEYS:
                 vals = []
                 for u in units:

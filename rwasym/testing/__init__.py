@@ -44,7 +44,7 @@ def build_hf_model(arch: str, folder: str | Path, *, seed: int = 0, vocab_size: 
     )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **common))
     elif arch == "llama":

@@ -230,6 +230,7 @@ def pretrain(
 
     def checkpoint(step: int, loss: float) -> None:
         if step in ckpt_steps:
+            assert out is not None  # ckpt_steps is empty without out
             meta = {"stage": "pretrain", "step": step, "loss": loss, "config": asdict(config)}
             result.checkpoints.append(save_checkpoint(model, Path(out) / f"step_{step:06d}", meta))
 
@@ -282,7 +283,11 @@ def align(
             "load the base twice (e.g. rwasym.load(folder))."
         )
     packed = pack_pairs(model, pairs)
-    ref = all_scores(reference, packed) if config.objective != "sft" else (torch.zeros(len(pairs)),) * 2
+    if config.objective == "sft":
+        ref = (torch.zeros(len(pairs)),) * 2
+    else:
+        assert reference is not None  # check_objective: a pair objective has a reference
+        ref = all_scores(reference, packed)
     torch.manual_seed(config.seed)
     opt, result, t0 = _optimizer(model, config), TrainResult(), time.perf_counter()
     every = config.checkpoint_every

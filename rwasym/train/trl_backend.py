@@ -112,7 +112,7 @@ def _id_tokenizer(vocab_size: int) -> Any:
 
 # ------------------------------------------------------------------------------------ trainer
 def _trainer_class():
-    from trl import DPOTrainer
+    from trl import DPOTrainer  # pyright: ignore[reportPrivateImportUsage]  (public; trl's lazy __init__ hides it)
 
     class RwasymDPOTrainer(DPOTrainer):
         """DPOTrainer fed pre-tokenized pairs, with rwasym's optimizer and lr schedule."""
@@ -125,12 +125,15 @@ def _trainer_class():
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                params = [p for p in (model or self.model).parameters() if p.requires_grad]
+                module = model or self.model
+                assert module is not None  # Trainer.__init__ has set self.model
+                params = [p for p in module.parameters() if p.requires_grad]
                 groups = [
                     {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.rw_config.weight_decay},
                     {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
                 ]
-                self.optimizer = torch.optim.AdamW(groups, lr=self.rw_config.lr, betas=tuple(self.rw_config.betas))
+                beta1, beta2 = self.rw_config.betas
+                self.optimizer = torch.optim.AdamW(groups, lr=self.rw_config.lr, betas=(beta1, beta2))
             return self.optimizer
 
         def create_scheduler(self, num_training_steps, optimizer=None):
@@ -298,7 +301,7 @@ def _load_base(base_folder: PathLike) -> tuple[Any, Any, Any, Any, int]:
 def _config_fields() -> set[str]:
     import dataclasses
 
-    from trl import DPOConfig
+    from trl import DPOConfig  # pyright: ignore[reportPrivateImportUsage]  (public; trl's lazy __init__ hides it)
 
     return {f.name for f in dataclasses.fields(DPOConfig)}
 
@@ -405,7 +408,7 @@ def _train(
         open(out / "log.jsonl", "w") as fh,
         _bar(config.steps, progress, f"align-trl[{config.objective}]") as bar,
     ):
-        args = trl.DPOConfig(
+        args = trl.DPOConfig(  # pyright: ignore[reportPrivateImportUsage]  (public; trl's lazy __init__ hides it)
             output_dir=tmp,
             max_steps=config.steps,
             per_device_train_batch_size=max(1, min(config.batch_size, len(examples)) // config.grad_accum),
