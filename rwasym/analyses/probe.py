@@ -176,7 +176,7 @@ def probe_sites(model: Model, specs: Sequence[MatrixSpec]) -> dict[str, int]:
 def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int], budget: int | float) -> list[list[MatrixSpec]]:
     """``specs`` (in layer order) cut into runs of whole layers whose probe sites' float64 sums
     (8·d² bytes per site of width d) stay within ``budget``; a layer above it on its own is a group."""
-    per_layer: dict[int, int] = {}
+    per_layer: dict[int | float, int] = {}  # a non-block site sits at layer inf
     for hook, width in sites.items():
         per_layer[_site_layer(hook)] = per_layer.get(_site_layer(hook), 0) + 8 * width * width
     groups: list[list[MatrixSpec]] = []
@@ -380,8 +380,10 @@ def probe(
             covs.close()
         del covs
     recorded = {name: value for name, value in cfg.to_dict().items() if name != "stats_budget"}  # no number needs it
-    config = dict(**recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data))
-    return ProbeResult(rows=rows, curves=curve_rows, config=config)
+    header: dict[str, Any] = dict(
+        **recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data)
+    )
+    return ProbeResult(rows=rows, curves=curve_rows, config=header)
 
 
 def _provenance(base: Model, tuned: Model | str | os.PathLike, data: Any) -> dict:

@@ -153,6 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
             result = align_trl(args.base, pairs, cfg, args.out, lora=lora, progress=progress)
         else:
+            assert model is not None  # the built-in backend loaded it above
             result = align(model, reference, pairs, cfg, out=args.out, progress=progress)
     print(
         f"{args.stage}: final loss {result.final_loss:.4f} in {result.seconds:.1f} s; "
@@ -261,10 +262,11 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             seeds = tuple(_seeds(args.seeds))
             cfg = RealConfig.smoke(seeds=seeds) if args.quick else RealConfig(seeds=seeds)
             res = real_experiment(args.out, cfg, parts=parts, progress=False if args.quiet else None)
+        assert res is not None  # report=True (the default) returns the report's results
         minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["seconds"].items())
         print(f"wrote {args.out}/report.md and results.json ({minutes})")
         return 0
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         seeds=_seeds(args.seeds),
         k=args.k,
         null_samples=args.null_samples,
@@ -361,12 +363,13 @@ def add_config_flags(p: argparse.ArgumentParser, config_class: type) -> None:
             else:
                 p.add_argument(flag, dest=f.name, action="store_true", help=help)
             continue
+        default: Any = f.default  # every config field has a plain default
         if "list_of" in meta:  # parsed by config_from_args, so a bad value raises RwasymError
             p.add_argument(
                 flag,
                 dest=f.name,
                 default=f.default,
-                help=f"{help}; comma separated (default {','.join(map(str, f.default))})",
+                help=f"{help}; comma separated (default {','.join(map(str, default))})",
             )
             continue
         kind = meta.get("type", type(f.default))
