@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
-from .options import option
+from .options import option, resolve_config
 
 
 @dataclass
@@ -313,13 +313,7 @@ def probe(
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
-    unknown = sorted(set(overrides) - {f.name for f in fields(ProbeConfig)})
-    if unknown:
-        raise RwasymError(
-            f"probe got unknown options {unknown}; the configuration fields are "
-            f"{', '.join(f.name for f in fields(ProbeConfig))}"
-        )
-    cfg = replace(config or ProbeConfig(), **overrides)
+    cfg: ProbeConfig = resolve_config(ProbeConfig, config, overrides, "probe")
     base = load(base)
     if not is_checkpoint_folder(tuned):  # a Hugging Face folder is streamed: ΔW read from its files, never loaded
         tuned = load(tuned)

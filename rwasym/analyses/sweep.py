@@ -38,7 +38,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from .behaviour import Evaluator, eval_set
 from .joint import iter_values as joint_values
 from .joint import joint_edits, matrix_set
 from .options import option as _opt
+from .options import resolve_config
 
 __all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]
 
@@ -423,13 +424,7 @@ def sweep(
     metrics ``{name: callable(logits, batch) -> float}``. Under ``torchrun`` the passes are sharded
     over ranks and merged into ``out`` (module docstring).
     """
-    unknown = sorted(set(overrides) - {f.name for f in fields(SweepConfig)})
-    if unknown:
-        raise RwasymError(
-            f"sweep got unknown options {unknown}; the configuration fields are "
-            f"{', '.join(f.name for f in fields(SweepConfig))}"
-        )
-    cfg = replace(config or SweepConfig(), **overrides)
+    cfg: SweepConfig = resolve_config(SweepConfig, config, overrides, "sweep")
     base, tuned = load(base), load(tuned)
     check_same_architecture(base, tuned)  # before any capture: a mismatch costs nothing
     data_set = eval_set(base, pairs, text, cfg.max_pairs)  # pairs resolved once; the Evaluator takes the EvalSet
