@@ -1,0 +1,40 @@
+"""`rwasym probe`: the relative-subspace-fraction probe; its flags are `ProbeConfig`'s fields."""
+
+import argparse
+from typing import Any
+
+from .common import add_config_flags, config_from_args, read_tokens
+
+
+def add_probe_parser(sub: Any) -> argparse.ArgumentParser:
+    from ...analyses.probe import ProbeConfig
+
+    p = sub.add_parser("probe", help="relative-subspace-fraction probe of ΔW = tuned − base")
+    p.add_argument("--base", required=True, help="hub name, HF folder or rwasym checkpoint folder")
+    p.add_argument("--tuned", default=None, help="tuned checkpoint (hub name or folder)")
+    p.add_argument(
+        "--tuned-adapter",
+        default=None,
+        help="PEFT LoRA adapter folder on --base: the tuned model is base + adapter (instead of --tuned)",
+    )
+    p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
+    add_config_flags(p, ProbeConfig)  # --k, --null-samples, --matrices, --no-heads, ... from its fields
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="probe.json")
+    p.set_defaults(func=run_probe)
+    return p
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    import rwasym
+
+    from ...analyses.probe import ProbeConfig
+    from ...models import load_pair
+
+    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
+    config = config_from_args(args, ProbeConfig)
+    result = rwasym.probe(base, tuned, read_tokens(args.data, base), config, progress=False if args.quiet else None)
+    result.to_json(args.out)
+    print(result.summary())
+    print(f"wrote {len(result.rows)} rows to {args.out}")
+    return 0
