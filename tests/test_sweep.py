@@ -452,7 +452,7 @@ def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, 
     for module in (
         "rwasym.models.loading",
         "rwasym.models",
-        "rwasym.analyses.sweep",
+        "rwasym.analyses.sweep.run",
         "rwasym.analyses.behaviour",
         "rwasym.hooks.activations",
     ):

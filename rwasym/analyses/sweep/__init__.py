@@ -1,0 +1,46 @@
+"""Resumable sweeps of closed-form rank-1 interventions, and target-versus-control summaries.
+
+`sweep` edits every matrix (optionally every head) along target directions (pca / prediction)
+and norm-matched controls (random / orthogonal), at every α, in one mode (see `rwasym.math.rank1`),
+and measures each edited model (`rwasym.analyses.behaviour`). With ``joint=True`` each
+``matrices`` entry is a set edited all at once, at every rank of ``ranks`` (`rwasym.analyses.joint`:
+rank-r transplants / ablations into e.g. every layer's W_Q, with per-matrix matched controls); its
+rows resume, shard and summarise like the per-matrix ones. The output is a JSON-lines file:
+
+- line 1, the header: ``{"rwasym_sweep": 1, "config_hash": ..., "config": {...}, "reference": {...}}``
+  — the configuration (model weight hashes, data hashes, matrices, directions, alphas, mode,
+  seed, β, metrics, batching) and the base / tuned reference metrics;
+- one line per edit, keyed by ``id`` = hash(matrix, head, direction, index, target, α, mode, seed).
+
+Each row is flushed and fsynced as soon as it is measured. A re-run with the same configuration
+skips finished rows; a half-written last line (a killed run) is dropped with a warning; a file
+written by another configuration raises `RwasymError` naming the differing entries. Edits are
+measured ``edits_per_pass`` at a time in a fixed plan (the batch an edit is measured in never
+depends on what was already done), so a resumed file equals an uninterrupted run's, and a kill
+loses at most the edits of the pass in flight (``edits_per_pass=1``: at most the row in flight).
+
+Data parallel (under ``torchrun``, see `rwasym.distributed`): with world_size W > 1 the covariance
+capture is sharded by batch, and pass j of the plan runs on rank j mod W, which appends its rows
+to ``<out>.rank<r>.jsonl`` (resumable like ``<out>``; rows already in ``<out>`` or in any rank
+file, e.g. from a run with another W, are skipped). After a barrier rank 0 writes ``<out>``
+atomically — the header and every row in plan order, as one uninterrupted process would — and
+deletes the rank files; every rank returns the merged rows.
+
+`summarize` compares, per matrix × head × mode × α × target family, the target rows with the
+control rows (random, orthogonal, and both pooled): difference of means, percentile-bootstrap
+95% CI and a two-sided permutation p-value, all seeded.
+"""
+
+from .config import CONTROLS as CONTROLS
+from .config import FORMAT as FORMAT
+from .config import MATCHES as MATCHES
+from .config import TARGETS as TARGETS
+from .config import SweepConfig, parse_directions
+from .config import row_id as row_id
+from .run import sweep
+from .store import _merge_shards as _merge_shards  # the torchrun tests merge rank files by hand
+from .store import _rank_path as _rank_path
+from .store import read_sweep
+from .summary import SweepSummary, summarize
+
+__all__ = ["SweepConfig", "SweepSummary", "parse_directions", "read_sweep", "summarize", "sweep"]

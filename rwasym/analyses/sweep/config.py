@@ -1,0 +1,201 @@
+"""What a sweep measures (`SweepConfig`, one field = default, help, flag, header entry), the direction spec
+and the rows' deterministic ids."""
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ...errors import RwasymError
+from ...hooks.edits import MODES
+from ..options import option as _opt
+
+FORMAT = 1
+
+
+TARGETS = ("pca", "prediction")
+
+
+CONTROLS = ("random", "orthogonal")
+
+
+MATCHES = ("norm", "output")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep measures. The sweep file's header, its config hash and the ``rwasym intervene``
+    flags all derive from these fields (`header`, `rwasym.app.cli`)."""
+
+    matrices: Sequence[str] = _opt(("blocks.*.attn.W_Q",), "registry globs of the matrices to edit", list_of=str)
+    directions: str = _opt(
+        "pca:4,random:32,orthogonal:32",
+        "kind:count of targets (pca, prediction) and their matched controls (random, orthogonal)",
+    )
+    alphas: Sequence[int | float] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)
+    mode: str = _opt("transplant", "transplant (base + α u vᵀ) or ablate (tuned − α u vᵀ)", choices=MODES)
+    match: str = _opt(
+        "norm",
+        "controls matched to their target in ‖α u vᵀ‖_F (norm) or in mean-square output change (output)",
+        choices=MATCHES,
+    )
+    seed: int = _opt(0, "seeds the control directions (and keys the rows)")
+    beta: float = _opt(0.1, "DPO β of the implicit-reward metrics")
+    heads: bool = _opt(False, "also edit every attention head separately")
+    edits_per_pass: int | None = _opt(
+        None,
+        "edits measured in one batched forward (default 4 on CPU, 64 on "
+        "an accelerator; part of the configuration: batch composition moves "
+        "float rounding)",
+        type=int,
+    )
+    max_pairs: int | None = _opt(None, "held-out pairs used (default all)", type=int)
+    max_tokens: int | None = _opt(None, "tokens of the covariance capture (default all)", type=int)
+    reuse_prefix: bool = _opt(True, "score chosen and rejected in one pass where they share a prefix")
+    post_norm: str = _opt(
+        "residual",
+        "post-sublayer-norm models (OLMo 2, Gemma 2/3): residual = directions, norms "
+        "and matching of W_O / W_out edits in diag(γ_post)·ΔW, as the residual stream sees the "
+        "change (the edit written is the raw-weight equivalent); raw = on the raw ΔW",
+        choices=("residual", "raw"),
+    )
+    joint: bool = _opt(
+        False,
+        "edit every matrix of each --matrices entry at once (a set: globs joined by +, or "
+        "read / write / all); one row per set, rank, direction and α (rwasym.analyses.joint)",
+    )
+    ranks: Sequence[int] = _opt(
+        (1,),
+        "joint: edit ranks r, each edit the top-r target directions of every matrix (controls: random r-frames)",
+        list_of=int,
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("matrices", "alphas", "ranks"):  # lists and single values become tuples
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, int, float)) else tuple(value))
+        if self.mode not in MODES:
+            raise RwasymError(f"mode must be one of {MODES}; got {self.mode!r}")
+        parse_directions(self.directions)
+        if self.post_norm not in ("residual", "raw"):
+            raise RwasymError(f"post_norm must be 'residual' or 'raw'; got {self.post_norm!r}")
+        if self.match not in MATCHES:
+            raise RwasymError(f"match must be one of {MATCHES}; got {self.match!r}")
+        alphas = [float(a) for a in self.alphas]
+        if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
+            raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
+        object.__setattr__(self, "alphas", tuple(alphas))
+        ranks = self.ranks
+        if (
+            not ranks
+            or len(set(ranks)) != len(ranks)
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
+        ):
+            raise RwasymError(f"ranks must be distinct positive integers such as 1,8; got {list(ranks)}")
+        if not self.joint and ranks != (1,):
+            raise RwasymError(f"ranks={list(ranks)} needs joint=True (--joint): per-matrix sweeps are rank 1")
+        if self.joint and self.heads:
+            raise RwasymError("joint edits are whole-matrix edits of a set; drop heads (--heads) or joint (--joint)")
+        e = self.edits_per_pass
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise RwasymError(f"edits_per_pass must be a positive integer; got {e!r}")
+
+    def header(
+        self,
+        *,
+        base: str,
+        tuned: str,
+        pairs: str,
+        cov_data: str,
+        matrices: Sequence[str],
+        metrics: Any,
+        edits_per_pass: int,
+        dtype: str,
+        post_norm: bool = False,
+    ) -> dict:
+        """The ``config`` of the sweep file's header: this configuration resolved against the run
+        (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
+        evaluator's metric dict —, the pass width, the dtype).
+        Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume, and
+        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``)."""
+        kinds = parse_directions(self.directions)
+        return dict(
+            base=base,
+            tuned=tuned,
+            pairs=pairs,
+            cov_data=cov_data,
+            matrices=list(matrices),
+            heads=bool(self.heads),
+            directions=",".join(f"{k}:{c}" for k, c in kinds),
+            alphas=list(self.alphas),
+            mode=self.mode,
+            seed=int(self.seed),
+            beta=float(self.beta),
+            metrics=sorted(metrics),
+            edits_per_pass=edits_per_pass,
+            max_tokens=self.max_tokens,
+            reuse_prefix=bool(self.reuse_prefix),
+            dtype=dtype,
+            **({} if self.match == "norm" else {"match": self.match}),
+            **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
+            **({"post_norm": self.post_norm} if post_norm else {}),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_DESCRIPTORS = (
+    "id",
+    "matrix",
+    "layer",
+    "matrix_kind",
+    "head",
+    "side",
+    "direction",
+    "index",
+    "target",
+    "matched_to",
+    "alpha",
+    "mode",
+    "seed",
+    "u_norm",
+    "edit_norm",
+    "input_second_moment",
+    "input_energy_ratio",
+    "rank",
+    "n_matrices",
+)
+
+
+# --------------------------------------------------------------------------------- parsing
+def parse_directions(spec: str) -> list[tuple[str, int]]:
+    """``"pca:4,random:32,orthogonal:32"`` → [("pca", 4), ("random", 32), ("orthogonal", 32)]."""
+    out: dict[str, int] = {}
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        kind, _, count = part.partition(":")
+        if kind not in TARGETS + CONTROLS or not count.strip().isdigit() or int(count) < 1 or kind in out:
+            raise RwasymError(
+                f"bad direction spec {part!r} in {spec!r}: write kind:count with kind in "
+                f"{', '.join(TARGETS + CONTROLS)}, each once, count >= 1 (e.g. pca:4,random:32)"
+            )
+        out[kind] = int(count)
+    if not any(k in out for k in TARGETS):
+        raise RwasymError(
+            f"direction spec {spec!r} has no target kind: add pca:k (read side) or "
+            "prediction:k (write side); controls are matched to the targets"
+        )
+    return list(out.items())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def row_id(
+    matrix: str, head: int | None, direction: str, index: int, target: str, alpha: float, mode: str, seed: int
+) -> str:
+    """The deterministic key of one sweep row."""
+    return _hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])

@@ -1,0 +1,334 @@
+"""`sweep`: the plan of edits (targets and matched controls, per matrix or per joint set), measured pass by
+pass into the store."""
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ... import distributed
+from ...errors import RwasymError
+from ...hooks.activations import capture, data_hash, quiet
+from ...math.rank1 import directions as make_directions
+from ...math.rank1 import match_output_energy
+from ...models import Model, check_same_architecture, embed_head, head_input_block, head_slice, load
+from ...models.deltas import WeightDeltas
+from ..behaviour import Evaluator, eval_set
+from ..joint import iter_values as joint_values
+from ..joint import joint_edits, matrix_set
+from ..options import resolve_config
+from .config import CONTROLS, TARGETS, SweepConfig, _hash, parse_directions, row_id
+from .store import _finished_rows, _merge_shards, _rank_path, _Store, read_sweep
+
+
+# --------------------------------------------------------------------------------- the plan
+def _generator(seed: int, *parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_hash([seed, *parts]), 16) % (2**63))
+
+
+def _unit_edits(
+    base: Model,
+    spec: Any,
+    head: int | None,
+    delta: torch.Tensor,
+    stat: Any,
+    kinds: list[tuple[str, int]],
+    seed: int,
+    warned: set,
+    match: str = "norm",
+) -> list[tuple[Any, dict]]:
+    """(Direction, row descriptors) for one matrix / head: targets and their matched controls
+    (equal ‖u vᵀ‖_F, or with ``match="output"`` equal mean-square output change)."""
+    C = head_input_block(spec, stat.covariance(), head)
+    M = head_input_block(spec, stat.second_moment(), head)
+    counts = dict(kinds)
+    out = []
+    for target in [t for t in TARGETS if t in counts]:
+        if target == "prediction" and spec.side != "write":
+            if spec.kind not in warned:
+                warnings.warn(
+                    f"rwasym: prediction directions live in the residual stream; {spec.kind} is a read "
+                    "matrix, so it gets no prediction-side edits (use pca for read matrices)",
+                    stacklevel=3,
+                )
+                warned.add(spec.kind)
+            continue
+        unemb = base.unembedding() if target == "prediction" else None
+        targets = make_directions(target, delta, counts[target], cov=C, unembedding=unemb)
+        norms = [d.norm for d in targets]
+        group = list(targets)
+        for kind in [c for c in CONTROLS if c in counts]:
+            g = _generator(seed, spec.name, head, target, kind)
+            controls = make_directions(
+                kind,
+                delta,
+                counts[kind],
+                cov=C,
+                unembedding=unemb,
+                side=targets[0].side,
+                k=counts[target],
+                target_norms=norms,
+                generator=g,
+            )
+            group += match_output_energy(controls, targets, M) if match == "output" else controls
+        for d in group:
+            energy = float(d.v @ C @ d.v)
+            out.append(
+                (
+                    d,
+                    dict(
+                        side=d.side,
+                        direction=d.kind,
+                        index=d.index,
+                        target=d.target,
+                        matched_to=d.matched_to,
+                        u_norm=d.norm,
+                        input_energy=energy,
+                        input_second_moment=float(d.v @ M @ d.v),
+                        input_energy_ratio=energy / max(float(C.trace()) / C.shape[0], 1e-300),
+                    ),
+                )
+            )
+    return out
+
+
+def sweep(
+    base: Any,
+    tuned: Any,
+    pairs: Any,
+    config: SweepConfig | None = None,
+    *,
+    out: str | os.PathLike = "sweep.jsonl",
+    text: Any = None,
+    data: Any = None,
+    metrics: Any = None,
+    progress: bool | None = None,
+    **overrides: Any,
+) -> list[dict]:
+    """Run (or resume) a sweep of rank-1 edits and return its rows in plan order.
+
+    base, tuned: models (anything `rwasym.load` accepts); pairs: held-out preference pairs
+    (`rwasym.analyses.behaviour.as_eval_set`); config: a `SweepConfig` (matrices, directions,
+    alphas, mode, match, seed, beta, heads, edits_per_pass, max_pairs, max_tokens, reuse_prefix —
+    each documented there), with keyword ``overrides`` of its fields (``sweep(..., matrices=
+    "blocks.*.attn.W_Q", alphas=(1, 2))``); text: held-out text for ce / kl (default prompt +
+    chosen); data: corpus for the base's input covariance (default: the text); metrics: user
+    metrics ``{name: callable(logits, batch) -> float}``. Under ``torchrun`` the passes are sharded
+    over ranks and merged into ``out`` (module docstring).
+    """
+    cfg: SweepConfig = resolve_config(SweepConfig, config, overrides, "sweep")
+    base, tuned = load(base), load(tuned)
+    check_same_architecture(base, tuned)  # before any capture: a mismatch costs nothing
+    data_set = eval_set(base, pairs, text, cfg.max_pairs)  # pairs resolved once; the Evaluator takes the EvalSet
+    kinds = parse_directions(cfg.directions)
+    # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
+    edits_per_pass = cfg.edits_per_pass or (4 if base.device.type == "cpu" else 64)
+    if cfg.joint:
+        sets = {entry: matrix_set(base, entry) for entry in cfg.matrices}
+        chosen = {s.name for group in sets.values() for s in group}
+    else:
+        chosen = {s.name for p in cfg.matrices for s in base.matrices(p)}
+    specs = [s for s in base.matrices() if s.name in chosen]
+    if not specs:
+        raise base.unmatched(list(cfg.matrices))
+    ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix)
+    cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
+    tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
+    header = cfg.header(
+        base=base.weights_hash(),
+        tuned=tuned.weights_hash(),
+        pairs=_hash(
+            [
+                None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
+                for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")
+            ]
+        ),
+        cov_data=data_hash(tokens_for_hash) if isinstance(tokens_for_hash, torch.Tensor) else str(tokens_for_hash),
+        matrices=[s.name for s in specs],
+        metrics=ev.metrics,
+        edits_per_pass=edits_per_pass,
+        dtype=str(base.dtype),
+        post_norm=any(base.post_norm_scale(s.name) is not None for s in specs),
+    )
+    alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
+    rank, size = distributed.world()
+    if size == 1:
+        store = _Store(out, header, ev.reference)
+    else:  # this rank's own file; rows finished in <out> or any rank file count as done
+        done = _finished_rows(out, header)
+        distributed.barrier()  # every rank has read the files before any rank repairs / appends
+        store = _Store(_rank_path(out, rank), header, ev.reference)
+        store.rows = {**done, **store.rows}
+    try:
+        # float64 products: a sweep file's rows (PCA directions, their norms) stay reproducible across versions
+        acts = capture(
+            base,
+            cov_data,
+            sites={base.input_hook(s.name): s.n_in for s in specs},
+            max_tokens=max_tokens,
+            progress=progress,
+            gram_dtype=torch.float64,
+        )
+        deltas = WeightDeltas(base, tuned, [s.name for s in specs])  # each ΔW formed when read, float64
+        host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
+        plan, warned = [], set()
+        if cfg.joint:
+            plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
+        for spec in specs if not cfg.joint else []:
+            full = deltas[spec.name]  # ΔW (float64), one matrix at a time
+            gamma = _post_scale(base, spec.name, cfg.post_norm)
+            if gamma is not None:  # directions and norms as the residual stream sees the change
+                full = gamma[:, None] * full
+            for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
+                delta = full if head is None else head_slice(spec, full, head)
+                if float(delta.abs().max()) == 0.0:
+                    continue  # nothing to transplant or ablate (e.g. a frozen matrix)
+                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned, match)
+                items = []
+                for alpha in alphas:
+                    for d, desc in edits:
+                        meta = dict(
+                            id=row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
+                            matrix=spec.name,
+                            layer=spec.layer,
+                            matrix_kind=spec.kind,
+                            head=head,
+                            **desc,
+                            alpha=alpha,
+                            mode=mode,
+                            seed=int(seed),
+                            edit_norm=abs(alpha) * d.norm,
+                        )
+                        u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
+                        items.append((meta, u if gamma is None else u / gamma, v))  # the raw-weight edit
+                plan += [
+                    ([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c))
+                    for c in (items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))
+                ]
+        if not plan:
+            raise RwasymError(
+                f"nothing to sweep for {[s.name for s in specs]} with directions {cfg.directions!r}: every "
+                "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)"
+            )
+        mine = [metas for j, (metas, _) in enumerate(plan) if j % size == rank]  # every pass when size == 1
+        bar = tqdm(
+            total=sum(len(m) for m in mine),
+            initial=sum(1 for ms in mine for m in ms if m["id"] in store.rows),
+            desc="sweep",
+            unit="edit",
+            disable=quiet(progress) or rank != 0,
+        )
+        for j, (metas, run) in enumerate(plan):
+            if j % size != rank or all(meta["id"] in store.rows for meta in metas):
+                continue  # another rank's pass, or finished
+            for meta, values in zip(metas, run()):
+                if meta["id"] not in store.rows:
+                    store.append({**meta, **values, **ev.gap_fractions(values, mode)})
+                    bar.update(1)
+        bar.close()
+        if size == 1:
+            return [store.rows[meta["id"]] for metas, _ in plan for meta in metas]
+    finally:
+        store.close()
+    ids = [meta["id"] for metas, _ in plan for meta in metas]
+    distributed.barrier()  # every rank file is complete
+    if rank == 0:
+        _merge_shards(out, header, ev.reference, ids)
+    distributed.barrier()  # <out> is merged
+    return read_sweep(out)[1]
+
+
+def _post_scale(base: Model, name: str, post_norm: str) -> torch.Tensor | None:
+    """γ_post_eff of a write matrix behind a post-sublayer norm under the residual convention
+    (`Model.post_norm_scale`), else None. An edit E_res chosen on diag(γ)·ΔW is written as the raw
+    E = diag(γ)⁻¹ E_res, so that the residual stream sees E_res (per-token RMS aside)."""
+    if post_norm != "residual":
+        return None
+    gamma = base.post_norm_scale(name)
+    if gamma is not None and float(gamma.abs().min()) == 0.0:
+        raise RwasymError(
+            f"{name}: its post-sublayer norm has a zero scale, so an edit cannot be expressed in the "
+            "residual convention; use post_norm='raw' (--post-norm raw)"
+        )
+    return gamma
+
+
+def _matrix_pass(ev: Evaluator, host: Model, name: str, chunk: list) -> Callable[[], Iterator[dict]]:
+    """The pass of per-matrix rank-1 edits ``chunk`` = [(meta, u, v)] of matrix ``name``."""
+    return lambda: ev.iter_edits(
+        host, name, torch.stack([u for _, u, _ in chunk]), torch.stack([v for _, _, v in chunk])
+    )
+
+
+def _joint_plan(
+    ev: Evaluator,
+    base: Model,
+    tuned: Model,
+    sets: dict,
+    acts: Any,
+    kinds: list,
+    cfg: SweepConfig,
+    sign: float,
+    edits_per_pass: int,
+) -> list:
+    """The passes of a joint sweep (`rwasym.analyses.joint`): per set and rank, every α of every
+    target / control edit, ``edits_per_pass`` edits per batched forward."""
+    host = base if sign > 0 else tuned
+    deltas: dict[str, torch.Tensor] = {}
+    formed = WeightDeltas(base, tuned, sorted({s.name for group in sets.values() for s in group}))
+
+    def delta_of(name: str) -> torch.Tensor:  # ΔW once per matrix (sets may share matrices)
+        if name not in deltas:
+            deltas[name] = formed[name]
+            scale = scales.get(name)
+            if scale is not None:  # residual convention: diag(γ_post)·ΔW
+                deltas[name] = scale[:, None] * deltas[name]
+        return deltas[name]
+
+    scales = {s.name: _post_scale(base, s.name, cfg.post_norm) for group in sets.values() for s in group}
+
+    plan = []
+    for label, specs in sets.items():
+        for r in cfg.ranks:
+            edits = joint_edits(
+                base, specs, delta_of, acts, kinds, r, lambda *parts: _generator(cfg.seed, "joint", *parts), cfg.match
+            )
+            edits = [
+                (desc, {n: (U if (scale := scales[n]) is None else U / scale, V) for n, (U, V) in edit.items()})
+                for desc, edit in edits
+            ]  # the raw-weight edits
+            items = []
+            for alpha in cfg.alphas:
+                for desc, edit in edits:
+                    meta = dict(
+                        id=_hash(
+                            [
+                                "joint",
+                                label,
+                                r,
+                                desc["direction"],
+                                desc["index"],
+                                desc["target"],
+                                float(alpha),
+                                cfg.mode,
+                                int(cfg.seed),
+                            ]
+                        ),
+                        matrix=label,
+                        layer=None,
+                        matrix_kind="joint",
+                        head=None,
+                        **desc,
+                        alpha=alpha,
+                        mode=cfg.mode,
+                        seed=int(cfg.seed),
+                        edit_norm=abs(alpha) * desc["u_norm"],
+                    )
+                    items.append((meta, edit, sign * alpha))
+            for i in range(0, len(items), edits_per_pass):
+                chunk = items[i : i + edits_per_pass]
+                plan.append(([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk)))
+    return plan
