@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import rwasym
 from rwasym import RwasymError, distributed
-from rwasym.analyses.sweep import _merge_shards, _rank_path, read_sweep, sweep
+from rwasym.analyses.sweep import merge_shards, rank_path, read_sweep, sweep
 from rwasym.app.cli import main
 from rwasym.data.pairs import PreferencePairs
 from rwasym.hooks.activations import capture
@@ -277,12 +277,12 @@ def test_merge_needs_every_row_and_keeps_plan_order(files, tmp_path):
     out = tmp_path / "out.jsonl"
     for rank in range(3):
         lines = [header] + rows[rank::3][: -1 if rank == 2 else None]  # rank 2 lost its last row
-        _rank_path(out, rank).write_text("".join(json.dumps(r) + "\n" for r in lines))
+        rank_path(out, rank).write_text("".join(json.dumps(r) + "\n" for r in lines))
     ids = [r["id"] for r in rows]
     with pytest.raises(RwasymError, match="in no rank file"):
-        _merge_shards(out, header["config"], header["reference"], ids)
-    with open(_rank_path(out, 2), "a") as fh:
+        merge_shards(out, header["config"], header["reference"], ids)
+    with open(rank_path(out, 2), "a") as fh:
         fh.write(json.dumps(rows[2::3][-1]) + "\n")
-    _merge_shards(out, header["config"], header["reference"], ids)
+    merge_shards(out, header["config"], header["reference"], ids)
     assert out.read_text() == (tmp_path / "single.jsonl").read_text()
-    assert not any(_rank_path(out, r).exists() for r in range(3))
+    assert not any(rank_path(out, r).exists() for r in range(3))

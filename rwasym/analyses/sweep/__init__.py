@@ -38,8 +38,8 @@ from .config import TARGETS as TARGETS
 from .config import SweepConfig, parse_directions
 from .config import row_id as row_id
 from .run import sweep
-from .store import _merge_shards as _merge_shards  # the torchrun tests merge rank files by hand
-from .store import _rank_path as _rank_path
+from .store import merge_shards as merge_shards  # rank files merged by hand in the torchrun tests
+from .store import rank_path as rank_path
 from .store import read_sweep
 from .summary import SweepSummary, summarize
 

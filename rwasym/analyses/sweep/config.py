@@ -147,7 +147,7 @@ class SweepConfig:
         return asdict(self)
 
 
-_DESCRIPTORS = (
+DESCRIPTORS = (
     "id",
     "matrix",
     "layer",
@@ -190,7 +190,8 @@ def parse_directions(spec: str) -> list[tuple[str, int]]:
     return list(out.items())
 
 
-def _hash(obj: Any) -> str:
+def stable_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (sorted keys): config hashes, row ids, seeds of control draws."""
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -198,4 +199,4 @@ def row_id(
     matrix: str, head: int | None, direction: str, index: int, target: str, alpha: float, mode: str, seed: int
 ) -> str:
     """The deterministic key of one sweep row."""
-    return _hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])
+    return stable_hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])

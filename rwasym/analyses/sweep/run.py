@@ -20,13 +20,13 @@ from ..behaviour import Evaluator, eval_set
 from ..joint import iter_values as joint_values
 from ..joint import joint_edits, matrix_set
 from ..options import resolve_config
-from .config import CONTROLS, TARGETS, SweepConfig, _hash, parse_directions, row_id
-from .store import _finished_rows, _merge_shards, _rank_path, _Store, read_sweep
+from .config import CONTROLS, TARGETS, SweepConfig, parse_directions, row_id, stable_hash
+from .store import Store, finished_rows, merge_shards, rank_path, read_sweep
 
 
 # --------------------------------------------------------------------------------- the plan
 def _generator(seed: int, *parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(int(_hash([seed, *parts]), 16) % (2**63))
+    return torch.Generator().manual_seed(int(stable_hash([seed, *parts]), 16) % (2**63))
 
 
 def _unit_edits(
@@ -140,7 +140,7 @@ def sweep(
     header = cfg.header(
         base=base.weights_hash(),
         tuned=tuned.weights_hash(),
-        pairs=_hash(
+        pairs=stable_hash(
             [
                 None if getattr(ev.data, k) is None else data_hash(getattr(ev.data, k).long())
                 for k in ("chosen", "chosen_scored", "rejected", "rejected_scored", "text", "text_mask")
@@ -156,11 +156,11 @@ def sweep(
     alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
     rank, size = distributed.world()
     if size == 1:
-        store = _Store(out, header, ev.reference)
+        store = Store(out, header, ev.reference)
     else:  # this rank's own file; rows finished in <out> or any rank file count as done
-        done = _finished_rows(out, header)
+        done = finished_rows(out, header)
         distributed.barrier()  # every rank has read the files before any rank repairs / appends
-        store = _Store(_rank_path(out, rank), header, ev.reference)
+        store = Store(rank_path(out, rank), header, ev.reference)
         store.rows = {**done, **store.rows}
     try:
         # float64 products: a sweep file's rows (PCA directions, their norms) stay reproducible across versions
@@ -236,7 +236,7 @@ def sweep(
     ids = [meta["id"] for metas, _ in plan for meta in metas]
     distributed.barrier()  # every rank file is complete
     if rank == 0:
-        _merge_shards(out, header, ev.reference, ids)
+        merge_shards(out, header, ev.reference, ids)
     distributed.barrier()  # <out> is merged
     return read_sweep(out)[1]
 
@@ -304,7 +304,7 @@ def _joint_plan(
             for alpha in cfg.alphas:
                 for desc, edit in edits:
                     meta = dict(
-                        id=_hash(
+                        id=stable_hash(
                             [
                                 "joint",
                                 label,

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from ...errors import RwasymError
-from .config import FORMAT, _hash
+from .config import FORMAT, stable_hash
 
 
 # --------------------------------------------------------------------------------- the file
@@ -52,7 +52,7 @@ def read_sweep(path: str | os.PathLike, *, repair: bool = False) -> tuple[dict |
 
 def _require_config(path: Path, header: dict | None, config: dict) -> None:
     """Raise unless the sweep file's header (None: no file yet) was written by ``config``."""
-    if header is not None and header.get("config_hash") != _hash(config):
+    if header is not None and header.get("config_hash") != stable_hash(config):
         old = header.get("config", {})
         diffs = [
             f"{k}: file has {old.get(k)!r}, this run has {config.get(k)!r}"
@@ -66,12 +66,12 @@ def _require_config(path: Path, header: dict | None, config: dict) -> None:
         )
 
 
-class _Store:
+class Store:
     """The append-only JSON-lines file of one sweep configuration."""
 
     def __init__(self, path: str | os.PathLike, config: dict, reference: dict):
         self.path = Path(path)
-        digest = _hash(config)
+        digest = stable_hash(config)
         header, rows = read_sweep(self.path, repair=True)
         _require_config(self.path, header, config)
         self.rows = {r["id"]: r for r in rows}
@@ -94,12 +94,12 @@ class _Store:
         self._fh.close()
 
 
-def _rank_path(out: str | os.PathLike, rank: int) -> Path:
+def rank_path(out: str | os.PathLike, rank: int) -> Path:
     """``<out>.rank<r>.jsonl``: the rows rank r measured (``sweep.jsonl`` → ``sweep.jsonl.rank1.jsonl``)."""
     return Path(f"{out}.rank{rank}.jsonl")
 
 
-def _shard_files(out: str | os.PathLike) -> list[Path]:
+def shard_files(out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     found = out.parent.glob(f"{glob.escape(out.name)}.rank*.jsonl")
     return sorted(
@@ -108,11 +108,11 @@ def _shard_files(out: str | os.PathLike) -> list[Path]:
     )
 
 
-def _finished_rows(out: str | os.PathLike, config: dict) -> dict[str, dict]:
+def finished_rows(out: str | os.PathLike, config: dict) -> dict[str, dict]:
     """id → row of every row already in ``<out>`` or a ``<out>.rank<r>.jsonl`` file (read only;
-    a file of another configuration raises as `_Store` does). A resume may use another world size."""
+    a file of another configuration raises as `Store` does). A resume may use another world size."""
     rows: dict[str, dict] = {}
-    for path in [Path(out)] + _shard_files(out):
+    for path in [Path(out)] + shard_files(out):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a half-written line is dropped; its owner warns and repairs it
             header, found = read_sweep(path)
@@ -121,18 +121,18 @@ def _finished_rows(out: str | os.PathLike, config: dict) -> dict[str, dict]:
     return rows
 
 
-def _merge_shards(out: str | os.PathLike, config: dict, reference: dict, ids: list[str]) -> None:
+def merge_shards(out: str | os.PathLike, config: dict, reference: dict, ids: list[str]) -> None:
     """Write ``<out>`` as an uninterrupted single-process run would have (header, then the rows in
     plan order) from ``<out>`` and the rank files, atomically, then delete the rank files."""
-    shards = _shard_files(out)
-    rows = _finished_rows(out, config)
+    shards = shard_files(out)
+    rows = finished_rows(out, config)
     missing = [i for i in ids if i not in rows]
     if missing:
         raise RwasymError(
             f"cannot merge the sweep shards into {str(out)!r}: {len(missing)} of {len(ids)} rows "
             f"are in no rank file (e.g. id {missing[0]}); re-run the same command to finish them"
         )
-    header = {"rwasym_sweep": FORMAT, "config_hash": _hash(config), "config": config, "reference": reference}
+    header = {"rwasym_sweep": FORMAT, "config_hash": stable_hash(config), "config": config, "reference": reference}
     tmp = Path(f"{out}.merging")
     with open(tmp, "w") as fh:
         for record in [header] + [rows[i] for i in ids]:

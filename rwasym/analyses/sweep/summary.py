@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ...math.inference import bootstrap_ci, permutation_pvalue
-from .config import _DESCRIPTORS, CONTROLS
+from .config import CONTROLS, DESCRIPTORS
 from .store import read_sweep
 
 
@@ -73,7 +73,7 @@ def summarize(
                 k
                 for r in rows
                 for k, v in r.items()
-                if k not in _DESCRIPTORS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                if k not in DESCRIPTORS and isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
     groups: dict[tuple, list[dict]] = {}
