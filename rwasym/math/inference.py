@@ -37,6 +37,11 @@ __all__ = [
 Sample = Sequence[float] | np.ndarray | torch.Tensor
 
 
+def _tie_tol(values: NDArray[np.float64]) -> float:
+    """Two values tie when they differ by at most 1e-12 · max(1, max |v|) (float rounding is a tie)."""
+    return 1e-12 * max(1.0, float(np.abs(values).max()))
+
+
 def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: int = 0) -> float:
     """Two-sided permutation p-value of mean(x) − mean(y).
 
@@ -51,7 +56,7 @@ def permutation_pvalue(x: Sample, y: Sample, n_permutations: int = 10000, seed: 
     pooled, nx = np.concatenate([x, y]), x.size
     total = pooled.sum()
     observed: float = abs(x.mean() - y.mean())  # a numpy float64, a float subclass
-    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    tol = _tie_tol(pooled)
     if math.comb(pooled.size, nx) <= n_permutations:
         idx = np.array(list(itertools.combinations(range(pooled.size), nx)))  # (C, n_x)
         sx = pooled[idx].sum(1)
@@ -173,11 +178,6 @@ def _values(x: object, what: str) -> NDArray[np.float64]:
             "metric leaves them: drop or recompute that seed's rows before testing"
         )
     return a
-
-
-def _tie_tol(values: NDArray[np.float64]) -> float:
-    """Two values tie when they differ by at most 1e-12 · max(1, max |v|) (float rounding is a tie)."""
-    return 1e-12 * max(1.0, float(np.abs(values).max()))
 
 
 def rank_floor(n_controls: int) -> float:
