@@ -13,7 +13,5 @@ def alias(old: str, new: str) -> None:
     The alias replaces itself in ``sys.modules``, so ``from old import _private`` and monkeypatching
     through the old name reach the one real module.
     """
-    warnings.warn(
-        f"{old} moved to {new}; the old path is removed in rwasym {REMOVED_IN}", DeprecationWarning, stacklevel=3
-    )
+    warnings.warn(f"{old} moved to {new}; the old path is removed in {REMOVED_IN}", DeprecationWarning, stacklevel=3)
     sys.modules[old] = importlib.import_module(new)

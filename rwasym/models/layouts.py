@@ -1,12 +1,5 @@
-"""Deprecated alias: ``rwasym.models.layouts`` moved to `rwasym.models.host` (removed in 0.3)."""
+"""Deprecated alias of `rwasym.models.host` (moved in 0.2; removed in 0.3)."""
 
-import importlib
-import sys
-import warnings
+from rwasym._moved import alias
 
-warnings.warn(
-    "rwasym.models.layouts moved to rwasym.models.host; the old path is removed in 0.3",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = importlib.import_module("rwasym.models.host")
+alias(__name__, "rwasym.models.host")

@@ -1,12 +1,5 @@
-"""Deprecated alias: ``rwasym.models.shards`` moved to `rwasym.models.checkpoint` (removed in 0.3)."""
+"""Deprecated alias of `rwasym.models.checkpoint` (moved in 0.2; removed in 0.3)."""
 
-import importlib
-import sys
-import warnings
+from rwasym._moved import alias
 
-warnings.warn(
-    "rwasym.models.shards moved to rwasym.models.checkpoint; the old path is removed in 0.3",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = importlib.import_module("rwasym.models.checkpoint")
+alias(__name__, "rwasym.models.checkpoint")
