@@ -17,6 +17,8 @@ MOVED = {
     "rwasym.app.real": "rwasym.studies.real",
     "rwasym.app.demo": "rwasym.studies.demo",
     "rwasym.app.report": "rwasym.report",
+    "rwasym.models.shards": "rwasym.models.checkpoint",
+    "rwasym.models.layouts": "rwasym.models.host",
 }
 
 

@@ -344,40 +344,7 @@ def test_cli_probe_streams_a_tuned_folder(pairs, tmp_path, monkeypatch):
     assert result["config"]["tuned_streamed"] is True and result["rows"] and result["config"]["post_norm"] == "raw"
 
 
-# -- the old module paths (deprecated aliases, removed in 0.3) -------------------------------------
-@pytest.mark.parametrize(
-    "old, new, names",
-    [
-        (
-            "rwasym.models.shards",
-            "rwasym.models.checkpoint",
-            ["stream_weight_deltas", "CheckpointDeltas", "is_checkpoint_folder"],
-        ),
-        (
-            "rwasym.models.layouts",
-            "rwasym.models.host",
-            ["clean_key", "host_linear", "is_transposed", "fused_qkv_rows"],
-        ),
-    ],
-)
-def test_old_module_paths_warn_and_alias_the_new_module(old, new, names, monkeypatch):
-    """A fresh import of the old path (removed from sys.modules first, so the alias really runs) warns
-    and gives the new module itself, whose names the old imports use."""
-    import sys
-
-    import rwasym.models
-
-    monkeypatch.delitem(sys.modules, old, raising=False)
-    monkeypatch.delattr(rwasym.models, old.rsplit(".", 1)[1], raising=False)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}; the old path is removed in 0.3"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new) and sys.modules[old] is module
-    assert all(callable(getattr(module, name)) for name in names)
-    with pytest.warns(DeprecationWarning, match="removed in 0.3"):
-        monkeypatch.delitem(sys.modules, old)
-        exec(f"from {old} import {names[0]}", {})
-
-
+# -- the old module paths (their aliases are tested with every moved path in tests/test_moved.py) ---------
 def test_nothing_in_models_imports_the_old_paths():
     import ast
     from pathlib import Path
