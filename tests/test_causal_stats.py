@@ -354,3 +354,30 @@ def test_calibrate_average_evaluations():
         assert result["reached"]
         warm.append(result["evaluations"])
     assert sum(warm) / len(warm) <= 2.3, sum(warm) / len(warm)
+
+
+def test_scale_searches_in_lockstep_equal_one_calibration_each():
+    """ScaleSearch driven from outside (a sweep's lockstep rounds: every open search evaluated in one
+    batch) gives the same α, history and flags as calibrate_scale on each effect alone."""
+    from rwasym.math.calibration import ScaleSearch
+
+    effects = [lambda a, c=c: c * a * a + 0.3 * c * a**3 for c in (0.01, 0.5, 3.0)]
+    effects.append(lambda a: 1 - math.exp(-a * a))  # saturates at 1: budget 2 is out of reach
+    budgets = [0.02, 0.02, 0.02, 2.0]
+    searches = [ScaleSearch(b, alpha0=1.0) for b in budgets]
+    rounds = 0
+    while not all(s.done for s in searches):
+        rounds += 1
+        open_ = [(s, f) for s, f in zip(searches, effects) if not s.done]
+        values = [f(s.alpha) for s, f in open_]  # "one batched forward"
+        for (s, _), v in zip(open_, values):
+            s.observe(v)
+    for s, f, b in zip(searches, effects, budgets):
+        alone = calibrate_scale(f, b, alpha0=1.0)
+        assert s.result() == alone
+    assert searches[3].result()["saturated"] and not searches[3].result()["reached"]
+    assert rounds == max(s.result()["evaluations"] for s in searches)
+    with pytest.raises(RwasymError, match="finished"):
+        searches[0].observe(0.02)
+    with pytest.raises(RwasymError, match="has not finished"):
+        ScaleSearch(0.1).result()

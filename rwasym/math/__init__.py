@@ -8,7 +8,7 @@ spectrum-matched random deltas), calibration (the α of an edit at a collateral-
 inference (bootstrap, permutation, t-intervals, rank tests against controls, Holm).
 """
 
-from .calibration import calibrate_scale
+from .calibration import ScaleSearch, calibrate_scale
 from .covariance import RunningCovariance
 from .fraction import (
     DeltaSpectrum,
@@ -37,6 +37,7 @@ __all__ = [
     "LowRankDelta",
     "NullResult",
     "RunningCovariance",
+    "ScaleSearch",
     "alpha_req",
     "calibrate_scale",
     "closed_form_u",

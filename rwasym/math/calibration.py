@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import RwasymError
 from .checks import require_positive_int
 
-__all__ = ["calibrate_scale"]
+__all__ = ["ScaleSearch", "calibrate_scale"]
 
 _MAX_STEP = 100.0  # the largest factor one secant step before bracketing may move α by
 _MIN_DOWN_SLOPE = 1.0  # the smallest log-log slope a step down from above the budget assumes
@@ -84,6 +84,80 @@ def _bracket_width(below: tuple[float, float] | None, above: tuple[float, float]
     return None if below is None or above is None else abs(math.log(above[0]) - math.log(below[0]))
 
 
+class ScaleSearch:
+    """The search of `calibrate_scale` as a state machine: read ``alpha``, evaluate the effect there,
+    pass it to ``observe``; repeat until ``done``, then ``result()``. Many searches can thus share
+    one batched forward per round (a sweep calibrates every edit of a pass in lockstep). Arguments
+    and steps as in `calibrate_scale`."""
+
+    def __init__(
+        self,
+        budget: float,
+        *,
+        rtol: float = 0.05,
+        alpha0: float | None = None,
+        max_evals: int = 12,
+        alpha_max: float = 1e6,
+    ):
+        self.budget = _positive(budget, "budget", "Pass the collateral KL to match, e.g. 0.01 (nats per token).")
+        self.rtol = _positive(rtol, "rtol", "Pass a relative tolerance in (0, 1), e.g. 0.05.")
+        if self.rtol >= 1.0:
+            raise RwasymError(f"rtol must be in (0, 1); got {rtol}: a tolerance ≥ 1 accepts any effect")
+        self.alpha_max = _positive(alpha_max, "alpha_max", "Pass the largest scale worth trying, e.g. 1e6.")
+        self.alpha = 1.0 if alpha0 is None else _positive(alpha0, "alpha0", "Pass a first scale to try, e.g. 1.0.")
+        if self.alpha > self.alpha_max:
+            raise RwasymError(f"alpha0={self.alpha} exceeds alpha_max={self.alpha_max}; pass alpha0 <= alpha_max")
+        self.max_evals = require_positive_int(max_evals, "max_evals")
+        self.history: list[tuple[float, float]] = []
+        self.done = False
+        self._below: tuple[float, float] | None = None  # the largest-α point under the budget
+        self._above: tuple[float, float] | None = None  # the smallest-α point over the budget
+        self._widths: list[float] = []  # the bracket's log-width after each bracketed evaluation
+        self._result: dict[str, Any] | None = None
+
+    def observe(self, value: float) -> bool:
+        """Record effect(``alpha``) = ``value``; move ``alpha`` to the next point to try. Returns ``done``."""
+        if self.done:
+            raise RwasymError("this search is finished; read result() instead of observing more values")
+        alpha, budget = self.alpha, self.budget
+        value = _check(value, alpha)
+        self.history.append((alpha, value))
+        if abs(value - budget) <= self.rtol * budget:
+            return self._finish(self.history[-1], True, False)
+        if value < budget:
+            self._below = (alpha, value) if self._below is None or alpha > self._below[0] else self._below
+        else:
+            self._above = (alpha, value) if self._above is None or alpha < self._above[0] else self._above
+        if value < budget and alpha >= self.alpha_max:
+            return self._finish(self._best(), False, True)
+        if len(self.history) >= self.max_evals:
+            return self._finish(self._best(), False, False)
+        width = _bracket_width(self._below, self._above)
+        if width is not None:
+            self._widths.append(width)
+        w = self._widths
+        stalled = len(w) >= 3 and w[-1] > 0.5 * w[-3]  # Brent's safeguard: halve the bracket in 2 steps
+        nxt = _next_alpha(self.history, self._below, self._above, budget, self.alpha_max, stalled)
+        if nxt is None:
+            return self._finish(self._best(), False, True)
+        self.alpha = nxt
+        return False
+
+    def result(self) -> dict[str, Any]:
+        """The outcome (`calibrate_scale`'s Returns); RwasymError while the search is running."""
+        if self._result is None:
+            raise RwasymError(f"the search has not finished: evaluate the effect at alpha={self.alpha:.6g} first")
+        return self._result
+
+    def _best(self) -> tuple[float, float]:
+        return min(self.history, key=lambda point: abs(math.log(point[1] / self.budget)))
+
+    def _finish(self, point: tuple[float, float], reached: bool, saturated: bool) -> bool:
+        self.done, self.alpha = True, point[0]
+        self._result = _result(self.history, point, reached, saturated)
+        return True
+
+
 def calibrate_scale(
     effect: Callable[[float], float],
     budget: float,
@@ -106,7 +180,7 @@ def calibrate_scale(
        midpoint; Brent 1973's safeguard).
     Stops at the first α within tolerance, after ``max_evals`` evaluations, or on saturation. A
     start near the answer saves evaluations: pass the α calibrated for a similar edit (the target's,
-    for its controls) as ``alpha0``.
+    for its controls) as ``alpha0``. `ScaleSearch` is the same search, driven from outside.
 
     Returns alpha and achieved = effect(alpha): the first point within tolerance, else the point
     with the smallest |log(effect/budget)|; reached (|achieved − budget| ≤ rtol · budget; False
@@ -115,50 +189,15 @@ def calibrate_scale(
     between two α below the budget); evaluations; history, the (α, effect) pairs in order.
     Raises RwasymError for a zero, negative or non-finite effect (a zero edit, or a diverged run).
     """
-    budget = _positive(budget, "budget", "Pass the collateral KL to match, e.g. 0.01 (nats per token).")
-    rtol = _positive(rtol, "rtol", "Pass a relative tolerance in (0, 1), e.g. 0.05.")
-    if rtol >= 1.0:
-        raise RwasymError(f"rtol must be in (0, 1); got {rtol}: a tolerance ≥ 1 accepts any effect")
-    alpha_max = _positive(alpha_max, "alpha_max", "Pass the largest scale worth trying, e.g. 1e6.")
-    alpha = 1.0 if alpha0 is None else _positive(alpha0, "alpha0", "Pass a first scale to try, e.g. 1.0.")
-    if alpha > alpha_max:
-        raise RwasymError(f"alpha0={alpha} exceeds alpha_max={alpha_max}; pass alpha0 <= alpha_max")
-    max_evals = require_positive_int(max_evals, "max_evals")
-    history: list[tuple[float, float]] = []
-    below: tuple[float, float] | None = None  # the largest-α point under the budget
-    above: tuple[float, float] | None = None  # the smallest-α point over the budget
-    saturated = False
-    widths: list[float] = []  # the bracket's log-width after each bracketed evaluation
-    while True:
-        value = _measure(effect, alpha)
-        history.append((alpha, value))
-        if abs(value - budget) <= rtol * budget:
-            return _result(history, history[-1], True, False)
-        if value < budget:
-            below = (alpha, value) if below is None or alpha > below[0] else below
-        else:
-            above = (alpha, value) if above is None or alpha < above[0] else above
-        if value < budget and alpha >= alpha_max:
-            saturated = True
-            break
-        if len(history) >= max_evals:
-            break
-        width = _bracket_width(below, above)
-        if width is not None:
-            widths.append(width)
-        stalled = len(widths) >= 3 and widths[-1] > 0.5 * widths[-3]  # Brent's safeguard: halve in 2 steps
-        nxt = _next_alpha(history, below, above, budget, alpha_max, stalled)
-        if nxt is None:
-            saturated = True
-            break
-        alpha = nxt
-    best = min(history, key=lambda point: abs(math.log(point[1] / budget)))
-    return _result(history, best, False, saturated)
+    search = ScaleSearch(budget, rtol=rtol, alpha0=alpha0, max_evals=max_evals, alpha_max=alpha_max)
+    while not search.observe(float(effect(search.alpha))):
+        pass
+    return search.result()
 
 
-def _measure(effect: Callable[[float], float], alpha: float) -> float:
-    """effect(alpha) as a float, or RwasymError for zero, negative or non-finite values."""
-    value = float(effect(alpha))
+def _check(value: float, alpha: float) -> float:
+    """``value`` = effect(alpha) as a float, or RwasymError for zero, negative or non-finite values."""
+    value = float(value)
     if not math.isfinite(value):
         raise RwasymError(
             f"effect(α={alpha:.6g}) = {value}: not finite. The edited model diverged (fp16 overflow at a large α?) "
