@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = dict(abs=1e-10, rel=0)
 CAPTURE = dict(batch_size=3, max_tokens=70, progress=False)  # 4 batches; the budget ends inside batch 3
 SWEEP_ARGS = [
+    "--match",
+    "norm",
     "--matrices",
     "blocks.1.attn.W_Q",
     "--directions",
@@ -78,7 +80,7 @@ WORKER = textwrap.dedent("""
     RunningCovariance.all_reduce, gradients_module._all_reduce = reduce_cov, reduce_grads
     # a sweep whose metric is the rank that measured the row: the merged file says who did what
     sweep(root + "/base", root + "/tuned", root + "/pairs.safetensors", matrices=["blocks.1.attn.W_Q"],
-          directions="pca:2,random:3", alphas=(1.0,), edits_per_pass=2, out=root + "/ranks.jsonl",
+          directions="pca:2,random:3", alphas=(1.0,), match="norm", edits_per_pass=2, out=root + "/ranks.jsonl",
           metrics={"rank": lambda logits, batch: float(rank)}, progress=False)
     try:  # rank 1 gets one batch more than rank 0: both ranks must refuse
         capture(model, data["input_ids"][: 3 + 3 * rank], batch_size=3, progress=False)
@@ -240,6 +242,7 @@ def test_sharded_sweep_merges_to_the_single_process_file(files, tmp_path):
         matrices=["blocks.1.attn.W_Q"],
         directions="pca:2,random:3,orthogonal:3",
         alphas=(1.0, 2.0),
+        match="norm",
         edits_per_pass=3,
         out=tmp_path / "single.jsonl",
         progress=False,
@@ -269,6 +272,7 @@ def test_merge_needs_every_row_and_keeps_plan_order(files, tmp_path):
         matrices=["blocks.1.attn.W_Q"],
         directions="pca:2,random:3",
         alphas=(1.0,),
+        match="norm",
         edits_per_pass=2,
         out=tmp_path / "single.jsonl",
         progress=False,

@@ -91,6 +91,7 @@ def _run(pair, out, **kw):
         ranks=(1, 2),
         directions="pca:1,prediction:1,random:3,orthogonal:3",
         alphas=(1.5,),
+        match="norm",
         edits_per_pass=4,
         beta=BETA,
         progress=False,
@@ -100,8 +101,7 @@ def _run(pair, out, **kw):
         str(pair["root"] / "tuned"),
         pair["pairs"],
         out=out,
-        data=pair["data"],
-        **{**cfg, **kw},
+        **{"data": pair["data"], **cfg, **kw},
     )
 
 
@@ -285,6 +285,8 @@ def test_cli_intervene_joint(pair, tmp_path, capsys):
             "1,2",
             "--directions",
             "pca:1,random:2",
+            "--match",
+            "norm",
             "--out",
             str(out),
             "--quiet",
@@ -341,6 +343,7 @@ def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_pa
             joint=joint,
             directions="prediction:1,random:2",
             alphas=(2.0,),
+            match="norm",
             beta=BETA,
             post_norm=post_norm,
             progress=False,
@@ -494,3 +497,79 @@ def test_rank1_direction_edge_cases():
     assert edit_norm(U, V) == pytest.approx(float(E.norm()), rel=1e-12) and float(E.norm()) < 1
     M = X.T @ X / len(X) * 1e-4
     assert edit_energy(U, V, M) == pytest.approx(float((E @ M @ E.T).trace()), rel=1e-12) and edit_energy(U, V, M) < 1
+
+
+_HF_MODULE = {"W_Q": "q_proj", "W_K": "k_proj", "W_V": "v_proj", "W_O": "o_proj"}
+
+
+def _hf_linear(hf, name):
+    """The HF nn.Linear of a registry name blocks.{i}.attn.W_*."""
+    _, layer, _, kind = name.split(".")
+    return getattr(hf.model.layers[int(layer)].self_attn, _HF_MODULE[kind])
+
+
+def _hand_collateral(edited, host, tokens):
+    """Mean per-token KL(edited ‖ host) and the CE change on ``tokens``, every position but the last."""
+    with torch.no_grad():
+        lp = edited(tokens).logits.double().log_softmax(-1)[:, :-1]
+        lh = host(tokens).logits.double().log_softmax(-1)[:, :-1]
+    kl = float((lp.exp() * (lp - lh)).sum(-1).mean())
+    nll = lambda logp: -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).mean()  # noqa: E731
+    return kl, float(nll(lp) - nll(lh))
+
+
+@pytest.mark.parametrize("mode", ["transplant", "ablate"])
+def test_kl_matched_rows_sit_at_their_budget_when_written_into_the_hf_weights(pair, tmp_path, monkeypatch, mode):
+    """match="kl" (the default): every row — targets and controls, both sets, both ranks, each budget —
+    is the edit at the α its calibration found; written by hand into the HF modules' weights, its
+    collateral KL on the collateral text (computed there by hand) equals the row's and sits within
+    5% of the budget; the collateral CE change too. The frames' covariance defaults to the collateral."""
+    from rwasym.analyses import behaviour
+
+    measured = []
+    iter_joint = behaviour.Evaluator.iter_joint
+
+    def spy(self, host, edits):  # the edits each row's metrics were measured under, in plan order
+        measured.extend(edits)
+        return iter_joint(self, host, edits)
+
+    monkeypatch.setattr(behaviour.Evaluator, "iter_joint", spy)
+    g = torch.Generator().manual_seed(11)
+    collateral = torch.randint(3, 96, (4, 20), generator=g)
+    rows = _run(
+        pair,
+        tmp_path / "kl.jsonl",
+        match="kl",
+        alphas=(1.0,),
+        kl_budgets=(0.01, 0.003),
+        mode=mode,
+        data=None,
+        collateral=collateral,
+    )
+    monkeypatch.undo()
+    assert len(rows) == len(measured) == 2 * 2 * 7 * 2  # sets × ranks × edits × budgets
+    header, _ = read_sweep(tmp_path / "kl.jsonl")
+    assert header["config"]["cov_data"] == rwasym.hooks.activations.data_hash(collateral)
+    hf, tuned = pair["hf"], pair["tuned"]
+    host = hf if mode == "transplant" else tuned
+    evals = []
+    for row, edit in zip(rows, measured):
+        assert row["kl_budget"] in (0.003, 0.01)
+        if row["saturated"]:  # a W_Q-only edit can stall below the budget (attention saturates): flagged, kept
+            assert not row["budget_reached"] and row["matrix"] == "blocks.*.attn.W_Q"
+            assert row["collateral_kl"] < row["kl_budget"]
+            continue
+        assert row["budget_reached"], row
+        edited = copy.deepcopy(host)
+        with torch.no_grad():
+            for name, (U, V) in edit.items():  # E = Σ_j U_j V_jᵀ with α (and the ablate sign) folded into U
+                _hf_linear(edited, name).weight.add_((U.T @ V).to(torch.float32))
+        kl, dce = _hand_collateral(edited, host, collateral)
+        assert kl == pytest.approx(row["collateral_kl"], rel=1e-4), row["id"]
+        assert abs(kl - row["kl_budget"]) <= 0.05 * row["kl_budget"] * (1 + 1e-3)
+        assert dce == pytest.approx(row["collateral_dce"], abs=1e-5)
+        evals.append(row["calibration_evals"])
+    assert len(evals) >= len(rows) // 2  # most rows reach their budget
+    # the α that reached the budget scales the unit edit: targets and controls differ in α, not in KL
+    by_set = [r for r in rows if r["matrix"] == "write" and r["rank"] == 1 and r["kl_budget"] == 0.01]
+    assert len({round(r["alpha"], 6) for r in by_set}) == len(by_set)

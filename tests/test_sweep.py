@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rwasym import RwasymError
 from rwasym.analyses import behaviour
@@ -21,6 +22,7 @@ from rwasym.math.inference import bootstrap_ci, permutation_pvalue
 
 SWEEP = dict(
     matrices=["blocks.1.attn.W_Q"],
+    match="norm",  # the resume / store mechanics at fixed α (effect-matched sweeps: test_kl_matched_*)
     directions="pca:2,random:3,orthogonal:3",
     alphas=(1.0, 2.0),
     edits_per_pass=3,
@@ -46,6 +48,7 @@ def files(save_perturbed_pair, tmp_path_factory):
         chosen=torch.randint(3, 64, (6, 2), generator=g),
         rejected=torch.randint(3, 64, (6, 2), generator=g),
     ).save(root / "pairs.safetensors")
+    save_file({"input_ids": torch.randint(3, 64, (4, 24), generator=g)}, root / "collateral.safetensors")
     return root
 
 
@@ -282,8 +285,10 @@ def test_cli_intervene(files, tmp_path, capsys):
             "blocks.*.mlp.W_out",
             "--directions",
             "prediction:2,random:2",
-            "--alphas",
-            "0.5,1",
+            "--kl-budgets",
+            "0.01,0.003",
+            "--collateral",
+            str(files / "collateral.safetensors"),
             "--mode",
             "ablate",
             "--out",
@@ -295,10 +300,14 @@ def test_cli_intervene(files, tmp_path, capsys):
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "| blocks.1.mlp.W_out |  | ablate | 0.5 | prediction | random | gap_margin |" in printed
+    assert "| blocks.1.mlp.W_out |  | ablate | KL 0.003 | prediction | random | gap_margin |" in printed
+    assert "| collateral_kl |" in printed  # the cost every row was matched on
     assert "16 rows in" in printed and md.read_text().startswith("| matrix |")
     header, rows = read_sweep(out)
     assert header["config"]["mode"] == "ablate" and {r["side"] for r in rows} == {"output"}
+    assert header["config"]["kl_budgets"] == [0.003, 0.01] and "alphas" not in header["config"]
+    for r in rows:
+        assert r["budget_reached"] and abs(r["collateral_kl"] - r["kl_budget"]) <= 0.05 * r["kl_budget"]
     bad = parser.parse_args(
         [
             "intervene",
@@ -371,7 +380,7 @@ def test_sweep_file_written_by_rwasym_0_1_resumes(files, tmp_path, monkeypatch, 
 
 def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
     """One SweepConfig feeds the header (so the hash), sweep()'s keyword overrides and the CLI flags."""
-    cfg = SweepConfig(matrices="blocks.1.attn.W_Q", alphas=[1, 2])
+    cfg = SweepConfig(matrices="blocks.1.attn.W_Q", alphas=[1, 2], match="norm")
     assert cfg.matrices == ("blocks.1.attn.W_Q",) and cfg.alphas == (1.0, 2.0)
     ctx = dict(
         base="b",
@@ -386,10 +395,20 @@ def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
     h = cfg.header(**ctx)
     assert h["metrics"] == ["a", "z"] and "match" not in h and h["alphas"] == [1.0, 2.0]
     assert SweepConfig(match="output").header(**ctx)["match"] == "output"
+    # the default compares edits at equal collateral KL: budgets (sorted), tolerance and the text's hash, no α
+    kl = SweepConfig(kl_budgets=(0.03, 0.003)).header(**ctx, collateral="abc")
+    assert SweepConfig().match == "kl" and kl["match"] == "kl" and "alphas" not in kl
+    assert kl["kl_budgets"] == [0.003, 0.03] and kl["kl_rtol"] == 0.05 and kl["collateral"] == "abc"
+    with pytest.raises(RwasymError, match="with match='kl'.*kl_budgets"):
+        SweepConfig(alphas=(1.0, 2.0))
+    with pytest.raises(RwasymError, match="kl_budgets must be distinct positive"):
+        SweepConfig(kl_budgets=(0.01, -1.0))
+    with pytest.raises(RwasymError, match="kl_rtol must be in"):
+        SweepConfig(kl_rtol=1.5)
     with pytest.raises(RwasymError, match="mode must be one of"):
         SweepConfig(mode="bogus")
     with pytest.raises(RwasymError, match="alphas must be distinct"):
-        SweepConfig(alphas=(1.0, 1.0))
+        SweepConfig(alphas=(1.0, 1.0), match="norm")
     with pytest.raises(RwasymError, match="unknown options \\['alpha'\\]"):
         sweep(str(files / "base"), str(files / "tuned"), str(files / "pairs.safetensors"), alpha=2.0)
     parser = argparse.ArgumentParser()
@@ -481,3 +500,61 @@ def test_intervene_resolves_models_and_pairs_once(files, tmp_path, monkeypatch, 
         == 0
     )
     assert calls == {"load_pairs": 1, "as_eval_set": 1, "loads": 2}, calls
+
+
+def test_kl_matched_sweep_resumes_bit_for_bit_and_records_its_calibration(files, tmp_path):
+    """An effect-matched per-matrix sweep: rows keyed by budget, each row's collateral KL within 5% of its
+    budget (or flagged), α calibrated per row; a half-written file resumes to the identical rows (the
+    unit is recalibrated whole, so the α are bit-equal), a finished file is not recomputed."""
+    out = tmp_path / "kl.jsonl"
+    kw = dict(
+        match="kl",
+        alphas=(1.0,),
+        matrices=["blocks.*.mlp.W_out"],
+        directions="pca:1,prediction:1,random:2",
+        kl_budgets=(0.002, 0.02),
+        collateral=str(files / "collateral.safetensors"),
+    )
+    full = _run(files, out, **kw)
+    assert len(full) == 2 * 6 * 2  # matrices × (pca and prediction targets, 2 random controls each) × budgets
+    for r in full:
+        assert r["alpha"] > 0 and r["edit_norm"] == pytest.approx(r["alpha"] * r["u_norm"])
+        assert r["calibration_evals"] >= 1 and isinstance(r["saturated"], bool)
+        if r["budget_reached"]:
+            assert abs(r["collateral_kl"] - r["kl_budget"]) <= 0.05 * r["kl_budget"]
+        else:
+            assert r["saturated"]
+    assert sum(r["budget_reached"] for r in full) >= len(full) // 2
+    raw = out.read_bytes()
+    cut = raw[: raw.rstrip(b"\n").rfind(b"\n") + 1]
+    cut = cut[: cut.rstrip(b"\n").rfind(b"\n") + 1]  # two rows lost
+    out.write_bytes(cut + raw[len(cut) : len(cut) + 40])
+    with pytest.warns(UserWarning, match="half-written last line"):
+        resumed = _run(files, out, **kw)
+    _same_rows(resumed, full)
+    assert read_sweep(out)[1] == full  # bit for bit: the same α, KL and metrics
+
+
+def test_collateral_text_defaults_warnings_and_errors(files):
+    """Where the collateral KL is measured: a given text (every real position), or the held-out prompts
+    with the positions that predict an answer token left out (and a warning that they are not disjoint
+    from the pairs); a collateral text containing a held-out prompt is flagged; bad input named."""
+    import rwasym
+    from rwasym.analyses.behaviour import collateral_set, eval_set
+
+    model = rwasym.load(str(files / "base"))
+    data = eval_set(model, str(files / "pairs.safetensors"))
+    with pytest.warns(UserWarning, match="held-out prompts"):
+        col = collateral_set(model, None, data)
+    assert col.source == "prompts" and col.counted.shape == (6, 9)  # 8 prompt + 2 answer tokens, minus 1
+    assert col.counted[:, :7].all() and not col.counted[:, 7:].any()  # position 7 predicts the answer
+    text = torch.randint(3, 64, (2, 12))
+    given = collateral_set(model, {"input_ids": text, "attention_mask": torch.ones(2, 12).bool()}, data)
+    assert given.source == "text" and given.counted.all() and given.attention_mask is None
+    leaky = torch.cat([text, data.chosen[:2, :8].flip(0)], 1)  # held-out prompts 1 and 0 inside the text
+    with pytest.warns(UserWarning, match="2 held-out prompt"):
+        collateral_set(model, leaky, data)
+    with pytest.raises(RwasymError, match="ids in \\[0, "):
+        collateral_set(model, torch.full((2, 5), 10**6), data)
+    with pytest.raises(RwasymError, match="integer token tensor"):
+        collateral_set(model, torch.randn(2, 5), data)

@@ -45,7 +45,7 @@ from ..errors import RwasymError
 from ..hooks.edits import MODES, edit_hooks
 from ..models import Model, check_same_architecture, load
 
-__all__ = ["EvalSet", "Evaluator", "as_eval_set"]
+__all__ = ["Collateral", "EvalSet", "Evaluator", "as_eval_set", "collateral_set", "eval_set"]
 
 Metric = Callable[[Tensor, Tensor], float]
 _PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -146,6 +146,101 @@ def eval_set(model: Model, pairs: Any, text: Any = None, max_pairs: int | None =
                 f"[{int(t.min())}, {int(t.max())}]: was the data tokenized for another model?"
             )
     return data
+
+
+@dataclass
+class Collateral:
+    """Collateral text: where an edit's behaviour-independent cost is measured (`Evaluator.iter_collateral`).
+
+    tokens: (n, pos) int64 rows; counted: (n, pos − 1) bool, position t counts when its prediction
+    of token t + 1 does (padding and, for held-out prompts, the positions predicting the answer are
+    not counted); attention_mask: the real tokens (None: all); source: where the rows came from
+    ("text", or "prompts" — the held-out pairs' prompts, not disjoint from the pairs).
+    """
+
+    tokens: Int[Tensor, "n pos"]
+    counted: Bool[Tensor, "n pos_minus_1"]
+    attention_mask: Bool[Tensor, "n pos"] | None = None
+    source: str = "text"
+
+
+def collateral_set(model: Model, collateral: Any, data: EvalSet) -> Collateral:
+    """The one resolver of collateral text for ``model`` (entry points call it once).
+
+    collateral: a `Collateral`; an integer token tensor (n, pos); a dict with input_ids and an
+    optional attention_mask; a ``.safetensors`` file with input_ids; a plain-text file (tokenized
+    with the model's tokenizer, rows of 64 tokens, `rwasym.data.load_text`); or None = the held-out
+    pairs' prompts with the positions that predict a response token excluded (a fallback: it is
+    not disjoint from the pairs, so a warning says so). Warns when a held-out prompt occurs inside
+    the collateral rows (the cost would then partly measure the behaviour)."""
+    if isinstance(collateral, Collateral):
+        return collateral
+    if collateral is None:
+        warnings.warn(
+            "rwasym: no collateral text given; the collateral KL is measured on the held-out prompts "
+            "(answer positions excluded), which are not disjoint from the pairs. Pass collateral= "
+            "(rwasym intervene --collateral FILE) with generic text",
+            stacklevel=3,
+        )
+        first = data.chosen_scored.double().argmax(-1)  # (n,) first response position of each pair
+        pos = torch.arange(data.chosen.shape[1] - 1)
+        counted = (pos[None, :] + 1) < first[:, None]  # predicting a prompt token, not the answer
+        return Collateral(data.chosen, counted, None, "prompts")
+    mask = None
+    if isinstance(collateral, (str, os.PathLike)):
+        if str(collateral).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            collateral = load_file(str(collateral))
+            if "input_ids" not in collateral:
+                raise RwasymError(f"the collateral file has no 'input_ids' tensor; found {sorted(collateral)}")
+        else:
+            from ..data.pairs import load_text
+
+            collateral = load_text(collateral, tokenizer=model.tokenizer, d_vocab=model.d_vocab)
+    if isinstance(collateral, Mapping):
+        collateral, mask = collateral.get("input_ids"), collateral.get("attention_mask")
+    if not isinstance(collateral, Tensor) or collateral.dim() != 2 or collateral.is_floating_point():
+        raise RwasymError(
+            "collateral text must be an integer token tensor of shape (n, pos), a dict with input_ids, a "
+            f".safetensors file or a text file; got {getattr(collateral, 'shape', type(collateral).__name__)}"
+        )
+    tokens = collateral.long().cpu()
+    if tokens.shape[1] < 2 or int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab:
+        raise RwasymError(
+            f"collateral token rows need pos >= 2 and ids in [0, {model.d_vocab}); got shape {tuple(tokens.shape)}, "
+            f"ids [{int(tokens.min())}, {int(tokens.max())}]: was it tokenized for another model?"
+        )
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool().cpu()
+        if mask.shape != tokens.shape:
+            raise RwasymError(
+                f"collateral attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(tokens.shape)}"
+            )
+    valid = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+    counted = valid[:, :-1] & valid[:, 1:]
+    if not bool(counted.any()):
+        raise RwasymError("the collateral text has no position with a real next token; pass longer rows")
+    shared = _shared_prompts(data, tokens)
+    if shared:
+        warnings.warn(
+            f"rwasym: {shared} held-out prompt(s) occur in the collateral text, so its KL partly measures the "
+            "behaviour; use collateral text disjoint from the pairs",
+            stacklevel=3,
+        )
+    return Collateral(tokens, counted, None if mask is None or bool(mask.all()) else mask, "text")
+
+
+def _shared_prompts(data: EvalSet, tokens: Tensor) -> int:
+    """How many held-out prompts (the tokens before the first response token) occur contiguously in ``tokens``."""
+    first = data.chosen_scored.long().argmax(-1).tolist()
+    prompts = {tuple(row[:f].tolist()) for row, f in zip(data.chosen, first) if f >= 2}
+    rows = [r.tolist() for r in tokens]
+    hits = 0
+    for length in sorted({len(p) for p in prompts}):
+        windows = {tuple(r[i : i + length]) for r in rows for i in range(len(r) - length + 1)}
+        hits += sum(1 for p in prompts if len(p) == length and p in windows)
+    return hits
 
 
 @dataclass
@@ -321,6 +416,20 @@ class _Runner:
 
 
 # --------------------------------------------------------------------------------- evaluator
+def _joint_hooks(host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]], caller: str) -> tuple[list, int]:
+    """The forward hooks of k edits that each name the same matrices (`edit_hooks` per matrix) and the
+    first edited layer."""
+    names = list(edits[0]) if edits else []
+    if not names or any(list(e) != names for e in edits):
+        raise RwasymError(f"{caller} needs k >= 1 edits that all name the same matrices, in the same order")
+    hooks: list = []
+    for name in names:
+        pairs = [e[name] for e in edits]
+        hooks += edit_hooks(host, name, torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
+    # a write hook runs before any read hook at the same point (one matrix's output may be another's input)
+    return hooks[1::2] + hooks[0::2], min(host.matrix(n).layer for n in names)
+
+
 def _response_logps(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     """Σ_t w_t log softmax(logits_t)[y_t] per row, float64 (logits: (B, S, d_vocab))."""
     lp = logits.double().log_softmax(-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
@@ -332,7 +441,8 @@ class Evaluator:
 
     base, tuned: models (anything `rwasym.load` accepts); data: pairs (see `as_eval_set`); text:
     held-out text (default: prompt + chosen of the pairs); beta: the DPO β; metrics: user metrics
-    ``{name: callable(logits, batch) -> float}`` (a list of functions uses their ``__name__``).
+    ``{name: callable(logits, batch) -> float}`` (a list of functions uses their ``__name__``);
+    collateral: the text of `iter_collateral` (see `collateral_set`; default: the held-out prompts).
     ``reference`` holds the metrics of the base and of the tuned model.
     """
 
@@ -347,10 +457,15 @@ class Evaluator:
         metrics: Mapping[str, Metric] | Sequence[Metric] | None = None,
         reuse_prefix: bool = True,
         max_pairs: int | None = None,
+        collateral: Any = None,
     ):
         self.base, self.tuned = load(base), load(tuned)
         check_same_architecture(self.base, self.tuned)
         self.data = eval_set(self.base, data, text, max_pairs)
+        # the collateral text (`collateral_set`) is resolved on first use: only effect-matched sweeps need it
+        self._collateral_arg = collateral
+        self._collateral: Collateral | None = None
+        self._collateral_ref: dict[int, tuple[Tensor, float]] = {}
         if isinstance(metrics, Mapping):
             self.metrics = dict(metrics)
         else:
@@ -363,7 +478,7 @@ class Evaluator:
         t_mask = self.data.text_mask
         valid = torch.ones_like(self.data.text, dtype=torch.bool) if t_mask is None else t_mask
         self._text_valid = (valid[:, :-1] & valid[:, 1:]).double()  # (n_text, pos-1)
-        self._runners: dict[tuple[int, int, bool], _Runner] = {}
+        self._runners: dict[tuple, _Runner] = {}
         base_out, tuned_out = self._plain(self.base), self._plain(self.tuned)
         self._ref_c, self._ref_r = base_out[0], base_out[1]
         self._ref_text = {"base": self._text_logp(base_out[2]), "tuned": self._text_logp(tuned_out[2])}
@@ -444,19 +559,58 @@ class Evaluator:
         edits[e] maps every matrix of the set to (U (r, n_out), V (r, n_in)) (α folded into U):
         edit e is W_m + U_mᵀ V_m for all m at once (`rwasym.hooks.edits.edit_hooks`, rank r). Every
         edit of a call names the same matrices with the same r."""
-        names = list(edits[0]) if edits else []
-        if not names or any(list(e) != names for e in edits):
-            raise RwasymError("iter_joint needs k >= 1 edits that all name the same matrices, in the same order")
-        hooks: list = []
-        for name in names:
-            pairs = [e[name] for e in edits]
-            hooks += edit_hooks(host, name, torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
-        # a write hook runs before any read hook at the same point (one matrix's output may be another's input)
-        hooks = hooks[1::2] + hooks[0::2]
-        runner = self._runner(host, min(host.matrix(n).layer for n in names))
+        hooks, layer = _joint_hooks(host, edits, "iter_joint")
+        runner = self._runner(host, layer)
         outs = [runner.logits(i, len(edits), hooks) for i in range(len(self.streams))]
         for e in range(len(edits)):
             yield self._metrics(*self._from_streams([o[e] for o in outs]))
+
+    @property
+    def collateral(self) -> Collateral:
+        """The collateral text (`collateral_set`), resolved on first use."""
+        if self._collateral is None:
+            self._collateral = collateral_set(self.base, self._collateral_arg, self.data)
+        return self._collateral
+
+    def iter_collateral(
+        self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]
+    ) -> Iterator[dict[str, float]]:
+        """The collateral cost of each of k edits of ``host`` (one batched forward on the collateral text):
+
+        - ``collateral_kl`` = mean over counted positions t of KL(π_edit(·|x_<t) ‖ π_host(·|x_<t)),
+          the behaviour-independent effect an effect-matched sweep scales every edit to;
+        - ``collateral_dce`` = CE_edit − CE_host, the change of the mean next-token cross-entropy (nats).
+
+        edits[e] maps matrices to (U (r, n_out), V (r, n_in)), α folded into U, as in `iter_joint`
+        (a rank-1 edit of one matrix: ``{name: (u[None], v[None])}``). The host's weights must not
+        change between calls (its reference log-probabilities and clean prefix are cached)."""
+        col = self.collateral
+        hooks, layer = _joint_hooks(host, edits, "iter_collateral")
+        key = (id(host), layer, self.reuse_prefix, "collateral")
+        if key not in self._runners:
+            stream = _Stream(col.tokens, None if col.attention_mask is None else col.attention_mask.long())
+            self._runners[key] = _Runner(host, [stream], layer, self.reuse_prefix)
+        if id(host) not in self._collateral_ref:
+            with torch.no_grad():
+                kw = {} if col.attention_mask is None else {"attention_mask": col.attention_mask.long().to(host.device)}
+                ref = host.bridge(col.tokens.to(host.device), **kw)[:, :-1].double().log_softmax(-1).cpu()
+            self._collateral_ref[id(host)] = (ref, self._collateral_ce(ref))
+        ref, ref_ce = self._collateral_ref[id(host)]
+        logits = self._runners[key].logits(0, len(edits), hooks)
+        weight = col.counted.double()
+        for e in range(len(edits)):
+            logp = logits[e][:, :-1].double().log_softmax(-1).cpu()
+            kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)
+            yield dict(
+                collateral_kl=float((kl * weight).sum() / weight.sum()),
+                collateral_dce=self._collateral_ce(logp) - ref_ce,
+            )
+
+    def _collateral_ce(self, logp: Tensor) -> float:
+        col = self.collateral
+        nll = -logp.gather(-1, col.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        weight = col.counted.double()
+        return float((nll * weight).sum() / weight.sum())
 
     def measure_edits(
         self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]

@@ -9,7 +9,7 @@ evaluation fixes c and the quadratic model's α is exact for a pure quadratic; s
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import RwasymError
@@ -88,7 +88,10 @@ class ScaleSearch:
     """The search of `calibrate_scale` as a state machine: read ``alpha``, evaluate the effect there,
     pass it to ``observe``; repeat until ``done``, then ``result()``. Many searches can thus share
     one batched forward per round (a sweep calibrates every edit of a pass in lockstep). Arguments
-    and steps as in `calibrate_scale`."""
+    and steps as in `calibrate_scale`; ``prior``: (α, effect) points of the same effect measured
+    before (e.g. by the search for another budget). They bracket the budget and the two nearest it
+    seed the secant, so a second budget often needs one or two evaluations; a prior point within
+    tolerance finishes the search with none. ``evaluations`` and ``history`` count only new points."""
 
     def __init__(
         self,
@@ -98,6 +101,7 @@ class ScaleSearch:
         alpha0: float | None = None,
         max_evals: int = 12,
         alpha_max: float = 1e6,
+        prior: Sequence[tuple[float, float]] = (),
     ):
         self.budget = _positive(budget, "budget", "Pass the collateral KL to match, e.g. 0.01 (nats per token).")
         self.rtol = _positive(rtol, "rtol", "Pass a relative tolerance in (0, 1), e.g. 0.05.")
@@ -114,6 +118,30 @@ class ScaleSearch:
         self._above: tuple[float, float] | None = None  # the smallest-α point over the budget
         self._widths: list[float] = []  # the bracket's log-width after each bracketed evaluation
         self._result: dict[str, Any] | None = None
+        # points of the same effect measured before (another budget's search): they bracket and steer
+        # the search for free; the two nearest the budget (in log effect) seed the secant, nearest last
+        known = sorted(
+            ((_positive(a, "prior α", "Pass (α, effect) pairs."), _check(v, a)) for a, v in prior),
+            key=lambda point: -abs(math.log(point[1] / self.budget)),
+        )
+        self._known = known[-2:]
+        for point in known:
+            self._bracket(point)
+        if known and abs(known[-1][1] - self.budget) <= self.rtol * self.budget:
+            self._finish(known[-1], True, False)  # already measured within tolerance: no evaluation
+        elif known:
+            nxt = _next_alpha(self._known, self._below, self._above, self.budget, self.alpha_max, False)
+            if nxt is None:
+                self._finish(max(known), False, True)
+            else:
+                self.alpha = nxt
+
+    def _bracket(self, point: tuple[float, float]) -> None:
+        alpha, value = point
+        if value < self.budget:
+            self._below = point if self._below is None or alpha > self._below[0] else self._below
+        elif value > self.budget:
+            self._above = point if self._above is None or alpha < self._above[0] else self._above
 
     def observe(self, value: float) -> bool:
         """Record effect(``alpha``) = ``value``; move ``alpha`` to the next point to try. Returns ``done``."""
@@ -124,10 +152,7 @@ class ScaleSearch:
         self.history.append((alpha, value))
         if abs(value - budget) <= self.rtol * budget:
             return self._finish(self.history[-1], True, False)
-        if value < budget:
-            self._below = (alpha, value) if self._below is None or alpha > self._below[0] else self._below
-        else:
-            self._above = (alpha, value) if self._above is None or alpha < self._above[0] else self._above
+        self._bracket((alpha, value))
         if value < budget and alpha >= self.alpha_max:
             return self._finish(self._best(), False, True)
         if len(self.history) >= self.max_evals:
@@ -137,7 +162,7 @@ class ScaleSearch:
             self._widths.append(width)
         w = self._widths
         stalled = len(w) >= 3 and w[-1] > 0.5 * w[-3]  # Brent's safeguard: halve the bracket in 2 steps
-        nxt = _next_alpha(self.history, self._below, self._above, budget, self.alpha_max, stalled)
+        nxt = _next_alpha(self._known + self.history, self._below, self._above, budget, self.alpha_max, stalled)
         if nxt is None:
             return self._finish(self._best(), False, True)
         self.alpha = nxt
@@ -150,7 +175,7 @@ class ScaleSearch:
         return self._result
 
     def _best(self) -> tuple[float, float]:
-        return min(self.history, key=lambda point: abs(math.log(point[1] / self.budget)))
+        return min(self.history or self._known, key=lambda point: abs(math.log(point[1] / self.budget)))
 
     def _finish(self, point: tuple[float, float], reached: bool, saturated: bool) -> bool:
         self.done, self.alpha = True, point[0]

@@ -213,6 +213,7 @@ def run_demo(
             matrices=matrices,
             directions=dirs,
             mode="transplant",
+            match="norm",
             out=out / "sweep.jsonl",
             seed=seed,
             max_pairs=64 if real else 128 if quick else 512,

@@ -21,7 +21,7 @@ TARGETS = ("pca", "prediction")
 CONTROLS = ("random", "orthogonal")
 
 
-MATCHES = ("norm", "output")
+MATCHES = ("kl", "norm", "output")
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,19 @@ class SweepConfig:
     alphas: Sequence[int | float] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)
     mode: str = _opt("transplant", "transplant (base + α u vᵀ) or ablate (tuned − α u vᵀ)", choices=MODES)
     match: str = _opt(
-        "norm",
-        "controls matched to their target in ‖α u vᵀ‖_F (norm) or in mean-square output change (output)",
+        "kl",
+        "what makes edits comparable: kl = every edit (target and control) scaled to each collateral-KL "
+        "budget (--kl-budgets; α is calibrated, --alphas unused); norm / output = controls matched to their "
+        "target's ‖α u vᵀ‖_F / mean-square output change at the given α (equal size is not equal effect)",
         choices=MATCHES,
     )
+    kl_budgets: Sequence[int | float] = _opt(
+        (0.01,),
+        "match=kl: collateral KL budgets (nats per token, mean KL(edited ‖ host) on the collateral text), "
+        "e.g. 0.003,0.01,0.03",
+        list_of=float,
+    )
+    kl_rtol: float = _opt(0.05, "match=kl: relative tolerance of each edit's collateral KL around its budget")
     seed: int = _opt(0, "seeds the control directions (and keys the rows)")
     beta: float = _opt(0.1, "DPO β of the implicit-reward metrics")
     heads: bool = _opt(False, "also edit every attention head separately")
@@ -73,7 +82,7 @@ class SweepConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("matrices", "alphas", "ranks"):  # lists and single values become tuples
+        for name in ("matrices", "alphas", "ranks", "kl_budgets"):  # lists and single values become tuples
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, (str, int, float)) else tuple(value))
         if self.mode not in MODES:
@@ -87,6 +96,17 @@ class SweepConfig:
         if not alphas or len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
             raise RwasymError(f"alphas must be distinct finite numbers; got {alphas}")
         object.__setattr__(self, "alphas", tuple(alphas))
+        budgets = [float(b) for b in self.kl_budgets]
+        if not budgets or len(set(budgets)) != len(budgets) or not all(math.isfinite(b) and b > 0 for b in budgets):
+            raise RwasymError(f"kl_budgets must be distinct positive numbers such as 0.003,0.01,0.03; got {budgets}")
+        object.__setattr__(self, "kl_budgets", tuple(sorted(budgets)))
+        if not (isinstance(self.kl_rtol, (int, float)) and 0.0 < float(self.kl_rtol) < 1.0):
+            raise RwasymError(f"kl_rtol must be in (0, 1), e.g. 0.05; got {self.kl_rtol!r}")
+        if self.match == "kl" and self.alphas != (1.0,):
+            raise RwasymError(
+                f"alphas={list(self.alphas)} with match='kl': effect-matched sweeps calibrate α to each collateral-KL "
+                "budget; pass kl_budgets (--kl-budgets 0.003,0.01) instead, or match='norm' / 'output' to sweep α"
+            )
         ranks = self.ranks
         if (
             not ranks
@@ -114,12 +134,15 @@ class SweepConfig:
         edits_per_pass: int,
         dtype: str,
         post_norm: bool = False,
+        collateral: str | None = None,
     ) -> dict:
         """The ``config`` of the sweep file's header: this configuration resolved against the run
         (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
         evaluator's metric dict —, the pass width, the dtype).
         Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume, and
-        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``)."""
+        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``). An
+        effect-matched (``match="kl"``) header records the budgets, the tolerance and ``collateral``
+        (the collateral text's hash) in place of the α list."""
         kinds = parse_directions(self.directions)
         return dict(
             base=base,
@@ -129,7 +152,7 @@ class SweepConfig:
             matrices=list(matrices),
             heads=bool(self.heads),
             directions=",".join(f"{k}:{c}" for k, c in kinds),
-            alphas=list(self.alphas),
+            **({} if self.match == "kl" else {"alphas": list(self.alphas)}),
             mode=self.mode,
             seed=int(self.seed),
             beta=float(self.beta),
@@ -139,6 +162,11 @@ class SweepConfig:
             reuse_prefix=bool(self.reuse_prefix),
             dtype=dtype,
             **({} if self.match == "norm" else {"match": self.match}),
+            **(
+                {"kl_budgets": list(self.kl_budgets), "kl_rtol": float(self.kl_rtol), "collateral": collateral}
+                if self.match == "kl"
+                else {}
+            ),
             **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
             **({"post_norm": self.post_norm} if post_norm else {}),
         )
@@ -167,6 +195,8 @@ DESCRIPTORS = (
     "input_energy_ratio",
     "rank",
     "n_matrices",
+    "kl_budget",
+    "calibration_evals",
 )
 
 
@@ -196,7 +226,16 @@ def stable_hash(obj: Any) -> str:
 
 
 def row_id(
-    matrix: str, head: int | None, direction: str, index: int, target: str, alpha: float, mode: str, seed: int
+    matrix: str,
+    head: int | None,
+    direction: str,
+    index: int,
+    target: str,
+    alpha: float,
+    mode: str,
+    seed: int,
+    budget: float | None = None,
 ) -> str:
-    """The deterministic key of one sweep row."""
-    return stable_hash([matrix, head, direction, index, target, float(alpha), mode, int(seed)])
+    """The deterministic key of one sweep row (an effect-matched row is keyed by its KL ``budget``, not its α)."""
+    scale: list = [float(alpha)] if budget is None else ["kl", float(budget)]
+    return stable_hash([matrix, head, direction, index, target, *scale, mode, int(seed)])

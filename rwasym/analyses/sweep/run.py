@@ -12,13 +12,14 @@ from tqdm import tqdm
 from ... import distributed
 from ...errors import RwasymError
 from ...hooks.activations import capture, data_hash, quiet
+from ...math.calibration import ScaleSearch
 from ...math.rank1 import directions as make_directions
 from ...math.rank1 import match_output_energy
 from ...models import Model, check_same_architecture, embed_head, head_input_block, head_slice, load
 from ...models.deltas import WeightDeltas
-from ..behaviour import Evaluator, eval_set
+from ..behaviour import Evaluator, collateral_set, eval_set
 from ..joint import iter_values as joint_values
-from ..joint import joint_edits, matrix_set
+from ..joint import joint_edits, matrix_set, scaled
 from ..options import resolve_config
 from .config import CONTROLS, TARGETS, SweepConfig, parse_directions, row_id, stable_hash
 from .store import Store, finished_rows, merge_shards, rank_path, read_sweep
@@ -104,6 +105,7 @@ def sweep(
     out: str | os.PathLike = "sweep.jsonl",
     text: Any = None,
     data: Any = None,
+    collateral: Any = None,
     metrics: Any = None,
     progress: bool | None = None,
     **overrides: Any,
@@ -134,7 +136,14 @@ def sweep(
     specs = [s for s in base.matrices() if s.name in chosen]
     if not specs:
         raise base.unmatched(list(cfg.matrices))
-    ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix)
+    col = collateral_set(base, collateral, data_set) if cfg.match == "kl" else None  # resolved once
+    ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix, collateral=col)
+    collateral_hash = None
+    if col is not None:
+        collateral_hash = stable_hash([col.source, data_hash(col.tokens), data_hash(col.counted.long())])
+        if data is None and col.source == "text":  # the frames come from text disjoint from the pairs
+            mask = {} if col.attention_mask is None else {"attention_mask": col.attention_mask}
+            data = {"input_ids": col.tokens, **mask}
     cov_data = data if data is not None else {"input_ids": ev.data.text, "attention_mask": ev.data.text_mask}
     tokens_for_hash = cov_data["input_ids"] if isinstance(cov_data, Mapping) else cov_data
     header = cfg.header(
@@ -152,6 +161,7 @@ def sweep(
         edits_per_pass=edits_per_pass,
         dtype=str(base.dtype),
         post_norm=any(base.post_norm_scale(s.name) is not None for s in specs),
+        collateral=collateral_hash,
     )
     alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
     rank, size = distributed.world()
@@ -186,7 +196,41 @@ def sweep(
                 delta = full if head is None else head_slice(spec, full, head)
                 if float(delta.abs().max()) == 0.0:
                     continue  # nothing to transplant or ablate (e.g. a frozen matrix)
-                edits = _unit_edits(base, spec, head, delta, acts.for_matrix(spec.name), kinds, seed, warned, match)
+                edits = _unit_edits(
+                    base,
+                    spec,
+                    head,
+                    delta,
+                    acts.for_matrix(spec.name),
+                    kinds,
+                    seed,
+                    warned,
+                    "norm" if match == "kl" else match,
+                )
+                if match == "kl":  # rows keyed by budget; α calibrated when the unit runs
+                    units = []
+                    for d, desc in edits:
+                        u, v = embed_head(spec, sign * d.u, d.v, head)
+                        units.append((desc, d, {spec.name: ((u if gamma is None else u / gamma)[None], v[None])}))
+                    metas = [
+                        dict(
+                            id=row_id(spec.name, head, d.kind, d.index, d.target, 1.0, mode, seed, budget=b),
+                            matrix=spec.name,
+                            layer=spec.layer,
+                            matrix_kind=spec.kind,
+                            head=head,
+                            **desc,
+                            mode=mode,
+                            seed=int(seed),
+                            kl_budget=b,
+                        )
+                        for b in cfg.kl_budgets
+                        for desc, d, _ in units
+                    ]
+                    plan += _kl_plan(
+                        ev, host, metas, [(desc, e) for desc, _, e in units], cfg, edits_per_pass, len(plan)
+                    )
+                    continue
                 items = []
                 for alpha in alphas:
                     for d, desc in edits:
@@ -205,15 +249,16 @@ def sweep(
                         u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
                         items.append((meta, u if gamma is None else u / gamma, v))  # the raw-weight edit
                 plan += [
-                    ([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c))
-                    for c in (items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))
+                    ([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c), len(plan) + j)
+                    for j, c in enumerate(items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))
                 ]
         if not plan:
             raise RwasymError(
                 f"nothing to sweep for {[s.name for s in specs]} with directions {cfg.directions!r}: every "
                 "ΔW is zero, or no target applies (prediction needs write matrices W_O / W_out)"
             )
-        mine = [metas for j, (metas, _) in enumerate(plan) if j % size == rank]  # every pass when size == 1
+        # a pass runs on rank unit % size: the passes of one effect-matched unit share its calibration
+        mine = [metas for metas, _, unit in plan if unit % size == rank]  # every pass when size == 1
         bar = tqdm(
             total=sum(len(m) for m in mine),
             initial=sum(1 for ms in mine for m in ms if m["id"] in store.rows),
@@ -221,8 +266,8 @@ def sweep(
             unit="edit",
             disable=quiet(progress) or rank != 0,
         )
-        for j, (metas, run) in enumerate(plan):
-            if j % size != rank or all(meta["id"] in store.rows for meta in metas):
+        for metas, run, unit in plan:
+            if unit % size != rank or all(meta["id"] in store.rows for meta in metas):
                 continue  # another rank's pass, or finished
             for meta, values in zip(metas, run()):
                 if meta["id"] not in store.rows:
@@ -230,10 +275,10 @@ def sweep(
                     bar.update(1)
         bar.close()
         if size == 1:
-            return [store.rows[meta["id"]] for metas, _ in plan for meta in metas]
+            return [store.rows[meta["id"]] for metas, _, _ in plan for meta in metas]
     finally:
         store.close()
-    ids = [meta["id"] for metas, _ in plan for meta in metas]
+    ids = [meta["id"] for metas, _, _ in plan for meta in metas]
     distributed.barrier()  # every rank file is complete
     if rank == 0:
         merge_shards(out, header, ev.reference, ids)
@@ -273,9 +318,10 @@ def _joint_plan(
     cfg: SweepConfig,
     sign: float,
     edits_per_pass: int,
+    unit_base: int = 0,
 ) -> list:
-    """The passes of a joint sweep (`rwasym.analyses.joint`): per set and rank, every α of every
-    target / control edit, ``edits_per_pass`` edits per batched forward."""
+    """The passes (metas, run, unit) of a joint sweep (`rwasym.analyses.joint`): per set and rank, every
+    α (or KL budget) of every target / control edit, ``edits_per_pass`` edits per batched forward."""
     host = base if sign > 0 else tuned
     deltas: dict[str, torch.Tensor] = {}
     formed = WeightDeltas(base, tuned, sorted({s.name for group in sets.values() for s in group}))
@@ -293,13 +339,46 @@ def _joint_plan(
     plan = []
     for label, specs in sets.items():
         for r in cfg.ranks:
+            match = "norm" if cfg.match == "kl" else cfg.match  # effect-matched: norm-matched, then calibrated
             edits = joint_edits(
-                base, specs, delta_of, acts, kinds, r, lambda *parts: _generator(cfg.seed, "joint", *parts), cfg.match
+                base, specs, delta_of, acts, kinds, r, lambda *parts: _generator(cfg.seed, "joint", *parts), match
             )
             edits = [
                 (desc, {n: (U if (scale := scales[n]) is None else U / scale, V) for n, (U, V) in edit.items()})
                 for desc, edit in edits
             ]  # the raw-weight edits
+            if cfg.match == "kl":
+                metas = [
+                    dict(
+                        id=stable_hash(
+                            [
+                                "joint",
+                                label,
+                                r,
+                                desc["direction"],
+                                desc["index"],
+                                desc["target"],
+                                "kl",
+                                b,
+                                cfg.mode,
+                                int(cfg.seed),
+                            ]
+                        ),
+                        matrix=label,
+                        layer=None,
+                        matrix_kind="joint",
+                        head=None,
+                        **desc,
+                        mode=cfg.mode,
+                        seed=int(cfg.seed),
+                        kl_budget=b,
+                    )
+                    for b in cfg.kl_budgets
+                    for desc, _ in edits
+                ]
+                signed = [(desc, scaled(edit, sign)) for desc, edit in edits]
+                plan += _kl_plan(ev, host, metas, signed, cfg, edits_per_pass, unit_base + len(plan))
+                continue
             items = []
             for alpha in cfg.alphas:
                 for desc, edit in edits:
@@ -330,5 +409,127 @@ def _joint_plan(
                     items.append((meta, edit, sign * alpha))
             for i in range(0, len(items), edits_per_pass):
                 chunk = items[i : i + edits_per_pass]
-                plan.append(([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk)))
+                plan.append(
+                    ([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk), unit_base + len(plan))
+                )
     return plan
+
+
+# --------------------------------------------------------------------------------- effect matching
+def _kl_plan(
+    ev: Evaluator,
+    host: Model,
+    metas: list[dict],
+    units: list[tuple[dict, dict]],
+    cfg: SweepConfig,
+    width: int,
+    unit: int,
+) -> list:
+    """The passes (metas, run, unit) of one effect-matched unit (a matrix / head, or a joint set at one
+    rank): rows budget-major, ``width`` per pass. ``units`` = [(descriptors, edit at α = 1)], the edit
+    {matrix: (U, V)} with the mode's sign folded in. The first pass to run calibrates every edit of
+    the unit (`_calibrate`, each edit's α at each budget) and the others reuse it; since the whole
+    unit is always calibrated, a resumed sweep reproduces the uninterrupted α bit for bit."""
+    found: dict[tuple[int, float], dict] = {}
+    items = [(e, b) for b in cfg.kl_budgets for e in range(len(units))]
+
+    def run(chunk: list[tuple[int, float]]) -> Iterator[dict]:
+        if not found:
+            found.update(_calibrate(ev, host, units, cfg, width))
+        edits = [scaled(units[e][1], found[(e, b)]["alpha"]) for e, b in chunk]
+        for (e, b), values in zip(chunk, ev.iter_joint(host, edits)):
+            r = found[(e, b)]
+            yield dict(
+                alpha=r["alpha"],
+                edit_norm=r["alpha"] * units[e][0]["u_norm"],
+                collateral_kl=r["achieved"],
+                collateral_dce=r["dce"],
+                calibration_evals=r["evaluations"],
+                budget_reached=r["reached"],
+                saturated=r["saturated"],
+                **values,
+            )
+
+    return [
+        (metas[i : i + width], lambda chunk=items[i : i + width]: run(chunk), unit) for i in range(0, len(items), width)
+    ]
+
+
+def _calibrate(
+    ev: Evaluator, host: Model, units: list[tuple[dict, dict]], cfg: SweepConfig, width: int
+) -> dict[tuple[int, float], dict]:
+    """α of every edit of a unit at every budget: collateral KL (`Evaluator.iter_collateral`) within
+    ``kl_rtol`` of the budget (`rwasym.math.calibration.ScaleSearch`), searched in lockstep rounds of
+    ``width`` edits per batched forward. Targets first, from α₀ = 1 (the ΔW component itself); each
+    control starts at its matched target's α at the smallest budget; each later budget starts from
+    every point the edit's earlier searches measured (``prior``). A zero edit (ΔW has nothing along
+    the direction) cannot reach any budget: saturated, measured at α = 1 (it is the host)."""
+    budgets = list(cfg.kl_budgets)
+    out: dict[tuple[int, float], dict] = {}
+    is_target = [desc["direction"] == desc["target"] for desc, _ in units]
+    target_of = {desc["index"]: e for e, (desc, _) in enumerate(units) if is_target[e]}
+    seen: dict[int, dict[float, tuple[float, float]]] = {}  # edit → {α: (collateral KL, collateral ΔCE)}
+
+    def start(e: int, j: int) -> ScaleSearch | None:
+        """The search of edit e at budget j; None once it has finished (recorded in ``out``)."""
+        if j == 0 and all(float(U.abs().max()) == 0.0 for U, _ in units[e][1].values()):
+            for b in budgets:
+                out[(e, b)] = dict(alpha=1.0, achieved=0.0, dce=0.0, evaluations=0, reached=False, saturated=True)
+            return None
+        alpha0 = 1.0
+        if j == 0 and not is_target[e]:
+            matched = out.get((target_of.get(units[e][0]["matched_to"], -1), budgets[0]))
+            alpha0 = 1.0 if matched is None or matched["evaluations"] == 0 else matched["alpha"]
+        prior = [(a, kl) for a, (kl, _) in seen.get(e, {}).items()]
+        search = ScaleSearch(budgets[j], rtol=cfg.kl_rtol, alpha0=min(alpha0, 1e6), prior=prior)
+        return None if _finished(search, e, j) else search
+
+    def _finished(search: ScaleSearch, e: int, j: int) -> bool:
+        if not search.done:
+            return False
+        r = search.result()
+        out[(e, budgets[j])] = dict(
+            alpha=r["alpha"],
+            achieved=r["achieved"],
+            dce=seen[e][r["alpha"]][1],
+            evaluations=r["evaluations"],
+            reached=r["reached"],
+            saturated=r["saturated"],
+        )
+        return True
+
+    def advance(e: int, j: int) -> None:
+        """Open the searches of edit e from budget j on (one may finish on its priors alone)."""
+        for jj in range(j, len(budgets)):
+            search = start(e, jj)
+            if search is not None:
+                open_[e] = (jj, search)
+                return
+            if (e, budgets[-1]) in out:
+                return
+
+    targets = [e for e in range(len(units)) if is_target[e]]
+    for members in (targets, [e for e in range(len(units)) if not is_target[e]]):
+        open_: dict[int, tuple[int, ScaleSearch]] = {}
+        for e in members:
+            advance(e, 0)
+        while open_:
+            order = sorted(open_)
+            for i in range(0, len(order), width):
+                chunk = order[i : i + width]
+                edits = [scaled(units[e][1], open_[e][1].alpha) for e in chunk]
+                for e, values in zip(chunk, ev.iter_collateral(host, edits)):
+                    j, search = open_[e]
+                    seen.setdefault(e, {})[search.alpha] = (values["collateral_kl"], values["collateral_dce"])
+                    try:
+                        search.observe(values["collateral_kl"])
+                    except RwasymError as err:
+                        desc = units[e][0]
+                        raise RwasymError(
+                            f"calibrating the {desc['direction']} edit {desc['index']} to a collateral KL of "
+                            f"{budgets[j]}: {err}"
+                        ) from None
+                    if _finished(search, e, j):
+                        del open_[e]
+                        advance(e, j + 1)
+    return out

@@ -31,15 +31,17 @@ class SweepSummary:
 
     def to_markdown(self, metrics: Sequence[str] | None = None) -> str:
         lines = [
-            "| matrix | head | mode | α | target | control | metric | target mean | control mean | diff [95% CI] | p |",
+            "| matrix | head | mode | α (or KL budget) | target | control | metric | target mean | control mean "
+            "| diff [95% CI] | p |",
             "|" + "---|" * 11,
         ]
         for r in self.rows:
             if metrics is None or r["metric"] in metrics:
                 head = "" if r["head"] is None else r["head"]
                 target = r["target"] if "rank" not in r else f"{r['target']} (rank {r['rank']})"
+                scale = f"KL {r['kl_budget']:g}" if r.get("kl_budget") is not None else f"{r['alpha']:g}"
                 lines.append(
-                    f"| {r['matrix']} | {head} | {r['mode']} | {r['alpha']:g} | {target} | "
+                    f"| {r['matrix']} | {head} | {r['mode']} | {scale} | {target} | "
                     f"{r['control']} | {r['metric']} | {r['target_mean']:.4g} | {r['control_mean']:.4g} | "
                     f"{r['diff']:+.4g} [{r['ci_low']:+.4g}, {r['ci_high']:+.4g}] | {r['p_value']:.3g} |"
                 )
@@ -47,8 +49,8 @@ class SweepSummary:
 
 
 def _group_order(item: tuple) -> tuple:
-    matrix, head, mode, alpha, target, rank = item[0]
-    return (matrix, -1 if head is None else head, mode, alpha, target, rank or 0)
+    matrix, head, mode, scale, target, rank = item[0]
+    return (matrix, -1 if head is None else head, mode, scale, target, rank or 0)
 
 
 def summarize(
@@ -60,7 +62,7 @@ def summarize(
     level: float = 0.95,
     seed: int = 0,
 ) -> SweepSummary:
-    """Per matrix (or joint set) × head × mode × α × target family (× rank for joint rows): target
+    """Per matrix (or joint set) × head × mode × α (or KL budget) × target family (× rank for joint rows): target
     rows versus each control kind and
     both pooled ("control"), for every numeric metric (default: all but the row descriptors,
     input_energy included): means, diff = target − control, bootstrap CI, permutation p."""
@@ -78,9 +80,11 @@ def summarize(
         )
     groups: dict[tuple, list[dict]] = {}
     for r in rows:  # joint rows (rwasym.analyses.joint) are grouped by their edit rank too
-        groups.setdefault((r["matrix"], r["head"], r["mode"], r["alpha"], r["target"], r.get("rank")), []).append(r)
+        scale = ("kl", r["kl_budget"]) if r.get("kl_budget") is not None else ("alpha", r["alpha"])
+        groups.setdefault((r["matrix"], r["head"], r["mode"], scale, r["target"], r.get("rank")), []).append(r)
     out = []
-    for (matrix, head, mode, alpha, target, rank), members in sorted(groups.items(), key=_group_order):
+    for (matrix, head, mode, (unit, scale), target, rank), members in sorted(groups.items(), key=_group_order):
+        alpha, budget = (scale, None) if unit == "alpha" else (None, scale)
         for control in [c for c in CONTROLS if any(m["direction"] == c for m in members)] + ["control"]:
             wanted = CONTROLS if control == "control" else (control,)
             for metric in metrics:
@@ -95,6 +99,7 @@ def summarize(
                         head=head,
                         mode=mode,
                         alpha=alpha,
+                        **({} if budget is None else {"kl_budget": budget}),
                         target=target,
                         **({} if rank is None else {"rank": rank}),
                         control=control,

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_config_flags, chat_template_flag, config_from_args, load_pairs_for
+from .common import add_config_flags, chat_template_flag, config_from_args, load_pairs_for, read_tokens
 
 
 def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -17,6 +17,13 @@ def add_intervene_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tuned-adapter", default=None, help="PEFT LoRA adapter folder on --base (instead of --tuned)")
     p.add_argument("--pairs", required=True, help="held-out pairs: .safetensors (prompt/chosen/rejected) or .jsonl")
     p.add_argument("--text", default=None, help="held-out text (.safetensors with input_ids); default prompt+chosen")
+    p.add_argument(
+        "--collateral",
+        default=None,
+        help="match=kl: generic text, disjoint from the pairs, on which every edit's collateral KL is matched to "
+        "each budget (.safetensors with input_ids, or a text file); also the covariance data of the frames. "
+        "Default: the held-out prompts, answer positions excluded (with a warning)",
+    )
     chat_template_flag(p)
     add_config_flags(p, SweepConfig)
     p.add_argument("--out", default="sweep.jsonl")
@@ -35,12 +42,24 @@ def run_intervene(args: argparse.Namespace) -> int:
     config = config_from_args(args, SweepConfig)
     base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "intervene")
     pairs = load_pairs_for(args.pairs, base, args)
-    rows = sweep(base, tuned, pairs, config, out=args.out, text=args.text, progress=False if args.quiet else None)
+    collateral = None if args.collateral is None else read_tokens(args.collateral, base)
+    rows = sweep(
+        base,
+        tuned,
+        pairs,
+        config,
+        out=args.out,
+        text=args.text,
+        collateral=collateral,
+        progress=False if args.quiet else None,
+    )
     if distributed.world()[0] != 0:
         return 0  # rank 0 summarises, writes the summary and prints the table
-    summary = summarize(rows, metrics=["gap_margin", "margin", "accuracy", "ce", "kl_base", "kl_tuned", "input_energy"])
+    metrics = ["gap_margin", "margin", "accuracy", "ce", "kl_base", "kl_tuned", "input_energy"]
+    cost = "collateral_kl" if config.match == "kl" else "kl_base" if config.mode == "transplant" else "kl_tuned"
+    summary = summarize(rows, metrics=metrics + (["collateral_kl", "collateral_dce"] if config.match == "kl" else []))
     if args.summary:
         Path(args.summary).write_text(summary.to_json() if args.summary.endswith(".json") else summary.to_markdown())
-    print(summary.to_markdown(["gap_margin", "kl_base" if config.mode == "transplant" else "kl_tuned", "input_energy"]))
+    print(summary.to_markdown(["gap_margin", cost, "input_energy"]))
     print(f"{len(rows)} rows in {args.out}")
     return 0
