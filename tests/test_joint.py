@@ -547,7 +547,10 @@ def test_kl_matched_rows_sit_at_their_budget_when_written_into_the_hf_weights(pa
         collateral=collateral,
     )
     monkeypatch.undo()
+    ceilings = [r for r in rows if r["direction"] == "ceiling"]
+    rows = [r for r in rows if r["direction"] != "ceiling"]
     assert len(rows) == len(measured) == 2 * 2 * 7 * 2  # sets × ranks × edits × budgets
+    assert [c["matrix"] for c in ceilings] == ["blocks.*.attn.W_Q", "write"]
     header, _ = read_sweep(tmp_path / "kl.jsonl")
     assert header["config"]["cov_data"] == rwasym.hooks.activations.data_hash(collateral)
     hf, tuned = pair["hf"], pair["tuned"]
@@ -570,6 +573,28 @@ def test_kl_matched_rows_sit_at_their_budget_when_written_into_the_hf_weights(pa
         assert dce == pytest.approx(row["collateral_dce"], abs=1e-5)
         evals.append(row["calibration_evals"])
     assert len(evals) >= len(rows) // 2  # most rows reach their budget
+    # the ceiling: the set's full ΔW, i.e. the host carrying the donor's weights of the set; by hand in HF
+    donor = tuned if mode == "transplant" else hf
+    for c, module in zip(ceilings, ("q_proj", "o_proj")):
+        edited = copy.deepcopy(host)
+        for i in range(len(hf.model.layers)):
+            getattr(edited.model.layers[i].self_attn, module).load_state_dict(
+                getattr(donor.model.layers[i].self_attn, module).state_dict()
+            )
+        want = _hand_metrics(edited, hf, pair["pairs"])
+        for key, value in want.items():
+            assert c[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), (c["matrix"], key)
+        kl, dce = _hand_collateral(edited, host, collateral)
+        assert c["collateral_kl"] == pytest.approx(kl, rel=1e-4) and c["collateral_dce"] == pytest.approx(dce, abs=1e-5)
+        assert c["kl_budget"] is None and c["alpha"] == 1.0 and c["calibration_evals"] == 0
+    # ... and bit-equal to the rwasym model loaded with those weights, measured by a fresh Evaluator
+    base_m, tuned_m = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
+    host_m = rwasym.load(str(pair["root"] / ("base" if mode == "transplant" else "tuned")))
+    donor_m = tuned_m if mode == "transplant" else base_m
+    for spec in matrix_set(host_m, "write"):
+        host_m.set_weight(spec.name, donor_m.weight(spec.name))
+    fresh = behaviour.Evaluator(base_m, tuned_m, pair["pairs"], beta=BETA).measure(host_m)
+    assert all(ceilings[1][k] == v for k, v in fresh.items()), fresh
     # the α that reached the budget scales the unit edit: targets and controls differ in α, not in KL
     by_set = [r for r in rows if r["matrix"] == "write" and r["rank"] == 1 and r["kl_budget"] == 0.01]
     assert len({round(r["alpha"], 6) for r in by_set}) == len(by_set)

@@ -590,21 +590,50 @@ class Evaluator:
         if key not in self._runners:
             stream = _Stream(col.tokens, None if col.attention_mask is None else col.attention_mask.long())
             self._runners[key] = _Runner(host, [stream], layer, self.reuse_prefix)
-        if id(host) not in self._collateral_ref:
-            with torch.no_grad():
-                kw = {} if col.attention_mask is None else {"attention_mask": col.attention_mask.long().to(host.device)}
-                ref = host.bridge(col.tokens.to(host.device), **kw)[:, :-1].double().log_softmax(-1).cpu()
-            self._collateral_ref[id(host)] = (ref, self._collateral_ce(ref))
-        ref, ref_ce = self._collateral_ref[id(host)]
+        self._collateral_reference(host)
         logits = self._runners[key].logits(0, len(edits), hooks)
-        weight = col.counted.double()
         for e in range(len(edits)):
-            logp = logits[e][:, :-1].double().log_softmax(-1).cpu()
-            kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)
-            yield dict(
-                collateral_kl=float((kl * weight).sum() / weight.sum()),
-                collateral_dce=self._collateral_ce(logp) - ref_ce,
-            )
+            yield self._collateral_cost(host, logits[e])
+
+    def measure_weights(self, host: Model, donor: Model, names: Sequence[str]) -> dict[str, float]:
+        """Metrics and collateral cost of ``host`` with the matrices ``names`` replaced by ``donor``'s
+        (`Model.edit`: the host parameters are written, measured by plain forwards, and restored
+        bit-exactly, also on error). With host = base and donor = tuned this is the transplant of the
+        full ΔW of those matrices — the logits of the base carrying the tuned weights of the set —
+        and with host = tuned, donor = base its ablation: the ceiling of every edit inside the set."""
+        self._collateral_reference(host)  # the clean host's, before its weights change
+        with host.edit({name: donor.weight(name) for name in names}):
+            values = self._metrics(*self._plain(host))
+            col = self.collateral
+            with torch.no_grad():
+                logits = host.bridge(col.tokens.to(host.device), **self._collateral_kwargs(host))
+            values.update(self._collateral_cost(host, logits))
+        return values
+
+    def _collateral_kwargs(self, host: Model) -> dict:
+        mask = self.collateral.attention_mask
+        return {} if mask is None else {"attention_mask": mask.long().to(host.device)}
+
+    def _collateral_reference(self, host: Model) -> tuple[Tensor, float]:
+        """The clean host's log-probabilities on the collateral text and its CE, computed once per host."""
+        if id(host) not in self._collateral_ref:
+            col = self.collateral
+            with torch.no_grad():
+                logits = host.bridge(col.tokens.to(host.device), **self._collateral_kwargs(host))
+            ref = logits[:, :-1].double().log_softmax(-1).cpu()
+            self._collateral_ref[id(host)] = (ref, self._collateral_ce(ref))
+        return self._collateral_ref[id(host)]
+
+    def _collateral_cost(self, host: Model, logits: Tensor) -> dict[str, float]:
+        """collateral_kl and collateral_dce of edited logits (n, pos, d_vocab) against the clean host."""
+        ref, ref_ce = self._collateral_reference(host)
+        weight = self.collateral.counted.double()
+        logp = logits[:, :-1].double().log_softmax(-1).cpu()
+        kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)
+        return dict(
+            collateral_kl=float((kl * weight).sum() / weight.sum()),
+            collateral_dce=self._collateral_ce(logp) - ref_ce,
+        )
 
     def _collateral_ce(self, logp: Tensor) -> float:
         col = self.collateral

@@ -50,6 +50,11 @@ class SweepConfig:
         list_of=float,
     )
     kl_rtol: float = _opt(0.05, "match=kl: relative tolerance of each edit's collateral KL around its budget")
+    ceiling: bool = _opt(
+        True,
+        "match=kl: also measure the full ΔW of each matrix (joint: each set) transplanted / ablated, the "
+        "reference every edit inside it is a fraction of (rows with direction 'ceiling')",
+    )
     seed: int = _opt(0, "seeds the control directions (and keys the rows)")
     beta: float = _opt(0.1, "DPO β of the implicit-reward metrics")
     heads: bool = _opt(False, "also edit every attention head separately")
@@ -163,7 +168,12 @@ class SweepConfig:
             dtype=dtype,
             **({} if self.match == "norm" else {"match": self.match}),
             **(
-                {"kl_budgets": list(self.kl_budgets), "kl_rtol": float(self.kl_rtol), "collateral": collateral}
+                {
+                    "kl_budgets": list(self.kl_budgets),
+                    "kl_rtol": float(self.kl_rtol),
+                    "collateral": collateral,
+                    "ceiling": bool(self.ceiling),
+                }
                 if self.match == "kl"
                 else {}
             ),

@@ -208,6 +208,10 @@ def sweep(
                     "norm" if match == "kl" else match,
                 )
                 if match == "kl":  # rows keyed by budget; α calibrated when the unit runs
+                    if cfg.ceiling and head is None:
+                        donor = tuned if mode == "transplant" else base
+                        desc = _ceiling_row(spec.name, spec.layer, spec.kind, float(deltas[spec.name].norm()), cfg)
+                        plan.append(([desc], _ceiling_pass(ev, host, donor, [spec.name]), len(plan)))
                     units = []
                     for d, desc in edits:
                         u, v = embed_head(spec, sign * d.u, d.v, head)
@@ -338,6 +342,14 @@ def _joint_plan(
 
     plan = []
     for label, specs in sets.items():
+        if cfg.match == "kl" and cfg.ceiling:
+            norms = {s.name: float(formed[s.name].norm()) for s in specs}  # ‖ΔW‖_F, raw weights
+            names = [n for n, v in norms.items() if v > 0.0]  # a frozen matrix stays out, as in the edits
+            if names:
+                norm = sum(norms[n] ** 2 for n in names) ** 0.5
+                donor = tuned if sign > 0 else base
+                meta = _ceiling_row(label, None, "joint", norm, cfg)
+                plan.append(([meta], _ceiling_pass(ev, host, donor, names), unit_base + len(plan)))
         for r in cfg.ranks:
             match = "norm" if cfg.match == "kl" else cfg.match  # effect-matched: norm-matched, then calibrated
             edits = joint_edits(
@@ -533,3 +545,36 @@ def _calibrate(
                         del open_[e]
                         advance(e, j + 1)
     return out
+
+
+def _ceiling_row(matrix: str, layer: int | None, kind: str, norm: float, cfg: SweepConfig) -> dict:
+    """The descriptors of a ceiling row: the full ΔW of a matrix (or set) at α = 1, ``norm`` = ‖ΔW‖_F."""
+    return dict(
+        id=stable_hash(["ceiling", matrix, cfg.mode, int(cfg.seed)]),
+        matrix=matrix,
+        layer=layer,
+        matrix_kind=kind,
+        head=None,
+        side="full",
+        direction="ceiling",
+        index=0,
+        target="ceiling",
+        matched_to=None,
+        u_norm=norm,
+        mode=cfg.mode,
+        seed=int(cfg.seed),
+        alpha=1.0,
+        edit_norm=norm,
+        kl_budget=None,
+    )
+
+
+def _ceiling_pass(ev: Evaluator, host: Model, donor: Model, names: list[str]) -> Callable[[], Iterator[dict]]:
+    """The pass of one ceiling row: ``host`` with the matrices ``names`` taken from ``donor``
+    (`Evaluator.measure_weights`: written, measured by plain forwards, restored bit-exactly)."""
+
+    def run() -> Iterator[dict]:
+        values = ev.measure_weights(host, donor, names)
+        yield dict(**values, calibration_evals=0, budget_reached=None, saturated=False)
+
+    return run
