@@ -504,6 +504,7 @@ def sweep_experiment(
                                 "ci_low",
                                 "ci_high",
                                 "p_value",
+                                "p_floor",
                             )
                         },
                     )
@@ -517,7 +518,7 @@ def sweep_experiment(
                 target=key[1],
                 metric=key[2],
                 **{f"diff_{k}": v for k, v in seed_interval([r["diff"] for r in sel]).items()},
-                seeds_p_below_0_05=sum(r["p_value"] < 0.05 for r in sel),
+                seeds_p_below_0_05=sum(r["p_value"] is not None and r["p_value"] < 0.05 for r in sel),
             )
         )
     results = dict(
@@ -552,7 +553,9 @@ def sweep_experiment(
             f"Directions {directions}; controls matched in "
             f"{'Frobenius norm' if match == 'norm' else 'mean-square output change'}; "
             f"{max_pairs} held-out pairs; diff = target − pooled controls, mean over seeds "
-            "with 95% t-interval; the last column counts seeds whose own permutation p < 0.05.\n",
+            "with 95% t-interval; the last column counts seeds whose own p < 0.05 (per seed: the exact "
+            "one-sided stratified rank test of the targets above their matched controls, one stratum per "
+            "target index; its smallest attainable p is p_floor).\n",
             f"## {metrics[0]}\n",
             report.markdown_table(
                 main, ["matrix", "target", "diff_mean", "diff_ci_low", "diff_ci_high", "seeds_p_below_0_05"]
