@@ -161,6 +161,9 @@ def test_per_head_sweep_and_nothing_to_sweep(files, tmp_path):
         progress=False,
     )
     assert sorted({r["head"] for r in rows}, key=str) == [0, 1, 2, 3, None]
+    ceiling = [r for r in rows if r["direction"] == "ceiling"]  # the whole matrix's ΔW, once (not per head)
+    assert [(c["matrix"], c["head"]) for c in ceiling] == [("blocks.0.attn.W_O", None)]
+    rows = [r for r in rows if r["direction"] != "ceiling"]
     assert len(rows) == 5 * 4 and {r["side"] for r in rows if r["head"] == 2} == {"input", "output"}
     head_pca = [r for r in rows if r["head"] is not None and r["direction"] == "pca"]
     assert all(r["input_energy"] > 0 for r in head_pca) and len({r["input_energy"] for r in head_pca}) == 4
@@ -268,11 +271,11 @@ def test_cli_intervene(files, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| blocks.1.mlp.W_out |  | ablate | KL 0.003 | prediction | random | gap_margin |" in printed
     assert "| collateral_kl |" in printed  # the cost every row was matched on
-    assert "16 rows in" in printed and md.read_text().startswith("| matrix |")
+    assert "18 rows in" in printed and md.read_text().startswith("| matrix |")  # 16 edits + 2 ceilings
     header, rows = read_sweep(out)
-    assert header["config"]["mode"] == "ablate" and {r["side"] for r in rows} == {"output"}
+    assert header["config"]["mode"] == "ablate" and {r["side"] for r in rows} == {"output", "full"}
     assert header["config"]["kl_budgets"] == [0.003, 0.01] and "alphas" not in header["config"]
-    for r in rows:
+    for r in (r for r in rows if r["direction"] != "ceiling"):
         assert r["budget_reached"] and abs(r["collateral_kl"] - r["kl_budget"]) <= 0.05 * r["kl_budget"]
     bad = parser.parse_args(
         [

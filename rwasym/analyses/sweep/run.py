@@ -207,6 +207,8 @@ def sweep(
                     warned,
                     "norm" if match == "kl" else match,
                 )
+                if not edits:
+                    continue  # no target applies (prediction asked of a read matrix): no row, no ceiling
                 if match == "kl":  # rows keyed by budget; α calibrated when the unit runs
                     if cfg.ceiling and head is None:
                         donor = tuned if mode == "transplant" else base
