@@ -15,6 +15,7 @@ _LANE_FILES = {
     "test_distributed.py": "distributed",
     "test_docs.py": "docs",
     "test_real_experiment.py": "real",
+    "test_causal_study.py": "real",
     "test_real_pair.py": "real",
     "test_real_model.py": "real",
     "test_families.py": "hf",

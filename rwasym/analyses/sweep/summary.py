@@ -218,8 +218,8 @@ def summarize(
         for control in [c for c in CONTROLS if any(m["direction"] == c for m in members)] + ["control"]:
             wanted = CONTROLS if control == "control" else (control,)
             for metric in metrics:
-                t = [m[metric] for m in members if m["direction"] == target and m.get(metric) is not None]
-                c = [m[metric] for m in members if m["direction"] in wanted and m.get(metric) is not None]
+                t = [float(m[metric]) for m in members if m["direction"] == target and m.get(metric) is not None]
+                c = [float(m[metric]) for m in members if m["direction"] in wanted and m.get(metric) is not None]
                 if not t or not c:
                     continue
                 lo, hi = bootstrap_ci(t, c, n_boot, level, seed)
