@@ -296,7 +296,11 @@ def _markdown(results: dict, headline: str) -> str:
         )
     if "sweep" in results:
         parts.append(
-            "## Rank-1 sweep: target versus matched controls\n\n" + report.markdown_table(results["sweep"]["summary"])
+            "## Rank-1 sweep: target versus matched controls\n\n"
+            + report.markdown_table(
+                results["sweep"]["summary"],
+                ["matrix", "alpha", "target", "control", "metric", "target_mean", "control_mean", "diff", "p_value"],
+            )
         )
     parts.append(
         "## Post-training SVD by matrix kind\n\n"
