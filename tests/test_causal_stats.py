@@ -381,3 +381,35 @@ def test_scale_searches_in_lockstep_equal_one_calibration_each():
         searches[0].observe(0.02)
     with pytest.raises(RwasymError, match="has not finished"):
         ScaleSearch(0.1).result()
+
+
+def test_spectrum_controls_take_the_target_direction_on_a_spectrum_matched_delta():
+    """directions("spectrum"): draw j is the target's own unit vector (frames[j mod k]) applied to the j-th
+    spectrum-matched random delta from the generator — so its edit leaves ΔW's column space, where every
+    input-side random / orthogonal control (u = ΔW v) stays; norms rescaled to the matched target's."""
+    from rwasym.math.rank1 import directions, spectrum_matched_delta
+
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(12, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 9, generator=g, dtype=torch.float64)
+    cov = torch.randn(40, 9, generator=g, dtype=torch.float64).T.cov()
+    targets = directions("pca", delta, 2, cov=cov)
+    frames = torch.stack([t.direction for t in targets])
+    got = directions("spectrum", delta, 5, side="input", frames=frames, generator=torch.Generator().manual_seed(7))
+    replay = torch.Generator().manual_seed(7)
+    col = torch.linalg.svd(delta, full_matrices=False)[0][:, :2]  # ΔW's column space (rank 2)
+    for j, d in enumerate(got):
+        R = spectrum_matched_delta(delta, replay)
+        assert torch.allclose(d.v, frames[j % 2]) and torch.allclose(d.u, R @ frames[j % 2], atol=1e-12)
+        assert d.matched_to == j % 2 and d.kind == "spectrum"
+        assert float((d.u - col @ (col.T @ d.u)).norm()) > 0.1 * float(d.u.norm())  # off ΔW's column space
+    for d in directions("random", delta, 5, side="input", generator=g):
+        assert float((d.u - col @ (col.T @ d.u)).norm()) < 1e-10 * float(d.u.norm())  # inside it
+    norms = [t.norm for t in targets]
+    scaled = directions(
+        "spectrum", delta, 4, side="input", frames=frames, generator=torch.Generator().manual_seed(7), target_norms=norms
+    )
+    assert [d.norm for d in scaled] == pytest.approx([norms[j % 2] for j in range(4)], rel=1e-12)
+    out = directions("spectrum", delta, 2, side="output", frames=torch.eye(12, dtype=torch.float64)[:1], generator=g)
+    assert torch.allclose(out[0].u / out[0].u.norm(), torch.eye(12, dtype=torch.float64)[0])  # p pᵀ R: along p
+    with pytest.raises(RwasymError, match="frames="):
+        directions("spectrum", delta, 2, side="input", generator=g)

@@ -598,3 +598,64 @@ def test_kl_matched_rows_sit_at_their_budget_when_written_into_the_hf_weights(pa
     # the α that reached the budget scales the unit edit: targets and controls differ in α, not in KL
     by_set = [r for r in rows if r["matrix"] == "write" and r["rank"] == 1 and r["kl_budget"] == 0.01]
     assert len({round(r["alpha"], 6) for r in by_set}) == len(by_set)
+
+
+def test_joint_spectrum_controls_and_a_sweep_with_them(pair, tmp_path):
+    """Joint spectrum control j of a matrix = the least-squares edit on target j mod c's own frame of the
+    j-th spectrum-matched random delta (replayed from the same generator), norm-matched per matrix; a
+    sweep accepts the kind (per-matrix and joint) and summarizes it as its own control family."""
+    from rwasym.math.rank1 import spectrum_matched_delta
+
+    base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
+    specs = matrix_set(base, "blocks.*.attn.W_Q")
+    stats = capture(
+        base,
+        pair["data"],
+        sites={base.input_hook(s.name): s.n_in for s in specs},
+        progress=False,
+        gram_dtype=torch.float64,
+    )
+    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
+    seeds = {}
+
+    def gen(*parts):
+        return torch.Generator().manual_seed(seeds.setdefault(parts, 100 + len(seeds)))
+
+    edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 2), ("spectrum", 3)], 2, gen, "norm")
+    assert [d["direction"] for d, _ in edits] == ["pca"] * 2 + ["spectrum"] * 3
+    for spec in specs:
+        top = _top_from(stats.for_matrix(spec.name).covariance(), 4)
+        replay = torch.Generator().manual_seed(seeds[(spec.name, 2, "pca", "spectrum")])
+        for j, (desc, edit) in enumerate(edits[2:]):
+            R = spectrum_matched_delta(deltas[spec.name], replay)
+            F = top[:, (j % 2) * 2 : (j % 2) * 2 + 2]
+            E = R @ F @ F.T
+            U, V = edit[spec.name]
+            U_t, V_t = edits[j % 2][1][spec.name]
+            scale = float((U_t.T @ V_t).norm()) / float(E.norm())
+            assert torch.allclose(U.T @ V, scale * E, atol=1e-10) and desc["matched_to"] == j % 2
+    rows = _run(
+        pair,
+        tmp_path / "s.jsonl",
+        directions="pca:1,spectrum:3",
+        match="kl",
+        alphas=(1.0,),
+        kl_budgets=(0.003,),
+        matrices=("write",),
+        collateral=pair["data"],
+    )
+    assert sum(r["direction"] == "spectrum" for r in rows) == 2 * 3
+    per_matrix = sweep(
+        str(pair["root"] / "base"),
+        str(pair["root"] / "tuned"),
+        pair["pairs"],
+        out=tmp_path / "m.jsonl",
+        matrices="blocks.*.attn.W_O",
+        directions="prediction:1,spectrum:2",
+        kl_budgets=(0.003,),
+        collateral=pair["data"],
+        progress=False,
+    )
+    assert {r["direction"] for r in per_matrix} == {"ceiling", "prediction", "spectrum"}
+    summary = summarize([r for r in per_matrix if r["direction"] != "ceiling"], metrics=["gap_margin"])
+    assert {r["control"] for r in summary.rows} == {"spectrum", "control"}

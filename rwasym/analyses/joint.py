@@ -14,9 +14,12 @@ r-frame F_m (`rwasym.math.rank1.frame_edit`: ΔW FᵀF on the input side, FᵀF 
   or, for write matrices when ``prediction`` is asked, the top prediction directions (left singular
   vectors of the effective unembedding diag(γ_final)·W_U, output side). r = 1, i = 0 is the top
   direction of every matrix; r = 8, i = 0 its top-8 subspace.
-- Control j, drawn per matrix on the same side as its target: ``random`` (a Haar r-frame) or
+- Control j, drawn per matrix on the same side as its target: ``random`` (a Haar r-frame),
   ``orthogonal`` (a Haar r-frame in the orthogonal complement of the matrix's top c·r target
-  subspace), rescaled per matrix so that ‖E_m‖_F (``match="norm"``) or the mean-square output change
+  subspace), or ``spectrum`` (target j mod c's own frame applied to a fresh random delta with ΔW_m's
+  singular values and Haar singular vectors, `rwasym.math.rank1.spectrum_matched_delta`: it keeps the
+  frame and the spectrum, not ΔW's own column / row space), rescaled per matrix so that ‖E_m‖_F
+  (``match="norm"``, also the start of ``match="kl"``) or the mean-square output change
   tr(E_m M_m E_mᵀ), M_m = E[a aᵀ] of the base's input (``match="output"``), equals that of target
   j mod c of the same matrix. Every matrix of a control edit is thus matched to its own target.
 
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import RwasymError
-from ..math.rank1 import edit_energy, edit_norm, frame_edit, random_frame
+from ..math.rank1 import edit_energy, edit_norm, frame_edit, random_frame, spectrum_matched_delta
 from ..math.subspaces import complement_basis, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model
 
@@ -90,7 +93,7 @@ def joint_edits(
             f"kinds {kinds!r} has no target kind: add ('pca', k) (read side) or ('prediction', k) (write side); "
             "controls are matched to the targets"
         )
-    controls = [(kind, counts[kind]) for kind in ("random", "orthogonal") if kind in counts]
+    controls = [(kind, counts[kind]) for kind in ("random", "orthogonal", "spectrum") if kind in counts]
     pred_basis: torch.Tensor | None = None
     per_matrix: dict[str, dict[str, Any]] = {}  # name → {"edits": [(U, V), ...], "M": second moment}
     used: set[str] = set()
@@ -125,8 +128,14 @@ def joint_edits(
         for kind, count in controls:
             g = seed_generator(spec.name, rank, target, kind)
             for j in range(count):
-                F = random_frame(n, rank, g) if kind == "random" else complement_basis(basis, rank, g).T
-                U, V = frame_edit(delta, F, side)
+                source = delta
+                if kind == "spectrum":  # the target's own frame on a random delta with ΔW's spectrum
+                    F, source = basis[:, (j % c) * rank : (j % c + 1) * rank].T, spectrum_matched_delta(delta, g)
+                elif kind == "random":
+                    F = random_frame(n, rank, g)
+                else:
+                    F = complement_basis(basis, rank, g).T
+                U, V = frame_edit(source, F, side)
                 want, have = (
                     (targets[j % c][0], edit_norm(U, V))
                     if match == "norm"

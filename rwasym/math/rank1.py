@@ -52,7 +52,7 @@ __all__ = [
     "unit_vector",
 ]
 
-DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal")
+DIRECTION_KINDS = ("pca", "prediction", "random", "orthogonal", "spectrum")
 _TARGET_OF_SIDE = {"input": "pca", "output": "prediction"}
 
 
@@ -195,6 +195,7 @@ def directions(
     k: int | None = None,
     target_norms: list[float] | None = None,
     generator: torch.Generator | None = None,
+    frames: Float[Tensor, "k n"] | None = None,
 ) -> list[Direction]:
     """``count`` edit directions of ``kind`` for ΔW (n_out × n_in; a head block works too).
 
@@ -204,6 +205,11 @@ def directions(
     random: Haar-uniform unit vector in R^{n_in} (side "input") or R^{n_out} (side "output").
     orthogonal: Haar-uniform unit vector in the orthogonal complement of the top-``k`` target
     subspace (PCA of ``cov`` / prediction subspace) of that side.
+    spectrum: the target's own direction (``frames``: the k targets' unit vectors on that side; draw j
+    takes frames[j mod k]) applied to R_j = `spectrum_matched_delta`(ΔW) instead of ΔW — ΔW's singular
+    values with Haar singular vectors, a fresh R_j per draw: u = R_j v (input side) or u vᵀ = p pᵀ R_j
+    (output side). The edit keeps the frame and ΔW's spectrum but not ΔW's own column / row space, the
+    structure that input-side random and orthogonal controls (ΔW v vᵀ) inherit.
     target_norms: rescale control j's u to target_norms[j mod len] (its direction is kept), so
     each control edit has its matched target's Frobenius norm; a control on which ΔW has no
     component (‖u‖ ≤ 1e-12·‖ΔW‖_F, e.g. an orthogonal control of a rank-1 ΔW along the top PC)
@@ -222,8 +228,19 @@ def directions(
     if side not in ("input", "output"):
         raise RwasymError(f"{kind} directions need side='input' (v drawn) or side='output' (p drawn); got {side!r}")
     n = delta.shape[1] if side == "input" else delta.shape[0]
+    sources = [delta] * count  # the delta each direction takes its component of
     if kind in ("pca", "prediction"):
         drawn = _subspace(side, count, n, cov, unembedding, kind).T  # (count, n)
+    elif kind == "spectrum":
+        if frames is None or frames.dim() != 2 or frames.shape[1] != n or frames.shape[0] < 1:
+            raise RwasymError(
+                f"spectrum controls need frames= (the targets' unit vectors on the {side} side, shape (k, {n})); "
+                f"got {None if frames is None else tuple(frames.shape)}"
+            )
+        if generator is None:
+            raise RwasymError("spectrum controls need generator= (each draw is a random delta)")
+        drawn = torch.stack([frames[j % frames.shape[0]].to(torch.float64) for j in range(count)])
+        sources = [spectrum_matched_delta(delta, generator) for _ in range(count)]
     elif kind == "random":
         gauss = torch.randn(count, n, dtype=torch.float64, generator=generator)
         drawn = gauss / linalg.vector_norm(gauss, dim=1, keepdim=True)  # uniform on the sphere
@@ -238,9 +255,11 @@ def directions(
     # a component this small is rounding: the edit is zero, not rescaled noise
     tiny = 1e-12 * float(linalg.vector_norm(delta))
     for j in range(count):
-        u, v = _side_vectors(delta, drawn[j], side, tiny)
+        u, v = _side_vectors(sources[j], drawn[j], side, tiny)
         matched = None
-        if target_norms and kind in ("random", "orthogonal"):
+        if kind == "spectrum":
+            matched = j % drawn.shape[0] if frames is None else j % frames.shape[0]
+        if target_norms and kind in ("random", "orthogonal", "spectrum"):
             matched = j % len(target_norms)
             norm = float(linalg.vector_norm(u))
             u = u * (target_norms[matched] / norm) if norm > tiny else torch.zeros_like(u)

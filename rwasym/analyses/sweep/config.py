@@ -18,7 +18,7 @@ FORMAT = 1
 TARGETS = ("pca", "prediction")
 
 
-CONTROLS = ("random", "orthogonal")
+CONTROLS = ("random", "orthogonal", "spectrum")
 
 
 MATCHES = ("kl", "norm", "output")
@@ -32,7 +32,9 @@ class SweepConfig:
     matrices: Sequence[str] = _opt(("blocks.*.attn.W_Q",), "registry globs of the matrices to edit", list_of=str)
     directions: str = _opt(
         "pca:4,random:32,orthogonal:32",
-        "kind:count of targets (pca, prediction) and their matched controls (random, orthogonal)",
+        "kind:count of targets (pca, prediction) and their controls: random, orthogonal (Haar directions; the "
+        "edit keeps ΔW's own output / input space), spectrum (the target's direction on a random delta with "
+        "ΔW's singular values)",
     )
     alphas: Sequence[int | float] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)
     mode: str = _opt("transplant", "transplant (base + α u vᵀ) or ablate (tuned − α u vᵀ)", choices=MODES)

@@ -73,6 +73,7 @@ def _unit_edits(
                 k=counts[target],
                 target_norms=norms,
                 generator=g,
+                frames=torch.stack([d.direction for d in targets]),
             )
             group += match_output_energy(controls, targets, M) if match == "output" else controls
         for d in group:
