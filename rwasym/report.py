@@ -264,3 +264,51 @@ def effect_plot(rows: Sequence[dict], metric: str, path: PathLike | None = None,
     ax.set_title(title or f"rank-1 edits: {metric} by direction")
     ax.legend(fontsize=7)
     return _finish(fig, path)
+
+
+def dose_response(rows: Sequence[dict], metric: str, path: PathLike | None = None, title: str = ""):
+    """Behaviour against cost for effect-matched sweep rows (``match="kl"``): per matrix or set (and rank),
+    ``metric`` against the achieved collateral KL (log axis), each control family as its median over the
+    draws of each budget with a 10–90% band, each target as its own line (one per seed and index)."""
+    import numpy as np
+
+    plt = _plt()
+    rows = [r for r in rows if r.get("kl_budget") is not None and r.get(metric) is not None]
+    panels = sorted({(r["matrix"], r.get("rank") or 0, r["mode"]) for r in rows}, key=str)
+    if not panels:
+        raise RwasymError(f"no effect-matched rows with {metric!r} to plot (rows need kl_budget; match='kl')")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (matrix, rank, mode) in zip(axes[0], panels):
+        sel = [r for r in rows if (r["matrix"], r.get("rank") or 0, r["mode"]) == (matrix, rank, mode)]
+        controls = sorted({r["direction"] for r in sel if r["direction"] != r["target"]})
+        for j, kind in enumerate(controls):
+            budgets = sorted({r["kl_budget"] for r in sel if r["direction"] == kind})
+            ys = [[r[metric] for r in sel if r["direction"] == kind and r["kl_budget"] == b] for b in budgets]
+            xs = [float(np.median([r["collateral_kl"] for r in sel if r["kl_budget"] == b])) for b in budgets]
+            lo, mid, hi = (np.array([np.percentile(y, q) for y in ys]) for q in (10, 50, 90))
+            ax.fill_between(xs, lo, hi, color=f"C{j + 1}", alpha=0.2)
+            ax.plot(xs, mid, color=f"C{j + 1}", label=f"{kind} (median, 10–90%)")
+        for n, key in enumerate(sorted({(r["seed"], r["index"]) for r in sel if r["direction"] == r["target"]})):
+            t = sorted(
+                (r for r in sel if r["direction"] == r["target"] and (r["seed"], r["index"]) == key),
+                key=lambda r: r["kl_budget"],
+            )
+            ax.plot(
+                [r["collateral_kl"] for r in t],
+                [r[metric] for r in t],
+                "o-",
+                color="C0",
+                lw=1.5,
+                label="target" if n == 0 else None,
+            )
+        ax.set_xscale("log")
+        budgets = sorted({r["kl_budget"] for r in sel})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("collateral KL (nats / token)")
+        ax.set_title(f"{matrix}{f', rank {rank}' if rank else ''} ({mode})", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _finish(fig, path)

@@ -405,9 +405,8 @@ def test_spectrum_controls_take_the_target_direction_on_a_spectrum_matched_delta
     for d in directions("random", delta, 5, side="input", generator=g):
         assert float((d.u - col @ (col.T @ d.u)).norm()) < 1e-10 * float(d.u.norm())  # inside it
     norms = [t.norm for t in targets]
-    scaled = directions(
-        "spectrum", delta, 4, side="input", frames=frames, generator=torch.Generator().manual_seed(7), target_norms=norms
-    )
+    again = torch.Generator().manual_seed(7)
+    scaled = directions("spectrum", delta, 4, side="input", frames=frames, generator=again, target_norms=norms)
     assert [d.norm for d in scaled] == pytest.approx([norms[j % 2] for j in range(4)], rel=1e-12)
     out = directions("spectrum", delta, 2, side="output", frames=torch.eye(12, dtype=torch.float64)[:1], generator=g)
     assert torch.allclose(out[0].u / out[0].u.norm(), torch.eye(12, dtype=torch.float64)[0])  # p pᵀ R: along p

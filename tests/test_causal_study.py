@@ -63,3 +63,4 @@ def test_causal_sweeps_and_report(run, quick_cache, monkeypatch):
             assert r["target_mean"] == pytest.approx(target["gap_margin"] / ceiling["gap_margin"])
     text = (out / "report.md").read_text()
     assert "pre-registered" in text and "| transplant | blocks.*.attn.W_Q | 1 | 0.003 | random |" in text
+    assert (out / "dose_response_transplant.png").stat().st_size > 0 and "dose_response_transplant.png" in text

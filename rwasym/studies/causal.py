@@ -133,6 +133,15 @@ def causal_report(out: str | Path, config: CausalConfig | None = None) -> dict:
             saturated=sum(bool(r["saturated"]) for r in edits),
         ),
     )
+    from ..report import dose_response
+
+    for mode in sorted({r["mode"] for r in edits}):
+        dose_response(
+            [r for r in edits if r["mode"] == mode],
+            cfg.primary,
+            out / f"dose_response_{mode}.png",
+            title=f"{cfg.primary} against collateral KL ({mode}; seeds {results['seeds']})",
+        )
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "report.md").write_text(_markdown(results, cfg))
     return results
@@ -192,6 +201,8 @@ def _markdown(results: dict, cfg: CausalConfig) -> str:
             f"{_fmt(f and f['control_mean'])} | {_fmt(c and c['target_mean'])} | {_fmt(c and c['control_mean'])} | "
             f"{_fmt(d and d['target_mean'])} / {_fmt(d and d['control_mean'])} |"
         )
+    lines += ["", "## Dose-response", ""]
+    lines += [f"![{mode}](dose_response_{mode}.png)" for mode in sorted({r["mode"] for r in results["table"]})]
     lines += [
         "",
         "## Ceilings: the full ΔW of each set",
