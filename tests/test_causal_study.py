@@ -64,3 +64,10 @@ def test_causal_sweeps_and_report(run, quick_cache, monkeypatch):
     text = (out / "report.md").read_text()
     assert "pre-registered" in text and "| transplant | blocks.*.attn.W_Q | 1 | 0.003 | random |" in text
     assert (out / "dose_response_transplant.png").stat().st_size > 0 and "dose_response_transplant.png" in text
+
+
+def test_cli_report_only(run, capsys):
+    from rwasym.app.cli import main
+
+    assert main(["experiment", "causal", "--out", str(run), "--report-only"]) == 0
+    assert "seeds [0], 8 edits" in capsys.readouterr().out

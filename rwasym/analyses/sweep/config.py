@@ -54,8 +54,8 @@ class SweepConfig:
     kl_rtol: float = _opt(0.05, "match=kl: relative tolerance of each edit's collateral KL around its budget")
     ceiling: bool = _opt(
         True,
-        "match=kl: also measure the full ΔW of each matrix (joint: each set) transplanted / ablated, the "
-        "reference every edit inside it is a fraction of (rows with direction 'ceiling')",
+        "add (match=kl) a row per matrix (joint: per set) with its full ΔW transplanted / ablated, the "
+        "reference every edit inside it is a fraction of (direction 'ceiling')",
     )
     seed: int = _opt(0, "seeds the control directions (and keys the rows)")
     beta: float = _opt(0.1, "DPO β of the implicit-reward metrics")

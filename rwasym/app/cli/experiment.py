@@ -13,15 +13,18 @@ def add_experiment_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "name",
-        choices=["graded", "trajectory", "sweep", "real"],
-        help="real: every experiment on SmolLM2-135M + DPO (rwasym.studies.real; resumable units)",
+        choices=["graded", "trajectory", "sweep", "real", "causal"],
+        help="real: every experiment on SmolLM2-135M + DPO (rwasym.studies.real; resumable units); causal: the "
+        "pre-registered effect-matched causal test on that pair (rwasym.studies.causal; resumable sweeps)",
     )
     p.add_argument(
         "--parts",
         default=None,
         help="real: comma-separated parts (asymmetry, trajectory, mechanism, joint, companion, graded; default all)",
     )
-    p.add_argument("--report-only", action="store_true", help="real: rebuild the report from the finished units")
+    p.add_argument(
+        "--report-only", action="store_true", help="real, causal: rebuild the report from the finished units / rows"
+    )
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the figure")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated default-pair seeds (each trained once, cached)")
     p.add_argument("--steps", type=int, default=400, help="graded: alignment steps per λ")
@@ -43,6 +46,19 @@ def add_experiment_parser(sub: Any) -> argparse.ArgumentParser:
 def run_experiment(args: argparse.Namespace) -> int:
     from ...studies import experiments
 
+    if args.name == "causal":
+        from ...studies.causal import CausalConfig, causal_experiment, causal_report
+
+        if not args.report_only:
+            cfg = CausalConfig(seeds=tuple(parse_seeds(args.seeds)), quick=bool(args.quick))
+            causal_experiment(args.out, cfg, progress=False if args.quiet else None)
+        res = causal_report(args.out)
+        cal = res["calibration"]
+        print(
+            f"wrote {args.out}/report.md and results.json: seeds {res['seeds']}, {cal['edits']} edits, "
+            f"{cal['reached']} at their budget, {cal['mean_evaluations']:.2f} evaluations each"
+        )
+        return 0
     if args.name == "real":
         from ...studies.real import PARTS, RealConfig, real_experiment, real_report
 
