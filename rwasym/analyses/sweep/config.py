@@ -31,10 +31,11 @@ class SweepConfig:
 
     matrices: Sequence[str] = _opt(("blocks.*.attn.W_Q",), "registry globs of the matrices to edit", list_of=str)
     directions: str = _opt(
-        "pca:4,random:32,orthogonal:32",
+        "pca:1,random:20,orthogonal:20",
         "kind:count of targets (pca, prediction) and their controls: random, orthogonal (Haar directions; the "
         "edit keeps ΔW's own output / input space), spectrum (the target's direction on a random delta with "
-        "ΔW's singular values)",
+        "ΔW's singular values); controls are split over the targets (matched_to = j mod count), so 20 per "
+        "target and family let one seed's rank p reach 1/21 < 0.05",
     )
     alphas: Sequence[int | float] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)
     mode: str = _opt("transplant", "transplant (base + α u vᵀ) or ablate (tuned − α u vᵀ)", choices=MODES)
