@@ -36,6 +36,7 @@ from ._typed_torch import from_numpy, linalg, tolist
 from .checks import (
     as_float64_matrix,
     linalg_threads,
+    require_finite,
     require_int,
     require_k,
     require_orthonormal,
@@ -55,6 +56,8 @@ __all__ = [
     "column_energies",
     "delta_spectrum",
     "fraction_curve",
+    "kfree_score",
+    "KFreeScore",
     "log_k_grid",
     "null_fractions",
     "null_moments",
@@ -482,3 +485,60 @@ def log_k_grid(n: int) -> list[int]:
         grid.append(k)
         k *= 2
     return grid + [n]
+
+
+class KFreeScore(NamedTuple):
+    """ρ_C (`kfree_score`) with its Haar null: mean 1, standard deviation ``null_std``; z = (ρ − 1)/null_std."""
+
+    rho: float
+    null_std: float
+    n: int
+    side: str
+
+    @property
+    def z(self) -> float:
+        return (self.rho - 1.0) / self.null_std if self.null_std > 0 else math.nan
+
+
+def kfree_score(
+    delta: Float[Tensor, "n_out n_in"] | LowRankDelta,
+    cov: Float[Tensor, "n n"],
+    side: Side,
+    spectrum: DeltaSpectrum | None = None,
+) -> KFreeScore:
+    """The k-free concentration of ΔW in a covariance C (issue #29): no subspace dimension to choose.
+
+    Input side (C on R^{n_in}, e.g. the input covariance): ρ_C = n · tr(ΔW C ΔWᵀ) / (tr C · ‖ΔW‖²_F).
+    Output side (C on R^{n_out}): ρ_C = n · tr(ΔWᵀ C ΔW) / (tr C · ‖ΔW‖²_F). It is the energy-weighted
+    mean eigenvalue of C along ΔW's directions relative to C's mean eigenvalue: 1 for an isotropic C or
+    a ΔW spread evenly over R^n, up to n · λ_max / tr C when ΔW lies on C's top eigenvector; the
+    fixed-k fraction r(k) is the special case C = a rank-k projection.
+
+    Haar null (ΔW's side rotated by a uniform orthogonal Q): E ρ = 1 exactly, and with s₂ = Σ w_i² of
+    ΔW's normalised spectrum (`DeltaSpectrum.s2`) and c₂ = tr(C²)/tr(C)²,
+    Var ρ = 2 (n s₂ − 1)(n c₂ − 1) / ((n − 1)(n + 2)) — the variance of tr(A Q B Qᵀ) for symmetric
+    A, B (Haar moments of the orthogonal group; with B a rank-k projection it is `null_moments`'s).
+    ``spectrum``: ΔW's `DeltaSpectrum` when the caller has it (one SVD shared with the other nulls).
+    float64; C symmetric positive semi-definite with tr C > 0.
+    """
+    side = _check_side(side)
+    D, energy = _delta64(delta)
+    n = _side_dim(D, side)
+    C = torch.as_tensor(cov).detach().to("cpu", torch.float64)
+    if C.shape != (n, n):
+        raise RwasymError(f"cov must be ({n}, {n}) for the {side} side of ΔW {_dshape(D)}; got {tuple(C.shape)}")
+    require_finite(C, "cov")
+    trace = float(C.trace())
+    if not trace > 0:
+        raise RwasymError(f"cov has trace {trace}: a covariance with no variance cannot weight ΔW")
+    if isinstance(D, LowRankDelta):  # ΔW = s B A: traces of small r × r products, ΔW never formed
+        A, B = D.A, D.B
+        inner = (B.T @ B) * (A @ C @ A.T) if side == "input" else (A @ A.T) * (B.T @ C @ B)
+        quad = D.scale**2 * float(inner.sum())
+    else:
+        quad = float(((D @ C) * D).sum()) if side == "input" else float(((C @ D) * D).sum())
+    rho = n * quad / (trace * float(energy))
+    s2 = (spectrum or delta_spectrum(delta)).s2
+    c2 = float(C.square().sum()) / trace**2
+    var = 2.0 * (n * s2 - 1.0) * (n * c2 - 1.0) / ((n - 1.0) * (n + 2.0)) if n > 1 else 0.0
+    return KFreeScore(rho=rho, null_std=math.sqrt(max(var, 0.0)), n=n, side=side)

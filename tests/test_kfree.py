@@ -1,0 +1,64 @@
+"""The k-free score ρ_C (issue #29): its formula by hand, its Haar null (mean 1 and the closed-form spread)
+against Monte Carlo Haar rotations, the fixed-k fraction as the special case C = projection, and the
+factored ΔW against the dense one."""
+
+import math
+
+import pytest
+import torch
+
+from rwasym import RwasymError
+from rwasym.math import LowRankDelta, kfree_score, null_moments, relative_fraction
+from rwasym.math.subspaces import haar_frames
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_rho_by_hand_and_its_haar_null_by_monte_carlo(side):
+    g = torch.Generator().manual_seed(0)
+    n_out, n_in = 7, 9
+    delta = torch.randn(n_out, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, n_in, generator=g, dtype=torch.float64
+    )
+    n = n_in if side == "input" else n_out
+    x = torch.randn(50, n, generator=g, dtype=torch.float64) * torch.linspace(3, 0.2, n, dtype=torch.float64)
+    C = x.T @ x / 50  # anisotropic
+    got = kfree_score(delta, C, side)
+    quad = torch.trace(delta @ C @ delta.T) if side == "input" else torch.trace(delta.T @ C @ delta)
+    assert got.rho == pytest.approx(float(n * quad / (torch.trace(C) * delta.square().sum())), rel=1e-12)
+    Q = haar_frames(20000, n, n, g)  # uniform orthogonal matrices rotating ΔW's side
+    A = delta.T @ delta if side == "input" else delta @ delta.T  # ΔW's Gram on that side
+    # ρ of ΔW Q (input) or Q ΔW (output): n · tr(A Q C Qᵀ) / (tr C · ‖ΔW‖²), written out
+    draws = n * torch.einsum("ij,bij->b", A, Q @ C @ Q.transpose(1, 2)) / (torch.trace(C) * delta.square().sum())
+    se = float(draws.std()) / math.sqrt(len(draws))
+    assert float(draws.mean()) == pytest.approx(1.0, abs=4 * se)
+    assert float(draws.std()) == pytest.approx(got.null_std, rel=0.03)  # the closed form, within MC error
+    assert got.z == pytest.approx((got.rho - 1) / got.null_std)
+
+
+def test_projection_covariance_gives_r_and_its_null():
+    """C = U Uᵀ (a rank-k projection): ρ_C = r(k) = f/(k/n), and its null spread is null_moments's / (k/n)."""
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    U = haar_frames(1, 10, 3, g)[0]
+    got = kfree_score(delta, U @ U.T, "input")
+    assert got.rho == pytest.approx(relative_fraction(delta, U, "input").relative, rel=1e-12)
+    assert got.null_std == pytest.approx(null_moments(delta, "input", 3).std / (3 / 10), rel=1e-12)
+
+
+def test_factored_delta_and_errors():
+    g = torch.Generator().manual_seed(2)
+    B, A = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    C5, C8 = (
+        torch.eye(5, dtype=torch.float64).diag_embed() if False else torch.diag(torch.arange(1.0, 6.0)),
+        torch.diag(torch.arange(1.0, 9.0)),
+    )
+    for side, C in (("input", C5), ("output", C8)):
+        dense, factored = kfree_score(0.5 * B @ A, C, side), kfree_score(LowRankDelta(B=B, A=A, scale=0.5), C, side)
+        assert factored.rho == pytest.approx(dense.rho, rel=1e-12) and factored.null_std == pytest.approx(
+            dense.null_std
+        )
+    assert kfree_score(B @ A, torch.eye(5, dtype=torch.float64), "input").rho == pytest.approx(1.0)  # isotropic C
+    with pytest.raises(RwasymError, match="cov must be \\(5, 5\\)"):
+        kfree_score(B @ A, C8, "input")
+    with pytest.raises(RwasymError, match="trace"):
+        kfree_score(B @ A, torch.zeros(5, 5), "input")
