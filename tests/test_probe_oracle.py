@@ -179,11 +179,12 @@ class Arch:
         return seen
 
     def prediction_basis(self):
-        """Left singular vectors of diag(γ_final)·W_U (d_model × d_model)."""
+        """Left singular vectors of diag(γ_final)·W_U (d_model × d_model) and their shares σ²/Σσ²."""
         w_u = _get(self.root, self.lay["unembed"]).weight.detach().double().T  # (d_model, vocab)
         gamma = _get(self.root, self.lay["final"]).weight.detach().double()
         r = torch.linalg.qr((gamma[:, None] * w_u).T).R  # M = Rᵀ Qᵀ: M's left singular vectors are Rᵀ's
-        return torch.linalg.svd(r.T).U
+        U, S, _ = torch.linalg.svd(r.T)
+        return U, S.square() / S.square().sum()
 
 
 def _pca(x, eps=None):
@@ -245,11 +246,17 @@ def _fractions(d, U, side):
     return e.cumsum(0) / d.square().sum()
 
 
+def _rho_std(d, shares, n):
+    sigma2 = torch.linalg.svdvals(d).square()
+    s2, c2 = float(sigma2.square().sum() / sigma2.sum() ** 2), float(shares.square().sum())
+    return (2 * (n * s2 - 1) * (n * c2 - 1) / ((n - 1) * (n + 2))) ** 0.5
+
+
 def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
     """(rows keyed by (matrix, head, stream, subspace), curves keyed by (matrix, stream, subspace)),
     each with its tolerance. eps: the activations' relative error (a float, or site kind -> float;
     None: float32 Gram rounding); pred_rel: the prediction rows' relative tolerance."""
-    pred = arch.prediction_basis()
+    pred, pred_ratio = arch.prediction_basis()
     rows, curves, pcas, laws = {}, {}, {}, {}
     for name, D in deltas.items():
         L, kind = int(name.split(".")[1]), name.split(".")[-1]
@@ -274,6 +281,7 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                     continue
                 if site is None:
                     U, ratio, bound = pred, None, None
+                    shares = pred_ratio
                 else:
                     block = None if stream == "residual" else head  # an O head's block of z
                     if (site, block) not in pcas:
@@ -282,6 +290,7 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                             x, eps if eps is None or isinstance(eps, float) else eps.get(site.split(".")[1], 1e-7)
                         )
                     U, ratio, bound = pcas[(site, block)]
+                    shares = ratio
                 n = d.shape[1] if side == "input" else d.shape[0]
                 kk = min(k, n)
                 cum = _fractions(d, U, side)
@@ -306,6 +315,10 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                     null_samples=samples,
                     delta_norm=float(d.norm()),
                     post_norm_scaled=False,
+                    # ρ_C = n tr(ΔW C ΔWᵀ) / (tr C ‖ΔW‖²) = n Σ_j ℓ_j ε_j in C's eigenbasis (C = this site's
+                    # covariance, or W̃_U W̃_Uᵀ); its null spread from Σσ⁴/(Σσ²)² and Σ ℓ_j², written out
+                    rho=n * float((shares * torch.diff(cum, prepend=cum.new_zeros(1))).sum()),
+                    rho_null_std=_rho_std(d, shares, n),
                     tol=dict(fraction=float(tol[kk - 1]), relative=float(tol[kk - 1]) * n / kk),
                 )
                 if ratio is not None:
@@ -346,6 +359,9 @@ def compare(result, expected_rows, expected_curves, null_samples):
         assert row["null_std"] == pytest.approx(want["null_std"], rel=1e-9), key
         assert row["null_mean"] == pytest.approx(want["null_mean"], rel=1e-12), key
         assert row["delta_norm"] == pytest.approx(want["delta_norm"], rel=1e-9), key
+        # ρ_C is a trace, well conditioned where single eigenvectors are not: float32 activations give ~1e-6
+        assert row["rho"] == pytest.approx(want["rho"], rel=1e-5), (key, row["rho"], want["rho"])
+        assert row["rho_null_std"] == pytest.approx(want["rho_null_std"], rel=1e-4), key
         # percentile of f in the Haar null: the probe's draws against the oracle's own
         p = float((want["null_samples"] <= want["fraction"] + 1e-12).double().mean())  # ties within 1e-12 count
         q = min(max(p, 1 / 1000), 1 - 1 / 1000)

@@ -38,7 +38,14 @@ from .._version import __version__  # noqa: F401
 from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture, data_hash, quiet
 from ..math.checks import linalg_threads, release_memory, require_k
-from ..math.fraction import column_energies, delta_spectrum, log_k_grid, null_moments, random_null
+from ..math.fraction import (
+    column_energies,
+    delta_spectrum,
+    kfree_null_std,
+    log_k_grid,
+    null_moments,
+    random_null,
+)
 from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
@@ -310,6 +317,9 @@ def probe(
     pass per group (`layer_groups`; the numbers are the same). None: the base model's own parameter
     bytes, so the sums never outgrow the model; ``float("inf")``: one pass. A one-shot iterator
     of batches is always read in one pass.
+    Every row also carries the k-free score ``rho`` = ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²_F) of its side
+    (C: the site's covariance for activation rows, W̃_U W̃_Uᵀ for prediction rows; 1 under the Haar
+    null, `rwasym.math.fraction.kfree_score`) and ``rho_null_std``, its exact Haar-null spread.
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
@@ -496,8 +506,14 @@ def _probe_rows(
                 k_used = min(k, n)
                 full = pred_full if c_h is None else full_basis(c_h, site, None if c_h is c else head)
                 # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
-                cum = column_energies(d, full.U, side).cumsum(0) / _energy(d)  # (m,)
+                share = column_energies(d, full.U, side) / _energy(d)  # (m,) ε_j = e_j / ‖ΔW‖²
+                cum = share.cumsum(0)
                 fraction = float(cum[k_used - 1])
+                # the k-free score ρ_C = n Σ_j ℓ_j ε_j (ℓ = C's eigenvalue shares; `kfree_score`), its null spread
+                # from ΔW's spectrum s₂ and c₂ = Σ ℓ_j² (C: the site's covariance, or W̃_U W̃_Uᵀ for prediction)
+                ratio = full.explained_variance_ratio
+                rho = n * float((ratio * share[: ratio.shape[0]]).sum())
+                c2 = float(ratio.square().sum())
                 # exact mean/std; samples for the percentile. The law depends on ΔW's spectrum, the side
                 # and k only, so the subspaces of one side share one set of draws
                 if null_samples >= 2 and (head, side, k_used) not in nulls:
@@ -524,6 +540,8 @@ def _probe_rows(
                     null_percentile=None if null is None else null.percentile_of(fraction),
                     delta_norm=float(d.norm()),
                     post_norm_scaled=gamma is not None,
+                    rho=rho,
+                    rho_null_std=kfree_null_std(_spectrum(spectra, d, head).s2, c2, n) if null_samples >= 2 else None,
                 )
                 if c_h is not None:
                     k90 = k_reaching(full.explained_variance_ratio, cfg.variance)

@@ -56,6 +56,7 @@ __all__ = [
     "column_energies",
     "delta_spectrum",
     "fraction_curve",
+    "kfree_null_std",
     "kfree_score",
     "KFreeScore",
     "log_k_grid",
@@ -540,5 +541,13 @@ def kfree_score(
     rho = n * quad / (trace * float(energy))
     s2 = (spectrum or delta_spectrum(delta)).s2
     c2 = float(C.square().sum()) / trace**2
-    var = 2.0 * (n * s2 - 1.0) * (n * c2 - 1.0) / ((n - 1.0) * (n + 2.0)) if n > 1 else 0.0
-    return KFreeScore(rho=rho, null_std=math.sqrt(max(var, 0.0)), n=n, side=side)
+    return KFreeScore(rho=rho, null_std=kfree_null_std(s2, c2, n), n=n, side=side)
+
+
+def kfree_null_std(s2: float, c2: float, n: int) -> float:
+    """The Haar-null standard deviation of ρ_C (`kfree_score`; its mean is 1): with s₂ = Σ w_i² of ΔW's
+    normalised spectrum and c₂ = tr(C²)/tr(C)² = Σ ℓ_j² of C's eigenvalue shares,
+    √(2 (n s₂ − 1)(n c₂ − 1) / ((n − 1)(n + 2))); 0 for n = 1."""
+    if n < 2:
+        return 0.0
+    return math.sqrt(max(2.0 * (n * s2 - 1.0) * (n * c2 - 1.0) / ((n - 1.0) * (n + 2.0)), 0.0))
