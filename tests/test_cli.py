@@ -42,6 +42,17 @@ def test_probe_cli_writes_json(tmp_path, native_cfg, capsys):
     assert {r["matrix"] for r in rows} == {name}
     assert {r["head"] for r in rows} == {None, 0, 1}
     assert "W_K" in capsys.readouterr().out
+    # the reference rows of W_base itself: no --tuned, every matrix (W_base is nonzero everywhere)
+    ref = tmp_path / "reference.json"
+    argv = ["probe", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "tokens.safetensors"), "--k", "4"]
+    assert main([*argv, "--delta", "base_weight", "--no-heads", "--quiet", "--out", str(ref)]) == 0
+    ref_rows = json.loads(ref.read_text())["rows"]
+    assert {r["delta"] for r in ref_rows} == {"base_weight"}
+    assert {r["matrix"] for r in ref_rows} == {s.name for s in rwasym.load(tmp_path / "base").matrices()}
+    reference = {(r["matrix"], r["subspace"], r["stream"]): r["delta_norm"] for r in ref_rows}
+    assert reference[(name, "activation", "residual")] == pytest.approx(
+        float(rwasym.load(tmp_path / "base").weight(name).norm())
+    )
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

@@ -537,3 +537,18 @@ def test_every_probe_row_equals_the_oracle_on_the_real_model(real_folder, tmp_pa
     compare(result, rows, curves, 200)
     assert len(rows) > 100
     assert result.config["base_gguf"]["tensor_types"]["Q4_1"] > 0  # the de-quantized GGUF, recorded
+
+
+def test_base_weight_reference_rows_equal_the_oracle_on_w_base(native_cfg):
+    """delta="base_weight" (issue #29): the same rows with ΔW := W_base, no tuned model — every field equal
+    to the oracle run on the base's own weights read off the HF modules."""
+    base = rwasym.load(native_cfg, dtype=torch.float64)
+    dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+    base_arch = Arch(base.bridge.original_model, LAYOUTS["native"], *dims)
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    acts = base_arch.activations(base.bridge, tokens)
+    weights = {s.name: base_arch.weight(s.layer, s.kind) for s in base.matrices()}
+    rows, curves = oracle(base_arch, acts, weights, PROBE["k"], eps=1e-14)
+    result = rwasym.probe(base, None, tokens, delta="base_weight", **PROBE)
+    compare(result, rows, curves, 300)
+    assert {r["delta"] for r in result.rows} == {"base_weight"}

@@ -50,6 +50,7 @@ from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
+from ..models.deltas import ModelWeights
 from .options import option, resolve_config
 
 
@@ -119,6 +120,12 @@ class ProbeConfig:
         None, "registry glob such as 'blocks.*.attn.W_Q' (default every matrix)", type=str
     )
     heads: bool = option(True, "compute per-head rows besides whole matrices")
+    delta: str = option(
+        "tuned",
+        "what the rows locate: tuned = ΔW = W_tuned − W_base; base_weight = W_base itself, the reference for "
+        "'concentrated' (how aligned pretraining left the matrix; no tuned model needed)",
+        choices=("tuned", "base_weight"),
+    )
     center: bool = option(True, "centre the activation covariances (PCA of the centred activations)")
     variance: float = option(0.9, "rows also report f and r at the k reaching this explained-variance ratio")
     curves: bool = option(True, "compute r(k) curves: whole-matrix f at every k of a log grid, with the Haar null band")
@@ -324,19 +331,22 @@ def probe(
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
     cfg: ProbeConfig = resolve_config(ProbeConfig, config, overrides, "probe")
+    if cfg.delta not in ("tuned", "base_weight"):
+        raise RwasymError(f"delta must be 'tuned' or 'base_weight'; got {cfg.delta!r}")
     base = load(base)
-    if not is_checkpoint_folder(tuned):  # a Hugging Face folder is streamed: ΔW read from its files, never loaded
+    if cfg.delta == "tuned" and not is_checkpoint_folder(tuned):  # a HF folder is streamed, never loaded
         tuned = load(tuned)
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
     if not specs:
         raise base.unmatched(cfg.matrices)
     # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
-    deltas = (
-        weight_deltas(base, tuned, cfg.matrices, lazy=True)
-        if isinstance(tuned, Model)
-        else CheckpointDeltas(base, tuned, cfg.matrices)
-    )
+    if cfg.delta == "base_weight":  # the reference rows: W_base in place of ΔW
+        deltas = ModelWeights(base, [s.name for s in specs])
+    elif isinstance(tuned, Model):
+        deltas = weight_deltas(base, tuned, cfg.matrices, lazy=True)
+    else:
+        deltas = CheckpointDeltas(base, tuned, cfg.matrices)
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -390,7 +400,7 @@ def probe(
     return ProbeResult(rows=rows, curves=curve_rows, config=header)
 
 
-def _provenance(base: Model, tuned: Model | str | os.PathLike, data: Any) -> dict:
+def _provenance(base: Model, tuned: Model | str | os.PathLike | None, data: Any) -> dict:
     """Where the numbers came from: package versions, model sources and dtype, a data fingerprint."""
     import importlib.metadata as md
 
@@ -409,22 +419,22 @@ def _provenance(base: Model, tuned: Model | str | os.PathLike, data: Any) -> dic
     else:
         fingerprint = None  # batches from an iterable or precomputed activations
 
-    def src(m: Model | str | os.PathLike) -> str | None:
+    def src(m: Model | str | os.PathLike | None) -> str | None:
         m = m.source if isinstance(m, Model) else m  # a path: a streamed checkpoint folder
         return None if m is None else os.fspath(m) if isinstance(m, (str, os.PathLike)) else str(m)
 
-    def quantized(m: Model | str | os.PathLike) -> dict | None:  # a GGUF source: hash and quantization types
+    def quantized(m: Model | str | os.PathLike | None) -> dict | None:  # a GGUF source: hash and quantization types
         g = m.provenance.get("gguf") if isinstance(m, Model) else None
         return None if g is None else {k: g.get(k) for k in ("sha256", "tensor_types")}
 
-    streamed = not isinstance(tuned, Model)
+    streamed = tuned is not None and not isinstance(tuned, Model)  # None: delta="base_weight"
     return dict(
         version=__version__,
         torch=torch.__version__,
         transformer_lens=version("transformer-lens"),
         base=src(base),
         tuned=src(tuned),
-        tuned_adapter=not streamed and tuned.adapter is not None,
+        tuned_adapter=isinstance(tuned, Model) and tuned.adapter is not None,
         tuned_streamed=streamed,
         dtype=str(base.dtype),
         base_gguf=quantized(base),
@@ -540,6 +550,7 @@ def _probe_rows(
                     null_percentile=None if null is None else null.percentile_of(fraction),
                     delta_norm=float(d.norm()),
                     post_norm_scaled=gamma is not None,
+                    delta=cfg.delta,
                     rho=rho,
                     rho_null_std=kfree_null_std(_spectrum(spectra, d, head).s2, c2, n) if null_samples >= 2 else None,
                 )

@@ -13,7 +13,7 @@ from ..errors import RwasymError
 from ..math.checks import require_finite
 from .registry import Model
 
-__all__ = ["WeightDeltas", "check_same_architecture", "weight_deltas"]
+__all__ = ["ModelWeights", "WeightDeltas", "check_same_architecture", "weight_deltas"]
 
 
 class WeightDeltas(Mapping):
@@ -43,6 +43,26 @@ class WeightDeltas(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+
+class ModelWeights(Mapping):
+    """{matrix name: W} of one loaded model (float64, nn.Linear layout), each read when asked for and not
+    kept — the probe's ``delta="base_weight"`` reference: the same rows with ΔW := W_base, i.e. how
+    aligned pretraining left the matrix itself."""
+
+    def __init__(self, model: Model, names: Sequence[str]) -> None:
+        self.model, self._names = model, list(names)
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise RwasymError(f"no weight for {name!r}; these weights cover {len(self._names)} matrices")
+        return self.model.weight(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def weight_deltas(

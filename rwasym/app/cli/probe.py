@@ -31,8 +31,11 @@ def run_probe(args: argparse.Namespace) -> int:
     from ...analyses.probe import ProbeConfig
     from ...models import load_pair
 
-    base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
     config = config_from_args(args, ProbeConfig)
+    if config.delta == "base_weight":  # the reference rows of W_base itself: no tuned model
+        base, tuned = rwasym.load(args.base), None
+    else:
+        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
     result = rwasym.probe(base, tuned, read_tokens(args.data, base), config, progress=False if args.quiet else None)
     result.to_json(args.out)
     print(result.summary())
