@@ -54,6 +54,13 @@ def test_causal_sweeps_and_report(run, quick_cache, monkeypatch):
         assert r["p_value"] == pytest.approx(
             rank_pvalue(target, [e["gap_margin"] for e in sel if e["direction"] == "random"])
         )
+    # Holm over the pre-registered family (1 set × 1 rank × 2 budgets × 1 mode × 2 families = 4), the 2 tests
+    # without rows (no orthogonal controls in this smoke design) counted as p = 1; by hand, step down
+    ps = sorted(r["p_value"] for r in table) + [1.0, 1.0]
+    steps = [min(1.0, (4 - i) * p) for i, p in enumerate(ps)]
+    adjusted = [max(steps[: i + 1]) for i in range(4)]
+    assert results["family"] == dict(metric="gap_margin", n_tests=4, reported=2)
+    assert sorted(r["p_holm_family"] for r in table) == pytest.approx(adjusted[:2])
     again = summarize(edits, metrics=["gap_margin"], primary="gap_margin")
     assert [r["p_value"] for r in again.rows if r["control"] == "random"] == [r["p_value"] for r in table]
     ceiling = next(r for r in rows if r["direction"] == "ceiling")
