@@ -659,3 +659,51 @@ def test_joint_spectrum_controls_and_a_sweep_with_them(pair, tmp_path):
     assert {r["direction"] for r in per_matrix} == {"ceiling", "prediction", "spectrum"}
     summary = summarize([r for r in per_matrix if r["direction"] != "ceiling"], metrics=["gap_margin"])
     assert {r["control"] for r in summary.rows} == {"spectrum", "control"}
+
+
+def test_output_random_controls_edit_the_output_side_of_read_matrices(pair, tmp_path):
+    """output_random: a Haar r-frame F on the matrix's output side, E = FᵀF ΔW (replayed from the same
+    generator), whatever the target's side — for W_Q it keeps ΔW's input space (row space) and not its
+    output structure; norm-matched to the pca target; rows record side "output" under target "pca"."""
+    base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
+    specs = matrix_set(base, "blocks.*.attn.W_Q")
+    stats = capture(
+        base,
+        pair["data"],
+        sites={base.input_hook(s.name): s.n_in for s in specs},
+        progress=False,
+        gram_dtype=torch.float64,
+    )
+    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
+    seeds = {}
+
+    def gen(*parts):
+        return torch.Generator().manual_seed(seeds.setdefault(parts, 200 + len(seeds)))
+
+    edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 1), ("output_random", 2)], 2, gen, "norm")
+    for spec in specs:
+        replay = torch.Generator().manual_seed(seeds[(spec.name, 2, "pca", "output_random")])
+        U_t, V_t = edits[0][1][spec.name]
+        for desc, edit in edits[1:]:
+            F = random_frame(spec.n_out, 2, replay)
+            E = F.T @ F @ deltas[spec.name]
+            U, V = edit[spec.name]
+            scale = float((U_t.T @ V_t).norm()) / float(E.norm())
+            assert torch.allclose(U.T @ V, scale * E, atol=1e-10) and desc["direction"] == "output_random"
+            row_space = torch.linalg.svd(deltas[spec.name], full_matrices=False)[2]  # ΔW's input (row) space
+            assert torch.allclose((U.T @ V) @ row_space.T @ row_space, U.T @ V, atol=1e-9)
+    rows = sweep(
+        str(pair["root"] / "base"),
+        str(pair["root"] / "tuned"),
+        pair["pairs"],
+        out=tmp_path / "o.jsonl",
+        matrices="blocks.0.attn.W_Q",
+        directions="pca:1,output_random:3",
+        match="norm",
+        data=pair["data"],
+        progress=False,
+    )
+    ctl = [r for r in rows if r["direction"] == "output_random"]
+    assert len(ctl) == 3 and {(r["side"], r["target"], r["matched_to"]) for r in ctl} == {("output", "pca", 0)}
+    target = next(r for r in rows if r["direction"] == "pca")
+    assert all(r["edit_norm"] == pytest.approx(target["edit_norm"], rel=1e-9) for r in ctl)

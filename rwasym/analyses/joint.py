@@ -18,7 +18,9 @@ r-frame F_m (`rwasym.math.rank1.frame_edit`: ΔW FᵀF on the input side, FᵀF 
   ``orthogonal`` (a Haar r-frame in the orthogonal complement of the matrix's top c·r target
   subspace), or ``spectrum`` (target j mod c's own frame applied to a fresh random delta with ΔW_m's
   singular values and Haar singular vectors, `rwasym.math.rank1.spectrum_matched_delta`: it keeps the
-  frame and the spectrum, not ΔW's own column / row space), rescaled per matrix so that ‖E_m‖_F
+  frame and the spectrum, not ΔW's own column / row space), or ``output_random`` (a Haar r-frame on
+  the matrix's output side, FᵀF ΔW, whatever the target's side: for read matrices it keeps ΔW's
+  input space but not its output structure), rescaled per matrix so that ‖E_m‖_F
   (``match="norm"``, also the start of ``match="kl"``) or the mean-square output change
   tr(E_m M_m E_mᵀ), M_m = E[a aᵀ] of the base's input (``match="output"``), equals that of target
   j mod c of the same matrix. Every matrix of a control edit is thus matched to its own target.
@@ -93,7 +95,9 @@ def joint_edits(
             f"kinds {kinds!r} has no target kind: add ('pca', k) (read side) or ('prediction', k) (write side); "
             "controls are matched to the targets"
         )
-    controls = [(kind, counts[kind]) for kind in ("random", "orthogonal", "spectrum") if kind in counts]
+    controls = [
+        (kind, counts[kind]) for kind in ("random", "orthogonal", "spectrum", "output_random") if kind in counts
+    ]
     pred_basis: torch.Tensor | None = None
     per_matrix: dict[str, dict[str, Any]] = {}  # name → {"edits": [(U, V), ...], "M": second moment}
     used: set[str] = set()
@@ -128,14 +132,16 @@ def joint_edits(
         for kind, count in controls:
             g = seed_generator(spec.name, rank, target, kind)
             for j in range(count):
-                source = delta
+                source, frame_side = delta, side
                 if kind == "spectrum":  # the target's own frame on a random delta with ΔW's spectrum
                     F, source = basis[:, (j % c) * rank : (j % c + 1) * rank].T, spectrum_matched_delta(delta, g)
+                elif kind == "output_random":  # a Haar frame on the output side whatever the target's side
+                    F, frame_side = random_frame(spec.n_out, rank, g), "output"
                 elif kind == "random":
                     F = random_frame(n, rank, g)
                 else:
                     F = complement_basis(basis, rank, g).T
-                U, V = frame_edit(source, F, side)
+                U, V = frame_edit(source, F, frame_side)
                 want, have = (
                     (targets[j % c][0], edit_norm(U, V))
                     if match == "norm"

@@ -18,7 +18,7 @@ FORMAT = 1
 TARGETS = ("pca", "prediction")
 
 
-CONTROLS = ("random", "orthogonal", "spectrum")
+CONTROLS = ("random", "orthogonal", "spectrum", "output_random")
 
 
 MATCHES = ("kl", "norm", "output")
@@ -34,7 +34,9 @@ class SweepConfig:
         "pca:1,random:20,orthogonal:20",
         "kind:count of targets (pca, prediction) and their controls: random, orthogonal (Haar directions; the "
         "edit keeps ΔW's own output / input space), spectrum (the target's direction on a random delta with "
-        "ΔW's singular values); controls are split over the targets (matched_to = j mod count), so 20 per "
+        "ΔW's singular values), output_random (a Haar direction on the matrix's output side, p pᵀ ΔW: for read "
+        "matrices it keeps ΔW's input space, not its output structure); controls are split over the targets "
+        "(matched_to = j mod count), so 20 per "
         "target and family let one seed's rank p reach 1/21 < 0.05",
     )
     alphas: Sequence[int | float] = _opt((1.0,), "edit scales α, e.g. 0.5,1,2", list_of=float)

@@ -4,6 +4,7 @@ pass into the store."""
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,6 +64,11 @@ def _unit_edits(
         group = list(targets)
         for kind in [c for c in CONTROLS if c in counts]:
             g = _generator(seed, spec.name, head, target, kind)
+            if kind == "output_random":  # a Haar p on the output side whatever the target's side: p pᵀ ΔW
+                drawn = make_directions("random", delta, counts[kind], side="output", target_norms=norms, generator=g)
+                controls = [replace(d, kind=kind, target=target) for d in drawn]
+                group += match_output_energy(controls, targets, M) if match == "output" else controls
+                continue
             controls = make_directions(
                 kind,
                 delta,
