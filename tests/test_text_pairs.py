@@ -169,7 +169,7 @@ def test_cli_intervene_and_probe_on_the_real_model_with_text(real_gguf, real_fol
         )
         == 0
     )
-    assert "4 rows in" in capsys.readouterr().out  # pca:2 targets + random:2 controls, one α
+    assert "5 rows in" in capsys.readouterr().out  # pca:2 targets + random:2 controls at one KL budget + the ceiling
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"Sentence {i} is about the weather, the sea and the mountains." for i in range(40)))
     assert (
