@@ -182,7 +182,7 @@ def collateral_set(model: Model, collateral: Any, data: EvalSet) -> Collateral:
             "(rwasym intervene --collateral FILE) with generic text",
             stacklevel=3,
         )
-        first = data.chosen_scored.double().argmax(-1)  # (n,) first response position of each pair
+        first = _first_response(data)
         pos = torch.arange(data.chosen.shape[1] - 1)
         counted = (pos[None, :] + 1) < first[:, None]  # predicting a prompt token, not the answer
         return Collateral(data.chosen, counted, None, "prompts")
@@ -231,9 +231,14 @@ def collateral_set(model: Model, collateral: Any, data: EvalSet) -> Collateral:
     return Collateral(tokens, counted, None if mask is None or bool(mask.all()) else mask, "text")
 
 
+def _first_response(data: EvalSet) -> Tensor:
+    """(n,) the first response (scored) position of each pair's chosen sequence: its prompt's length."""
+    return data.chosen_scored.long().argmax(-1)
+
+
 def _shared_prompts(data: EvalSet, tokens: Tensor) -> int:
     """How many held-out prompts (the tokens before the first response token) occur contiguously in ``tokens``."""
-    first = data.chosen_scored.long().argmax(-1).tolist()
+    first = _first_response(data).tolist()
     prompts = {tuple(row[:f].tolist()) for row, f in zip(data.chosen, first) if f >= 2}
     rows = [r.tolist() for r in tokens]
     hits = 0

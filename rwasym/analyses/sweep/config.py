@@ -252,5 +252,10 @@ def row_id(
     budget: float | None = None,
 ) -> str:
     """The deterministic key of one sweep row (an effect-matched row is keyed by its KL ``budget``, not its α)."""
-    scale: list = [float(alpha)] if budget is None else ["kl", float(budget)]
-    return stable_hash([matrix, head, direction, index, target, *scale, mode, int(seed)])
+    return stable_hash([matrix, head, direction, index, target, *scale_key(alpha, budget), mode, int(seed)])
+
+
+def scale_key(alpha: float, budget: float | None = None) -> list:
+    """The part of a row id that says how strong the edit is: its α, or ``["kl", budget]`` for an
+    effect-matched row (whose α is calibrated, not chosen)."""
+    return [float(alpha)] if budget is None else ["kl", float(budget)]

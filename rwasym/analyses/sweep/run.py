@@ -22,7 +22,7 @@ from ..behaviour import Evaluator, collateral_set, eval_set
 from ..joint import iter_values as joint_values
 from ..joint import joint_edits, matrix_set, scaled
 from ..options import resolve_config
-from .config import CONTROLS, TARGETS, SweepConfig, parse_directions, row_id, stable_hash
+from .config import CONTROLS, TARGETS, SweepConfig, parse_directions, row_id, scale_key, stable_hash
 from .store import Store, finished_rows, merge_shards, rank_path, read_sweep
 
 
@@ -196,6 +196,7 @@ def sweep(
             plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
         for spec in specs if not cfg.joint else []:
             full = deltas[spec.name]  # ΔW (float64), one matrix at a time
+            raw_norm = float(full.norm())  # ‖ΔW‖_F of the raw weights: the ceiling row's
             gamma = _post_scale(base, spec.name, cfg.post_norm)
             if gamma is not None:  # directions and norms as the residual stream sees the change
                 full = gamma[:, None] * full
@@ -219,23 +220,22 @@ def sweep(
                 if match == "kl":  # rows keyed by budget; α calibrated when the unit runs
                     if cfg.ceiling and head is None:
                         donor = tuned if mode == "transplant" else base
-                        desc = _ceiling_row(spec.name, spec.layer, spec.kind, float(deltas[spec.name].norm()), cfg)
+                        desc = _ceiling_row(spec.name, spec.layer, spec.kind, raw_norm, cfg)
                         plan.append(([desc], _ceiling_pass(ev, host, donor, [spec.name]), len(plan)))
                     units = []
                     for d, desc in edits:
                         u, v = embed_head(spec, sign * d.u, d.v, head)
                         units.append((desc, d, {spec.name: ((u if gamma is None else u / gamma)[None], v[None])}))
                     metas = [
-                        dict(
-                            id=row_id(spec.name, head, d.kind, d.index, d.target, 1.0, mode, seed, budget=b),
-                            matrix=spec.name,
-                            layer=spec.layer,
-                            matrix_kind=spec.kind,
-                            head=head,
-                            **desc,
-                            mode=mode,
-                            seed=int(seed),
-                            kl_budget=b,
+                        _meta(
+                            row_id(spec.name, head, d.kind, d.index, d.target, 1.0, mode, seed, budget=b),
+                            spec.name,
+                            spec.layer,
+                            spec.kind,
+                            head,
+                            desc,
+                            cfg,
+                            budget=b,
                         )
                         for b in cfg.kl_budgets
                         for desc, d, _ in units
@@ -247,16 +247,15 @@ def sweep(
                 items = []
                 for alpha in alphas:
                     for d, desc in edits:
-                        meta = dict(
-                            id=row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
-                            matrix=spec.name,
-                            layer=spec.layer,
-                            matrix_kind=spec.kind,
-                            head=head,
-                            **desc,
+                        meta = _meta(
+                            row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
+                            spec.name,
+                            spec.layer,
+                            spec.kind,
+                            head,
+                            desc,
+                            cfg,
                             alpha=alpha,
-                            mode=mode,
-                            seed=int(seed),
                             edit_norm=abs(alpha) * d.norm,
                         )
                         u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
@@ -370,30 +369,7 @@ def _joint_plan(
             ]  # the raw-weight edits
             if cfg.match == "kl":
                 metas = [
-                    dict(
-                        id=stable_hash(
-                            [
-                                "joint",
-                                label,
-                                r,
-                                desc["direction"],
-                                desc["index"],
-                                desc["target"],
-                                "kl",
-                                b,
-                                cfg.mode,
-                                int(cfg.seed),
-                            ]
-                        ),
-                        matrix=label,
-                        layer=None,
-                        matrix_kind="joint",
-                        head=None,
-                        **desc,
-                        mode=cfg.mode,
-                        seed=int(cfg.seed),
-                        kl_budget=b,
-                    )
+                    _meta(_joint_id(label, r, desc, cfg, budget=b), label, None, "joint", None, desc, cfg, budget=b)
                     for b in cfg.kl_budgets
                     for desc, _ in edits
                 ]
@@ -403,28 +379,15 @@ def _joint_plan(
             items = []
             for alpha in cfg.alphas:
                 for desc, edit in edits:
-                    meta = dict(
-                        id=stable_hash(
-                            [
-                                "joint",
-                                label,
-                                r,
-                                desc["direction"],
-                                desc["index"],
-                                desc["target"],
-                                float(alpha),
-                                cfg.mode,
-                                int(cfg.seed),
-                            ]
-                        ),
-                        matrix=label,
-                        layer=None,
-                        matrix_kind="joint",
-                        head=None,
-                        **desc,
+                    meta = _meta(
+                        _joint_id(label, r, desc, cfg, alpha=alpha),
+                        label,
+                        None,
+                        "joint",
+                        None,
+                        desc,
+                        cfg,
                         alpha=alpha,
-                        mode=cfg.mode,
-                        seed=int(cfg.seed),
                         edit_norm=abs(alpha) * desc["u_norm"],
                     )
                     items.append((meta, edit, sign * alpha))
@@ -434,6 +397,35 @@ def _joint_plan(
                     ([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk), unit_base + len(plan))
                 )
     return plan
+
+
+def _meta(
+    id: str,
+    matrix: str,
+    layer: int | None,
+    kind: str,
+    head: int | None,
+    desc: dict,
+    cfg: SweepConfig,
+    *,
+    alpha: float | None = None,
+    edit_norm: float | None = None,
+    budget: float | None = None,
+) -> dict:
+    """The descriptors of one planned row: a fixed-α row records α and its edit norm, an effect-matched
+    row its KL budget (its α and edit norm arrive with its values)."""
+    row = dict(id=id, matrix=matrix, layer=layer, matrix_kind=kind, head=head, **desc)
+    if budget is not None:
+        return dict(row, mode=cfg.mode, seed=int(cfg.seed), kl_budget=budget)
+    return dict(row, alpha=alpha, mode=cfg.mode, seed=int(cfg.seed), edit_norm=edit_norm)
+
+
+def _joint_id(
+    label: str, rank: int, desc: dict, cfg: SweepConfig, *, alpha: float = 1.0, budget: float | None = None
+) -> str:
+    """The deterministic key of one joint row (the per-matrix rows' `row_id`, keyed by set and rank)."""
+    parts = ["joint", label, rank, desc["direction"], desc["index"], desc["target"]]
+    return stable_hash([*parts, *scale_key(alpha, budget), cfg.mode, int(cfg.seed)])
 
 
 # --------------------------------------------------------------------------------- effect matching
