@@ -151,7 +151,8 @@ def test_joint_target_rows_equal_the_edit_written_into_the_hf_modules(pair, tmp_
             assert row["gap_margin"] == pytest.approx(expect, rel=1e-9)
 
 
-def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
+def _w_q_set(pair):
+    """(base, the W_Q set's specs, the base's input statistics of the set, ΔW per matrix)."""
     base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
     specs = matrix_set(base, "blocks.*.attn.W_Q")
     stats = capture(
@@ -161,7 +162,22 @@ def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
         progress=False,
         gram_dtype=torch.float64,
     )
-    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
+    return base, specs, stats, {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
+
+
+def _replayable(first):
+    """(seeds, gen): gen(*parts) seeds a fresh generator per (matrix, rank, target, kind) and records the
+    seed in ``seeds``, so a test can replay that generator's draws."""
+    seeds = {}
+
+    def gen(*parts):
+        return torch.Generator().manual_seed(seeds.setdefault(parts, first + len(seeds)))
+
+    return seeds, gen
+
+
+def test_joint_controls_are_matched_per_matrix_and_orthogonal(pair):
+    base, specs, stats, deltas = _w_q_set(pair)
     gens = {}
 
     def gen(*parts):
@@ -606,20 +622,8 @@ def test_joint_spectrum_controls_and_a_sweep_with_them(pair, tmp_path):
     sweep accepts the kind (per-matrix and joint) and summarizes it as its own control family."""
     from rwasym.math.rank1 import spectrum_matched_delta
 
-    base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
-    specs = matrix_set(base, "blocks.*.attn.W_Q")
-    stats = capture(
-        base,
-        pair["data"],
-        sites={base.input_hook(s.name): s.n_in for s in specs},
-        progress=False,
-        gram_dtype=torch.float64,
-    )
-    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
-    seeds = {}
-
-    def gen(*parts):
-        return torch.Generator().manual_seed(seeds.setdefault(parts, 100 + len(seeds)))
+    base, specs, stats, deltas = _w_q_set(pair)
+    seeds, gen = _replayable(100)
 
     edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 2), ("spectrum", 3)], 2, gen, "norm")
     assert [d["direction"] for d, _ in edits] == ["pca"] * 2 + ["spectrum"] * 3
@@ -665,20 +669,8 @@ def test_output_random_controls_edit_the_output_side_of_read_matrices(pair, tmp_
     """output_random: a Haar r-frame F on the matrix's output side, E = FᵀF ΔW (replayed from the same
     generator), whatever the target's side — for W_Q it keeps ΔW's input space (row space) and not its
     output structure; norm-matched to the pca target; rows record side "output" under target "pca"."""
-    base, tuned = rwasym.load(str(pair["root"] / "base")), rwasym.load(str(pair["root"] / "tuned"))
-    specs = matrix_set(base, "blocks.*.attn.W_Q")
-    stats = capture(
-        base,
-        pair["data"],
-        sites={base.input_hook(s.name): s.n_in for s in specs},
-        progress=False,
-        gram_dtype=torch.float64,
-    )
-    deltas = {s.name: tuned.weight(s.name) - base.weight(s.name) for s in specs}
-    seeds = {}
-
-    def gen(*parts):
-        return torch.Generator().manual_seed(seeds.setdefault(parts, 200 + len(seeds)))
+    base, specs, stats, deltas = _w_q_set(pair)
+    seeds, gen = _replayable(200)
 
     edits = joint_edits(base, specs, deltas.__getitem__, stats, [("pca", 1), ("output_random", 2)], 2, gen, "norm")
     for spec in specs:
