@@ -49,6 +49,19 @@ def test_probe_cli_writes_json(tmp_path, native_cfg, capsys):
     ref_rows = json.loads(ref.read_text())["rows"]
     assert {r["delta"] for r in ref_rows} == {"base_weight"}
     assert {r["matrix"] for r in ref_rows} == {s.name for s in rwasym.load(tmp_path / "base").matrices()}
+    # the gradient-shaped null and the seed-to-seed noise floor (W_replicate − W_tuned), same axes
+    null = tmp_path / "null.json"
+    assert main([*argv, "--delta", "random_delta", "--no-heads", "--quiet", "--out", str(null)]) == 0
+    null_rows = json.loads(null.read_text())["rows"]
+    assert {r["delta"] for r in null_rows} == {"random_delta"} and len(null_rows) == len(ref_rows)
+    floor = tmp_path / "floor.json"
+    floor_argv = ["--delta", "noise_floor", "--tuned", str(tmp_path / "tuned"), "--no-heads", "--quiet"]
+    assert main([*argv, *floor_argv, "--replicate", str(tmp_path / "base"), "--out", str(floor)]) == 0
+    floor_rows = json.loads(floor.read_text())
+    assert floor_rows["config"]["replicate"] == str(tmp_path / "base")
+    assert {r["matrix"] for r in floor_rows["rows"]} == {name}  # the tuned model differs from base at one matrix
+    assert main([*argv, *floor_argv, "--out", str(floor)]) == 2  # no --replicate: an error naming the fix
+    assert "--replicate" in capsys.readouterr().err
     reference = {(r["matrix"], r["subspace"], r["stream"]): r["delta_norm"] for r in ref_rows}
     assert reference[(name, "activation", "residual")] == pytest.approx(
         float(rwasym.load(tmp_path / "base").weight(name).norm())

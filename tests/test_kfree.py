@@ -62,3 +62,32 @@ def test_factored_delta_and_errors():
         kfree_score(B @ A, C8, "input")
     with pytest.raises(RwasymError, match="trace"):
         kfree_score(B @ A, torch.zeros(5, 5), "input")
+
+
+def test_gradient_shaped_delta_has_the_law_of_the_token_sum():
+    """`gradient_shaped_delta` draws from S = Σ_t a_t a_tᵀ alone; brute force draws Σ_t ξ_t a_tᵀ token by token.
+    Both must have E[ΔWᵀΔW] = n_out·S (uncentred: the inputs here have a large mean) and the energy share in a
+    subspace must approach `gradient_shaped_fraction`, tr(UᵀSU)/tr S."""
+    from rwasym.math import gradient_shaped_delta, gradient_shaped_fraction
+
+    g = torch.Generator().manual_seed(0)
+    n, T, n_out, draws = 5, 40, 3, 20000
+    a = torch.randn(T, n, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.5, 0.2, 0.1]) + 2.0
+    S = a.T @ a
+    fast = torch.stack([gradient_shaped_delta(S, n_out, g) for _ in range(draws)])  # (draws, n_out, n)
+    xi = torch.randn(draws, n_out, T, generator=g, dtype=torch.float64)
+    brute = xi @ a  # Σ_t ξ_t a_tᵀ for every draw
+    for D in (fast, brute):
+        gram = (D.transpose(1, 2) @ D).mean(0)
+        # MC error of a Wishart mean: sd of an entry ≤ √(n_out (S_ii S_jj + S_ij²) / draws)
+        sd = (n_out * (S.diagonal()[:, None] * S.diagonal()[None, :] + S.square()) / draws).sqrt()
+        assert bool(((gram - n_out * S).abs() <= 5 * sd).all())
+    U = torch.linalg.qr(torch.randn(n, 2, generator=g, dtype=torch.float64)).Q
+    want = gradient_shaped_fraction(S, U)
+    assert want == pytest.approx(float(torch.trace(U.T @ S @ U) / torch.trace(S)), rel=1e-12)
+    for D in (fast, brute):
+        share = float((D @ U).square().sum() / D.square().sum())
+        assert share == pytest.approx(want, abs=0.01)
+    # the centred covariance gives another law here: the test can tell them apart
+    centred = (a - a.mean(0)).T @ (a - a.mean(0))
+    assert abs(gradient_shaped_fraction(centred, U) - want) > 0.05

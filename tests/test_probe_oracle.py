@@ -294,6 +294,15 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                 n = d.shape[1] if side == "input" else d.shape[0]
                 kk = min(k, n)
                 cum = _fractions(d, U, side)
+                # the gradient-shaped null Σ_t ξ_t a_tᵀ: E‖ΔW U‖²/E‖ΔW‖² = tr(UᵀMU)/tr M with M = Σ_t a_t a_tᵀ
+                # (uncentred, the matrix's own input; an O head's block), k/n on the output side
+                if side == "input":
+                    x = acts[resid if read else f"{L}.z" if kind == "W_O" else f"{L}.hidden"]
+                    x = x if read or head is None else x[:, sl]
+                    M = x.T @ x
+                    expected = float(torch.trace(U[:, :kk].T @ M @ U[:, :kk]) / torch.trace(M))
+                else:
+                    expected = kk / n
                 # allowed |Δf(j)|: pred_rel·f for the prediction subspace (γ_final is measured by running
                 # the norm); DK_SAFETY × the Davis–Kahan bound for an activation subspace
                 tol = pred_rel * cum if bound is None else DK_SAFETY * bound[: len(cum)] + 1e-12
@@ -319,8 +328,14 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                     # covariance, or W̃_U W̃_Uᵀ); its null spread from Σσ⁴/(Σσ²)² and Σ ℓ_j², written out
                     rho=n * float((shares * torch.diff(cum, prepend=cum.new_zeros(1))).sum()),
                     rho_null_std=_rho_std(d, shares, n),
+                    random_delta_fraction=expected,
+                    random_delta_relative=expected * n / kk,
                     tol=dict(fraction=float(tol[kk - 1]), relative=float(tol[kk - 1]) * n / kk),
                 )
+                # tr(P A) for a unit-trace PSD A moves by at most ‖P − P'‖₂: the same bound as f (a relative one for
+                # the prediction subspace), plus the uncentred M's own float32 rounding
+                t_rd = (pred_rel * expected if bound is None else float(tol[kk - 1])) + 1e-6 * expected
+                row["tol"].update(random_delta_fraction=t_rd, random_delta_relative=t_rd * n / kk)
                 if ratio is not None:
                     k90 = next(j + 1 for j, c in enumerate(ratio.cumsum(0).tolist()) if c >= variance)
                     row.update(
@@ -552,3 +567,75 @@ def test_base_weight_reference_rows_equal_the_oracle_on_w_base(native_cfg):
     result = rwasym.probe(base, None, tokens, delta="base_weight", **PROBE)
     compare(result, rows, curves, 300)
     assert {r["delta"] for r in result.rows} == {"base_weight"}
+
+
+def test_noise_floor_rows_equal_the_oracle_on_the_replicate_difference(native_cfg):
+    """delta="noise_floor" (issue #29): rows of W_replicate − W_tuned (two tuned runs differing only in seed)
+    against the base's subspaces, every field equal to the oracle on that difference read off the HF modules."""
+    from rwasym.testing import perturb
+
+    base = rwasym.load(native_cfg, dtype=torch.float64)
+    tuned = perturb(rwasym.load(native_cfg, dtype=torch.float64), seed=1)
+    replicate = perturb(rwasym.load(native_cfg, dtype=torch.float64), seed=2)
+    dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+    arch = {m: Arch(m.bridge.original_model, LAYOUTS["native"], *dims) for m in (base, tuned, replicate)}
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    acts = arch[base].activations(base.bridge, tokens)
+    diffs = {
+        s.name: arch[replicate].weight(s.layer, s.kind) - arch[tuned].weight(s.layer, s.kind) for s in base.matrices()
+    }
+    rows, curves = oracle(arch[base], acts, diffs, PROBE["k"], eps=1e-14)
+    result = rwasym.probe(base, tuned, tokens, delta="noise_floor", replicate=replicate, **PROBE)
+    compare(result, rows, curves, 300)
+    assert {r["delta"] for r in result.rows} == {"noise_floor"}
+    with pytest.raises(rwasym.RwasymError, match="needs replicate="):
+        rwasym.probe(base, tuned, tokens, delta="noise_floor", **PROBE)
+    with pytest.raises(rwasym.RwasymError, match="pass delta='noise_floor'"):
+        rwasym.probe(base, tuned, tokens, replicate=replicate, **PROBE)
+
+
+def test_random_delta_rows_realise_the_gradient_shaped_null(native_cfg):
+    """delta="random_delta" (issue #29): each matrix gets one draw of Σ_t ξ_t a_tᵀ over the capture's tokens. Over
+    seeds, a row's mean f must approach tr(U_kᵀ M U_k)/tr M of the oracle's uncentred input M (input side) and
+    k/n on the output side — the analytic value every row carries as ``random_delta_fraction``. Draws depend on
+    the seed and the matrix only."""
+    base = rwasym.load(native_cfg, dtype=torch.float64)
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    opts = dict(k=4, null_samples=0, heads=False, curves=False, progress=False, delta="random_delta")
+    results = [rwasym.probe(base, None, tokens, seed=s, **opts) for s in range(40)]
+    for r in results[0].rows:
+        assert r["delta"] == "random_delta"
+    key = lambda r: (r["matrix"], r["stream"], r["subspace"])  # noqa: E731
+    draws: dict = {}
+    for res in results:
+        for r in res.rows:
+            draws.setdefault(key(r), []).append(r["fraction"])
+    expected = {key(r): r for r in results[0].rows}
+    # the analytic value, by hand: the oracle's uncentred input second moment and PCA/prediction bases
+    dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+    arch = Arch(base.bridge.original_model, LAYOUTS["native"], *dims)
+    acts = arch.activations(base.bridge, tokens)
+    pred, _ = arch.prediction_basis()
+    checked = 0
+    for (name, stream, subspace), f in draws.items():
+        row = expected[(name, stream, subspace)]
+        L, kind = int(name.split(".")[1]), name.split(".")[-1]
+        if row["side"] == "input":
+            site = {"W_Q": "attn_in", "W_K": "attn_in", "W_V": "attn_in", "W_O": "z", "W_out": "hidden"}
+            x = acts[f"{L}.{site.get(kind, 'mlp_in')}"]
+            U = pred if subspace == "prediction" else _pca(x)[0]  # an input-side activation row: the PCA of x
+            M = x.T @ x
+            want = float(torch.trace(U[:, :4].T @ M @ U[:, :4]) / torch.trace(M))
+        else:
+            want = 4 / row["n"]
+        assert row["random_delta_fraction"] == pytest.approx(want, rel=1e-6, abs=1e-9), (name, subspace)
+        mean = sum(f) / len(f)
+        se = (sum((v - mean) ** 2 for v in f) / (len(f) - 1) / len(f)) ** 0.5
+        assert abs(mean - want) <= 4 * se + 0.01, (name, stream, subspace, mean, want, se)
+        checked += 1
+    assert checked == len(expected) > 20
+    # the draw of a matrix is the same whichever other matrices the probe selects
+    one = rwasym.probe(base, None, tokens, seed=3, matrices="blocks.1.attn.W_Q", **opts)
+    same = {key(r): r["fraction"] for r in results[3].rows}
+    for r in one.rows:
+        assert r["fraction"] == same[key(r)]

@@ -41,6 +41,8 @@ from ..math.checks import linalg_threads, release_memory, require_k
 from ..math.fraction import (
     column_energies,
     delta_spectrum,
+    gradient_shaped_delta,
+    gradient_shaped_fraction,
     kfree_null_std,
     log_k_grid,
     null_moments,
@@ -106,6 +108,9 @@ class ProbeResult:
         return "\n".join(lines)
 
 
+DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor")
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """What a probe measures. The result's ``config``, and the ``rwasym probe`` flags, derive from these
@@ -122,9 +127,11 @@ class ProbeConfig:
     heads: bool = option(True, "compute per-head rows besides whole matrices")
     delta: str = option(
         "tuned",
-        "what the rows locate: tuned = ΔW = W_tuned − W_base; base_weight = W_base itself, the reference for "
-        "'concentrated' (how aligned pretraining left the matrix; no tuned model needed)",
-        choices=("tuned", "base_weight"),
+        "what the rows locate: tuned = ΔW = W_tuned − W_base; base_weight = W_base itself (how aligned "
+        "pretraining left the matrix; no tuned model); random_delta = one draw of the gradient-shaped null "
+        "update Σ_t ξ_t a_tᵀ, Gaussian ξ on the capture's tokens (what the inputs alone impose; no tuned model); "
+        "noise_floor = W_replicate − W_tuned, two tuned runs differing only in seed (--replicate)",
+        choices=DELTAS,
     )
     center: bool = option(True, "centre the activation covariances (PCA of the centred activations)")
     variance: float = option(0.9, "rows also report f and r at the k reaching this explained-variance ratio")
@@ -294,6 +301,7 @@ def probe(
     config: ProbeConfig | None = None,
     *,
     activations: ActivationStats | None = None,
+    replicate: Any = None,
     progress: bool | None = None,
     **overrides: Any,
 ) -> ProbeResult:
@@ -331,22 +339,24 @@ def probe(
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
     cfg: ProbeConfig = resolve_config(ProbeConfig, config, overrides, "probe")
-    if cfg.delta not in ("tuned", "base_weight"):
-        raise RwasymError(f"delta must be 'tuned' or 'base_weight'; got {cfg.delta!r}")
+    if cfg.delta not in DELTAS:
+        raise RwasymError(f"delta must be one of {', '.join(DELTAS)}; got {cfg.delta!r}")
+    if (cfg.delta == "noise_floor") != (replicate is not None):
+        raise RwasymError(
+            "delta='noise_floor' locates W_replicate − W_tuned and needs replicate= (a second tuned model, the same "
+            "run with another seed); replicate= is used by delta='noise_floor' only"
+            if replicate is None
+            else f"replicate= was given with delta={cfg.delta!r}; pass delta='noise_floor' to probe "
+            "W_replicate − W_tuned"
+        )
     base = load(base)
-    if cfg.delta == "tuned" and not is_checkpoint_folder(tuned):  # a HF folder is streamed, never loaded
+    if cfg.delta in ("tuned", "noise_floor") and not is_checkpoint_folder(tuned):  # a HF folder is streamed
         tuned = load(tuned)
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
     if not specs:
         raise base.unmatched(cfg.matrices)
-    # each ΔW formed when its rows are computed; a tuned folder's W_tuned read from its files
-    if cfg.delta == "base_weight":  # the reference rows: W_base in place of ΔW
-        deltas = ModelWeights(base, [s.name for s in specs])
-    elif isinstance(tuned, Model):
-        deltas = weight_deltas(base, tuned, cfg.matrices, lazy=True)
-    else:
-        deltas = CheckpointDeltas(base, tuned, cfg.matrices)
+    deltas = _deltas(base, tuned, replicate, specs, cfg)
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -397,7 +407,37 @@ def probe(
     header: dict[str, Any] = dict(
         **recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data)
     )
+    if replicate is not None:
+        header["replicate"] = str(replicate.source) if isinstance(replicate, Model) else os.fspath(replicate)
     return ProbeResult(rows=rows, curves=curve_rows, config=header)
+
+
+def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:
+    """{matrix: what its rows locate}, each formed when read (a tuned folder's W read from its files);
+    None for ``random_delta``, drawn in `_probe_rows` from the capture's input scatter."""
+    names = [s.name for s in specs]
+    if cfg.delta == "base_weight":  # the reference rows: W_base in place of ΔW
+        return ModelWeights(base, names)
+    if cfg.delta == "random_delta":
+        return None
+    if cfg.delta == "noise_floor":  # W_replicate − W_tuned: what two seeds of one run disagree on
+        if not isinstance(tuned, Model):
+            raise RwasymError("delta='noise_floor' needs a loaded tuned model (not a streamed folder); load it first")
+        if is_checkpoint_folder(replicate):
+            return CheckpointDeltas(tuned, replicate, cfg.matrices)
+        return weight_deltas(tuned, load(replicate), cfg.matrices, lazy=True)
+    if isinstance(tuned, Model):
+        return weight_deltas(base, tuned, cfg.matrices, lazy=True)
+    return CheckpointDeltas(base, tuned, cfg.matrices)
+
+
+def _matrix_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one matrix's draw, from the seed and the matrix name only (the draw does not depend on
+    which other matrices a probe selects)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _provenance(base: Model, tuned: Model | str | os.PathLike | None, data: Any) -> dict:
@@ -460,6 +500,12 @@ def _probe_rows(
     head of each ΔW in ``deltas``, against the covariances ``cov`` and the full prediction basis."""
     k, null_samples, heads, curves = cfg.k, cfg.null_samples, cfg.heads, cfg.curves
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
+    moments: dict = {}  # site -> its uncentred second moment M (the gradient-shaped null's input statistic)
+
+    def second_moment(site):
+        if site not in moments:
+            moments[site] = cov.activations[site].covariance(center=False)
+        return moments[site]
 
     def full_basis(c_h, site, head):
         if head is None:
@@ -478,13 +524,21 @@ def _probe_rows(
             layer = spec.layer
             for key in [key for key in bases if _site_layer(key[0]) < layer]:
                 del bases[key]
+            for key in [key for key in moments if _site_layer(key) < layer]:
+                del moments[key]
             cov.release(layer)
             if layer == layers[0]:
                 cov.prefetch(layer_sites(layer))
             following = layers.index(layer) + 1
             if following < len(layers):  # the next layer's eigendecompositions overlap this layer's rows
                 cov.prefetch(layer_sites(layers[following]))
-        delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
+        delta: Any
+        if deltas is None:  # random_delta: one draw of Σ_t ξ_t a_tᵀ from the input's scatter S = Σ_t a_t a_tᵀ
+            stats = cov.activations[base.input_hook(spec.name)]
+            scatter = stats.second_moment() * stats.count
+            delta = gradient_shaped_delta(scatter, spec.n_out, _matrix_generator(cfg.seed, spec.name))
+        else:
+            delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
         if _energy(delta) == 0.0:
             continue  # untouched matrix (e.g. frozen, or outside a LoRA adapter): nothing to locate
         gamma = base.post_norm_scale(spec.name) if cfg.post_norm == "residual" else None
@@ -531,6 +585,15 @@ def _probe_rows(
                         _spectrum(spectra, d, head), side, k_used, null_samples, generator
                     )
                 null = nulls.get((head, side, k_used))
+                # the gradient-shaped null's expected f (`gradient_shaped_fraction`): tr(UᵀMU)/tr M with the
+                # input's uncentred M on the input side; γ_post² weights on the output side (else exactly k/n)
+                if side == "input":
+                    m = head_input_block(spec, second_moment(base.input_hook(spec.name)), head)
+                    expected = gradient_shaped_fraction(m, full.U[:, :k_used])
+                elif gamma is not None:
+                    expected = gradient_shaped_fraction(torch.diag(gamma.square()), full.U[:, :k_used])
+                else:
+                    expected = k_used / n
                 row = dict(
                     layer=spec.layer,
                     matrix=spec.name,
@@ -553,6 +616,8 @@ def _probe_rows(
                     delta=cfg.delta,
                     rho=rho,
                     rho_null_std=kfree_null_std(_spectrum(spectra, d, head).s2, c2, n) if null_samples >= 2 else None,
+                    random_delta_fraction=expected,
+                    random_delta_relative=expected * n / k_used,
                 )
                 if c_h is not None:
                     k90 = k_reaching(full.explained_variance_ratio, cfg.variance)

@@ -56,6 +56,8 @@ __all__ = [
     "column_energies",
     "delta_spectrum",
     "fraction_curve",
+    "gradient_shaped_delta",
+    "gradient_shaped_fraction",
     "kfree_null_std",
     "kfree_score",
     "KFreeScore",
@@ -551,3 +553,39 @@ def kfree_null_std(s2: float, c2: float, n: int) -> float:
     if n < 2:
         return 0.0
     return math.sqrt(max(2.0 * (n * s2 - 1.0) * (n * c2 - 1.0) / ((n - 1.0) * (n + 2.0)), 0.0))
+
+
+def gradient_shaped_delta(
+    scatter: Float[Tensor, "n_in n_in"], n_out: int, generator: torch.Generator | None = None
+) -> Float[Tensor, "n_out n_in"]:
+    """One draw of the gradient-shaped null update ΔW = Σ_t ξ_t a_tᵀ, ξ_t ~ N(0, I_{n_out}) independent
+    over the tokens t, for inputs a_t with the *uncentred* scatter S = Σ_t a_t a_tᵀ (n_in × n_in).
+
+    Each row Σ_t ξ_{it} a_tᵀ is N(0, S) and the rows are independent, so ΔW = Z Λ^{1/2} Vᵀ with
+    S = V Λ Vᵀ and Z (n_out × n_in) standard normal has the same law — drawn from S alone, no per-token
+    activations kept. It is what any update of the form −η Σ_t δ_t a_tᵀ inherits from its inputs when the
+    back-propagated δ_t carry no structure (issue #29's ``random_delta`` baseline). Float64."""
+    S = as_float64_matrix(scatter, "the scatter S = Σ_t a_t a_tᵀ")
+    if S.shape[0] != S.shape[1]:
+        raise RwasymError(f"the scatter must be square (n_in × n_in); got {shape_str(S)}")
+    require_positive_int(n_out, "n_out")
+    evals, evecs = linalg.eigh(0.5 * (S + S.T))
+    root = evals.clamp_min(0.0).sqrt()[:, None] * evecs.T  # Λ^{1/2} Vᵀ: rootᵀ root = S
+    z = torch.randn(n_out, S.shape[0], generator=generator, dtype=torch.float64)
+    return z @ root
+
+
+def gradient_shaped_fraction(second_moment: Float[Tensor, "n n"], U: Float[Tensor, "n k"]) -> float:
+    """The share of a gradient-shaped null update's energy in span(U) on the side whose second moment is
+    given: E‖ΔW U‖²_F / E‖ΔW‖²_F = tr(Uᵀ M U) / tr M (input side: M = the uncentred input second moment,
+    `gradient_shaped_delta`; output side M ∝ I, or diag(γ²) after a post-norm scale, gives k/n or its γ-weighted
+    analogue). A ratio of expectations: a draw's f concentrates on it as n_out grows (relative spread
+    O(1/√n_out)). Invariant to M's scale, so a mean or a sum over tokens gives the same value."""
+    M = as_float64_matrix(second_moment, "the second moment M")
+    basis = as_float64_matrix(U, "the basis U")
+    if M.shape[0] != M.shape[1] or basis.shape[0] != M.shape[0]:
+        raise RwasymError(f"M must be n × n and U n × k; got M {shape_str(M)}, U {shape_str(basis)}")
+    trace = float(M.diagonal().sum())
+    if not trace > 0.0:
+        raise RwasymError("the second moment has zero trace (no input energy): no gradient-shaped update exists")
+    return float(((M @ basis) * basis).sum()) / trace

@@ -3,6 +3,7 @@
 import argparse
 from typing import Any
 
+from ...errors import RwasymError
 from .common import add_config_flags, config_from_args, read_tokens
 
 
@@ -16,6 +17,12 @@ def add_probe_parser(sub: Any) -> argparse.ArgumentParser:
         "--tuned-adapter",
         default=None,
         help="PEFT LoRA adapter folder on --base: the tuned model is base + adapter (instead of --tuned)",
+    )
+    p.add_argument(
+        "--replicate",
+        default=None,
+        help="--delta noise_floor: a second tuned checkpoint, the same run with another seed "
+        "(rows of W_replicate − W_tuned)",
     )
     p.add_argument("--data", required=True, help="text file, or .safetensors with input_ids")
     add_config_flags(p, ProbeConfig)  # --k, --null-samples, --matrices, --no-heads, ... from its fields
@@ -32,11 +39,23 @@ def run_probe(args: argparse.Namespace) -> int:
     from ...models import load_pair
 
     config = config_from_args(args, ProbeConfig)
-    if config.delta == "base_weight":  # the reference rows of W_base itself: no tuned model
+    if (config.delta == "noise_floor") != (args.replicate is not None):
+        raise RwasymError(
+            "--delta noise_floor and --replicate go together: pass both (W_replicate − W_tuned) or neither"
+        )
+    if config.delta in ("base_weight", "random_delta"):  # reference rows from the base alone: no tuned model
         base, tuned = rwasym.load(args.base), None
-    else:
-        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=True)
-    result = rwasym.probe(base, tuned, read_tokens(args.data, base), config, progress=False if args.quiet else None)
+    else:  # noise_floor differences two loaded tuned models
+        stream = config.delta == "tuned"
+        base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=stream)
+    result = rwasym.probe(
+        base,
+        tuned,
+        read_tokens(args.data, base),
+        config,
+        replicate=args.replicate,
+        progress=False if args.quiet else None,
+    )
     result.to_json(args.out)
     print(result.summary())
     print(f"wrote {len(result.rows)} rows to {args.out}")
