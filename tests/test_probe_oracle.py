@@ -252,26 +252,26 @@ def _rho_std(d, shares, n):
     return (2 * (n * s2 - 1) * (n * c2 - 1) / ((n - 1) * (n + 2))) ** 0.5
 
 
-def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
+def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predictions=None):
     """(rows keyed by (matrix, head, stream, subspace), curves keyed by (matrix, stream, subspace)),
     each with its tolerance. eps: the activations' relative error (a float, or site kind -> float;
-    None: float32 Gram rounding); pred_rel: the prediction rows' relative tolerance."""
-    pred, pred_ratio = arch.prediction_basis()
+    None: float32 Gram rounding); pred_rel: the prediction rows' relative tolerance. predictions:
+    {subspace name: (U, eigenvalue shares)} of the residual-side output subspaces (default: "prediction")."""
+    predictions = predictions or {"prediction": arch.prediction_basis()}
     rows, curves, pcas, laws = {}, {}, {}, {}
     for name, D in deltas.items():
         L, kind = int(name.split(".")[1]), name.split(".")[-1]
         read = kind in READ
         if read:
             resid = f"{L}.attn_in" if kind in ("W_Q", "W_K", "W_V") else f"{L}.mlp_in"
-            spaces = [("residual", "input", "activation", resid), ("residual", "input", "prediction", None)]
+            spaces = [("residual", "input", "activation", resid)]
+            spaces += [("residual", "input", name, None) for name in predictions]
             heads = {"W_Q": arch.n_heads, "W_K": arch.n_kv, "W_V": arch.n_kv}.get(kind, 0)
         else:
             resid = f"{L}.resid_post" if kind == "W_out" or arch.lay["parallel"] else f"{L}.resid_mid"
-            spaces = [
-                ("residual", "output", "activation", resid),
-                ("residual", "output", "prediction", None),
-                ("inner", "input", "activation", f"{L}.z" if kind == "W_O" else f"{L}.hidden"),
-            ]
+            spaces = [("residual", "output", "activation", resid)]
+            spaces += [("residual", "output", name, None) for name in predictions]
+            spaces.append(("inner", "input", "activation", f"{L}.z" if kind == "W_O" else f"{L}.hidden"))
             heads = arch.n_heads if kind == "W_O" else 0
         for stream, side, subspace, site in spaces:
             for head in [None] + list(range(heads)):
@@ -280,8 +280,8 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9):
                 if float(d.square().sum()) == 0.0:
                     continue
                 if site is None:
-                    U, ratio, bound = pred, None, None
-                    shares = pred_ratio
+                    U, shares = predictions[subspace]
+                    ratio, bound = None, None
                 else:
                     block = None if stream == "residual" else head  # an O head's block of z
                     if (site, block) not in pcas:
@@ -639,3 +639,62 @@ def test_random_delta_rows_realise_the_gradient_shaped_null(native_cfg):
     same = {key(r): r["fraction"] for r in results[3].rows}
     for r in one.rows:
         assert r["fraction"] == same[key(r)]
+
+
+def test_prediction_variants_equal_the_oracle(native_cfg):
+    """subspaces prediction_centered and prediction_fisher (issue #29), by hand on the HF module: the left singular
+    vectors of the vocabulary-centred diag(γ)·W_U, and the eigenvectors of the explicit per-token sum
+    (1/N) Σ_t W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ with p_t the plain module's softmax — every row field, each with its
+    own ρ_C (C = that Gram or metric)."""
+    from rwasym.testing import perturb
+
+    base = rwasym.load(native_cfg, dtype=torch.float64)
+    tuned = perturb(rwasym.load(native_cfg, dtype=torch.float64), seed=1)
+    dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+    arch = {m: Arch(m.bridge.original_model, LAYOUTS["native"], *dims) for m in (base, tuned)}
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    acts = arch[base].activations(base.bridge, tokens)
+    root = base.bridge.original_model
+    w_u = _get(root, LAYOUTS["native"]["unembed"]).weight.detach().double().T  # (d_model, vocab)
+    w = _get(root, LAYOUTS["native"]["final"]).weight.detach().double()[:, None] * w_u
+
+    def eig(m):
+        evals, evecs = torch.linalg.eigh(0.5 * (m + m.T))
+        order = evals.argsort(descending=True)
+        ev = evals[order].clamp_min(0)
+        return evecs[:, order], ev / ev.sum()
+
+    centred = w - w.mean(1, keepdim=True)
+    with torch.no_grad():
+        logits = root(tokens)
+    logits = logits if isinstance(logits, torch.Tensor) else logits.logits if hasattr(logits, "logits") else logits[0]
+    probs = torch.softmax(logits.double().reshape(-1, logits.shape[-1]), -1)
+    fisher = sum(w @ (torch.diag(p) - torch.outer(p, p)) @ w.T for p in probs) / probs.shape[0]
+    predictions = {
+        "prediction": arch[base].prediction_basis(),
+        "prediction_centered": eig(centred @ centred.T),
+        "prediction_fisher": eig(fisher),
+    }
+    deltas = {s.name: arch[tuned].weight(s.layer, s.kind) - arch[base].weight(s.layer, s.kind) for s in base.matrices()}
+    rows, curves = oracle(arch[base], acts, deltas, PROBE["k"], eps=1e-14, pred_rel=1e-7, predictions=predictions)
+    subspaces = "activation,prediction,prediction_centered,prediction_fisher"
+    result = rwasym.probe(base, tuned, tokens, subspaces=subspaces, **PROBE)
+    compare(result, rows, curves, 300)
+    assert result.config["fisher_tokens"] == tokens.numel()
+    # the centred basis differs from the raw one here (the mean column is not negligible)
+    raw = {(r["matrix"], r["head"]): r["fraction"] for r in result.rows if r["subspace"] == "prediction"}
+    cen = {(r["matrix"], r["head"]): r["fraction"] for r in result.rows if r["subspace"] == "prediction_centered"}
+    assert max(abs(raw[key] - cen[key]) for key in raw) > 1e-3
+    with pytest.raises(rwasym.RwasymError, match="subspaces="):
+        rwasym.probe(base, tuned, tokens, subspaces="activation,fisher", **PROBE)
+    # padding is left out: right-padded rows give the unpadded positions' own distributions (causal attention)
+    from rwasym.hooks.activations import prediction_statistics
+
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[::2, 15:] = False
+    stats = prediction_statistics(base, {"input_ids": tokens, "attention_mask": mask.long()}, batch_size=5)
+    kept = probs[mask.reshape(-1)]
+    assert stats.count == int(mask.sum())
+    assert torch.allclose(stats.p_sum, kept.sum(0), rtol=1e-10, atol=1e-12)
+    g = kept @ w.T  # γ is measured by running the norm in rwasym (≈2e-6 from the parameter here)
+    assert torch.allclose(stats.g.second_moment(), g.T @ g / len(g), rtol=1e-5, atol=1e-9)

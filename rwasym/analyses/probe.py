@@ -13,6 +13,8 @@ Which side and which subspace (rows carry both, so the whole 2×2 table is visib
   for read matrices; for write matrices the residual stream they write into: resid_mid for W_O of
   sequential blocks, resid_post otherwise);
   ``prediction``: top-k left singular vectors of the effective unembedding diag(γ_final)·W_U.
+  Opt-in (``subspaces=``): ``prediction_centered``, of the vocabulary-centred W̃_U; ``prediction_fisher``, the
+  top eigenvectors of the mean next-token Fisher metric E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] on the data.
 - the **inner side** (the input of write matrices: attention z / MLP hidden; the output of read
   matrices is not studied) against the PCA of its own activations (``activation``).
 
@@ -36,7 +38,7 @@ from tqdm import tqdm
 
 from .._version import __version__  # noqa: F401
 from ..errors import RwasymError
-from ..hooks.activations import ActivationStats, capture, data_hash, quiet
+from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics, quiet
 from ..math.checks import linalg_threads, release_memory, require_k
 from ..math.fraction import (
     column_energies,
@@ -109,6 +111,7 @@ class ProbeResult:
 
 
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor")
+SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,13 @@ class ProbeConfig:
         "update Σ_t ξ_t a_tᵀ, Gaussian ξ on the capture's tokens (what the inputs alone impose; no tuned model); "
         "noise_floor = W_replicate − W_tuned, two tuned runs differing only in seed (--replicate)",
         choices=DELTAS,
+    )
+    subspaces: str = option(
+        "activation,prediction",
+        "comma-separated subspaces of the rows: activation (PCA of the site), prediction (top left singular vectors "
+        "of diag(γ)·W_U), prediction_centered (of the vocabulary-centred W_U: the softmax-invariant 'all logits up' "
+        "direction removed), prediction_fisher (top eigenvectors of the mean next-token Fisher metric "
+        "E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] on the data: one more forward pass)",
     )
     center: bool = option(True, "centre the activation covariances (PCA of the centred activations)")
     variance: float = option(0.9, "rows also report f and r at the k reaching this explained-variance ratio")
@@ -164,12 +174,22 @@ class ProbeConfig:
                 f"post_norm={self.post_norm!r}: use 'residual' (diag(γ_post)·ΔW, as the residual stream "
                 "sees it) or 'raw' (the raw ΔW)"
             )
+        chosen = self.subspace_list()
+        unknown = [x for x in chosen if x not in SUBSPACES]
+        if unknown or not chosen or len(set(chosen)) != len(chosen):
+            raise RwasymError(
+                f"subspaces={self.subspaces!r}: give distinct names from {', '.join(SUBSPACES)}, comma-separated "
+                "(e.g. 'activation,prediction,prediction_centered')"
+            )
         if not 0.0 < float(self.variance) <= 1.0:
             raise RwasymError(f"variance must satisfy 0 < variance <= 1 (a variance fraction); got {self.variance}")
         for name in ("null_samples", "curve_null_samples", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
                 raise RwasymError(f"{name} must be a non-negative integer (batch_size positive); got {value!r}")
+
+    def subspace_list(self) -> list[str]:
+        return [x.strip() for x in str(self.subspaces).split(",") if x.strip()]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -360,7 +380,7 @@ def probe(
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     generator = torch.Generator().manual_seed(cfg.seed)
-    pred_full = prediction_basis(base.unembedding(), base.d_model)
+    preds, n_fisher = _prediction_bases(base, data, cfg, progress)
     rows: list[dict] = []
     curve_rows: list[dict] = []
     # on two threads the eigendecompositions run on a worker thread beside the rows (each on one
@@ -393,7 +413,7 @@ def probe(
                     group,
                     deltas,
                     covs,
-                    pred_full,
+                    preds,
                     cfg,
                     generator=generator,
                     progress=progress,
@@ -407,9 +427,35 @@ def probe(
     header: dict[str, Any] = dict(
         **recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data)
     )
+    if n_fisher is not None:
+        header["fisher_tokens"] = n_fisher
     if replicate is not None:
         header["replicate"] = str(replicate.source) if isinstance(replicate, Model) else os.fspath(replicate)
     return ProbeResult(rows=rows, curves=curve_rows, config=header)
+
+
+def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool | None) -> tuple[dict, int | None]:
+    """{prediction subspace: full basis (k = d_model)} for the chosen ones, and the Fisher pass's token count."""
+    chosen = cfg.subspace_list()
+    w_u = base.unembedding()
+    out: dict = {}
+    if "prediction" in chosen:
+        out["prediction"] = prediction_basis(w_u, base.d_model)
+    if "prediction_centered" in chosen:
+        out["prediction_centered"] = prediction_basis(w_u, base.d_model, center_vocab=True)
+    n_fisher = None
+    if "prediction_fisher" in chosen:
+        if data is None or isinstance(data, Iterator):
+            raise RwasymError(
+                "subspaces with prediction_fisher need data= as tokens, a dict or a text file (its own forward pass "
+                "reads it again), not only precomputed activations or a one-shot iterator"
+            )
+        stats = prediction_statistics(
+            base, data, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, progress=progress
+        )
+        out["prediction_fisher"] = pca_basis(stats.fisher(w_u), base.d_model)
+        n_fisher = stats.count
+    return out, n_fisher
 
 
 def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:
@@ -488,7 +534,7 @@ def _probe_rows(
     specs: Sequence[MatrixSpec],
     deltas: Any,
     cov: "_Covariances",
-    pred_full: Any,
+    preds: dict,
     cfg: ProbeConfig,
     *,
     generator: torch.Generator,
@@ -554,11 +600,10 @@ def _probe_rows(
         resid_cov = cov(
             model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec))
         )
-        spaces = [
-            ("residual", resid_side, "activation", resid_cov, model_site),
-            ("residual", resid_side, "prediction", None, "unembedding"),
-        ]
-        if spec.side == "write":
+        chosen = cfg.subspace_list()
+        spaces = [("residual", resid_side, "activation", resid_cov, model_site)] if "activation" in chosen else []
+        spaces += [("residual", resid_side, name, None, "unembedding") for name in chosen if name in preds]
+        if spec.side == "write" and "activation" in chosen:
             spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
         for stream, side, subspace, c, site in spaces:
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
@@ -568,7 +613,7 @@ def _probe_rows(
                 c_h = c if c is None or side != "input" else head_input_block(spec, c, head)
                 n = d.shape[1] if side == "input" else d.shape[0]
                 k_used = min(k, n)
-                full = pred_full if c_h is None else full_basis(c_h, site, None if c_h is c else head)
+                full = preds[subspace] if c_h is None else full_basis(c_h, site, None if c_h is c else head)
                 # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
                 share = column_energies(d, full.U, side) / _energy(d)  # (m,) ε_j = e_j / ‖ΔW‖²
                 cum = share.cumsum(0)

@@ -282,6 +282,77 @@ def capture(
     return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
 
 
+@dataclass
+class PredictionStats:
+    """The next-token statistics `rwasym.math.subspaces.prediction_fisher` needs: Σ_t p_t (d_vocab) and the
+    running second moment of g_t = W̃_U p_t (d_model), over ``count`` unpadded positions."""
+
+    p_sum: Tensor
+    g: RunningCovariance
+
+    @property
+    def count(self) -> int:
+        return self.g.count
+
+    @property
+    def p_mean(self) -> Tensor:
+        return self.p_sum / self.count
+
+    def fisher(self, unembedding: Tensor) -> Tensor:
+        """E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] (`rwasym.math.subspaces.prediction_fisher`)."""
+        from ..math.subspaces import prediction_fisher
+
+        return prediction_fisher(unembedding, self.p_mean, self.g.second_moment())
+
+
+def prediction_statistics(
+    model: Any,
+    data: Any,
+    *,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    progress: bool | None = None,
+    chunk_tokens: int = 256,
+) -> PredictionStats:
+    """Stream ``data`` through the whole ``model`` once and accumulate, in float64, Σ_t p_t and Σ_t g_t g_tᵀ
+    with p_t = softmax(logits_t) (the model's own output, after any logit soft-capping) and
+    g_t = W̃_U p_t (`Model.unembedding`), over every unpadded position (the same tokens, budget and batches
+    as `capture` with the same ``data``, ``batch_size`` and ``max_tokens``). ``chunk_tokens`` positions are
+    projected at a time, so the float64 probabilities stay at chunk_tokens × d_vocab."""
+    model = load(model)
+    if batch_size <= 0:
+        raise RwasymError(f"batch_size must be positive; got {batch_size}")
+    w_u = model.unembedding()  # (d_model, d_vocab) float64
+    p_sum = torch.zeros(model.d_vocab, dtype=torch.float64)
+    g = RunningCovariance(model.d_model, name="prediction g = W̃_U p")
+    seen = 0
+    bar = tqdm(total=max_tokens, desc="prediction statistics", unit="tok", disable=quiet(progress))
+    with torch.no_grad():
+        for tokens, mask in _as_batches(data, batch_size, model):
+            _check_batch(tokens, mask, model.d_vocab)
+            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            if max_tokens is not None:
+                mask = _budget_mask(mask, max_tokens - seen)
+            n = int(mask.sum())
+            if n == 0:
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+                continue
+            seen += n
+            kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
+            logits = model.bridge(tokens.to(model.device), **kwargs)
+            rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).to(logits.device)].detach().cpu()
+            for start in range(0, rows.shape[0], chunk_tokens):
+                p = torch.softmax(rows[start : start + chunk_tokens].double(), dim=-1)  # (c, d_vocab)
+                p_sum += p.sum(0)
+                g.add(p @ w_u.T)
+            bar.update(n)
+    bar.close()
+    if seen == 0:
+        raise RwasymError("no tokens for the prediction statistics: the data is empty or fully masked")
+    return PredictionStats(p_sum=p_sum, g=g)
+
+
 def _site_width(model: Model, hook: str) -> int:
     for spec in model.matrices():
         if hook == spec.hook_in:

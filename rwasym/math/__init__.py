@@ -29,7 +29,16 @@ from .fraction import (
 from .lowrank import LowRankDelta
 from .rank1 import Direction, closed_form_u, directions, match_output_energy, spectrum_matched_delta
 from .spectra import alpha_req, lifecycle, rankme, rankme_from_cov, spikiness
-from .subspaces import Basis, complement_basis, haar_frames, k_for_variance, pca_basis, prediction_basis, random_basis
+from .subspaces import (
+    Basis,
+    complement_basis,
+    haar_frames,
+    k_for_variance,
+    pca_basis,
+    prediction_basis,
+    prediction_fisher,
+    random_basis,
+)
 from .svd import post_training_svd, rebuild
 
 __all__ = [
@@ -62,6 +71,7 @@ __all__ = [
     "pca_basis",
     "post_training_svd",
     "prediction_basis",
+    "prediction_fisher",
     "random_basis",
     "random_null",
     "rankme",

@@ -36,6 +36,7 @@ __all__ = [
     "k_for_variance",
     "pca_basis",
     "prediction_basis",
+    "prediction_fisher",
     "random_basis",
 ]
 
@@ -201,8 +202,14 @@ def k_reaching(ratio: Float[Tensor, " n"], threshold: float = 0.9) -> int:
     return min(k, ratio.shape[0])
 
 
-def prediction_basis(unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedding, k: int) -> Basis:
+def prediction_basis(
+    unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedding, k: int, *, center_vocab: bool = False
+) -> Basis:
     """Top-k left singular vectors of the unembedding W_U (d_model, d_vocab), as a `Basis`.
+
+    center_vocab=True: of the vocabulary-centred W_U − w̄ 1ᵀ (w̄ = the mean unembedding column), whose Gram is
+    W_U W_Uᵀ − V w̄ w̄ᵀ. The direction w̄ moves every logit together, which the softmax ignores; the centred
+    basis (the probe's ``prediction_centered``) drops that share of it.
 
     W_U = U Σ Vᵀ; the basis spans the residual-stream directions the logits read most strongly
     (the write side's prediction subspace). Pass the *effective* unembedding diag(γ_final) · W_U
@@ -224,7 +231,51 @@ def prediction_basis(unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedd
             f"min(d_model, d_vocab)={d_vocab} nonzero singular values; choose k <= {d_vocab} "
             "(or check the orientation: rwasym expects (d_model, d_vocab))."
         )
-    return _basis_from_symmetric(_unembedding_gram(W), k, "the unembedding's Gram matrix W_U W_Uᵀ")
+    gram = _unembedding_gram(W)
+    if center_vocab:
+        mean = _column_sum(W) / d_vocab
+        gram = gram - d_vocab * torch.outer(mean, mean)
+        gram = 0.5 * (gram + gram.T)
+    return _basis_from_symmetric(gram, k, "the unembedding's Gram matrix W_U W_Uᵀ")
+
+
+def prediction_fisher(
+    unembedding: Float[Tensor, "d_model d_vocab"],
+    p_mean: Float[Tensor, " d_vocab"],
+    g_second_moment: Float[Tensor, "d_model d_model"],
+) -> Float[Tensor, "d_model d_model"]:
+    """The mean Fisher metric of the next-token cross-entropy on the residual-stream side of the logits,
+    E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] = W̃_U diag(p̄) W̃_Uᵀ − E_t[g_t g_tᵀ], g_t = W̃_U p_t — the metric the
+    loss sees (its top eigenvectors: the probe's ``prediction_fisher`` subspace). Linear in p_t in its first
+    term, so a corpus needs only p̄ = E_t p_t (d_vocab) and the second moment of g_t (d_model × d_model)
+    (`rwasym.hooks.activations.prediction_statistics`). W̃_U = diag(γ_final)·W_U, (d_model, d_vocab); float64.
+    """
+    W = require_matrix(unembedding, "the unembedding")
+    d_model, d_vocab = W.shape
+    p = as_float64_matrix(p_mean.reshape(1, -1), "p_mean").reshape(-1)
+    G = as_float64_matrix(g_second_moment, "g_second_moment")
+    if p.shape[0] != d_vocab or G.shape != (d_model, d_model):
+        raise RwasymError(
+            f"p_mean must have d_vocab={d_vocab} entries and g_second_moment be {d_model} × {d_model}; got "
+            f"{p.shape[0]} and {shape_str(G)}"
+        )
+    step = max(1, _GRAM_CHUNK_BYTES // (8 * d_model))
+    weighted = torch.zeros(d_model, d_model, dtype=torch.float64)
+    for start in range(0, d_vocab, step):
+        chunk = W[:, start : start + step].detach().to(device="cpu", dtype=torch.float64)
+        weighted += (chunk * p[start : start + step]) @ chunk.T
+    fisher = weighted - G
+    return 0.5 * (fisher + fisher.T)
+
+
+def _column_sum(W: Tensor) -> Tensor:
+    """Σ_j W[:, j] in float64, over column chunks."""
+    d_model, d_vocab = W.shape
+    step = max(1, _GRAM_CHUNK_BYTES // (8 * d_model))
+    total = torch.zeros(d_model, dtype=torch.float64)
+    for start in range(0, d_vocab, step):
+        total += W[:, start : start + step].detach().to(device="cpu", dtype=torch.float64).sum(1)
+    return total
 
 
 def random_basis(n: int, k: int, generator: torch.Generator | None = None) -> Float[Tensor, "n k"]:
