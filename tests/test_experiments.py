@@ -257,3 +257,22 @@ def test_sweep_experiment_aggregates_per_seed_summaries(tmp_path, quick_cache):
 def test_graded_experiment_rejects_bad_seeds_and_lams(kwargs, message):
     with pytest.raises(rwasym.RwasymError, match=message):
         experiments.graded_experiment(None, **kwargs)
+
+
+def test_asymmetry_summary_paper_grouping_by_hand():
+    """The paper's cells (read: W_Q, W_K; write: W_O, W_out) beside the pooled ones (read also W_V, W_in, W_gate)."""
+    from rwasym.analyses.probe import ProbeResult
+    from rwasym.studies.experiments import asymmetry_summary
+
+    r = {"W_Q": 4.0, "W_K": 2.0, "W_V": 10.0, "W_in": 20.0, "W_gate": 30.0, "W_O": 1.0, "W_out": 3.0}
+    side = {k: "write" if k in ("W_O", "W_out") else "read" for k in r}
+    rows = [
+        dict(head=h, stream=st, kind=k, matrix_side=side[k], subspace="activation", relative=v + (h or 0) * 100)
+        for k, v in r.items()
+        for h, st in ((None, "residual"), (0, "residual"), (None, "inner"))  # only whole, residual rows count
+    ]
+    res = ProbeResult(rows=rows)
+    assert asymmetry_summary(res) == {"read_activation": 66.0 / 5, "write_activation": 2.0}
+    assert asymmetry_summary(res, grouping="paper") == {"paper_read_activation": 3.0, "paper_write_activation": 2.0}
+    with pytest.raises(rwasym.RwasymError, match="grouping"):
+        asymmetry_summary(res, grouping="mine")

@@ -102,6 +102,7 @@ def run_demo(
     )
     results["probe"] = {
         "summary": asymmetry_summary(result),
+        "summary_paper": asymmetry_summary(result, grouping="paper"),
         "table": result.table(),
         "rows": result.rows,
         "curves": result.curves,
@@ -276,6 +277,17 @@ def _markdown(results: dict, headline: str) -> str:
             + "\n```\n"
         )
     parts.append("## Probe: relative fraction r on the residual-stream side\n\n```\n" + headline + "\n```\n")
+    probe = results["probe"]
+    parts.append(
+        "Mean r per side, in two groupings: pooled (read: W_Q/K/V/W_in/W_gate; write: W_O/W_out) and the paper's "
+        "(read: W_Q, W_K; write: W_O, W_out):\n\n"
+        + report.markdown_table(
+            [
+                {"grouping": "pooled", **probe["summary"]},
+                {"grouping": "paper", **{k.removeprefix("paper_"): v for k, v in probe["summary_paper"].items()}},
+            ]
+        )
+    )
     parts.append("![asymmetry](figures/asymmetry_heatmap.png)\n![r(k)](figures/rk_curves.png)\n")
     for obj, rows in results.get("gradients", {}).items():
         parts.append(

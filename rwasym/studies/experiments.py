@@ -18,14 +18,30 @@ from ..hooks.activations import ActivationStats, capture
 from ..math.inference import seed_interval, slope
 from ..models import Model, load, weight_deltas
 
+# The paper contrasts W_Q, W_K (read) with W_O, W_2 = W_out (write); the pooled grouping also counts W_V, W_in and
+# W_gate as read (every matrix whose input is the residual stream).
+PAPER_GROUPS = {"read": ("W_Q", "W_K"), "write": ("W_O", "W_out")}
 
-def asymmetry_summary(result: ProbeResult) -> dict[str, float]:
+
+def paper_side(kind: str) -> str | None:
+    """ "read" / "write" in the paper's grouping (`PAPER_GROUPS`), None for a kind it leaves out."""
+    return next((side for side, kinds in PAPER_GROUPS.items() if kind in kinds), None)
+
+
+def asymmetry_summary(result: ProbeResult, grouping: str = "pooled") -> dict[str, float]:
     """{"read_activation": mean r, "read_prediction": ..., "write_activation": ..., "write_prediction": ...}
-    over whole matrices on the residual-stream side."""
+    over whole matrices on the residual-stream side. grouping="pooled": read = every read matrix
+    (W_Q/K/V/W_in/W_gate); "paper": the paper's cells, read = W_Q, W_K and write = W_O, W_out
+    (`PAPER_GROUPS`), keys prefixed ``paper_``."""
+    if grouping not in ("pooled", "paper"):
+        raise RwasymError(f"grouping must be 'pooled' or 'paper'; got {grouping!r}")
     cells: dict[str, list[float]] = {}
     for row in result.rows:
         if row["head"] is None and row["stream"] == "residual":
-            cells.setdefault(f"{row['matrix_side']}_{row['subspace']}", []).append(row["relative"])
+            if grouping == "pooled":
+                cells.setdefault(f"{row['matrix_side']}_{row['subspace']}", []).append(row["relative"])
+            elif (side := paper_side(row["kind"])) is not None:
+                cells.setdefault(f"paper_{side}_{row['subspace']}", []).append(row["relative"])
     return {key: sum(v) / len(v) for key, v in sorted(cells.items())}
 
 

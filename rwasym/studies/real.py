@@ -39,11 +39,13 @@ from typing import Any
 import torch
 
 from ..errors import RwasymError
+from .experiments import paper_side
 
 __all__ = ["PARTS", "RealConfig", "real_experiment", "real_report"]
 
 PARTS = ("asymmetry", "trajectory", "mechanism", "joint", "companion", "graded")  # the order they run in
 CELLS = ("read_activation", "read_prediction", "write_activation", "write_prediction")
+PAPER_CELLS = tuple(f"paper_{c}" for c in CELLS)  # read = W_Q, W_K; write = W_O, W_out (experiments.PAPER_GROUPS)
 GAP_METRICS = ("gap_accuracy", "gap_margin", "kl_base", "kl_tuned")
 
 
@@ -472,6 +474,8 @@ def _cells(rows: list[dict], key: str = "relative") -> dict[str, float]:
             continue
         groups.setdefault(f"{r['matrix_side']}_{r['subspace']}", []).append(r[key])
         groups.setdefault(f"{r['kind']}/{r['subspace']}", []).append(r[key])
+        if (side := paper_side(r["kind"])) is not None:  # the paper's grouping, beside the pooled one
+            groups.setdefault(f"paper_{side}_{r['subspace']}", []).append(r[key])
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
@@ -531,7 +535,8 @@ def _asymmetry_report(out: Path, units: list[dict], seeds: list) -> tuple[dict, 
     sections = [
         f"## Asymmetry: the probe table ({len(units)} seeds)\n",
         "Mean relative fraction r over whole matrices (1 = isotropic), mean over seeds [95% t-interval]; "
-        "`read_`/`write_` cells pool the matrix kinds of a side; the last column uses each matrix's own "
+        "`read_`/`write_` cells pool the matrix kinds of a side (read: W_Q/K/V/W_in/W_gate), `paper_` cells use the "
+        "paper's grouping (read: W_Q, W_K; write: W_O, W_out); the last column uses each matrix's own "
         "k at 90% explained variance.\n",
         report.markdown_table(table),
         f"\n### Per-head spread at k={ks[0]} (per kind and subspace; seed-averaged statistics over heads)\n",
@@ -675,7 +680,7 @@ def _trajectory_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
 
 def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict, list[str]]:
     from .. import report
-    from ..math.inference import bootstrap_ci, permutation_pvalue
+    from ..math.inference import holm, seed_differences, stratified_rank_test
 
     table = []
     keys = sorted(
@@ -685,7 +690,7 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
     for matrix, rank, mode, match in keys:
         sel = [u for u in units if u["mode"] == mode and u["match"] == match]
         for metric in ("gap_accuracy", "gap_margin"):
-            t, c, diffs = [], [], []
+            t, c, strata = [], [], []  # stratum = one seed: its target (the mean of its targets), its controls
             for u in sel:
                 rows = [
                     r for r in u["rows"] if r["matrix"] == matrix and r["rank"] == rank and r.get(metric) is not None
@@ -695,10 +700,11 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
                 if tt and cc:
                     t += tt
                     c += cc
-                    diffs.append(sum(tt) / len(tt) - sum(cc) / len(cc))
+                    strata.append((sum(tt) / len(tt), cc))
             if not t or not c:
                 continue
-            lo, hi = bootstrap_ci(t, c, 2000, 0.95, 0)
+            test = stratified_rank_test(strata)
+            diffs = seed_differences(strata)
             kl = "kl_base" if mode == "transplant" else "kl_tuned"
             kls = [
                 (r[kl], r["direction"] not in ("random", "orthogonal"))
@@ -716,15 +722,18 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
                     seeds=len(diffs),
                     target=sum(t) / len(t),
                     control=sum(c) / len(c),
-                    diff=sum(t) / len(t) - sum(c) / len(c),
-                    ci_low=lo,
-                    ci_high=hi,
-                    p=permutation_pvalue(t, c, 10000, 0),
                     per_seed_diff=_pm(_interval(diffs)),
+                    p=test["p"],
+                    p_floor=test["floor"],
+                    at_floor=test["at_floor"],
                     target_kl=sum(v for v, is_t in kls if is_t) / max(1, sum(is_t for _, is_t in kls)),
                     control_kl=sum(v for v, is_t in kls if not is_t) / max(1, sum(not is_t for _, is_t in kls)),
                 )
             )
+    for match in {r["match"] for r in table}:  # Holm over each table the report prints (one per matching mode)
+        fam = [r for r in table if r["match"] == match]
+        for r, adjusted in zip(fam, holm([r["p"] for r in fam])):
+            r["p_holm"] = adjusted
     scan_rows = []
     for u in scan:
         for r in u["rows"]:
@@ -774,11 +783,10 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
         "seeds",
         "target",
         "control",
-        "diff",
-        "ci_low",
-        "ci_high",
-        "p",
         "per_seed_diff",
+        "p",
+        "p_floor",
+        "p_holm",
         "target_kl",
         "control_kl",
     ]
@@ -788,10 +796,12 @@ def _joint_report(out: Path, units: list[dict], scan: list[dict]) -> tuple[dict,
         "base (fraction of the base → tuned gap recovered) or ablated from the tuned model (fraction removed), "
         "at α = 1, on the held-out pairs. target: the top-r input PCA (read matrices) or prediction (write "
         "matrices) directions of every matrix; control: per matrix, random / orthogonal r-frames matched to "
-        "that matrix's target in output energy (``output``) or Frobenius norm (``norm``). target / control: "
-        "means pooled over seeds; diff [ci_low, ci_high]: percentile bootstrap of target − control over the "
-        "pooled rows; p: two-sided permutation p; per_seed_diff: per-seed differences, mean [95% "
-        "t-interval]; *_kl: mean KL to the unedited host on held-out text.\n",
+        "that matrix's target in output energy (``output``) or Frobenius norm (``norm``) — edits of unequal "
+        "effect (compare *_kl), so these rows do not separate where from how much (docs/results/real_causal "
+        "has the effect-matched re-run). target / control: means over seeds (descriptive); per_seed_diff: "
+        "target − mean(controls) per seed, mean [95% t-interval over seeds]; p: the exact stratified rank test "
+        "(stratum = seed, one-sided), p_floor its smallest attainable value, p_holm Holm over the rows of one "
+        "matching mode; *_kl: mean KL to the unedited host on held-out text.\n",
         report.markdown_table(table, cols),
     ]
     if scan_table:
@@ -941,7 +951,8 @@ def readme_tables(results: dict) -> str:
             "**Asymmetry** (mean relative fraction r of whole matrices, residual-stream side; mean over seeds "
             "[95% t-interval]):\n",
             report.markdown_table(
-                [{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS], ["cell", *cols]
+                [{"cell": c, **{k: rows[c].get(k, "") for k in cols}} for c in CELLS + PAPER_CELLS if c in rows],
+                ["cell", *cols],
             ),
         ]
     if "trajectory" in results:
@@ -980,8 +991,10 @@ def readme_tables(results: dict) -> str:
                 continue
             parts += [
                 f"**Joint edits, controls matched in {'output energy' if match == 'output' else 'Frobenius norm'}** "
-                "(fraction of the base → tuned gap moved, α = 1; target and control means pooled over seeds, "
-                "diff with its bootstrap 95% CI, permutation p; KL to the unedited host):\n",
+                "(withdrawn: edits of unequal effect, see the KL columns; fraction of the base → tuned gap moved, "
+                "α = 1; target and control means over seeds; per-seed difference, mean [95% t-interval over "
+                "seeds]; exact stratified rank p (stratum = seed; ≤ marks the test's floor), Holm-adjusted over "
+                "the table):\n",
                 report.markdown_table(
                     [
                         dict(
@@ -992,8 +1005,9 @@ def readme_tables(results: dict) -> str:
                             seeds=r["seeds"],
                             target=r["target"],
                             control=r["control"],
-                            diff=f"{r['diff']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
-                            p=r["p"],
+                            per_seed_diff=r["per_seed_diff"],
+                            p=f"≤ {r['p']:.3g}" if r["at_floor"] else f"{r['p']:.3g}",
+                            p_holm=r["p_holm"],
                             target_kl=r["target_kl"],
                             control_kl=r["control_kl"],
                         )
