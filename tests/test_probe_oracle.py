@@ -698,3 +698,31 @@ def test_prediction_variants_equal_the_oracle(native_cfg):
     assert torch.allclose(stats.p_sum, kept.sum(0), rtol=1e-10, atol=1e-12)
     g = kept @ w.T  # γ is measured by running the norm in rwasym (≈2e-6 from the parameter here)
     assert torch.allclose(stats.g.second_moment(), g.T @ g / len(g), rtol=1e-5, atol=1e-9)
+
+
+def test_sink_exclusion_rows_equal_the_oracle_without_those_tokens(native_cfg):
+    """exclude_positions / exclude_tokens (issue #29): every row equals the oracle run on the HF activations with
+    the first token of each row and every occurrence of one token id removed (the model still reads them)."""
+    from rwasym.hooks.activations import exclusion_mask
+    from rwasym.testing import perturb
+
+    base = rwasym.load(native_cfg, dtype=torch.float64)
+    tuned = perturb(rwasym.load(native_cfg, dtype=torch.float64), seed=1)
+    dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+    arch = {m: Arch(m.bridge.original_model, LAYOUTS["native"], *dims) for m in (base, tuned)}
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    keep = ((torch.arange(24) != 0)[None, :] & (tokens != 7)).reshape(-1)
+    assert 0 < int((~keep).sum()) < keep.numel() and bool((tokens == 7).any())
+    acts = {site: x[keep] for site, x in arch[base].activations(base.bridge, tokens).items()}
+    deltas = {s.name: arch[tuned].weight(s.layer, s.kind) - arch[base].weight(s.layer, s.kind) for s in base.matrices()}
+    rows, curves = oracle(arch[base], acts, deltas, PROBE["k"], eps=1e-14)
+    result = rwasym.probe(base, tuned, tokens, exclude_positions=(0,), exclude_tokens=(7,), **PROBE)
+    compare(result, rows, curves, 300)
+    assert result.config["n_tokens"] == int(keep.sum())
+    # positions count from each row's first unpadded token: left padding moves "position 0"
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ids = torch.tensor([[3, 3, 5, 7, 5], [7, 5, 5, 2, 7]])
+    want = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(exclusion_mask(ids, mask, (0, 1), (7,)), want)
+    with pytest.raises(rwasym.RwasymError, match="non-negative"):
+        rwasym.probe(base, tuned, tokens, exclude_positions=(-1,), **PROBE)

@@ -150,6 +150,15 @@ class ProbeConfig:
     seed: int = option(0, "seeds the Haar draws: every number is reproducible from it")
     batch_size: int = option(16, "sequences per forward pass of the capture")
     max_tokens: int | None = option(None, "tokens of the activation capture (default all)", type=int)
+    exclude_positions: Sequence[int] = option(
+        (),
+        "attention-sink positions left out of every statistic, counted from each row's first token (e.g. 0: "
+        "the first token, where massive activations sit)",
+        list_of=int,
+    )
+    exclude_tokens: Sequence[int] = option(
+        (), "token ids left out of every statistic wherever they occur (chosen delimiters)", list_of=int
+    )
     stats_budget: int | float | None = option(
         None,
         "bytes the float64 sums of one capture pass may hold; more sites are captured in consecutive passes "
@@ -379,6 +388,11 @@ def probe(
     deltas = _deltas(base, tuned, replicate, specs, cfg)
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
+    if activations is not None and (cfg.exclude_positions or cfg.exclude_tokens):
+        raise RwasymError(
+            "exclude_positions / exclude_tokens apply to the probe's own capture; with precomputed activations= pass "
+            "them to rwasym.hooks.activations.capture instead, or pass data= and let the probe capture"
+        )
     generator = torch.Generator().manual_seed(cfg.seed)
     preds, n_fisher = _prediction_bases(base, data, cfg, progress)
     rows: list[dict] = []
@@ -401,6 +415,8 @@ def probe(
                 batch_size=cfg.batch_size,
                 max_tokens=cfg.max_tokens,
                 progress=progress,
+                exclude_positions=cfg.exclude_positions,
+                exclude_tokens=cfg.exclude_tokens,
             )
             n_tokens = acts.n_tokens
             covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads)
@@ -451,7 +467,13 @@ def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool |
                 "reads it again), not only precomputed activations or a one-shot iterator"
             )
         stats = prediction_statistics(
-            base, data, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, progress=progress
+            base,
+            data,
+            batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
+            progress=progress,
+            exclude_positions=cfg.exclude_positions,
+            exclude_tokens=cfg.exclude_tokens,
         )
         out["prediction_fisher"] = pca_basis(stats.fisher(w_u), base.d_model)
         n_fisher = stats.count

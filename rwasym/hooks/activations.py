@@ -116,6 +116,41 @@ def _check_batch(tokens: Tensor, mask: Tensor | None, d_vocab: int) -> None:
         raise RwasymError(f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}")
 
 
+def exclusion_mask(
+    tokens: Int[Tensor, "batch pos"],
+    mask: Tensor,
+    positions: Sequence[int] = (),
+    token_ids: Sequence[int] = (),
+) -> Tensor:
+    """``mask`` (bool, batch × pos) with the attention-sink tokens left out: the positions in ``positions``,
+    counted from each row's first unpadded token (0 = the first token, BOS where the tokenizer adds one),
+    and every token whose id is in ``token_ids`` (chosen delimiters). Massive activations sit on such tokens
+    and can dominate a covariance's top direction."""
+    if not positions and not token_ids:
+        return mask
+    keep = mask.clone()
+    if positions:
+        index = mask.long().cumsum(1) - 1  # each unpadded token's position within its row
+        for pos in positions:
+            keep &= index != int(pos)
+    if token_ids:
+        keep &= ~torch.isin(tokens, torch.tensor([int(t) for t in token_ids], dtype=tokens.dtype))
+    return keep
+
+
+def _check_exclusions(positions: Sequence[int], token_ids: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    out = []
+    for what, values in (("exclude_positions", positions), ("exclude_tokens", token_ids)):
+        try:
+            vals = tuple(int(v) for v in values)
+        except (TypeError, ValueError):
+            raise RwasymError(f"{what} must be a sequence of integers such as (0,); got {values!r}") from None
+        if any(v < 0 for v in vals):
+            raise RwasymError(f"{what} must be non-negative (positions from each row's start, token ids); got {vals}")
+        out.append(vals)
+    return out[0], out[1]
+
+
 def _budget_mask(mask: Tensor, remaining: int) -> Tensor:
     """Keep only the first `remaining` unmasked tokens (row-major) of a batch."""
     kept = mask.reshape(-1).long().cumsum(0).reshape(mask.shape)
@@ -134,6 +169,8 @@ def capture(
     gram_dtype: torch.dtype | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
+    exclude_positions: Sequence[int] = (),
+    exclude_tokens: Sequence[int] = (),
 ) -> ActivationStats:
     """Stream ``data`` through ``model`` once and accumulate float64 Σ a aᵀ, Σ a, N per site.
 
@@ -143,6 +180,9 @@ def capture(
     sites: hook names (TL aliases such as ``blocks.0.hook_resid_pre`` are accepted) or
     {hook: width}; default `default_sites`. progress: tqdm bar (None = only on a terminal).
     max_tokens: keep only the first ``max_tokens`` unpadded tokens, in batch order.
+    exclude_positions / exclude_tokens: leave attention-sink tokens out of every statistic (`exclusion_mask`:
+    positions counted from each row's first unpadded token, and token ids); they still run through the
+    model, and the budget counts only the tokens kept.
     gram_dtype: each batch's d × d product in float32 about the batch mean, summed in float64 (None,
     the default for float32 models: relative error ~1e-7; see `RunningCovariance`), or
     ``torch.float64`` throughout (about twice the cost on a CPU). A site whose tensor is the same
@@ -166,6 +206,7 @@ def capture(
     tokens before it in batch order, so the tokens kept are those a single process would keep.
     """
     model = load(model)
+    exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
     aliases = model.residual_hooks()
     if sites is None:
         widths = default_sites(model, layers)
@@ -193,7 +234,12 @@ def capture(
         if checkpoint is None
         else _Checkpoint(
             Path(checkpoint),
-            _checkpoint_key(model, data, widths, gram_dtype, batch_size, max_tokens, size),
+            _checkpoint_key(model, data, widths, gram_dtype, batch_size, max_tokens, size)
+            | (
+                {"exclude": [list(exclude_positions), list(exclude_tokens)]}
+                if exclude_positions or exclude_tokens
+                else {}
+            ),
             checkpoint_every,
         )
     )
@@ -242,7 +288,8 @@ def capture(
                 continue  # in the checkpoint already (its token count restored with it)
             n_batches = i + 1
             _check_batch(tokens, mask, model.d_vocab)
-            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            attention = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            mask = exclusion_mask(tokens, attention, exclude_positions, exclude_tokens)
             if max_tokens is not None:
                 mask = _budget_mask(mask, max_tokens - seen)
             n = int(mask.sum())
@@ -254,7 +301,9 @@ def capture(
             if i % size != rank:
                 continue  # another rank's batch: counted towards the budget, not forwarded here
             current["mask"] = mask
-            kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
+            # the model sees the padding mask (cut at the budget, as ever); excluded sinks still run through it
+            model_mask = attention if exclude_positions or exclude_tokens else mask
+            kwargs = {} if bool(model_mask.all()) else {"attention_mask": model_mask.long()}
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
             if comparing[0]:
                 for leader, follower in pairs:
@@ -313,13 +362,16 @@ def prediction_statistics(
     max_tokens: int | None = None,
     progress: bool | None = None,
     chunk_tokens: int = 256,
+    exclude_positions: Sequence[int] = (),
+    exclude_tokens: Sequence[int] = (),
 ) -> PredictionStats:
     """Stream ``data`` through the whole ``model`` once and accumulate, in float64, Σ_t p_t and Σ_t g_t g_tᵀ
     with p_t = softmax(logits_t) (the model's own output, after any logit soft-capping) and
     g_t = W̃_U p_t (`Model.unembedding`), over every unpadded position (the same tokens, budget and batches
-    as `capture` with the same ``data``, ``batch_size`` and ``max_tokens``). ``chunk_tokens`` positions are
+    as `capture` with the same ``data``, ``batch_size``, ``max_tokens`` and exclusions). ``chunk_tokens`` positions are
     projected at a time, so the float64 probabilities stay at chunk_tokens × d_vocab."""
     model = load(model)
+    exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
     if batch_size <= 0:
         raise RwasymError(f"batch_size must be positive; got {batch_size}")
     w_u = model.unembedding()  # (d_model, d_vocab) float64
@@ -330,7 +382,8 @@ def prediction_statistics(
     with torch.no_grad():
         for tokens, mask in _as_batches(data, batch_size, model):
             _check_batch(tokens, mask, model.d_vocab)
-            mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            attention = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+            mask = exclusion_mask(tokens, attention, exclude_positions, exclude_tokens)
             if max_tokens is not None:
                 mask = _budget_mask(mask, max_tokens - seen)
             n = int(mask.sum())
@@ -339,7 +392,9 @@ def prediction_statistics(
                     break
                 continue
             seen += n
-            kwargs = {} if bool(mask.all()) else {"attention_mask": mask.long()}
+            # the model sees the padding mask (cut at the budget, as ever); excluded sinks still run through it
+            model_mask = attention if exclude_positions or exclude_tokens else mask
+            kwargs = {} if bool(model_mask.all()) else {"attention_mask": model_mask.long()}
             logits = model.bridge(tokens.to(model.device), **kwargs)
             rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).to(logits.device)].detach().cpu()
             for start in range(0, rows.shape[0], chunk_tokens):
