@@ -122,16 +122,32 @@ def bench_probe(base, tuned, tokens, batch):
     t0 = time.perf_counter()
     result = rwasym.probe(base, tuned, activations=acts, progress=False)
     t_probe = time.perf_counter() - t0
+    # the opt-in prediction subspaces (issue #29): the centred basis is one more d × d Gram; the Fisher metric a
+    # second forward pass over the same tokens, with p_t projected on W̃_U. Timed end to end (its own capture)
+    t0 = time.perf_counter()
+    everything = rwasym.probe(
+        base,
+        tuned,
+        tokens,
+        batch_size=batch,
+        subspaces="activation,prediction,prediction_centered,prediction_fisher",
+        progress=False,
+    )
+    t_all = time.perf_counter() - t0
     out = {
         "capture_s": t_capture,
         "probe_s": t_probe,
         "rows": len(result.rows),
         "curves": len(result.curves),
         "ratio": t_probe / t_capture,
+        "all_subspaces_s": t_all,
+        "all_subspaces_rows": len(everything.rows),
+        "all_subspaces_ratio": t_all / (t_capture + t_probe),
     }
     print(
         f"probe: {len(result.rows)} rows, {len(result.curves)} curves in {t_probe:.1f} s; capture of its sites "
-        f"{t_capture:.1f} s; probe / capture = {out['ratio']:.2f}"
+        f"{t_capture:.1f} s; probe / capture = {out['ratio']:.2f}; with all four subspaces (own capture + Fisher "
+        f"pass) {t_all:.1f} s, {len(everything.rows)} rows = {out['all_subspaces_ratio']:.2f}x capture + default probe"
     )
     return out
 

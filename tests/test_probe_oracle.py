@@ -698,6 +698,9 @@ def test_prediction_variants_equal_the_oracle(native_cfg):
     assert torch.allclose(stats.p_sum, kept.sum(0), rtol=1e-10, atol=1e-12)
     g = kept @ w.T  # γ is measured by running the norm in rwasym (≈2e-6 from the parameter here)
     assert torch.allclose(stats.g.second_moment(), g.T @ g / len(g), rtol=1e-5, atol=1e-9)
+    # a float32 model projects p_t in float32 and sums in float64: the metric stays within float32 rounding
+    single = prediction_statistics(rwasym.load(native_cfg), tokens, batch_size=5)
+    assert torch.allclose(single.fisher(w), fisher, rtol=1e-4, atol=1e-6 * float(fisher.abs().max()))
 
 
 def test_sink_exclusion_rows_equal_the_oracle_without_those_tokens(native_cfg):

@@ -367,14 +367,18 @@ def prediction_statistics(
 ) -> PredictionStats:
     """Stream ``data`` through the whole ``model`` once and accumulate, in float64, Σ_t p_t and Σ_t g_t g_tᵀ
     with p_t = softmax(logits_t) (the model's own output, after any logit soft-capping) and
-    g_t = W̃_U p_t (`Model.unembedding`), over every unpadded position (the same tokens, budget and batches
-    as `capture` with the same ``data``, ``batch_size``, ``max_tokens`` and exclusions). ``chunk_tokens`` positions are
-    projected at a time, so the float64 probabilities stay at chunk_tokens × d_vocab."""
+    g_t = W̃_U p_t (`Model.unembedding`; computed in the model's precision, summed in float64), over every
+    unpadded position: the same tokens, budget and batches as `capture` with the same ``data``, ``batch_size``,
+    ``max_tokens`` and exclusions. ``chunk_tokens`` positions are projected at a time, so the probabilities
+    held stay at chunk_tokens × d_vocab."""
     model = load(model)
     exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
     if batch_size <= 0:
         raise RwasymError(f"batch_size must be positive; got {batch_size}")
-    w_u = model.unembedding()  # (d_model, d_vocab) float64
+    # the projection p_t ↦ W̃_U p_t dominates (d_model · d_vocab per token): in the model's precision when that is
+    # below float64, summed in float64 (as `capture` forms its Gram products; relative error ~1e-7)
+    wide = model.dtype == torch.float64
+    w_t = model.unembedding().T.contiguous().to(torch.float64 if wide else torch.float32)  # (d_vocab, d_model)
     p_sum = torch.zeros(model.d_vocab, dtype=torch.float64)
     g = RunningCovariance(model.d_model, name="prediction g = W̃_U p")
     seen = 0
@@ -398,9 +402,9 @@ def prediction_statistics(
             logits = model.bridge(tokens.to(model.device), **kwargs)
             rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).to(logits.device)].detach().cpu()
             for start in range(0, rows.shape[0], chunk_tokens):
-                p = torch.softmax(rows[start : start + chunk_tokens].double(), dim=-1)  # (c, d_vocab)
-                p_sum += p.sum(0)
-                g.add(p @ w_u.T)
+                p = torch.softmax(rows[start : start + chunk_tokens].to(w_t.dtype), dim=-1)  # (c, d_vocab)
+                p_sum += p.sum(0, dtype=torch.float64)
+                g.add(p @ w_t)
             bar.update(n)
     bar.close()
     if seen == 0:
