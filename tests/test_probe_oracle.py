@@ -176,6 +176,10 @@ class Arch:
         finally:
             for h in hooks:
                 h.remove()
+        last = seen[f"{self.n_layers - 1}.resid_post"]
+        with torch.no_grad():  # the unembedding's input: the HF final norm module applied to the last residual
+            norm = _get(self.root, self.lay["final"])
+            seen["final_norm_out"] = norm(last.to(next(norm.parameters()).dtype)).double()
         return seen
 
     def prediction_basis(self):
@@ -252,11 +256,14 @@ def _rho_std(d, shares, n):
     return (2 * (n * s2 - 1) * (n * c2 - 1) / ((n - 1) * (n + 2))) ** 0.5
 
 
-def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predictions=None):
+def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predictions=None, normalized=False):
     """(rows keyed by (matrix, head, stream, subspace), curves keyed by (matrix, stream, subspace)),
     each with its tolerance. eps: the activations' relative error (a float, or site kind -> float;
     None: float32 Gram rounding); pred_rel: the prediction rows' relative tolerance. predictions:
-    {subspace name: (U, eigenvalue shares)} of the residual-side output subspaces (default: "prediction")."""
+    {subspace name: (U, eigenvalue shares)} of the residual-side output subspaces (default: "prediction").
+    normalized: also the write matrices' activation_normalized rows — the PCA of what the next sublayer reads:
+    the MLP input of the block for W_O (sequential), else the next block's attention input, after the last
+    block the final norm's output."""
     predictions = predictions or {"prediction": arch.prediction_basis()}
     rows, curves, pcas, laws = {}, {}, {}, {}
     for name, D in deltas.items():
@@ -271,6 +278,15 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predict
             resid = f"{L}.resid_post" if kind == "W_out" or arch.lay["parallel"] else f"{L}.resid_mid"
             spaces = [("residual", "output", "activation", resid)]
             spaces += [("residual", "output", name, None) for name in predictions]
+            if normalized:
+                nxt = (
+                    f"{L}.mlp_in"
+                    if kind == "W_O" and not arch.lay["parallel"]
+                    else f"{L + 1}.attn_in"
+                    if arch.n_layers > L + 1
+                    else "final_norm_out"
+                )
+                spaces.append(("residual", "output", "activation_normalized", nxt))
             spaces.append(("inner", "input", "activation", f"{L}.z" if kind == "W_O" else f"{L}.hidden"))
             heads = arch.n_heads if kind == "W_O" else 0
         for stream, side, subspace, site in spaces:
@@ -286,8 +302,9 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predict
                     block = None if stream == "residual" else head  # an O head's block of z
                     if (site, block) not in pcas:
                         x = acts[site] if block is None else acts[site][:, sl]
+                        kind_of_site = site.split(".")[-1]
                         pcas[(site, block)] = _pca(
-                            x, eps if eps is None or isinstance(eps, float) else eps.get(site.split(".")[1], 1e-7)
+                            x, eps if eps is None or isinstance(eps, float) else eps.get(kind_of_site, 1e-7)
                         )
                     U, ratio, bound = pcas[(site, block)]
                     shares = ratio
@@ -729,3 +746,33 @@ def test_sink_exclusion_rows_equal_the_oracle_without_those_tokens(native_cfg):
     assert torch.equal(exclusion_mask(ids, mask, (0, 1), (7,)), want)
     with pytest.raises(rwasym.RwasymError, match="non-negative"):
         rwasym.probe(base, tuned, tokens, exclude_positions=(-1,), **PROBE)
+
+
+@pytest.mark.parametrize("arch", ["native", "neox"])
+def test_normalized_residual_rows_equal_the_oracle(arch, native_cfg, hf_folder, tmp_path):
+    """subspaces activation_normalized (issue #29): write matrices against the PCA of the normalised residual the
+    next sublayer reads (block's MLP input for a sequential W_O, the next block's attention input, the final norm's
+    output after the last block; NeoX's parallel blocks: the next attention input), by hand on the HF module."""
+    tokens = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(9))
+    subspaces = "activation,prediction,activation_normalized"
+    if arch == "native":
+        from rwasym.testing import perturb
+
+        base = rwasym.load(native_cfg, dtype=torch.float64)
+        tuned = perturb(rwasym.load(native_cfg, dtype=torch.float64), seed=1)
+        dims = (base.cfg.n_heads, base.cfg.n_key_value_heads, base.cfg.d_head)
+        arch_b = Arch(base.bridge.original_model, LAYOUTS["native"], *dims)
+        arch_t = Arch(tuned.bridge.original_model, LAYOUTS["native"], *dims)
+        acts = arch_b.activations(base.bridge, tokens)
+        deltas = {s.name: arch_t.weight(s.layer, s.kind) - arch_b.weight(s.layer, s.kind) for s in base.matrices()}
+        rows, curves = oracle(arch_b, acts, deltas, PROBE["k"], eps=1e-14, normalized=True)
+        result = rwasym.probe(base, tuned, tokens, subspaces=subspaces, **PROBE)
+    else:
+        folder, _ = hf_folder["neox"]
+        tuned_folder, deltas, arch_b, acts = _hf_case(folder, tmp_path, tokens, torch.float64)
+        rows, curves = oracle(arch_b, acts, deltas, PROBE["k"], eps=NEOX_EPS, normalized=True)
+        result = rwasym.probe(
+            rwasym.load(folder, dtype=torch.float64), tuned_folder, tokens, subspaces=subspaces, **PROBE
+        )
+    compare(result, rows, curves, 300)
+    assert any(r["subspace"] == "activation_normalized" and r["site"] == "ln_final.hook_out" for r in result.rows)

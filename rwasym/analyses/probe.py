@@ -111,7 +111,7 @@ class ProbeResult:
 
 
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor")
-SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher")
+SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,9 @@ class ProbeConfig:
         "comma-separated subspaces of the rows: activation (PCA of the site), prediction (top left singular vectors "
         "of diag(γ)·W_U), prediction_centered (of the vocabulary-centred W_U: the softmax-invariant 'all logits up' "
         "direction removed), prediction_fisher (top eigenvectors of the mean next-token Fisher metric "
-        "E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] on the data: one more forward pass)",
+        "E_t[W̃_U (diag p_t − p_t p_tᵀ) W̃_Uᵀ] on the data: one more forward pass), activation_normalized (write "
+        "matrices: PCA of the normalised residual the next sublayer reads, not the raw stream whose massive "
+        "activations make k at 90% variance 1)",
     )
     center: bool = option(True, "centre the activation covariances (PCA of the centred activations)")
     variance: float = option(0.9, "rows also report f and r at the k reaching this explained-variance ratio")
@@ -213,13 +215,38 @@ def _residual_site(model: Model, spec: MatrixSpec) -> str:
     return resid[f"blocks.{spec.layer}.hook_resid_post"]
 
 
-def probe_sites(model: Model, specs: Sequence[MatrixSpec]) -> dict[str, int]:
-    """Hooks whose statistics the probe needs for ``specs`` (hook → width)."""
+def _normalized_site(model: Model, spec: MatrixSpec) -> str:
+    """The hook carrying what the next sublayer reads of the residual stream a write matrix writes into (its
+    normalised form, after the next norm's γ): the MLP input of the same block for W_O of a sequential block,
+    else the next block's attention input, and after the last block the final norm's output (the unembedding's
+    input)."""
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    if spec.kind == "W_O" and not parallel:
+        name = f"blocks.{spec.layer}.mlp.W_in"
+    elif spec.layer + 1 < model.n_layers:
+        name = f"blocks.{spec.layer + 1}.attn.W_Q"
+    else:
+        name = None
+    if name is not None and name in {s.name for s in model.matrices()}:
+        return model.input_hook(name)
+    if name is None and "ln_final.hook_out" in model.bridge.hook_dict:
+        return "ln_final.hook_out"
+    raise RwasymError(
+        f"{spec.name}: no hook carries the normalised residual stream after it on this architecture (looked for "
+        f"{name or 'ln_final.hook_out'}); leave activation_normalized out of subspaces"
+    )
+
+
+def probe_sites(model: Model, specs: Sequence[MatrixSpec], normalized: bool = False) -> dict[str, int]:
+    """Hooks whose statistics the probe needs for ``specs`` (hook → width); ``normalized``: also the normalised
+    residual after each write matrix (`_normalized_site`, the ``activation_normalized`` rows)."""
     sites: dict[str, int] = {}
     for spec in specs:
         sites.setdefault(model.input_hook(spec.name), spec.n_in)
         if spec.side == "write":
             sites.setdefault(_residual_site(model, spec), model.d_model)
+            if normalized:
+                sites.setdefault(_normalized_site(model, spec), model.d_model)
     return sites
 
 
@@ -402,7 +429,8 @@ def probe(
     # ones run in place on all of them. The many small ops of the rows run on one thread either way.
     threads = torch.get_num_threads()
     overlap = threads == 2
-    sites = probe_sites(base, specs)
+    normalized = "activation_normalized" in cfg.subspace_list()
+    sites = probe_sites(base, specs, normalized)
     budget = _budget(base, cfg.stats_budget, data)
     groups = [specs] if activations is not None else layer_groups(specs, sites, budget)
     n_tokens = None if activations is None else activations.n_tokens
@@ -411,7 +439,7 @@ def probe(
             acts = capture(
                 base,
                 data,
-                sites=probe_sites(base, group) if len(groups) > 1 else sites,
+                sites=probe_sites(base, group, normalized) if len(groups) > 1 else sites,
                 batch_size=cfg.batch_size,
                 max_tokens=cfg.max_tokens,
                 progress=progress,
@@ -567,6 +595,7 @@ def _probe_rows(
     """Append the rows (and r(k) curves) of ``specs`` to ``rows`` / ``curve_rows``: every side, subspace and
     head of each ΔW in ``deltas``, against the covariances ``cov`` and the full prediction basis."""
     k, null_samples, heads, curves = cfg.k, cfg.null_samples, cfg.heads, cfg.curves
+    chosen = cfg.subspace_list()
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
     moments: dict = {}  # site -> its uncentred second moment M (the gradient-shaped null's input statistic)
 
@@ -583,7 +612,9 @@ def _probe_rows(
         return bases[(site, head)]
 
     def layer_sites(layer):
-        return list(probe_sites(base, [spec for spec in specs if spec.layer == layer]))
+        return list(
+            probe_sites(base, [spec for spec in specs if spec.layer == layer], "activation_normalized" in chosen)
+        )
 
     layers = list(dict.fromkeys(spec.layer for spec in specs))
     layer = None
@@ -622,9 +653,11 @@ def _probe_rows(
         resid_cov = cov(
             model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec))
         )
-        chosen = cfg.subspace_list()
         spaces = [("residual", resid_side, "activation", resid_cov, model_site)] if "activation" in chosen else []
         spaces += [("residual", resid_side, name, None, "unembedding") for name in chosen if name in preds]
+        if spec.side == "write" and "activation_normalized" in chosen:  # what the next sublayer reads
+            nsite = _normalized_site(base, spec)
+            spaces.append(("residual", "output", "activation_normalized", cov(nsite), nsite))
         if spec.side == "write" and "activation" in chosen:
             spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
         for stream, side, subspace, c, site in spaces:
