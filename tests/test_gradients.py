@@ -197,3 +197,53 @@ def test_gradient_errors(native_cfg):
         capture_gradients(model, ce_loss, [])
     with pytest.raises(RwasymError, match="the loss is nan"):
         capture_gradients(model, lambda m, b: ce_loss(m, b) * float("nan"), [torch.zeros(1, 4, dtype=torch.long)])
+
+
+def last_token_ce(model, tokens):
+    """CE of the last position only: in the last block, δ_t = 0 at every earlier position."""
+    logits = model.bridge(tokens)
+    return F.cross_entropy(logits[:, -2], tokens[:, -1])
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.W_Q", "blocks.1.mlp.W_in", "blocks.0.attn.W_O"])
+def test_active_and_delta_weighted_inputs_by_autograd(name, native_cfg):
+    """C_a over the δ_t ≠ 0 tokens and Σ_t ‖δ_t‖² a_t a_tᵀ (issue #29) against autograd's per-token δ_t = ∂L/∂y_t,
+    read with torch hooks on the host nn.Linear (not rwasym's hooks); and C_a itself is loss-independent on
+    identical token sets (bit-equal under two losses) while the active and weighted statistics are not."""
+    model = rwasym.load(native_cfg, dtype=torch.float64)
+    tokens = torch.randint(0, model.d_vocab, (3, 10), generator=torch.Generator().manual_seed(4))
+    host = host_linear(model.bridge, model.matrix(name).component)
+    seen = {}
+
+    def hook(module, args, output):
+        seen["a"] = args[0].detach().reshape(-1, args[0].shape[-1])
+        output.retain_grad()
+        seen["y"] = output
+
+    handle = host.register_forward_hook(hook)
+    try:
+        last_token_ce(model, tokens).backward()
+    finally:
+        handle.remove()
+    model.bridge.zero_grad(set_to_none=True)
+    a, d = seen["a"].double(), seen["y"].grad.reshape(-1, seen["y"].shape[-1]).double()
+    weight = d.square().sum(1)
+    active = weight > 0
+    stats = capture_gradients(model, last_token_ce, [tokens], matrices=name)
+    assert stats.token_counts(name) == dict(a_tokens=a.shape[0], active_tokens=int(active.sum()))
+    if name.startswith("blocks.1"):
+        assert int(active.sum()) == tokens.shape[0]  # the last block: only the final positions get a gradient
+    acc = stats.active_inputs[name]
+    assert torch.allclose(acc.second_moment() * acc.count, a[active].T @ a[active], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(stats.weighted_inputs[name], (a * weight[:, None]).T @ a, rtol=1e-10, atol=1e-18)
+    # the same tokens under another loss: C_a bit-equal, the tokens that made the gradient not
+    other = capture_gradients(model, ce_loss, [tokens], matrices=name)
+    assert torch.equal(other.second_moments(name)[0], stats.second_moments(name)[0])
+    assert other.token_counts(name)["active_tokens"] > stats.token_counts(name)["active_tokens"] or not name.startswith(
+        "blocks.1"
+    )
+    assert not torch.allclose(other.weighted_inputs[name], stats.weighted_inputs[name])
+    row = anisotropy_report(model, stats, k=4)[0]
+    lam = torch.linalg.eigvalsh((a * weight[:, None]).T @ a)
+    assert row["a_weighted_top1_share"] == pytest.approx(float(lam[-1] / lam.sum()), rel=1e-9)
+    assert row["active_tokens"] == int(active.sum())

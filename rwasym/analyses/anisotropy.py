@@ -2,7 +2,9 @@
 
 For each studied matrix, from `rwasym.hooks.gradients.capture_gradients` statistics: the
 spikiness (top-1 share, participation ratio, effective rank; `rwasym.math.spectra.spikiness`) of
-C_a = Σ a aᵀ and C_δ = Σ δ δᵀ, and the relative fraction of G = Σ δ aᵀ against the PCA basis of
+C_a = Σ a aᵀ and C_δ = Σ δ δᵀ — and of C_a over the tokens with δ_t ≠ 0 (``a_active_*``) and of the
+δ-weighted Σ_t ‖δ_t‖² a_t a_tᵀ (``a_weighted_*``), with the token counts each used (``a_tokens``,
+``active_tokens``) — and the relative fraction of G = Σ δ aᵀ against the PCA basis of
 C_a (input side) and against the prediction basis (the residual-stream side).
 """
 
@@ -47,7 +49,19 @@ def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
             delta_effective_rank=sd.effective_rank,
             delta_dim=sd.d,
             grad_norm=float(G.norm()),
+            **stats.token_counts(name),
         )
+        # which tokens made the gradient: C_a over δ_t ≠ 0 tokens, and the δ-weighted Σ_t ‖δ_t‖² a_t a_tᵀ
+        active, weighted = stats.active_inputs.get(name), stats.weighted_inputs.get(name)
+        if active is not None and active.count > 0 and weighted is not None:
+            s_act = spikiness(active.second_moment() * active.count)
+            s_w = spikiness(weighted)
+            row.update(
+                a_active_top1_share=s_act.top1_share,
+                a_active_effective_rank=s_act.effective_rank,
+                a_weighted_top1_share=s_w.top1_share,
+                a_weighted_effective_rank=s_w.effective_rank,
+            )
         if float(G.square().sum()) > 0:
             read = relative_fraction(G, pca_basis(C_a, min(k, spec.n_in), center=False).U, "input")
             row.update(G_input_pca_relative=read.relative, G_input_pca_fraction=read.fraction)

@@ -10,7 +10,11 @@ which equals the ``.grad`` autograd puts on W (tested), so nothing is silently m
 
 All tokens of every forward pass that builds a graph are counted in C_a; positions whose loss is
 masked contribute δ_t = 0 to C_δ and G. Forward passes under ``torch.no_grad`` (e.g. a DPO
-reference model) are ignored.
+reference model) are ignored. Because C_a counts tokens whose δ_t is zero (the answer token under a
+one-token loss, padding), two statistics beside it say which tokens made the gradient:
+``active_inputs`` = Σ_{t: δ_t ≠ 0} a_t a_tᵀ (C_a over the tokens that reach G) and ``weighted_inputs`` =
+Σ_t ‖δ_t‖² a_t a_tᵀ, the δ-weighted input statistic ΔW = −η Σ_t δ_t a_tᵀ inherits its input-side structure
+from (E‖ΔW U‖² for a δ uncorrelated in direction with a is ∝ tr(Uᵀ (Σ_t ‖δ_t‖² a_t a_tᵀ) U)).
 """
 
 import dataclasses
@@ -42,6 +46,14 @@ class GradientStats:
     G: dict[str, Tensor]
     n_batches: int = 0
     config: dict = field(default_factory=dict)
+    # C_a over the tokens with δ_t ≠ 0, and Σ_t ‖δ_t‖² a_t a_tᵀ (float64 n_in × n_in sums; module docstring)
+    active_inputs: dict[str, RunningCovariance] = field(default_factory=dict)
+    weighted_inputs: dict[str, Tensor] = field(default_factory=dict)
+
+    def token_counts(self, name: str) -> dict[str, int]:
+        """Which tokens each statistic used: every forwarded token (C_a) and those with δ_t ≠ 0."""
+        active = self.active_inputs.get(name)
+        return dict(a_tokens=self.inputs[name].count, active_tokens=None if active is None else active.count)
 
     def second_moments(self, name: str) -> tuple[Tensor, Tensor]:
         """(C_a, C_δ) as uncentered sums Σ a aᵀ and Σ δ δᵀ (float64)."""
@@ -65,6 +77,11 @@ class _Capture:
                 s.name: RunningCovariance(s.n_out, name=f"{s.name} δ_t", gram_dtype=torch.float64) for s in self.specs
             },
             G={s.name: torch.zeros(s.n_out, s.n_in, dtype=torch.float64) for s in self.specs},
+            active_inputs={
+                s.name: RunningCovariance(s.n_in, name=f"{s.name} a_t (δ_t ≠ 0)", gram_dtype=torch.float64)
+                for s in self.specs
+            },
+            weighted_inputs={s.name: torch.zeros(s.n_in, s.n_in, dtype=torch.float64) for s in self.specs},
         )
         self._last_input: dict[str, Tensor] = {}
 
@@ -94,6 +111,10 @@ class _Capture:
                     delta = flatten_site(grad.detach(), spec.n_out).reshape(-1, spec.n_out)
                     self.stats.grads[spec.name].add(delta)
                     self.stats.G[spec.name] += delta.double().T @ a.double()  # Σ δ aᵀ (n_out, n_in)
+                    weight = delta.double().square().sum(1)  # ‖δ_t‖²
+                    self.stats.active_inputs[spec.name].add(a, weight > 0)
+                    a64 = a.double()
+                    self.stats.weighted_inputs[spec.name] += (a64 * weight[:, None]).T @ a64
 
                 y.register_hook(on_grad)
             return y
@@ -158,8 +179,13 @@ def capture_gradients(
                 f"checkpoint_key={checkpoint_key!r} must be JSON (numbers, strings, lists, dicts)"
             ) from None
         ckpt = _Checkpoint(Path(checkpoint), key, checkpoint_every)
-    sums = {f"{n}/a_t": cap.stats.inputs[n] for n in names} | {f"{n}/delta_t": cap.stats.grads[n] for n in names}
-    resume = None if ckpt is None else ckpt.load(sums, set(), extra=cap.stats.G)
+    sums = (
+        {f"{n}/a_t": cap.stats.inputs[n] for n in names}
+        | {f"{n}/delta_t": cap.stats.grads[n] for n in names}
+        | {f"{n}/a_t_active": cap.stats.active_inputs[n] for n in names}
+    )
+    extra = cap.stats.G | {f"{n}/a_t_weighted": cap.stats.weighted_inputs[n] for n in names}
+    resume = None if ckpt is None else ckpt.load(sums, set(), extra=extra)
     done_batches = 0 if resume is None else int(resume["batches"])
     if resume is not None:
         cap.stats.n_batches = int(resume["seen"])
@@ -204,7 +230,7 @@ def capture_gradients(
                         n_read,
                         cap.stats.n_batches,
                         done=False,
-                        extra=cap.stats.G,
+                        extra=extra,
                         info={"data": digest.hexdigest()},
                     )
     finally:
@@ -216,9 +242,7 @@ def capture_gradients(
             "were given; pass the same batches, or another checkpoint path"
         )
     if ckpt is not None and cap.stats.n_batches > 0 and not (resume is not None and resume["done"]):
-        ckpt.save(
-            sums, set(), n_read, cap.stats.n_batches, done=True, extra=cap.stats.G, info={"data": digest.hexdigest()}
-        )
+        ckpt.save(sums, set(), n_read, cap.stats.n_batches, done=True, extra=extra, info={"data": digest.hexdigest()})
     if size > 1:
         distributed.require_same([n_read], "the number of batches given to capture_gradients")
         _all_reduce(cap.stats)
@@ -227,7 +251,7 @@ def capture_gradients(
     return cap.stats
 
 
-_CHECKPOINT_FORMAT = "rwasym-gradients/1"
+_CHECKPOINT_FORMAT = "rwasym-gradients/2"  # /2: with the active and δ-weighted input statistics
 
 
 def batch_digest(batch: Any) -> bytes:
@@ -273,5 +297,8 @@ def _all_reduce(stats: GradientStats) -> None:
         stats.inputs[name].all_reduce()
         stats.grads[name].all_reduce()
         distributed.all_reduce_sum_(stats.G[name])
+        if name in stats.active_inputs:
+            stats.active_inputs[name].all_reduce()
+            distributed.all_reduce_sum_(stats.weighted_inputs[name])
     n = torch.tensor([float(stats.n_batches)], dtype=torch.float64)
     stats.n_batches = int(distributed.all_reduce_sum_(n)[0])
