@@ -50,7 +50,7 @@ class GradientStats:
     active_inputs: dict[str, RunningCovariance] = field(default_factory=dict)
     weighted_inputs: dict[str, Tensor] = field(default_factory=dict)
 
-    def token_counts(self, name: str) -> dict[str, int]:
+    def token_counts(self, name: str) -> dict[str, int | None]:
         """Which tokens each statistic used: every forwarded token (C_a) and those with δ_t ≠ 0."""
         active = self.active_inputs.get(name)
         return dict(a_tokens=self.inputs[name].count, active_tokens=None if active is None else active.count)
