@@ -282,3 +282,51 @@ def test_gradient_accumulation_gives_the_same_update(base_dir):
         assert after[accum][1] == pytest.approx(after[1][1], rel=1e-5)
     with pytest.raises(RwasymError, match="grad_accum must be >= 1 and divide batch_size"):
         align(rwasym.load(base_dir), rwasym.load(base_dir), pairs, replace(cfg, grad_accum=3), progress=False)
+
+
+def test_sgd_step_is_the_hand_written_update_and_explains_its_delta(base_dir):
+    """optimizer="sgd" (issue #29): one step equals W − η g written by hand (bit-exact: g from autograd on the
+    same batch, η the schedule's), and with no momentum, weight decay or clipping cos(ΔW_t, −Σ_s η_s g_s) = 1 for
+    every matrix over several steps (an exact identity), while AdamW's update is not its gradients' sum."""
+    from rwasym.objectives import all_scores, objective_value, pack_pairs
+    from rwasym.train.loops import UpdateTracker, _batches
+
+    pairs = make_pairs(replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2), LANG)
+    cfg = replace(
+        AlignConfig(),
+        objective="dpo",
+        steps=1,
+        batch_size=8,
+        warmup_steps=2,
+        grad_clip=0.0,
+        checkpoint_every=0,
+        optimizer="sgd",
+        lr=0.5,
+    )
+    model, ref = rwasym.load(base_dir), rwasym.load(base_dir)
+    hand = rwasym.load(base_dir)
+    align(model, ref, pairs, cfg, progress=False)
+    # by hand: the same first batch, the same loss, W ← W − η g with η = lr_at(0) (warmup: lr · 1/2)
+    packed = pack_pairs(hand, pairs)
+    scores = all_scores(ref, packed)
+    idx = next(_batches(len(pairs), cfg.batch_size, cfg.steps, cfg.seed))
+    torch.manual_seed(cfg.seed)
+    loss, _ = objective_value(hand, packed.take(idx), (scores[0][idx], scores[1][idx]), cfg)
+    loss.backward()
+    eta = lr_at(0, cfg)
+    assert eta == 0.25
+    with torch.no_grad():
+        for p_hand, p_model in zip(hand.bridge.parameters(), model.bridge.parameters()):
+            want = p_hand - eta * p_hand.grad if p_hand.grad is not None else p_hand
+            assert torch.equal(want, p_model)
+    # several SGD steps: ΔW_t = −Σ η_s g_s exactly
+    sgd = align(rwasym.load(base_dir), ref, pairs, replace(cfg, steps=4, log_every=1, track_updates=True), **QUIET)
+    cos = [v for k, v in sgd.history[-1].items() if k.startswith("update_cos/")]
+    assert len(cos) == 6 and all(abs(c - 1.0) < 1e-9 for c in cos), sgd.history[-1]
+    adam = replace(cfg, steps=4, log_every=1, track_updates=True, optimizer="adamw", lr=1e-3)
+    adamw = align(rwasym.load(base_dir), ref, pairs, adam, **QUIET)
+    assert all(v < 0.99 for k, v in adamw.history[-1].items() if k.startswith("update_cos/"))
+    tracker = UpdateTracker(rwasym.load(base_dir))
+    assert all(math.isnan(v) for v in tracker.cosines().values())  # nothing moved yet
+    with pytest.raises(RwasymError, match="optimizer must be"):
+        align(rwasym.load(base_dir), ref, pairs, replace(cfg, optimizer="lion"), **QUIET)

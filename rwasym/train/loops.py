@@ -39,6 +39,7 @@ __all__ = [
     "AlignConfig",
     "TrainConfig",
     "TrainResult",
+    "UpdateTracker",
     "align",
     "log_spaced_steps",
     "lr_at",
@@ -62,6 +63,8 @@ class TrainConfig:
     n_checkpoints: int = 8  # log-spaced checkpoints between step 1 and the end (+ step 0 and final)
     log_every: int = 10  # steps between log.jsonl records
     seed: int = 0  # seeds torch and the data order
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: no momentum; weight decay as above)
+    track_updates: bool = False  # log cos(ΔW_t, −Σ_s η_s g_s) per matrix kind (`UpdateTracker`)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class AlignConfig:
     checkpoint_every: int = 50  # trajectory checkpoint period in steps (0 = step 0 and final only)
     log_every: int = 10  # steps between log.jsonl records
     seed: int = 0  # seeds torch and the data order
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: no momentum; AdamW's elementwise normalisation reshapes δ aᵀ)
+    track_updates: bool = False  # log cos(ΔW_t, −Σ_s η_s g_s) per matrix kind (`UpdateTracker`)
 
 
 @dataclass
@@ -105,7 +110,65 @@ def _optimizer(model: Model, cfg: Any) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     other = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":  # p ← p − η (g + λ p): without momentum the same as decoupled decay
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.0)
+    if cfg.optimizer != "adamw":
+        raise RwasymError(f"optimizer must be 'adamw' or 'sgd'; got {cfg.optimizer!r}")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+class UpdateTracker:
+    """How much of the update ΔW_t = W_t − W_0 of each studied matrix the raw gradients explain.
+
+    Accumulates S_t = Σ_{s ≤ t} η_s g_s per matrix (g_s: the gradient of step s as the optimizer receives it,
+    after clipping; η_s its learning rate; nn.Linear layout, float64) and reports
+    cos(ΔW_t, −S_t) = ⟨ΔW_t, −S_t⟩_F / (‖ΔW_t‖_F ‖S_t‖_F). Plain SGD without momentum or weight decay gives
+    ΔW_t = −S_t exactly, so cos = 1; AdamW's elementwise normalisation (sign-descent-like) and weight decay
+    pull it below 1. Holds W_0 and S: two float64 copies of the studied matrices."""
+
+    def __init__(self, model: Model, pattern: Any = None) -> None:
+        from ..models.host import host_linear, is_transposed
+
+        self.model = model
+        self.specs = model.matrices(pattern)
+        self.hosts = {s.name: host_linear(model.bridge, s.component) for s in self.specs}
+        self.transposed = {n: is_transposed(h) for n, h in self.hosts.items()}
+        self.start = {s.name: model.weight(s.name).clone() for s in self.specs}
+        self.sums = {s.name: torch.zeros(s.n_out, s.n_in, dtype=torch.float64) for s in self.specs}
+
+    def _rows(self, spec: Any, full: Tensor) -> Tensor:
+        """The host parameter's gradient in nn.Linear layout, as `Model.weight` reads the weight."""
+        g = full.detach().to("cpu", torch.float64)
+        g = g.T if self.transposed[spec.name] else g
+        if g.shape != (spec.n_out, spec.n_in):
+            raise RwasymError(
+                f"track_updates: the gradient of {spec.name}'s host parameter has shape {tuple(g.shape)}, not "
+                f"{(spec.n_out, spec.n_in)} (a fused host layout); train without track_updates on this model"
+            )
+        return g
+
+    def add(self, lr: float) -> None:
+        for spec in self.specs:
+            weight = self.hosts[spec.name].weight
+            grad = weight.grad if isinstance(weight, Tensor) else None
+            if grad is not None:
+                self.sums[spec.name] += lr * self._rows(spec, grad)
+
+    def cosines(self) -> dict[str, float]:
+        """{matrix: cos(ΔW_t, −S_t)} (nan where either is zero)."""
+        out = {}
+        for spec in self.specs:
+            delta, s = self.model.weight(spec.name) - self.start[spec.name], -self.sums[spec.name]
+            denom = float(delta.norm()) * float(s.norm())
+            out[spec.name] = float((delta * s).sum()) / denom if denom > 0 else float("nan")
+        return out
+
+    def by_kind(self) -> dict[str, float]:
+        """Mean cos per matrix kind, keys ``update_cos/<kind>``."""
+        kinds: dict[str, list[float]] = {}
+        for spec in self.specs:
+            kinds.setdefault(spec.kind, []).append(self.cosines()[spec.name])
+        return {f"update_cos/{k}": sum(v) / len(v) for k, v in kinds.items()}
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -154,7 +217,14 @@ def _write_log(fh, record: dict) -> None:
 
 
 def _step(
-    model: Model, opt: torch.optim.Optimizer, idx: Tensor, loss_of: Any, accum: int, clip: float, lr: float
+    model: Model,
+    opt: torch.optim.Optimizer,
+    idx: Tensor,
+    loss_of: Any,
+    accum: int,
+    clip: float,
+    lr: float,
+    tracker: UpdateTracker | None = None,
 ) -> tuple[float, dict, float]:
     """One optimizer step on batch ``idx``, accumulated over ``accum`` micro-batches weighted by their
     share of the batch (for per-pair mean losses the gradient equals the whole batch's).
@@ -171,6 +241,8 @@ def _step(
         for key, value in part_stats.items():
             stats[key] = stats.get(key, 0.0) + value * weight
     norm = torch.nn.utils.clip_grad_norm_(model.bridge.parameters(), clip if clip > 0 else float("inf"))
+    if tracker is not None:
+        tracker.add(lr)
     opt.step()
     return total, stats, float(norm)
 
@@ -188,13 +260,16 @@ def _loop(
     desc: str,
 ) -> None:
     """The shared optimisation loop: seeded batches, lr schedule, step, log, checkpoint, bar."""
+    tracker = UpdateTracker(model) if config.track_updates else None
     with _bar(config.steps, progress, desc) as bar:
         for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
             lr = lr_at(step, config)
             result.final_loss, stats, norm = _step(
-                model, opt, idx, loss_of, getattr(config, "grad_accum", 1), config.grad_clip, lr
+                model, opt, idx, loss_of, getattr(config, "grad_accum", 1), config.grad_clip, lr, tracker
             )
             if step % config.log_every == 0 or step + 1 == config.steps:
+                if tracker is not None:
+                    stats = {**stats, **tracker.by_kind()}
                 record = {"step": step + 1, "loss": result.final_loss, "lr": lr, "grad_norm": norm, **stats}
                 result.history.append(record)
                 _write_log(fh, record)

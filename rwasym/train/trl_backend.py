@@ -335,6 +335,11 @@ def align_trl(
     ``lora``: None (full fine-tuning), a ``peft.LoraConfig`` or a dict of its keyword arguments.
     Returns a `rwasym.train.loops.TrainResult` like `rwasym.train.loops.align`.
     """
+    if config.optimizer != "adamw" or config.track_updates:
+        raise RwasymError(
+            "the TRL backend trains with AdamW and does not track updates; use the built-in backend "
+            "(rwasym.train.align) for optimizer='sgd' or track_updates=True"
+        )
     try:
         import datasets  # noqa: F401
         import transformers
