@@ -100,6 +100,15 @@ def test_gradients_cli_matches_the_api(tmp_path, native_cfg, capsys):
     for a, b in zip(got, ref):
         assert a["delta_top1_share"] == pytest.approx(b["delta_top1_share"], rel=1e-9)
         assert a["G_input_pca_relative"] == pytest.approx(b["G_input_pca_relative"], rel=1e-9)
+        assert a["center"] is True
+    # --uncentered: the plain fields are the uncentred ones
+    argv = ["gradients", "--model", str(tmp_path / "m"), "--objective", "ce", "--data", str(tmp_path / "t.safetensors")]
+    out = tmp_path / "u.json"
+    assert main([*argv, "--batch-size", "4", "--batches", "2", "--quiet", "--uncentered", "--out", str(out)]) == 0
+    unc = json.loads(out.read_text())
+    assert unc["config"]["center"] is False
+    for a, b in zip(unc["rows"], ref):
+        assert a["a_top1_share"] == pytest.approx(b["a_top1_share_uncentered"], rel=1e-9)
     # --checkpoint: written, then a rerun is served from it (same rows); another objective is refused
     args = [
         "gradients",

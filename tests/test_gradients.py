@@ -138,11 +138,29 @@ def test_anisotropy_fields_recomputed_by_hand(arch, native_cfg, hf_folder):
         assert (got_Cd - C_d).abs().max() <= 1e-12 * C_d.abs().max(), spec.name
         assert (stats.G[spec.name] - G).abs().max() <= 1e-12 * G.abs().max(), spec.name
         row = rows[spec.name]
-        want = dict(zip(("a_top1_share", "a_participation_ratio", "a_effective_rank"), _spiky(C_a)))
-        want.update(zip(("delta_top1_share", "delta_participation_ratio", "delta_effective_rank"), _spiky(C_d)))
-        evecs = torch.linalg.eigh(C_a).eigenvectors.flip(-1)[:, :k]  # top-k of the uncentered C_a
-        f_in = float((G @ evecs).square().sum() / G.square().sum())
+        # the default centring (center=True, as the probe's): the centred covariances of a_t and δ_t
+        ac, dc = a - a.mean(0), d - d.mean(0)
+        Cc_a, Cc_d = ac.T @ ac / (len(a) - 1), dc.T @ dc / (len(d) - 1)
+        want = dict(zip(("a_top1_share", "a_participation_ratio", "a_effective_rank"), _spiky(Cc_a)))
+        want.update(zip(("delta_top1_share", "delta_participation_ratio", "delta_effective_rank"), _spiky(Cc_d)))
+        want.update(
+            a_top1_share_centered=_spiky(Cc_a)[0],
+            a_top1_share_uncentered=_spiky(C_a)[0],
+            delta_top1_share_centered=_spiky(Cc_d)[0],
+            delta_top1_share_uncentered=_spiky(C_d)[0],
+        )
+
+        def f_of(C, G=G):
+            evecs = torch.linalg.eigh(C).eigenvectors.flip(-1)[:, :k]  # top-k eigenvectors
+            return float((G @ evecs).square().sum() / G.square().sum())
+
+        f_in, f_un = f_of(Cc_a), f_of(C_a)
         want.update(G_input_pca_fraction=f_in, G_input_pca_relative=f_in * spec.n_in / k, grad_norm=float(G.norm()))
+        want.update(
+            G_input_pca_relative_centered=f_in * spec.n_in / k, G_input_pca_relative_uncentered=f_un * spec.n_in / k
+        )
+        mu = a.mean(0) / a.mean(0).norm()
+        want.update(G_mean_fraction=float((G @ mu).square().sum() / G.square().sum()))
         read = spec.kind in ("W_Q", "W_K", "W_V", "W_in", "W_gate")
         if (spec.n_in if read else spec.n_out) == model.d_model:
             f_p = float(((G @ pred) if read else (pred.T @ G)).square().sum() / G.square().sum())
@@ -154,8 +172,14 @@ def test_anisotropy_fields_recomputed_by_hand(arch, native_cfg, hf_folder):
         for field, value in want.items():
             # measured: ≤ 5e-15 relative; the prediction fields ≤ 1.7e-7 (γ_final is measured by
             # running the float32 norm, here read off its weight)
-            rel = 2e-6 if field.startswith("G_prediction") else 1e-12
+            rel = 2e-6 if field.startswith("G_prediction") else 1e-12 if "centered" not in field else 1e-9
             assert row[field] == pytest.approx(value, rel=rel), (spec.name, field)
+    # center=False: the plain fields are the uncentred ones
+    plain = {r["matrix"]: r for r in anisotropy_report(model, stats, k=k, center=False)}
+    for name, row in plain.items():
+        assert row["a_top1_share"] == rows[name]["a_top1_share_uncentered"]
+        assert row["G_input_pca_relative"] == rows[name]["G_input_pca_relative_uncentered"]
+        assert row["center"] is False and rows[name]["center"] is True
 
 
 def test_covariances_match_brute_force(native_cfg):
@@ -186,7 +210,7 @@ def test_covariances_match_brute_force(native_cfg):
     rows = anisotropy_report(model, stats, k=4)
     assert rows[0]["matrix"] == name and rows[0]["G_prediction_side"] == "output"
     lam = torch.linalg.eigvalsh(C_a)
-    assert rows[0]["a_top1_share"] == pytest.approx(float(lam[-1] / lam.sum()), rel=1e-9)
+    assert rows[0]["a_top1_share_uncentered"] == pytest.approx(float(lam[-1] / lam.sum()), rel=1e-9)
 
 
 def test_gradient_errors(native_cfg):

@@ -363,6 +363,12 @@ def oracle(arch, acts, deltas, k, variance=0.9, eps=None, pred_rel=1e-9, predict
                     row["tol"].update(
                         fraction_k_variance=float(tol[k90 - 1]), relative_k_variance=float(tol[k90 - 1]) * n / k90
                     )
+                    # ΔW's share along the mean activation direction μ̂ of the same rows (an O head: its block)
+                    x = acts[site] if block is None else acts[site][:, sl]
+                    mu = x.mean(0) / x.mean(0).norm()
+                    mf = float(((d @ mu) if side == "input" else (mu @ d)).square().sum() / d.square().sum())
+                    row.update(mean_fraction=mf, mean_relative=mf * n)
+                    row["tol"].update(mean_fraction=1e-5 * mf + 1e-12, mean_relative=(1e-5 * mf + 1e-12) * n)
                 rows[(name, head, stream, subspace)] = row
                 if head is None:
                     ks = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})

@@ -106,3 +106,37 @@ def test_unknown_part_and_bad_seeds(tmp_path):
         real.real_experiment(tmp_path, parts=("asymetry",))
     with pytest.raises(real.RwasymError, match="distinct integers"):
         real.real_experiment(tmp_path, real.RealConfig(seeds=(0, 0)))
+
+
+def test_curves_part_reports_the_probe_curves(run, quick_cache):
+    """The curves part (issue #29: r(k) curves in the real report): each unit holds the probe's whole-matrix residual
+    curves, and the report's cells are their mean over a kind's matrices, recomputed here by hand."""
+    from rwasym.analyses.probe import probe
+    from rwasym.studies.experiments import base_activations
+    from rwasym.studies.real_pair import real_corpus, real_pair
+
+    out, cfg = run
+    res = real.real_experiment(out, cfg, parts=("curves",), cache_dir=quick_cache, progress=False, log=lambda m: None)
+    unit = json.loads((out / "units" / "curves_s0.json").read_text())
+    base, tuned, info = real_pair(quick_cache, quick=True, progress=False, seed=0)
+    want = probe(
+        base,
+        tuned,
+        activations=base_activations(base, real_corpus(info, base.tokenizer)),
+        k=cfg.ks[0],
+        null_samples=0,
+        heads=False,
+        curve_null_samples=64,
+        seed=0,
+        progress=False,
+    )
+    mine = {(c["matrix"], c["subspace"]): c for c in unit["curves"]}
+    assert len(mine) == len([c for c in want.curves if c["stream"] == "residual"]) > 0
+    for c in want.curves:
+        if c["stream"] == "residual":
+            assert mine[(c["matrix"], c["subspace"])]["relative"] == pytest.approx(c["relative"], rel=1e-9)
+    rows = {(r["subspace"], r["kind"], r["k"]): r for r in res["curves"]["rows"]}
+    for (sub, kind, k), r in rows.items():
+        vals = [c["relative"][c["ks"].index(k)] for c in unit["curves"] if (c["subspace"], c["kind"]) == (sub, kind)]
+        assert r["mean"] == pytest.approx(sum(vals) / len(vals), rel=1e-12)
+    assert (out / "rk_activation.png").stat().st_size > 0 and "## r(k) curves" in (out / "report.md").read_text()

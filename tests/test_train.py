@@ -330,3 +330,36 @@ def test_sgd_step_is_the_hand_written_update_and_explains_its_delta(base_dir):
     assert all(math.isnan(v) for v in tracker.cosines().values())  # nothing moved yet
     with pytest.raises(RwasymError, match="optimizer must be"):
         align(rwasym.load(base_dir), ref, pairs, replace(cfg, optimizer="lion"), **QUIET)
+
+
+def test_trajectory_reports_the_update_sum_beside_delta(base_dir, data, tmp_path):
+    """track_updates saves U_t = −Σ η g beside each checkpoint; the trajectory probes it against the same subspaces.
+    Under plain SGD (no clipping, no decay) U_t = ΔW_t up to the float32 file, so r(U_t) = r(ΔW_t) and cos = 1."""
+    from rwasym.studies.experiments import trajectory
+    from rwasym.train import read_update_sum
+
+    pairs = make_pairs(replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2), LANG)
+    cfg = replace(
+        AlignConfig(),
+        objective="dpo",
+        steps=4,
+        batch_size=8,
+        warmup_steps=1,
+        grad_clip=0.0,
+        checkpoint_every=2,
+        optimizer="sgd",
+        lr=0.5,
+        track_updates=True,
+    )
+    align(rwasym.load(base_dir), rwasym.load(base_dir), pairs, cfg, out=tmp_path / "run", **QUIET)
+    saved = read_update_sum(tmp_path / "run" / "step_000004")
+    assert saved is not None and len(saved) == len(rwasym.load(base_dir).matrices())
+    rows = trajectory(rwasym.load(base_dir), tmp_path / "run", data[1][:8], k=4, null_samples=0)
+    kinds = [r for r in rows if r["kind"] != "summary"]
+    assert {r["step"] for r in kinds} == {2, 4} and len(kinds) == 12
+    for r in kinds:
+        assert r["update_cos"] == pytest.approx(1.0, abs=1e-6), r
+        assert r["r_activation_update"] == pytest.approx(r["r_activation"], rel=1e-4), r
+        assert r["r_prediction_update"] == pytest.approx(r["r_prediction"], rel=1e-4), r
+    with pytest.raises(RwasymError, match="delta='given'"):
+        rwasym.probe(rwasym.load(base_dir), None, data[1][:8], deltas=saved)

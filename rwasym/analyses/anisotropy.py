@@ -20,21 +20,33 @@ from ..models import Model, load
 __all__ = ["anisotropy_report"]
 
 
-def anisotropy_report(model: Any, stats: GradientStats, *, k: int = 8) -> list[dict]:
+def anisotropy_report(model: Any, stats: GradientStats, *, k: int = 8, center: bool = True) -> list[dict]:
     """Per matrix: spikiness of C_a and C_δ, and the relative fraction of G against the read-side
     PCA basis of C_a (input side) and the prediction basis (the residual-stream side: input for
-    read matrices, output for write matrices)."""
+    read matrices, output for write matrices).
+
+    center: the one centring convention of rwasym's subspaces and spectra (the probe's
+    ``ProbeConfig.center``, the same default): True uses the centred covariances of a_t and δ_t for the
+    spikiness and the PCA basis, False the uncentred sums Σ a aᵀ, Σ δ δᵀ. Both are reported whatever
+    ``center`` is (``*_centered``, ``*_uncentered``), since G = Σ δ aᵀ carries (Σ_t δ_t) μᵀ along the mean
+    input μ, which a centred basis cannot see; ``G_mean_fraction`` = ‖G μ̂‖²/‖G‖² is that part's share."""
     with linalg_threads(1):
-        return _anisotropy_rows(load(model), stats, k)
+        return _anisotropy_rows(load(model), stats, k, center)
 
 
-def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
+def _anisotropy_rows(model: Model, stats: GradientStats, k: int, center: bool) -> list[dict]:
     pred = prediction_basis(model.unembedding(), min(k, model.d_model)).U
     rows = []
     for name, G in stats.G.items():
         spec = model.matrix(name)
+        a_stat, d_stat = stats.inputs[name], stats.grads[name]
         C_a, C_d = stats.second_moments(name)
-        sa, sd = spikiness(C_a), spikiness(C_d)
+        # both centrings; the plain fields follow `center`
+        spectra = {
+            "uncentered": (spikiness(C_a), spikiness(C_d)),
+            "centered": (spikiness(a_stat.covariance(center=True)), spikiness(d_stat.covariance(center=True))),
+        }
+        sa, sd = spectra["centered" if center else "uncentered"]
         row = dict(
             matrix=name,
             layer=spec.layer,
@@ -49,8 +61,12 @@ def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
             delta_effective_rank=sd.effective_rank,
             delta_dim=sd.d,
             grad_norm=float(G.norm()),
+            center=center,
             **stats.token_counts(name),
         )
+        for which, (a_s, d_s) in spectra.items():
+            row[f"a_top1_share_{which}"] = a_s.top1_share
+            row[f"delta_top1_share_{which}"] = d_s.top1_share
         # which tokens made the gradient: C_a over δ_t ≠ 0 tokens, and the δ-weighted Σ_t ‖δ_t‖² a_t a_tᵀ
         active, weighted = stats.active_inputs.get(name), stats.weighted_inputs.get(name)
         if active is not None and active.count > 0 and weighted is not None:
@@ -63,8 +79,18 @@ def _anisotropy_rows(model: Model, stats: GradientStats, k: int) -> list[dict]:
                 a_weighted_effective_rank=s_w.effective_rank,
             )
         if float(G.square().sum()) > 0:
-            read = relative_fraction(G, pca_basis(C_a, min(k, spec.n_in), center=False).U, "input")
+            kk = min(k, spec.n_in)
+            both = {
+                "uncentered": relative_fraction(G, pca_basis(C_a, kk, center=False).U, "input"),
+                "centered": relative_fraction(G, pca_basis(a_stat, kk, center=True).U, "input"),
+            }
+            read = both["centered" if center else "uncentered"]
             row.update(G_input_pca_relative=read.relative, G_input_pca_fraction=read.fraction)
+            row.update({f"G_input_pca_relative_{which}": r.relative for which, r in both.items()})
+            mean = a_stat.mean()
+            if float(mean.norm()) > 0:  # the (Σ δ) μᵀ part of G: its share along the mean input direction
+                mu = mean / mean.norm()
+                row["G_mean_fraction"] = float((G @ mu).square().sum() / G.square().sum())
             resid_side = "input" if spec.side == "read" else "output"
             if (spec.n_in if resid_side == "input" else spec.n_out) == model.d_model:
                 pr = relative_fraction(G, pred, resid_side)

@@ -52,7 +52,7 @@ from ..math.fraction import (
 )
 from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
-from ..models import MatrixSpec, Model, head_input_block, head_slice, load, weight_deltas
+from ..models import MatrixSpec, Model, head_input_block, head_range, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
 from ..models.deltas import ModelWeights
 from .options import option, resolve_config
@@ -110,7 +110,7 @@ class ProbeResult:
         return "\n".join(lines)
 
 
-DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor")
+DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor", "given")
 SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
 
 
@@ -133,7 +133,8 @@ class ProbeConfig:
         "what the rows locate: tuned = ΔW = W_tuned − W_base; base_weight = W_base itself (how aligned "
         "pretraining left the matrix; no tuned model); random_delta = one draw of the gradient-shaped null "
         "update Σ_t ξ_t a_tᵀ, Gaussian ξ on the capture's tokens (what the inputs alone impose; no tuned model); "
-        "noise_floor = W_replicate − W_tuned, two tuned runs differing only in seed (--replicate)",
+        "noise_floor = W_replicate − W_tuned, two tuned runs differing only in seed (--replicate); given = the "
+        "caller's deltas= mapping (Python API only, e.g. a run's SGD-equivalent update −Σ η g)",
         choices=DELTAS,
     )
     subspaces: str = option(
@@ -358,6 +359,7 @@ def probe(
     *,
     activations: ActivationStats | None = None,
     replicate: Any = None,
+    deltas: Any = None,
     progress: bool | None = None,
     **overrides: Any,
 ) -> ProbeResult:
@@ -391,6 +393,11 @@ def probe(
     Every row also carries the k-free score ``rho`` = ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²_F) of its side
     (C: the site's covariance for activation rows, W̃_U W̃_Uᵀ for prediction rows; 1 under the Haar
     null, `rwasym.math.fraction.kfree_score`) and ``rho_null_std``, its exact Haar-null spread.
+    What the rows locate is ``delta`` (`ProbeConfig.delta`; rows record it): ``replicate=`` is the second tuned
+    model of ``delta="noise_floor"`` (rows of W_replicate − W_tuned); ``deltas=`` the {matrix: n_out × n_in}
+    mapping of ``delta="given"`` (only those matrices get rows). Activation rows also carry ``mean_fraction``,
+    ΔW's share along the site's mean activation direction (which a centred basis cannot see), and every row
+    ``random_delta_fraction``, the gradient-shaped null's expected share (docs: concepts/probe).
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
@@ -405,14 +412,26 @@ def probe(
             else f"replicate= was given with delta={cfg.delta!r}; pass delta='noise_floor' to probe "
             "W_replicate − W_tuned"
         )
+    if (cfg.delta == "given") != (deltas is not None):
+        raise RwasymError(
+            "delta='given' locates the caller's deltas= mapping {matrix name: n_out × n_in tensor}, and deltas= "
+            "needs delta='given'; pass both or neither"
+        )
     base = load(base)
     if cfg.delta in ("tuned", "noise_floor") and not is_checkpoint_folder(tuned):  # a HF folder is streamed
         tuned = load(tuned)
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
+    if deltas is not None:  # only the matrices the mapping holds, in float64
+        deltas = {name: torch.as_tensor(t).to(torch.float64) for name, t in deltas.items()}
+        specs = [s for s in specs if s.name in deltas]
+        for s_ in specs:
+            if tuple(deltas[s_.name].shape) != s_.shape:
+                got = tuple(deltas[s_.name].shape)
+                raise RwasymError(f"deltas[{s_.name!r}] has shape {got}; {s_.name} is {s_.shape} (nn.Linear layout)")
     if not specs:
         raise base.unmatched(cfg.matrices)
-    deltas = _deltas(base, tuned, replicate, specs, cfg)
+    deltas = deltas if deltas is not None else _deltas(base, tuned, replicate, specs, cfg)
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     if activations is not None and (cfg.exclude_positions or cfg.exclude_tokens):
@@ -723,6 +742,12 @@ def _probe_rows(
                     k90 = k_reaching(full.explained_variance_ratio, cfg.variance)
                     f90 = float(cum[k90 - 1])
                     row.update(k_variance=k90, fraction_k_variance=f90, relative_k_variance=f90 * n / k90)
+                    # the mean activation direction μ̂ (which a centred basis cannot see): ΔW's share along it
+                    mu = cov.activations[site].mean()
+                    mu = mu if c_h is c or head is None else mu[head_range(spec, head)]
+                    if float(mu.norm()) > 0:
+                        e = column_energies(d, (mu / mu.norm())[:, None], side)
+                        row.update(mean_fraction=float(e[0]) / _energy(d), mean_relative=float(e[0]) / _energy(d) * n)
                 rows.append(row)
                 if curves and head is None:
                     ks = log_k_grid(n)

@@ -23,7 +23,7 @@ from ..errors import RwasymError
 from ..models import Model, load, native_config
 from ..models.cache import cache_root
 from ..objectives import heldout_ce, mean_kl, preference_accuracy
-from ..train.loops import AlignConfig, TrainConfig, align, pretrain
+from ..train.loops import AlignConfig, TrainConfig, align, hash_record, pretrain
 from .language import LanguageConfig, PairConfig, corpus, entropy_per_token, make_pairs
 
 __all__ = ["DefaultPairSpec", "default_pair", "default_spec", "load_default_pairs", "spec_hash"]
@@ -85,6 +85,8 @@ def spec_hash(spec: DefaultPairSpec) -> str:
     record = asdict(spec)
     if record["align"].get("grad_accum") == 1:  # added after 0.1: counted only when set, so caches stay valid
         del record["align"]["grad_accum"]
+    for stage in ("pretrain", "align"):  # so are the optimizer fields (`hash_record`)
+        record[stage] = hash_record(record[stage])
     text = json.dumps({"format": FORMAT, "spec": record}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -17,6 +17,7 @@ from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture
 from ..math.inference import seed_interval, slope
 from ..models import Model, load, weight_deltas
+from ..train.loops import read_update_sum
 
 # The paper contrasts W_Q, W_K (read) with W_O, W_2 = W_out (write); the pooled grouping also counts W_V, W_in and
 # W_gate as read (every matrix whose input is the residual stream).
@@ -63,7 +64,10 @@ def trajectory(
     """Probe every checkpoint of one alignment run against its base.
 
     run: a training output folder (``step_*`` checkpoints) or {step: model source}. One row per
-    (step, matrix kind) with mean r per subspace, plus ‖ΔW‖_F summed over the kind's matrices.
+    (step, matrix kind) with mean r per subspace, plus ‖ΔW‖_F summed over the kind's matrices. For a run
+    trained with ``track_updates=True`` (its checkpoints hold ``update_sum.safetensors``), the row also
+    carries r of the SGD-equivalent update U_t = −Σ_{s≤t} η_s g_s against the same subspaces
+    (``r_activation_update``, ``r_prediction_update``) and the kind's mean cos(ΔW_t, U_t) (``update_cos``).
     """
     base = load(base)
     steps = checkpoint_folders(run) if isinstance(run, (str, Path)) else dict(run)
@@ -72,27 +76,47 @@ def trajectory(
     for step in sorted(steps):
         tuned = load(steps[step])
         norms: dict[str, float] = {}
-        for name, d in weight_deltas(base, tuned).items():
+        deltas = weight_deltas(base, tuned)
+        for name, d in deltas.items():
             kind = base.matrix(name).kind
             norms[kind] = norms.get(kind, 0.0) + float(d.square().sum())
         if sum(norms.values()) == 0.0:
             continue  # step 0 is the base itself
-        result = probe(
-            base, tuned, activations=acts, k=k, null_samples=null_samples, heads=False, curves=False, seed=seed
+        opts: dict[str, Any] = dict(
+            activations=acts, k=k, null_samples=null_samples, heads=False, curves=False, seed=seed
         )
+        result = probe(base, tuned, **opts)
+        # a run trained with track_updates=True saved U_t = −Σ η g beside the checkpoint: r(U_t) next to r(ΔW_t)
+        update = read_update_sum(steps[step]) if isinstance(steps[step], (str, Path)) else None
+        by_update: dict = {}
+        if update is not None and any(float(u.abs().max()) > 0 for u in update.values()):
+            by_update = probe(base, None, delta="given", deltas=update, **opts).table()
         for kind, subs in result.table().items():
-            rows.append(
-                dict(
-                    step=step,
-                    kind=kind,
-                    delta_norm=norms[kind] ** 0.5,
-                    r_activation=subs.get("activation"),
-                    r_prediction=subs.get("prediction"),
-                )
+            row = dict(
+                step=step,
+                kind=kind,
+                delta_norm=norms[kind] ** 0.5,
+                r_activation=subs.get("activation"),
+                r_prediction=subs.get("prediction"),
             )
+            if kind in by_update and update is not None:
+                names = [s.name for s in base.matrices() if s.kind == kind and s.name in update]
+                cos = [_cosine(deltas[n], update[n]) for n in names]
+                row.update(
+                    r_activation_update=by_update[kind].get("activation"),
+                    r_prediction_update=by_update[kind].get("prediction"),
+                    update_cos=sum(cos) / len(cos),
+                )
+            rows.append(row)
         summary = asymmetry_summary(result)
         rows.append(dict(step=step, kind="summary", delta_norm=sum(norms.values()) ** 0.5, **summary))
     return rows
+
+
+def _cosine(a: Any, b: Any) -> float:
+    """⟨a, b⟩_F / (‖a‖_F ‖b‖_F), nan when either is zero."""
+    denom = float(a.norm()) * float(b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
 
 
 def graded(

@@ -43,7 +43,7 @@ from .experiments import paper_side
 
 __all__ = ["PARTS", "RealConfig", "real_experiment", "real_report"]
 
-PARTS = ("asymmetry", "trajectory", "mechanism", "joint", "companion", "graded")  # the order they run in
+PARTS = ("asymmetry", "trajectory", "mechanism", "joint", "companion", "graded", "curves")  # the order they run in
 CELLS = ("read_activation", "read_prediction", "write_activation", "write_prediction")
 PAPER_CELLS = tuple(f"paper_{c}" for c in CELLS)  # read = W_Q, W_K; write = W_O, W_out (experiments.PAPER_GROUPS)
 GAP_METRICS = ("gap_accuracy", "gap_margin", "kl_base", "kl_tuned")
@@ -261,8 +261,72 @@ def _mechanism(s: _Seed, cfg: RealConfig) -> dict:
             beta=s.info["spec"]["align"]["beta"],
         )
         stats = capture_gradients(s.base, loss_fn, batches, progress=False)
-        out["ce" if objective == "sft" else "dpo"] = anisotropy_report(s.base, stats, k=cfg.ks[0])
+        # center=False: the committed Mechanism table was computed on the uncentred Σ a aᵀ, Σ δ δᵀ (rows carry both)
+        out["ce" if objective == "sft" else "dpo"] = anisotropy_report(s.base, stats, k=cfg.ks[0], center=False)
     return out
+
+
+def _curves(s: _Seed, cfg: RealConfig) -> dict:
+    """r(k) of every whole matrix on the residual-stream side at every k of the log grid, with the exact Haar
+    null's std of r (the probe's curves; null mean exactly 1)."""
+    from ..analyses.probe import probe
+
+    result = probe(
+        s.base,
+        s.tuned,
+        activations=s.acts,
+        k=cfg.ks[0],
+        null_samples=0,
+        heads=False,
+        curves=True,
+        curve_null_samples=64,
+        seed=s.seed,
+        progress=False,
+    )
+    keep = ("matrix", "kind", "layer", "subspace", "n", "ks", "relative", "null_relative_std")
+    return {"curves": [{k: c[k] for k in keep} for c in result.curves if c["stream"] == "residual"]}
+
+
+def _curves_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
+    """Mean r(k) per kind and subspace over its matrices, then over seeds [95% t-interval]; two figures."""
+    from .. import report
+
+    per_seed: dict = {}  # (subspace, kind, k) -> [mean over the kind's matrices, one per seed]
+    for u in units:
+        cells: dict = {}
+        for c in u["curves"]:
+            for k, r in zip(c["ks"], c["relative"]):
+                cells.setdefault((c["subspace"], c["kind"], k), []).append(r)
+        for key, vals in cells.items():
+            per_seed.setdefault(key, []).append(sum(vals) / len(vals))
+    rows = [dict(subspace=sub, kind=kind, k=k, **_interval(v)) for (sub, kind, k), v in sorted(per_seed.items())]
+    for sub in ("activation", "prediction"):
+        report.line_plot(
+            [r for r in rows if r["subspace"] == sub],
+            "k",
+            "mean",
+            "kind",
+            out / f"rk_{sub}.png",
+            hline=1.0,
+            logx=True,
+            title=f"r(k) against the {sub} subspace (whole matrices, mean over kinds' matrices and {len(units)} seeds)",
+            xlabel="k",
+            ylabel="relative fraction r",
+        )
+    show = [1, 8, 64]
+    table = []
+    for sub in ("activation", "prediction"):
+        for kind in sorted({r["kind"] for r in rows if r["subspace"] == sub}):
+            at = {r["k"]: r for r in rows if r["subspace"] == sub and r["kind"] == kind}
+            table.append(dict(subspace=sub, kind=kind, **{f"k={k}": _pm(at[k]) for k in show if k in at}))
+    return dict(rows=rows, table=table), [
+        "## r(k) curves\n",
+        "The probe's r(k) = f(k)/(k/n) at every k of its log grid for whole matrices on the residual-stream side "
+        "(the Haar null's mean is 1 at every k; its exact std is in the units), mean over a kind's matrices, "
+        "then over seeds [95% t-interval]. r is bounded by n/k, so compare kinds at one k.\n",
+        report.markdown_table(table),
+        "\n![r(k), activation](rk_activation.png)\n![r(k), prediction](rk_prediction.png)\n",
+    ]
 
 
 def _trajectory(s: _Seed, cfg: RealConfig) -> dict:
@@ -396,6 +460,7 @@ def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: bool | None) ->
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in middle for seed in seeds]
     units += [(f"companion_s{seed}", "companion", seed, lambda s: _companion(s, cfg)) for seed in seeds]
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in rest for seed in seeds]
+    units += [(f"curves_s{seed}", "curves", seed, lambda s: _curves(s, cfg)) for seed in seeds]  # added last
     return units
 
 
@@ -926,6 +991,8 @@ def real_report(out: str | Path) -> dict:
             res, sec = _mechanism_report(units)
         elif part == "trajectory":
             res, sec = _trajectory_report(out, units)
+        elif part == "curves":
+            res, sec = _curves_report(out, units)
         elif part == "joint":
             scan = _units(out, "alpha_scan_")
             results["seconds"][part] += sum(u.get("seconds", 0.0) for u in scan)

@@ -25,7 +25,7 @@ from ..errors import RwasymError
 from ..models import Model, load
 from ..models.cache import cache_root
 from ..objectives import preference_accuracy
-from ..train.loops import AlignConfig, align
+from ..train.loops import AlignConfig, align, hash_record
 
 __all__ = ["RealPairSpec", "WORDS", "load_real_pairs", "real_corpus", "real_pair", "real_pair_records", "real_spec"]
 
@@ -71,7 +71,9 @@ def real_spec(quick: bool = False, seed: int = 0) -> RealPairSpec:
 def _hash(spec: RealPairSpec, base_folder: Path) -> str:
     import hashlib
 
-    text = json.dumps({"format": FORMAT, "spec": asdict(spec), "base": base_folder.name}, sort_keys=True, default=str)
+    record = asdict(spec)
+    record["align"] = hash_record(record["align"])  # fields added after 0.1 count only when set (caches stay valid)
+    text = json.dumps({"format": FORMAT, "spec": record, "base": base_folder.name}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

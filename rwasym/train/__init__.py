@@ -11,6 +11,7 @@ from .loops import (
     log_spaced_steps,
     lr_at,
     pretrain,
+    read_update_sum,
     save_checkpoint,
 )
 from .trl_backend import align_trl
@@ -25,5 +26,6 @@ __all__ = [
     "log_spaced_steps",
     "lr_at",
     "pretrain",
+    "read_update_sum",
     "save_checkpoint",
 ]

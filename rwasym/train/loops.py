@@ -40,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "UpdateTracker",
+    "read_update_sum",
     "align",
     "log_spaced_steps",
     "lr_at",
@@ -100,6 +101,20 @@ class TrainResult:
     final_loss: float = float("nan")
 
 
+# Fields added after 0.1 with the value every earlier run had: left out of a spec's hash at that value, so the
+# cache keys of pairs built before them (and the results that name those folders) stay valid.
+_LATER_DEFAULTS = {"optimizer": "adamw", "track_updates": False}
+
+
+def hash_record(config: Any) -> dict:
+    """``asdict(config)`` without the post-0.1 fields at their default (`_LATER_DEFAULTS`): what a cache key hashes."""
+    record = dict(asdict(config)) if not isinstance(config, dict) else dict(config)
+    for key, default in _LATER_DEFAULTS.items():
+        if key in record and record[key] == default:
+            del record[key]
+    return record
+
+
 # ------------------------------------------------------------------------------------ helpers
 def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False)
@@ -115,6 +130,20 @@ def _optimizer(model: Model, cfg: Any) -> torch.optim.Optimizer:
     if cfg.optimizer != "adamw":
         raise RwasymError(f"optimizer must be 'adamw' or 'sgd'; got {cfg.optimizer!r}")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+UPDATE_SUM_FILE = "update_sum.safetensors"
+
+
+def read_update_sum(folder: PathLike) -> dict[str, Tensor] | None:
+    """{matrix: U_t = −Σ_{s≤t} η_s g_s} saved beside a checkpoint by a run with ``track_updates=True`` (float64),
+    or None when the folder has none."""
+    path = Path(folder) / UPDATE_SUM_FILE
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return {name: t.to(torch.float64) for name, t in load_file(str(path)).items()}
 
 
 class UpdateTracker:
@@ -162,6 +191,16 @@ class UpdateTracker:
             denom = float(delta.norm()) * float(s.norm())
             out[spec.name] = float((delta * s).sum()) / denom if denom > 0 else float("nan")
         return out
+
+    def save(self, folder: PathLike) -> Path:
+        """Write U_t = −S_t, the SGD-equivalent update of every tracked matrix, to ``folder/update_sum.safetensors``
+        (float32, nn.Linear layout; `read_update_sum` reads it back), beside a checkpoint."""
+        from safetensors.torch import save_file
+
+        path = Path(folder) / UPDATE_SUM_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: (-s).to(torch.float32).contiguous() for name, s in self.sums.items()}, str(path))
+        return path
 
     def by_kind(self) -> dict[str, float]:
         """Mean cos per matrix kind, keys ``update_cos/<kind>``."""
@@ -258,9 +297,9 @@ def _loop(
     result: "TrainResult",
     progress: bool,
     desc: str,
+    tracker: UpdateTracker | None = None,
 ) -> None:
     """The shared optimisation loop: seeded batches, lr schedule, step, log, checkpoint, bar."""
-    tracker = UpdateTracker(model) if config.track_updates else None
     with _bar(config.steps, progress, desc) as bar:
         for step, idx in enumerate(_batches(n, config.batch_size, config.steps, config.seed)):
             lr = lr_at(step, config)
@@ -303,11 +342,15 @@ def pretrain(
         Path(out).mkdir(parents=True, exist_ok=True)
         fh = open(Path(out) / "log.jsonl", "w")
 
+    tracker = UpdateTracker(model) if config.track_updates else None
+
     def checkpoint(step: int, loss: float) -> None:
         if step in ckpt_steps:
             assert out is not None  # ckpt_steps is empty without out
             meta = {"stage": "pretrain", "step": step, "loss": loss, "config": asdict(config)}
             result.checkpoints.append(save_checkpoint(model, Path(out) / f"step_{step:06d}", meta))
+            if tracker is not None:
+                tracker.save(result.checkpoints[-1])
 
     try:
         checkpoint(0, float("nan"))
@@ -322,6 +365,7 @@ def pretrain(
             result,
             progress,
             "pretrain",
+            tracker,
         )
     finally:
         if fh is not None:
@@ -371,10 +415,14 @@ def align(
         Path(out).mkdir(parents=True, exist_ok=True)
         fh = open(Path(out) / "log.jsonl", "w")
 
+    tracker = UpdateTracker(model) if config.track_updates else None
+
     def checkpoint(step: int, loss: float) -> None:
         if out is not None and (step == 0 or step == config.steps or (every > 0 and step % every == 0)):
             meta = {"stage": "align", "step": step, "loss": loss, "config": asdict(config)}
             result.checkpoints.append(save_checkpoint(model, Path(out) / f"step_{step:06d}", meta))
+            if tracker is not None:  # U_t = −Σ η g beside the weights: the trajectory's r(U_t) next to r(ΔW_t)
+                tracker.save(result.checkpoints[-1])
 
     try:
         checkpoint(0, float("nan"))
@@ -389,6 +437,7 @@ def align(
             result,
             progress,
             f"align[{config.objective}]",
+            tracker,
         )
     finally:
         if fh is not None:

@@ -19,6 +19,12 @@ def add_gradients_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="dpo/graded: frozen reference (default: --model itself)")
     p.add_argument("--matrices", default=None, help="glob such as 'blocks.*.attn.W_Q'")
     p.add_argument("--k", type=int, default=8)
+    p.add_argument(
+        "--uncentered",
+        action="store_true",
+        help="spikiness and PCA basis of the uncentred Σ a aᵀ, Σ δ δᵀ (default: centred, as the probe); "
+        "rows carry both",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=4, help="number of batches (backward passes)")
     p.add_argument("--beta", type=float, default=0.1)
@@ -67,12 +73,13 @@ def run_gradients(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_key=key,
     )
-    rows = rwasym.anisotropy_report(model, stats, k=args.k)
+    rows = rwasym.anisotropy_report(model, stats, k=args.k, center=not args.uncentered)
     config = dict(
         model=args.model,
         objective=args.objective,
         data=args.data,
         k=args.k,
+        center=not args.uncentered,
         batch_size=args.batch_size,
         n_batches=stats.n_batches,
         beta=args.beta,

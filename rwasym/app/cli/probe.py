@@ -39,6 +39,10 @@ def run_probe(args: argparse.Namespace) -> int:
     from ...models import load_pair
 
     config = config_from_args(args, ProbeConfig)
+    if config.delta == "given":
+        raise RwasymError(
+            "--delta given needs a Python mapping of deltas: use rwasym.probe(..., delta='given', deltas=...)"
+        )
     if (config.delta == "noise_floor") != (args.replicate is not None):
         raise RwasymError(
             "--delta noise_floor and --replicate go together: pass both (W_replicate − W_tuned) or neither"
