@@ -115,3 +115,9 @@ def test_train_cli_pretrain_then_align(tmp_path):
     )
     base_m, tuned = rwasym.load(base), rwasym.load(tmp_path / "ali" / "step_000003")
     assert sum(float(d.norm()) for d in rwasym.weight_deltas(base_m, tuned).values()) > 0
+    # plain SGD with the update tracked: the log carries cos per kind, the checkpoint the update sum
+    argv = ["train", "align", "--base", str(base), "--steps", "2", "--optimizer", "sgd", "--track-updates"]
+    assert main([*argv, "--out", str(tmp_path / "sgd"), "--quiet"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "sgd" / "log.jsonl").read_text().splitlines()]
+    assert any(key.startswith("update_cos/") for key in log[-1])
+    assert (tmp_path / "sgd" / "step_000002" / "update_sum.safetensors").exists()

@@ -55,6 +55,17 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="align: rwasym's own loop, or TRL's DPOTrainer (same losses, settings and step_* layout; "
         "--base must be a Hugging Face folder or a GPT-2-shaped native checkpoint)",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="built-in loop: AdamW (default) or plain SGD (no momentum), whose update is its gradients' sum",
+    )
+    p.add_argument(
+        "--track-updates",
+        action="store_true",
+        help="built-in loop: log cos(ΔW_t, −Σ η g) per matrix kind and save U_t = −Σ η g beside each checkpoint",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_train)
@@ -77,7 +88,9 @@ def run_train(args: argparse.Namespace) -> int:
         lang = LanguageConfig()
         model = rwasym.load(rwasym.native_config(d_vocab=lang.d_vocab, seed=args.seed))
         tokens = corpus(args.n_seqs, int(model.cfg.n_ctx), seed=args.seed, config=lang)
-        cfg = replace(TrainConfig(), steps=args.steps, seed=args.seed)
+        cfg = replace(
+            TrainConfig(), steps=args.steps, seed=args.seed, optimizer=args.optimizer, track_updates=args.track_updates
+        )
         result = pretrain(model, tokens, cfg, out=args.out, progress=progress)
     else:
         if not args.base:
@@ -103,6 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
             lr=lr,
             batch_size=batch,
             grad_accum=args.grad_accum,
+            optimizer=args.optimizer,
+            track_updates=args.track_updates,
         )
         if args.lora_rank is not None and args.backend != "trl":
             raise RwasymError(
