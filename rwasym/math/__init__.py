@@ -5,7 +5,8 @@ checks (validation), covariance (`RunningCovariance`), lowrank (`LowRankDelta`),
 prediction, Haar frames), fraction (relative fraction, nulls, curves), spectra (RankMe, α-ReQ,
 spikiness, lifecycle), svd (post-training SVD), rank1 (closed-form u, directions, matching,
 spectrum-matched random deltas), calibration (the α of an edit at a collateral-effect budget),
-inference (bootstrap, permutation, t-intervals, rank tests against controls, Holm).
+inference (bootstrap, permutation, t-intervals, rank tests against controls, Holm), topk (certified top-k
+eigenpairs at O(n² b)).
 """
 
 from .calibration import ScaleSearch, calibrate_scale
@@ -40,6 +41,7 @@ from .subspaces import (
     random_basis,
 )
 from .svd import post_training_svd, rebuild
+from .topk import TopEigen, top_eigenpairs, top_spectrum_until
 
 __all__ = [
     "Basis",
@@ -80,4 +82,7 @@ __all__ = [
     "relative_fraction",
     "spectrum_matched_delta",
     "spikiness",
+    "top_eigenpairs",
+    "top_spectrum_until",
+    "TopEigen",
 ]
