@@ -178,7 +178,7 @@ def line_plot(
     """One line per value of ``group``: y against x (trajectories, λ sweeps, RankMe curves).
 
     ``yerr``: (low, high) keys of an interval drawn as a shaded band (e.g. a 95% CI over seeds).
-    ``logx``: symmetric-log x axis (log-spaced checkpoints, step 0 included).
+    ``logx``: log x axis (symmetric-log when an x ≤ 0 is plotted: log-spaced checkpoints with step 0).
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -195,8 +195,12 @@ def line_plot(
             )
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8, ls="--")
-    if logx:
-        ax.set_xscale("symlog", linthresh=1)
+    if logx:  # log where every x is positive; symmetric-log where step 0 (or a negative x) is plotted
+        xs = [r[x] for r in rows]
+        if xs and min(xs) > 0:
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)

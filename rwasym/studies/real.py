@@ -309,7 +309,7 @@ def _curves_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
             out / f"rk_{sub}.png",
             hline=1.0,
             logx=True,
-            title=f"r(k) against the {sub} subspace (whole matrices, mean over kinds' matrices and {len(units)} seeds)",
+            title=f"r(k), {sub} subspace ({len(units)} seeds)",
             xlabel="k",
             ylabel="relative fraction r",
         )
