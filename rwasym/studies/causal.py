@@ -162,11 +162,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def _markdown(results: dict, cfg: CausalConfig) -> str:
     cal, fam = results["calibration"], results["family"]
+    run = ", ".join(s.removeprefix("causal_") for s in results["sweeps"])
     lines = [
         "# The real pair's causal test at equal collateral KL",
         "",
-        f"Design and endpoints: `{results['design']}` (pre-registered). Seeds finished: {results['seeds']}; "
-        f"sweeps: {len(results['sweeps'])}. Every edit scaled to its collateral-KL budget: {cal['reached']} of "
+        f"Design and endpoints: `{results['design']}` (pre-registered). Seeds with rows: {results['seeds']}; "
+        f"the {len(results['sweeps'])} sweeps run so far: {run} "
+        "(a test's seeds are in its 'rank p per seed' column). Every edit scaled to its collateral-KL budget: "
+        f"{cal['reached']} of "
         f"{cal['edits']} within 5% ({cal['saturated']} saturated), {cal['mean_evaluations']:.2f} evaluations "
         "per edit and budget on average.",
         "",
