@@ -140,3 +140,42 @@ def test_curves_part_reports_the_probe_curves(run, quick_cache):
         vals = [c["relative"][c["ks"].index(k)] for c in unit["curves"] if (c["subspace"], c["kind"]) == (sub, kind)]
         assert r["mean"] == pytest.approx(sum(vals) / len(vals), rel=1e-12)
     assert (out / "rk_activation.png").stat().st_size > 0 and "## r(k) curves" in (out / "report.md").read_text()
+
+
+def test_baselines_part_reports_the_probe_references(run, quick_cache):
+    """The baselines part (issue #29: "compared with what?"): per kind and subspace, the unit's means equal the probe
+    rows' means by hand for ΔW, W_base and the gradient-shaped null, and the report prints them per seed-interval."""
+    from rwasym.analyses.probe import probe
+    from rwasym.studies.experiments import base_activations
+    from rwasym.studies.real_pair import real_corpus, real_pair
+
+    out, cfg = run
+    res = real.real_experiment(
+        out, cfg, parts=("baselines",), cache_dir=quick_cache, progress=False, log=lambda m: None
+    )
+    unit = json.loads((out / "units" / "baselines_s0.json").read_text())
+    base, tuned, info = real_pair(quick_cache, quick=True, progress=False, seed=0)
+    acts = base_activations(base, real_corpus(info, base.tokenizer))
+    for delta in ("tuned", "base_weight", "random_delta"):
+        rows = probe(
+            base,
+            tuned if delta == "tuned" else None,
+            activations=acts,
+            k=cfg.ks[0],
+            null_samples=0,
+            heads=False,
+            curves=False,
+            delta=delta,
+            seed=0,
+            progress=False,
+        ).rows
+        for key, cell in unit[delta].items():
+            kind, sub = key.split("/")
+            sel = [r for r in rows if r["kind"] == kind and r["subspace"] == sub and r["stream"] == "residual"]
+            assert cell["relative"] == pytest.approx(sum(r["relative"] for r in sel) / len(sel), rel=1e-12)
+            assert cell["rho"] == pytest.approx(sum(r["rho"] for r in sel) / len(sel), rel=1e-12)
+    # the null's realised draw sits near its expectation on the read side (many output rows average it)
+    for key, cell in unit["random_delta"].items():
+        if key.endswith("/activation") and key.split("/")[0] in ("W_Q", "W_in"):
+            assert cell["relative"] == pytest.approx(cell["random_delta_relative"], rel=0.1)
+    assert res["baselines"]["table"] and "## Compared with what?" in (out / "report.md").read_text()

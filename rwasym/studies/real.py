@@ -43,7 +43,7 @@ from .experiments import paper_side
 
 __all__ = ["PARTS", "RealConfig", "real_experiment", "real_report"]
 
-PARTS = ("asymmetry", "trajectory", "mechanism", "joint", "companion", "graded", "curves")  # the order they run in
+PARTS = ("asymmetry", "trajectory", "mechanism", "joint", "companion", "graded", "curves", "baselines")  # run order
 CELLS = ("read_activation", "read_prediction", "write_activation", "write_prediction")
 PAPER_CELLS = tuple(f"paper_{c}" for c in CELLS)  # read = W_Q, W_K; write = W_O, W_out (experiments.PAPER_GROUPS)
 GAP_METRICS = ("gap_accuracy", "gap_margin", "kl_base", "kl_tuned")
@@ -329,6 +329,77 @@ def _curves_report(out: Path, units: list[dict]) -> tuple[dict, list[str]]:
     ]
 
 
+_BASELINE_FIELDS = ("relative", "random_delta_relative", "rho", "mean_relative")
+
+
+def _baselines(s: _Seed, cfg: RealConfig) -> dict:
+    """The probe's references on this pair (issue #29): per kind and subspace (whole matrices, residual side), the
+    mean r, the gradient-shaped null's expected r, ρ_C and the mean-direction share, for ΔW itself, W_base
+    (``base_weight``) and one draw of the gradient-shaped null update (``random_delta``)."""
+    from ..analyses.probe import probe
+
+    out: dict = {}
+    for delta in ("tuned", "base_weight", "random_delta"):
+        result = probe(
+            s.base,
+            s.tuned if delta == "tuned" else None,
+            activations=s.acts,
+            k=cfg.ks[0],
+            null_samples=0,
+            heads=False,
+            curves=False,
+            delta=delta,
+            seed=s.seed,
+            progress=False,
+        )
+        cells: dict = {}
+        for r in result.rows:
+            if r["stream"] == "residual":
+                c = cells.setdefault(f"{r['kind']}/{r['subspace']}", {f: [] for f in _BASELINE_FIELDS})
+                for f in _BASELINE_FIELDS:
+                    if r.get(f) is not None:
+                        c[f].append(r[f])
+        out[delta] = {key: {f: sum(v) / len(v) for f, v in c.items() if v} for key, c in cells.items()}
+    return out
+
+
+def _baselines_report(units: list[dict]) -> tuple[dict, list[str]]:
+    from .. import report
+
+    kinds = ("W_Q", "W_K", "W_V", "W_in", "W_gate", "W_O", "W_out")
+    table = []
+    for sub in ("activation", "prediction"):
+        for kind in kinds:
+            key = f"{kind}/{sub}"
+            if key not in units[0]["tuned"]:
+                continue
+
+            def cell(delta: str, field: str, key: str = key) -> str:
+                return _pm(_interval([u[delta].get(key, {}).get(field) for u in units]))
+
+            table.append(
+                {
+                    "subspace": sub,
+                    "kind": kind,
+                    "r (ΔW)": cell("tuned", "relative"),
+                    "r expected, gradient-shaped null": cell("tuned", "random_delta_relative"),
+                    "r (random_delta draw)": cell("random_delta", "relative"),
+                    "r (W_base)": cell("base_weight", "relative"),
+                    "ρ (ΔW)": cell("tuned", "rho"),
+                    "ρ (W_base)": cell("base_weight", "rho"),
+                }
+            )
+    return dict(table=table), [
+        "## Compared with what? The probe's references\n",
+        f"Mean over a kind's whole matrices (residual side, k = 8), then over {len(units)} seeds [95% t-interval]. "
+        "r (ΔW): the tuned delta; r expected, gradient-shaped null: tr(U_kᵀ M U_k)/tr M · n/k with M the input's "
+        "uncentred second moment (what any update Σ_t δ_t a_tᵀ with structure-free δ inherits from its inputs; "
+        "k/n · n/k = 1 on the output side); r (random_delta draw): one such update drawn; r (W_base): the base "
+        "weights themselves; ρ: the k-free score (1 under the Haar null).\n",
+        report.markdown_table(table),
+    ]
+
+
 def _trajectory(s: _Seed, cfg: RealConfig) -> dict:
     from .experiments import trajectory
 
@@ -461,6 +532,7 @@ def _schedule(cfg: RealConfig, seeds: list, out: Path, progress: bool | None) ->
     units += [(f"companion_s{seed}", "companion", seed, lambda s: _companion(s, cfg)) for seed in seeds]
     units += [(f"graded_s{seed}_l{lam:g}", "graded", seed, graded(lam)) for lam in rest for seed in seeds]
     units += [(f"curves_s{seed}", "curves", seed, lambda s: _curves(s, cfg)) for seed in seeds]  # added last
+    units += [(f"baselines_s{seed}", "baselines", seed, lambda s: _baselines(s, cfg)) for seed in seeds]
     return units
 
 
@@ -993,6 +1065,8 @@ def real_report(out: str | Path) -> dict:
             res, sec = _trajectory_report(out, units)
         elif part == "curves":
             res, sec = _curves_report(out, units)
+        elif part == "baselines":
+            res, sec = _baselines_report(units)
         elif part == "joint":
             scan = _units(out, "alpha_scan_")
             results["seconds"][part] += sum(u.get("seconds", 0.0) for u in scan)
