@@ -486,7 +486,11 @@ def probe(
         finally:
             covs.close()
         del covs
-    recorded = {name: value for name, value in cfg.to_dict().items() if name != "stats_budget"}  # no number needs it
+    recorded = {  # JSON-equal (sequences as lists); stats_budget left out: no number needs it
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in cfg.to_dict().items()
+        if name != "stats_budget"
+    }
     header: dict[str, Any] = dict(
         **recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data)
     )
