@@ -298,8 +298,10 @@ def test_probe_config_is_the_one_source_of_options(native_cfg, tmp_path):
     assert by_config.rows == by_keywords.rows and by_config.rows
     assert {r["k"] for r in by_config.rows} == {3}
     recorded = {f.name for f in dataclasses.fields(ProbeConfig)} - {"stats_budget"}
-    assert {name: by_config.config[name] for name in recorded} == {
-        name: value for name, value in cfg.to_dict().items() if name in recorded
+    assert {name: by_config.config[name] for name in recorded} == {  # recorded JSON-equal: sequences as lists
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in cfg.to_dict().items()
+        if name in recorded
     }
     overridden = probe(base, tuned, tokens, cfg, k=2)
     assert {r["k"] for r in overridden.rows} == {2} and cfg.k == 3  # the config object is left as it was
