@@ -284,6 +284,11 @@ def test_gradient_accumulation_gives_the_same_update(base_dir):
         align(rwasym.load(base_dir), rwasym.load(base_dir), pairs, replace(cfg, grad_accum=3), progress=False)
 
 
+# plain SGD (no clipping) on a small DPO set: the updates are exactly −Σ η g, so U_t = ΔW_t
+SGD_PAIRS = replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2)
+SGD_ALIGN = replace(AlignConfig(), objective="dpo", batch_size=8, grad_clip=0.0, optimizer="sgd", lr=0.5)
+
+
 def test_sgd_step_is_the_hand_written_update_and_explains_its_delta(base_dir):
     """optimizer="sgd" (issue #29): one step equals W − η g written by hand (bit-exact: g from autograd on the
     same batch, η the schedule's), and with no momentum, weight decay or clipping cos(ΔW_t, −Σ_s η_s g_s) = 1 for
@@ -291,18 +296,8 @@ def test_sgd_step_is_the_hand_written_update_and_explains_its_delta(base_dir):
     from rwasym.objectives import all_scores, objective_value, pack_pairs
     from rwasym.train.loops import UpdateTracker, _batches
 
-    pairs = make_pairs(replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2), LANG)
-    cfg = replace(
-        AlignConfig(),
-        objective="dpo",
-        steps=1,
-        batch_size=8,
-        warmup_steps=2,
-        grad_clip=0.0,
-        checkpoint_every=0,
-        optimizer="sgd",
-        lr=0.5,
-    )
+    pairs = make_pairs(SGD_PAIRS, LANG)
+    cfg = replace(SGD_ALIGN, steps=1, warmup_steps=2, checkpoint_every=0)
     model, ref = rwasym.load(base_dir), rwasym.load(base_dir)
     hand = rwasym.load(base_dir)
     align(model, ref, pairs, cfg, progress=False)
@@ -338,19 +333,8 @@ def test_trajectory_reports_the_update_sum_beside_delta(base_dir, data, tmp_path
     from rwasym.studies.experiments import trajectory
     from rwasym.train import read_update_sum
 
-    pairs = make_pairs(replace(PairConfig(), n_per_rule=8, prompt_len=6, cont_len=2), LANG)
-    cfg = replace(
-        AlignConfig(),
-        objective="dpo",
-        steps=4,
-        batch_size=8,
-        warmup_steps=1,
-        grad_clip=0.0,
-        checkpoint_every=2,
-        optimizer="sgd",
-        lr=0.5,
-        track_updates=True,
-    )
+    pairs = make_pairs(SGD_PAIRS, LANG)
+    cfg = replace(SGD_ALIGN, steps=4, warmup_steps=1, checkpoint_every=2, track_updates=True)
     align(rwasym.load(base_dir), rwasym.load(base_dir), pairs, cfg, out=tmp_path / "run", **QUIET)
     saved = read_update_sum(tmp_path / "run" / "step_000004")
     assert saved is not None and len(saved) == len(rwasym.load(base_dir).matrices())

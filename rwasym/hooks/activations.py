@@ -116,6 +116,27 @@ def _check_batch(tokens: Tensor, mask: Tensor | None, d_vocab: int) -> None:
         raise RwasymError(f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}")
 
 
+def _kept_tokens(
+    tokens: Tensor,
+    mask: Tensor | None,
+    model: Model,
+    max_tokens: int | None,
+    seen: int,
+    exclude_positions: Sequence[int],
+    exclude_tokens: Sequence[int],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch's counted positions (padding, exclusions and the token budget applied) and the forward's kwargs.
+
+    The model sees the padding mask, cut at the budget as ever; excluded sinks still run through it."""
+    _check_batch(tokens, mask, model.d_vocab)
+    attention = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+    kept = exclusion_mask(tokens, attention, exclude_positions, exclude_tokens)
+    if max_tokens is not None:
+        kept = _budget_mask(kept, max_tokens - seen)
+    model_mask = attention if exclude_positions or exclude_tokens else kept
+    return kept, ({} if bool(model_mask.all()) else {"attention_mask": model_mask.long()})
+
+
 def exclusion_mask(
     tokens: Int[Tensor, "batch pos"],
     mask: Tensor,
@@ -287,11 +308,7 @@ def capture(
             if i < done_batches:
                 continue  # in the checkpoint already (its token count restored with it)
             n_batches = i + 1
-            _check_batch(tokens, mask, model.d_vocab)
-            attention = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-            mask = exclusion_mask(tokens, attention, exclude_positions, exclude_tokens)
-            if max_tokens is not None:
-                mask = _budget_mask(mask, max_tokens - seen)
+            mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
             n = int(mask.sum())
             if n == 0:
                 if max_tokens is not None and seen >= max_tokens:
@@ -301,9 +318,6 @@ def capture(
             if i % size != rank:
                 continue  # another rank's batch: counted towards the budget, not forwarded here
             current["mask"] = mask
-            # the model sees the padding mask (cut at the budget, as ever); excluded sinks still run through it
-            model_mask = attention if exclude_positions or exclude_tokens else mask
-            kwargs = {} if bool(model_mask.all()) else {"attention_mask": model_mask.long()}
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
             if comparing[0]:
                 for leader, follower in pairs:
@@ -385,20 +399,13 @@ def prediction_statistics(
     bar = tqdm(total=max_tokens, desc="prediction statistics", unit="tok", disable=quiet(progress))
     with torch.no_grad():
         for tokens, mask in _as_batches(data, batch_size, model):
-            _check_batch(tokens, mask, model.d_vocab)
-            attention = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-            mask = exclusion_mask(tokens, attention, exclude_positions, exclude_tokens)
-            if max_tokens is not None:
-                mask = _budget_mask(mask, max_tokens - seen)
+            mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
             n = int(mask.sum())
             if n == 0:
                 if max_tokens is not None and seen >= max_tokens:
                     break
                 continue
             seen += n
-            # the model sees the padding mask (cut at the budget, as ever); excluded sinks still run through it
-            model_mask = attention if exclude_positions or exclude_tokens else mask
-            kwargs = {} if bool(model_mask.all()) else {"attention_mask": model_mask.long()}
             logits = model.bridge(tokens.to(model.device), **kwargs)
             rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).to(logits.device)].detach().cpu()
             for start in range(0, rows.shape[0], chunk_tokens):

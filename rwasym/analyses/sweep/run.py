@@ -224,8 +224,8 @@ def sweep(
                         plan.append(([desc], _ceiling_pass(ev, host, donor, [spec.name]), len(plan)))
                     units = []
                     for d, desc in edits:
-                        u, v = embed_head(spec, sign * d.u, d.v, head)
-                        units.append((desc, d, {spec.name: ((u if gamma is None else u / gamma)[None], v[None])}))
+                        u, v = _raw_edit(spec, d, sign, head, gamma)
+                        units.append((desc, d, {spec.name: (u[None], v[None])}))
                     metas = [
                         _meta(
                             row_id(spec.name, head, d.kind, d.index, d.target, 1.0, mode, seed, budget=b),
@@ -258,8 +258,7 @@ def sweep(
                             alpha=alpha,
                             edit_norm=abs(alpha) * d.norm,
                         )
-                        u, v = embed_head(spec, sign * alpha * d.u, d.v, head)
-                        items.append((meta, u if gamma is None else u / gamma, v))  # the raw-weight edit
+                        items.append((meta, *_raw_edit(spec, d, sign * alpha, head, gamma)))
                 plan += [
                     ([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c), len(plan) + j)
                     for j, c in enumerate(items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))
@@ -311,6 +310,15 @@ def _post_scale(base: Model, name: str, post_norm: str) -> torch.Tensor | None:
             "residual convention; use post_norm='raw' (--post-norm raw)"
         )
     return gamma
+
+
+def _raw_edit(
+    spec: Any, d: Any, scale: float, head: int | None, gamma: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direction ``d`` times ``scale`` as an edit of the host's raw weight: embedded at its head's block and,
+    where the residual stream sees the weight through a post-sublayer norm, with γ divided back out."""
+    u, v = embed_head(spec, scale * d.u, d.v, head)
+    return (u if gamma is None else u / gamma), v
 
 
 def _matrix_pass(ev: Evaluator, host: Model, name: str, chunk: list) -> Callable[[], Iterator[dict]]:
