@@ -22,6 +22,7 @@ _LANE_FILES = {
     "test_trl.py": "hf",
     "test_lora.py": "hf",
     "test_shards.py": "hf",
+    "test_streaming.py": "hf",
 }
 _LANES = ("real", "hf", "notebook", "distributed", "docs", "integration", "slow")
 

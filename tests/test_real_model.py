@@ -245,3 +245,27 @@ def test_top_eigenpairs_certified_on_real_covariances(real_folder):
         assert sin <= top.angle_bound(float(lam[15] - lam[16])) + 1e-9
         true = torch.linalg.vector_norm(C @ top.U - top.U * top.eigenvalues, dim=0)
         assert torch.allclose(top.residuals, true, rtol=1e-6, atol=1e-12 * float(lam[0]))
+
+
+def test_block_streamed_probe_of_the_real_model_equals_the_resident_probe(real_folder, tmp_path):
+    """issue #31: the real 30-layer SmolLM2 read one block at a time (`rwasym.models.streaming`) gives the resident
+    probe's rows (≤ 1e-10 relative; equal in practice) for matrices of its second and last blocks, the
+    hidden states pushed through all 30 blocks from the checkpoint."""
+    from rwasym.studies.collateral import generic_text
+    from rwasym.testing import perturb
+
+    base_folder = real_folder()
+    tuned = rwasym.load(base_folder)
+    pattern = ["blocks.1.*.*", "blocks.29.*.*"]
+    perturb(tuned, 0.01, seed=5, pattern=pattern)
+    tuned.save_pretrained(tmp_path / "tuned")
+    tokens, _ = generic_text(tuned.tokenizer, 8, 32)
+    kw = dict(k=8, null_samples=8, matrices=pattern, heads=False, subspaces="activation,prediction")
+    resident = rwasym.probe(rwasym.load(base_folder), tmp_path / "tuned", tokens, **kw)
+    streamed = rwasym.probe(base_folder, tmp_path / "tuned", tokens, stream=True, **kw)
+    assert len(streamed.rows) == len(resident.rows) == 7 * 2 * 2 + 2 * 2  # 7 matrices × 2 layers × 2 subspaces + inner
+    for a, b in zip(streamed.rows, resident.rows):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            want = b[key]
+            assert value == (pytest.approx(want, rel=1e-10, abs=1e-14) if isinstance(value, float) else want), key

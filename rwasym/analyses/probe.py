@@ -26,6 +26,7 @@ A tuned model given as a Hugging Face checkpoint folder (config.json + safetenso
 each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.models.checkpoint.CheckpointDeltas`).
 """
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -167,6 +168,11 @@ class ProbeConfig:
         "bytes the float64 sums of one capture pass may hold; more sites are captured in consecutive passes "
         "(default the base's parameter bytes; inf: one pass)",
         type=float,
+    )
+    stream: bool = option(
+        False,
+        "read the base block by block from its checkpoint folder (never the whole model in memory; "
+        "rwasym.models.streaming); base and tuned must be Hugging Face checkpoint folders",
     )
     post_norm: str = option(
         "residual",
@@ -417,9 +423,10 @@ def probe(
             "delta='given' locates the caller's deltas= mapping {matrix name: n_out × n_in tensor}, and deltas= "
             "needs delta='given'; pass both or neither"
         )
-    base = load(base)
-    if cfg.delta in ("tuned", "noise_floor") and not is_checkpoint_folder(tuned):  # a HF folder is streamed
-        tuned = load(tuned)
+    stream = _block_stream(base, tuned, replicate, activations, cfg) if cfg.stream else None
+    base = load(base) if stream is None else stream.model
+    if stream is None and cfg.delta in ("tuned", "noise_floor") and not is_checkpoint_folder(tuned):
+        tuned = load(tuned)  # a HF folder is streamed
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
     if deltas is not None:  # only the matrices the mapping holds, in float64
@@ -431,7 +438,12 @@ def probe(
                 raise RwasymError(f"deltas[{s_.name!r}] has shape {got}; {s_.name} is {s_.shape} (nn.Linear layout)")
     if not specs:
         raise base.unmatched(cfg.matrices)
-    deltas = deltas if deltas is not None else _deltas(base, tuned, replicate, specs, cfg)
+    if deltas is None:
+        deltas = (
+            _deltas(base, tuned, replicate, specs, cfg)
+            if stream is None
+            else _folder_deltas(stream, tuned, replicate, specs, cfg)
+        )
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     if activations is not None and (cfg.exclude_positions or cfg.exclude_tokens):
@@ -440,7 +452,8 @@ def probe(
             "them to rwasym.hooks.activations.capture instead, or pass data= and let the probe capture"
         )
     generator = torch.Generator().manual_seed(cfg.seed)
-    preds, n_fisher = _prediction_bases(base, data, cfg, progress)
+    with contextlib.nullcontext() if stream is None else stream.outside():  # the unembedding read, then freed
+        preds, n_fisher = _prediction_bases(base, data, cfg, progress)
     rows: list[dict] = []
     curve_rows: list[dict] = []
     # on two threads the eigendecompositions run on a worker thread beside the rows (each on one
@@ -450,9 +463,15 @@ def probe(
     overlap = threads == 2
     normalized = "activation_normalized" in cfg.subspace_list()
     sites = probe_sites(base, specs, normalized)
-    budget = _budget(base, cfg.stats_budget, data)
-    groups = [specs] if activations is not None else layer_groups(specs, sites, budget)
+    if stream is not None:
+        budget = float("inf")  # one streamed pass: each block's sums are freed after its rows
+    else:
+        budget = _budget(base, cfg.stats_budget, data)
+    groups = [specs] if activations is not None or stream is not None else layer_groups(specs, sites, budget)
     n_tokens = None if activations is None else activations.n_tokens
+    if stream is not None:
+        n_tokens = _streamed_rows(stream, data, specs, sites, deltas, preds, cfg, generator, progress, rows, curve_rows)
+        groups = []
     for group in tqdm(groups, desc="probe passes", disable=quiet(progress) or len(groups) == 1):
         if activations is None:  # captured here, one pass per group: its float64 sums are freed layer by layer
             acts = capture(
@@ -492,7 +511,10 @@ def probe(
         if name != "stats_budget"
     }
     header: dict[str, Any] = dict(
-        **recorded, n_tokens=n_tokens, capture_passes=len(groups), **_provenance(base, tuned, data)
+        **recorded,
+        n_tokens=n_tokens,
+        capture_passes=1 if stream is not None else len(groups),
+        **_provenance(base, tuned, data),
     )
     if n_fisher is not None:
         header["fisher_tokens"] = n_fisher
@@ -548,6 +570,106 @@ def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec]
     if isinstance(tuned, Model):
         return weight_deltas(base, tuned, cfg.matrices, lazy=True)
     return CheckpointDeltas(base, tuned, cfg.matrices)
+
+
+def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: ProbeConfig) -> Any:
+    """The `BlockStream` of a ``stream=True`` probe, after checking what streaming can serve."""
+    from ..models.streaming import BlockStream
+
+    folders = {} if isinstance(base, BlockStream) else {"base": base}
+    if cfg.delta in ("tuned", "noise_floor"):
+        folders["tuned"] = tuned
+    if cfg.delta == "noise_floor":
+        folders["replicate"] = replicate
+    for role, source in folders.items():
+        if not is_checkpoint_folder(source):
+            raise RwasymError(
+                f"stream=True reads every model from a Hugging Face checkpoint folder (config.json + safetensors); "
+                f"the {role} is {source!r}: save it once with rwasym.save_model, or probe without stream=True"
+            )
+    if activations is not None:
+        raise RwasymError("stream=True captures its own statistics block by block; pass data=, not activations=")
+    unsupported = [x for x in cfg.subspace_list() if x in ("prediction_fisher", "activation_normalized")]
+    if unsupported:
+        raise RwasymError(
+            f"stream=True does not compute the {unsupported[0]} subspace yet (it needs the whole forward pass); "
+            "leave it out of subspaces, or probe without stream=True"
+        )
+    return base if isinstance(base, BlockStream) else BlockStream(base)
+
+
+def _folder_deltas(stream: Any, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:
+    """`_deltas` of a streamed probe: every W read from the checkpoint folders when looked up."""
+    from ..models.checkpoint import CheckpointWeights
+    from ..models.deltas import WeightDeltas, check_same_architecture
+
+    names = [s.name for s in specs]
+    base_w = CheckpointWeights(stream.folder)
+    if cfg.delta == "base_weight":
+        return base_w
+    if cfg.delta == "random_delta":
+        return None
+    tuned_w = CheckpointWeights(tuned)
+    check_same_architecture(stream.model, tuned_w.model)
+    if cfg.delta == "noise_floor":
+        replicate_w = CheckpointWeights(replicate)
+        check_same_architecture(stream.model, replicate_w.model)
+        return WeightDeltas(tuned_w, replicate_w, names)
+    return WeightDeltas(base_w, tuned_w, names)
+
+
+def _streamed_rows(
+    stream: Any,
+    data: Any,
+    specs: Sequence[MatrixSpec],
+    sites: dict[str, int],
+    deltas: Any,
+    preds: dict,
+    cfg: ProbeConfig,
+    generator: torch.Generator,
+    progress: bool | None,
+    rows: list[dict],
+    curve_rows: list[dict],
+) -> int:
+    """The rows of a streamed probe: each block's statistics captured (`capture_blocks`), its rows computed
+    while the block is read (its norms' γ included), then both freed. Returns the token count."""
+    from ..hooks.activations import capture_blocks
+
+    n_tokens = 0
+    by_layer: dict[int, list[MatrixSpec]] = {}
+    for spec in specs:
+        by_layer.setdefault(spec.layer, []).append(spec)
+    blocks = capture_blocks(
+        stream,
+        data,
+        sites=sites,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        progress=progress,
+        exclude_positions=cfg.exclude_positions,
+        exclude_tokens=cfg.exclude_tokens,
+    )
+    for layer, acts in blocks:
+        n_tokens = acts.n_tokens
+        covs = _Covariances(acts, cfg.center, owned=True)
+        try:
+            with linalg_threads(1):
+                _probe_rows(
+                    stream.model,
+                    by_layer.get(layer, []),
+                    deltas,
+                    covs,
+                    preds,
+                    cfg,
+                    generator=generator,
+                    progress=False,
+                    rows=rows,
+                    curve_rows=curve_rows,
+                )
+        finally:
+            covs.close()
+        del covs, acts
+    return n_tokens
 
 
 def _matrix_generator(seed: int, name: str) -> torch.Generator:

@@ -172,6 +172,31 @@ def _check_exclusions(positions: Sequence[int], token_ids: Sequence[int]) -> tup
     return out[0], out[1]
 
 
+def _resolve_sites(
+    model: Model, sites: Sequence[str] | dict[str, int] | None, layers: Sequence[int] | None, batch_size: int
+) -> dict[str, int]:
+    """hook → width of the sites asked for (TL aliases resolved; `default_sites` when None), checked."""
+    aliases = model.residual_hooks()
+    if sites is None:
+        widths = default_sites(model, layers)
+    else:
+        widths = {}
+        for name in list(sites):
+            hook = aliases.get(name, name)
+            if hook not in model.bridge.hook_dict:
+                valid = sorted(set(model.bridge.hook_dict) | set(aliases))
+                raise RwasymError(f"unknown hook name {name!r}; valid names include: {', '.join(valid[:40])} ...")
+            widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
+    if not widths:
+        raise RwasymError(
+            "no sites to capture: sites is empty (or layers selects no layer); pass at least one "
+            "hook name, or sites=None for the default sites"
+        )
+    if batch_size <= 0:
+        raise RwasymError(f"batch_size must be positive; got {batch_size}")
+    return widths
+
+
 def _budget_mask(mask: Tensor, remaining: int) -> Tensor:
     """Keep only the first `remaining` unmasked tokens (row-major) of a batch."""
     kept = mask.reshape(-1).long().cumsum(0).reshape(mask.shape)
@@ -229,24 +254,7 @@ def capture(
     model = load(model)
     exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
     aliases = model.residual_hooks()
-    if sites is None:
-        widths = default_sites(model, layers)
-    else:
-        names = list(sites)
-        widths = {}
-        for name in names:
-            hook = aliases.get(name, name)
-            if hook not in model.bridge.hook_dict:
-                valid = sorted(set(model.bridge.hook_dict) | set(aliases))
-                raise RwasymError(f"unknown hook name {name!r}; valid names include: {', '.join(valid[:40])} ...")
-            widths[hook] = sites[name] if isinstance(sites, dict) else _site_width(model, hook)
-    if not widths:
-        raise RwasymError(
-            "no sites to capture: sites is empty (or layers selects no layer); pass at least one "
-            "hook name, or sites=None for the default sites"
-        )
-    if batch_size <= 0:
-        raise RwasymError(f"batch_size must be positive; got {batch_size}")
+    widths = _resolve_sites(model, sites, layers, batch_size)
     stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
     current: dict[str, Tensor | None] = {"mask": None}
     rank, size = distributed.world()
@@ -343,6 +351,82 @@ def capture(
             "pass at least one unpadded token"
         )
     return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+
+
+def capture_blocks(
+    stream: Any,
+    data: Any,
+    *,
+    sites: Sequence[str] | dict[str, int] | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    progress: bool | None = None,
+    gram_dtype: torch.dtype | None = None,
+    exclude_positions: Sequence[int] = (),
+    exclude_tokens: Sequence[int] = (),
+) -> Iterator[tuple[int, ActivationStats]]:
+    """Block-streamed `capture`: ``(layer, statistics of that block's sites)`` for each block in turn.
+
+    ``stream`` is a `rwasym.models.streaming.BlockStream` (a checkpoint folder read one block at a time).
+    Every batch is embedded once (`BlockStream.record`); then block L is read from the checkpoint, every
+    batch's hidden states are pushed through it with the sites' hooks attached, and its statistics are
+    yielded *while block L is still materialised* (so the caller can read its weights) and dropped by the
+    caller before the next block is read. The hidden states of the whole corpus stay in memory
+    (tokens × d_model in the compute dtype). Same arguments and the same statistics as `capture` on
+    ``rwasym.load(folder)`` with the same batches, bit for bit; sites must lie inside blocks
+    (``blocks.L.…``), and there is no checkpoint file and no data parallelism (one process)."""
+    model = stream.model
+    exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
+    widths = _resolve_sites(model, sites, layers, batch_size)
+    outside = [hook for hook in widths if not hook.startswith("blocks.")]
+    if outside:
+        raise RwasymError(
+            f"block streaming captures sites inside blocks only; {outside[0]} is outside them: leave it out, or "
+            "load the model whole (rwasym.load) and use capture"
+        )
+    aliases = model.residual_hooks()
+    batches, masks, seen = [], [], 0
+    for tokens, mask in _as_batches(data, batch_size, model):
+        mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
+        n = int(mask.sum())
+        if n == 0:
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            continue
+        seen += n
+        batches.append(stream.record(tokens, kwargs.get("attention_mask")))
+        masks.append(mask)
+    if seen == 0:
+        raise RwasymError(
+            "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "
+            "pass at least one unpadded token"
+        )
+    current: dict[str, Tensor | None] = {"mask": None}
+    last = _last_layer(widths)
+    for layer in tqdm(range(last + 1), desc="blocks", unit="block", disable=quiet(progress)):
+        here = {hook: width for hook, width in widths.items() if int(hook.split(".")[1]) == layer}
+        stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in here.items()}
+
+        def make_hook(hook_name: str, width: int, stats: dict = stats):
+            def hook_fn(x: Tensor, hook: Any = None) -> Tensor:
+                stats[hook_name].add(flatten_site(x, width), current["mask"])
+                return x
+
+            return hook_fn
+
+        fwd_hooks = [(hook, make_hook(hook, width)) for hook, width in here.items()]
+        with stream.block(layer) as block:
+            with model.bridge.hooks(fwd_hooks=fwd_hooks):
+                for batch, mask in zip(batches, masks):
+                    current["mask"] = mask
+                    batch.hidden = stream.run(block, layer, batch)
+            if stats:
+                yield (
+                    layer,
+                    ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model),
+                )
+        del stats
 
 
 @dataclass

@@ -181,8 +181,11 @@ def _check_slice(folder: Path, entry: CheckpointMatrix, piece) -> None:
 
 
 # -- the skeleton -----------------------------------------------------------------------------
-def _skeleton(folder: Path):
+def _skeleton(folder: Path, empty_weights: bool = False):
     """(bridge, HF model) for ``folder``'s config, without weights.
+
+    ``empty_weights``: parameters on ``meta`` but buffers real (accelerate's ``init_empty_weights``), so
+    rotary frequencies and other computed buffers hold their values (`rwasym.models.streaming` runs it).
 
     Everything is built on the ``meta`` device. A bridge whose fused split reads real values at boot
     (GPT-2's default qkv split, Phi-3's qkv and gate-up splits) refuses meta weights
@@ -216,7 +219,7 @@ def _skeleton(folder: Path):
         ) from None
 
     def build(probed: bool):
-        with torch.device("meta"):
+        with _empty(empty_weights):
             hf = model_class.from_config(hf_config)
             if probed:
                 # Give every 2-D weight but the (tied) embeddings a stride-0 probe: real and
@@ -235,6 +238,14 @@ def _skeleton(folder: Path):
         # A fused split that reads real values at boot. The failed attempt left its module tree
         # half rewired, so build a fresh one.
         return build(probed=True)
+
+
+def _empty(empty_weights: bool):
+    if not empty_weights:
+        return torch.device("meta")
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def _resolve_key(name: str, keys: dict[str, str], prefix: str) -> str | None:

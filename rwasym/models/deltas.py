@@ -21,8 +21,8 @@ class WeightDeltas(Mapping):
     is read and not kept: iterating holds one n_out × n_in float64 matrix at a time (``dict(...)``
     materialises them all, as a plain dict would hold them)."""
 
-    def __init__(self, base: Model, tuned: Any, names: Sequence[str]) -> None:
-        # tuned: a Model, or anything with its ``weight(name)`` (`rwasym.models.checkpoint.CheckpointWeights`)
+    def __init__(self, base: Any, tuned: Any, names: Sequence[str]) -> None:
+        # base, tuned: a Model, or anything with its ``weight(name)`` (`rwasym.models.checkpoint.CheckpointWeights`)
         self.base, self.tuned, self._names = base, tuned, list(names)
 
     def __getitem__(self, name: str):

@@ -47,15 +47,27 @@ def run_probe(args: argparse.Namespace) -> int:
         raise RwasymError(
             "--delta noise_floor and --replicate go together: pass both (W_replicate − W_tuned) or neither"
         )
-    if config.delta in ("base_weight", "random_delta"):  # reference rows from the base alone: no tuned model
+    if config.stream:  # every model read from its folder, the base one block at a time
+        from ...models.streaming import BlockStream
+
+        if args.tuned_adapter:
+            raise RwasymError(
+                "--stream reads full checkpoint folders; merge the adapter into a folder, or drop --stream"
+            )
+        base = BlockStream(args.base)
+        tuned = args.tuned if config.delta in ("tuned", "noise_floor") else None
+        data = read_tokens(args.data, base.model)
+    elif config.delta in ("base_weight", "random_delta"):  # reference rows from the base alone: no tuned model
         base, tuned = rwasym.load(args.base), None
     else:  # noise_floor differences two loaded tuned models
         stream = config.delta == "tuned"
         base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=stream)
+    if not config.stream:
+        data = read_tokens(args.data, base)
     result = rwasym.probe(
         base,
         tuned,
-        read_tokens(args.data, base),
+        data,
         config,
         replicate=args.replicate,
         progress=False if args.quiet else None,

@@ -1,0 +1,145 @@
+"""Block-streamed execution (`rwasym.models.streaming`, `capture_blocks`, ``probe(stream=True)``) on a tiny
+Llama saved as a sharded checkpoint: the oracle is the same computation on the model loaded whole
+(`rwasym.load`), which must agree bit for bit. Every family is covered by tests/test_families.py."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import rwasym
+from rwasym import RwasymError
+from rwasym.hooks.activations import capture, capture_blocks
+from rwasym.models.streaming import BlockStream
+from rwasym.testing.families import build_family
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(base folder, tuned folder, replicate folder) of a tiny random Llama, sharded safetensors."""
+    root = tmp_path_factory.mktemp("stream")
+    hf = build_family("llama", root / "base")
+    hf.save_pretrained(root / "base", max_shard_size="40KB")
+    for name, seed in (("tuned", 1), ("replicate", 2)):
+        other = copy.deepcopy(hf)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        other.save_pretrained(root / name)
+        for file in (root / "base").glob("*token*"):
+            (root / name / file.name).write_bytes(file.read_bytes())
+    return root / "base", root / "tuned", root / "replicate"
+
+
+def _data(seed=0, rows=7, length=12):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 96, (rows, length), generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[4, :6] = 0
+    return {"input_ids": tokens, "attention_mask": mask}
+
+
+def test_capture_blocks_equals_capture(pair):
+    """Each block's statistics equal those of one resident capture pass (same batches), bit for bit, with
+    padding, a token budget that ends mid-batch and an excluded sink position; blocks after the last site
+    are not read."""
+    base_folder, _, _ = pair
+    base = rwasym.load(base_folder)
+    kw = dict(batch_size=3, max_tokens=50, exclude_positions=(0,))
+    ref = capture(base, _data(), **kw)
+    in0 = [base.input_hook(f"blocks.0.{m}") for m in ("mlp.W_out", "attn.W_Q")]
+    sites = ["blocks.0.hook_resid_pre", *in0, base.input_hook("blocks.1.attn.W_O")]  # a TL alias among them
+    ref_sites = capture(base, _data(), sites=sites, **kw)
+    stream = BlockStream(base_folder)
+    seen = {}
+    for layer, acts in capture_blocks(stream, _data(), **kw):
+        # yielded while the block is read: its parameters are real, the others' are not
+        assert all(p.device.type == "cpu" for p in stream.model.bridge.blocks[layer].parameters())
+        other = stream.model.bridge.blocks[1 - layer]
+        assert all(p.device.type == "meta" for p in other.parameters())
+        for site, stats in acts.stats.items():
+            seen[site] = stats
+    assert set(seen) == set(ref.stats) and len(seen) == 14
+    for site, stats in seen.items():
+        assert stats.count == ref[site].count == 50
+        assert torch.equal(stats.covariance(), ref[site].covariance()) and torch.equal(stats.mean(), ref[site].mean())
+    layers = [layer for layer, _ in capture_blocks(stream, _data(), sites=sites[:3], **kw)]
+    assert layers == [0]  # block 1 is never read
+    got = {s: st for _, acts in capture_blocks(stream, _data(), sites=sites, **kw) for s, st in acts.stats.items()}
+    for site in sites:
+        hook = base.residual_hooks().get(site, site)
+        assert torch.equal(got[hook].covariance(), ref_sites[site].covariance()), site
+    with pytest.raises(RwasymError, match="inside blocks only"):
+        next(capture_blocks(stream, _data(), sites={"ln_final.hook_normalized": 32}))
+    with pytest.raises(RwasymError, match="no tokens were captured"):
+        next(
+            capture_blocks(
+                stream, {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}
+            )
+        )
+
+
+def test_a_failure_inside_a_block_frees_it(pair):
+    stream = BlockStream(pair[0])
+    with pytest.raises(ZeroDivisionError):
+        with stream.block(1) as block:
+            assert all(p.device.type == "cpu" for p in block.parameters())
+            _ = 1 / 0
+    assert all(p.device.type == "meta" for p in stream.model.bridge.parameters())
+    with stream.outside() as model:  # embeddings, final norm, unembedding read for the call
+        assert model.unembedding().shape == (model.d_model, model.d_vocab)
+    assert all(p.device.type == "meta" for p in stream.model.bridge.parameters())
+
+
+@pytest.mark.parametrize("delta", ["tuned", "base_weight", "random_delta", "noise_floor"])
+def test_streamed_probe_rows_equal_the_resident_probe(pair, delta):
+    base_folder, tuned_folder, replicate_folder = pair
+    kw = dict(k=3, null_samples=8, batch_size=3, delta=delta, subspaces="activation,prediction,prediction_centered")
+    extra = {"replicate": replicate_folder} if delta == "noise_floor" else {}
+    tuned_loaded = rwasym.load(tuned_folder) if delta == "noise_floor" else tuned_folder
+    resident = rwasym.probe(rwasym.load(base_folder), tuned_loaded, _data(), **kw, **extra)
+    streamed = rwasym.probe(base_folder, tuned_folder, _data(), stream=True, **kw, **extra)
+    assert len(resident.rows) > 0 and streamed.rows == resident.rows and streamed.curves == resident.curves
+    assert streamed.config["capture_passes"] == 1 and streamed.config["stream"] is True
+
+
+def test_streamed_probe_refuses_what_it_cannot_serve(pair, native_cfg):
+    base_folder, tuned_folder, _ = pair
+    data = _data()
+    with pytest.raises(RwasymError, match="stream=True reads every model from a Hugging Face checkpoint folder"):
+        rwasym.probe(native_cfg, tuned_folder, data, stream=True)
+    with pytest.raises(RwasymError, match="the tuned is"):
+        rwasym.probe(base_folder, rwasym.load(tuned_folder), data, stream=True)
+    acts = capture(rwasym.load(base_folder), data)
+    with pytest.raises(RwasymError, match="pass data=, not activations="):
+        rwasym.probe(base_folder, tuned_folder, activations=acts, stream=True)
+    with pytest.raises(RwasymError, match="prediction_fisher subspace"):
+        rwasym.probe(base_folder, tuned_folder, data, stream=True, subspaces="activation,prediction_fisher")
+
+
+def test_cli_probe_streams(pair, tmp_path):
+    from rwasym.app.cli import main
+
+    base_folder, tuned_folder, _ = pair
+    save_file({"input_ids": _data()["input_ids"]}, str(tmp_path / "tokens.safetensors"))
+    args = [
+        "probe",
+        "--base",
+        str(base_folder),
+        "--tuned",
+        str(tuned_folder),
+        "--data",
+        str(tmp_path / "tokens.safetensors"),
+    ]
+    args += ["--k", "2", "--null-samples", "0", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--stream", "--out", str(tmp_path / "s.json")]) == 0
+        assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
+    streamed, resident = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "r.json"))
+    assert streamed["rows"] == resident["rows"] and streamed["config"]["stream"] is True
