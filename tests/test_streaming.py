@@ -143,3 +143,38 @@ def test_cli_probe_streams(pair, tmp_path):
         assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
     streamed, resident = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "r.json"))
     assert streamed["rows"] == resident["rows"] and streamed["config"]["stream"] is True
+
+
+def test_hub_names_stream_from_the_hub_cache_offline(pair, tmp_path, monkeypatch):
+    """A hub name (and NAME@REVISION) is read from its snapshot in huggingface_hub's cache layout
+    (models--org--name/snapshots/<commit>, refs/<revision>) with the hub unreachable; its rows equal the
+    folders'. A name in no cache is refused with an RwasymError, not a hub traceback."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from rwasym.models.loading import checkpoint_folder
+
+    base_folder, tuned_folder, _ = pair
+    cache = tmp_path / "hub"
+    for repo, folder, ref, commit in (
+        ("tiny", base_folder, "main", "a" * 40),
+        ("tiny-dpo", tuned_folder, "v1", "b" * 40),
+    ):
+        root = cache / f"models--org--{repo}"
+        shutil.copytree(folder, root / "snapshots" / commit)
+        (root / "refs").mkdir()
+        (root / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert checkpoint_folder("org/tiny") == cache / "models--org--tiny" / "snapshots" / ("a" * 40)
+    assert checkpoint_folder("org/tiny-dpo@v1") == cache / "models--org--tiny-dpo" / "snapshots" / ("b" * 40)
+    assert checkpoint_folder("org/absent") is None and checkpoint_folder("org/tiny-dpo@v2") is None
+    kw = dict(k=3, null_samples=4, batch_size=3)
+    from_hub = rwasym.probe("org/tiny", "org/tiny-dpo@v1", _data(), stream=True, **kw)
+    from_folders = rwasym.probe(base_folder, tuned_folder, _data(), stream=True, **kw)
+    assert from_hub.rows == from_folders.rows and len(from_hub.rows) > 0
+    with pytest.raises(RwasymError, match="no hub name with a safetensors snapshot"):
+        BlockStream("org/absent")
+    with pytest.raises(RwasymError, match="a hub name's safetensors snapshot"):
+        rwasym.probe("org/tiny", "org/absent", _data(), stream=True, **kw)

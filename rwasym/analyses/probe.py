@@ -55,6 +55,7 @@ from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_range, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
+from ..models.loading import checkpoint_folder
 from ..models.deltas import ModelWeights
 from .options import option, resolve_config
 
@@ -582,9 +583,10 @@ def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: 
     if cfg.delta == "noise_floor":
         folders["replicate"] = replicate
     for role, source in folders.items():
-        if not is_checkpoint_folder(source):
+        if checkpoint_folder(source) is None:  # a folder, or a hub name's safetensors snapshot
             raise RwasymError(
-                f"stream=True reads every model from a Hugging Face checkpoint folder (config.json + safetensors); "
+                f"stream=True reads every model from a Hugging Face checkpoint folder (config.json + safetensors) or "
+                f"a hub name's safetensors snapshot; "
                 f"the {role} is {source!r}: save it once with rwasym.save_model, or probe without stream=True"
             )
     if activations is not None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..errors import RwasymError
 from .deltas import WeightDeltas, check_same_architecture
 from .host import host_module_names, index_probe, is_transposed, read_matrix
-from .loading import is_checkpoint_folder
+from .loading import checkpoint_folder, is_checkpoint_folder
 from .registry import MatrixSpec, Model, matches_pattern
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -262,7 +262,13 @@ def _resolve_key(name: str, keys: dict[str, str], prefix: str) -> str | None:
 def _checked_folder(folder: PathLike, role: str) -> Path:
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise RwasymError(f"{role} folder {str(folder)!r} does not exist; pass a local checkpoint folder")
+        snapshot = checkpoint_folder(folder)  # a hub name: its snapshot in huggingface_hub's cache
+        if snapshot is not None:
+            return snapshot
+        raise RwasymError(
+            f"{role} {str(folder)!r} does not exist as a local folder, and is no hub name with a safetensors snapshot "
+            "(downloaded, or in huggingface_hub's cache); pass a checkpoint folder or an org/name[@revision]"
+        )
     if not (path / "config.json").exists():
         raise RwasymError(
             f"{role} folder {str(path)!r} has no config.json; streaming needs a Hugging Face checkpoint "

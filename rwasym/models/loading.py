@@ -298,6 +298,39 @@ def is_checkpoint_folder(source: Any) -> bool:
     )
 
 
+# what a streamed read needs from a hub snapshot: weights as safetensors, the config and the tokenizer
+_SNAPSHOT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+
+
+def checkpoint_folder(source: Any) -> Path | None:
+    """A local Hugging Face checkpoint folder for ``source`` (`is_checkpoint_folder`), or None.
+
+    A folder is itself; a hub name (``org/name`` or ``org/name@revision``) is its snapshot in huggingface_hub's
+    cache: fetched with ``snapshot_download`` (config, safetensors and tokenizer files only, never ``*.bin``)
+    when the hub is reachable, else read from the cache (``local_files_only``), so a name that was downloaded
+    once streams offline. Anything else (a GGUF file, a native model, a name that is in no cache) is None."""
+    if is_checkpoint_folder(source):
+        return Path(source).expanduser()
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    if Path(text).expanduser().exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    name, revision = split_revision(text)
+    for local_only in (False, True):
+        try:
+            path = snapshot_download(
+                name, revision=revision, allow_patterns=_SNAPSHOT_FILES, local_files_only=local_only
+            )
+        except Exception:  # noqa: BLE001 — no network, no such repository, gated: try the cache, then give up
+            continue
+        if isinstance(path, str) and is_checkpoint_folder(path):
+            return Path(path)
+    return None
+
+
 def load_pair(
     base: Any, tuned: Any = None, tuned_adapter: Any = None, command: str = "this command", *, stream: bool = False
 ) -> tuple[Model, Any]:
