@@ -44,7 +44,8 @@ elif what == "capture":
 elif what == "capture_resident":
     capture(rwasym.load(base), tokens, progress=False)
 wall = time.perf_counter() - t0
-print(json.dumps({"what": what, "wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"what": what, "wall_s": wall, "peak_rss_mib": peak, "rows": rows}))
 """
 
 

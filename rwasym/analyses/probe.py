@@ -55,8 +55,8 @@ from ..math.lowrank import LowRankDelta
 from ..math.subspaces import k_reaching, pca_basis, prediction_basis
 from ..models import MatrixSpec, Model, head_input_block, head_range, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
-from ..models.loading import checkpoint_folder
 from ..models.deltas import ModelWeights
+from ..models.loading import checkpoint_folder
 from .options import option, resolve_config
 
 
