@@ -276,6 +276,45 @@ def test_overlapped_eigendecompositions_give_the_same_rows(pair_data, monkeypatc
     assert in_place.rows == alone.rows
 
 
+def test_top_k_spectral_rows_agree_with_the_exact_rows_on_their_range(pair_data):
+    """spectral="topk" (issue #31): each site's leading spectral_k eigenvectors only. On that range every number
+    equals the full-eigh probe's (f, r, the nulls, the gradient-shaped expectation; ρ and its null spread
+    computed from C itself instead of the full spectrum); the variance-reaching k is reported where it lies in
+    range and None (not guessed) beyond it; curves stop at spectral_k; rows carry the solver's certificate."""
+    base, tokens = pair_data
+    tuned = _planted_and_noise(base, "blocks.1.mlp.W_out", 4)
+    kw = dict(k=3, null_samples=20, progress=False, heads=False)
+    exact = probe(base, tuned, tokens, spectral="exact", **kw)
+    top = probe(base, tuned, tokens, spectral="topk", spectral_k=6, **kw)
+    assert probe(base, tuned, tokens, **kw).rows == exact.rows  # auto: these widths (≤ 2,048) are exact
+    assert len(top.rows) == len(exact.rows) > 20
+    beyond = 0
+    for t, e in zip(top.rows, exact.rows):
+        same = ("fraction", "relative", "null_mean", "null_std", "null_percentile", "random_delta_fraction", "rho")
+        for key in same + ("mean_fraction",):
+            if e.get(key) is not None:
+                assert t[key] == pytest.approx(e[key], rel=1e-9, abs=1e-12), (e["matrix"], e["subspace"], key)
+        # c₂ from tr(C²)/tr(C)² against Σ ℓ² of eigenvalues clamped at 0: (n c₂ − 1) magnifies their rounding
+        assert t["rho_null_std"] == pytest.approx(e["rho_null_std"], rel=1e-6)
+        if e["subspace"] != "activation":
+            assert "spectral_k" not in t and t == e  # prediction bases stay exact
+            continue
+        assert t["spectral_k"] == 6 and t["spectral_converged"] and t["spectral_residual"] < 1e-8
+        if e["k_variance"] <= 6:
+            assert t["k_variance"] == e["k_variance"]
+            assert t["fraction_k_variance"] == pytest.approx(e["fraction_k_variance"], rel=1e-9)
+        else:
+            beyond += 1
+            assert t["k_variance"] is None and t["fraction_k_variance"] is None
+    assert beyond > 0  # some sites need more than 6 directions for 90% of their variance
+    for t, e in zip(top.curves, exact.curves):
+        if e["subspace"] == "activation":
+            assert t["ks"] == [k for k in e["ks"] if k <= 6]
+            assert t["fraction"] == pytest.approx(e["fraction"][: len(t["ks"])], rel=1e-9, abs=1e-12)
+        else:
+            assert t == e
+
+
 def test_probe_config_is_the_one_source_of_options(native_cfg, tmp_path):
     """ProbeConfig (the SweepConfig pattern): a config object and keyword overrides give the same rows;
     the result records every field but the memory budget; the CLI's flags are the fields; bad options

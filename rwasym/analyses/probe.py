@@ -47,12 +47,14 @@ from ..math.fraction import (
     gradient_shaped_delta,
     gradient_shaped_fraction,
     kfree_null_std,
+    kfree_score,
     log_k_grid,
     null_moments,
     random_null,
 )
 from ..math.lowrank import LowRankDelta
-from ..math.subspaces import k_reaching, pca_basis, prediction_basis
+from ..math.subspaces import Basis, k_reaching, pca_basis, prediction_basis
+from ..math.topk import top_eigenpairs
 from ..models import MatrixSpec, Model, head_input_block, head_range, head_slice, load, weight_deltas
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
 from ..models.deltas import ModelWeights
@@ -112,6 +114,8 @@ class ProbeResult:
         return "\n".join(lines)
 
 
+AUTO_TOPK_ABOVE = 2048  # spectral="auto": sites wider than this get the top-k solver (8B: d 4096, d_mlp 14,336)
+TOPK_TOL = 1e-8  # the top-k solver's residual target, relative to θ₁ (rows carry the achieved value)
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor", "given")
 SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
 
@@ -169,6 +173,17 @@ class ProbeConfig:
         "bytes the float64 sums of one capture pass may hold; more sites are captured in consecutive passes "
         "(default the base's parameter bytes; inf: one pass)",
         type=float,
+    )
+    spectral: str = option(
+        "auto",
+        "how site subspaces are computed: exact (a full eigh, O(d³)); topk (the certified top spectral_k eigenpairs, "
+        "rwasym.math.top_eigenpairs, O(d² k)); auto: topk for sites wider than 2,048, exact below",
+        choices=("auto", "exact", "topk"),
+    )
+    spectral_k: int = option(
+        64,
+        "eigenpairs the top-k solver computes per site (at least k): the range of r(k) curves and of the "
+        "variance-reaching k (rows say when it lies beyond)",
     )
     stream: bool = option(
         False,
@@ -300,17 +315,43 @@ class _Covariances:
     statistics the probe captured itself, their float64 sums)."""
 
     def __init__(
-        self, activations: ActivationStats, center: bool, owned: bool, overlap: bool = False, threads: int = 1
+        self,
+        activations: ActivationStats,
+        center: bool,
+        owned: bool,
+        overlap: bool = False,
+        threads: int = 1,
+        spectral: str = "exact",
+        spectral_k: int = 64,
     ) -> None:
         self.activations, self.center, self.owned, self.threads = activations, center, owned, threads
+        self.spectral, self.spectral_k = spectral, spectral_k
         self.cache: dict[str, torch.Tensor] = {}
         self.bases: dict[str, Any] = {}
+        self.certificates: dict[str, tuple[float, bool]] = {}  # site -> (max residual / θ₁, converged) of top-k
         self.pending: dict[str, Any] = {}  # site -> Future of (covariance, basis)
         self.pool = ThreadPoolExecutor(max_workers=1) if overlap else None
 
+    def _basis_of(self, site: str, c: torch.Tensor):
+        """The site's eigenbasis: every eigenvector (`pca_basis`), or with the top-k solver its leading
+        ``spectral_k`` (a `Basis` with k < n; explained-variance ratios still over tr C)."""
+        n = c.shape[0]
+        if self.spectral == "exact" or (self.spectral == "auto" and n <= AUTO_TOPK_ABOVE) or self.spectral_k >= n:
+            return pca_basis(c, n, center=False)
+        top = top_eigenpairs(c, self.spectral_k, tol=TOPK_TOL)
+        scale = max(float(top.eigenvalues[0]), 1e-300)
+        self.certificates[site] = (float(top.residuals.max()) / scale, top.converged)
+        return Basis(
+            U=top.U,
+            eigenvalues=top.eigenvalues,
+            explained_variance_ratio=top.explained_variance_ratio,
+            k=top.k,
+            n=n,
+        )
+
     def _compute(self, site: str) -> tuple:
         c = self.activations[site].covariance(center=self.center)
-        return c, pca_basis(c, c.shape[0], center=False)
+        return c, self._basis_of(site, c)
 
     def prefetch(self, sites: Sequence[str]) -> None:
         if self.pool is None:
@@ -337,7 +378,7 @@ class _Covariances:
             c = self(site)
             # in place, from n = 1024 up every thread pays (1536 × 1536 eigh: 0.62 s -> 0.35 s on 2 cores)
             with linalg_threads(self.threads if c.shape[0] >= 1024 else 1):
-                self.bases[site] = pca_basis(c, c.shape[0], center=False)
+                self.bases[site] = self._basis_of(site, c)
         return self.bases[site]
 
     def release(self, layer: int) -> None:
@@ -486,9 +527,9 @@ def probe(
                 exclude_tokens=cfg.exclude_tokens,
             )
             n_tokens = acts.n_tokens
-            covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads)
+            covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads, **_solver(cfg))
         else:  # the caller's statistics stay untouched
-            covs = _Covariances(activations, cfg.center, owned=False, overlap=overlap, threads=threads)
+            covs = _Covariances(activations, cfg.center, owned=False, overlap=overlap, threads=threads, **_solver(cfg))
         try:
             with linalg_threads(1):
                 _probe_rows(
@@ -573,6 +614,10 @@ def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec]
     return CheckpointDeltas(base, tuned, cfg.matrices)
 
 
+def _solver(cfg: ProbeConfig) -> dict:
+    return {"spectral": cfg.spectral, "spectral_k": max(cfg.spectral_k, cfg.k)}
+
+
 def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: ProbeConfig) -> Any:
     """The `BlockStream` of a ``stream=True`` probe, after checking what streaming can serve."""
     from ..models.streaming import BlockStream
@@ -653,7 +698,7 @@ def _streamed_rows(
     )
     for layer, acts in blocks:
         n_tokens = acts.n_tokens
-        covs = _Covariances(acts, cfg.center, owned=True)
+        covs = _Covariances(acts, cfg.center, owned=True, **_solver(cfg))
         try:
             with linalg_threads(1):
                 _probe_rows(
@@ -816,6 +861,7 @@ def _probe_rows(
                 n = d.shape[1] if side == "input" else d.shape[0]
                 k_used = min(k, n)
                 full = preds[subspace] if c_h is None else full_basis(c_h, site, None if c_h is c else head)
+                partial = full.k < full.n  # the top-k solver's leading eigenvectors only
                 # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
                 share = column_energies(d, full.U, side) / _energy(d)  # (m,) ε_j = e_j / ‖ΔW‖²
                 cum = share.cumsum(0)
@@ -823,8 +869,12 @@ def _probe_rows(
                 # the k-free score ρ_C = n Σ_j ℓ_j ε_j (ℓ = C's eigenvalue shares; `kfree_score`), its null spread
                 # from ΔW's spectrum s₂ and c₂ = Σ ℓ_j² (C: the site's covariance, or W̃_U W̃_Uᵀ for prediction)
                 ratio = full.explained_variance_ratio
-                rho = n * float((ratio * share[: ratio.shape[0]]).sum())
-                c2 = float(ratio.square().sum())
+                if partial:  # from C itself: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
+                    rho = kfree_score(d, c_h, side).rho
+                    c2 = float(c_h.square().sum()) / float(c_h.diagonal().sum()) ** 2
+                else:
+                    rho = n * float((ratio * share[: ratio.shape[0]]).sum())
+                    c2 = float(ratio.square().sum())
                 # exact mean/std; samples for the percentile. The law depends on ΔW's spectrum, the side
                 # and k only, so the subspaces of one side share one set of draws
                 if null_samples >= 2 and (head, side, k_used) not in nulls:
@@ -866,10 +916,17 @@ def _probe_rows(
                     random_delta_fraction=expected,
                     random_delta_relative=expected * n / k_used,
                 )
+                if partial:  # what the solver computed and how well: the largest residual ‖Cu − θu‖ / θ₁
+                    residual, converged = cov.certificates.get(site, (float("nan"), False))
+                    row.update(spectral_k=full.k, spectral_residual=residual, spectral_converged=converged)
                 if c_h is not None:
-                    k90 = k_reaching(full.explained_variance_ratio, cfg.variance)
-                    f90 = float(cum[k90 - 1])
-                    row.update(k_variance=k90, fraction_k_variance=f90, relative_k_variance=f90 * n / k90)
+                    reached = bool(float(ratio.sum()) >= cfg.variance - 1e-12) or not partial
+                    if reached:
+                        k90 = k_reaching(full.explained_variance_ratio, cfg.variance)
+                        f90 = float(cum[k90 - 1])
+                        row.update(k_variance=k90, fraction_k_variance=f90, relative_k_variance=f90 * n / k90)
+                    else:  # the variance-reaching k lies beyond the eigenpairs computed: said, not guessed
+                        row.update(k_variance=None, fraction_k_variance=None, relative_k_variance=None)
                     # the mean activation direction μ̂ (which a centred basis cannot see): ΔW's share along it
                     mu = cov.activations[site].mean()
                     mu = mu if c_h is c or head is None else mu[head_range(spec, head)]
@@ -878,7 +935,7 @@ def _probe_rows(
                         row.update(mean_fraction=float(e[0]) / _energy(d), mean_relative=float(e[0]) / _energy(d) * n)
                 rows.append(row)
                 if curves and head is None:
-                    ks = log_k_grid(n)
+                    ks = [kk for kk in log_k_grid(n) if kk <= full.k]  # the computed range only
                     curve = cum[torch.tensor(ks) - 1]
                     band = (
                         [null_moments(_spectrum(spectra, d, head), side, kk) for kk in ks]
