@@ -57,6 +57,32 @@ def test_matches_torch_cov_over_masked_batches(dtype, gram_dtype):
     assert torch.equal(acc.covariance(center=False), acc.second_moment())
 
 
+def test_wide_sites_use_block_sized_temporaries_with_the_same_numbers(monkeypatch):
+    """issue #31 (8B widths): `covariance` is formed by row blocks (bit-equal to the whole-matrix expression
+    (S − N μμᵀ)/(N − 1), symmetrised), and a site at least `_BLOCKED_ABOVE` wide adds its float32 product in
+    column blocks (equal to the one-product sum up to the float32 product's rounding, ~1e-7 relative)."""
+    import rwasym.math.covariance as cov_module
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 37, generator=g) * 3 + 1
+    whole = RunningCovariance(37)
+    for batch in x:
+        whole.add(batch)
+    s, n = whole.scatter, whole.count
+    mu = whole.mean()
+    by_hand = (s - n * torch.outer(mu, mu)) / (n - 1)
+    assert torch.equal(whole.covariance(), 0.5 * (by_hand + by_hand.T))  # one block (the default at d = 37)
+    monkeypatch.setattr(cov_module, "_COV_BLOCK_BYTES", 8 * 37 * 5)  # row blocks of 5
+    assert torch.equal(whole.covariance(), 0.5 * (by_hand + by_hand.T))
+    monkeypatch.setattr(cov_module, "_BLOCKED_ABOVE", 16)
+    monkeypatch.setattr(cov_module, "_PRODUCT_BLOCK", 8)
+    blocked = RunningCovariance(37)
+    for batch in x:
+        blocked.add(batch)
+    assert float((blocked.scatter - s).abs().max()) <= 1e-6 * float(s.abs().max()) and blocked.scatter is not s
+    assert torch.equal(blocked.mean(), mu)
+
+
 def test_unmasked_add_flattens_leading_axes():
     x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(1))
     acc = RunningCovariance(D)

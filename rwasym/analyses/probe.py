@@ -789,12 +789,11 @@ def _probe_rows(
     k, null_samples, heads, curves = cfg.k, cfg.null_samples, cfg.heads, cfg.curves
     chosen = cfg.subspace_list()
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
-    moments: dict = {}  # site -> its uncentred second moment M (the gradient-shaped null's input statistic)
 
-    def second_moment(site):
-        if site not in moments:
-            moments[site] = cov.activations[site].covariance(center=False)
-        return moments[site]
+    def input_scatter(site):
+        """S = Σ_t a_t a_tᵀ of the site, held by its statistics (not a copy): the gradient-shaped null's input
+        statistic M up to scale, which tr(UᵀMU)/tr M does not see."""
+        return cov.activations[site].scatter
 
     def full_basis(c_h, site, head):
         if head is None:
@@ -815,8 +814,6 @@ def _probe_rows(
             layer = spec.layer
             for key in [key for key in bases if _site_layer(key[0]) < layer]:
                 del bases[key]
-            for key in [key for key in moments if _site_layer(key) < layer]:
-                del moments[key]
             cov.release(layer)
             if layer == layers[0]:
                 cov.prefetch(layer_sites(layer))
@@ -871,7 +868,7 @@ def _probe_rows(
                 ratio = full.explained_variance_ratio
                 if partial:  # from C itself: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
                     rho = kfree_score(d, c_h, side).rho
-                    c2 = float(c_h.square().sum()) / float(c_h.diagonal().sum()) ** 2
+                    c2 = (float(torch.linalg.vector_norm(c_h)) / float(c_h.diagonal().sum())) ** 2
                 else:
                     rho = n * float((ratio * share[: ratio.shape[0]]).sum())
                     c2 = float(ratio.square().sum())
@@ -885,7 +882,7 @@ def _probe_rows(
                 # the gradient-shaped null's expected f (`gradient_shaped_fraction`): tr(UᵀMU)/tr M with the
                 # input's uncentred M on the input side; γ_post² weights on the output side (else exactly k/n)
                 if side == "input":
-                    m = head_input_block(spec, second_moment(base.input_hook(spec.name)), head)
+                    m = head_input_block(spec, input_scatter(base.input_hook(spec.name)), head)
                     expected = gradient_shaped_fraction(m, full.U[:, :k_used])
                 elif gamma is not None:
                     expected = gradient_shaped_fraction(torch.diag(gamma.square()), full.U[:, :k_used])

@@ -387,16 +387,17 @@ def capture_blocks(
         )
     aliases = model.residual_hooks()
     batches, masks, seen = [], [], 0
-    for tokens, mask in _as_batches(data, batch_size, model):
-        mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
-        n = int(mask.sum())
-        if n == 0:
-            if max_tokens is not None and seen >= max_tokens:
-                break
-            continue
-        seen += n
-        batches.append(stream.record(tokens, kwargs.get("attention_mask")))
-        masks.append(mask)
+    with stream.outside(head=False):  # the embedding read once for every batch
+        for tokens, mask in _as_batches(data, batch_size, model):
+            mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
+            n = int(mask.sum())
+            if n == 0:
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+                continue
+            seen += n
+            batches.append(stream.record(tokens, kwargs.get("attention_mask")))
+            masks.append(mask)
     if seen == 0:
         raise RwasymError(
             "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "

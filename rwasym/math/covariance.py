@@ -19,6 +19,10 @@ __all__ = ["RunningCovariance"]
 
 _STATE_KEYS = ("dim", "count", "sum", "sum_outer")
 
+_BLOCKED_ABOVE = 8192  # sites at least this wide form their float32 product in column blocks
+_PRODUCT_BLOCK = 2048
+_COV_BLOCK_BYTES = 64 * 2**20  # float64 bytes of one row block of `covariance`'s temporaries
+
 
 class RunningCovariance:
     """Streaming count, mean, second moment and covariance of d-dimensional rows, in float64.
@@ -137,7 +141,11 @@ class RunningCovariance:
             m = rows.mean(dim=0)  # (d,) float32
             centred = rows - m
             m64 = m.double()
-            self._sum_outer += (centred.T @ centred).double()
+            # the float32 product added in place (converted exactly; no float64 copy of it); very wide sites
+            # (an 8B MLP hidden state: d 14,336) in column blocks, so the temporary is d × block, not d²
+            step = self.dim if self.dim < _BLOCKED_ABOVE else _PRODUCT_BLOCK
+            for start in range(0, self.dim, step):
+                self._sum_outer[:, start : start + step] += centred.T @ centred[:, start : start + step]
             self._sum_outer.addr_(m64, row_sum).addr_(row_sum, m64).addr_(m64, m64, alpha=-float(n))
 
     def merge(self, other: "RunningCovariance") -> "RunningCovariance":
@@ -204,6 +212,11 @@ class RunningCovariance:
         self._require_tokens("mean")
         return self._sum / self._count
 
+    @property
+    def scatter(self) -> Float[Tensor, "d d"]:
+        """S = Σ_t a_t a_tᵀ itself (float64, not a copy: read it, do not modify it)."""
+        return self._sum_outer
+
     def second_moment(self) -> Float[Tensor, "d d"]:
         """Uncentered second moment S / N = (1/N) Σ_t a_t a_tᵀ, float64 (d, d)."""
         self._require_tokens("second moment")
@@ -220,9 +233,21 @@ class RunningCovariance:
             return self.second_moment()
         self._require_tokens("covariance", minimum=2 if unbiased else 1)
         mu = self._sum / self._count  # (d,)
-        scatter = self._sum_outer - self._count * torch.outer(mu, mu)  # (d, d)
-        cov = scatter / (self._count - 1 if unbiased else self._count)
-        return 0.5 * (cov + cov.T)
+        denom = self._count - 1 if unbiased else self._count
+        # (S − N μ μᵀ) / denom, then (C + Cᵀ)/2, by row blocks into one d × d result: the same elementwise
+        # operations as the whole-matrix expressions (bit for bit), with block-sized temporaries only
+        cov = torch.empty_like(self._sum_outer)
+        step = max(1, _COV_BLOCK_BYTES // (8 * max(1, self.dim)))
+        for i in range(0, self.dim, step):
+            cov[i : i + step] = (
+                self._sum_outer[i : i + step] - self._count * torch.outer(mu[i : i + step], mu)
+            ) / denom
+        for i in range(0, self.dim, step):
+            j = i + step
+            upper = 0.5 * (cov[i:j, i:] + cov[i:, i:j].T)  # rows i:j from column i on, and their mirror
+            cov[i:j, i:] = upper
+            cov[i:, i:j] = upper.T
+        return cov
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, int | Tensor]:

@@ -141,7 +141,7 @@ class BlockStream:
         for file, items in by_file.items():
             with _open(self.folder, file) as handle:
                 for pid, key in items:
-                    value = handle.get_tensor(key).to(self.dtype)
+                    value = _read(handle, key, self.dtype)
                     if tuple(value.shape) != tuple(self._params[pid].shape):
                         raise RwasymError(
                             f"{self.folder}: tensor {key} has shape {tuple(value.shape)} but config.json implies "
@@ -215,7 +215,7 @@ class BlockStream:
         originals = [b.original_component for b in bridge.blocks]
         for original in originals:
             original.forward = _identity
-        outside = self._outside(head=False)
+        outside = [pid for pid in self._outside(head=False) if pid not in self._held]  # unless held by the caller
         try:
             self._materialise(outside)
             kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
@@ -239,6 +239,27 @@ class BlockStream:
         with torch.no_grad():
             out = block(batch.hidden, *rest, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+
+_DIRECT_BYTES = 256 * 2**20  # tensors above this (in the compute dtype) are read in row blocks
+
+
+def _read(handle: Any, key: str, dtype: torch.dtype) -> Tensor:
+    """Tensor ``key`` in ``dtype``; a large one (an 8B model's 128k × 4096 embedding) is read in row blocks
+    straight into its result, so the checkpoint's own copy is never whole in memory beside it (same values)."""
+    piece = handle.get_slice(key)
+    shape = tuple(piece.get_shape())
+    numel = 1
+    for size in shape:
+        numel *= size
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize <= _DIRECT_BYTES or len(shape) < 2:
+        return handle.get_tensor(key).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, _DIRECT_BYTES // (itemsize * (numel // shape[0])))
+    for start in range(0, shape[0], step):
+        out[start : start + step].copy_(piece[start : start + step])
+    return out
 
 
 def _identity(hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
