@@ -85,21 +85,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rwasym-8b-", dir="/tmp"))
     try:
         t0 = time.perf_counter()
-        write = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys, argparse; sys.path.insert(0, sys.argv[1]); from bench_shards import write_pair;"
-                " a = argparse.Namespace(**__import__('json').loads(sys.argv[3])); print(write_pair(__import__('pathlib').Path(sys.argv[2]), a))",
-                str(Path(__file__).parent),
-                str(root),
-                json.dumps(vars(shape)),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        size = int(write.stdout.strip().splitlines()[-1])
+        size = write_pair(root, shape)  # each measurement below runs in its own interpreter
         print(f"wrote the pair: {size / 2**30:.2f} GiB per checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         import torch
         from safetensors.torch import save_file
