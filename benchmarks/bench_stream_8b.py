@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_shards import write_pair  # noqa: E402  (the random pair writer, one tensor at a time)
 
 _CHILD = r"""
 import cProfile, io, json, pstats, resource, sys, time, warnings
