@@ -39,8 +39,8 @@ elif what == "streamed":
     rows = rwasym.probe(base, tuned, tokens, stream=True, progress=False).rows
 elif what == "capture":
     stream = BlockStream(base)
-    for _ in capture_blocks(stream, tokens, progress=False):
-        pass
+    for layer, acts in capture_blocks(stream, tokens, progress=False):
+        del acts
 elif what == "capture_resident":
     capture(rwasym.load(base), tokens, progress=False)
 wall = time.perf_counter() - t0

@@ -42,8 +42,8 @@ if what == "capture":
     stream = BlockStream(base)
     sites = probe_sites(stream.model, stream.model.matrices())
     profile.enable()
-    for _ in capture_blocks(stream, load_file(tokens_file)["input_ids"], sites=sites, progress=False):
-        pass
+    for layer, acts in capture_blocks(stream, load_file(tokens_file)["input_ids"], sites=sites, progress=False):
+        del acts  # as the probe does: one block's statistics at a time
     profile.disable()
 else:
     from rwasym.app.cli import main

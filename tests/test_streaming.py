@@ -178,3 +178,18 @@ def test_hub_names_stream_from_the_hub_cache_offline(pair, tmp_path, monkeypatch
         BlockStream("org/absent")
     with pytest.raises(RwasymError, match="a hub name's safetensors snapshot"):
         rwasym.probe("org/tiny", "org/absent", _data(), stream=True, **kw)
+
+
+def test_large_tensors_are_read_in_row_blocks_with_the_same_values(pair, monkeypatch):
+    """Tensors above `_DIRECT_BYTES` (an 8B model's embedding) are copied into their result in row blocks;
+    the values are those of a whole read, so the hidden states are too."""
+    import rwasym.models.streaming as streaming
+
+    tokens = _data()["input_ids"][:2]
+    whole = BlockStream(pair[0]).record(tokens).hidden
+    monkeypatch.setattr(streaming, "_DIRECT_BYTES", 200)  # every matrix in blocks of a few rows
+    stream = BlockStream(pair[0])
+    assert torch.equal(stream.record(tokens).hidden, whole)
+    with stream.block(0) as block:
+        loaded = rwasym.load(pair[0])
+        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), loaded.bridge.blocks[0].parameters()))

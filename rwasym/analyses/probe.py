@@ -47,7 +47,7 @@ from ..math.fraction import (
     gradient_shaped_delta,
     gradient_shaped_fraction,
     kfree_null_std,
-    kfree_score,
+    kfree_rho,
     log_k_grid,
     null_moments,
     random_null,
@@ -116,6 +116,9 @@ class ProbeResult:
 
 AUTO_TOPK_ABOVE = 2048  # spectral="auto": sites wider than this get the top-k solver (8B: d 4096, d_mlp 14,336)
 TOPK_TOL = 1e-8  # the top-k solver's residual target, relative to θ₁ (rows carry the achieved value)
+# its iteration cap: a spectrum flat past spectral_k (random-init models) converges slowly; rows then say
+# spectral_converged=False and carry the residual reached, rather than the probe running for hours
+TOPK_MAX_ITER = 60
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor", "given")
 SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
 
@@ -338,7 +341,7 @@ class _Covariances:
         n = c.shape[0]
         if self.spectral == "exact" or (self.spectral == "auto" and n <= AUTO_TOPK_ABOVE) or self.spectral_k >= n:
             return pca_basis(c, n, center=False)
-        top = top_eigenpairs(c, self.spectral_k, tol=TOPK_TOL)
+        top = top_eigenpairs(c, self.spectral_k, tol=TOPK_TOL, max_iter=TOPK_MAX_ITER)
         scale = max(float(top.eigenvalues[0]), 1e-300)
         self.certificates[site] = (float(top.residuals.max()) / scale, top.converged)
         return Basis(
@@ -867,7 +870,7 @@ def _probe_rows(
                 # from ΔW's spectrum s₂ and c₂ = Σ ℓ_j² (C: the site's covariance, or W̃_U W̃_Uᵀ for prediction)
                 ratio = full.explained_variance_ratio
                 if partial:  # from C itself: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
-                    rho = kfree_score(d, c_h, side).rho
+                    rho = kfree_rho(d, c_h, side)
                     c2 = (float(torch.linalg.vector_norm(c_h)) / float(c_h.diagonal().sum())) ** 2
                 else:
                     rho = n * float((ratio * share[: ratio.shape[0]]).sum())

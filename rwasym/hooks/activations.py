@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..errors import RwasymError
+from ..math.checks import release_memory
 from ..math.covariance import RunningCovariance
 from ..models import Model, flatten_site, load
 
@@ -371,9 +372,10 @@ def capture_blocks(
     ``stream`` is a `rwasym.models.streaming.BlockStream` (a checkpoint folder read one block at a time).
     Every batch is embedded once (`BlockStream.record`); then block L is read from the checkpoint, every
     batch's hidden states are pushed through it with the sites' hooks attached, and its statistics are
-    yielded *while block L is still materialised* (so the caller can read its weights) and dropped by the
-    caller before the next block is read. The hidden states of the whole corpus stay in memory
-    (tokens × d_model in the compute dtype). Same arguments and the same statistics as `capture` on
+    yielded *while block L is still materialised* (so the caller can read its weights). Drop each yielded
+    statistics object before asking for the next block (``for layer, acts in capture_blocks(...): ...;
+    del acts``): then one block's sums are held at a time. The hidden states of the whole corpus stay in
+    memory (tokens × d_model in the compute dtype). Same arguments and the same statistics as `capture` on
     ``rwasym.load(folder)`` with the same batches, bit for bit; sites must lie inside blocks
     (``blocks.L.…``), and there is no checkpoint file and no data parallelism (one process)."""
     model = stream.model
@@ -427,7 +429,8 @@ def capture_blocks(
                     layer,
                     ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model),
                 )
-        del stats
+        del stats, fwd_hooks  # this block's sums are gone before the next block runs (the caller drops its own)
+        release_memory()
 
 
 @dataclass

@@ -59,6 +59,7 @@ __all__ = [
     "gradient_shaped_delta",
     "gradient_shaped_fraction",
     "kfree_null_std",
+    "kfree_rho",
     "kfree_score",
     "KFreeScore",
     "log_k_grid",
@@ -525,12 +526,26 @@ def kfree_score(
     float64; C symmetric positive semi-definite with tr C > 0.
     """
     side = _check_side(side)
+    C = torch.as_tensor(cov).detach().to("cpu", torch.float64)
+    require_finite(C, "cov")
+    rho = kfree_rho(delta, C, side)
+    n = C.shape[0]
+    trace = float(C.trace())
+    s2 = (spectrum or delta_spectrum(delta)).s2
+    c2 = float(C.square().sum()) / trace**2
+    return KFreeScore(rho=rho, null_std=kfree_null_std(s2, c2, n), n=n, side=side)
+
+
+def kfree_rho(delta: Float[Tensor, "n_out n_in"] | LowRankDelta, cov: Float[Tensor, "n n"], side: Side) -> float:
+    """ρ_C of `kfree_score` alone (no spectrum, no null): n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²_F) on the input side,
+    n tr(ΔWᵀ C ΔW)/(tr C ‖ΔW‖²_F) on the output side; C float64, symmetric PSD, tr C > 0. Its products are
+    n_out × n (dense) or r × r (factored): no d × d temporary beside C."""
+    side = _check_side(side)
     D, energy = _delta64(delta)
     n = _side_dim(D, side)
     C = torch.as_tensor(cov).detach().to("cpu", torch.float64)
     if C.shape != (n, n):
         raise RwasymError(f"cov must be ({n}, {n}) for the {side} side of ΔW {_dshape(D)}; got {tuple(C.shape)}")
-    require_finite(C, "cov")
     trace = float(C.trace())
     if not trace > 0:
         raise RwasymError(f"cov has trace {trace}: a covariance with no variance cannot weight ΔW")
@@ -540,10 +555,7 @@ def kfree_score(
         quad = D.scale**2 * float(inner.sum())
     else:
         quad = float(((D @ C) * D).sum()) if side == "input" else float(((C @ D) * D).sum())
-    rho = n * quad / (trace * float(energy))
-    s2 = (spectrum or delta_spectrum(delta)).s2
-    c2 = float(C.square().sum()) / trace**2
-    return KFreeScore(rho=rho, null_std=kfree_null_std(s2, c2, n), n=n, side=side)
+    return n * quad / (trace * float(energy))
 
 
 def kfree_null_std(s2: float, c2: float, n: int) -> float:
