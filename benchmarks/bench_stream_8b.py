@@ -23,9 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_shards import write_pair  # noqa: E402  (the random pair writer, one tensor at a time)
-
 _CHILD = r"""
 import cProfile, io, json, pstats, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
@@ -72,6 +69,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--only", choices=("capture", "probe"), help="measure one of the two runs")
     a = ap.parse_args()
     shape = argparse.Namespace(
         hidden=4096,
@@ -86,17 +84,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rwasym-8b-", dir="/tmp"))
     try:
         t0 = time.perf_counter()
-        size = write_pair(root, shape)  # each measurement below runs in its own interpreter
+        # written by a child: Linux carries ru_maxrss over fork + exec, so this launcher must stay small
+        writer = "import argparse, json, sys; from pathlib import Path; from bench_shards import write_pair; "
+        writer += "print(write_pair(Path(sys.argv[1]), argparse.Namespace(**json.loads(sys.argv[2]))))"
+        write = subprocess.run(
+            [sys.executable, "-c", writer, str(root), json.dumps(vars(shape))],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
+        size = int(write.stdout.strip().splitlines()[-1])
         print(f"wrote the pair: {size / 2**30:.2f} GiB per checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
-        import torch
-        from safetensors.torch import save_file
-
-        g = torch.Generator().manual_seed(0)
-        save_file(
-            {"input_ids": torch.randint(0, 128256, (a.rows, a.length), generator=g)}, str(root / "tokens.safetensors")
+        tokens = "import sys, torch; from safetensors.torch import save_file; g = torch.Generator().manual_seed(0); "
+        tokens += "shape = (int(sys.argv[2]), int(sys.argv[3])); "
+        tokens += "save_file({'input_ids': torch.randint(0, 128256, shape, generator=g)}, sys.argv[1])"
+        subprocess.run(
+            [sys.executable, "-c", tokens, str(root / "tokens.safetensors"), str(a.rows), str(a.length)], check=True
         )
         results = {}
-        for what in ("capture", "probe"):
+        for what in [a.only] if a.only else ["capture", "probe"]:
             run = subprocess.run(
                 [
                     sys.executable,
@@ -116,6 +123,8 @@ def main() -> None:
                 sys.exit(f"{what} failed:\n{run.stderr[-4000:]}")
             results[what] = json.loads(run.stdout.strip().splitlines()[-1])
             print(json.dumps(results[what]), flush=True)
+        if a.only:
+            return
         rows = json.loads((root / "probe.json").read_text())["rows"]
         summary = {
             "layers": a.layers,
