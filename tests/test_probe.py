@@ -232,9 +232,12 @@ def test_capture_passes_by_layer_group_give_the_same_rows(pair_data, monkeypatch
     assert len(captured) == 3 and captured[0] == sorted(sites) and sorted(captured[1] + captured[2]) == sorted(sites)
     assert all(h.startswith("blocks.0.") for h in captured[1]) and all(h.startswith("blocks.1.") for h in captured[2])
     assert one.rows == two.rows and one.curves == two.curves and len(one.rows) > 50
-    # the default budget is the base model's parameter bytes: this tiny model's sums exceed it
+    # the default budget is half the memory available (issue #31: from the machine, not the model)
+    monkeypatch.setattr(probe_module, "available_memory", lambda: 2 * max(per_layer))
     default = probe(base, tuned, tokens, k=3, null_samples=20, progress=False)
     assert default.config["capture_passes"] == 2 and default.rows == one.rows
+    monkeypatch.setattr(probe_module, "available_memory", lambda: 2 * sum(per_layer))
+    assert probe(base, tuned, tokens, k=3, null_samples=20, progress=False).config["capture_passes"] == 1
     with pytest.raises(RwasymError, match="stats_budget"):
         probe(base, tuned, tokens, stats_budget=0)
     with pytest.raises(RwasymError, match="post_norm='x'"):
@@ -361,3 +364,20 @@ def test_probe_config_is_the_one_source_of_options(native_cfg, tmp_path):
         ProbeConfig(variance=1.5)
     with pytest.raises(RwasymError, match="k=True must be a positive integer"):
         ProbeConfig(k=True)
+
+
+def test_available_memory_reads_the_machine(monkeypatch, tmp_path):
+    """`available_memory` is /proc/meminfo's MemAvailable (kB → bytes); without it, the free physical pages."""
+    import builtins
+
+    from rwasym.math import checks
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   16000000 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(meminfo if f == "/proc/meminfo" else f, *a, **k))
+    assert checks.available_memory() == 16000000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    import os
+
+    assert checks.available_memory() == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .._version import __version__  # noqa: F401
 from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics, quiet
-from ..math.checks import linalg_threads, release_memory, require_k
+from ..math.checks import available_memory, linalg_threads, release_memory, require_k
 from ..math.fraction import (
     column_energies,
     delta_spectrum,
@@ -174,7 +174,7 @@ class ProbeConfig:
     stats_budget: int | float | None = option(
         None,
         "bytes the float64 sums of one capture pass may hold; more sites are captured in consecutive passes "
-        "(default the base's parameter bytes; inf: one pass)",
+        "(default half the memory available when the probe starts; inf: one pass)",
         type=float,
     )
     spectral: str = option(
@@ -298,12 +298,12 @@ def layer_groups(specs: Sequence[MatrixSpec], sites: dict[str, int], budget: int
 def _budget(base: Model, stats_budget: int | float | None, data: Any) -> int | float:
     if isinstance(data, Iterator):
         return float("inf")  # a one-shot iterator cannot be read twice
-    if stats_budget is None:
-        return sum(p.numel() * p.element_size() for p in base.bridge.original_model.parameters())
+    if stats_budget is None:  # from the machine, not the model: half of what is available now
+        return available_memory() // 2
     if not stats_budget > 0:
         raise RwasymError(
-            f"stats_budget={stats_budget!r} must be a positive number of bytes (or None for the "
-            "model's own size, float('inf') for one capture pass)"
+            f"stats_budget={stats_budget!r} must be a positive number of bytes (or None for half the memory "
+            "available, float('inf') for one capture pass)"
         )
     return stats_budget
 
@@ -438,8 +438,8 @@ def probe(
     matrix; ``"raw"`` measures the raw ΔW. Rows record ``post_norm_scaled``.
     stats_budget: bytes the float64 activation sums of one capture pass may hold (8·d² per site);
     when the probe's sites need more, its layers are captured in consecutive groups, one forward
-    pass per group (`layer_groups`; the numbers are the same). None: the base model's own parameter
-    bytes, so the sums never outgrow the model; ``float("inf")``: one pass. A one-shot iterator
+    pass per group (`layer_groups`; the numbers are the same). None: half the memory available when the
+    probe starts (`rwasym.math.checks.available_memory`); ``float("inf")``: one pass. A one-shot iterator
     of batches is always read in one pass.
     Every row also carries the k-free score ``rho`` = ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²_F) of its side
     (C: the site's covariance for activation rows, W̃_U W̃_Uᵀ for prediction rows; 1 under the Haar

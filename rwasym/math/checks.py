@@ -182,4 +182,23 @@ def release_memory() -> None:
         _libc.malloc_trim(0)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now: ``MemAvailable`` of /proc/meminfo (Linux: free
+    memory plus reclaimable caches), else the free physical pages (``os.sysconf``), else 8 GiB. Memory budgets
+    (the probe's ``stats_budget``) derive from it, not from the model's size."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 8 * 2**30
+
+
 _libc: "ctypes.CDLL | Literal[False] | None" = None  # None: not looked up yet; False: no malloc_trim
