@@ -121,3 +121,15 @@ def test_train_cli_pretrain_then_align(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "sgd" / "log.jsonl").read_text().splitlines()]
     assert any(key.startswith("update_cos/") for key in log[-1])
     assert (tmp_path / "sgd" / "step_000002" / "update_sum.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], ["info"], ["probe"], ["gradients"], ["intervene"], ["spectra"], ["train"], ["experiment"], ["pair"]],
+)
+def test_every_command_prints_its_help(command, capsys):
+    """`--help` of every command prints and exits 0 (a '%' in a field's help once reached the user as argparse's
+    raw ValueError)."""
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_class: type) -> None:
 
     for f in dataclasses.fields(config_class):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        help = meta.get("help", "")
+        help = meta.get("help", "").replace("%", "%%")  # argparse expands %-formats in help
         if isinstance(f.default, bool):
             if f.default:
                 p.add_argument(
