@@ -1,6 +1,7 @@
 """`rwasym probe`: the relative-subspace-fraction probe; its flags are `ProbeConfig`'s fields."""
 
 import argparse
+import sys
 from typing import Any
 
 from ...errors import RwasymError
@@ -64,6 +65,15 @@ def run_probe(args: argparse.Namespace) -> int:
         base, tuned = load_pair(args.base, args.tuned, args.tuned_adapter, "probe", stream=stream)
     if not config.stream:
         data = read_tokens(args.data, base)
+    if not args.quiet and isinstance(data, dict):  # what the run will cost, before it starts (stderr)
+        from ...analyses.cost import estimate_probe
+
+        mask = data.get("attention_mask")
+        n_tokens = int(mask.sum()) if mask is not None else int(data["input_ids"].numel())
+        from ...models.streaming import BlockStream
+
+        model = base.model if isinstance(base, BlockStream) else base
+        print(estimate_probe(model, n_tokens, config, stream=config.stream).summary(), file=sys.stderr)
     result = rwasym.probe(
         base,
         tuned,
