@@ -571,12 +571,12 @@ def probe(
 def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool | None) -> tuple[dict, int | None]:
     """{prediction subspace: full basis (k = d_model)} for the chosen ones, and the Fisher pass's token count."""
     chosen = cfg.subspace_list()
-    w_u = base.unembedding()
+    w_raw, gamma = base.unembedding_parts()  # diag(γ)·W_U folded in chunk by chunk: no float64 copy of W_U
     out: dict = {}
     if "prediction" in chosen:
-        out["prediction"] = prediction_basis(w_u, base.d_model)
+        out["prediction"] = prediction_basis(w_raw, base.d_model, row_scale=gamma)
     if "prediction_centered" in chosen:
-        out["prediction_centered"] = prediction_basis(w_u, base.d_model, center_vocab=True)
+        out["prediction_centered"] = prediction_basis(w_raw, base.d_model, center_vocab=True, row_scale=gamma)
     n_fisher = None
     if "prediction_fisher" in chosen:
         if data is None or isinstance(data, Iterator):
@@ -593,7 +593,7 @@ def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool |
             exclude_positions=cfg.exclude_positions,
             exclude_tokens=cfg.exclude_tokens,
         )
-        out["prediction_fisher"] = pca_basis(stats.fisher(w_u), base.d_model)
+        out["prediction_fisher"] = pca_basis(stats.fisher(base.unembedding()), base.d_model)
         n_fisher = stats.count
     return out, n_fisher
 

@@ -154,13 +154,20 @@ def _basis_from_symmetric(C: Tensor, k: int, what: str) -> Basis:
     return Basis(U=U, eigenvalues=evals[:k].clone(), explained_variance_ratio=ratio[:k].clone(), k=k, n=C.shape[0])
 
 
-def _unembedding_gram(W: Tensor) -> Tensor:
-    """G = W Wᵀ in float64, accumulated over column chunks so the float64 copy stays small."""
+def _chunk(W: Tensor, start: int, step: int, row_scale: Tensor | None) -> Tensor:
+    """Columns start:start+step of diag(row_scale)·W in float64 (the same values as slicing the whole product)."""
+    chunk = W[:, start : start + step].detach().to(device="cpu", dtype=torch.float64)  # (d_model, c)
+    return chunk if row_scale is None else row_scale[:, None] * chunk
+
+
+def _unembedding_gram(W: Tensor, row_scale: Tensor | None = None) -> Tensor:
+    """G = W Wᵀ (W := diag(row_scale)·W when given) in float64, accumulated over column chunks so the float64
+    copy stays small."""
     d_model, d_vocab = W.shape
     step = max(1, _GRAM_CHUNK_BYTES // (8 * d_model))
     gram = torch.zeros(d_model, d_model, dtype=torch.float64)
     for start in range(0, d_vocab, step):
-        chunk = W[:, start : start + step].detach().to(device="cpu", dtype=torch.float64)  # (d_model, c)
+        chunk = _chunk(W, start, step, row_scale)
         require_finite(chunk, "the unembedding")
         gram += chunk @ chunk.T
     return 0.5 * (gram + gram.T)
@@ -203,7 +210,11 @@ def k_reaching(ratio: Float[Tensor, " n"], threshold: float = 0.9) -> int:
 
 
 def prediction_basis(
-    unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedding, k: int, *, center_vocab: bool = False
+    unembedding: Float[Tensor, "d_model d_vocab"] | HasUnembedding,
+    k: int,
+    *,
+    center_vocab: bool = False,
+    row_scale: Float[Tensor, " d_model"] | None = None,
 ) -> Basis:
     """Top-k left singular vectors of the unembedding W_U (d_model, d_vocab), as a `Basis`.
 
@@ -218,7 +229,9 @@ def prediction_basis(
 
     Computed as the eigenvectors of the Gram matrix W_U W_Uᵀ (d_model, d_model), accumulated
     in float64 over vocabulary chunks, which equals the SVD's left singular vectors (up to sign,
-    fixed as in `pca_basis`) and never materialises a float64 copy of W_U.
+    fixed as in `pca_basis`) and never materialises a float64 copy of W_U. ``row_scale``: the basis of
+    diag(row_scale)·W for a raw W (the final norm's γ_eff and the host weight, `Model.unembedding_parts`), with
+    the same numbers as passing the product, and no d_model × d_vocab float64 copy at all.
     """
     if isinstance(unembedding, HasUnembedding) and not isinstance(unembedding, Tensor):
         unembedding = unembedding.unembedding()
@@ -231,9 +244,9 @@ def prediction_basis(
             f"min(d_model, d_vocab)={d_vocab} nonzero singular values; choose k <= {d_vocab} "
             "(or check the orientation: rwasym expects (d_model, d_vocab))."
         )
-    gram = _unembedding_gram(W)
+    gram = _unembedding_gram(W, row_scale)
     if center_vocab:
-        mean = _column_sum(W) / d_vocab
+        mean = _column_sum(W, row_scale) / d_vocab
         gram = gram - d_vocab * torch.outer(mean, mean)
         gram = 0.5 * (gram + gram.T)
     return _basis_from_symmetric(gram, k, "the unembedding's Gram matrix W_U W_Uᵀ")
@@ -268,13 +281,13 @@ def prediction_fisher(
     return 0.5 * (fisher + fisher.T)
 
 
-def _column_sum(W: Tensor) -> Tensor:
-    """Σ_j W[:, j] in float64, over column chunks."""
+def _column_sum(W: Tensor, row_scale: Tensor | None = None) -> Tensor:
+    """Σ_j W[:, j] (W := diag(row_scale)·W when given) in float64, over column chunks."""
     d_model, d_vocab = W.shape
     step = max(1, _GRAM_CHUNK_BYTES // (8 * d_model))
     total = torch.zeros(d_model, dtype=torch.float64)
     for start in range(0, d_vocab, step):
-        total += W[:, start : start + step].detach().to(device="cpu", dtype=torch.float64).sum(1)
+        total += _chunk(W, start, step, row_scale).sum(1)
     return total
 
 

@@ -418,11 +418,17 @@ class Model:
         name of a parameter. Convention: unembedding()ᵀ x = (logits(x) − logits(−x)) / 2 for a
         zero-mean, unit-RMS residual x (before any logit soft-capping).
         """
+        w_u, gamma = self.unembedding_parts()
+        w_u = w_u.to("cpu", torch.float64, copy=True)
+        return w_u if gamma is None else w_u.mul_(gamma[:, None])  # in place: one float64 copy, the same values
+
+    def unembedding_parts(self) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_model"] | None]:
+        """(W_U as stored, oriented d_model × vocab: a view of the host weight, not a copy; γ_eff of the final
+        norm or None): `unembedding` is diag(γ_eff)·W_U in float64. For readers that fold γ in chunk by chunk
+        (`rwasym.math.subspaces.prediction_basis`'s ``row_scale``) instead of holding a float64 copy."""
         host = self.unembedding_host()
-        w_u = cast(Tensor, host.weight).detach().to("cpu", torch.float64)
-        w_u = w_u if is_transposed(host) else w_u.T  # (d_model, vocab)
-        gamma = self.final_norm_scale()
-        return w_u if gamma is None else gamma[:, None] * w_u
+        w_u = cast(Tensor, host.weight).detach()
+        return (w_u if is_transposed(host) else w_u.T), self.final_norm_scale()
 
     def post_norm_scale(self, name: str) -> Float[Tensor, " d_model"] | None:
         """γ_eff (`norm_scale`) of the norm a write matrix's sublayer output passes through before

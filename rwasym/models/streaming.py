@@ -157,16 +157,18 @@ class BlockStream:
                 self._set(pid, self._params[pid])  # the meta parameter again: the values are freed
 
     def _outside(self, head: bool) -> list[int]:
-        """Parameters outside the blocks (the untied output embedding only with ``head``)."""
-        out = self.hf.get_output_embeddings()
-        untied = {id(p) for p in out.parameters()} if out is not None and not head else set()
-        untied -= {id(p) for p in self.hf.get_input_embeddings().parameters()}
-        return [pid for pid, p in self._params.items() if pid not in self._block_of and pid not in untied]
+        """Parameters outside the blocks: with ``head`` all but an untied input embedding (the final norm and the
+        unembedding), without it all but an untied output embedding (what runs before the blocks)."""
+        out, inp = self.hf.get_output_embeddings(), self.hf.get_input_embeddings()
+        out_ids = {id(p) for p in out.parameters()} if out is not None else set()
+        in_ids = {id(p) for p in inp.parameters()}
+        skip = (in_ids - out_ids) if head else (out_ids - in_ids)  # a tied pair sharing one parameter stays
+        return [pid for pid in self._params if pid not in self._block_of and pid not in skip]
 
     @contextlib.contextmanager
     def outside(self, head: bool = True) -> Iterator[Model]:
-        """The model with every parameter outside the blocks read (embeddings, final norm, unembedding), so
-        `Model.unembedding` and the like work; freed on exit. Costs the embedding matrices' memory."""
+        """The model with the parameters outside the blocks read, freed on exit: with ``head`` the final norm and
+        the unembedding (`Model.unembedding` works), without it the input embedding (`record`)."""
         pids = self._outside(head)
         try:
             self._materialise(pids)
