@@ -91,3 +91,17 @@ def test_gradient_shaped_delta_has_the_law_of_the_token_sum():
     # the centred covariance gives another law here: the test can tell them apart
     centred = (a - a.mean(0)).T @ (a - a.mean(0))
     assert abs(gradient_shaped_fraction(centred, U) - want) > 0.05
+
+
+def test_kfree_rho_in_blocks_equals_the_whole_product(monkeypatch):
+    """Above `_RHO_BLOCK` entries ρ's product ΔW C (or C ΔW) is formed in blocks: the same ρ to rounding."""
+    import rwasym.math.fraction as fraction
+
+    g = torch.Generator().manual_seed(4)
+    D = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    A = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    B = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    whole = (fraction.kfree_rho(D, A @ A.T, "input"), fraction.kfree_rho(D, B @ B.T, "output"))
+    monkeypatch.setattr(fraction, "_RHO_BLOCK", 100)  # blocks of 3 rows / 2 columns
+    blocked = (fraction.kfree_rho(D, A @ A.T, "input"), fraction.kfree_rho(D, B @ B.T, "output"))
+    assert blocked == pytest.approx(whole, rel=1e-13)

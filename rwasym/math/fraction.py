@@ -536,6 +536,9 @@ def kfree_score(
     return KFreeScore(rho=rho, null_std=kfree_null_std(s2, c2, n), n=n, side=side)
 
 
+_RHO_BLOCK = 2**24  # float64 entries of ρ's n_out × n product formed at once (128 MiB)
+
+
 def kfree_rho(delta: Float[Tensor, "n_out n_in"] | LowRankDelta, cov: Float[Tensor, "n n"], side: Side) -> float:
     """ρ_C of `kfree_score` alone (no spectrum, no null): n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²_F) on the input side,
     n tr(ΔWᵀ C ΔW)/(tr C ‖ΔW‖²_F) on the output side; C float64, symmetric PSD, tr C > 0. Its products are
@@ -553,8 +556,14 @@ def kfree_rho(delta: Float[Tensor, "n_out n_in"] | LowRankDelta, cov: Float[Tens
         A, B = D.A, D.B
         inner = (B.T @ B) * (A @ C @ A.T) if side == "input" else (A @ A.T) * (B.T @ C @ B)
         quad = D.scale**2 * float(inner.sum())
-    else:
+    elif D.numel() <= _RHO_BLOCK:
         quad = float(((D @ C) * D).sum()) if side == "input" else float(((C @ D) * D).sum())
+    else:  # an 8B MLP matrix: the n_out × n product in row (input) or column (output) blocks, not whole
+        step = max(1, _RHO_BLOCK // n)
+        if side == "input":
+            quad = sum(float(((D[i : i + step] @ C) * D[i : i + step]).sum()) for i in range(0, D.shape[0], step))
+        else:
+            quad = sum(float(((C @ D[:, j : j + step]) * D[:, j : j + step]).sum()) for j in range(0, D.shape[1], step))
     return n * quad / (trace * float(energy))
 
 
