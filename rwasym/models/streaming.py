@@ -21,7 +21,6 @@ finished and freed before the next block is read.
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -266,8 +265,3 @@ def _read(handle: Any, key: str, dtype: torch.dtype) -> Tensor:
 
 def _identity(hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
     return hidden_states
-
-
-def open_stream(folder: Any, dtype: torch.dtype = torch.float32) -> BlockStream:
-    """`BlockStream` of a local checkpoint folder."""
-    return BlockStream(Path(folder), dtype)
