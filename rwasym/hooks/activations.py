@@ -198,6 +198,19 @@ def _resolve_sites(
     return widths
 
 
+def _require_captured(seen: int) -> None:
+    if seen == 0:
+        raise RwasymError(
+            "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "
+            "pass at least one unpadded token"
+        )
+
+
+def _activation_stats(stats: dict[str, RunningCovariance], aliases: dict[str, str], model: Model) -> ActivationStats:
+    """The result of a capture: the sums, the TL aliases of the sites it holds, the model."""
+    return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+
+
 def _budget_mask(mask: Tensor, remaining: int) -> Tensor:
     """Keep only the first `remaining` unmasked tokens (row-major) of a batch."""
     kept = mask.reshape(-1).long().cumsum(0).reshape(mask.shape)
@@ -303,7 +316,7 @@ def capture(
         n_batches, seen = resume["batches"], resume["seen"]
         comparing[0] = False  # the shared statistics were restored with the file
         if resume["done"]:
-            return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+            return _activation_stats(stats, aliases, model)
     done_batches = n_batches
     bar = tqdm(
         total=max_tokens if size == 1 else None,
@@ -346,12 +359,8 @@ def capture(
         distributed.require_same([n_batches, seen], "the batches given to capture ([batches read, tokens])")
         for acc in stats.values():
             acc.all_reduce()
-    if seen == 0:
-        raise RwasymError(
-            "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "
-            "pass at least one unpadded token"
-        )
-    return ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model)
+    _require_captured(seen)
+    return _activation_stats(stats, aliases, model)
 
 
 def capture_blocks(
@@ -400,11 +409,7 @@ def capture_blocks(
             seen += n
             batches.append(stream.record(tokens, kwargs.get("attention_mask")))
             masks.append(mask)
-    if seen == 0:
-        raise RwasymError(
-            "no tokens were captured: the data is empty or fully masked (attention_mask all 0); "
-            "pass at least one unpadded token"
-        )
+    _require_captured(seen)
     current: dict[str, Tensor | None] = {"mask": None}
     last = _last_layer(widths)
     for layer in tqdm(range(last + 1), desc="blocks", unit="block", disable=quiet(progress)):
@@ -427,7 +432,7 @@ def capture_blocks(
             if stats:
                 yield (
                     layer,
-                    ActivationStats(stats=stats, aliases={a: h for a, h in aliases.items() if h in stats}, model=model),
+                    _activation_stats(stats, aliases, model),
                 )
         del stats, fwd_hooks  # this block's sums are gone before the next block runs (the caller drops its own)
         release_memory()
