@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..models import Model
-from .probe import AUTO_TOPK_ABOVE, TOPK_MAX_ITER, ProbeConfig, _budget, layer_groups, probe_sites
+from .probe import TOPK_MAX_ITER, ProbeConfig, _budget, _solver, layer_groups, probe_sites, uses_topk
 
 _INTERPRETER = 600 * 2**20  # Python with torch, transformers and TransformerLens imported (measured ≈ 450–600 MiB)
 _RATES: dict[str, float] = {}
@@ -94,10 +94,12 @@ def estimate_probe(
         layer = hook.split(".")[1] if hook.startswith("blocks.") else "other"
         per_layer[layer] = per_layer.get(layer, 0) + 8 * width * width
 
-    def topk(width: int) -> bool:
-        return cfg.spectral == "topk" or (cfg.spectral == "auto" and width > AUTO_TOPK_ABOVE)
+    solver_k = _solver(cfg)["spectral_k"]  # the eigenpairs the probe's solver computes
 
-    basis = {w: (8 * w * (max(cfg.spectral_k, cfg.k) + 16) if topk(w) else 2 * 8 * w * w) for w in set(sites.values())}
+    def topk(width: int) -> bool:
+        return uses_topk(cfg.spectral, solver_k, width)
+
+    basis = {w: (8 * w * (solver_k + 16) if topk(w) else 2 * 8 * w * w) for w in set(sites.values())}
     deltas = 3 * 8 * biggest
     hidden = 2 * 4 * n_tokens * model.d_model
     if stream:
@@ -112,16 +114,12 @@ def estimate_probe(
     else:
         params = sum(p.numel() * p.element_size() for p in model.bridge.parameters())
         groups = layer_groups(specs, sites, _budget(model, cfg.stats_budget, None))
-        group_sums = max(
-            sum(per_layer.get(str(s.layer), 0) for s in {g.layer: g for g in grp}.values()) for grp in groups
-        )
+        group_sums = max(sum(per_layer.get(str(layer), 0) for layer in {s.layer for s in grp}) for grp in groups)
         memory = dict(interpreter=_INTERPRETER, parameters=params, sums=group_sums, covariance=8 * widest * widest)
         memory.update(basis=max(basis.values()), deltas=deltas)
     weights = sum(spec.n_out * spec.n_in for spec in model.matrices())
     subspaces = sum(
-        TOPK_MAX_ITER * 2 * w * w * (max(cfg.spectral_k, cfg.k) + 16) / _rate("f64")
-        if topk(w)
-        else w**3 / _rate("eigh")
+        TOPK_MAX_ITER * 2 * w * w * (solver_k + 16) / _rate("f64") if topk(w) else w**3 / _rate("eigh")
         for w in sites.values()
     )
     parts = {
@@ -129,8 +127,7 @@ def estimate_probe(
         "statistics": sum(2 * n_tokens * w * w for w in sites.values()) / _rate("f32"),
         "subspaces": subspaces,
         "spectra": sum(max(s.n_out, s.n_in) * min(s.n_out, s.n_in) ** 2 for s in specs) / _rate("svd"),
-        "rows": sum(2 * s.n_out * s.n_in * (max(cfg.spectral_k, cfg.k) + 2 * s.n_in * topk(s.n_in)) for s in specs)
-        / _rate("f64"),
+        "rows": sum(2 * s.n_out * s.n_in * (solver_k + 2 * s.n_in * topk(s.n_in)) for s in specs) / _rate("f64"),
         "prediction": 2 * model.d_model**2 * model.d_vocab / _rate("f64") + model.d_model**3 / _rate("eigh"),
     }
     return ProbeEstimate(

@@ -339,7 +339,7 @@ class _Covariances:
         """The site's eigenbasis: every eigenvector (`pca_basis`), or with the top-k solver its leading
         ``spectral_k`` (a `Basis` with k < n; explained-variance ratios still over tr C)."""
         n = c.shape[0]
-        if self.spectral == "exact" or (self.spectral == "auto" and n <= AUTO_TOPK_ABOVE) or self.spectral_k >= n:
+        if not uses_topk(self.spectral, self.spectral_k, n):
             return pca_basis(c, n, center=False)
         top = top_eigenpairs(c, self.spectral_k, tol=TOPK_TOL, max_iter=TOPK_MAX_ITER)
         scale = max(float(top.eigenvalues[0]), 1e-300)
@@ -617,12 +617,19 @@ def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec]
     return CheckpointDeltas(base, tuned, cfg.matrices)
 
 
+def uses_topk(spectral: str, spectral_k: int, n: int) -> bool:
+    """Whether a site ``n`` wide gets the top-k solver under `ProbeConfig.spectral` (``topk``, or ``auto`` above
+    `AUTO_TOPK_ABOVE`) rather than a full eigh; never when ``spectral_k`` reaches ``n``."""
+    return spectral_k < n and (spectral == "topk" or (spectral == "auto" and n > AUTO_TOPK_ABOVE))
+
+
 def _solver(cfg: ProbeConfig) -> dict:
     return {"spectral": cfg.spectral, "spectral_k": max(cfg.spectral_k, cfg.k)}
 
 
-def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: ProbeConfig) -> Any:
-    """The `BlockStream` of a ``stream=True`` probe, after checking what streaming can serve."""
+def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: ProbeConfig) -> tuple[Any, dict]:
+    """The `BlockStream` of a ``stream=True`` probe, after checking what streaming can serve, and the local
+    folders of the other sources it reads ({"tuned": …, "replicate": …}: each hub name resolved once, here)."""
     from ..models.streaming import BlockStream
 
     folders = {} if isinstance(base, BlockStream) else {"base": base}
