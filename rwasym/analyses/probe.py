@@ -468,7 +468,7 @@ def probe(
             "delta='given' locates the caller's deltas= mapping {matrix name: n_out × n_in tensor}, and deltas= "
             "needs delta='given'; pass both or neither"
         )
-    stream = _block_stream(base, tuned, replicate, activations, cfg) if cfg.stream else None
+    stream, folders = _block_stream(base, tuned, replicate, activations, cfg) if cfg.stream else (None, {})
     base = load(base) if stream is None else stream.model
     if stream is None and cfg.delta in ("tuned", "noise_floor") and not is_checkpoint_folder(tuned):
         tuned = load(tuned)  # a HF folder is streamed
@@ -487,7 +487,7 @@ def probe(
         deltas = (
             _deltas(base, tuned, replicate, specs, cfg)
             if stream is None
-            else _folder_deltas(stream, tuned, replicate, specs, cfg)
+            else _folder_deltas(stream, folders.get("tuned"), folders.get("replicate"), specs, cfg)
         )
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
@@ -637,8 +637,10 @@ def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: 
         folders["tuned"] = tuned
     if cfg.delta == "noise_floor":
         folders["replicate"] = replicate
+    resolved = {}
     for role, source in folders.items():
-        if checkpoint_folder(source) is None:  # a folder, or a hub name's safetensors snapshot
+        resolved[role] = checkpoint_folder(source)  # a folder, or a hub name's safetensors snapshot
+        if resolved[role] is None:
             raise RwasymError(
                 f"stream=True reads every model from a Hugging Face checkpoint folder (config.json + safetensors) or "
                 f"a hub name's safetensors snapshot; "
@@ -652,7 +654,8 @@ def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: 
             f"stream=True does not compute the {unsupported[0]} subspace yet (it needs the whole forward pass); "
             "leave it out of subspaces, or probe without stream=True"
         )
-    return base if isinstance(base, BlockStream) else BlockStream(base)
+    stream = base if isinstance(base, BlockStream) else BlockStream(resolved.pop("base"))
+    return stream, resolved
 
 
 def _folder_deltas(stream: Any, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:
