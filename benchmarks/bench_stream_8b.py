@@ -11,7 +11,8 @@ capture_blocks' forwards, the eigendecompositions, ΔW reads and the row arithme
 (the per-block figures extrapolate linearly in the number of blocks). The pair is deleted at the end unless
 ``--keep``.
 
-Usage: .venv/bin/python benchmarks/bench_stream_8b.py [--layers 32] [--rows 16] [--length 128]
+Usage: .venv/bin/python benchmarks/bench_stream_8b.py [--layers 32] [--rows 16] [--length 128] [--pair DIR]
+(``--pair DIR``: write the pair there once and reuse it in later runs of the same shape.)
 """
 
 import argparse
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--only", choices=("capture", "probe"), help="measure one of the two runs")
+    ap.add_argument("--pair", help="a folder to write the pair into once and reuse (kept); default: a fresh one")
     a = ap.parse_args()
     shape = argparse.Namespace(
         hidden=4096,
@@ -81,21 +83,28 @@ def main() -> None:
         dtype="bfloat16",
         shard_gb=2.0,
     )
-    root = Path(tempfile.mkdtemp(prefix="rwasym-8b-", dir="/tmp"))
+    root = Path(a.pair) if a.pair else Path(tempfile.mkdtemp(prefix="rwasym-8b-", dir="/tmp"))
+    a.keep = a.keep or bool(a.pair)
     try:
         t0 = time.perf_counter()
         # written by a child: Linux carries ru_maxrss over fork + exec, so this launcher must stay small
-        writer = "import argparse, json, sys; from pathlib import Path; from bench_shards import write_pair; "
-        writer += "print(write_pair(Path(sys.argv[1]), argparse.Namespace(**json.loads(sys.argv[2]))))"
-        write = subprocess.run(
-            [sys.executable, "-c", writer, str(root), json.dumps(vars(shape))],
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        )
-        size = int(write.stdout.strip().splitlines()[-1])
-        print(f"wrote the pair: {size / 2**30:.2f} GiB per checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
+        done = root / "pair.json"  # a reused pair: its shape must be this run's
+        if done.exists() and {k: v for k, v in json.loads(done.read_text()).items() if k != "size"} == vars(shape):
+            size = json.loads(done.read_text())["size"]
+            print(f"reusing the pair in {root}: {size / 2**30:.2f} GiB per checkpoint", flush=True)
+        else:
+            writer = "import argparse, json, sys; from pathlib import Path; from bench_shards import write_pair; "
+            writer += "print(write_pair(Path(sys.argv[1]), argparse.Namespace(**json.loads(sys.argv[2]))))"
+            write = subprocess.run(
+                [sys.executable, "-c", writer, str(root), json.dumps(vars(shape))],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            )
+            size = int(write.stdout.strip().splitlines()[-1])
+            done.write_text(json.dumps(dict(vars(shape), size=size)))
+            print(f"wrote the pair: {size / 2**30:.2f} GiB per checkpoint in {time.perf_counter() - t0:.0f} s")
         tokens = "import sys, torch; from safetensors.torch import save_file; g = torch.Generator().manual_seed(0); "
         tokens += "shape = (int(sys.argv[2]), int(sys.argv[3])); "
         tokens += "save_file({'input_ids': torch.randint(0, 128256, shape, generator=g)}, sys.argv[1])"

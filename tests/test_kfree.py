@@ -105,3 +105,30 @@ def test_kfree_rho_in_blocks_equals_the_whole_product(monkeypatch):
     monkeypatch.setattr(fraction, "_RHO_BLOCK", 100)  # blocks of 3 rows / 2 columns
     blocked = (fraction.kfree_rho(D, A @ A.T, "input"), fraction.kfree_rho(D, B @ B.T, "output"))
     assert blocked == pytest.approx(whole, rel=1e-13)
+
+
+def test_gram_route_equals_the_direct_products():
+    """`delta_gram` / `gram_rho` / `gram_energies` / `gram_spectrum` against `kfree_rho`, `column_energies`, the
+    SVD, on both sides of a rectangular ΔW, and ⟨C, G⟩ against tr(ΔW C ΔWᵀ) written out."""
+    from rwasym.math.fraction import column_energies, delta_gram, gram_energies, gram_rho, gram_spectrum, kfree_rho
+
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(30, 12, dtype=torch.float64, generator=g)
+    for side, n in (("input", 12), ("output", 30)):
+        A = torch.randn(n, 2 * n, dtype=torch.float64, generator=g)
+        C = A @ A.T
+        U = torch.linalg.qr(torch.randn(n, 5, dtype=torch.float64, generator=g)).Q
+        G = delta_gram(D, side)
+        assert G.shape == (n, n)
+        assert gram_rho(G, C) == pytest.approx(kfree_rho(D, C, side), rel=1e-12)
+        quad = torch.trace(D @ C @ D.T) if side == "input" else torch.trace(D.T @ C @ D)
+        assert gram_rho(G, C) == pytest.approx(
+            n * float(quad) / (float(C.trace()) * float(D.square().sum())), rel=1e-12
+        )
+        torch.testing.assert_close(gram_energies(G, U), column_energies(D, U, side), rtol=1e-12, atol=0)
+    s = torch.linalg.svdvals(D).square()
+    torch.testing.assert_close(
+        gram_spectrum(delta_gram(D, "input"), (30, 12)).weights, s / s.sum(), rtol=1e-10, atol=1e-15
+    )
+    with pytest.raises(RwasymError, match="smaller Gram"):
+        gram_spectrum(delta_gram(D, "output"), (30, 12))

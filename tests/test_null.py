@@ -396,3 +396,25 @@ def test_probe_draws_one_null_per_matrix_head_side_and_k(planted, monkeypatch):
             and null.side == row["side"]
             for null in drawn
         ), row["matrix"]
+
+
+def test_wide_delta_spectrum_from_its_gram_equals_the_svd():
+    """Both sides ≥ 1024: σ² from the smaller Gram's eigenvalues; oracle: the SVD of the same ΔW (either
+    orientation), and a planted rank-5 ΔW keeps exactly 5 weights (the Gram's rounding eigenvalues dropped)."""
+    from rwasym.math import fraction
+
+    g = gen(40)
+    D = torch.randn(1100, 1030, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3.0, 1030, dtype=torch.float64)
+    assert min(D.shape) >= fraction._GRAM_SPECTRUM_FROM
+    sv = torch.linalg.svdvals(D).square()
+    for M in (D, D.T):
+        w = delta_spectrum(M).weights
+        assert w.shape == (1030,) and delta_spectrum(M).shape == tuple(M.shape)
+        torch.testing.assert_close(w, sv / sv.sum(), rtol=1e-9, atol=1e-15)
+    low = torch.randn(1200, 5, dtype=torch.float64, generator=g) @ torch.randn(
+        5, 1100, dtype=torch.float64, generator=g
+    )
+    w = delta_spectrum(low).weights
+    s5 = torch.linalg.svdvals(low)[:5].square()
+    assert w.shape == (5,)
+    torch.testing.assert_close(w, s5 / s5.sum(), rtol=1e-9, atol=1e-15)

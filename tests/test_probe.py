@@ -381,3 +381,32 @@ def test_available_memory_reads_the_machine(monkeypatch, tmp_path):
     import os
 
     assert checks.available_memory() == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("spectral", ["exact", "topk"])
+def test_gram_route_gives_the_rows_of_the_direct_products(pair_data, monkeypatch, spectral):
+    """At 8B widths (both sides ≥ `GRAM_FROM`) the probe forms each ΔW's smaller Gram once and takes from it
+    the spectrum, ρ_C and the column energies on that side. Lowered here to every matrix and head slice of the
+    small model, it must give the rows of the direct products (ΔW U, tr(ΔW C ΔWᵀ), the SVD) to rounding."""
+    from rwasym.analyses import probe as probe_module
+    from rwasym.math import fraction
+
+    base, tokens = pair_data
+    tuned = _planted_and_noise(base, "blocks.1.mlp.W_out", 4)
+    kw = dict(k=3, null_samples=20, progress=False, spectral=spectral, spectral_k=6)
+    direct = probe(base, tuned, tokens, **kw)
+    monkeypatch.setattr(probe_module, "GRAM_FROM", 1)
+    monkeypatch.setattr(fraction, "_GRAM_SPECTRUM_FROM", 1)
+    grams = []
+    real = probe_module.delta_gram
+    monkeypatch.setattr(probe_module, "delta_gram", lambda d, side: (grams.append(side), real(d, side))[1])
+    via_gram = probe(base, tuned, tokens, **kw)
+    assert {"input", "output"} <= set(grams)
+    assert len(via_gram.rows) == len(direct.rows) > 50
+    for g, d in zip(via_gram.rows, direct.rows):
+        assert g.keys() == d.keys()
+        for key, value in d.items():
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, rel=1e-8, abs=1e-12), (d["matrix"], d["subspace"], key)
+            else:
+                assert g[key] == value

@@ -10,8 +10,9 @@ Memory is the sum of what is alive together at the peak, each holder named in ``
   widest site's covariance and basis, three float64 matrices), plus the interpreter.
 Time is a sum of floating-point work at measured rates (float32 and float64 matrix products, `eigh` and
 `svdvals` timed on small matrices once per process): the forward (2 · parameters · tokens), the covariance
-updates (2 · tokens · d² per site, float32), each site's subspace (a full eigh, or the top-k solver's at most 60
-iterations of 2 · d² · (k + 16)), each matrix's spectrum (one SVD), its projections, and the prediction basis
+updates (2 · tokens · d² per site, float32), each site's subspace (a full eigh, or the top-k solver's at most
+TOPK_MAX_ITER block products of 2 · d² · (k + 16): an upper bound, flat spectra converge in about half), each
+matrix's spectrum (one SVD, or its smaller Gram at ≥ 1024 wide), its projections, and the prediction basis
 (the d_model × d_vocab unembedding's Gram). It is an estimate: memory within about a factor 1.5 of the
 measured peak, time within a factor 2–3 (benchmarks/RESULTS.md compares both with measurements).
 """
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from ..models import Model
-from .probe import TOPK_MAX_ITER, ProbeConfig, _budget, _solver, layer_groups, probe_sites, uses_topk
+from .probe import GRAM_FROM, TOPK_MAX_ITER, ProbeConfig, _budget, _solver, layer_groups, probe_sites, uses_topk
 
 _INTERPRETER = 600 * 2**20  # Python with torch, transformers and TransformerLens imported (measured ≈ 450–600 MiB)
 _RATES: dict[str, float] = {}
@@ -78,6 +79,14 @@ class ProbeEstimate:
         )
 
 
+def _spectrum_seconds(n_out: int, n_in: int) -> float:
+    """ΔW's spectrum: an SVD, or from min(n_out, n_in) = 1024 up its smaller Gram and that Gram's eigvalsh."""
+    small, large = min(n_out, n_in), max(n_out, n_in)
+    if small >= GRAM_FROM:
+        return 2 * large * small * small / _rate("f64") + small**3 / _rate("eigh")
+    return large * small * small / _rate("svd")
+
+
 def estimate_probe(
     model: Model, n_tokens: int, config: ProbeConfig | None = None, *, stream: bool = False
 ) -> ProbeEstimate:
@@ -126,7 +135,7 @@ def estimate_probe(
         "forward": 2 * weights * n_tokens / _rate("f32"),
         "statistics": sum(2 * n_tokens * w * w for w in sites.values()) / _rate("f32"),
         "subspaces": subspaces,
-        "spectra": sum(max(s.n_out, s.n_in) * min(s.n_out, s.n_in) ** 2 for s in specs) / _rate("svd"),
+        "spectra": sum(_spectrum_seconds(s.n_out, s.n_in) for s in specs),
         "rows": sum(2 * s.n_out * s.n_in * (solver_k + 2 * s.n_in * topk(s.n_in)) for s in specs) / _rate("f64"),
         "prediction": 2 * model.d_model**2 * model.d_vocab / _rate("f64") + model.d_model**3 / _rate("eigh"),
     }

@@ -42,10 +42,16 @@ from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics, quiet
 from ..math.checks import available_memory, linalg_threads, release_memory, require_k
 from ..math.fraction import (
+    Side,
     column_energies,
+    delta_gram,
     delta_spectrum,
     gradient_shaped_delta,
     gradient_shaped_fraction,
+    gradient_shaped_share,
+    gram_energies,
+    gram_rho,
+    gram_spectrum,
     kfree_null_std,
     kfree_rho,
     log_k_grid,
@@ -116,9 +122,9 @@ class ProbeResult:
 
 AUTO_TOPK_ABOVE = 2048  # spectral="auto": sites wider than this get the top-k solver (8B: d 4096, d_mlp 14,336)
 TOPK_TOL = 1e-8  # the top-k solver's residual target, relative to θ₁ (rows carry the achieved value)
-# its iteration cap: a spectrum flat past spectral_k (random-init models) converges slowly; rows then say
-# spectral_converged=False and carry the residual reached, rather than the probe running for hours
-TOPK_MAX_ITER = 60
+# its cap on block products C·X (the block Krylov solver reached 1e-8 in 50–64 of them on flat 4096- and
+# 14,336-wide sample covariances); beyond it rows say spectral_converged=False and carry the residual reached
+TOPK_MAX_ITER = 120
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor", "given")
 SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
 
@@ -709,11 +715,14 @@ def _streamed_rows(
         exclude_positions=cfg.exclude_positions,
         exclude_tokens=cfg.exclude_tokens,
     )
+    # Rows at 8B widths are GEMMs and eigensolvers on 4096–14,336-wide matrices, where every thread pays (a
+    # 4096² float64 Gram: 1.4 s on 2 threads); below 1024 they are small products that one thread runs faster
+    threads = torch.get_num_threads() if stream.model.d_model >= 1024 else 1
     for layer, acts in blocks:
         n_tokens = acts.n_tokens
-        covs = _Covariances(acts, cfg.center, owned=True, **_solver(cfg))
+        covs = _Covariances(acts, cfg.center, owned=True, threads=threads, **_solver(cfg))
         try:
-            with linalg_threads(1):
+            with linalg_threads(threads):
                 _probe_rows(
                     stream.model,
                     by_layer.get(layer, []),
@@ -850,6 +859,7 @@ def _probe_rows(
                 else gamma[:, None] * delta
             )
         spectra: dict = {}  # head -> DeltaSpectrum of that ΔW: one SVD shared by subspaces, sides and k
+        grams: dict = {}  # head -> (side, ΔW's smaller Gram) at 8B widths, or None (`_side_gram`)
         nulls: dict = {}  # (head, side, k) -> NullResult: one set of draws shared by the side's subspaces
         resid_side = "input" if spec.side == "read" else "output"
         resid_cov = cov(
@@ -872,15 +882,19 @@ def _probe_rows(
                 k_used = min(k, n)
                 full = preds[subspace] if c_h is None else full_basis(c_h, site, None if c_h is c else head)
                 partial = full.k < full.n  # the top-k solver's leading eigenvectors only
-                # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here)
-                share = column_energies(d, full.U, side) / _energy(d)  # (m,) ε_j = e_j / ‖ΔW‖²
+                # f(k) for every leading k from one product ΔW U (finite ΔW, orthonormal U: built here), or from
+                # ΔW's Gram on this side where one is held (wide matrices: it also gives ρ and the spectrum)
+                gram = _side_gram(grams, spectra, d, head, resid_side)
+                gram = gram[1] if gram is not None and gram[0] == side else None
+                energies = column_energies(d, full.U, side) if gram is None else gram_energies(gram, full.U)
+                share = energies / _energy(d)  # (m,) ε_j = e_j / ‖ΔW‖²
                 cum = share.cumsum(0)
                 fraction = float(cum[k_used - 1])
                 # the k-free score ρ_C = n Σ_j ℓ_j ε_j (ℓ = C's eigenvalue shares; `kfree_score`), its null spread
                 # from ΔW's spectrum s₂ and c₂ = Σ ℓ_j² (C: the site's covariance, or W̃_U W̃_Uᵀ for prediction)
                 ratio = full.explained_variance_ratio
                 if partial:  # from C itself: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
-                    rho = kfree_rho(d, c_h, side)
+                    rho = kfree_rho(d, c_h, side) if gram is None else gram_rho(gram, c_h)
                     c2 = (float(torch.linalg.vector_norm(c_h)) / float(c_h.diagonal().sum())) ** 2
                 else:
                     rho = n * float((ratio * share[: ratio.shape[0]]).sum())
@@ -896,7 +910,7 @@ def _probe_rows(
                 # input's uncentred M on the input side; γ_post² weights on the output side (else exactly k/n)
                 if side == "input":
                     m = head_input_block(spec, input_scatter(base.input_hook(spec.name)), head)
-                    expected = gradient_shaped_fraction(m, full.U[:, :k_used])
+                    expected = gradient_shaped_share(m, full.U[:, :k_used])  # S and U built here: no re-check
                 elif gamma is not None:
                     expected = gradient_shaped_fraction(torch.diag(gamma.square()), full.U[:, :k_used])
                 else:
@@ -973,6 +987,25 @@ def _site_layer(site: str) -> int | float:
     """The block index of a hook name (``blocks.L. ...``); other sites never expire (inf)."""
     parts = site.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else float("inf")
+
+
+# min(n_out, n_in) from which the probe forms ΔW's smaller Gram once (`delta_gram`) and takes from it the
+# spectrum, every ρ_C and the column energies on that side: one GEMM where each of them paid one (8B widths)
+GRAM_FROM = 1024
+
+
+def _side_gram(grams: dict, spectra: dict, d, head, prefer: Side):
+    """(side, G) for ΔW (or its head slice) when it is dense with both sides ≥ `GRAM_FROM`: G its Gram on the
+    smaller side (``prefer`` on a tie), formed once per head and its spectrum stored in ``spectra``; else None."""
+    if head not in grams:
+        grams[head] = None
+        if isinstance(d, torch.Tensor) and min(d.shape) >= GRAM_FROM:
+            n_out, n_in = d.shape
+            side: Side = prefer if n_out == n_in else ("input" if n_in < n_out else "output")
+            gram = delta_gram(d, side)
+            grams[head] = (side, gram)
+            spectra.setdefault(head, gram_spectrum(gram, (int(n_out), int(n_in))))
+    return grams[head]
 
 
 def _spectrum(spectra: dict, d, head):
