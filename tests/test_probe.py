@@ -410,3 +410,32 @@ def test_gram_route_gives_the_rows_of_the_direct_products(pair_data, monkeypatch
                 assert g[key] == pytest.approx(value, rel=1e-8, abs=1e-12), (d["matrix"], d["subspace"], key)
             else:
                 assert g[key] == value
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_owned_sums_are_freed_once_c_exists_and_c_with_mu_give_the_gradient_share(pair_data, center):
+    """The probe frees a site's float64 sum S once its covariance C exists (1.6 GB per 14,336-wide site at 8B);
+    the gradient-shaped share tr(UᵀSU)/tr S then comes from C and μ. Oracle: `gradient_shaped_fraction` on the
+    S read before it was freed, for the whole input and a W_O head's block."""
+    from rwasym.analyses.probe import _Covariances, _head_block
+    from rwasym.hooks.activations import capture
+    from rwasym.math.fraction import gradient_shaped_fraction
+
+    base, tokens = pair_data
+    site = "blocks.0.attn.o.hook_in"
+    acts = capture(base, tokens, sites={site: 32}, progress=False)
+    S, mu = acts[site].scatter.clone(), acts[site].mean().clone()
+    g = torch.Generator().manual_seed(1)
+    spec = next(s for s in base.matrices() if s.name == "blocks.0.attn.W_O")
+    covs = _Covariances(acts, center, owned=True)
+    covs(site)
+    assert site not in acts.stats  # freed
+    torch.testing.assert_close(covs.mean(site), mu, rtol=0, atol=0)
+    for head, n in ((None, 32), (1, 8)):
+        U = torch.linalg.qr(torch.randn(n, 3, dtype=torch.float64, generator=g)).Q
+        block = _head_block(spec, head)
+        want = gradient_shaped_fraction(block(S), U)
+        assert covs.gradient_share(site, block, U) == pytest.approx(want, rel=1e-10)
+    kept = capture(base, tokens, sites={site: 32}, progress=False)
+    _Covariances(kept, center, owned=True, keep_sums=True)(site)
+    assert site in kept.stats  # random_delta draws from S: kept

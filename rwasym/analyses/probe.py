@@ -29,7 +29,7 @@ each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.model
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,7 +48,6 @@ from ..math.fraction import (
     delta_spectrum,
     gradient_shaped_delta,
     gradient_shaped_fraction,
-    gradient_shaped_share,
     gram_energies,
     gram_rho,
     gram_spectrum,
@@ -332,9 +331,13 @@ class _Covariances:
         threads: int = 1,
         spectral: str = "exact",
         spectral_k: int = 64,
+        keep_sums: bool = False,
     ) -> None:
         self.activations, self.center, self.owned, self.threads = activations, center, owned, threads
         self.spectral, self.spectral_k = spectral, spectral_k
+        # an owned site's float64 sum S is freed once its C exists (`moments`), unless random_delta draws from it
+        self.keep_sums = keep_sums
+        self.moments: dict[str, tuple[torch.Tensor, int]] = {}  # site -> (μ, N), kept when S is freed
         self.cache: dict[str, torch.Tensor] = {}
         self.bases: dict[str, Any] = {}
         self.certificates: dict[str, tuple[float, bool]] = {}  # site -> (max residual / θ₁, converged) of top-k
@@ -372,12 +375,40 @@ class _Covariances:
     def _collect(self, site: str) -> None:
         if site in self.pending:
             self.cache[site], self.bases[site] = self.pending.pop(site).result()
+            self._formed(site)
+
+    def _formed(self, site: str) -> None:
+        """C of ``site`` exists: keep (μ, N); free S when the statistics are the probe's own and not needed."""
+        if site not in self.moments:
+            stats = self.activations[site]
+            self.moments[site] = (stats.mean(), stats.count)
+        if not self.keep_sums and self.owned and site in self.activations.stats:
+            del self.activations.stats[site]  # 1.6 GB at d_mlp 14,336: C, μ and N carry what the rows need
 
     def __call__(self, site: str) -> torch.Tensor:
         self._collect(site)
         if site not in self.cache:
             self.cache[site] = self.activations[site].covariance(center=self.center)
+            self._formed(site)
         return self.cache[site]
+
+    def mean(self, site: str) -> torch.Tensor:
+        """μ of the site (float64), also after its sums were freed."""
+        self(site)
+        return self.moments[site][0]
+
+    def gradient_share(self, site: str, block: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> float:
+        """The gradient-shaped null's expected share tr(Uᵀ M U) / tr M (`gradient_shaped_fraction`) for the
+        uncentred input second moment M ∝ S = Σ_t a_t a_tᵀ, from the site's C and μ: S = a C + b μμᵀ with
+        (a, b) = (N − 1, N) for the unbiased centred C, (N, 0) for the uncentred one (C = S/N). ``block``
+        takes a head's block of a d × d matrix or of μ (identity for the whole input)."""
+        c = block(self(site))
+        mu, count = self.moments[site]
+        mu = block(mu)
+        a, b = (count - 1, count) if self.center else (count, 0)
+        proj = U.T @ mu
+        num = a * float(((c @ U) * U).sum()) + b * float(proj.square().sum())
+        return num / (a * float(c.diagonal().sum()) + b * float(mu.square().sum()))
 
     def basis(self, site: str):
         """The full eigenbasis of the site's covariance (`pca_basis` with k = n), shared by rows,
@@ -630,7 +661,12 @@ def uses_topk(spectral: str, spectral_k: int, n: int) -> bool:
 
 
 def _solver(cfg: ProbeConfig) -> dict:
-    return {"spectral": cfg.spectral, "spectral_k": max(cfg.spectral_k, cfg.k)}
+    """`_Covariances` options from the config (random_delta draws ΔW from the sums S, so they are kept)."""
+    return {
+        "spectral": cfg.spectral,
+        "spectral_k": max(cfg.spectral_k, cfg.k),
+        "keep_sums": cfg.delta == "random_delta",
+    }
 
 
 def _block_stream(base: Any, tuned: Any, replicate: Any, activations: Any, cfg: ProbeConfig) -> tuple[Any, dict]:
@@ -812,11 +848,6 @@ def _probe_rows(
     chosen = cfg.subspace_list()
     bases: dict = {}  # (site, head) -> eigenbasis of a per-head input block (small)
 
-    def input_scatter(site):
-        """S = Σ_t a_t a_tᵀ of the site, held by its statistics (not a copy): the gradient-shaped null's input
-        statistic M up to scale, which tr(UᵀMU)/tr M does not see."""
-        return cov.activations[site].scatter
-
     def full_basis(c_h, site, head):
         if head is None:
             return cov.basis(site)
@@ -909,8 +940,9 @@ def _probe_rows(
                 # the gradient-shaped null's expected f (`gradient_shaped_fraction`): tr(UᵀMU)/tr M with the
                 # input's uncentred M on the input side; γ_post² weights on the output side (else exactly k/n)
                 if side == "input":
-                    m = head_input_block(spec, input_scatter(base.input_hook(spec.name)), head)
-                    expected = gradient_shaped_share(m, full.U[:, :k_used])  # S and U built here: no re-check
+                    expected = cov.gradient_share(
+                        base.input_hook(spec.name), _head_block(spec, head), full.U[:, :k_used]
+                    )
                 elif gamma is not None:
                     expected = gradient_shaped_fraction(torch.diag(gamma.square()), full.U[:, :k_used])
                 else:
@@ -952,7 +984,7 @@ def _probe_rows(
                     else:  # the variance-reaching k lies beyond the eigenpairs computed: said, not guessed
                         row.update(k_variance=None, fraction_k_variance=None, relative_k_variance=None)
                     # the mean activation direction μ̂ (which a centred basis cannot see): ΔW's share along it
-                    mu = cov.activations[site].mean()
+                    mu = cov.mean(site)
                     mu = mu if c_h is c or head is None else mu[head_range(spec, head)]
                     if float(mu.norm()) > 0:
                         e = column_energies(d, (mu / mu.norm())[:, None], side)
@@ -981,6 +1013,15 @@ def _probe_rows(
                             null_relative_std=[b.std * n / kk for b, kk in zip(band, ks)],
                         )
                     )
+
+
+def _head_block(spec: MatrixSpec, head: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What head ``head`` reads of an input-side d × d matrix or d-vector: its d_head block for W_O (heads index
+    the input, `head_input_block`), the whole of it otherwise."""
+    if head is None or spec.head_axis != "in":
+        return lambda x: x
+    sl = head_range(spec, head)
+    return lambda x: x[sl, sl] if x.ndim == 2 else x[sl]
 
 
 def _site_layer(site: str) -> int | float:

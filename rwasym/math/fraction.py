@@ -59,7 +59,6 @@ __all__ = [
     "fraction_curve",
     "gradient_shaped_delta",
     "gradient_shaped_fraction",
-    "gradient_shaped_share",
     "gram_energies",
     "gram_rho",
     "gram_spectrum",
@@ -376,12 +375,6 @@ def gram_rho(gram: Float[Tensor, "n n"], cov: Float[Tensor, "n n"]) -> float:
     if not trace > 0:
         raise RwasymError(f"cov has trace {trace}: a covariance with no variance cannot weight ΔW")
     return gram.shape[0] * float((gram * cov).sum()) / (trace * float(gram.diagonal().sum()))
-
-
-def gradient_shaped_share(second_moment: Float[Tensor, "n n"], U: Float[Tensor, "n k"]) -> float:
-    """tr(Uᵀ M U) / tr M: `gradient_shaped_fraction` without its checks, for callers holding a finite float64
-    M and an orthonormal float64 U they built (the probe, which would otherwise re-check a 14,336² M per row)."""
-    return float(((second_moment @ U) * U).sum()) / float(second_moment.diagonal().sum())
 
 
 def _null_inputs(
