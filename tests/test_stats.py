@@ -299,3 +299,27 @@ def test_permutation_and_bootstrap_edge_cases():
     mc = [permutation_pvalue(x + [0.5], y + [0.7], n_permutations=5, seed=None if i < 0 else 4) for i in range(2)]
     assert mc[0] == mc[1] and (mc[0] * 6) == pytest.approx(round(mc[0] * 6))  # seeded Monte Carlo: (1 + k)/6
     assert bootstrap_ci([1.0, 2.0, 4.0], [0.0, 1.0]) == bootstrap_ci([1.0, 2.0, 4.0], [0.0, 1.0], seed=0)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_covariance_consume_forms_c_in_the_sums_storage(center):
+    """covariance(consume=True) returns the bits of covariance() in S's own storage (no second d × d matrix);
+    afterwards the count and mean remain and everything that needs S raises an RwasymError that says why."""
+    g = torch.Generator().manual_seed(0)
+    acc = RunningCovariance(40)
+    for _ in range(3):
+        acc.add(torch.randn(7, 5, 40, generator=g))
+    want, mu, n = acc.covariance(center=center), acc.mean().clone(), acc.count
+    storage = acc.scatter.data_ptr()
+    got = acc.covariance(center=center, consume=True)
+    assert torch.equal(got, want) and got.data_ptr() == storage
+    assert acc.count == n and torch.equal(acc.mean(), mu)
+    for use in (
+        lambda: acc.scatter,
+        acc.second_moment,
+        acc.covariance,
+        acc.state_dict,
+        lambda: acc.add(torch.ones(2, 40)),
+    ):
+        with pytest.raises(RwasymError, match="consume=True"):
+            use()

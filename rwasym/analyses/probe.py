@@ -361,8 +361,15 @@ class _Covariances:
             n=n,
         )
 
+    def _covariance(self, site: str) -> torch.Tensor:
+        """C of ``site``, (μ, N) kept in `moments`; formed in its sum's own storage (`covariance(consume=True)`)
+        when the statistics are the probe's own and nothing needs S later (no second d × d matrix)."""
+        stats = self.activations[site]
+        self.moments[site] = (stats.mean(), stats.count)
+        return stats.covariance(center=self.center, consume=not self.keep_sums and self.owned)
+
     def _compute(self, site: str) -> tuple:
-        c = self.activations[site].covariance(center=self.center)
+        c = self._covariance(site)
         return c, self._basis_of(site, c)
 
     def prefetch(self, sites: Sequence[str]) -> None:
@@ -378,17 +385,14 @@ class _Covariances:
             self._formed(site)
 
     def _formed(self, site: str) -> None:
-        """C of ``site`` exists: keep (μ, N); free S when the statistics are the probe's own and not needed."""
-        if site not in self.moments:
-            stats = self.activations[site]
-            self.moments[site] = (stats.mean(), stats.count)
+        """C of ``site`` exists (in the main thread): its consumed statistics leave the capture's mapping."""
         if not self.keep_sums and self.owned and site in self.activations.stats:
-            del self.activations.stats[site]  # 1.6 GB at d_mlp 14,336: C, μ and N carry what the rows need
+            del self.activations.stats[site]  # C, μ and N carry what the rows need
 
     def __call__(self, site: str) -> torch.Tensor:
         self._collect(site)
         if site not in self.cache:
-            self.cache[site] = self.activations[site].covariance(center=self.center)
+            self.cache[site] = self._covariance(site)
             self._formed(site)
         return self.cache[site]
 

@@ -80,9 +80,18 @@ class RunningCovariance:
         self._count = 0
         self._sum: Tensor = torch.zeros(dim, dtype=torch.float64, device=self.device)  # (d,)
         self._sum_outer: Tensor = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # (d, d)
+        self._consumed = False  # covariance(consume=True) turned S into C in place: only N and s remain
 
     def __repr__(self) -> str:
         return f"RunningCovariance(dim={self.dim}, count={self._count}, name={self.name!r})"
+
+    def _require_sums(self) -> None:
+        if self._consumed:
+            raise RwasymError(
+                f"{self.label()} gave its d × d sum to covariance(consume=True), which turned it into the covariance "
+                "in place: it can no longer accumulate or report S (its count and mean remain). Accumulate into a "
+                "new RunningCovariance, or call covariance() without consume to keep the sums."
+            )
 
     def label(self) -> str:
         """How this accumulator is named in error messages (its dim, and its statistic's name if set)."""
@@ -125,6 +134,7 @@ class RunningCovariance:
         weight_mask: Bool[Tensor, "*batch"] | None = None,
     ) -> None:
         """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`."""
+        self._require_sums()
         rows = self._rows(x, weight_mask)  # (n, d) float32 or float64
         row_sum = rows.sum(dim=0, dtype=torch.float64)
         # Σ over rows is finite iff every selected entry is (float64 cannot overflow from
@@ -152,6 +162,8 @@ class RunningCovariance:
         """Add another accumulator's sums into this one (in place) and return self."""
         if not isinstance(other, RunningCovariance):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise RwasymError(f"can only merge a RunningCovariance; got {type(other).__name__}.")
+        self._require_sums()
+        other._require_sums()
         if other.dim != self.dim:
             raise RwasymError(
                 f"cannot merge {other.label()} into {self.label()}: dimensions differ "
@@ -174,6 +186,7 @@ class RunningCovariance:
         """
         if not distributed.is_distributed():
             return self
+        self._require_sums()
         packed = torch.cat(
             [
                 torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
@@ -215,28 +228,40 @@ class RunningCovariance:
     @property
     def scatter(self) -> Float[Tensor, "d d"]:
         """S = Σ_t a_t a_tᵀ itself (float64, not a copy: read it, do not modify it)."""
+        self._require_sums()
         return self._sum_outer
 
     def second_moment(self) -> Float[Tensor, "d d"]:
         """Uncentered second moment S / N = (1/N) Σ_t a_t a_tᵀ, float64 (d, d)."""
         self._require_tokens("second moment")
+        self._require_sums()
         return self._sum_outer / self._count
 
-    def covariance(self, center: bool = True, unbiased: bool = True) -> Float[Tensor, "d d"]:
+    def covariance(self, center: bool = True, unbiased: bool = True, *, consume: bool = False) -> Float[Tensor, "d d"]:
         """Covariance from the sums, float64 (d, d), symmetrised.
 
         center=True:  (S − N μ μᵀ) / (N − 1)   (unbiased, = torch.cov) or / N (unbiased=False).
         center=False: S / N, the uncentered second moment; no degree of freedom is spent on a
         mean, so `unbiased` is ignored.
+        consume=True: C is formed in S's own storage (the same bits; no second d × d matrix: 6.6 GB at a 70B
+        model's 28,672-wide MLP state) and the accumulator keeps only N and s (`count`, `mean`); anything
+        that needs S afterwards raises.
         """
+        self._require_sums()
         if not center:
-            return self.second_moment()
+            if not consume:
+                return self.second_moment()
+            self._require_tokens("second moment")
+            self._consumed = True
+            return self._sum_outer.div_(self._count)
         self._require_tokens("covariance", minimum=2 if unbiased else 1)
         mu = self._sum / self._count  # (d,)
         denom = self._count - 1 if unbiased else self._count
         # (S − N μ μᵀ) / denom, then (C + Cᵀ)/2, by row blocks into one d × d result: the same elementwise
-        # operations as the whole-matrix expressions (bit for bit), with block-sized temporaries only
-        cov = torch.empty_like(self._sum_outer)
+        # operations as the whole-matrix expressions (bit for bit), with block-sized temporaries only; each
+        # row block of the first pass reads only the same rows of S, so S's storage can be that result
+        cov = self._sum_outer if consume else torch.empty_like(self._sum_outer)
+        self._consumed = self._consumed or consume
         step = max(1, _COV_BLOCK_BYTES // (8 * max(1, self.dim)))
         for i in range(0, self.dim, step):
             cov[i : i + step] = (
@@ -252,6 +277,7 @@ class RunningCovariance:
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, int | Tensor]:
         """Plain ints and float64 CPU tensors: dim, count, sum (d,), sum_outer (d, d)."""
+        self._require_sums()
         return {
             "dim": self.dim,
             "count": self._count,
@@ -277,6 +303,7 @@ class RunningCovariance:
         self._count = count
         self._sum = s.detach().to(device=self.device, dtype=torch.float64).clone()
         self._sum_outer = S.detach().to(device=self.device, dtype=torch.float64).clone()
+        self._consumed = False
 
     @classmethod
     def from_state_dict(
