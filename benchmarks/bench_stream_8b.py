@@ -11,7 +11,10 @@ capture_blocks' forwards, the eigendecompositions, ΔW reads and the row arithme
 (the per-block figures extrapolate linearly in the number of blocks). The pair is deleted at the end unless
 ``--keep``.
 
-Usage: .venv/bin/python benchmarks/bench_stream_8b.py [--layers 32] [--rows 16] [--length 128] [--pair DIR]
+``--shape 70b`` takes Llama-3.1-70B's widths instead (hidden 8192, MLP 28,672, 64 / 8 heads, same vocab).
+
+Usage: .venv/bin/python benchmarks/bench_stream_8b.py [--shape 70b] [--layers 32] [--rows 16] [--length 128]
+       [--pair DIR]
 (``--pair DIR``: write the pair there once and reuse it in later runs of the same shape.)
 """
 
@@ -71,19 +74,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--only", choices=("capture", "probe"), help="measure one of the two runs")
+    ap.add_argument("--shape", choices=("8b", "70b"), default="8b", help="Llama-3.1-8B's widths or Llama-3.1-70B's")
     ap.add_argument("--pair", help="a folder to write the pair into once and reuse (kept); default: a fresh one")
     a = ap.parse_args()
+    widths = {"8b": (4096, 14336, 32, 8), "70b": (8192, 28672, 64, 8)}[a.shape]
     shape = argparse.Namespace(
-        hidden=4096,
-        intermediate=14336,
-        heads=32,
-        kv_heads=8,
+        hidden=widths[0],
+        intermediate=widths[1],
+        heads=widths[2],
+        kv_heads=widths[3],
         layers=a.layers,
         vocab=128256,
         dtype="bfloat16",
         shard_gb=2.0,
     )
-    root = Path(a.pair) if a.pair else Path(tempfile.mkdtemp(prefix="rwasym-8b-", dir="/tmp"))
+    root = Path(a.pair) if a.pair else Path(tempfile.mkdtemp(prefix=f"rwasym-{a.shape}-", dir="/tmp"))
     a.keep = a.keep or bool(a.pair)
     try:
         t0 = time.perf_counter()
