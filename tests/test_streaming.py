@@ -186,3 +186,23 @@ def test_large_tensors_are_read_in_row_blocks_with_the_same_values(pair, monkeyp
     with stream.block(0) as block:
         loaded = rwasym.load(pair[0])
         assert all(torch.equal(p, q) for p, q in zip(block.parameters(), loaded.bridge.blocks[0].parameters()))
+
+
+def test_two_folders_give_their_delta_read_together(pair, monkeypatch):
+    """`CheckpointWeights.delta_to` (the streamed probe's ΔW of two folders, read jointly in row blocks) equals the
+    difference of the two matrices read separately, bit for bit, for every studied matrix; `WeightDeltas` of two
+    folders uses it."""
+    from rwasym.models.checkpoint import CheckpointWeights
+    from rwasym.models.deltas import WeightDeltas
+
+    base, tuned, _ = pair
+    b, t = CheckpointWeights(base), CheckpointWeights(tuned)
+    names = list(b)
+    assert names and all(torch.equal(b.delta_to(t, n), t[n] - b[n]) for n in names)
+    calls = []
+    real = CheckpointWeights.delta_to
+    deltas = WeightDeltas(b, t, names)
+    monkeypatch.setattr(
+        CheckpointWeights, "delta_to", lambda self, other, name: (calls.append(name), real(self, other, name))[1]
+    )
+    assert torch.equal(deltas[names[0]], t[names[0]] - b[names[0]]) and calls == [names[0]]

@@ -31,6 +31,9 @@ class WeightDeltas(Mapping):
                 f"no weight delta for {name!r}; these deltas cover {len(self._names)} matrices, "
                 f"e.g. {', '.join(self._names[:4])}"
             )
+        joint = getattr(self.base, "delta_to", None)  # two checkpoint folders: read together, one matrix at peak
+        if joint is not None and type(self.tuned) is type(self.base):
+            return joint(self.tuned, name)  # finite: checked block by block as it is read
         delta = self.tuned.weight(name) - self.base.weight(name)
         require_finite(delta, f"ΔW of {name}")
         return delta
