@@ -323,3 +323,20 @@ def test_covariance_consume_forms_c_in_the_sums_storage(center):
     ):
         with pytest.raises(RwasymError, match="consume=True"):
             use()
+
+
+def test_finiteness_is_checked_in_chunks_and_still_finds_every_bad_entry(monkeypatch):
+    """`require_finite` checks large contiguous tensors in chunks (no temporary the size of the input); a NaN or
+    Inf in the last chunk, or in a non-contiguous view, is still found and counted."""
+    from rwasym.math import checks
+
+    monkeypatch.setattr(checks, "_FINITE_CHUNK", 7)
+    x = torch.zeros(10, 9, dtype=torch.float64)
+    assert checks.require_finite(x, "x") is x
+    x[9, 8] = float("nan")
+    with pytest.raises(RwasymError, match="1 non-finite value.*1 NaN and 0 Inf"):
+        checks.require_finite(x, "x")
+    y = torch.zeros(10, 9, dtype=torch.float64)
+    y[3, 0] = float("inf")
+    with pytest.raises(RwasymError, match="0 NaN and 1 Inf"):
+        checks.require_finite(y.T, "y")  # a transposed view: checked whole
