@@ -405,7 +405,7 @@ def test_wide_delta_spectrum_from_its_gram_equals_the_svd():
 
     g = gen(40)
     D = torch.randn(1100, 1030, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3.0, 1030, dtype=torch.float64)
-    assert min(D.shape) >= fraction._GRAM_SPECTRUM_FROM
+    assert min(D.shape) >= fraction.GRAM_FROM
     sv = torch.linalg.svdvals(D).square()
     for M in (D, D.T):
         w = delta_spectrum(M).weights

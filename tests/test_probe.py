@@ -395,8 +395,8 @@ def test_gram_route_gives_the_rows_of_the_direct_products(pair_data, monkeypatch
     tuned = _planted_and_noise(base, "blocks.1.mlp.W_out", 4)
     kw = dict(k=3, null_samples=20, progress=False, spectral=spectral, spectral_k=6)
     direct = probe(base, tuned, tokens, **kw)
-    monkeypatch.setattr(probe_module, "GRAM_FROM", 1)
-    monkeypatch.setattr(fraction, "_GRAM_SPECTRUM_FROM", 1)
+    monkeypatch.setattr(probe_module, "GRAM_FROM", 1)  # the probe's imported name and delta_spectrum's
+    monkeypatch.setattr(fraction, "GRAM_FROM", 1)
     grams = []
     real = probe_module.delta_gram
     monkeypatch.setattr(probe_module, "delta_gram", lambda d, side: (grams.append(side), real(d, side))[1])

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from ..math.fraction import GRAM_FROM
 from ..models import Model
-from .probe import GRAM_FROM, TOPK_MAX_ITER, ProbeConfig, _budget, _solver, layer_groups, probe_sites, uses_topk
+from .probe import TOPK_MAX_ITER, ProbeConfig, _budget, _solver, layer_groups, probe_sites, uses_topk
 
 _INTERPRETER = 600 * 2**20  # Python with torch, transformers and TransformerLens imported (measured ≈ 450–600 MiB)
 _RATES: dict[str, float] = {}

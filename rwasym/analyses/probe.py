@@ -42,6 +42,7 @@ from ..errors import RwasymError
 from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics, quiet
 from ..math.checks import available_memory, linalg_threads, release_memory, require_k
 from ..math.fraction import (
+    GRAM_FROM,
     Side,
     column_energies,
     delta_gram,
@@ -1034,14 +1035,10 @@ def _site_layer(site: str) -> int | float:
     return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else float("inf")
 
 
-# min(n_out, n_in) from which the probe forms ΔW's smaller Gram once (`delta_gram`) and takes from it the
-# spectrum, every ρ_C and the column energies on that side: one GEMM where each of them paid one (8B widths)
-GRAM_FROM = 1024
-
-
 def _side_gram(grams: dict, spectra: dict, d, head, prefer: Side):
-    """(side, G) for ΔW (or its head slice) when it is dense with both sides ≥ `GRAM_FROM`: G its Gram on the
-    smaller side (``prefer`` on a tie), formed once per head and its spectrum stored in ``spectra``; else None."""
+    """(side, G) for ΔW (or its head slice) when it is dense with both sides ≥ `GRAM_FROM` (8B widths): G its Gram
+    on the smaller side (``prefer`` on a tie), formed once per head, its spectrum stored in ``spectra``, and ρ_C and
+    the column energies on that side taken from it (one GEMM where each of them paid one); else None."""
     if head not in grams:
         grams[head] = None
         if isinstance(d, torch.Tensor) and min(d.shape) >= GRAM_FROM:

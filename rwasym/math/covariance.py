@@ -249,11 +249,9 @@ class RunningCovariance:
         """
         self._require_sums()
         if not center:
-            if not consume:
-                return self.second_moment()
             self._require_tokens("second moment")
-            self._consumed = True
-            return self._sum_outer.div_(self._count)
+            self._consumed = consume
+            return self._sum_outer.div_(self._count) if consume else self._sum_outer / self._count
         self._require_tokens("covariance", minimum=2 if unbiased else 1)
         mu = self._sum / self._count  # (d,)
         denom = self._count - 1 if unbiased else self._count
@@ -261,7 +259,7 @@ class RunningCovariance:
         # operations as the whole-matrix expressions (bit for bit), with block-sized temporaries only; each
         # row block of the first pass reads only the same rows of S, so S's storage can be that result
         cov = self._sum_outer if consume else torch.empty_like(self._sum_outer)
-        self._consumed = self._consumed or consume
+        self._consumed = consume
         step = max(1, _COV_BLOCK_BYTES // (8 * max(1, self.dim)))
         for i in range(0, self.dim, step):
             cov[i : i + step] = (

@@ -49,6 +49,7 @@ from .subspaces import Basis
 __all__ = [
     "DeltaSpectrum",
     "FractionCurve",
+    "GRAM_FROM",
     "FractionResult",
     "NullMoments",
     "NullResult",
@@ -78,8 +79,9 @@ _SIDES: tuple[Side, ...] = ("input", "output")
 _NULL_CHUNK_BYTES = 32 * 2**20  # float64 bytes of Gaussian blocks drawn at once by null_fractions
 _NEGLIGIBLE_SIGMA = 1e-10  # σ_i <= this · σ_max is numerical zero: dropped from DeltaSpectrum.weights
 # min(n_out, n_in) from which a dense ΔW's spectrum comes from its smaller Gram's eigenvalues, not its SVD
-# (4096 × 4096: 3.6 s against 12.4 s; 14,336 × 4096: 6.9 s against 18.4 s, float64, 2 cores)
-_GRAM_SPECTRUM_FROM = 1024
+# (4096 × 4096: 3.6 s against 12.4 s; 14,336 × 4096: 6.9 s against 18.4 s, float64, 2 cores); the probe forms
+# that Gram once from the same width and takes ρ_C and the projections on its side from it too
+GRAM_FROM = 1024
 _EPS64 = float(torch.finfo(torch.float64).eps)
 
 
@@ -322,7 +324,7 @@ def delta_spectrum(delta: Float[Tensor, "n_out n_in"] | LowRankDelta | DeltaSpec
     shape = (int(D.shape[0]), int(D.shape[1]))
     if isinstance(D, LowRankDelta):
         svals = D.svdvals()  # the QR core's
-    elif min(shape) >= _GRAM_SPECTRUM_FROM:
+    elif min(shape) >= GRAM_FROM:
         return gram_spectrum(delta_gram(D, "input" if shape[0] >= shape[1] else "output"), shape)
     else:  # LAPACK's SVD of a wide matrix runs ~3x slower than of its (tall) transpose
         svals = linalg.svdvals(D if D.shape[0] >= D.shape[1] else D.T)  # descending

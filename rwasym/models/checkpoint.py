@@ -428,8 +428,8 @@ class CheckpointWeights(Mapping):
     def delta_to(self, tuned: "CheckpointWeights", name: str) -> Float[Tensor, "n_out n_in"]:
         """ΔW = W_tuned − W_self of ``name``, the two files read together in row blocks (`_host_delta`): one
         float64 matrix at peak instead of three (5.6 GB → 1.9 GB for a 70B model's 28,672 × 8192 MLP matrix).
-        The same values as ``tuned[name] - self[name]`` (float64 differences of the stored values are exact);
-        a fused tensor's matrices take that path."""
+        The same values as ``tuned[name] - self[name]`` (the same float64 subtraction of the stored values, one
+        rounding); a fused tensor's matrices take that path."""
         b, t = self._entries.get(name), tuned._entries.get(name)
         if b is None or t is None or b.rows is not None or t.rows is not None:
             return tuned[name] - self[name]
