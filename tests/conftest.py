@@ -23,6 +23,7 @@ _LANE_FILES = {
     "test_lora.py": "hf",
     "test_shards.py": "hf",
     "test_streaming.py": "hf",
+    "test_audit.py": "hf",
 }
 _LANES = ("real", "hf", "notebook", "distributed", "docs", "integration", "slow")
 

@@ -107,12 +107,14 @@ def as_eval_set(pairs: Any, text: Any = None, max_pairs: int | None = None) -> E
         last = (chosen_scored * torch.arange(chosen.shape[1])).max(-1).values  # (n,) last real position
         text, text_mask = chosen, torch.arange(chosen.shape[1])[None, :] <= last[:, None]
     elif isinstance(text, (str, os.PathLike)):
-        from safetensors.torch import load_file
+        from ..data import load_tensors
 
         if not str(text).endswith(".safetensors"):
             raise RwasymError(f"text {str(text)!r}: pass a .safetensors file with input_ids (or a token tensor)")
-        text = load_file(str(text))
+        text = load_tensors(text, "held-out text")
     if isinstance(text, Mapping):
+        if "input_ids" not in text:
+            raise RwasymError(f"the held-out text has no 'input_ids' tensor; found {sorted(text)}")
         text, text_mask = text["input_ids"], text.get("attention_mask")
     if not isinstance(text, Tensor) or text.dim() != 2 or text.is_floating_point() or text.shape[1] < 2:
         raise RwasymError(
@@ -189,9 +191,9 @@ def collateral_set(model: Model, collateral: Any, data: EvalSet) -> Collateral:
     mask = None
     if isinstance(collateral, (str, os.PathLike)):
         if str(collateral).endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from ..data import load_tensors
 
-            collateral = load_file(str(collateral))
+            collateral = load_tensors(collateral, "collateral text")
             if "input_ids" not in collateral:
                 raise RwasymError(f"the collateral file has no 'input_ids' tensor; found {sorted(collateral)}")
         else:

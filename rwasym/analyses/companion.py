@@ -24,6 +24,7 @@ from ..math.checks import linalg_threads
 from ..math.spectra import Lifecycle, alpha_req, lifecycle, rankme_from_cov
 from ..math.svd import REBUILD_MODES, post_training_svd, rebuild
 from ..models import Model, check_same_architecture, load, read_meta
+from ..models.audit import warn_unchanged
 from ..models.checkpoint import CheckpointWeights, is_checkpoint_folder
 
 
@@ -115,6 +116,7 @@ def geometry(
     `spectra.alpha_req`). One pass over the data per checkpoint, one checkpoint in memory at a time.
     """
     rows = []
+    warn_unchanged(list(checkpoints.values()), list(checkpoints), what="the geometry")
     for label, source in checkpoints.items():
         model = load(source)
         chosen = range(model.n_layers) if layers is None else layers
@@ -195,6 +197,7 @@ def lifecycle_from_checkpoints(
     """`spectra.lifecycle` over a checkpoint trajectory: a folder of ``step_*`` checkpoints or
     {step: folder}; checkpoints are loaded one at a time."""
     folders = checkpoint_folders(checkpoints) if isinstance(checkpoints, (str, Path)) else dict(checkpoints)
+    warn_unchanged(list(folders.values()), list(folders), what="the lifecycle")
     with linalg_threads(1):
         return lifecycle(_LazyWeights(folders, matrices), top_k=top_k)
 

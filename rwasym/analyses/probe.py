@@ -29,6 +29,7 @@ each ΔW is W_tuned read from its files minus the loaded base's W (`rwasym.model
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,9 +38,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .._progress import quiet
 from .._version import __version__  # noqa: F401
 from ..errors import RwasymError
-from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics, quiet
+from ..hooks.activations import ActivationStats, capture, data_hash, prediction_statistics
 from ..math.checks import available_memory, linalg_threads, release_memory, require_k
 from ..math.fraction import (
     GRAM_FROM,
@@ -62,8 +64,9 @@ from ..math.lowrank import LowRankDelta
 from ..math.subspaces import Basis, k_reaching, pca_basis, prediction_basis
 from ..math.topk import top_eigenpairs
 from ..models import MatrixSpec, Model, head_input_block, head_range, head_slice, load, weight_deltas
+from ..models.audit import unchanged_matrices
 from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
-from ..models.deltas import ModelWeights
+from ..models.deltas import ModelWeights, WeightDeltas
 from ..models.loading import checkpoint_folder
 from .options import option, resolve_config
 
@@ -533,6 +536,7 @@ def probe(
         )
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
+    _refuse_identical(deltas, specs, cfg, base, tuned, replicate)  # before any capture: nothing is lost
     if activations is not None and (cfg.exclude_positions or cfg.exclude_tokens):
         raise RwasymError(
             "exclude_positions / exclude_tokens apply to the probe's own capture; with precomputed activations= pass "
@@ -597,8 +601,23 @@ def probe(
         for name, value in cfg.to_dict().items()
         if name != "stats_budget"
     }
+    located = {row["matrix"] for row in rows}
+    unchanged = [spec.name for spec in specs if spec.name not in located]  # ΔW = 0: skipped, never r = NaN
+    if unchanged and not rows:
+        raise RwasymError(
+            f"ΔW = 0 in every selected matrix ({len(specs)}): the two models are the same there, so there is nothing "
+            "to locate; check the checkpoints with `rwasym audit BASE TUNED`, or select other matrices"
+        )
+    if unchanged:
+        warnings.warn(
+            f"rwasym.probe: {len(unchanged)} of {len(specs)} matrices have ΔW = 0 (untouched: frozen, outside an "
+            f"adapter, or identical checkpoints) and get no rows: {', '.join(unchanged[:4])}"
+            f"{' …' if len(unchanged) > 4 else ''}; the result lists them under config['unchanged']",
+            stacklevel=2,
+        )
     header: dict[str, Any] = dict(
         **recorded,
+        unchanged=unchanged,
         n_tokens=n_tokens,
         capture_passes=1 if stream is not None else len(groups),
         **_provenance(base, tuned, data),
@@ -638,6 +657,22 @@ def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool |
         out["prediction_fisher"] = pca_basis(stats.fisher(base.unembedding()), base.d_model)
         n_fisher = stats.count
     return out, n_fisher
+
+
+def _refuse_identical(deltas: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig, *sources: Any) -> None:
+    """RwasymError when ΔW is exactly zero in every selected matrix (`rwasym.models.audit.unchanged_matrices`:
+    in memory for loaded models, byte for byte for checkpoint folders), before the probe captures anything."""
+    if cfg.delta not in ("tuned", "noise_floor") or not isinstance(deltas, WeightDeltas):
+        return
+    zero = unchanged_matrices(deltas.base, deltas.tuned, [spec.name for spec in specs], until_changed=True)
+    if zero is not None and len(zero) == len(specs):
+        names = [os.fspath(m.source) if isinstance(m, Model) else os.fspath(m) for m in sources if m is not None]
+        which = "tuned and replicate" if cfg.delta == "noise_floor" else "base and tuned"
+        raise RwasymError(
+            f"{which} are identical in every selected matrix ({len(specs)} of them, ΔW = 0 exactly; sources "
+            f"{', '.join(repr(n) for n in names if n)}): the probe would locate nothing. Pass the other checkpoint, "
+            "or check them with `rwasym audit`"
+        )
 
 
 def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:

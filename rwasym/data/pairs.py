@@ -187,13 +187,13 @@ class PreferencePairs:
     @staticmethod
     def load(path: PathLike) -> "PreferencePairs":
         """Read a file written by `PreferencePairs.save`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
                 names = tuple(json.loads((f.metadata() or {}).get("rule_names", "[]")))
-        except (OSError, ValueError, RuntimeError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise RwasymError(f"cannot read preference pairs from {str(path)!r} ({err}).") from None
         return PreferencePairs(**tensors, rule_names=names)
 
@@ -287,6 +287,23 @@ def _check_ids(ids: Tensor, d_vocab: int | None, where: str) -> None:
             f"{where}: token ids must lie in [0, {d_vocab}); got range [{lo}, {hi}]. Use the model's own "
             "tokenizer, or a model whose vocabulary covers these ids (d_vocab > max id)."
         )
+
+
+def load_tensors(path: PathLike, what: str = "token data") -> dict[str, Tensor]:
+    """Every tensor of a ``.safetensors`` file (token ids, masks, pairs): a missing, truncated or corrupt file is an
+    RwasymError naming it (safetensors itself raises a bare ``SafetensorError``); nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise RwasymError(f"{what}: no such file {str(path)!r}; pass an existing .safetensors file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise RwasymError(
+            f"{what}: cannot read {str(path)!r} as safetensors ({err}); the file is truncated or not a safetensors "
+            "file: write it again with safetensors.torch.save_file({'input_ids': ...}, path)"
+        ) from None
 
 
 def load_text(

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import distributed
+from .._progress import quiet
 from ..errors import RwasymError
 from ..math.checks import release_memory
 from ..math.covariance import RunningCovariance
@@ -666,13 +667,6 @@ def _same_tensor_candidates(model: Model, widths: dict[str, int]) -> list[tuple[
 def _last_layer(widths: dict[str, int]) -> int:
     layers = [int(h.split(".")[1]) for h in widths if h.startswith("blocks.")]
     return max(layers) if len(layers) == len(widths) else 10**9
-
-
-def quiet(progress: bool | None) -> bool:
-    """True when progress bars stay off: ``progress=False``, or None and stderr is not a terminal."""
-    import sys
-
-    return not (progress if progress is not None else sys.stderr.isatty())
 
 
 def data_hash(tokens: Int[Tensor, "batch pos"]) -> str:

@@ -31,10 +31,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import distributed
+from .._progress import quiet
 from ..errors import RwasymError
 from ..math.covariance import RunningCovariance
 from ..models import Model, flatten_site, load
-from .activations import _Checkpoint, quiet
+from .activations import _Checkpoint
 
 
 @dataclass

@@ -114,6 +114,8 @@ def load(
                 "Hugging Face model (config.json); point at a folder written by save_model, "
                 "save_pretrained, or a hub name"
             )
+        if path.is_dir():
+            _check_config(path / "config.json")
         kwargs = dict(boot_kwargs)
         if "device_map" not in kwargs:
             kwargs["device"] = device
@@ -129,6 +131,13 @@ def load(
                 f"cannot load {str(source)!r} ({err}); pass an existing folder, a hub name (NAME or "
                 "NAME@REVISION) that is downloaded or reachable, or a .gguf file"
             ) from None
+        except ValueError as err:  # transformers: an unknown model_type, an architecture it cannot build
+            if isinstance(err, RwasymError):
+                raise
+            raise RwasymError(
+                f"cannot build a model from {str(source)!r} ({err}); fix its config.json (model_type and "
+                "architectures must name a transformers architecture that TransformerLens supports)"
+            ) from None
     else:
         raise RwasymError(
             f"cannot load a model from a {type(source).__name__}; pass a hub name or folder, a "
@@ -142,6 +151,20 @@ def load(
             model.tokenizer_source = split_revision(source)
         model.provenance.update({k: v for k, v in found.items() if v is not None})
     return model
+
+
+def _check_config(path: Path) -> None:
+    """A checkpoint folder's config.json is a JSON object naming its ``model_type`` (transformers' own error for
+    either is a bare ValueError deep in AutoConfig)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RwasymError(f"cannot read {str(path)!r} ({err}); fix the JSON or re-save the model") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise RwasymError(
+            f'{str(path)!r} names no model_type; add the architecture\'s model_type (e.g. "llama", "gpt2") '
+            "to config.json, or re-save the model with save_pretrained"
+        )
 
 
 def split_revision(source: str | os.PathLike) -> tuple[str, str | None]:

@@ -11,8 +11,9 @@ import torch
 from tqdm import tqdm
 
 from ... import distributed
+from ..._progress import quiet
 from ...errors import RwasymError
-from ...hooks.activations import capture, data_hash, quiet
+from ...hooks.activations import capture, data_hash
 from ...math.calibration import ScaleSearch
 from ...math.rank1 import directions as make_directions
 from ...math.rank1 import match_output_energy

@@ -11,9 +11,9 @@ def read_tokens(path: str, model):
     from ...errors import RwasymError
 
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from ...data import load_tensors
 
-        tensors = load_file(path)
+        tensors = load_tensors(path, "--data")
         if "input_ids" not in tensors:
             raise RwasymError(f"{path!r} has no 'input_ids' tensor; found {sorted(tensors)}")
         return {k: v for k, v in tensors.items() if k in ("input_ids", "attention_mask")}
