@@ -70,7 +70,10 @@ def main() -> None:
     print(f"pre-check, changed pair                 {changed:7.3f} s")
     print(f"pre-check, identical pair (worst case)  {same:7.2f} s")
     print(f"baseline: every studied ΔW read once    {read:7.2f} s")
-    print(f"ratios to the baseline: fingerprint {full / read:.2f}, changed {changed / read:.4f}, identical {same / read:.2f}")
+    print(
+        f"ratios to the baseline: fingerprint {full / read:.2f}, changed {changed / read:.4f}, "
+        f"identical {same / read:.2f}"
+    )
 
 
 if __name__ == "__main__":

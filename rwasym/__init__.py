@@ -25,12 +25,14 @@ if TYPE_CHECKING:
     from . import analyses, data, hooks, math, models
     from .analyses.anisotropy import anisotropy_report
     from .analyses.behaviour import Evaluator
+    from .analyses.chain import ChainConfig, ChainResult, chain
     from .analyses.probe import ProbeConfig, ProbeResult, probe
     from .analyses.sweep import SweepConfig, SweepSummary, read_sweep, summarize, sweep
     from .hooks.activations import ActivationStats, capture
     from .hooks.edits import rank1_edit
     from .hooks.gradients import GradientStats, capture_gradients
     from .models import MatrixSpec, Model, load, load_pair, native_config, save_model, weight_deltas
+    from .models.audit import audit
     from .models.lora import lora_deltas
     from .objectives import objective_batches
 
@@ -49,6 +51,8 @@ _LAZY: dict[str, tuple[str, Any]] = {
     "anisotropy_report": ("rwasym.analyses.anisotropy", "anisotropy_report"),
     **{n: ("rwasym.analyses.probe", n) for n in ("ProbeConfig", "ProbeResult", "probe")},
     "Evaluator": ("rwasym.analyses.behaviour", "Evaluator"),
+    **{n: ("rwasym.analyses.chain", n) for n in ("ChainConfig", "ChainResult", "chain")},
+    "audit": ("rwasym.models.audit", "audit"),
     **{n: ("rwasym.analyses.sweep", n) for n in ("SweepConfig", "SweepSummary", "read_sweep", "summarize", "sweep")},
 }
 

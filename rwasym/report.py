@@ -316,3 +316,55 @@ def dose_response(rows: Sequence[dict], metric: str, path: PathLike | None = Non
     if title:
         fig.suptitle(title, fontsize=9)
     return _finish(fig, path)
+
+
+def stage_shares(kind_rows: Sequence[dict], path: PathLike | None = None, value: str = "projection", title: str = ""):
+    """Stacked bars of a chain's stage shares per matrix kind (`rwasym.analyses.chain.ChainResult.kind_shares`):
+    each stage's mean ``value`` (projection ⟨ΔW_s, T⟩/‖T‖², or share ‖ΔW_s‖²/‖T‖²) of the total's ‖T‖²."""
+    plt = _plt()
+    kinds = list(dict.fromkeys(r["kind"] for r in kind_rows))
+    stages = list(dict.fromkeys(r["stage"] for r in kind_rows))
+    lookup = {(r["kind"], r["stage"]): r[value] for r in kind_rows}
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(kinds) + 2), 4))
+    bottom_pos, bottom_neg = [0.0] * len(kinds), [0.0] * len(kinds)
+    for j, stage in enumerate(stages):
+        vals = [lookup.get((k, stage), 0.0) for k in kinds]
+        bottoms = [bp if v >= 0 else bn for v, bp, bn in zip(vals, bottom_pos, bottom_neg)]
+        ax.bar(range(len(kinds)), vals, bottom=bottoms, color=f"C{j}", label=stage)
+        for i, v in enumerate(vals):
+            if v >= 0:
+                bottom_pos[i] += v
+            else:
+                bottom_neg[i] += v
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_ylabel(f"mean {value} of ‖T‖²")
+    ax.set_title(title or "each stage's part of the total change, by matrix kind")
+    ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def stage_overlaps(kind_rows: Sequence[dict], path: PathLike | None = None, title: str = ""):
+    """Heatmaps (input side, output side) of the mean overlap of top-r subspaces between stages per matrix kind
+    (`rwasym.analyses.chain.ChainResult.kind_angles`), the Haar mean r/n marked in each cell's text."""
+    plt = _plt()
+    pairs = list(dict.fromkeys(f"{r['stage_a']} | {r['stage_b']}" for r in kind_rows))
+    kinds = list(dict.fromkeys(r["kind"] for r in kind_rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(kinds) + 4), 0.6 * len(pairs) + 2.2), squeeze=False)
+    for ax, side in zip(axes[0], ("input", "output")):
+        grid = [[float("nan")] * len(kinds) for _ in pairs]
+        for r in kind_rows:
+            if r["side"] == side:
+                grid[pairs.index(f"{r['stage_a']} | {r['stage_b']}")][kinds.index(r["kind"])] = r["overlap"]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for r in kind_rows:
+            if r["side"] == side:
+                i, j = pairs.index(f"{r['stage_a']} | {r['stage_b']}"), kinds.index(r["kind"])
+                ax.text(
+                    j, i, f"{r['overlap']:.2f}\n({r['null_mean']:.2f})", ha="center", va="center", fontsize=6, color="w"
+                )
+        ax.set_xticks(range(len(kinds)), kinds, fontsize=7)
+        ax.set_yticks(range(len(pairs)), pairs if side == "input" else [""] * len(pairs), fontsize=6)
+        ax.set_title(f"{side} side ({'row' if side == 'input' else 'column'} spaces)", fontsize=9)
+    fig.suptitle(title or "overlap of stages' top-r ΔW subspaces (mean cos²; Haar mean)", fontsize=9)
+    return _finish(fig, path)

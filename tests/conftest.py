@@ -24,6 +24,7 @@ _LANE_FILES = {
     "test_shards.py": "hf",
     "test_streaming.py": "hf",
     "test_audit.py": "hf",
+    "test_chain.py": "hf",
 }
 _LANES = ("real", "hf", "notebook", "distributed", "docs", "integration", "slow")
 

@@ -93,6 +93,6 @@ def test_names_moved_out_of_the_top_level_warn_and_still_resolve():
             value = getattr(rwasym, name)
         assert value is getattr(importlib.import_module(module), attr), name
         assert name not in rwasym.__all__
-    assert len(rwasym.__all__) == 31  # 24 entry points, 5 namespaces, RwasymError, __version__ (0.1: 55)
+    assert len(rwasym.__all__) == 35  # 28 entry points, 5 namespaces, RwasymError, __version__ (0.1: 55)
     with pytest.warns(DeprecationWarning):
         assert rwasym.run_sweep is rwasym.sweep

@@ -519,7 +519,9 @@ def probe(
         tuned = load(tuned)  # a HF folder is streamed
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
-    if deltas is not None:  # only the matrices the mapping holds, in float64
+    if isinstance(deltas, WeightDeltas):  # lazy (a chain's stage): each ΔW formed when its rows are computed
+        specs = [s for s in specs if s.name in deltas]
+    elif deltas is not None:  # only the matrices the mapping holds, in float64
         deltas = {name: torch.as_tensor(t).to(torch.float64) for name, t in deltas.items()}
         specs = [s for s in specs if s.name in deltas]
         for s_ in specs:

@@ -1,5 +1,5 @@
-"""`rwasym demo | info | audit | probe | intervene | train | gradients | experiment | spectra | pair` — the command
-line only calls the public API. One module per command, each an ``add_<cmd>_parser`` / ``run_<cmd>`` pair;
+"""`rwasym demo | info | audit | chain | probe | intervene | train | gradients | experiment | spectra | pair` —
+the command line only calls the public API. One module per command, each an ``add_<cmd>_parser`` / ``run_<cmd>`` pair;
 flags that configure an analysis come from its config dataclass (`common.add_config_flags`)."""
 
 import argparse
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .audit import add_audit_parser
+from .chain import add_chain_parser
 from .common import add_config_flags, config_from_args
 from .demo import add_demo_parser
 from .experiment import add_experiment_parser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_info_parser(sub)
     add_audit_parser(sub)
+    add_chain_parser(sub)
     add_probe_parser(sub)
     add_intervene_parser(sub)
     add_train_parser(sub)
