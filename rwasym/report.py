@@ -368,3 +368,47 @@ def stage_overlaps(kind_rows: Sequence[dict], path: PathLike | None = None, titl
         ax.set_title(f"{side} side ({'row' if side == 'input' else 'column'} spaces)", fontsize=9)
     fig.suptitle(title or "overlap of stages' top-r ΔW subspaces (mean cos²; Haar mean)", fontsize=9)
     return _finish(fig, path)
+
+
+def audit_unchanged_grid(result: Any) -> tuple[list[str], list, list[list[float]]]:
+    """(row labels, columns, grid) behind `audit_grid`: for each consecutive pair of an audit's checkpoints and each
+    layer (``None``: tensors whose name holds no layer index), the fraction of tensors stored unchanged. Layers are
+    read from names like ``layers.12.`` / ``h.12.`` / ``blk.12.`` / ``blocks.12.``."""
+    import re
+
+    fps = result.fingerprints
+
+    def layer(name: str) -> int | None:
+        found = re.search(r"(?:layers|h|blk|blocks)\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+
+    layers = sorted({x for fp in fps for x in (layer(n) for n in fp.tensors) if x is not None})
+    columns: list = [*layers, None]
+    grid, labels = [], []
+    for i in range(1, len(fps)):
+        a, b = fps[i - 1].tensors, fps[i].tensors
+        row = []
+        for col in columns:
+            common = [n for n in a if n in b and layer(n) == col]
+            row.append(sum(a[n].same(b[n]) for n in common) / len(common) if common else float("nan"))
+        grid.append(row)
+        labels.append(f"[{i - 1}] → [{i}]")
+    return labels, columns, grid
+
+
+def audit_grid(result: Any, path: PathLike | None = None, title: str = ""):
+    """Heatmap of an audit (`rwasym.models.audit.AuditResult`, `audit_unchanged_grid`): consecutive pairs of
+    checkpoints (rows) by layer (columns), the fraction of tensors stored unchanged (1: the layer did not move)."""
+    plt = _plt()
+    labels, columns, grid = audit_unchanged_grid(result)
+    fig, ax = plt.subplots(figsize=(max(5, 0.22 * len(columns) + 2.5), 0.45 * len(grid) + 1.6))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="magma_r", aspect="auto")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ticks = list(range(0, len(columns), max(1, len(columns) // 12)))
+    if len(columns) - 1 not in ticks:
+        ticks.append(len(columns) - 1)
+    ax.set_xticks(ticks, [str(columns[t]) if columns[t] is not None else "other" for t in ticks], fontsize=7)
+    ax.set_xlabel("layer (last column: tensors outside the layers)")
+    fig.colorbar(image, ax=ax, label="fraction of tensors unchanged")
+    ax.set_title(title or "unchanged tensors between consecutive checkpoints", fontsize=9)
+    return _finish(fig, path)

@@ -68,7 +68,7 @@ def test_fingerprint_hashes_every_tensor_and_shards_agree(folders):
     assert len(sharded.files) > 1 and sharded.tensors == fp.tensors and sharded.sha256 == fp.sha256
 
 
-def test_audit_flags_each_planted_difference(folders):
+def test_audit_flags_each_planted_difference(folders, tmp_path):
     root, state, _ = folders
     res = audit([root / "base", root / "same", root / "tuned", root / "odd"], progress=False)
     kinds = {(f.kind, f.checkpoints): f for f in res.findings}
@@ -89,6 +89,16 @@ def test_audit_flags_each_planted_difference(folders):
     assert list(res.to_dataframe()["kind"]) == [f.kind for f in res.findings]
     clean = audit([root / "base", root / "tuned"], progress=False)
     assert clean.ok and [f.kind for f in clean.findings] == ["unchanged"]
+    from rwasym import report
+
+    labels, columns, grid = report.audit_unchanged_grid(res)
+    assert labels == ["[0] → [1]", "[1] → [2]", "[2] → [3]"] and columns == [0, 1, None]
+    per_layer = {c: [n for n in state if f"layers.{c}." in n] for c in (0, 1)}
+    assert grid[0] == [1.0, 1.0, 1.0]  # identical
+    assert grid[1][0] == (len(per_layer[0]) - 1) / len(per_layer[0])  # one tensor of each layer changed
+    assert grid[1][1] == (len(per_layer[1]) - 1) / len(per_layer[1]) and grid[1][2] == 1.0
+    report.audit_grid(res, tmp_path / "audit.png")
+    assert (tmp_path / "audit.png").stat().st_size > 0
 
 
 def test_audit_reads_a_hub_cache_and_a_duplicated_revision_once(folders, tmp_path, monkeypatch):

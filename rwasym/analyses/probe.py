@@ -69,6 +69,7 @@ from ..models.checkpoint import CheckpointDeltas, is_checkpoint_folder
 from ..models.deltas import ModelWeights, WeightDeltas
 from ..models.loading import checkpoint_folder
 from .options import option, resolve_config
+from .readouts import fill_contexts, plan_readouts, prediction_readouts
 
 
 @dataclass
@@ -78,23 +79,32 @@ class ProbeResult:
     rows: list[dict]
     curves: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    readouts: list[dict] = field(default_factory=list)  # ProbeConfig.readouts: tokens and contexts per direction
 
     def to_dicts(self) -> list[dict]:
         return [dict(r) for r in self.rows]
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps({"config": self.config, "rows": self.rows, "curves": self.curves}, indent=1)
+        doc = {"config": self.config, "rows": self.rows, "curves": self.curves}
+        if self.readouts:
+            doc["readouts"] = self.readouts
+        text = json.dumps(doc, indent=1)
         if path is not None:
             with open(path, "w") as fh:
                 fh.write(text)
         return text
 
-    def to_dataframe(self):
+    def to_dataframe(self, table: str = "rows"):
+        """``rows`` (default), ``curves`` or ``readouts`` as a pandas DataFrame (readouts: tokens and contexts as
+        nested lists in their cells)."""
         try:
             import pandas as pd
         except ImportError:  # pandas is optional
             raise RwasymError("to_dataframe needs pandas: pip install pandas (or use to_dicts())") from None
-        return pd.DataFrame(self.rows)
+        tables = {"rows": self.rows, "curves": self.curves, "readouts": self.readouts}
+        if table not in tables:
+            raise RwasymError(f"table={table!r}: choose rows, curves or readouts")
+        return pd.DataFrame(tables[table])
 
     def table(self, side: str = "residual") -> dict[str, dict[str, float]]:
         """Mean relative fraction per matrix kind and subspace on whole matrices (heads pooled out)."""
@@ -208,6 +218,13 @@ class ProbeConfig:
         "the residual stream sees it) or the raw ΔW",
         choices=("residual", "raw"),
     )
+    readouts: int = option(
+        0,
+        "read out each ΔW's leading singular directions in words: the tokens a write matrix's direction promotes and "
+        "demotes (through diag(γ)·W_U) and the corpus contexts that most excite its input direction (collected in "
+        "the capture pass); 0: off (rwasym.analyses.readouts)",
+    )
+    readout_top: int = option(10, "tokens and contexts listed per readout direction and sign")
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
@@ -229,10 +246,13 @@ class ProbeConfig:
             )
         if not 0.0 < float(self.variance) <= 1.0:
             raise RwasymError(f"variance must satisfy 0 < variance <= 1 (a variance fraction); got {self.variance}")
-        for name in ("null_samples", "curve_null_samples", "batch_size"):
+        for name in ("null_samples", "curve_null_samples", "batch_size", "readouts", "readout_top"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
-                raise RwasymError(f"{name} must be a non-negative integer (batch_size positive); got {value!r}")
+            positive = name in ("batch_size", "readout_top")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+                raise RwasymError(
+                    f"{name} must be a non-negative integer (batch_size, readout_top positive); got {value!r}"
+                )
 
     def subspace_list(self) -> list[str]:
         return [x.strip() for x in str(self.subspaces).split(",") if x.strip()]
@@ -494,6 +514,8 @@ def probe(
     mapping of ``delta="given"`` (only those matrices get rows). Activation rows also carry ``mean_fraction``,
     ΔW's share along the site's mean activation direction (which a centred basis cannot see), and every row
     ``random_delta_fraction``, the gradient-shaped null's expected share (docs: concepts/probe).
+    readouts: each ΔW's leading directions in words, tokens (write side) and top contexts (collected in this
+    capture pass), in ``ProbeResult.readouts`` (`rwasym.analyses.readouts`).
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
@@ -544,6 +566,15 @@ def probe(
             "exclude_positions / exclude_tokens apply to the probe's own capture; with precomputed activations= pass "
             "them to rwasym.hooks.activations.capture instead, or pass data= and let the probe capture"
         )
+    readouts, watch = [], {}
+    if cfg.readouts:  # directions before the capture, contexts collected in it
+        if stream is not None or activations is not None or deltas is None:
+            raise RwasymError(
+                "readouts collect their contexts in the probe's own capture pass: not with stream=True or "
+                "precomputed activations= (pass data= and let the probe capture), and they read a ΔW (not with "
+                "delta='random_delta', which draws one per row)"
+            )
+        readouts, watch = plan_readouts(base, specs, deltas, cfg.readouts, cfg.readout_top, cfg.post_norm)
     generator = torch.Generator().manual_seed(cfg.seed)
     with contextlib.nullcontext() if stream is None else stream.outside():  # the unembedding read, then freed
         preds, n_fisher = _prediction_bases(base, data, cfg, progress)
@@ -576,7 +607,10 @@ def probe(
                 progress=progress,
                 exclude_positions=cfg.exclude_positions,
                 exclude_tokens=cfg.exclude_tokens,
+                contexts={s.name: watch[s.name] for s in group if s.name in watch} or None,
+                context_top=cfg.readout_top,
             )
+            fill_contexts(readouts, acts.contexts, base.tokenizer)
             n_tokens = acts.n_tokens
             covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads, **_solver(cfg))
         else:  # the caller's statistics stay untouched
@@ -628,7 +662,9 @@ def probe(
         header["fisher_tokens"] = n_fisher
     if replicate is not None:
         header["replicate"] = str(replicate.source) if isinstance(replicate, Model) else os.fspath(replicate)
-    return ProbeResult(rows=rows, curves=curve_rows, config=header)
+    if cfg.readouts and "prediction" in preds:
+        readouts += prediction_readouts(base, preds["prediction"].U, cfg.readouts, cfg.readout_top)
+    return ProbeResult(rows=rows, curves=curve_rows, config=header, readouts=readouts)
 
 
 def _prediction_bases(base: Model, data: Any, cfg: ProbeConfig, progress: bool | None) -> tuple[dict, int | None]:
@@ -668,7 +704,11 @@ def _refuse_identical(deltas: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig
         return
     zero = unchanged_matrices(deltas.base, deltas.tuned, [spec.name for spec in specs], until_changed=True)
     if zero is not None and len(zero) == len(specs):
-        names = [os.fspath(m.source) if isinstance(m, Model) else os.fspath(m) for m in sources if m is not None]
+        names = [
+            (str(m.source) if m.source is not None else "a model in memory") if isinstance(m, Model) else str(m)
+            for m in sources
+            if m is not None
+        ]
         which = "tuned and replicate" if cfg.delta == "noise_floor" else "base and tuned"
         raise RwasymError(
             f"{which} are identical in every selected matrix ({len(specs)} of them, ΔW = 0 exactly; sources "

@@ -9,7 +9,7 @@ studied matrix's input (Q/K/V share one attention-input site, W_gate shares W_in
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class ActivationStats:
     stats: dict[str, RunningCovariance]
     aliases: dict[str, str] = field(default_factory=dict)
     model: Model | None = None
+    contexts: dict[str, Any] = field(default_factory=dict)  # label -> TopContexts (capture's contexts=)
 
     def __getitem__(self, site: str) -> RunningCovariance:
         key = self.aliases.get(site, site)
@@ -232,6 +233,9 @@ def capture(
     checkpoint_every: int = 50,
     exclude_positions: Sequence[int] = (),
     exclude_tokens: Sequence[int] = (),
+    contexts: Mapping[str, tuple[str, Tensor]] | None = None,
+    context_top: int = 10,
+    context_window: int = 12,
 ) -> ActivationStats:
     """Stream ``data`` through ``model`` once and accumulate float64 Σ a aᵀ, Σ a, N per site.
 
@@ -257,6 +261,10 @@ def capture(
     sums as an uninterrupted run (same batches, same order); a finished file is returned without a
     forward. A file with another key, or one that cannot be read, is refused (`RwasymError`), never
     reused. Needs token data (a tensor, a dict or a text file) and a single process.
+    contexts: {label: (site, V)} with V (site width × m) directions: the same pass keeps, per column of V, the
+    ``context_top`` counted positions with the largest and the smallest score vᵀa and their ``context_window``
+    token ids (`rwasym.hooks.contexts.TopContexts`), returned as ``ActivationStats.contexts[label]``; the site is
+    captured too. Single process, no ``checkpoint``.
 
     Data parallel (under ``torchrun``, see `rwasym.distributed`): with a process group of
     world_size W > 1, every rank must be given the same ``data``; batches are formed first, rank
@@ -270,9 +278,12 @@ def capture(
     exclude_positions, exclude_tokens = _check_exclusions(exclude_positions, exclude_tokens)
     aliases = model.residual_hooks()
     widths = _resolve_sites(model, sites, layers, batch_size)
-    stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
-    current: dict[str, Tensor | None] = {"mask": None}
     rank, size = distributed.world()
+    watchers = _context_watchers(model, contexts or {}, widths, aliases, context_top, context_window)
+    if watchers and (checkpoint is not None or size > 1):
+        raise RwasymError("contexts= needs a single process without checkpoint= (top contexts are not checkpointed)")
+    stats = {hook: RunningCovariance(width, name=hook, gram_dtype=gram_dtype) for hook, width in widths.items()}
+    current: dict[str, Any] = {"mask": None}
     ckpt = (
         None
         if checkpoint is None
@@ -298,6 +309,8 @@ def capture(
 
     def make_hook(hook_name: str, width: int):
         def hook_fn(x: Tensor, hook: Any = None) -> Tensor:
+            for _, acc in watchers.get(hook_name, ()):
+                acc.add(flatten_site(x, width), current["mask"], current["tokens"], current["offset"], current["attn"])
             if hook_name in skip:
                 return x
             rows = flatten_site(x, width)
@@ -327,10 +340,13 @@ def capture(
         disable=quiet(progress) or rank != 0,
     )
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd_hooks):
+        offset, next_offset = 0, 0  # index of the batch's first sequence (top contexts name sequences by it)
         for i, (tokens, mask) in enumerate(_as_batches(data, batch_size, model)):
+            offset, next_offset = next_offset, next_offset + tokens.shape[0]
             if i < done_batches:
                 continue  # in the checkpoint already (its token count restored with it)
             n_batches = i + 1
+            raw_mask = mask
             mask, kwargs = _kept_tokens(tokens, mask, model, max_tokens, seen, exclude_positions, exclude_tokens)
             n = int(mask.sum())
             if n == 0:
@@ -341,6 +357,8 @@ def capture(
             if i % size != rank:
                 continue  # another rank's batch: counted towards the budget, not forwarded here
             current["mask"] = mask
+            if watchers:
+                current.update(tokens=tokens, offset=offset, attn=None if raw_mask is None else raw_mask.bool())
             model.bridge(tokens.to(model.device), stop_at_layer=stop_at, **kwargs)
             if comparing[0]:
                 for leader, follower in pairs:
@@ -361,7 +379,33 @@ def capture(
         for acc in stats.values():
             acc.all_reduce()
     _require_captured(seen)
-    return _activation_stats(stats, aliases, model)
+    result = _activation_stats(stats, aliases, model)
+    result.contexts = {label: acc for accs in watchers.values() for label, acc in accs}
+    return result
+
+
+def _context_watchers(
+    model: Model,
+    contexts: Mapping[str, tuple[str, Tensor]],
+    widths: dict[str, int],
+    aliases: dict,
+    top: int,
+    window: int,
+) -> dict[str, list]:
+    """{bridge hook: [(label, TopContexts)]} for ``contexts``; each site joins ``widths`` (it is captured too)."""
+    from .contexts import TopContexts
+
+    watchers: dict[str, list] = {}
+    for label, (site, V) in contexts.items():
+        hook = aliases.get(site, site)
+        if V.dim() != 2:
+            raise RwasymError(f"contexts[{label!r}]: V must be (site width, m); got shape {tuple(V.shape)}")
+        extra = _resolve_sites(model, [hook], None, 1) if hook not in widths else {}
+        widths.update(extra)
+        if widths[hook] != V.shape[0]:
+            raise RwasymError(f"contexts[{label!r}]: site {site!r} is {widths[hook]} wide but V has {V.shape[0]} rows")
+        watchers.setdefault(hook, []).append((label, TopContexts(V, top=top, window=window)))
+    return watchers
 
 
 def capture_blocks(
