@@ -94,7 +94,9 @@ def test_stage_rows_equal_the_pair_probe_in_the_first_checkpoints_subspaces(stag
 
     def rows_of(stage):
         return [
-            {k: v for k, v in r.items() if k not in ("stage", "delta")} for r in res.probe_rows if r["stage"] == stage
+            {k: v for k, v in r.items() if k not in ("stage", "frame", "delta")}
+            for r in res.probe_rows
+            if r["stage"] == stage
         ]
 
     def plain(rows):
@@ -161,3 +163,55 @@ def test_cli_chain_writes_tables_report_and_figures(stages, tmp_path):
     assert len(doc["stages"]) == 3 and doc["shares"] and doc["angles"]
     assert (out / "report.md").exists() and (out / "figures" / "shares.png").exists()
     assert math.isfinite(doc["angles"][0]["overlap"])
+
+
+def test_a_real_sft_then_dpo_chain(real_folder, tmp_path):
+    """SmolLM2-135M's first two blocks, SFT then DPO with the training loops (3 steps each, saved as HF folders):
+    the chain's stage norms and projections equal explicit subtraction of the loaded checkpoints, and the DPO run's
+    step 0 (the SFT model again) makes a duplicated checkpoint that the chain refuses."""
+    from rwasym.studies.real_pair import real_pair_records, real_spec
+    from rwasym.train.loops import AlignConfig, align
+
+    folder = real_folder(2)
+    policy = rwasym.load(folder)
+    train, _ = real_pair_records(real_spec(quick=True), policy.tokenizer)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+    pairs = policy.load_pairs(tmp_path / "pairs.jsonl")
+    cfg = AlignConfig(lr=1e-4, steps=3, batch_size=8, warmup_steps=1, checkpoint_every=0)
+    align(
+        policy, None, pairs, AlignConfig(**{**cfg.__dict__, "objective": "sft"}), out=tmp_path / "sft", progress=False
+    )
+    reference = rwasym.load(tmp_path / "sft" / "step_000003")
+    align(policy, reference, pairs, cfg, out=tmp_path / "dpo", progress=False)
+    sources = [folder, tmp_path / "sft" / "step_000003", tmp_path / "dpo" / "step_000003"]
+    data = torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(2))
+    res = chain(dict(zip(("base", "sft", "dpo"), sources)), data, k=4, null_samples=0, progress=False)
+    models = [rwasym.load(s) for s in sources]
+    for name in ("blocks.0.attn.W_Q", "blocks.1.mlp.W_out"):
+        total = models[2].weight(name) - models[0].weight(name)
+        rows = [r for r in res.shares if r["matrix"] == name]
+        for r, (a, b) in zip(rows, ((0, 1), (1, 2))):
+            d = models[b].weight(name) - models[a].weight(name)
+            assert r["norm2"] == pytest.approx(float((d * d).sum()), rel=1e-12)
+            assert r["projection"] == pytest.approx(float((d * total).sum() / (total * total).sum()), rel=1e-10)
+        assert sum(r["projection"] for r in rows) == pytest.approx(1.0, abs=1e-12)
+    assert {r["stage"] for r in res.probe_rows} == {"base → sft", "sft → dpo", "total"}
+    with pytest.raises(RwasymError, match="are identical"):
+        chain([folder, tmp_path / "sft" / "step_000003", tmp_path / "dpo" / "step_000000"], data, progress=False)
+
+
+def test_each_stage_in_its_own_starting_frame_equals_the_pair_probe(stages):
+    """frame="each": stage A1 → A2 is probed in A1's subspaces, exactly as rwasym.probe(A1, A2) on the same data."""
+    root, _ = stages
+    data = _data()
+    kw = dict(k=2, null_samples=8, matrices=["blocks.0.attn.W_Q", "blocks.1.mlp.W_out"])
+    res = chain([root / f"A{s}" for s in range(3)], data, frame="each", total=False, progress=False, **kw)
+    pair = rwasym.probe(rwasym.load(root / "A1"), rwasym.load(root / "A2"), data, heads=False, curves=False, **kw)
+    second = [r for r in res.probe_rows if r["stage"] == res.stages[1]]
+    assert {r["frame"] for r in second} == {"A1"}
+    drop = ("stage", "frame", "delta")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in second] == [
+        {k: v for k, v in r.items() if k != "delta"} for r in pair.rows
+    ]
+    first = [r for r in res.probe_rows if r["stage"] == res.stages[0]]
+    assert {r["frame"] for r in first} == {"A0"}

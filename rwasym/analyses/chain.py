@@ -3,7 +3,8 @@
 For checkpoints A₀, A₁, …, A_S of one architecture, stage s is ΔW_s = W_{A_s} − W_{A_{s−1}} and the total is
 T = W_{A_S} − W_{A_0} = Σ_s ΔW_s (exactly, up to one rounding per stage in float64). Every stage and the total are
 probed (`rwasym.probe`, ``delta="given"``) against the **same** subspaces: the activation statistics of A₀ on the
-given data (captured once) and A₀'s prediction subspace, so stages are comparable row by row.
+given data (captured once) and A₀'s prediction subspace, so stages are comparable row by row (``frame="each"``:
+each stage in the subspaces of the checkpoint it starts from instead; rows carry ``frame``).
 
 Per studied matrix:
 
@@ -62,11 +63,21 @@ class ChainConfig:
     heads: bool = option(False, "per-head probe rows besides whole matrices")
     curves: bool = option(False, "r(k) curves in the probe rows")
     total: bool = option(True, "probe the total T = W_last − W_first too (a row set labelled 'total')")
+    frame: str = option(
+        "first",
+        "whose subspaces each stage's probe rows use: first (the first checkpoint's, for every stage: comparable "
+        "row by row) or each (the checkpoint the stage starts from: one more load and capture per stage)",
+        choices=("first", "each"),
+    )
     batch_size: int = option(16, "sequences per forward pass of the capture")
     max_tokens: int | None = option(None, "tokens of the activation capture (default all)", type=int)
     seed: int = option(0, "seeds the probe's Haar draws")
 
     def __post_init__(self) -> None:
+        if self.frame not in ("first", "each"):
+            raise RwasymError(
+                f"frame={self.frame!r}: choose first (every stage in the first checkpoint's subspaces) or each"
+            )
         for name in ("k", "angle_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -191,6 +202,10 @@ def _weights(source: Any) -> Any:
     return CheckpointWeights(folder) if folder is not None else load(source)
 
 
+def _loaded(source: Any) -> Model:
+    return source if isinstance(source, Model) else load(source)
+
+
 def _factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(U, V, rank): ΔW's top-r left and right singular vectors, r cut to its numerical rank."""
     U, s, Vh = torch.linalg.svd(delta, full_matrices=False)
@@ -237,7 +252,7 @@ def chain(
                 f"checkpoints {labels[i - 1]!r} and {labels[i]!r} are identical (every tensor equal): that stage "
                 "changed nothing; check the chain's uploads or revisions (`rwasym audit` lists every finding)"
             )
-    first = sources[0] if isinstance(sources[0], Model) else load(sources[0])
+    first = _loaded(sources[0])
     specs = first.matrices(cfg.matrices)
     if not specs:
         raise first.unmatched(cfg.matrices)
@@ -261,25 +276,29 @@ def chain(
         max_tokens=cfg.max_tokens,
         delta="given",
     )
-    acts = capture(
-        first,
-        data,
-        sites=list(probe_sites(first, specs, False)),
-        batch_size=cfg.batch_size,
-        max_tokens=cfg.max_tokens,
-        progress=progress,
-    )
+
+    def statistics(model: Model):
+        sites = list(probe_sites(model, specs, False))
+        return capture(
+            model, data, sites=sites, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, progress=progress
+        )
+
+    acts = statistics(first)
     probe_rows = []
-    runs = list(zip(stage_labels, stages))
+    runs = [(label, deltas, i) for i, (label, deltas) in enumerate(zip(stage_labels, stages))]
     if cfg.total:
-        runs.append(("total", WeightDeltas(weights[0], weights[-1], names)))
-    for label, deltas in tqdm(runs, desc="chain stages", disable=quiet(progress)):
+        runs.append(("total", WeightDeltas(weights[0], weights[-1], names), 0))
+    for label, deltas, start in tqdm(runs, desc="chain stages", disable=quiet(progress)):
         import warnings
 
+        # frame "each": a stage in the subspaces of the checkpoint it starts from (loaded, captured, then freed)
+        frame = first if cfg.frame == "first" or start == 0 else _loaded(sources[start])
+        frame_acts = acts if frame is first else statistics(frame)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rwasym.probe: .* have ΔW = 0")  # listed in the shares
-            result = probe(first, None, None, probe_cfg, activations=acts, deltas=deltas, progress=False)
-        probe_rows += [{"stage": label, **row} for row in result.rows]
+            result = probe(frame, None, None, probe_cfg, activations=frame_acts, deltas=deltas, progress=False)
+        probe_rows += [{"stage": label, "frame": labels[0 if frame is first else start], **row} for row in result.rows]
+        del frame_acts
 
     shares, angles = [], []
     with linalg_threads(1):
