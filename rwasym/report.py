@@ -412,3 +412,30 @@ def audit_grid(result: Any, path: PathLike | None = None, title: str = ""):
     fig.colorbar(image, ax=ax, label="fraction of tensors unchanged")
     ax.set_title(title or "unchanged tensors between consecutive checkpoints", fontsize=9)
     return _finish(fig, path)
+
+
+def stage_trajectory(rows: Sequence[dict], path: PathLike | None = None, title: str = ""):
+    """A chain's trajectory (`rwasym.analyses.chain.ChainResult.trajectory`): per matrix kind, the part of the total
+    change reached after each stage (cumulative projection on T), against the stage's end checkpoint."""
+    plt = _plt()
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(stages) + 3), 4))
+    for j, kind in enumerate(kinds):
+        mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["step"])
+        ax.plot(
+            [0] + [r["step"] for r in mine],
+            [0.0] + [r["reached"] for r in mine],
+            marker="o",
+            ms=3,
+            color=f"C{j}",
+            label=kind,
+        )
+    ax.set_xticks(
+        range(len(stages) + 1), ["start", *[s.split(" → ")[-1] for s in stages]], rotation=30, ha="right", fontsize=7
+    )
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_ylabel("part of the total change reached (projection on T)")
+    ax.set_title(title or "the chain's trajectory along its total change")
+    ax.legend(fontsize=7)
+    return _finish(fig, path)

@@ -215,3 +215,24 @@ def test_each_stage_in_its_own_starting_frame_equals_the_pair_probe(stages):
     ]
     first = [r for r in res.probe_rows if r["stage"] == res.stages[0]]
     assert {r["frame"] for r in first} == {"A0"}
+
+
+def test_a_training_folder_is_a_trajectory_and_its_step_0_is_left_out(stages, tmp_path):
+    """A stage given as a folder of step_* checkpoints (rwasym-train.json) expands into its steps; step 0, the start
+    again, is left out with a warning; the cumulative projection reaches exactly 1 at the end."""
+    root, _ = stages
+    run = tmp_path / "run"
+    for step, src in ((0, "A1"), (5, "A2"), (9, "A3")):
+        shutil.copytree(root / src, run / f"step_{step:06d}")
+        (run / f"step_{step:06d}" / "rwasym-train.json").write_text(json.dumps({"step": step}))
+    with pytest.warns(UserWarning, match="left out run step 0"):
+        res = chain([root / "A0", root / "A1", run], _data(), k=2, null_samples=0, progress=False)
+    assert res.stages == ["A0 → A1", "A1 → run step 5", "run step 5 → run step 9"]
+    traj = res.trajectory()
+    last = [r for r in traj if r["step"] == 3]
+    assert last and all(r["reached"] == pytest.approx(1.0, abs=1e-12) for r in last)
+    q = {r["step"]: r["reached"] for r in traj if r["kind"] == "W_Q"}
+    w = load_file(str(root / "A0" / "model.safetensors"))
+    total = load_file(str(root / "A3" / "model.safetensors"))[Q0].double() - w[Q0].double()
+    first = load_file(str(root / "A1" / "model.safetensors"))[Q0].double() - w[Q0].double()
+    assert q[1] == pytest.approx(float((first * total).sum() / (total * total).sum()), rel=1e-10)

@@ -28,6 +28,7 @@ resident, so folders are the scalable form). At a time it holds A₀ (loaded, fo
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,6 +141,21 @@ class ChainResult:
             for (kind, stage), rows in groups.items()
         ]
 
+    def trajectory(self) -> list[dict]:
+        """Per matrix kind, after each stage: the mean over layers of the cumulative projection
+        Σ_{s' ≤ s} ⟨ΔW_s', T⟩/‖T‖² (the part of the total change reached along T; 1 after the last stage), from the
+        share rows (matrices with T ≠ 0 only)."""
+        out = []
+        by_kind: dict = {}
+        for r in self.shares:
+            if r["share"] == r["share"]:
+                by_kind.setdefault(r["kind"], {}).setdefault(r["matrix"], []).append(r)
+        for kind, matrices in by_kind.items():
+            for s, stage in enumerate(self.stages):
+                reached = [sum(rows[j]["projection"] for j in range(s + 1)) for rows in matrices.values()]
+                out.append(dict(kind=kind, stage=stage, step=s + 1, reached=sum(reached) / len(reached)))
+        return out
+
     def kind_angles(self) -> list[dict]:
         """Mean overlap and z per matrix kind, side and stage pair (over layers)."""
         groups: dict = {}
@@ -202,6 +218,24 @@ def _weights(source: Any) -> Any:
     return CheckpointWeights(folder) if folder is not None else load(source)
 
 
+def _expand(items: list) -> tuple[list, set[int]]:
+    """A source that is a training folder (``step_*`` checkpoints, `rwasym.analyses.companion.checkpoint_folders`)
+    becomes its checkpoints in step order, labelled ``"<label> step N"``: a stage given as a series is a trajectory.
+    Returns the items and the positions that came from a series."""
+    from .companion import checkpoint_folders
+
+    out, series = [], set()
+    for label, source in items:
+        path = Path(os.fspath(source)).expanduser() if isinstance(source, (str, os.PathLike)) else None
+        if path is not None and path.is_dir() and not (path / "config.json").exists() and any(path.glob("step_*")):
+            for step, folder in sorted(checkpoint_folders(path).items()):
+                series.add(len(out))
+                out.append((f"{label} step {step}", folder))
+        else:
+            out.append((label, source))
+    return out, series
+
+
 def _loaded(source: Any) -> Model:
     return source if isinstance(source, Model) else load(source)
 
@@ -226,7 +260,9 @@ def chain(
     """Measure every stage of a chain of checkpoints in the first checkpoint's subspaces (module docstring).
 
     checkpoints: two or more sources in training order (anything `rwasym.load` accepts; Hugging Face folders and
-    hub names are read matrix by matrix), or {label: source}. data: the corpus of the first checkpoint's
+    hub names are read matrix by matrix), or {label: source}; a training folder of ``step_*`` checkpoints stands for
+    its steps in order (a stage given as a trajectory; its step 0, identical to the checkpoint before, is left out
+    with a warning). data: the corpus of the first checkpoint's
     activation statistics (anything `rwasym.hooks.activations.capture` accepts). Refused with RwasymError: fewer
     than two checkpoints, different architectures, and two consecutive checkpoints that are identical (a stage
     with ΔW = 0 everywhere; `rwasym audit` says more).
@@ -240,18 +276,33 @@ def chain(
             for i, s in enumerate(checkpoints)
         ]
     )
+    if not isinstance(checkpoints, Mapping):
+        short = [os.path.basename(os.path.normpath(label)) or label for label, _ in items]
+        if len(set(short)) == len(short):  # folder names label the stages; full paths when two share a name
+            items = [(name, source) for name, (_, source) in zip(short, items)]
+    items, series = _expand(items)
     if len(items) < 2:
         raise RwasymError("a chain needs at least two checkpoints in training order (base, then each stage)")
     labels, sources = [label for label, _ in items], [s for _, s in items]
-    short = [os.path.basename(os.path.normpath(label)) or label for label in labels]
-    if not isinstance(checkpoints, Mapping) and len(set(short)) == len(short):
-        labels = short  # folder names label the stages; full paths when two share a name
+    drop = []
     for i, _, identical in unchanged_between(sources):
-        if identical:
+        if identical and i in series:  # a run's step 0 is saved before its first update: its start again
+            drop.append(i)
+        elif identical:
             raise RwasymError(
                 f"checkpoints {labels[i - 1]!r} and {labels[i]!r} are identical (every tensor equal): that stage "
                 "changed nothing; check the chain's uploads or revisions (`rwasym audit` lists every finding)"
             )
+    if drop:
+        import warnings
+
+        warnings.warn(
+            f"rwasym.chain: left out {', '.join(labels[i] for i in drop)}: identical to the checkpoint before it "
+            "(a training run's step 0)",
+            stacklevel=2,
+        )
+        labels = [x for i, x in enumerate(labels) if i not in drop]
+        sources = [x for i, x in enumerate(sources) if i not in drop]
     first = _loaded(sources[0])
     specs = first.matrices(cfg.matrices)
     if not specs:

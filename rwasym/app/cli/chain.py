@@ -34,6 +34,7 @@ def run_chain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     kinds, angles = result.kind_shares(), result.kind_angles()
     report.stage_shares(kinds, out / "figures" / "shares.png")
+    report.stage_trajectory(result.trajectory(), out / "figures" / "trajectory.png")
     if angles:
         report.stage_overlaps(angles, out / "figures" / "overlaps.png")
     doc = dict(
@@ -46,7 +47,7 @@ def run_chain(args: argparse.Namespace) -> int:
             f"# Stage chain: {' → '.join(str(c) for c in args.checkpoints)}\n",
             "## Each stage's part of the total ‖T‖² (mean over layers)\n",
             report.markdown_table(kinds, ["kind", "stage", "projection", "share", "matrices"]),
-            "\n![shares](figures/shares.png)\n",
+            "\n![shares](figures/shares.png)\n![trajectory](figures/trajectory.png)\n",
             "## Overlap of stages' top-r ΔW subspaces (mean cos²; Haar mean r/n)\n",
             report.markdown_table(angles, ["kind", "side", "stage_a", "stage_b", "overlap", "null_mean", "z"]),
             "\n![overlaps](figures/overlaps.png)" if angles else "",
