@@ -439,3 +439,20 @@ def stage_trajectory(rows: Sequence[dict], path: PathLike | None = None, title: 
     ax.set_title(title or "the chain's trajectory along its total change")
     ax.legend(fontsize=7)
     return _finish(fig, path)
+
+
+def readout_tokens(row: dict, path: PathLike | None = None, title: str = ""):
+    """One readout row (`rwasym.analyses.readouts`): the logit change per unit of u of its top and bottom tokens,
+    as horizontal bars (top in one colour, bottom in another), labelled with the decoded tokens."""
+    plt = _plt()
+    entries = row["tokens"]["bottom"] + row["tokens"]["top"][::-1]  # bottom to top: the largest logit last (top bar)
+    labels = [repr(e["token"]) if e["token"] is not None else str(e["id"]) for e in entries]
+    values = [e["logit"] for e in entries]
+    fig, ax = plt.subplots(figsize=(5.5, 0.22 * len(entries) + 1.2))
+    ax.barh(range(len(entries)), values, color=["C2" if v > 0 else "C3" for v in values])
+    ax.set_yticks(range(len(entries)), labels, fontsize=7)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlabel("logit change per unit of u  (W̃_Uᵀ u)")
+    where = f"{row['matrix']} direction {row['direction']}" if row.get("matrix") else f"prediction {row['direction']}"
+    ax.set_title(title or f"{where}: σ = {row.get('sigma', float('nan')):.3g}", fontsize=9)
+    return _finish(fig, path)

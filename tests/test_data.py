@@ -262,3 +262,28 @@ def test_load_pairs_jsonl(tmp_path):
     text.write_text(json.dumps(lines[0]))
     with pytest.raises(RwasymError, match="pass a tokenizer"):
         load_pairs_jsonl(text)
+
+
+def test_generic_text_does_not_depend_on_what_the_caller_imported():
+    """The docstring text is built in a fresh interpreter: importing submodules first (as pandas, Jupyter or a test
+    runner do) leaves it unchanged, and on the Python the causal re-run used it is the text that run recorded."""
+    import hashlib
+    import json
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rwasym.studies.collateral import _docstrings
+
+    code = (
+        "import logging.handlers, unittest.mock, json.tool, email.mime.text, hashlib\n"
+        "from rwasym.studies.collateral import _docstrings\n"
+        "print(hashlib.sha256(_docstrings().encode()).hexdigest())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = hashlib.sha256(_docstrings().encode()).hexdigest()
+    assert other == here
+    recorded = json.loads((Path(__file__).parent.parent / "docs/results/real_causal/collateral_s0.json").read_text())
+    if platform.python_version() == recorded["python"]:
+        assert here == recorded["sha256"]

@@ -102,7 +102,7 @@ def test_wide_directions_from_the_gram_equal_the_svd(shape):
     assert delta_directions(low, 5)[0].numel() == 2  # the rank, not n
 
 
-def test_probe_readouts_are_the_svd_and_leave_the_rows_unchanged(native):
+def test_probe_readouts_are_the_svd_and_leave_the_rows_unchanged(native, tmp_path):
     base, tuned = native
     data = _tokens()
     kw = dict(k=2, null_samples=4, batch_size=3)
@@ -124,6 +124,10 @@ def test_probe_readouts_are_the_svd_and_leave_the_rows_unchanged(native):
     assert q["tokens"] is None and len(q["contexts"]["top"]) == 3  # read matrix: contexts only
     assert not [r for r in read.readouts if r["matrix"] and r["layer"] == 0]  # untouched: no readout
     assert [r["kind"] for r in read.readouts].count("prediction") == 2
+    from rwasym import report
+
+    report.readout_tokens(rows[0], tmp_path / "tokens.png")
+    assert (tmp_path / "tokens.png").stat().st_size > 0
     frame = read.to_dataframe("readouts")
     assert len(frame) == len(read.readouts) and "contexts" in frame.columns
     with pytest.raises(rwasym.RwasymError, match="own capture pass"):
