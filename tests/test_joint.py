@@ -699,3 +699,44 @@ def test_output_random_controls_edit_the_output_side_of_read_matrices(pair, tmp_
     assert len(ctl) == 3 and {(r["side"], r["target"], r["matched_to"]) for r in ctl} == {("output", "pca", 0)}
     target = next(r for r in rows if r["direction"] == "pca")
     assert all(r["edit_norm"] == pytest.approx(target["edit_norm"], rel=1e-9) for r in ctl)
+
+
+def test_donor_controls_apply_the_targets_frame_to_another_runs_delta(pair, tmp_path):
+    """Joint donor control j of a matrix = the least-squares edit on target j mod c's own frame of the donor's ΔW,
+    norm-matched per matrix (checked by hand); with the tuned model itself as the donor, every donor row's metrics
+    equal its target's exactly; donor and control_delta go together, in joint sweeps."""
+    base, specs, stats, deltas = _w_q_set(pair)
+    g = torch.Generator().manual_seed(11)
+    donor_deltas = {s.name: 0.2 * torch.randn(s.shape, generator=g, dtype=torch.float64) for s in specs}
+    _, gen = _replayable(300)
+    edits = joint_edits(
+        base, specs, deltas.__getitem__, stats, [("pca", 2), ("donor", 2)], 2, gen, "norm", donor_of=donor_deltas.get
+    )
+    assert [d["direction"] for d, _ in edits] == ["pca"] * 2 + ["donor"] * 2
+    for spec in specs:
+        top = _top_from(stats.for_matrix(spec.name).covariance(), 4)
+        for j, (desc, edit) in enumerate(edits[2:]):
+            F = top[:, (j % 2) * 2 : (j % 2) * 2 + 2]
+            E = donor_deltas[spec.name] @ F @ F.T
+            U, V = edit[spec.name]
+            U_t, V_t = edits[j % 2][1][spec.name]
+            scale = float((U_t.T @ V_t).norm()) / float(E.norm())
+            assert torch.allclose(U.T @ V, scale * E, atol=1e-10) and desc["matched_to"] == j % 2
+    rows = _run(
+        pair,
+        tmp_path / "d.jsonl",
+        matrices=("blocks.*.attn.W_Q",),
+        ranks=(1,),
+        directions="pca:1,donor:1",
+        control_delta=str(pair["root"] / "tuned"),
+    )
+    target = next(r for r in rows if r["direction"] == "pca")
+    donor = next(r for r in rows if r["direction"] == "donor")
+    metrics = [k for k in target if k.startswith(("gap_", "kl_", "margin", "accuracy", "ce"))]
+    assert metrics and all(donor[k] == target[k] for k in metrics)
+    header, _ = read_sweep(tmp_path / "d.jsonl")
+    assert header["config"]["control_delta"] == rwasym.load(str(pair["root"] / "tuned")).weights_hash()
+    with pytest.raises(RwasymError, match="go together"):
+        SweepConfig(joint=True, directions="pca:1,donor:1")
+    with pytest.raises(RwasymError, match="go together"):
+        SweepConfig(directions="pca:1,donor:1", control_delta="x")

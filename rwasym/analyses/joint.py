@@ -20,7 +20,9 @@ r-frame F_m (`rwasym.math.rank1.frame_edit`: ΔW FᵀF on the input side, FᵀF 
   singular values and Haar singular vectors, `rwasym.math.rank1.spectrum_matched_delta`: it keeps the
   frame and the spectrum, not ΔW's own column / row space), or ``output_random`` (a Haar r-frame on
   the matrix's output side, FᵀF ΔW, whatever the target's side: for read matrices it keeps ΔW's
-  input space but not its output structure), rescaled per matrix so that ‖E_m‖_F
+  input space but not its output structure), or ``donor`` (target j mod c's own frame applied to a donor run's
+  ΔW_m = W_donor,m − W_base,m, another seed or run from the same base: where the target points, with another
+  run's change behind it), rescaled per matrix so that ‖E_m‖_F
   (``match="norm"``, also the start of ``match="kl"``) or the mean-square output change
   tr(E_m M_m E_mᵀ), M_m = E[a aᵀ] of the base's input (``match="output"``), equals that of target
   j mod c of the same matrix. Every matrix of a control edit is thus matched to its own target.
@@ -76,13 +78,14 @@ def joint_edits(
     rank: int,
     seed_generator: Callable[..., torch.Generator],
     match: str = "norm",
+    donor_of: Callable[[str], torch.Tensor] | None = None,
 ) -> list[tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     """(row descriptors, {matrix: (U, V)} at α = 1) of every joint edit of one set at one rank.
 
     delta_of(name): ΔW of a matrix (float64, n_out × n_in); stats: the base's `ActivationStats` at
     the matrices' inputs; kinds: the parsed direction spec; seed_generator(*parts): the seeded
     generator of one (matrix, rank, kind). Order: targets i = 0 … c − 1, then each control kind's
-    draws j = 0 … (module docstring)."""
+    draws j = 0 … (module docstring). donor_of(name): a donor run's ΔW of a matrix (the ``donor`` family)."""
     counts = dict(kinds)
     if "pca" in counts and "prediction" in counts and counts["pca"] != counts["prediction"]:
         raise RwasymError(
@@ -96,8 +99,12 @@ def joint_edits(
             "controls are matched to the targets"
         )
     controls = [
-        (kind, counts[kind]) for kind in ("random", "orthogonal", "spectrum", "output_random") if kind in counts
+        (kind, counts[kind])
+        for kind in ("random", "orthogonal", "spectrum", "output_random", "donor")
+        if kind in counts
     ]
+    if "donor" in counts and donor_of is None:
+        raise RwasymError("the donor control family needs donor_of (a donor run's ΔW: control_delta=)")
     pred_basis: torch.Tensor | None = None
     per_matrix: dict[str, dict[str, Any]] = {}  # name → {"edits": [(U, V), ...], "M": second moment}
     used: set[str] = set()
@@ -135,6 +142,14 @@ def joint_edits(
                 source, frame_side = delta, side
                 if kind == "spectrum":  # the target's own frame on a random delta with ΔW's spectrum
                     F, source = basis[:, (j % c) * rank : (j % c + 1) * rank].T, spectrum_matched_delta(delta, g)
+                elif kind == "donor":  # the target's own frame on another run's ΔW of this matrix
+                    assert donor_of is not None  # checked above
+                    F, source = basis[:, (j % c) * rank : (j % c + 1) * rank].T, donor_of(spec.name)
+                    if float(source.abs().max()) == 0.0:
+                        raise RwasymError(
+                            f"{spec.name}: the donor run left this matrix unchanged (its ΔW is zero), so a donor "
+                            "control edit of it is zero; choose a donor that trained it, or leave donor out"
+                        )
                 elif kind == "output_random":  # a Haar frame on the output side whatever the target's side
                     F, frame_side = random_frame(spec.n_out, rank, g), "output"
                 elif kind == "random":

@@ -18,7 +18,7 @@ FORMAT = 1
 TARGETS = ("pca", "prediction")
 
 
-CONTROLS = ("random", "orthogonal", "spectrum", "output_random")
+CONTROLS = ("random", "orthogonal", "spectrum", "output_random", "donor")
 
 
 MATCHES = ("kl", "norm", "output")
@@ -35,7 +35,8 @@ class SweepConfig:
         "kind:count of targets (pca, prediction) and their controls: random, orthogonal (Haar directions; the "
         "edit keeps ΔW's own output / input space), spectrum (the target's direction on a random delta with "
         "ΔW's singular values), output_random (a Haar direction on the matrix's output side, p pᵀ ΔW: for read "
-        "matrices it keeps ΔW's input space, not its output structure); controls are split over the targets "
+        "matrices it keeps ΔW's input space, not its output structure), donor (joint: the target's frame on a "
+        "donor run's ΔW, --control-delta); controls are split over the targets "
         "(matched_to = j mod count), so 20 per "
         "target and family let one seed's rank p reach 1/21 < 0.05",
     )
@@ -90,6 +91,13 @@ class SweepConfig:
         "joint: edit ranks r, each edit the top-r target directions of every matrix (controls: random r-frames)",
         list_of=int,
     )
+    control_delta: str | None = _opt(
+        None,
+        "joint: a donor tuned checkpoint of the same base (another seed or run) for the donor control family "
+        "(directions donor:N): each target's own frame applied to the donor's ΔW = W_donor − W_base, so the edit "
+        "keeps where the target points and takes how much and which output structure from another run",
+        type=str,
+    )
 
     def __post_init__(self) -> None:
         for name in ("matrices", "alphas", "ranks", "kl_budgets"):  # lists and single values become tuples
@@ -128,6 +136,12 @@ class SweepConfig:
             raise RwasymError(f"ranks={list(ranks)} needs joint=True (--joint): per-matrix sweeps are rank 1")
         if self.joint and self.heads:
             raise RwasymError("joint edits are whole-matrix edits of a set; drop heads (--heads) or joint (--joint)")
+        donor = "donor" in dict(parse_directions(self.directions))
+        if donor != (self.control_delta is not None) or (donor and not self.joint):
+            raise RwasymError(
+                "the donor control family (directions donor:N) and control_delta (--control-delta, a donor tuned "
+                "checkpoint) go together, in joint sweeps (--joint); pass both with --joint, or neither"
+            )
         e = self.edits_per_pass
         if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
             raise RwasymError(f"edits_per_pass must be a positive integer; got {e!r}")
@@ -145,6 +159,7 @@ class SweepConfig:
         dtype: str,
         post_norm: bool = False,
         collateral: str | None = None,
+        donor: str | None = None,
     ) -> dict:
         """The ``config`` of the sweep file's header: this configuration resolved against the run
         (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
@@ -152,7 +167,8 @@ class SweepConfig:
         Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume, and
         ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``). An
         effect-matched (``match="kl"``) header records the budgets, the tolerance and ``collateral``
-        (the collateral text's hash) in place of the α list."""
+        (the collateral text's hash) in place of the α list; a donor control records ``control_delta`` (the donor's
+        weights hash)."""
         kinds = parse_directions(self.directions)
         return dict(
             base=base,
@@ -184,6 +200,7 @@ class SweepConfig:
             ),
             **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
             **({"post_norm": self.post_norm} if post_norm else {}),
+            **({"control_delta": donor} if self.control_delta is not None else {}),
         )
 
     def to_dict(self) -> dict:

@@ -132,6 +132,9 @@ def sweep(
     cfg: SweepConfig = resolve_config(SweepConfig, config, overrides, "sweep")
     base, tuned = load(base), load(tuned)
     check_same_architecture(base, tuned)  # before any capture: a mismatch costs nothing
+    donor = None if cfg.control_delta is None else load(cfg.control_delta)
+    if donor is not None:
+        check_same_architecture(base, donor)
     data_set = eval_set(base, pairs, text, cfg.max_pairs)  # pairs resolved once; the Evaluator takes the EvalSet
     kinds = parse_directions(cfg.directions)
     # CPUs are compute-bound (small passes stay in cache); GPUs want wide batches
@@ -170,6 +173,7 @@ def sweep(
         dtype=str(base.dtype),
         post_norm=any(base.post_norm_scale(s.name) is not None for s in specs),
         collateral=collateral_hash,
+        donor=None if donor is None else donor.weights_hash(),
     )
     alphas, mode, seed, heads, match, max_tokens = cfg.alphas, cfg.mode, cfg.seed, cfg.heads, cfg.match, cfg.max_tokens
     rank, size = distributed.world()
@@ -194,7 +198,7 @@ def sweep(
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
         plan, warned = [], set()
         if cfg.joint:
-            plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass)
+            plan = _joint_plan(ev, base, tuned, sets, acts, kinds, cfg, sign, edits_per_pass, donor=donor)
         for spec in specs if not cfg.joint else []:
             full = deltas[spec.name]  # ΔW (float64), one matrix at a time
             raw_norm = float(full.norm())  # ‖ΔW‖_F of the raw weights: the ceiling row's
@@ -340,6 +344,7 @@ def _joint_plan(
     sign: float,
     edits_per_pass: int,
     unit_base: int = 0,
+    donor: Model | None = None,
 ) -> list:
     """The passes (metas, run, unit) of a joint sweep (`rwasym.analyses.joint`): per set and rank, every
     α (or KL budget) of every target / control edit, ``edits_per_pass`` edits per batched forward."""
@@ -356,6 +361,13 @@ def _joint_plan(
         return deltas[name]
 
     scales = {s.name: _post_scale(base, s.name, cfg.post_norm) for group in sets.values() for s in group}
+    donor_deltas = None if donor is None else WeightDeltas(base, donor, sorted(scales))
+
+    def donor_of(name: str) -> torch.Tensor:  # the donor run's ΔW, in the same (post-norm) convention as ΔW
+        assert donor_deltas is not None  # only called for the donor family, which needs a donor
+        d = donor_deltas[name]
+        scale = scales.get(name)
+        return d if scale is None else scale[:, None] * d
 
     plan = []
     for label, specs in sets.items():
@@ -370,7 +382,15 @@ def _joint_plan(
         for r in cfg.ranks:
             match = "norm" if cfg.match == "kl" else cfg.match  # effect-matched: norm-matched, then calibrated
             edits = joint_edits(
-                base, specs, delta_of, acts, kinds, r, lambda *parts: _generator(cfg.seed, "joint", *parts), match
+                base,
+                specs,
+                delta_of,
+                acts,
+                kinds,
+                r,
+                lambda *parts: _generator(cfg.seed, "joint", *parts),
+                match,
+                donor_of=None if donor is None else donor_of,
             )
             edits = [
                 (desc, {n: (U if (scale := scales[n]) is None else U / scale, V) for n, (U, V) in edit.items()})
