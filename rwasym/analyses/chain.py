@@ -26,6 +26,7 @@ resident, so folders are the scalable form). At a time it holds A₀ (loaded, fo
 """
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,8 +295,6 @@ def chain(
                 "changed nothing; check the chain's uploads or revisions (`rwasym audit` lists every finding)"
             )
     if drop:
-        import warnings
-
         warnings.warn(
             f"rwasym.chain: left out {', '.join(labels[i] for i in drop)}: identical to the checkpoint before it "
             "(a training run's step 0)",
@@ -303,6 +302,8 @@ def chain(
         )
         labels = [x for i, x in enumerate(labels) if i not in drop]
         sources = [x for i, x in enumerate(sources) if i not in drop]
+        if len(sources) < 2:
+            raise RwasymError("after leaving out the series' step 0, fewer than two checkpoints remain in the chain")
     first = _loaded(sources[0])
     specs = first.matrices(cfg.matrices)
     if not specs:
@@ -340,8 +341,6 @@ def chain(
     if cfg.total:
         runs.append(("total", WeightDeltas(weights[0], weights[-1], names), 0))
     for label, deltas, start in tqdm(runs, desc="chain stages", disable=quiet(progress)):
-        import warnings
-
         # frame "each": a stage in the subspaces of the checkpoint it starts from (loaded, captured, then freed)
         frame = first if cfg.frame == "first" or start == 0 else _loaded(sources[start])
         frame_acts = acts if frame is first else statistics(frame)
