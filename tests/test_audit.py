@@ -224,7 +224,8 @@ def test_cli_audit_and_the_three_new_user_failures(folders, tmp_path, capsys):
     out = tmp_path / "a.json"
     assert main(["audit", str(root / "base"), str(root / "same"), "--quiet", "--out", str(out)]) == 1
     assert json.loads(out.read_text())["findings"][0]["kind"] == "identical"
-    assert main(["audit", str(root / "base"), str(root / "tuned"), "--quiet"]) == 0
+    assert main(["audit", str(root / "base"), str(root / "tuned"), "--quiet", "--figure", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"tok{i % 90 + 3}" for i in range(400)))
     args = ["probe", "--base", str(root / "base"), "--data", str(text), "--quiet", "--k", "2", "--null-samples", "0"]

@@ -12,6 +12,9 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("sources", nargs="+", help="checkpoints in order: folders, hub names (NAME[@REVISION]), .gguf files")
     p.add_argument("--out", default=None, help="write the findings and every tensor's SHA-256 as JSON here")
+    p.add_argument(
+        "--figure", default=None, help="write the unchanged-tensor grid (consecutive pairs × layers) as a PNG here"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_audit)
     return p
@@ -26,4 +29,9 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.out:
         result.to_json(args.out)
         print(f"wrote {args.out}")
+    if args.figure and len(result.fingerprints) > 1:
+        from ... import report
+
+        report.audit_grid(result, args.figure)
+        print(f"wrote {args.figure}")
     return 0 if result.ok else 1
