@@ -47,6 +47,7 @@ from ..models.deltas import WeightDeltas
 from ..models.loading import checkpoint_folder
 from .options import option, resolve_config
 from .probe import ProbeConfig, probe, probe_sites
+from .readouts import delta_directions
 
 __all__ = ["ChainConfig", "ChainResult", "chain", "principal_overlap"]
 
@@ -241,15 +242,6 @@ def _loaded(source: Any) -> Model:
     return source if isinstance(source, Model) else load(source)
 
 
-def _factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(U, V, rank): ΔW's top-r left and right singular vectors, r cut to its numerical rank."""
-    U, s, Vh = torch.linalg.svd(delta, full_matrices=False)
-    tol = max(delta.shape) * torch.finfo(torch.float64).eps * float(s[0]) if s.numel() else 0.0
-    rank = int((s > tol).sum())
-    keep = min(r, rank)
-    return U[:, :keep], Vh[:keep].T, rank
-
-
 def chain(
     checkpoints: Sequence[Any] | Mapping[str, Any],
     data: Any,
@@ -367,14 +359,14 @@ def chain(
                         "projection": inner / t2 if t2 > 0 else float("nan"),
                     }
                 )
-                factors.append(_factors(d, cfg.angle_rank) if d2 > 0 else None)
+                factors.append(delta_directions(d, cfg.angle_rank)[1:3] if d2 > 0 else None)  # (U, V), rank-cut
                 del d
             del total
             for a in range(len(stages)):
                 for b in range(a + 1, len(stages)):
                     if factors[a] is None or factors[b] is None:
                         continue
-                    (Ua, Va, _), (Ub, Vb, _) = factors[a], factors[b]
+                    (Ua, Va), (Ub, Vb) = factors[a], factors[b]
                     r = min(Ua.shape[1], Ub.shape[1])
                     for side, A, B in (("input", Va, Vb), ("output", Ua, Ub)):
                         angles.append(

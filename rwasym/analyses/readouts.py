@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import RwasymError
+from ..math.fraction import delta_gram
 from ..math.lowrank import LowRankDelta
 from ..models import MatrixSpec, Model
 
@@ -69,7 +70,7 @@ def delta_directions(delta: Any, n: int) -> tuple[Tensor, Tensor, Tensor, float]
     eps = torch.finfo(torch.float64).eps
     if min(dense.shape) > GRAM_ABOVE:
         wide = dense.shape[1] > dense.shape[0]  # the Gram on the output side is the smaller one
-        lam, Q = torch.linalg.eigh(dense @ dense.T if wide else dense.T @ dense)
+        lam, Q = torch.linalg.eigh(delta_gram(dense, "output" if wide else "input"))
         lam, Q = lam.flip(0), Q.flip(1)
         m = min(n, int((lam > min(dense.shape) * eps * float(lam[0])).sum())) if lam.numel() and lam[0] > 0 else 0
         s = lam[:m].sqrt()

@@ -231,6 +231,7 @@ def _gguf_index(path: Path) -> dict[str, tuple[str, tuple[int, ...], _Where]]:
 def _files(source: Any) -> tuple[str, list[Path]]:
     """(format, files) of a checkpoint source (module docstring)."""
     from . import gguf
+    from .checkpoint import _weight_map
     from .loading import checkpoint_folder, split_revision
 
     path = Path(os.fspath(source)).expanduser()
@@ -249,18 +250,8 @@ def _files(source: Any) -> tuple[str, list[Path]]:
                 f"NAME[@REVISION]{' (revision ' + repr(split_revision(source)[1]) + ')' if '@' in str(source) else ''}"
             )
         path = folder
-    index = path / _INDEX_FILE
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise RwasymError(
-                f"{str(index)!r} is corrupt (no valid 'weight_map': {err}); re-save the checkpoint"
-            ) from None
-        missing = [s for s in shards if not (path / s).exists()]
-        if missing:
-            raise RwasymError(f"shard {missing[0]!r} listed in {str(index)!r} is missing; the folder is incomplete")
-        return "safetensors", [path / s for s in shards]
+    if (path / _INDEX_FILE).exists():  # a sharded checkpoint: its index, checked as streaming checks it
+        return "safetensors", [path / s for s in sorted(set(_weight_map(path).values()))]
     if (path / _SINGLE_FILE).exists():
         return "safetensors", [path / _SINGLE_FILE]
     files = sorted(path.glob("*.safetensors"))
