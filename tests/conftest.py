@@ -9,7 +9,10 @@ from rwasym.testing import HF_ARCHS, build_hf_model
 # Lanes (`make test-fast` runs the unit lane): a test is marked by what it needs — the real SmolLM2 model, tiny
 # Hugging Face models, an executed notebook, torchrun, the docs build — read off its file and fixtures; long
 # end-to-end runs on native models carry @pytest.mark.integration themselves.
-_LANE_FIXTURES = {"real": ("real_gguf", "real_folder", "shared_gguf_cache"), "hf": ("hf_folder", "models")}
+_LANE_FIXTURES = {
+    "real": ("real_gguf", "real_folder", "shared_gguf_cache", "gemma_gguf", "gemma_folder"),
+    "hf": ("hf_folder", "models"),
+}
 _LANE_FILES = {
     "test_notebooks.py": "notebook",
     "test_distributed.py": "distributed",
@@ -18,6 +21,7 @@ _LANE_FILES = {
     "test_causal_study.py": "real",
     "test_real_pair.py": "real",
     "test_real_model.py": "real",
+    "test_real_gemma.py": "real",
     "test_families.py": "hf",
     "test_trl.py": "hf",
     "test_lora.py": "hf",
@@ -143,6 +147,28 @@ def real_folder(real_gguf):
     from rwasym.testing import real_model_folder
 
     return lambda n_layers=None: real_model_folder(n_layers, cache_dir=_USER_CACHE)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    """Path of the assembled google/gemma-3-270m GGUF (cached in the user cache), or a skip naming the packages."""
+    from rwasym.testing import GEMMA_EXTRA_HINT, gemma_gguf_path
+
+    pytest.importorskip("gguf", reason=GEMMA_EXTRA_HINT)
+    try:
+        return gemma_gguf_path(_USER_CACHE)
+    except rwasym.RwasymError as e:
+        if "cannot find" not in str(e):
+            raise  # a corrupt chunk fails, it is not skipped
+        pytest.skip(GEMMA_EXTRA_HINT)
+
+
+@pytest.fixture(scope="session")
+def gemma_folder(gemma_gguf):
+    """n_layers (None: all 18) -> the cached de-quantized gemma-3-270m folder (rwasym.testing.gemma_model_folder)."""
+    from rwasym.testing import gemma_model_folder
+
+    return lambda n_layers=None: gemma_model_folder(n_layers, cache_dir=_USER_CACHE)
 
 
 _USER_GGUF = os.path.join(

