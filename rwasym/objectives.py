@@ -35,6 +35,7 @@ __all__ = [
     "heldout_ce",
     "mean_kl",
     "next_token_ce",
+    "shuffled_targets",
     "objective_batches",
     "pair_logprobs",
     "preference_accuracy",
@@ -116,11 +117,32 @@ def check_tokens(model: Model, tokens: Tensor, what: str) -> Tensor:
     return tokens.long().to(model.device)
 
 
-def next_token_ce(model: Model, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``tokens`` (with grad)."""
+def shuffled_targets(
+    targets: Int[Tensor, "batch pos"], valid: Tensor, generator: torch.Generator
+) -> Int[Tensor, "batch pos"]:
+    """``targets`` with the entries at ``valid`` positions permuted uniformly among themselves (the rest kept):
+    the same inputs and the same multiset of targets, no input–target structure (the study's C2 condition)."""
+    where = valid.flatten().nonzero()[:, 0]
+    perm = where[torch.randperm(len(where), generator=generator).to(where.device)]
+    flat = targets.flatten().clone()
+    flat[where] = targets.flatten()[perm]
+    return flat.view_as(targets)
+
+
+def next_token_ce(
+    model: Model, tokens: Tensor, pad_id: int | None = None, shuffle: torch.Generator | None = None
+) -> Tensor:
+    """Mean next-token cross-entropy of ``tokens`` (with grad), over every target position, or with ``pad_id``
+    over the positions whose target is not padding (token-weighted over the batch). With ``shuffle`` (a seeded
+    generator) the targets are `shuffled_targets` first."""
     tokens = tokens.to(model.device)
     logits = model.bridge(tokens)  # (batch, pos, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    targets = tokens[:, 1:]
+    valid = targets != pad_id if pad_id is not None else torch.ones_like(targets, dtype=torch.bool)
+    if shuffle is not None:
+        targets = shuffled_targets(targets, valid, shuffle)
+    targets = targets.masked_fill(~valid, -100)  # cross_entropy's ignore_index
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 @dataclass

@@ -347,3 +347,59 @@ def test_trajectory_reports_the_update_sum_beside_delta(base_dir, data, tmp_path
         assert r["r_prediction_update"] == pytest.approx(r["r_prediction"], rel=1e-4), r
     with pytest.raises(RwasymError, match="delta='given'"):
         rwasym.probe(rwasym.load(base_dir), None, data[1][:8], deltas=saved)
+
+
+# ------------------------------------------------- issue #30: frozen non-matrices, padding, shuffled targets
+def test_padded_ce_counts_only_real_targets_and_shuffling_keeps_the_target_multiset():
+    from rwasym.objectives import next_token_ce, shuffled_targets
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, 32, (4, 12), generator=g)
+    lengths = [12, 7, 9, 3]  # right padding with id 0
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+    with torch.no_grad():
+        logits = model.bridge(tokens).double()
+        # the oracle: each row's real prefix by hand, token-weighted over the batch
+        total = sum(F.cross_entropy(logits[i, : n - 1], tokens[i, 1:n], reduction="sum") for i, n in enumerate(lengths))
+        expected = float(total) / sum(n - 1 for n in lengths)
+        assert float(next_token_ce(model, tokens, pad_id=0)) == pytest.approx(expected, rel=1e-6)
+        assert float(next_token_ce(model, tokens)) != pytest.approx(expected, rel=1e-3)  # pads counted: differs
+        targets, valid = tokens[:, 1:], tokens[:, 1:] != 0
+        shuffled = shuffled_targets(targets, valid, torch.Generator().manual_seed(5))
+        assert torch.equal(shuffled[~valid], targets[~valid])  # padding stays where it is
+        assert sorted(shuffled[valid].tolist()) == sorted(targets[valid].tolist())
+        assert not torch.equal(shuffled, targets)
+        by_hand = F.cross_entropy(logits[:, :-1][valid], shuffled[valid])
+        got = next_token_ce(model, tokens, pad_id=0, shuffle=torch.Generator().manual_seed(5))
+        assert float(got) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def test_training_matrices_only_leaves_embeddings_and_norms_bit_identical(tmp_path):
+    from rwasym.train.loops import hash_record
+
+    build_hf_model("llama", tmp_path / "hf")
+    model = rwasym.load(tmp_path / "hf")
+    before = {n: p.detach().clone() for n, p in model.bridge.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.bridge.named_parameters()}
+    tokens = torch.arange(3, 19).repeat(16, 2)
+    tokens[:8, 20:] = 0
+    cfg = TrainConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=1, train="matrices", pad_id=0, shuffle_targets=True)
+    pretrain(model, tokens, cfg, **QUIET)
+    matrices = {n for n in before if n.endswith("_proj._original_component.weight") and ".layers." in n}
+    assert len(matrices) == 2 * 7
+    for name, p in model.bridge.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == (name in matrices), name  # embeddings, norms, lm_head: untouched; every matrix moved
+        assert p.requires_grad == flags[name]  # the flags are given back
+    ref = rwasym.load(tmp_path / "hf")
+    pairs = PreferencePairs(tokens[:8, :8], tokens[:8, 8:10], tokens[8:16, 8:10])
+    align(model, ref, pairs, AlignConfig(steps=2, batch_size=8, warmup_steps=1, train="matrices"), **QUIET)
+    for name, p in model.bridge.named_parameters():
+        assert (name in matrices) or torch.equal(p.detach(), before[name]), name
+    # the new fields at their defaults do not change a cache key
+    assert not {"train", "pad_id", "shuffle_targets"} & set(hash_record(TrainConfig()))
+    assert hash_record(cfg)["train"] == "matrices"
+    with pytest.raises(RwasymError, match="train must be 'all' or 'matrices'"):
+        pretrain(model, tokens, TrainConfig(steps=1, train="embeddings"), **QUIET)

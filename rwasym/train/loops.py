@@ -19,6 +19,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ __all__ = [
     "lr_at",
     "pretrain",
     "save_checkpoint",
+    "trainable",
 ]
 
 
@@ -66,6 +69,9 @@ class TrainConfig:
     seed: int = 0  # seeds torch and the data order
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: no momentum; weight decay as above)
     track_updates: bool = False  # log cos(ΔW_t, −Σ_s η_s g_s) per matrix kind (`UpdateTracker`)
+    train: str = "all"  # all | matrices (only the registry's matrices; embeddings, norms, biases frozen)
+    pad_id: int | None = None  # targets equal to it are left out of the loss (right-padded rows)
+    shuffle_targets: bool = False  # permute each batch's (non-pad) targets: same inputs, structureless δ
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class AlignConfig:
     seed: int = 0  # seeds torch and the data order
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: no momentum; AdamW's elementwise normalisation reshapes δ aᵀ)
     track_updates: bool = False  # log cos(ΔW_t, −Σ_s η_s g_s) per matrix kind (`UpdateTracker`)
+    train: str = "all"  # all | matrices (only the registry's matrices; embeddings, norms, biases frozen)
 
 
 @dataclass
@@ -103,7 +110,13 @@ class TrainResult:
 
 # Fields added after 0.1 with the value every earlier run had: left out of a spec's hash at that value, so the
 # cache keys of pairs built before them (and the results that name those folders) stay valid.
-_LATER_DEFAULTS = {"optimizer": "adamw", "track_updates": False}
+_LATER_DEFAULTS = {
+    "optimizer": "adamw",
+    "track_updates": False,
+    "train": "all",
+    "pad_id": None,
+    "shuffle_targets": False,
+}
 
 
 def hash_record(config: Any) -> dict:
@@ -118,6 +131,29 @@ def hash_record(config: Any) -> dict:
 # ------------------------------------------------------------------------------------ helpers
 def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False)
+
+
+@contextmanager
+def trainable(model: Model, train: str = "all") -> Iterator[None]:
+    """Inside: with ``train="matrices"`` only the host weights of the registry's matrices require grad
+    (embeddings — and a tied unembedding —, norm scales, biases are frozen, so the prediction subspace stays
+    the base's); the flags are restored on exit. ``"all"`` changes nothing."""
+    if train not in ("all", "matrices"):
+        raise RwasymError(f"train must be 'all' or 'matrices'; got {train!r}")
+    if train == "all":
+        yield
+        return
+    from ..models.host import host_linear
+
+    keep = {id(host_linear(model.bridge, spec.component).weight) for spec in model.matrices()}
+    before = [(p, p.requires_grad) for p in model.bridge.parameters()]
+    try:
+        for p, _ in before:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
 
 
 def _optimizer(model: Model, cfg: Any) -> torch.optim.Optimizer:
@@ -329,8 +365,16 @@ def pretrain(
     """Next-token CE pretraining of ``model`` (in place) on ``corpus`` rows.
 
     With ``out``: checkpoints at step 0, `log_spaced_steps` and the final step into
-    ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm).
+    ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm). ``config.train="matrices"``
+    trains the registry's matrices only (`trainable`); ``config.pad_id`` leaves padding targets out of the loss;
+    ``config.shuffle_targets`` permutes each batch's targets (`rwasym.objectives.shuffled_targets`, from a
+    generator seeded by ``config.seed``).
     """
+    with trainable(model, config.train):
+        return _pretrain(model, corpus, config, out, progress)
+
+
+def _pretrain(model: Model, corpus: Tensor, config: TrainConfig, out: PathLike | None, progress: bool) -> TrainResult:
     corpus = check_tokens(model, corpus, "corpus")
     if corpus.shape[1] < 2:
         raise RwasymError("corpus rows need >= 2 tokens to have a next-token target.")
@@ -343,6 +387,7 @@ def pretrain(
         fh = open(Path(out) / "log.jsonl", "w")
 
     tracker = UpdateTracker(model) if config.track_updates else None
+    shuffle = torch.Generator().manual_seed(10_007 + config.seed) if config.shuffle_targets else None
 
     def checkpoint(step: int, loss: float) -> None:
         if step in ckpt_steps:
@@ -359,7 +404,7 @@ def pretrain(
             opt,
             config,
             len(corpus),
-            lambda idx: (next_token_ce(model, corpus[idx]), {}),
+            lambda idx: (next_token_ce(model, corpus[idx], config.pad_id, shuffle), {}),
             checkpoint,
             fh,
             result,
@@ -389,7 +434,20 @@ def align(
     Reference log-probs are computed once up front (the reference never changes). With ``out``:
     trajectory checkpoints at step 0, every ``checkpoint_every`` steps and the final step into
     ``out/step_{N:06d}/``, and ``out/log.jsonl`` with (step, loss, lr, grad_norm, margin, ...).
+    ``config.train="matrices"`` trains the registry's matrices only (`trainable`).
     """
+    with trainable(model, config.train):
+        return _align(model, reference, pairs, config, out, progress)
+
+
+def _align(
+    model: Model,
+    reference: Model | None,
+    pairs: PreferencePairs,
+    config: AlignConfig,
+    out: PathLike | None,
+    progress: bool,
+) -> TrainResult:
     check_objective(config, reference)
     if config.grad_accum < 1 or config.batch_size % config.grad_accum:
         raise RwasymError(
