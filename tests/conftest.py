@@ -22,6 +22,7 @@ _LANE_FILES = {
     "test_real_pair.py": "real",
     "test_real_model.py": "real",
     "test_real_gemma.py": "real",
+    "test_study.py": "real",
     "test_families.py": "hf",
     "test_trl.py": "hf",
     "test_lora.py": "hf",

@@ -241,10 +241,14 @@ def _first_sentence(text: str) -> str | None:
     return sentence if 4 <= len(sentence.split()) <= 40 else None
 
 
+MAX_PROMPT_CHARS = 120  # a longer signature leaves no room for the response in a 64-token row
+
+
 def preference_items(shard: str) -> list[dict]:
     """Functions and classes of one docstring shard with a signature and a first sentence of 4–40 words:
     {id, kind, prompt, response} with prompt ``def name(signature):\\n    \\"\\"\\"`` (``class name(signature):``
-    for a class, its constructor's signature) and response the sentence."""
+    for a class, its constructor's signature) and response the sentence; prompts longer than `MAX_PROMPT_CHARS`
+    characters are left out (the same items whatever the tokenizer)."""
     items = []
     for d in documents("docstring", shard):
         if d.kind not in ("function", "class") or d.signature is None:
@@ -254,7 +258,9 @@ def preference_items(shard: str) -> list[dict]:
             continue
         name = d.id.rsplit(".", 1)[1]
         keyword = "def" if d.kind == "function" else "class"
-        items.append(dict(id=d.id, kind=d.kind, prompt=f'{keyword} {name}{d.signature}:\n    """', response=sentence))
+        prompt = f'{keyword} {name}{d.signature}:\n    """'
+        if len(prompt) <= MAX_PROMPT_CHARS:
+            items.append(dict(id=d.id, kind=d.kind, prompt=prompt, response=sentence))
     return items
 
 

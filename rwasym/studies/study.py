@@ -1,0 +1,420 @@
+"""The pretraining-contrast study of issue #30 (pre-registered in ``docs/design/study.md``).
+
+``rwasym experiment study --out docs/results/study`` runs, per family (gemma-3-270m, the pretrained-only
+base; SmolLM2-135M-Instruct, the replication), resumable units into ``out/units/<name>.json``:
+
+- ``corpora_<family>``: the rows of every shard (`rwasym.studies.corpora`) with their hashes;
+- ``heal_<family>``: H = base + CE on the heal shard (embeddings, tied unembedding and norms frozen);
+- ``train_<family>_<C>_s<seed>``: one condition from H — C1 CE on the train shard, C2 the same inputs with
+  shuffled targets, C3 SFT and C4 DPO on the signature → first-sentence preference set;
+- ``probe_<family>_<C>_s<seed>``: the probe of ΔW = W_C − W_H on the two held-out corpora (A docstrings,
+  B man pages) with the pre-registered options.
+
+Trained matrices (every registry matrix; nothing else moves) are kept as safetensors under
+``model_dir/<family>/`` (default ``$RWASYM_CACHE/study``): a model is H's folder with them written in. A unit's
+JSON is written when it finishes (atomically); a killed run resumes at the unit in flight. `study_report`
+computes the endpoints from whatever units exist and labels what is missing.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import RwasymError
+
+__all__ = ["CONDITIONS", "FAMILIES", "StudyConfig", "study_experiment", "study_units"]
+
+FAMILIES = ("gemma", "smollm2")
+CONDITIONS = ("C1", "C2", "C3", "C4")
+SUBSPACES = "activation,prediction,prediction_centered,prediction_fisher,activation_normalized"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What `study_experiment` runs; every default is the pre-registered design (docs/design/study.md)."""
+
+    families: Sequence[str] = FAMILIES  # gemma (primary), smollm2 (replication)
+    conditions: Sequence[str] = ("C1", "C2", "C4", "C3")  # run order within a seed
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)  # seeds of C1, C2, C4 (the endpoints' units)
+    seeds_sft: Sequence[int] = (0, 1, 2)  # seeds of C3
+    seq_len: int = 64  # tokens per row (BOS + one document window)
+    batch_size: int = 8  # rows (CE) or pairs (SFT, DPO) per step
+    steps: int = 120  # optimizer steps of every condition
+    heal_steps: int = 150  # optimizer steps of the heal
+    lr: float = 2e-5  # AdamW peak learning rate (every condition and the heal)
+    warmup_steps: int = 10  # linear warmup, then cosine to 0.1 × lr
+    beta: float = 0.1  # DPO β
+    k: int = 16  # probe subspace dimension
+    probe_rows: int = 256  # rows of each probe corpus (A: docstrings, B: man pages; held-out shards)
+    eval_rows: int = 64  # rows of each corpus for the generic CE / KL of a condition
+    eval_pairs: int | None = None  # held-out pairs scored per condition (None: all)
+    null_samples: int = 20  # Haar draws per probe row (its percentile; the null's mean and std are exact)
+    n_layers: int | None = None  # a slice of the first blocks (smoke runs and tests): not the study
+    model_dir: str | None = None  # where trained matrices go (default $RWASYM_CACHE/study)
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "StudyConfig":
+        """Two real blocks of SmolLM2, two seeds, a few steps: checks the pipeline, not results."""
+        values = dict(
+            families=("smollm2",),
+            seeds=(0, 1),
+            seeds_sft=(0,),
+            steps=3,
+            heal_steps=2,
+            warmup_steps=1,
+            lr=1e-4,
+            k=4,
+            probe_rows=24,
+            eval_rows=8,
+            eval_pairs=16,
+            null_samples=4,
+            n_layers=2,
+        )
+        return cls(**{**values, **overrides})
+
+
+# -- units ------------------------------------------------------------------------------------------
+def _unit(out: Path, name: str, fn: Callable[[], dict], log: Any) -> dict:
+    """The result of unit ``name``: read from ``out/units/<name>.json``, else computed and written atomically."""
+    path = out / "units" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    log(f"[study] {name} ...")
+    t0 = time.perf_counter()
+    result = fn()
+    result["seconds"] = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1, default=_default))
+    os.replace(tmp, path)
+    log(f"[study] {name}: {result['seconds']:.0f} s")
+    return result
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | None]]:
+    """The run order: (unit kind, family, condition, seed). Per family: corpora, heal, then seed by seed the
+    conditions (C1, C2, C4, and C3 for its seeds) each followed by its probe."""
+    units: list[tuple[str, str, str | None, int | None]] = []
+    for family in config.families:
+        if family not in FAMILIES:
+            raise RwasymError(f"family must be one of {FAMILIES}; got {family!r}")
+        units += [("corpora", family, None, None), ("heal", family, None, None)]
+        for seed in config.seeds:
+            for cond in config.conditions:
+                if cond not in CONDITIONS:
+                    raise RwasymError(f"conditions must be among {CONDITIONS}; got {cond!r}")
+                if cond == "C3" and seed not in config.seeds_sft:
+                    continue
+                units += [("train", family, cond, seed), ("probe", family, cond, seed)]
+    return units
+
+
+def _name(kind: str, family: str, cond: str | None, seed: int | None) -> str:
+    return "_".join([kind, family] + ([cond, f"s{seed}"] if cond is not None else []))
+
+
+# -- a family: its base folder, rows and pairs ------------------------------------------------------
+class _Family:
+    def __init__(self, name: str, cfg: StudyConfig, out: Path):
+        from ..testing import gemma_model_folder, real_model_folder
+        from . import corpora
+
+        self.name, self.cfg, self.out = name, cfg, out
+        self.folder = (gemma_model_folder if name == "gemma" else real_model_folder)(cfg.n_layers)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        self.pad = int(self.tokenizer.pad_token_id)
+        self.model_dir = Path(cfg.model_dir) if cfg.model_dir else _cache() / "study"
+        self.model_dir = self.model_dir / f"{name}-{_cfg_tag(cfg)}"
+        rows: dict[str, tuple[torch.Tensor, dict]] = {}
+        for shard in ("heal", "train"):
+            parts = [corpora.document_rows(self.tokenizer, corpora.documents(r, shard), cfg.seq_len) for r in REGS]
+            rows[shard] = (torch.cat([p[0] for p in parts]), {r: p[1] for r, p in zip(REGS, parts)})
+        for corpus, register in (("A", "docstring"), ("B", "man")):
+            held, info = corpora.document_rows(self.tokenizer, corpora.documents(register, "heldout"), cfg.seq_len)
+            pick = torch.linspace(0, len(held) - 1, cfg.probe_rows).round().long()
+            rows[f"probe_{corpus}"] = (held[pick], {**info, "picked": cfg.probe_rows})
+            rows[f"eval_{corpus}"] = (held[pick[:: max(1, cfg.probe_rows // cfg.eval_rows)][: cfg.eval_rows]], info)
+        self.rows = rows
+        self._pairs: dict = {}
+
+    def pairs(self, shard: str, seed: int):
+        from ..data.pairs import load_pairs_jsonl
+        from .corpora import preference_jsonl
+
+        key = (shard, seed)
+        if key not in self._pairs:
+            path = self.model_dir / "pairs" / f"{shard}_s{seed}.jsonl"
+            record = preference_jsonl(shard, seed, path)
+            pairs = load_pairs_jsonl(path, self.tokenizer, max_length=self.cfg.seq_len)
+            self._pairs[key] = (pairs, record)
+        return self._pairs[key]
+
+    def base(self):
+        from ..models import load
+
+        return load(self.folder, dtype=torch.float32)
+
+    def matrices_path(self, tag: str) -> Path:
+        return self.model_dir / f"{tag}.safetensors"
+
+    def load_with(self, tag: str):
+        """The base with the matrices saved under ``tag`` written in (H is ``heal``)."""
+        from safetensors.torch import load_file
+
+        model = self.base()
+        path = self.matrices_path(tag)
+        if not path.exists():
+            raise RwasymError(f"{path} is missing: run the unit that trains {tag!r} first")
+        for name, value in load_file(str(path)).items():
+            model.set_weight(name, value)
+        return model
+
+    def save_matrices(self, model: Any, tag: str) -> dict:
+        from safetensors.torch import save_file
+
+        path = self.matrices_path(tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {s.name: model.weight(s.name).float().contiguous() for s in model.matrices()}
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        return {"path": str(path), "matrices": len(tensors)}
+
+
+REGS = ("docstring", "man")
+
+
+def _cache() -> Path:
+    from ..models.cache import cache_root
+
+    return cache_root()
+
+
+def _cfg_tag(cfg: StudyConfig) -> str:
+    """Models of different training recipes never share a folder."""
+    import hashlib
+
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("families", "seeds", "seeds_sft", "model_dir", "k")}
+    keep = {k: v for k, v in keep.items() if k not in ("probe_rows", "eval_rows", "eval_pairs", "null_samples")}
+    keep.pop("conditions", None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# -- measurements shared by the units ---------------------------------------------------------------
+@torch.no_grad()
+def _generic(model: Any, reference: Any, tokens: torch.Tensor, pad: int, batch_size: int = 4) -> dict:
+    """Pad-masked mean next-token CE of ``model`` and of ``reference``, and mean KL(model ‖ reference), over
+    the real target positions of ``tokens`` (nats/token)."""
+    ce = ce_ref = kl = 0.0
+    count = 0
+    for i in range(0, len(tokens), batch_size):
+        x = tokens[i : i + batch_size]
+        valid = x[:, 1:] != pad
+        lp = torch.log_softmax(model.bridge(x)[:, :-1].float(), -1)[valid]
+        lq = torch.log_softmax(reference.bridge(x)[:, :-1].float(), -1)[valid]
+        y = x[:, 1:][valid]
+        ce += float(F.nll_loss(lp, y, reduction="sum"))
+        ce_ref += float(F.nll_loss(lq, y, reduction="sum"))
+        kl += float((lp.exp() * (lp - lq)).sum())
+        count += int(valid.sum())
+    return {"ce": ce / count, "ce_reference": ce_ref / count, "kl": kl / count, "tokens": count}
+
+
+def _pairs_eval(model: Any, reference: Any, pairs: Any, beta: float) -> dict:
+    from ..objectives import pair_logprobs
+
+    pc, pr = pair_logprobs(model, pairs, batch_size=8)
+    rc, rr = pair_logprobs(reference, pairs, batch_size=8)
+    margin = beta * ((pc - rc) - (pr - rr))
+    return {
+        "pairs": len(pairs),
+        "accuracy": float((pc > pr).float().mean()),  # the model's own preference
+        "accuracy_reference": float((rc > rr).float().mean()),
+        "dpo_accuracy": float((margin > 0).float().mean()),  # the implicit reward margin against H
+        "dpo_margin": float(margin.mean()),
+    }
+
+
+def _delta_norms(model: Any, reference: Any) -> dict:
+    out: dict[str, float] = {}
+    for spec in model.matrices():
+        d = float((model.weight(spec.name) - reference.weight(spec.name)).square().sum())
+        out[spec.kind] = out.get(spec.kind, 0.0) + d
+    return {kind: v**0.5 for kind, v in out.items()}
+
+
+# -- the units ----------------------------------------------------------------------------------------
+def _corpora_unit(fam: _Family) -> dict:
+    return {name: {**info, "shape": list(tokens.shape)} for name, (tokens, info) in fam.rows.items()}
+
+
+def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        n_checkpoints=0,
+        log_every=10,
+        seed=seed,
+        train="matrices",
+        **extra,
+    )
+
+
+def _heal_unit(fam: _Family, progress: bool) -> dict:
+    from ..train import pretrain
+
+    cfg = fam.cfg
+    model, base = fam.base(), fam.base()
+    tc = _train_config(cfg, cfg.heal_steps, 0, pad_id=fam.pad)
+    result = pretrain(model, fam.rows["heal"][0], tc, progress=progress)
+    saved = fam.save_matrices(model, "heal")
+    generic = {c: _generic(model, base, fam.rows[f"eval_{c}"][0], fam.pad) for c in ("A", "B")}
+    return dict(
+        config=asdict(tc), history=result.history, saved=saved, generic=generic, delta_norm=_delta_norms(model, base)
+    )
+
+
+def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    from ..train import AlignConfig, align, pretrain
+
+    cfg = fam.cfg
+    model, healed = fam.load_with("heal"), fam.load_with("heal")
+    record: dict[str, Any] = {}
+    if cond in ("C1", "C2"):
+        tc = _train_config(cfg, cfg.steps, seed, pad_id=fam.pad, shuffle_targets=cond == "C2")
+        result = pretrain(model, fam.rows["train"][0], tc, progress=progress)
+    else:
+        pairs, record["pairs"] = fam.pairs("train", seed)
+        tc = AlignConfig(
+            objective="sft" if cond == "C3" else "dpo",
+            beta=cfg.beta,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=0.0,
+            betas=(0.9, 0.95),
+            warmup_steps=cfg.warmup_steps,
+            min_lr_ratio=0.1,
+            grad_clip=1.0,
+            checkpoint_every=0,
+            seed=seed,
+            train="matrices",
+        )
+        result = align(model, None if cond == "C3" else healed, pairs, tc, progress=progress)
+    saved = fam.save_matrices(model, f"{cond}_s{seed}")
+    held, held_record = fam.pairs("heldout", seed)
+    if cfg.eval_pairs is not None:
+        held = held.subset(torch.arange(min(cfg.eval_pairs, len(held))))
+    return dict(
+        config=asdict(tc),
+        history=result.history,
+        saved=saved,
+        delta_norm=_delta_norms(model, healed),
+        generic={c: _generic(model, healed, fam.rows[f"eval_{c}"][0], fam.pad) for c in ("A", "B")},
+        heldout_pairs={**_pairs_eval(model, healed, held, cfg.beta), "record": held_record},
+        **record,
+    )
+
+
+ROW_KEYS = (
+    "matrix", "kind", "layer", "side", "subspace", "site", "n", "k", "fraction", "relative", "rho", "rho_null_std",
+    "null_std", "k_variance", "relative_k_variance", "mean_fraction", "random_delta_relative", "delta_norm",
+    "post_norm_scaled",
+)  # fmt: skip
+
+
+def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    from ..analyses.probe import probe
+
+    healed = fam.load_with("heal")
+    from safetensors.torch import load_file
+
+    tuned = load_file(str(fam.matrices_path(f"{cond}_s{seed}")))
+    deltas = {name: tuned[name].double() - healed.weight(name) for name in tuned}
+    out: dict[str, Any] = {}
+    for corpus in ("A", "B"):
+        result = probe(
+            healed,
+            None,
+            fam.rows[f"probe_{corpus}"][0],
+            delta="given",
+            deltas=deltas,
+            k=fam.cfg.k,
+            heads=False,
+            null_samples=fam.cfg.null_samples,
+            subspaces=SUBSPACES,
+            exclude_positions=[0],
+            exclude_tokens=[fam.pad],
+            progress=progress,
+        )
+        out[corpus] = dict(
+            rows=[{k: r.get(k) for k in ROW_KEYS} for r in result.rows],
+            curves=result.curves,
+            n_tokens=result.config.get("n_tokens"),
+        )
+    return out
+
+
+# -- the experiment ---------------------------------------------------------------------------------
+def study_experiment(
+    out: str | os.PathLike,
+    config: StudyConfig = StudyConfig(),
+    *,
+    only: Sequence[str] | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run the study's units in order (`study_units`), skipping those already written; ``only`` restricts to
+    unit names starting with one of its prefixes. Returns the names of the units that exist afterwards."""
+    out = Path(out)
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+    show = progress is not False
+    families: dict[str, _Family] = {}
+    done = []
+    for kind, family, cond, seed in study_units(config):
+        name = _name(kind, family, cond, seed)
+        if only is not None and not any(name.startswith(p) for p in only):
+            continue
+        if family not in families:
+            families[family] = _Family(family, config, out)
+        fam = families[family]
+        work = {
+            "corpora": lambda fam=fam: _corpora_unit(fam),
+            "heal": lambda fam=fam: _heal_unit(fam, show),
+            "train": lambda fam=fam, cond=cond, seed=seed: _train_unit(fam, cond, seed, show),
+            "probe": lambda fam=fam, cond=cond, seed=seed: _probe_unit(fam, cond, seed, show),
+        }[kind]
+        _unit(out, name, work, log)
+        done.append(name)
+    return done
+
+
+def smoke_config(**overrides: Any) -> StudyConfig:
+    """`StudyConfig.smoke` (a name for the CLI)."""
+    return replace(StudyConfig.smoke(), **overrides)

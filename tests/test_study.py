@@ -1,0 +1,96 @@
+"""The issue #30 study pipeline (`rwasym.studies.study`) on two real SmolLM2 blocks: units resume, the heal and
+the conditions move the matrices only, the stored measurements equal the same numbers computed another way."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rwasym
+from rwasym.studies import study as st
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, real_folder):
+    real_folder(2)  # the slice exists before the study looks for it
+    out = tmp_path_factory.mktemp("study")
+    cfg = st.StudyConfig.smoke(conditions=("C1", "C4"), seeds=(0,), seeds_sft=(), model_dir=str(out / "models"))
+    names = st.study_experiment(out, cfg, progress=False, log=lambda *_: None)
+    return out, cfg, names
+
+
+def _unit(out, name):
+    return json.loads((out / "units" / f"{name}.json").read_text())
+
+
+def test_units_run_in_order_and_resume_without_recomputing(smoke, monkeypatch):
+    out, cfg, names = smoke
+    assert names == [
+        "corpora_smollm2",
+        "heal_smollm2",
+        "train_smollm2_C1_s0",
+        "probe_smollm2_C1_s0",
+        "train_smollm2_C4_s0",
+        "probe_smollm2_C4_s0",
+    ]
+    for stage in ("_heal_unit", "_train_unit", "_probe_unit", "_corpora_unit"):
+        monkeypatch.setattr(st, stage, lambda *a, **k: pytest.fail("a finished unit ran again"))
+    assert st.study_experiment(out, cfg, progress=False, log=lambda *_: None) == names
+    corpora = _unit(out, "corpora_smollm2")
+    assert corpora["probe_A"]["shape"] == [24, 64] and corpora["probe_B"]["shape"] == [24, 64]
+    assert len(corpora["train"]["docstring"]["documents_sha256"]) == 64
+
+
+def test_heal_and_conditions_move_the_matrices_only(smoke, real_folder):
+    out, cfg, _ = smoke
+    fam = st._Family("smollm2", cfg, out)
+    base, healed, tuned = fam.base(), fam.load_with("heal"), fam.load_with("C1_s0")
+    for (name, b), h, t in zip(
+        base.bridge.named_parameters(), healed.bridge.parameters(), tuned.bridge.parameters(), strict=True
+    ):
+        matrix = name.endswith("_proj._original_component.weight")
+        assert torch.equal(b, h) != matrix and torch.equal(h, t) != matrix, name
+    record = _unit(out, "train_smollm2_C1_s0")
+    assert record["config"]["train"] == "matrices" and record["config"]["pad_id"] == fam.pad
+    norm = sum(float((tuned.weight(s.name) - healed.weight(s.name)).square().sum()) for s in tuned.matrices())
+    assert sum(v**2 for v in record["delta_norm"].values()) == pytest.approx(norm, rel=1e-9)
+    # the generic CE, by hand on the stored eval rows
+    x = fam.rows["eval_A"][0]
+    with torch.no_grad():
+        logits = tuned.bridge(x)[:, :-1].double()
+    valid = x[:, 1:] != fam.pad
+    by_hand = float(F.cross_entropy(logits[valid], x[:, 1:][valid]))
+    assert record["generic"]["A"]["ce"] == pytest.approx(by_hand, rel=1e-5)
+    assert record["generic"]["A"]["tokens"] == int(valid.sum()) < x[:, 1:].numel()  # padding left out
+    dpo = _unit(out, "train_smollm2_C4_s0")
+    assert dpo["config"]["objective"] == "dpo" and dpo["pairs"]["pairs"] > 100
+    assert dpo["history"][-1]["step"] == cfg.steps
+
+
+def test_probe_unit_rows_equal_a_probe_of_the_two_models(smoke):
+    out, cfg, _ = smoke
+    fam = st._Family("smollm2", cfg, out)
+    healed, tuned = fam.load_with("heal"), fam.load_with("C4_s0")
+    stored = _unit(out, "probe_smollm2_C4_s0")
+    for corpus in ("A", "B"):
+        direct = rwasym.probe(
+            healed,
+            tuned,
+            fam.rows[f"probe_{corpus}"][0],
+            k=cfg.k,
+            heads=False,
+            null_samples=cfg.null_samples,
+            subspaces=st.SUBSPACES,
+            exclude_positions=[0],
+            exclude_tokens=[fam.pad],
+            progress=False,
+        )
+        rows = stored[corpus]["rows"]
+        assert len(rows) == len(direct.rows) > 30
+        assert {r["subspace"] for r in rows} == set(st.SUBSPACES.split(","))
+        for a, b in zip(rows, direct.rows):
+            assert (a["matrix"], a["side"], a["subspace"]) == (b["matrix"], b["side"], b["subspace"])
+            assert a["fraction"] == pytest.approx(b["fraction"], rel=1e-9), (a["matrix"], a["subspace"])
+        # BOS and padding left out of the statistics: fewer tokens than the rows hold
+        assert stored[corpus]["n_tokens"] == direct.config["n_tokens"] < 24 * 64
