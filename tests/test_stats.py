@@ -340,3 +340,32 @@ def test_finiteness_is_checked_in_chunks_and_still_finds_every_bad_entry(monkeyp
     y[3, 0] = float("inf")
     with pytest.raises(RwasymError, match="0 NaN and 1 Inf"):
         checks.require_finite(y.T, "y")  # a transposed view: checked whole
+
+
+# ------------------------------------------------ t tests of per-seed values (issue #30's endpoints)
+def test_t_sf_one_sample_t_and_tost_equal_scipy():
+    import numpy as np
+
+    stats = pytest.importorskip("scipy.stats")
+    from rwasym.math.inference import one_sample_t, t_sf, tost
+
+    for df in (1, 2, 3, 4, 7.5, 30, 200):
+        for t in (-5.0, -1.3, 0.0, 0.2, 1.0, 2.13, 3.0, 8.0, 40.0):
+            want = float(stats.t.sf(t, df))
+            assert t_sf(t, df) == pytest.approx(want, rel=1e-12, abs=1e-300), (t, df)
+    x = [0.3, 0.5, 0.1, 0.45, 0.2]
+    for alt in ("greater", "less"):
+        got = one_sample_t(x, 0.1, alt)
+        want = stats.ttest_1samp(x, 0.1, alternative=alt)
+        assert got["p"] == pytest.approx(float(want.pvalue), rel=1e-12) and got["t"] == pytest.approx(want.statistic)
+    eq = tost(x, 0.6)
+    p_low = stats.ttest_1samp(x, -0.6, alternative="greater").pvalue
+    p_high = stats.ttest_1samp(x, 0.6, alternative="less").pvalue
+    assert eq["p"] == pytest.approx(max(p_low, p_high), rel=1e-12)
+    half = stats.t.ppf(0.95, 4) * np.std(x, ddof=1) / np.sqrt(5)
+    assert eq["ci90"] == pytest.approx((np.mean(x) - half, np.mean(x) + half), rel=1e-9)
+    assert tost(x, 0.2)["p"] > 0.05  # the interval reaches past a narrow margin: no equivalence
+    with pytest.raises(RwasymError, match="every value is the same"):
+        one_sample_t([1.0, 1.0, 1.0])
+    with pytest.raises(RwasymError, match="at least two values"):
+        one_sample_t([1.0])

@@ -6,6 +6,8 @@ and the tests of a target edit against its matched controls (DESIGN "Statistics"
   null (each seed's target exchangeable with that seed's controls only); `seed_differences` and
   `seed_interval` for the seed-level t-interval of target − mean(controls).
 - Over the family of tests a report makes: `holm`, step-down adjusted p-values.
+- Per-seed values against a hypothesis: `t_sf` (Student's t survival function), `one_sample_t` (one-sided t test
+  of a mean), `tost` (two one-sided tests of equivalence within ± a margin).
 
 All seeded and deterministic; numpy float64 (sweeps compare target rows with control rows,
 experiments compare per-seed values).
@@ -25,6 +27,7 @@ from ..errors import RwasymError
 __all__ = [
     "bootstrap_ci",
     "holm",
+    "one_sample_t",
     "permutation_pvalue",
     "rank_floor",
     "rank_pvalue",
@@ -32,6 +35,8 @@ __all__ = [
     "seed_interval",
     "slope",
     "stratified_rank_test",
+    "t_sf",
+    "tost",
 ]
 
 Sample = Sequence[float] | np.ndarray | torch.Tensor
@@ -301,3 +306,97 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     adjusted = np.empty(m, dtype=np.float64)
     adjusted[order] = np.maximum.accumulate(scaled)
     return [float(v) for v in adjusted]
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, eps = 1e-300, 1e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            return h
+    raise RwasymError(f"the incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), x in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf(t: float | int, df: float | int) -> float:
+    """P(T > t) for Student's t with ``df`` > 0 degrees of freedom: ½ I_{df/(df+t²)}(df/2, ½) for t ≥ 0 and
+    1 − P(T > −t) below (Abramowitz & Stegun 26.7.1 via 26.5.27)."""
+    if not df > 0:
+        raise RwasymError(f"t_sf needs df > 0; got {df}")
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def one_sample_t(values: Sample, mu: float | int = 0.0, alternative: str = "greater") -> dict[str, Any]:
+    """One-sample t test of the mean of per-seed ``values`` against ``mu``: t = (x̄ − mu)/(s/√n), df = n − 1,
+    p = P(T ≥ t) (``"greater"``), P(T ≤ t) (``"less"``). Needs n ≥ 2 and s > 0 (equal values are refused:
+    no test can say anything about their spread)."""
+    x = _values(values, "values")
+    n = x.size
+    if n < 2:
+        raise RwasymError(f"one_sample_t needs at least two values; got {n}")
+    if alternative not in ("greater", "less"):
+        raise RwasymError(f"alternative must be 'greater' or 'less'; got {alternative!r}")
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    if sd == 0:
+        raise RwasymError("one_sample_t: every value is the same (s = 0); the test is undefined")
+    t = (mean - mu) / (sd / math.sqrt(n))
+    p = t_sf(t, n - 1) if alternative == "greater" else t_sf(-t, n - 1)
+    return dict(n=n, mean=mean, std=sd, t=t, df=n - 1, p=p, mu=mu, alternative=alternative)
+
+
+def tost(values: Sample, margin: float | int) -> dict[str, Any]:
+    """Two one-sided tests (Schuirmann 1987) that the mean of per-seed ``values`` lies within (−margin, margin):
+    p = max(P(T ≥ (x̄ + margin)/se), P(T ≤ (x̄ − margin)/se)), df = n − 1; equivalence is shown at level α when
+    p < α (the 1 − 2α interval of the mean lies inside the margin). Also the 90% interval."""
+    if not margin > 0:
+        raise RwasymError(f"tost needs a margin > 0; got {margin}")
+    low = one_sample_t(values, -margin, "greater")
+    high = one_sample_t(values, margin, "less")
+    n, mean, sd = low["n"], low["mean"], low["std"]
+    se = sd / math.sqrt(n)
+    q = _t_quantile(0.95, n - 1)
+    return dict(n=n, mean=mean, std=sd, margin=margin, p=max(low["p"], high["p"]), ci90=(mean - q * se, mean + q * se))
+
+
+def _t_quantile(level: float, df: float | int) -> float:
+    """The ``level`` quantile of Student's t (bisection on `t_sf`; level in (0.5, 1))."""
+    lo, hi = 0.0, 1.0
+    while t_sf(hi, df) > 1 - level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_sf(mid, df) > 1 - level:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
