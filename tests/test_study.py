@@ -94,3 +94,51 @@ def test_probe_unit_rows_equal_a_probe_of_the_two_models(smoke):
             assert a["fraction"] == pytest.approx(b["fraction"], rel=1e-9), (a["matrix"], a["subspace"])
         # BOS and padding left out of the statistics: fewer tokens than the rows hold
         assert stored[corpus]["n_tokens"] == direct.config["n_tokens"] < 24 * 64
+
+
+@pytest.mark.unit
+def test_endpoints_are_the_preregistered_tests_on_per_seed_values():
+    """Planted per-seed summaries: each component equals scipy's test on the paired differences by hand, an
+    endpoint's p is its largest component's, and a missing condition leaves the endpoint pending."""
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    summ = []
+    for seed in range(5):
+        for cond, write, read in (("C1", 3.0, 2.0), ("C2", 2.2, 2.0), ("C4", 2.25, 2.05)):
+            noise = (0.1 * torch.randn(3, generator=g, dtype=torch.float64)).tolist()
+            rec = dict(family="gemma", condition=cond, seed=seed, write=write + noise[0])
+            rec |= dict(read_A=read + noise[1], read_B=read + noise[2])
+            rec["asymmetry"] = rec["read_A"] - rec["write"]
+            summ.append(rec)
+    e = st.endpoints(summ, "gemma")
+    by = {(r["condition"], r["seed"]): r for r in summ}
+    d14 = [by[("C1", s)]["write"] - by[("C4", s)]["write"] for s in range(5)]
+    d42 = [by[("C4", s)]["write"] - by[("C2", s)]["write"] for s in range(5)]
+    t1 = stats.ttest_1samp(d14, 0, alternative="greater").pvalue
+    tost = max(
+        stats.ttest_1samp(d42, -st.MARGIN, alternative="greater").pvalue,
+        stats.ttest_1samp(d42, st.MARGIN, alternative="less").pvalue,
+    )
+    assert [t["p"] for t in e["E1"]["parts"]] == pytest.approx([t1, tost], rel=1e-10)
+    assert e["E1"]["p"] == pytest.approx(max(t1, tost), rel=1e-10) and e["E1"]["p"] < 0.05
+    assert len(e["E2"]["parts"]) == 10 and e["E2"]["p"] == max(t["p"] for t in e["E2"]["parts"])
+    d_asym = [by[("C4", s)]["asymmetry"] - by[("C1", s)]["asymmetry"] for s in range(5)]
+    want = stats.ttest_1samp(d_asym, 0, alternative="greater").pvalue
+    assert e["E3"]["p"] == pytest.approx(want, rel=1e-10)
+    assert e["E4"]["p"] is None
+    no_c2 = st.endpoints([r for r in summ if r["condition"] != "C2"], "gemma")
+    assert no_c2["E1"]["p"] is None and no_c2["E1"]["parts"][1]["n"] == 0  # C4 ≈ C2 cannot run: pending
+
+
+@pytest.mark.unit
+def test_log_r_is_the_mean_log_relative_fraction_of_the_chosen_rows():
+    rows = [
+        dict(kind="W_Q", side="input", subspace="activation", relative=4.0),
+        dict(kind="W_K", side="input", subspace="activation", relative=0.25),
+        dict(kind="W_K", side="input", subspace="prediction", relative=100.0),
+        dict(kind="W_V", side="input", subspace="activation", relative=100.0),
+        dict(kind="W_O", side="output", subspace="prediction", relative=8.0),
+    ]
+    assert st._log_r(rows, st.READ_KINDS, "input", "activation") == pytest.approx(0.0)
+    assert st._log_r(rows, st.WRITE_KINDS, "output", "prediction") == pytest.approx(3 * 0.6931471805599453)
+    assert st._log_r(rows, st.WRITE_KINDS, "output", "activation") is None

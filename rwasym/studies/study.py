@@ -17,6 +17,7 @@ computes the endpoints from whatever units exist and labels what is missing.
 """
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import RwasymError
 
-__all__ = ["CONDITIONS", "FAMILIES", "StudyConfig", "study_experiment", "study_units"]
+__all__ = ["CONDITIONS", "FAMILIES", "StudyConfig", "endpoints", "seed_summaries", "study_experiment", "study_report"]
 
 FAMILIES = ("gemma", "smollm2")
 CONDITIONS = ("C1", "C2", "C3", "C4")
@@ -407,8 +408,8 @@ def study_experiment(
         work = {
             "corpora": lambda fam=fam: _corpora_unit(fam),
             "heal": lambda fam=fam: _heal_unit(fam, show),
-            "train": lambda fam=fam, cond=cond, seed=seed: _train_unit(fam, cond, seed, show),
-            "probe": lambda fam=fam, cond=cond, seed=seed: _probe_unit(fam, cond, seed, show),
+            "train": lambda fam=fam, cond=cond, seed=seed: _train_unit(fam, str(cond), int(seed or 0), show),
+            "probe": lambda fam=fam, cond=cond, seed=seed: _probe_unit(fam, str(cond), int(seed or 0), show),
         }[kind]
         _unit(out, name, work, log)
         done.append(name)
@@ -418,3 +419,178 @@ def study_experiment(
 def smoke_config(**overrides: Any) -> StudyConfig:
     """`StudyConfig.smoke` (a name for the CLI)."""
     return replace(StudyConfig.smoke(), **overrides)
+
+
+# -- the endpoints (docs/design/study.md) -------------------------------------------------------------
+READ_KINDS, WRITE_KINDS = ("W_Q", "W_K"), ("W_O", "W_out")
+MARGIN = math.log(1.5)  # the pre-registered equivalence margin on log R
+PRIMARY = ("E1", "E2", "E3", "E4")
+
+
+def _log_r(rows: Sequence[dict], kinds: Sequence[str], side: str, subspace: str) -> float | None:
+    """Mean over layers and ``kinds`` of log r (the log of the geometric mean R), or None without rows."""
+    logs = [
+        math.log(r["relative"]) for r in rows if r["kind"] in kinds and r["side"] == side and r["subspace"] == subspace
+    ]
+    return sum(logs) / len(logs) if logs else None
+
+
+def seed_summaries(out: str | os.PathLike) -> list[dict]:
+    """Per finished probe unit (family, condition, seed): log R_read on corpora A and B (W_Q, W_K input side
+    against the activation subspace), log R_write (W_O, W_out output side against the prediction subspace;
+    its centred and Fisher variants), and the asymmetry A = log R_read(A) − log R_write."""
+    out = Path(out)
+    rows = []
+    for path in sorted((out / "units").glob("probe_*.json")):
+        _, family, cond, seed = path.stem.split("_")
+        unit = json.loads(path.read_text())
+        a, b = unit["A"]["rows"], unit["B"]["rows"]
+        rec: dict[str, Any] = dict(family=family, condition=cond, seed=int(seed[1:]))
+        rec["read_A"] = _log_r(a, READ_KINDS, "input", "activation")
+        rec["read_B"] = _log_r(b, READ_KINDS, "input", "activation")
+        rec["write"] = _log_r(a, WRITE_KINDS, "output", "prediction")
+        rec["write_centered"] = _log_r(a, WRITE_KINDS, "output", "prediction_centered")
+        rec["write_fisher_A"] = _log_r(a, WRITE_KINDS, "output", "prediction_fisher")
+        rec["write_fisher_B"] = _log_r(b, WRITE_KINDS, "output", "prediction_fisher")
+        rec["write_activation_A"] = _log_r(a, WRITE_KINDS, "output", "activation")
+        rec["read_prediction"] = _log_r(a, READ_KINDS, "input", "prediction")
+        rec["asymmetry"] = None if rec["read_A"] is None or rec["write"] is None else rec["read_A"] - rec["write"]
+        rows.append(rec)
+    return rows
+
+
+def _paired(summ: Sequence[dict], family: str, key: str, c1: str, c2: str) -> list[float]:
+    """Per seed with both conditions: value(c1) − value(c2)."""
+    by = {(r["condition"], r["seed"]): r[key] for r in summ if r["family"] == family and r[key] is not None}
+    return [by[(c1, s)] - by[(c2, s)] for (c, s) in sorted(by) if c == c1 and (c2, s) in by]
+
+
+def _values(summ: Sequence[dict], family: str, key: str, cond: str) -> list[float]:
+    return [r[key] for r in summ if r["family"] == family and r["condition"] == cond and r[key] is not None]
+
+
+def _test(kind: str, values: Sequence[float], label: str) -> dict:
+    """One component test, or a record of why it could not run (fewer than two seeds, no spread)."""
+    from ..math.inference import one_sample_t, tost
+
+    try:
+        res = one_sample_t(values) if kind == "greater" else tost(values, MARGIN)
+    except RwasymError as err:
+        return dict(test=label, kind=kind, n=len(values), p=None, note=str(err))
+    return dict(test=label, kind=kind, **res)
+
+
+def _combine(parts: list[dict]) -> float | None:
+    """Intersection–union: every component must hold, so the endpoint's p is the largest component p."""
+    ps = [t["p"] for t in parts]
+    return None if not ps or any(p is None for p in ps) else max(ps)
+
+
+def endpoints(summ: Sequence[dict], family: str) -> dict[str, dict]:
+    """E1–E3 of one family from per-seed summaries (E4 comes from the causal sweeps). Each endpoint: its
+    component tests, its p (the largest component p: all must hold) and the statistics its falsification
+    rule reads."""
+    e: dict[str, dict] = {}
+    d14 = _paired(summ, family, "write", "C1", "C4")
+    d42 = _paired(summ, family, "write", "C4", "C2")
+    parts = [_test("greater", d14, "log R_write(C1) − log R_write(C4) > 0"), _test("tost", d42, "C4 ≈ C2 (write)")]
+    e["E1"] = dict(parts=parts, p=_combine(parts), mean_difference=_mean(d14))
+    parts = []
+    for corpus in ("A", "B"):
+        for cond in ("C1", "C2", "C4"):
+            parts.append(
+                _test("greater", _values(summ, family, f"read_{corpus}", cond), f"log R_read({cond}, {corpus}) > 0")
+            )
+        for other in ("C1", "C2"):
+            d = _paired(summ, family, f"read_{corpus}", "C4", other)
+            parts.append(_test("tost", d, f"C4 ≈ {other} (read, {corpus})"))
+    e["E2"] = dict(parts=parts, p=_combine(parts))
+    d_asym = _paired(summ, family, "asymmetry", "C4", "C1")
+    parts = [_test("greater", d_asym, "A(C4) − A(C1) > 0")]
+    e["E3"] = dict(parts=parts, p=_combine(parts), mean_difference=_mean(d_asym))
+    e["E4"] = dict(parts=[], p=None, note="the causal sweeps on C4 have not run")
+    return e
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def study_report(out: str | os.PathLike) -> dict:
+    """Endpoints of every family with finished units, Holm over the pre-registered family of 8 primary tests
+    (E1–E4 × 2 families; while tests are missing the adjustment is labelled provisional and counts the missing
+    ones at p = 1, which can only make it more conservative), verdicts, and the per-seed table. Writes
+    ``results.json`` and ``report.md`` into ``out``."""
+    from ..math.inference import holm, seed_interval
+
+    out = Path(out)
+    summ = seed_summaries(out)
+    families = [f for f in FAMILIES if any(r["family"] == f for r in summ)]
+    results: dict[str, Any] = dict(
+        seed_summaries=summ, endpoints={}, units=sorted(p.stem for p in (out / "units").glob("*.json"))
+    )
+    keys, ps = [], []
+    for family in FAMILIES:
+        e = endpoints(summ, family) if family in families else {name: dict(parts=[], p=None) for name in PRIMARY}
+        results["endpoints"][family] = e
+        for name in PRIMARY:
+            keys.append((family, name))
+            ps.append(e[name]["p"])
+    missing = sum(p is None for p in ps)
+    adjusted = holm([1.0 if p is None else p for p in ps])
+    for (family, name), p, adj in zip(keys, ps, adjusted):
+        rec = results["endpoints"][family][name]
+        rec["p_holm"] = None if p is None else adj
+        rec["verdict"] = "pending" if p is None else ("supported" if adj < 0.05 else "not supported")
+    results["holm"] = dict(tests=len(ps), missing=missing, provisional=missing > 0)
+    table = {}
+    for family in families:
+        for cond in CONDITIONS:
+            for key in ("read_A", "read_B", "write", "asymmetry"):
+                vals = _values(summ, family, key, cond)
+                if vals:
+                    table[f"{family}/{cond}/{key}"] = seed_interval(vals)
+    results["intervals"] = table
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_default))
+    (out / "report.md").write_text(_markdown(results))
+    return results
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _markdown(results: dict) -> str:
+    lines = [
+        "# The pretraining-contrast study (issue #30): results so far",
+        "",
+        "Pre-registered in `docs/design/study.md` before any run. Seeds are the unit; log R is the mean over layers",
+        "and kinds of log r (r = f·n/k, k = 16). Read: W_Q, W_K against the activation PCA of corpus A",
+        "(held-out docstrings) or B (held-out man pages); write: W_O, W_out against the prediction subspace.",
+        "",
+        f"Holm over {results['holm']['tests']} primary tests"
+        + (
+            f" — **provisional**: {results['holm']['missing']} not yet run, counted at p = 1."
+            if results["holm"]["provisional"]
+            else "."
+        ),
+        "",
+        "| family | endpoint | p | Holm p | verdict | components (p) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, eps in results["endpoints"].items():
+        for name, rec in eps.items():
+            comps = "; ".join(f"{t['test']}: {_fmt(t['p'])} (n {t['n']})" for t in rec.get("parts", []))
+            cells = [family, name, _fmt(rec["p"]), _fmt(rec["p_holm"]), rec["verdict"], comps or rec.get("note", "")]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Per condition: mean over seeds [95% t-interval] of log R",
+        "",
+        "| family / condition / value | n | mean | interval |",
+        "|---|---|---|---|",
+    ]
+    for key, iv in results["intervals"].items():
+        lines.append(f"| {key} | {iv['n']} | {_fmt(iv['mean'])} | [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}] |")
+    lines += ["", f"Units finished: {len(results['units'])}.", ""]
+    return "\n".join(lines)

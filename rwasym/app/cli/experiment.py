@@ -13,14 +13,17 @@ def add_experiment_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "name",
-        choices=["graded", "trajectory", "sweep", "real", "causal"],
+        choices=["graded", "trajectory", "sweep", "real", "causal", "study"],
         help="real: every experiment on SmolLM2-135M + DPO (rwasym.studies.real; resumable units); causal: the "
-        "pre-registered effect-matched causal test on that pair (rwasym.studies.causal; resumable sweeps)",
+        "pre-registered effect-matched causal test on that pair (rwasym.studies.causal; resumable sweeps); study: "
+        "the pre-registered pretraining-contrast study on gemma-3-270m and SmolLM2 (rwasym.studies.study; "
+        "resumable units, docs/design/study.md)",
     )
     p.add_argument(
         "--parts",
         default=None,
-        help="real: comma-separated parts (asymmetry, trajectory, mechanism, joint, companion, graded; default all)",
+        help="real: comma-separated parts (asymmetry, trajectory, mechanism, joint, companion, graded; default all); "
+        "study: comma-separated unit-name prefixes to run (e.g. heal_gemma,train_gemma_C1; default all)",
     )
     p.add_argument(
         "--report-only", action="store_true", help="real, causal: rebuild the report from the finished units / rows"
@@ -58,6 +61,16 @@ def run_experiment(args: argparse.Namespace) -> int:
             f"wrote {args.out}/report.md and results.json: seeds {res['seeds']}, {cal['edits']} edits, "
             f"{cal['reached']} at their budget, {cal['mean_evaluations']:.2f} evaluations each"
         )
+        return 0
+    if args.name == "study":
+        from ...studies.study import StudyConfig, study_experiment, study_report
+
+        if not args.report_only:
+            cfg = StudyConfig.smoke() if args.quick else StudyConfig()
+            only = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
+            study_experiment(args.out, cfg, only=only, progress=False if args.quiet else None)
+        res = study_report(args.out)
+        print(f"wrote {args.out}/report.md and results.json ({len(res['units'])} units finished)")
         return 0
     if args.name == "real":
         from ...studies.real import PARTS, RealConfig, real_experiment, real_report
