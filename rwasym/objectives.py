@@ -196,14 +196,28 @@ def _pair_scores(model: Model, pk: _Packed) -> tuple[Tensor, Tensor, Tensor]:
     return pc, pr, logits[: len(pk)]
 
 
+LOGIT_BUDGET = 1 << 28  # logits (float32 entries) one scoring batch may hold: 1 GiB, whatever the vocabulary
+
+
+def scoring_batch(n_pairs: int, length: int, d_vocab: int, batch_size: int | None = None) -> int:
+    """Pairs per no-grad scoring batch: ``batch_size`` when given, else as many as keep the batch's logits
+    (2 rows per pair, ``length`` positions, ``d_vocab``) within `LOGIT_BUDGET` (at least 1, at most 256): a
+    262k-token vocabulary scores 8 pairs of 64 tokens at a time, a 50k one 42."""
+    if batch_size is not None:
+        return batch_size
+    return max(1, min(256, n_pairs, LOGIT_BUDGET // max(1, 2 * length * d_vocab)))
+
+
 @torch.no_grad()
-def all_scores(model: Model, pk: _Packed, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    out = [_pair_scores(model, pk.take(slice(i, i + batch_size)))[:2] for i in range(0, len(pk), batch_size)]
+def all_scores(model: Model, pk: _Packed, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    step = scoring_batch(len(pk), pk.tc.shape[1], model.d_vocab, batch_size)
+    out = [_pair_scores(model, pk.take(slice(i, i + step)))[:2] for i in range(0, len(pk), step)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
-def pair_logprobs(model: Model, pairs: PreferencePairs, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Summed continuation log-probs (chosen (n,), rejected (n,)) under ``model``, no grad."""
+def pair_logprobs(model: Model, pairs: PreferencePairs, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Summed continuation log-probs (chosen (n,), rejected (n,)) under ``model``, no grad; ``batch_size``
+    pairs per forward (default `scoring_batch`: the logits of a batch stay within 1 GiB)."""
     return all_scores(model, pack_pairs(model, pairs), batch_size)
 
 

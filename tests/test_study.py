@@ -2,6 +2,7 @@
 the conditions move the matrices only, the stored measurements equal the same numbers computed another way."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,12 +30,13 @@ def test_units_run_in_order_and_resume_without_recomputing(smoke, monkeypatch):
     assert names == [
         "corpora_smollm2",
         "heal_smollm2",
+        "baseline_smollm2",
         "train_smollm2_C1_s0",
         "probe_smollm2_C1_s0",
         "train_smollm2_C4_s0",
         "probe_smollm2_C4_s0",
     ]
-    for stage in ("_heal_unit", "_train_unit", "_probe_unit", "_corpora_unit"):
+    for stage in ("_heal_unit", "_train_unit", "_probe_unit", "_corpora_unit", "_baseline_unit", "_noise_unit"):
         monkeypatch.setattr(st, stage, lambda *a, **k: pytest.fail("a finished unit ran again"))
     assert st.study_experiment(out, cfg, progress=False, log=lambda *_: None) == names
     corpora = _unit(out, "corpora_smollm2")
@@ -94,6 +96,38 @@ def test_probe_unit_rows_equal_a_probe_of_the_two_models(smoke):
             assert a["fraction"] == pytest.approx(b["fraction"], rel=1e-9), (a["matrix"], a["subspace"])
         # BOS and padding left out of the statistics: fewer tokens than the rows hold
         assert stored[corpus]["n_tokens"] == direct.config["n_tokens"] < 24 * 64
+
+
+def test_baseline_rows_locate_w_h_itself(smoke):
+    """The W_H reference row of the last W_out against the prediction subspace, by hand: ‖Uᵀ W‖²/‖W‖² with U the
+    top-k left singular vectors of the unembedding (diag(γ_final)·W_U, as `Model.unembedding` folds it)."""
+    out, cfg, _ = smoke
+    fam = st._Family("smollm2", cfg, out)
+    healed = fam.load_with("heal")
+    unit = _unit(out, "baseline_smollm2")
+    row = next(
+        r
+        for r in unit["base_weight"]["A"]["rows"]
+        if r["matrix"] == "blocks.1.mlp.W_out" and r["side"] == "output" and r["subspace"] == "prediction"
+    )
+    W, W_U = healed.weight("blocks.1.mlp.W_out"), healed.unembedding()
+    U = torch.linalg.eigh(W_U @ W_U.T)[1].flip(1)[:, : cfg.k]
+    assert row["fraction"] == pytest.approx(float((U.T @ W).square().sum() / W.square().sum()), rel=1e-8)
+    assert unit["random_delta"]["A"]["delta"] == "random_delta" and len(unit["random_delta"]["B"]["rows"]) > 30
+    report = st.study_report(out)
+    refs = {(r["family"], r["reference"]) for r in report["baselines"]}
+    assert refs == {("smollm2", "base_weight"), ("smollm2", "random_delta")}
+    assert "References at H" in (out / "report.md").read_text()
+
+
+def test_noise_floor_units_follow_the_second_seed():
+    cfg = st.StudyConfig(families=("gemma",), seeds=(0, 1, 2), seeds_sft=(0, 1, 2))
+    names = [st._name(*u) for u in st.study_units(cfg)]
+    after = names.index("probe_gemma_C3_s1") + 1
+    assert names[after : after + 4] == ["noise_gemma_C1", "noise_gemma_C2", "noise_gemma_C4", "noise_gemma_C3"]
+    assert names[:3] == ["corpora_gemma", "heal_gemma", "baseline_gemma"]
+    names = [st._name(*u) for u in st.study_units(replace(cfg, seeds_sft=(0,)))]
+    assert "noise_gemma_C3" not in names and "noise_gemma_C4" in names
 
 
 @pytest.mark.unit

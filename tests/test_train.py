@@ -403,3 +403,16 @@ def test_training_matrices_only_leaves_embeddings_and_norms_bit_identical(tmp_pa
     assert hash_record(cfg)["train"] == "matrices"
     with pytest.raises(RwasymError, match="train must be 'all' or 'matrices'"):
         pretrain(model, tokens, TrainConfig(steps=1, train="embeddings"), **QUIET)
+
+
+def test_scoring_batches_fit_the_logit_budget_and_do_not_change_scores(base_dir):
+    from rwasym.objectives import LOGIT_BUDGET, scoring_batch
+
+    assert scoring_batch(1000, 64, 262144) == 8 and scoring_batch(1000, 64, 49152) == 42
+    assert scoring_batch(10, 8, 32) == 10 and scoring_batch(1000, 8, 32) == 256 and scoring_batch(5, 8, 32, 2) == 2
+    assert 2 * 64 * 262144 * scoring_batch(1000, 64, 262144) <= LOGIT_BUDGET
+    pairs = make_pairs(PairConfig(n_per_rule=20, prompt_len=10, cont_len=2), LANG)
+    model = rwasym.load(base_dir)
+    whole = pair_logprobs(model, pairs)
+    for part, ref in zip(pair_logprobs(model, pairs, batch_size=7), whole):
+        torch.testing.assert_close(part, ref, rtol=1e-6, atol=1e-6)

@@ -30,7 +30,16 @@ import torch.nn.functional as F
 
 from ..errors import RwasymError
 
-__all__ = ["CONDITIONS", "FAMILIES", "StudyConfig", "endpoints", "seed_summaries", "study_experiment", "study_report"]
+__all__ = [
+    "CONDITIONS",
+    "FAMILIES",
+    "StudyConfig",
+    "baseline_summaries",
+    "endpoints",
+    "seed_summaries",
+    "study_experiment",
+    "study_report",
+]
 
 FAMILIES = ("gemma", "smollm2")
 CONDITIONS = ("C1", "C2", "C3", "C4")
@@ -109,12 +118,13 @@ def _default(value: Any) -> Any:
 
 def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | None]]:
     """The run order: (unit kind, family, condition, seed). Per family: corpora, heal, then seed by seed the
-    conditions (C1, C2, C4, and C3 for its seeds) each followed by its probe."""
+    conditions (C1, C2, C4, and C3 for its seeds) each followed by its probe; the baselines at H after the heal,
+    the noise floors (seed 1 − seed 0) once the second seed's conditions exist."""
     units: list[tuple[str, str, str | None, int | None]] = []
     for family in config.families:
         if family not in FAMILIES:
             raise RwasymError(f"family must be one of {FAMILIES}; got {family!r}")
-        units += [("corpora", family, None, None), ("heal", family, None, None)]
+        units += [("corpora", family, None, None), ("heal", family, None, None), ("baseline", family, None, None)]
         for seed in config.seeds:
             for cond in config.conditions:
                 if cond not in CONDITIONS:
@@ -122,11 +132,15 @@ def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | N
                 if cond == "C3" and seed not in config.seeds_sft:
                     continue
                 units += [("train", family, cond, seed), ("probe", family, cond, seed)]
+            if len(config.seeds) > 1 and seed == config.seeds[1]:  # the noise floor once two seeds exist
+                for cond in config.conditions:
+                    if cond != "C3" or set(config.seeds[:2]) <= set(config.seeds_sft):
+                        units.append(("noise", family, cond, None))
     return units
 
 
 def _name(kind: str, family: str, cond: str | None, seed: int | None) -> str:
-    return "_".join([kind, family] + ([cond, f"s{seed}"] if cond is not None else []))
+    return "_".join([kind, family] + ([cond] if cond is not None else []) + ([f"s{seed}"] if seed is not None else []))
 
 
 # -- a family: its base folder, rows and pairs ------------------------------------------------------
@@ -349,22 +363,16 @@ ROW_KEYS = (
 )  # fmt: skip
 
 
-def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+def _probe_rows(fam: _Family, healed: Any, tuned: Any, progress: bool, **kw: Any) -> dict:
+    """The pre-registered probe of one delta on corpora A and B (compact rows, curves, token counts)."""
     from ..analyses.probe import probe
 
-    healed = fam.load_with("heal")
-    from safetensors.torch import load_file
-
-    tuned = load_file(str(fam.matrices_path(f"{cond}_s{seed}")))
-    deltas = {name: tuned[name].double() - healed.weight(name) for name in tuned}
     out: dict[str, Any] = {}
     for corpus in ("A", "B"):
         result = probe(
             healed,
-            None,
+            tuned,
             fam.rows[f"probe_{corpus}"][0],
-            delta="given",
-            deltas=deltas,
             k=fam.cfg.k,
             heads=False,
             null_samples=fam.cfg.null_samples,
@@ -372,13 +380,38 @@ def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
             exclude_positions=[0],
             exclude_tokens=[fam.pad],
             progress=progress,
+            **kw,
         )
         out[corpus] = dict(
             rows=[{k: r.get(k) for k in ROW_KEYS} for r in result.rows],
             curves=result.curves,
             n_tokens=result.config.get("n_tokens"),
+            delta=result.config.get("delta"),
         )
     return out
+
+
+def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    from safetensors.torch import load_file
+
+    healed = fam.load_with("heal")
+    tuned = load_file(str(fam.matrices_path(f"{cond}_s{seed}")))
+    deltas = {name: tuned[name].double() - healed.weight(name) for name in tuned}
+    return _probe_rows(fam, healed, None, progress, delta="given", deltas=deltas)
+
+
+def _baseline_unit(fam: _Family, progress: bool) -> dict:
+    """The probe's reference rows at H: W_H itself (how pretraining and the heal left each matrix) and one draw
+    of the gradient-shaped random update Σ_t ξ_t a_tᵀ (what the inputs alone impose)."""
+    healed = fam.load_with("heal")
+    return {delta: _probe_rows(fam, healed, None, progress, delta=delta) for delta in ("base_weight", "random_delta")}
+
+
+def _noise_unit(fam: _Family, cond: str, progress: bool) -> dict:
+    """The seed-to-seed noise floor of one condition: W(seed 1) − W(seed 0), probed like a ΔW."""
+    healed = fam.load_with("heal")
+    first, second = fam.load_with(f"{cond}_s0"), fam.load_with(f"{cond}_s1")
+    return _probe_rows(fam, healed, first, progress, delta="noise_floor", replicate=second)
 
 
 # -- the experiment ---------------------------------------------------------------------------------
@@ -410,6 +443,8 @@ def study_experiment(
             "heal": lambda fam=fam: _heal_unit(fam, show),
             "train": lambda fam=fam, cond=cond, seed=seed: _train_unit(fam, str(cond), int(seed or 0), show),
             "probe": lambda fam=fam, cond=cond, seed=seed: _probe_unit(fam, str(cond), int(seed or 0), show),
+            "baseline": lambda fam=fam: _baseline_unit(fam, show),
+            "noise": lambda fam=fam, cond=cond: _noise_unit(fam, str(cond), show),
         }[kind]
         _unit(out, name, work, log)
         done.append(name)
@@ -456,6 +491,38 @@ def seed_summaries(out: str | os.PathLike) -> list[dict]:
         rec["read_prediction"] = _log_r(a, READ_KINDS, "input", "prediction")
         rec["asymmetry"] = None if rec["read_A"] is None or rec["write"] is None else rec["read_A"] - rec["write"]
         rows.append(rec)
+    return rows
+
+
+def _cells(a: Sequence[dict], b: Sequence[dict]) -> dict[str, float | None]:
+    return dict(
+        read_A=_log_r(a, READ_KINDS, "input", "activation"),
+        read_B=_log_r(b, READ_KINDS, "input", "activation"),
+        write=_log_r(a, WRITE_KINDS, "output", "prediction"),
+    )
+
+
+def baseline_summaries(out: str | os.PathLike) -> list[dict]:
+    """log R_read (A, B) and log R_write of the reference rows: W_H itself, the gradient-shaped random update
+    and each condition's seed-to-seed noise floor (seed 1 − seed 0)."""
+    out = Path(out)
+    rows = []
+    for path in sorted((out / "units").glob("baseline_*.json")):
+        unit = json.loads(path.read_text())
+        for delta in ("base_weight", "random_delta"):
+            rows.append(
+                dict(
+                    family=path.stem.split("_")[1],
+                    reference=delta,
+                    **_cells(unit[delta]["A"]["rows"], unit[delta]["B"]["rows"]),
+                )
+            )
+    for path in sorted((out / "units").glob("noise_*.json")):
+        _, family, cond = path.stem.split("_")
+        unit = json.loads(path.read_text())
+        rows.append(
+            dict(family=family, reference=f"noise floor {cond}", **_cells(unit["A"]["rows"], unit["B"]["rows"]))
+        )
     return rows
 
 
@@ -551,6 +618,7 @@ def study_report(out: str | os.PathLike) -> dict:
                 if vals:
                     table[f"{family}/{cond}/{key}"] = seed_interval(vals)
     results["intervals"] = table
+    results["baselines"] = baseline_summaries(out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_default))
     (out / "report.md").write_text(_markdown(results))
     return results
@@ -592,5 +660,16 @@ def _markdown(results: dict) -> str:
     ]
     for key, iv in results["intervals"].items():
         lines.append(f"| {key} | {iv['n']} | {_fmt(iv['mean'])} | [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}] |")
+    lines += [
+        "",
+        "## References at H (log R; one draw or one seed pair each)",
+        "",
+        "| family | reference | read A | read B | write |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results.get("baselines", []):
+        lines.append(
+            f"| {r['family']} | {r['reference']} | {_fmt(r['read_A'])} | {_fmt(r['read_B'])} | {_fmt(r['write'])} |"
+        )
     lines += ["", f"Units finished: {len(results['units'])}.", ""]
     return "\n".join(lines)
