@@ -176,3 +176,14 @@ def test_log_r_is_the_mean_log_relative_fraction_of_the_chosen_rows():
     assert st._log_r(rows, st.READ_KINDS, "input", "activation") == pytest.approx(0.0)
     assert st._log_r(rows, st.WRITE_KINDS, "output", "prediction") == pytest.approx(3 * 0.6931471805599453)
     assert st._log_r(rows, st.WRITE_KINDS, "output", "activation") is None
+
+
+def test_cli_rebuilds_the_report_from_finished_units(smoke, capsys):
+    from rwasym.app.cli import main
+
+    out, _, names = smoke
+    assert main(["experiment", "study", "--report-only", "--out", str(out)]) == 0
+    assert f"({len(names)} units finished)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["holm"] == dict(tests=8, missing=8, provisional=True)  # one seed: no endpoint can be tested yet
+    assert {r["condition"] for r in results["seed_summaries"]} == {"C1", "C4"}
