@@ -42,6 +42,10 @@ def test_units_run_in_order_and_resume_without_recomputing(smoke, monkeypatch):
     corpora = _unit(out, "corpora_smollm2")
     assert corpora["probe_A"]["shape"] == [24, 64] and corpora["probe_B"]["shape"] == [24, 64]
     assert len(corpora["train"]["docstring"]["documents_sha256"]) == 64
+    fam = st._Family("smollm2", cfg, out)
+    collateral, probe_b = fam.rows["collateral"][0], fam.rows["probe_B"][0]
+    assert collateral.shape == (cfg.collateral_rows, 64)
+    assert not any(torch.equal(c, b) for c in collateral for b in probe_b)  # E4's cost text: never probed
 
 
 def test_heal_and_conditions_move_the_matrices_only(smoke, real_folder):

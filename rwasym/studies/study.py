@@ -64,6 +64,7 @@ class StudyConfig:
     k: int = 16  # probe subspace dimension
     probe_rows: int = 256  # rows of each probe corpus (A: docstrings, B: man pages; held-out shards)
     eval_rows: int = 64  # rows of each corpus for the generic CE / KL of a condition
+    collateral_rows: int = 64  # E4's collateral text: held-out man rows disjoint from probe corpus B
     eval_pairs: int | None = None  # held-out pairs scored per condition (None: all)
     null_samples: int = 20  # Haar draws per probe row (its percentile; the null's mean and std are exact)
     n_layers: int | None = None  # a slice of the first blocks (smoke runs and tests): not the study
@@ -83,6 +84,7 @@ class StudyConfig:
             k=4,
             probe_rows=24,
             eval_rows=8,
+            collateral_rows=8,
             eval_pairs=16,
             null_samples=4,
             n_layers=2,
@@ -166,6 +168,16 @@ class _Family:
             pick = torch.linspace(0, len(held) - 1, cfg.probe_rows).round().long()
             rows[f"probe_{corpus}"] = (held[pick], {**info, "picked": cfg.probe_rows})
             rows[f"eval_{corpus}"] = (held[pick[:: max(1, cfg.probe_rows // cfg.eval_rows)][: cfg.eval_rows]], info)
+            if corpus == "B":  # E4's collateral text: held-out man rows the probe never reads
+                rest = torch.ones(len(held), dtype=torch.bool)
+                rest[pick] = False
+                others = held[rest]
+                if len(others) < cfg.collateral_rows:
+                    raise RwasymError(
+                        f"{len(others)} held-out man rows outside the probe; {cfg.collateral_rows} needed"
+                    )
+                take = torch.linspace(0, len(others) - 1, cfg.collateral_rows).round().long()
+                rows["collateral"] = (others[take], {**info, "picked": cfg.collateral_rows})
         self.rows = rows
         self._pairs: dict = {}
 
@@ -227,7 +239,8 @@ def _cfg_tag(cfg: StudyConfig) -> str:
     import hashlib
 
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("families", "seeds", "seeds_sft", "model_dir", "k")}
-    keep = {k: v for k, v in keep.items() if k not in ("probe_rows", "eval_rows", "eval_pairs", "null_samples")}
+    measured = ("probe_rows", "eval_rows", "eval_pairs", "null_samples", "collateral_rows")
+    keep = {k: v for k, v in keep.items() if k not in measured}
     keep.pop("conditions", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
