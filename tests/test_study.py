@@ -191,3 +191,6 @@ def test_cli_rebuilds_the_report_from_finished_units(smoke, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["holm"] == dict(tests=8, missing=8, provisional=True)  # one seed: no endpoint can be tested yet
     assert {r["condition"] for r in results["seed_summaries"]} == {"C1", "C4"}
+    heal = _unit(out, "heal_smollm2")["generic"]["A"]
+    assert results["heal"]["smollm2"]["generic"]["A"] == heal
+    assert f"| smollm2 | A | {heal['ce_reference']:.3g} | {heal['ce']:.3g} |" in (out / "report.md").read_text()

@@ -632,6 +632,10 @@ def study_report(out: str | os.PathLike) -> dict:
                     table[f"{family}/{cond}/{key}"] = seed_interval(vals)
     results["intervals"] = table
     results["baselines"] = baseline_summaries(out)
+    results["heal"] = {
+        path.stem.removeprefix("heal_"): {k: v for k, v in json.loads(path.read_text()).items() if k != "history"}
+        for path in sorted((out / "units").glob("heal_*.json"))
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_default))
     (out / "report.md").write_text(_markdown(results))
     return results
@@ -673,6 +677,19 @@ def _markdown(results: dict) -> str:
     ]
     for key, iv in results["intervals"].items():
         lines.append(f"| {key} | {iv['n']} | {_fmt(iv['mean'])} | [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}] |")
+    lines += ["", "## The heal (H = base + CE on the heal shard; held-out text, nats/token)", ""]
+    lines += ["| family | corpus | CE base | CE H | KL(H ‖ base) | steps | seconds |", "|---|---|---|---|---|---|---|"]
+    for family, heal in results.get("heal", {}).items():
+        for corpus, g in heal["generic"].items():
+            cells = [
+                family,
+                corpus,
+                _fmt(g["ce_reference"]),
+                _fmt(g["ce"]),
+                _fmt(g["kl"]),
+                str(heal["config"]["steps"]),
+            ]
+            lines.append("| " + " | ".join([*cells, f"{heal['seconds']:.0f}"]) + " |")
     lines += [
         "",
         "## References at H (log R; one draw or one seed pair each)",
