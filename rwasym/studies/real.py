@@ -29,8 +29,6 @@ pairs (words never seen in training).
 """
 
 import json
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 
 from ..errors import RwasymError
 from .experiments import paper_side
+from .units import run_unit
 
 __all__ = ["PARTS", "RealConfig", "real_experiment", "real_report"]
 
@@ -89,31 +88,9 @@ class RealConfig:
         return cls(**{**values, **overrides})
 
 
-# -- units: one resumable piece of work each ---------------------------------------------------
+# -- units: one resumable piece of work each (`rwasym.studies.units`) ----------------------------
 def _unit(out: Path, name: str, fn: Callable[[], dict], log: Any) -> dict:
-    """The result of unit ``name``: read from ``out/units/<name>.json``, else computed and written
-    atomically (a killed run loses at most the unit in flight)."""
-    path = out / "units" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    log(f"[real] {name} ...")
-    t0 = time.perf_counter()
-    result = fn()
-    result["seconds"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, default=_default))
-    os.replace(tmp, path)
-    log(f"[real] {name}: {result['seconds']:.0f} s")
-    return result
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return run_unit(out, name, fn, log, tag="real")
 
 
 class _Seed:

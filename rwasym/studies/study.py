@@ -19,9 +19,8 @@ computes the endpoints from whatever units exist and labels what is missing.
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RwasymError
+from .units import json_default, run_unit
 
 __all__ = [
     "CONDITIONS",
@@ -94,28 +94,7 @@ class StudyConfig:
 
 # -- units ------------------------------------------------------------------------------------------
 def _unit(out: Path, name: str, fn: Callable[[], dict], log: Any) -> dict:
-    """The result of unit ``name``: read from ``out/units/<name>.json``, else computed and written atomically."""
-    path = out / "units" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    log(f"[study] {name} ...")
-    t0 = time.perf_counter()
-    result = fn()
-    result["seconds"] = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1, default=_default))
-    os.replace(tmp, path)
-    log(f"[study] {name}: {result['seconds']:.0f} s")
-    return result
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return run_unit(out, name, fn, log, tag="study", indent=1)
 
 
 def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | None]]:
@@ -148,6 +127,7 @@ def _name(kind: str, family: str, cond: str | None, seed: int | None) -> str:
 # -- a family: its base folder, rows and pairs ------------------------------------------------------
 class _Family:
     def __init__(self, name: str, cfg: StudyConfig, out: Path):
+        from ..models.cache import cache_root
         from ..testing import gemma_model_folder, real_model_folder
         from . import corpora
 
@@ -157,7 +137,7 @@ class _Family:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         self.pad = int(self.tokenizer.pad_token_id)
-        self.model_dir = Path(cfg.model_dir) if cfg.model_dir else _cache() / "study"
+        self.model_dir = Path(cfg.model_dir) if cfg.model_dir else cache_root() / "study"
         self.model_dir = self.model_dir / f"{name}-{_cfg_tag(cfg)}"
         rows: dict[str, tuple[torch.Tensor, dict]] = {}
         for shard in ("heal", "train"):
@@ -228,12 +208,6 @@ class _Family:
 REGS = ("docstring", "man")
 
 
-def _cache() -> Path:
-    from ..models.cache import cache_root
-
-    return cache_root()
-
-
 def _cfg_tag(cfg: StudyConfig) -> str:
     """Models of different training recipes never share a folder."""
     import hashlib
@@ -293,10 +267,10 @@ def _corpora_unit(fam: _Family) -> dict:
     return {name: {**info, "shape": list(tokens.shape)} for name, (tokens, info) in fam.rows.items()}
 
 
-def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
-    from ..train import TrainConfig
-
-    return TrainConfig(
+def _recipe(cfg: StudyConfig, steps: int, seed: int) -> dict:
+    """The one optimisation recipe of the heal and every condition (pre-registered): AdamW (0.9, 0.95), no decay,
+    warmup then cosine to 0.1 × lr, clip 1.0, the registry's matrices only."""
+    return dict(
         steps=steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -305,12 +279,16 @@ def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
         warmup_steps=cfg.warmup_steps,
         min_lr_ratio=0.1,
         grad_clip=1.0,
-        n_checkpoints=0,
         log_every=10,
         seed=seed,
         train="matrices",
-        **extra,
     )
+
+
+def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
+    from ..train import TrainConfig
+
+    return TrainConfig(**_recipe(cfg, steps, seed), n_checkpoints=0, **extra)
 
 
 def _heal_unit(fam: _Family, progress: bool) -> dict:
@@ -338,21 +316,8 @@ def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
         result = pretrain(model, fam.rows["train"][0], tc, progress=progress)
     else:
         pairs, record["pairs"] = fam.pairs("train", seed)
-        tc = AlignConfig(
-            objective="sft" if cond == "C3" else "dpo",
-            beta=cfg.beta,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=0.0,
-            betas=(0.9, 0.95),
-            warmup_steps=cfg.warmup_steps,
-            min_lr_ratio=0.1,
-            grad_clip=1.0,
-            checkpoint_every=0,
-            seed=seed,
-            train="matrices",
-        )
+        objective = "sft" if cond == "C3" else "dpo"
+        tc = AlignConfig(**_recipe(cfg, cfg.steps, seed), objective=objective, beta=cfg.beta, checkpoint_every=0)
         result = align(model, None if cond == "C3" else healed, pairs, tc, progress=progress)
     saved = fam.save_matrices(model, f"{cond}_s{seed}")
     held, held_record = fam.pairs("heldout", seed)
@@ -462,11 +427,6 @@ def study_experiment(
         _unit(out, name, work, log)
         done.append(name)
     return done
-
-
-def smoke_config(**overrides: Any) -> StudyConfig:
-    """`StudyConfig.smoke` (a name for the CLI)."""
-    return replace(StudyConfig.smoke(), **overrides)
 
 
 # -- the endpoints (docs/design/study.md) -------------------------------------------------------------
@@ -636,7 +596,7 @@ def study_report(out: str | os.PathLike) -> dict:
         path.stem.removeprefix("heal_"): {k: v for k, v in json.loads(path.read_text()).items() if k != "history"}
         for path in sorted((out / "units").glob("heal_*.json"))
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_default))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
     (out / "report.md").write_text(_markdown(results))
     return results
 
