@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import rwasym
 from rwasym import RwasymError
 from rwasym.analyses import behaviour
 from rwasym.analyses.sweep import SweepConfig, parse_directions, read_sweep, sweep
@@ -368,6 +369,11 @@ def test_sweep_config_defaults_hash_and_cli_flags(files, tmp_path):
     kl = SweepConfig(kl_budgets=(0.03, 0.003)).header(**ctx, collateral="abc")
     assert SweepConfig().match == "kl" and kl["match"] == "kl" and "alphas" not in kl
     assert kl["kl_budgets"] == [0.003, 0.03] and kl["kl_rtol"] == 0.05 and kl["collateral"] == "abc"
+    # the frames' covariance exclusions key the file only when set (older files keep their hash)
+    assert "exclude_positions" not in kl and "exclude_tokens" not in kl
+    ex = SweepConfig(exclude_positions=[0], exclude_tokens=[0, 2]).header(**ctx, collateral="abc")
+    assert ex["exclude_positions"] == [0] and ex["exclude_tokens"] == [0, 2]
+    assert "text_metrics" not in kl and SweepConfig(text_metrics=False).header(**ctx)["text_metrics"] is False
     with pytest.raises(RwasymError, match="with match='kl'.*kl_budgets"):
         SweepConfig(alphas=(1.0, 2.0))
     with pytest.raises(RwasymError, match="kl_budgets must be distinct positive"):
@@ -531,3 +537,40 @@ def test_collateral_text_defaults_warnings_and_errors(files):
         collateral_set(model, torch.full((2, 5), 10**6), data)
     with pytest.raises(RwasymError, match="integer token tensor"):
         collateral_set(model, torch.randn(2, 5), data)
+
+
+def test_frames_covariance_leaves_out_excluded_positions(files, tmp_path):
+    """exclude_positions: the pca target of W_Q is the top eigenvector of the input covariance without the
+    left-out position (its input energy vᵀCv is that covariance's top eigenvalue, computed here by hand from
+    hooked activations), not the one with every position."""
+    base = rwasym.load(str(files / "base"))
+    data = torch.randint(3, 64, (5, 12), generator=torch.Generator().manual_seed(8))
+    name = "blocks.1.attn.W_Q"
+    acts = {}
+
+    def grab(x, hook=None):
+        acts["a"] = x.detach().double()
+        return x
+
+    with torch.no_grad(), base.bridge.hooks(fwd_hooks=[(base.input_hook(name), grab)]):
+        base.bridge(data)
+
+    def top_eigenvalue(a):
+        a = a.reshape(-1, a.shape[-1])
+        return float(torch.linalg.eigvalsh(torch.cov(a.T)).max())
+
+    energy = {}
+    for excluded in ((), (0,)):
+        rows = sweep(
+            str(files / "base"),
+            str(files / "tuned"),
+            str(files / "pairs.safetensors"),
+            out=tmp_path / f"ex{len(excluded)}.jsonl",
+            data=data,
+            exclude_positions=excluded,
+            **{**SWEEP, "directions": "pca:1,random:1", "alphas": (1.0,)},
+        )
+        energy[excluded] = next(r["input_energy"] for r in rows if r["direction"] == "pca")
+    assert energy[(0,)] == pytest.approx(top_eigenvalue(acts["a"][:, 1:]), rel=1e-6)
+    assert energy[()] == pytest.approx(top_eigenvalue(acts["a"]), rel=1e-6)
+    assert abs(energy[(0,)] - energy[()]) > 1e-3 * energy[()]

@@ -27,6 +27,12 @@ default text is prompt + chosen), chosen and rejected share one pass when they a
 last scored position (one-token responses), and pair passes unembed only the scored positions (a
 hook on ``unembed.hook_in``). A self-check against plain forwards switches the prefix cache and
 the position selection off (with a warning) on architectures where they are not exact.
+
+Memory: rows run in chunks whose logits fit ``logit_bytes`` (`rows_per_chunk`) and every chunk is
+reduced at once (summed response log-probabilities, text and collateral sums), so no full-vocabulary
+tensor of the whole text is held; the clean references' log-probabilities are kept whole while they
+fit ``reference_bytes``, else each chunk's are recomputed from the cached final hidden state by the
+model's unembedding (Gemma 3's 262,144-token vocabulary: 0.13 GB per 64-position row otherwise).
 `Evaluator.measure` is the reference path: full forwards of chosen, rejected and text.
 """
 
@@ -253,20 +259,23 @@ def _shared_prompts(data: EvalSet, tokens: Tensor) -> int:
 @dataclass
 class _Stream:
     """One batch of sequences run through the model. select: logit positions kept (None = all);
-    scores: (role, rows, targets, weights) — response log-probabilities read off this stream."""
+    scores: (role, rows, targets, weights) — response log-probabilities read off this stream;
+    text: the held-out text stream (its positions give ce / kl_* and the user metrics)."""
 
     tokens: Tensor
     attention_mask: Tensor | None = None
     select: Tensor | None = None
     scores: tuple = ()
+    text: bool = False
 
 
 def _cols(scored: Tensor) -> Tensor:
     return torch.nonzero(scored[:, 1:].any(0))[:, 0]  # positions t − 1 whose next token t is scored
 
 
-def _streams(data: EvalSet) -> list[_Stream]:
-    """The sequences to run, skipping work that cannot change the metrics; the text stream last.
+def _streams(data: EvalSet, text_metrics: bool = True) -> list[_Stream]:
+    """The sequences to run, skipping work that cannot change the metrics; the text stream last (without
+    ``text_metrics`` there is none, and the responses come from pair streams).
 
     A position's logits depend only on the tokens up to it, so a response is scored from any
     sequence that agrees with it up to its last scored position: from the text stream when the
@@ -277,7 +286,7 @@ def _streams(data: EvalSet) -> list[_Stream]:
     """
     n, rows = data.chosen.shape[0], torch.arange(data.chosen.shape[0])
     mask = data.text_mask
-    text = _Stream(data.text, None if mask is None or bool(mask.all()) else mask.long())
+    text = _Stream(data.text, None if mask is None or bool(mask.all()) else mask.long(), text=True)
     pending = []
     for role, tok, sc in (
         ("chosen", data.chosen, data.chosen_scored),
@@ -286,7 +295,8 @@ def _streams(data: EvalSet) -> list[_Stream]:
         cols = _cols(sc)
         length = int(cols.max()) + 1
         if (
-            data.text.shape[0] == n
+            text_metrics
+            and data.text.shape[0] == n
             and data.text.shape[1] >= length
             and torch.equal(data.text[:, :length], tok[:, :length])
         ):
@@ -308,7 +318,95 @@ def _streams(data: EvalSet) -> list[_Stream]:
         out = [stream(pending, stacked=not same)]
     else:
         out = [stream([p], stacked=False) for p in pending]
-    return out + [text]
+    return out + [text] if text_metrics else out
+
+
+def _plain_streams(data: EvalSet, text_metrics: bool = True) -> list[_Stream]:
+    """The reference path's sequences: chosen and rejected whole (every position unembedded), then the text."""
+    n = data.chosen.shape[0]
+
+    def whole(role: str, tok: Tensor, sc: Tensor) -> _Stream:
+        score = (role, torch.arange(n), torch.arange(tok.shape[1] - 1), tok[:, 1:], sc[:, 1:])
+        return _Stream(tok, None, None, (score,))
+
+    mask = data.text_mask
+    text = _Stream(data.text, None if mask is None or bool(mask.all()) else mask.long(), text=True)
+    pairs = [whole("chosen", data.chosen, data.chosen_scored), whole("rejected", data.rejected, data.rejected_scored)]
+    return pairs + [text] if text_metrics else pairs
+
+
+# --------------------------------------------------------------------------------- memory: row chunks
+LOGIT_BYTES = 1 << 30  # what one evaluation chunk's logits and log-probabilities may hold
+REFERENCE_BYTES = 1 << 30  # a reference's log-probabilities kept whole up to this; above it, recomputed per chunk
+
+
+def rows_per_chunk(n_rows: int, width: int, d_vocab: int, k: int, n_refs: int, budget: int = LOGIT_BYTES) -> int:
+    """Rows of a stream evaluated at once: k edits' float32 logits (``width`` positions × ``d_vocab``) and the
+    float64 log-probabilities, probabilities and ``n_refs`` reference log-probabilities of one edit, per row,
+    within ``budget`` bytes (at least 1 row). A 262k vocabulary at 64 positions and 4 edits: 1 row per GiB."""
+    per_row = width * d_vocab * (4 * k + 8 * (2 + n_refs))
+    return max(1, min(n_rows, budget // max(1, per_row)))
+
+
+def _chunks(n: int, step: int) -> list[slice]:
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _forward(model: Model, tokens: Tensor, mask: Tensor | None, capture: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Plain logits of ``tokens`` (and, when ``capture``, the input of ``unembed.hook_in``)."""
+    box: dict[str, Tensor] = {}
+    hooks = []
+    if capture:
+
+        def grab(x: Tensor, hook: Any = None) -> Tensor:
+            box["h"] = x.detach()
+            return x
+
+        hooks.append(("unembed.hook_in", grab))
+    kw = {} if mask is None else {"attention_mask": mask.long().to(model.device)}
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=hooks):
+        logits = model.bridge(tokens.to(model.device), **kw)
+    return logits, box.get("h")
+
+
+class _Reference:
+    """The next-token log-probabilities log softmax(logits[:, :-1]) (float64) of one clean model on fixed rows,
+    served by row chunks (`logp`). Kept whole when they fit ``keep`` bytes; otherwise (a 262k vocabulary) the
+    input of ``unembed.hook_in`` is kept (n × pos × d_model) and each chunk's logits are recomputed by the
+    model's unembedding — one matmul, checked equal to the forward's logits on the first chunk — or, where that
+    check fails, by a plain forward of the chunk."""
+
+    def __init__(self, model: Model, tokens: Tensor, mask: Tensor | None, step: int, keep: int = REFERENCE_BYTES):
+        self.model, self.tokens, self.mask, self.step = model, tokens, mask, step
+        n, pos = tokens.shape
+        self.whole = n * (pos - 1) * model.d_vocab * 8 <= keep
+        capture = not self.whole and "unembed.hook_in" in model.bridge.hook_dict
+        parts: list[Tensor] = []
+        for i, rows in enumerate(_chunks(n, step)):
+            logits, h = _forward(model, tokens[rows], None if mask is None else mask[rows], capture)
+            if self.whole:
+                parts.append(logits[:, :-1].double().log_softmax(-1).cpu())
+                continue
+            if capture and i == 0:
+                with torch.no_grad():
+                    again = model.bridge.unembed(h)
+                tol = 1e-5 * (1.0 + float(logits.abs().max()))
+                capture = again.shape == logits.shape and float((again - logits).abs().max()) <= tol
+            if capture and h is not None:
+                parts.append(h[:, :-1].clone())
+        self.kept = torch.cat(parts) if parts else None
+        self.mode = "whole" if self.whole else ("hidden" if capture else "forward")
+
+    def logp(self, rows: slice) -> Float[Tensor, "c pos_minus_1 d_vocab"]:
+        kept = self.kept
+        if self.mode == "whole" and kept is not None:
+            return kept[rows]
+        if self.mode == "hidden" and kept is not None:
+            with torch.no_grad():
+                logits = self.model.bridge.unembed(kept[rows])
+        else:
+            logits = _forward(self.model, self.tokens[rows], None if self.mask is None else self.mask[rows])[0][:, :-1]
+        return logits.double().log_softmax(-1).cpu()
 
 
 # --------------------------------------------------------------------------------- the fast runner
@@ -342,15 +440,32 @@ def _expand(out: Any, k: int, batch: int) -> Any:
     raise _PrefixUnsupported(f"block output of type {type(out).__name__}")
 
 
-class _Runner:
-    """One host model on fixed streams, under batches of k edits of one matrix in layer ``layer``."""
+def _take(out: Any, rows: slice, batch: int) -> Any:
+    """The rows ``rows`` of every batch-leading tensor of a block output."""
+    if isinstance(out, Tensor):
+        if out.dim() == 0 or out.shape[0] != batch:
+            raise _PrefixUnsupported(f"block output tensor of shape {tuple(out.shape)}")
+        return out[rows]
+    if isinstance(out, (tuple, list)):
+        return type(out)(_take(x, rows, batch) for x in out)
+    if out is None:
+        return None
+    raise _PrefixUnsupported(f"block output of type {type(out).__name__}")
 
-    def __init__(self, model: Model, streams: list[_Stream], layer: int, reuse: bool = True):
+
+class _Runner:
+    """One host model on fixed streams, under batches of k edits of one matrix in layer ``layer``.
+    ``steps``: rows per chunk of each stream for the self-check (default: whole streams)."""
+
+    def __init__(
+        self, model: Model, streams: list[_Stream], layer: int, reuse: bool = True, steps: Sequence[int] | None = None
+    ):
         self.model, self.streams, self.layer = model, streams, layer
         self.select = "unembed.hook_in" in model.bridge.hook_dict
         self.reuse = bool(reuse) and layer > 0
-        self._cache: dict[tuple[int, int], Any] = {}
+        self._cache: dict[tuple[int, int, int, int], Any] = {}
         self._prefix: list[Any] = []
+        self._steps = list(steps) if steps is not None else [st.tokens.shape[0] for st in streams]
         if self.reuse or self.select:
             self._self_check()
 
@@ -372,28 +487,36 @@ class _Runner:
             raise _PrefixUnsupported(f"block {self.layer - 1} was never called")
         return box["out"]
 
-    def _kwargs(self, stream: _Stream, k: int) -> dict:
+    def _kwargs(self, stream: _Stream, k: int, rows: slice | None = None) -> dict:
         m = stream.attention_mask
-        return {} if m is None else {"attention_mask": m.repeat(k, 1).to(self.model.device)}
+        if m is None:
+            return {}
+        m = m if rows is None else m[rows]
+        return {"attention_mask": m.repeat(k, 1).to(self.model.device)}
 
-    def logits(self, i: int, k: int, hooks: Sequence = ()) -> Tensor:
-        """(k, B, S, d_vocab) logits of stream i under k edits (hooks from `edit_hooks`)."""
+    def logits(self, i: int, k: int, hooks: Sequence = (), rows: slice | None = None) -> Tensor:
+        """(k, c, S, d_vocab) logits of stream i (its rows ``rows``, default all) under k edits (hooks from
+        `edit_hooks`)."""
         st = self.streams[i]
+        n = st.tokens.shape[0]
+        rows = slice(0, n) if rows is None else rows
+        tokens = st.tokens[rows]
         fwd = list(hooks)
         if st.select is not None and self.select:
             sel = st.select.to(self.model.device)
             fwd.append(("unembed.hook_in", lambda x, hook=None: x[:, sel]))
         with contextlib.ExitStack() as stack, torch.no_grad():
             if self.reuse:
-                key = (i, k)
+                key = (i, k, rows.start, rows.stop)
                 if key not in self._cache:
                     self._cache = {kk: vv for kk, vv in self._cache.items() if kk[1] == k}
-                    self._cache[key] = _expand(self._prefix[i], k, st.tokens.shape[0])
+                    part = _take(self._prefix[i], rows, n)
+                    self._cache[key] = _expand(part, k, tokens.shape[0])
                 cached = self._cache[key]
                 for layer in range(self.layer):  # blocks 0..L-1 return block L-1's clean output
                     stack.enter_context(_patched_forward(self._host(layer), lambda *a, **kw: cached))
             stack.enter_context(self.model.bridge.hooks(fwd_hooks=fwd))
-            out = self.model.bridge(st.tokens.repeat(k, 1).to(self.model.device), **self._kwargs(st, k))
+            out = self.model.bridge(tokens.repeat(k, 1).to(self.model.device), **self._kwargs(st, k, rows))
         if st.select is not None and not self.select:
             out = out[:, st.select.to(out.device)]
         return out.reshape(k, -1, *out.shape[1:])
@@ -403,16 +526,18 @@ class _Runner:
             self._prefix = [self._record(st) for st in self.streams] if self.reuse else []
             ok = True
             for i, st in enumerate(self.streams):
-                with torch.no_grad():
-                    plain = self.model.bridge(st.tokens.to(self.model.device), **self._kwargs(st, 1))
-                plain = plain if st.select is None else plain[:, st.select.to(plain.device)]
-                fast = self.logits(i, 2)
-                tol = 1e-5 * (1.0 + float(plain.abs().max()))
-                ok = ok and all(float((f - plain).abs().max()) <= tol for f in fast)
+                for rows in _chunks(st.tokens.shape[0], self._steps[i]):
+                    mask = None if st.attention_mask is None else st.attention_mask[rows]
+                    plain = _forward(self.model, st.tokens[rows], mask)[0]
+                    plain = plain if st.select is None else plain[:, st.select.to(plain.device)]
+                    fast = self.logits(i, 2, rows=rows)
+                    tol = 1e-5 * (1.0 + float(plain.abs().max()))
+                    ok = ok and all(float((f - plain).abs().max()) <= tol for f in fast)
         except Exception as err:  # noqa: BLE001 — any failure means: use the plain path
             ok, reason = False, f"{type(err).__name__}: {err}"
         else:
             reason = "the cached-prefix logits differ from a plain forward"
+        self._cache = {}
         if not ok:
             warnings.warn(
                 f"rwasym: prefix reuse / response-only unembedding is not exact on this "
@@ -443,6 +568,27 @@ def _response_logps(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     return (lp * weights.to(lp.device)).sum(-1).cpu()
 
 
+def _kl_nll(logits: Tensor, ref: Tensor, targets: Tensor, weight: Tensor) -> tuple[float, float]:
+    """(Σ w_t KL(softmax(logits_t) ‖ exp ref_t), Σ w_t −log softmax(logits_t)[y_t]) over rows and positions
+    (logits (c, pos − 1, d_vocab) float32, ref float64 log-probs of the same shape)."""
+    logp = logits.double().log_softmax(-1).cpu()
+    kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)  # einsum: no (b, t, v) temporary
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float((kl * weight).sum()), float((nll * weight).sum())
+
+
+@dataclass
+class _Collected:
+    """What k edited (or plain) runs left, per edit: summed response log-probs (k, n) of chosen and rejected,
+    the text sums (k, 1 + n_refs) = (Σ nll, Σ KL to each reference) over counted positions, the text logits
+    (for user metrics only)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    text: Tensor
+    logits: list[Tensor] | None
+
+
 class Evaluator:
     """Behavioural metrics (module docstring) of edited models against fixed references.
 
@@ -450,7 +596,15 @@ class Evaluator:
     held-out text (default: prompt + chosen of the pairs); beta: the DPO β; metrics: user metrics
     ``{name: callable(logits, batch) -> float}`` (a list of functions uses their ``__name__``);
     collateral: the text of `iter_collateral` (see `collateral_set`; default: the held-out prompts).
+    text_metrics: False leaves out ce / kl_base / kl_tuned (and user metrics): only the pairs' response
+    positions are unembedded, far cheaper at a large vocabulary.
     ``reference`` holds the metrics of the base and of the tuned model.
+
+    Memory: every pass runs its rows in chunks whose logits and log-probabilities fit ``logit_bytes``
+    (`rows_per_chunk`), and the clean references' log-probabilities are kept whole up to
+    ``reference_bytes``, else recomputed per chunk from the final hidden state (`_Reference`), so no
+    (n, pos, d_vocab) tensor is held whatever the vocabulary — except the text logits user metrics are
+    called with.
     """
 
     def __init__(
@@ -465,112 +619,159 @@ class Evaluator:
         reuse_prefix: bool = True,
         max_pairs: int | None = None,
         collateral: Any = None,
+        logit_bytes: int = LOGIT_BYTES,
+        reference_bytes: int = REFERENCE_BYTES,
+        text_metrics: bool = True,
     ):
         self.base, self.tuned = load(base), load(tuned)
         check_same_architecture(self.base, self.tuned)
         self.data = eval_set(self.base, data, text, max_pairs)
+        self.logit_bytes, self.reference_bytes = int(logit_bytes), int(reference_bytes)
         # the collateral text (`collateral_set`) is resolved on first use: only effect-matched sweeps need it
         self._collateral_arg = collateral
         self._collateral: Collateral | None = None
-        self._collateral_ref: dict[int, tuple[Tensor, float]] = {}
+        self._collateral_ref: dict[int, tuple[_Reference, float]] = {}
         if isinstance(metrics, Mapping):
             self.metrics = dict(metrics)
         else:
             self.metrics = {getattr(f, "__name__", f"metric{i}"): f for i, f in enumerate(metrics or [])}
         if not all(callable(f) for f in self.metrics.values()):
             raise RwasymError("metrics must be callables (logits, batch) -> float")
+        self.text_metrics = bool(text_metrics)
+        if self.metrics and not self.text_metrics:
+            raise RwasymError(
+                "user metrics are called with the held-out text's logits; keep text_metrics (drop --no-text-metrics)"
+            )
         self.beta = float(beta)
         self.reuse_prefix = reuse_prefix
-        self.streams = _streams(self.data)
+        self.streams = _streams(self.data, self.text_metrics)
+        self._plain = _plain_streams(self.data, self.text_metrics)
         t_mask = self.data.text_mask
         valid = torch.ones_like(self.data.text, dtype=torch.bool) if t_mask is None else t_mask
         self._text_valid = (valid[:, :-1] & valid[:, 1:]).double()  # (n_text, pos-1)
         self._runners: dict[tuple, _Runner] = {}
-        base_out, tuned_out = self._plain(self.base), self._plain(self.tuned)
-        self._ref_c, self._ref_r = base_out[0], base_out[1]
-        self._ref_text = {"base": self._text_logp(base_out[2]), "tuned": self._text_logp(tuned_out[2])}
-        self.reference = {"base": self._metrics(*base_out), "tuned": self._metrics(*tuned_out)}
+        text = self._plain[-1]
+        step = self._step(text, 1)
+        self._ref_text = {
+            name: _Reference(model, text.tokens, text.attention_mask, step, self.reference_bytes)
+            for name, model in (("base", self.base), ("tuned", self.tuned))
+            if self.text_metrics
+        }
+        base_out, tuned_out = self._collect_plain(self.base), self._collect_plain(self.tuned)
+        self._ref_c, self._ref_r = base_out.chosen[0], base_out.rejected[0]
+        self.reference = {"base": self._metrics(base_out, 0), "tuned": self._metrics(tuned_out, 0)}
 
     # -- internals ------------------------------------------------------------------------------
-    def _plain(self, model: Model) -> tuple[Tensor, Tensor, Tensor]:
-        """The reference path: full forwards of the chosen, rejected and text sequences."""
-        with torch.no_grad():
+    def _step(self, stream: _Stream, k: int, n_refs: int | None = None) -> int:
+        """Rows per chunk of ``stream`` under k edits (`rows_per_chunk`)."""
+        width = stream.tokens.shape[1] if stream.select is None else len(stream.select)
+        refs = (2 if stream.text else 0) if n_refs is None else n_refs
+        return rows_per_chunk(stream.tokens.shape[0], width, self.base.d_vocab, k, refs, self.logit_bytes)
 
-            def run(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-                kw = {} if mask is None or bool(mask.all()) else {"attention_mask": mask.long().to(model.device)}
-                return model.bridge(tokens.to(model.device), **kw)
+    def _collect(self, streams: list[_Stream], k: int, forward: Callable[[int, slice], Tensor]) -> _Collected:
+        """Run ``forward(i, rows)`` → (k, c, S, d_vocab) logits over every stream in row chunks and reduce each
+        chunk at once: response log-probs from the scored positions, text sums against the references."""
+        n = self.data.chosen.shape[0]
+        lp = {role: torch.zeros(k, n, dtype=torch.float64) for role in ("chosen", "rejected")}
+        sums = torch.zeros(k, 1 + len(self._ref_text), dtype=torch.float64)
+        kept: list[Tensor] | None = [] if self.metrics else None
+        for i, st in enumerate(streams):
+            for rows in _chunks(st.tokens.shape[0], self._step(st, k)):
+                lg = forward(i, rows)
+                for role, r, cols, targets, weights in st.scores:
+                    j = torch.nonzero((r >= rows.start) & (r < rows.stop))[:, 0]
+                    if len(j) == 0:
+                        continue
+                    sub = lg[:, (r[j] - rows.start).to(lg.device)][:, :, cols.to(lg.device)]  # (k, m, |cols|, V)
+                    scored = _response_logps(sub.flatten(0, 1), targets[j].repeat(k, 1), weights[j].repeat(k, 1))
+                    lp[role][:, j] = scored.view(k, -1)
+                if st.text:
+                    sums += self._text_sums(lg, rows)
+                    if kept is not None:
+                        kept.append(lg.cpu())
+        logits = None if kept is None else list(torch.cat(kept, 1).unbind(0))
+        return _Collected(lp["chosen"], lp["rejected"], sums, logits)
 
-            d = self.data
-            lc = _response_logps(run(d.chosen)[:, :-1], d.chosen[:, 1:], d.chosen_scored[:, 1:])
-            lr = _response_logps(run(d.rejected)[:, :-1], d.rejected[:, 1:], d.rejected_scored[:, 1:])
-            return lc, lr, run(d.text, d.text_mask)
-
-    def _from_streams(self, logits: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        lp: dict[str, Tensor] = {}
-        for st, lg in zip(self.streams, logits):
-            for role, rows, cols, targets, weights in st.scores:
-                lp[role] = _response_logps(lg[rows.to(lg.device)][:, cols.to(lg.device)], targets, weights)
-        return lp["chosen"], lp["rejected"], logits[-1]
-
-    def _text_logp(self, logits: Tensor) -> Tensor:
-        return logits[:, :-1].double().log_softmax(-1).cpu()  # (n_text, pos-1, d_vocab)
-
-    def _metrics(self, lc: Tensor, lr: Tensor, text_logits: Tensor) -> dict[str, float]:
-        margins = self.beta * ((lc - self._ref_c) - (lr - self._ref_r))
-        out = dict(margin=float(margins.mean()), reward_accuracy=float((margins > 0).double().mean()))
-        out["accuracy"] = float((lc > lr).double().mean())
-        logp = self._text_logp(text_logits)
-        valid, n = self._text_valid, float(self._text_valid.sum())
-        nll = -logp.gather(-1, self.data.text[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out["ce"] = float((nll * valid).sum() / n)
-        p = logp.exp()
-        neg_entropy = torch.einsum("btv,btv->bt", p, logp)  # Σ_v p log p (einsum: no (b, t, v) temporary)
-        for name, ref in self._ref_text.items():
-            kl = neg_entropy - torch.einsum("btv,btv->bt", p, ref)  # KL(p ‖ ref) per position
-            out[f"kl_{name}"] = float((kl * valid).sum() / n)
-        for name, fn in self.metrics.items():
-            out[name] = float(fn(text_logits, self.data.text))
+    def _text_sums(self, lg: Tensor, rows: slice) -> Tensor:
+        """(k, 1 + n_refs): Σ nll and Σ KL(edit ‖ reference) over the counted text positions of ``rows``."""
+        refs = [ref.logp(rows) for ref in self._ref_text.values()]
+        valid, targets = self._text_valid[rows], self.data.text[rows, 1:]
+        out = torch.zeros(lg.shape[0], 1 + len(refs), dtype=torch.float64)
+        for e in range(lg.shape[0]):
+            logp = lg[e][:, :-1].double().log_softmax(-1).cpu()
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            out[e, 0] = (nll * valid).sum()
+            p = logp.exp()
+            neg_entropy = torch.einsum("btv,btv->bt", p, logp)  # Σ_v p log p (no (b, t, v) temporary)
+            for j, ref in enumerate(refs):
+                kl = neg_entropy - torch.einsum("btv,btv->bt", p, ref)  # KL(p ‖ ref) per position
+                out[e, 1 + j] = (kl * valid).sum()
         return out
+
+    def _collect_plain(self, model: Model) -> _Collected:
+        """The reference path: full forwards of the chosen, rejected and text sequences (chunked)."""
+
+        def forward(i: int, rows: slice) -> Tensor:
+            st = self._plain[i]
+            return _forward(model, st.tokens[rows], None if st.attention_mask is None else st.attention_mask[rows])[0][
+                None
+            ]
+
+        return self._collect(self._plain, 1, forward)
+
+    def _metrics(self, out: _Collected, e: int) -> dict[str, float]:
+        margins = self.beta * ((out.chosen[e] - self._ref_c) - (out.rejected[e] - self._ref_r))
+        values = dict(margin=float(margins.mean()), reward_accuracy=float((margins > 0).double().mean()))
+        values["accuracy"] = float((out.chosen[e] > out.rejected[e]).double().mean())
+        if self.text_metrics:
+            n = float(self._text_valid.sum())
+            values["ce"] = float(out.text[e, 0]) / n
+            for j, name in enumerate(self._ref_text):
+                values[f"kl_{name}"] = float(out.text[e, 1 + j]) / n
+        for name, fn in self.metrics.items():
+            assert out.logits is not None  # kept whenever there are user metrics
+            values[name] = float(fn(out.logits[e], self.data.text))
+        return values
 
     def _runner(self, host: Model, layer: int) -> _Runner:
         key = (id(host), layer, self.reuse_prefix)
         if key not in self._runners:
             self._runners = {k: v for k, v in self._runners.items() if k[0] == id(host)}
-            self._runners[key] = _Runner(host, self.streams, layer, self.reuse_prefix)
+            steps = [self._step(st, 2) for st in self.streams]
+            self._runners[key] = _Runner(host, self.streams, layer, self.reuse_prefix, steps)
         return self._runners[key]
+
+    def _edited(self, runner: _Runner, k: int, hooks: list) -> Iterator[dict[str, float]]:
+        out = self._collect(self.streams, k, lambda i, rows: runner.logits(i, k, hooks, rows))
+        for e in range(k):
+            yield self._metrics(out, e)
 
     # -- public ---------------------------------------------------------------------------------
     def measure(self, model: Any = None) -> dict[str, float]:
         """Metrics of ``model`` (default: the base) with plain full forward passes — whatever edit
         is active on it (`rwasym.hooks.edits.rank1_edit`) is measured."""
-        return self._metrics(*self._plain(self.base if model is None else load(model)))
+        return self._metrics(self._collect_plain(self.base if model is None else load(model)), 0)
 
     def iter_edits(
         self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]
     ) -> Iterator[dict[str, float]]:
         """Metrics of ``host`` under each of the k edits W + U[e] V[e]ᵀ (α folded into U), yielded
-        edit by edit after one batched forward per stream (cached clean prefix, see module doc).
-        The host's weights must not change between calls (its clean prefix is cached)."""
+        edit by edit after one batched forward per stream and row chunk (cached clean prefix, see
+        module doc). The host's weights must not change between calls (its clean prefix is cached)."""
         spec = host.matrix(matrix)
         runner = self._runner(host, spec.layer)
-        hooks = edit_hooks(host, matrix, U, V)
-        outs = [runner.logits(i, U.shape[0], hooks) for i in range(len(self.streams))]
-        for e in range(U.shape[0]):
-            yield self._metrics(*self._from_streams([o[e] for o in outs]))
+        yield from self._edited(runner, U.shape[0], edit_hooks(host, matrix, U, V))
 
     def iter_joint(
         self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]
     ) -> Iterator[dict[str, float]]:
-        """Metrics of ``host`` under each of k joint edits, after one batched forward per stream.
+        """Metrics of ``host`` under each of k joint edits, after one batched forward per stream and row chunk.
 
         edits[e] maps every matrix of the set to (U (r, n_out), V (r, n_in)) (α folded into U):
         edit e is W_m + U_mᵀ V_m for all m at once (`rwasym.hooks.edits.edit_hooks`, rank r). Every
         edit of a call names the same matrices with the same r."""
         hooks, layer = _joint_hooks(host, edits, "iter_joint")
-        runner = self._runner(host, layer)
-        outs = [runner.logits(i, len(edits), hooks) for i in range(len(self.streams))]
-        for e in range(len(edits)):
-            yield self._metrics(*self._from_streams([o[e] for o in outs]))
+        yield from self._edited(self._runner(host, layer), len(edits), hooks)
 
     @property
     def collateral(self) -> Collateral:
@@ -579,10 +780,15 @@ class Evaluator:
             self._collateral = collateral_set(self.base, self._collateral_arg, self.data)
         return self._collateral
 
+    def _collateral_stream(self) -> _Stream:
+        col = self.collateral
+        return _Stream(col.tokens, None if col.attention_mask is None else col.attention_mask.long())
+
     def iter_collateral(
         self, host: Model, edits: Sequence[Mapping[str, tuple[Tensor, Tensor]]]
     ) -> Iterator[dict[str, float]]:
-        """The collateral cost of each of k edits of ``host`` (one batched forward on the collateral text):
+        """The collateral cost of each of k edits of ``host`` (one batched forward per row chunk of the
+        collateral text):
 
         - ``collateral_kl`` = mean over counted positions t of KL(π_edit(·|x_<t) ‖ π_host(·|x_<t)),
           the behaviour-independent effect an effect-matched sweep scales every edit to;
@@ -591,16 +797,28 @@ class Evaluator:
         edits[e] maps matrices to (U (r, n_out), V (r, n_in)), α folded into U, as in `iter_joint`
         (a rank-1 edit of one matrix: ``{name: (u[None], v[None])}``). The host's weights must not
         change between calls (its reference log-probabilities and clean prefix are cached)."""
-        col = self.collateral
         hooks, layer = _joint_hooks(host, edits, "iter_collateral")
         key = (id(host), layer, self.reuse_prefix, "collateral")
+        stream = self._collateral_stream()
         if key not in self._runners:
-            stream = _Stream(col.tokens, None if col.attention_mask is None else col.attention_mask.long())
-            self._runners[key] = _Runner(host, [stream], layer, self.reuse_prefix)
-        self._collateral_reference(host)
-        logits = self._runners[key].logits(0, len(edits), hooks)
-        for e in range(len(edits)):
-            yield self._collateral_cost(host, logits[e])
+            steps = [self._step(stream, 2, n_refs=1)]
+            self._runners[key] = _Runner(host, [stream], layer, self.reuse_prefix, steps)
+        runner, k = self._runners[key], len(edits)
+        yield from self._collateral_costs(host, k, lambda rows: runner.logits(0, k, hooks, rows))
+
+    def _collateral_costs(self, host: Model, k: int, forward: Callable[[slice], Tensor]) -> Iterator[dict]:
+        """collateral_kl and collateral_dce of k edits whose collateral logits ``forward(rows)`` gives, by chunks."""
+        ref, ref_ce = self._collateral_reference(host)
+        col = self.collateral
+        weight = col.counted.double()
+        sums = torch.zeros(k, 2, dtype=torch.float64)
+        for rows in _chunks(col.tokens.shape[0], self._step(self._collateral_stream(), k, n_refs=1)):
+            lg, logp_ref = forward(rows), ref.logp(rows)
+            for e in range(k):
+                sums[e] += torch.tensor(_kl_nll(lg[e][:, :-1], logp_ref, col.tokens[rows, 1:], weight[rows]))
+        total = float(weight.sum())
+        for e in range(k):
+            yield dict(collateral_kl=float(sums[e, 0]) / total, collateral_dce=float(sums[e, 1]) / total - ref_ce)
 
     def measure_weights(self, host: Model, donor: Model, names: Sequence[str]) -> dict[str, float]:
         """Metrics and collateral cost of ``host`` with the matrices ``names`` replaced by ``donor``'s
@@ -610,43 +828,29 @@ class Evaluator:
         and with host = tuned, donor = base its ablation: the ceiling of every edit inside the set."""
         self._collateral_reference(host)  # the clean host's, before its weights change
         with host.edit({name: donor.weight(name) for name in names}):
-            values = self._metrics(*self._plain(host))
+            values = self._metrics(self._collect_plain(host), 0)
             col = self.collateral
-            with torch.no_grad():
-                logits = host.bridge(col.tokens.to(host.device), **self._collateral_kwargs(host))
-            values.update(self._collateral_cost(host, logits))
+
+            def forward(rows: slice) -> Tensor:
+                mask = None if col.attention_mask is None else col.attention_mask[rows]
+                return _forward(host, col.tokens[rows], mask)[0][None]
+
+            values.update(next(self._collateral_costs(host, 1, forward)))
         return values
 
-    def _collateral_kwargs(self, host: Model) -> dict:
-        mask = self.collateral.attention_mask
-        return {} if mask is None else {"attention_mask": mask.long().to(host.device)}
-
-    def _collateral_reference(self, host: Model) -> tuple[Tensor, float]:
-        """The clean host's log-probabilities on the collateral text and its CE, computed once per host."""
+    def _collateral_reference(self, host: Model) -> tuple[_Reference, float]:
+        """The clean host's log-probabilities on the collateral text (`_Reference`) and its CE, once per host."""
         if id(host) not in self._collateral_ref:
             col = self.collateral
-            with torch.no_grad():
-                logits = host.bridge(col.tokens.to(host.device), **self._collateral_kwargs(host))
-            ref = logits[:, :-1].double().log_softmax(-1).cpu()
-            self._collateral_ref[id(host)] = (ref, self._collateral_ce(ref))
+            step = self._step(self._collateral_stream(), 1, n_refs=1)
+            ref = _Reference(host, col.tokens, col.attention_mask, step, self.reference_bytes)
+            weight = col.counted.double()
+            nll = 0.0
+            for rows in _chunks(col.tokens.shape[0], step):
+                logp = ref.logp(rows)
+                nll += float((-logp.gather(-1, col.tokens[rows, 1:].unsqueeze(-1)).squeeze(-1) * weight[rows]).sum())
+            self._collateral_ref[id(host)] = (ref, nll / float(weight.sum()))
         return self._collateral_ref[id(host)]
-
-    def _collateral_cost(self, host: Model, logits: Tensor) -> dict[str, float]:
-        """collateral_kl and collateral_dce of edited logits (n, pos, d_vocab) against the clean host."""
-        ref, ref_ce = self._collateral_reference(host)
-        weight = self.collateral.counted.double()
-        logp = logits[:, :-1].double().log_softmax(-1).cpu()
-        kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)
-        return dict(
-            collateral_kl=float((kl * weight).sum() / weight.sum()),
-            collateral_dce=self._collateral_ce(logp) - ref_ce,
-        )
-
-    def _collateral_ce(self, logp: Tensor) -> float:
-        col = self.collateral
-        nll = -logp.gather(-1, col.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-        weight = col.counted.double()
-        return float((nll * weight).sum() / weight.sum())
 
     def measure_edits(
         self, host: Model, matrix: str, U: Float[Tensor, "k n_out"], V: Float[Tensor, "k n_in"]

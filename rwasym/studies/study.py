@@ -35,6 +35,8 @@ __all__ = [
     "FAMILIES",
     "StudyConfig",
     "baseline_summaries",
+    "causal_rows",
+    "e4",
     "endpoints",
     "seed_summaries",
     "study_experiment",
@@ -43,6 +45,7 @@ __all__ = [
 
 FAMILIES = ("gemma", "smollm2")
 CONDITIONS = ("C1", "C2", "C3", "C4")
+SGD_CONDITIONS = {"C5ce": "C1", "C5dpo": "C4"}  # C5: the plain-SGD version of each
 SUBSPACES = "activation,prediction,prediction_centered,prediction_fisher,activation_normalized"
 
 
@@ -67,8 +70,16 @@ class StudyConfig:
     collateral_rows: int = 64  # E4's collateral text: held-out man rows disjoint from probe corpus B
     eval_pairs: int | None = None  # held-out pairs scored per condition (None: all)
     null_samples: int = 20  # Haar draws per probe row (its percentile; the null's mean and std are exact)
+    seeds_causal: Sequence[int] = (0, 1, 2)  # seeds of C4 whose E4 sweeps run
+    causal_budget: float = 0.01  # E4: collateral KL of every edit (nats/token; tolerance 5%)
+    causal_rank: int = 8  # E4: rank of every joint edit
+    causal_controls: int = 19  # E4: random and orthogonal controls per target and seed (each family)
+    seeds_sgd: Sequence[int] = (0,)  # seeds of C5 (C1 and C4 with plain SGD)
+    sgd_lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # C5's learning-rate grid (the pilot picks one)
+    sgd_pilot_steps: int = 10  # C5's pilot: ‖ΔW‖ after this many steps, SGD against AdamW
     n_layers: int | None = None  # a slice of the first blocks (smoke runs and tests): not the study
     model_dir: str | None = None  # where trained matrices go (default $RWASYM_CACHE/study)
+    keep_matrices: bool = False  # keep every run's matrices (else those no later unit reads go after their probe)
 
     @classmethod
     def smoke(cls, **overrides: Any) -> "StudyConfig":
@@ -87,6 +98,11 @@ class StudyConfig:
             collateral_rows=8,
             eval_pairs=16,
             null_samples=4,
+            seeds_causal=(0,),
+            causal_rank=2,
+            causal_controls=2,
+            sgd_lrs=(1e-3, 1e-2),
+            sgd_pilot_steps=1,
             n_layers=2,
         )
         return cls(**{**values, **overrides})
@@ -100,7 +116,8 @@ def _unit(out: Path, name: str, fn: Callable[[], dict], log: Any) -> dict:
 def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | None]]:
     """The run order: (unit kind, family, condition, seed). Per family: corpora, heal, then seed by seed the
     conditions (C1, C2, C4, and C3 for its seeds) each followed by its probe; the baselines at H after the heal,
-    the noise floors (seed 1 − seed 0) once the second seed's conditions exist."""
+    the noise floors (seed 1 − seed 0) once the second seed's conditions exist; last, E4's causal sweeps of C4
+    (``seeds_causal``)."""
     units: list[tuple[str, str, str | None, int | None]] = []
     for family in config.families:
         if family not in FAMILIES:
@@ -117,6 +134,12 @@ def study_units(config: StudyConfig) -> list[tuple[str, str, str | None, int | N
                 for cond in config.conditions:
                     if cond != "C3" or set(config.seeds[:2]) <= set(config.seeds_sft):
                         units.append(("noise", family, cond, None))
+        if "C4" in config.conditions:
+            units += [("causal", family, "C4", seed) for seed in config.seeds_causal if seed in config.seeds]
+        for seed in config.seeds_sgd:  # C5 (secondary): the learning-rate pilot, then SGD versions of C1 and C4
+            units.append(("pilot", family, "C5", seed))
+            for cond in SGD_CONDITIONS:
+                units += [("train", family, cond, seed), ("probe", family, cond, seed)]
     return units
 
 
@@ -214,6 +237,8 @@ def _cfg_tag(cfg: StudyConfig) -> str:
 
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("families", "seeds", "seeds_sft", "model_dir", "k")}
     measured = ("probe_rows", "eval_rows", "eval_pairs", "null_samples", "collateral_rows")
+    measured += ("seeds_causal", "causal_budget", "causal_rank", "causal_controls", "seeds_sgd", "sgd_lrs")
+    measured += ("sgd_pilot_steps", "keep_matrices")  # C5's own recipe is recorded in its units
     keep = {k: v for k, v in keep.items() if k not in measured}
     keep.pop("conditions", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -305,27 +330,61 @@ def _heal_unit(fam: _Family, progress: bool) -> dict:
     )
 
 
-def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+def _run_condition(fam: _Family, cond: str, seed: int, steps: int, progress: bool, **optim: Any):
+    """Train a copy of H under condition ``cond`` (C1–C4) for ``steps`` steps of the recipe, with ``optim``
+    (optimizer, lr) overriding it: (model, H, config, history, record)."""
     from ..train import AlignConfig, align, pretrain
 
     cfg = fam.cfg
     model, healed = fam.load_with("heal"), fam.load_with("heal")
     record: dict[str, Any] = {}
+    recipe = {**_recipe(cfg, steps, seed), **optim}
     if cond in ("C1", "C2"):
-        tc = _train_config(cfg, cfg.steps, seed, pad_id=fam.pad, shuffle_targets=cond == "C2")
+        from ..train import TrainConfig
+
+        tc = TrainConfig(**recipe, n_checkpoints=0, pad_id=fam.pad, shuffle_targets=cond == "C2")
         result = pretrain(model, fam.rows["train"][0], tc, progress=progress)
     else:
         pairs, record["pairs"] = fam.pairs("train", seed)
         objective = "sft" if cond == "C3" else "dpo"
-        tc = AlignConfig(**_recipe(cfg, cfg.steps, seed), objective=objective, beta=cfg.beta, checkpoint_every=0)
+        tc = AlignConfig(**recipe, objective=objective, beta=cfg.beta, checkpoint_every=0)
         result = align(model, None if cond == "C3" else healed, pairs, tc, progress=progress)
+    return model, healed, tc, result.history, record
+
+
+def _pilot_unit(fam: _Family, seed: int, progress: bool) -> dict:
+    """C5's learning rate, fixed before its runs (docs/design/study.md): per objective (C1, C4), ‖ΔW‖_F over the
+    trained matrices after ``sgd_pilot_steps`` steps of AdamW (the recipe) and of plain SGD at each rate of
+    ``sgd_lrs``; the rate whose norm is closest in log to AdamW's is C5's."""
+    cfg = fam.cfg
+    out: dict[str, Any] = {}
+    for sgd_cond, cond in SGD_CONDITIONS.items():
+        norms: dict[str, float] = {}
+        for label, optim in [("adamw", {})] + [(repr(lr), dict(optimizer="sgd", lr=lr)) for lr in cfg.sgd_lrs]:
+            model, healed, *_ = _run_condition(fam, cond, seed, cfg.sgd_pilot_steps, False, **optim)
+            norms[label] = math.sqrt(sum(v**2 for v in _delta_norms(model, healed).values()))
+        sgd = {lr: norms[repr(lr)] for lr in cfg.sgd_lrs}
+        chosen = min(sgd, key=lambda lr: (abs(math.log(sgd[lr]) - math.log(norms["adamw"])), lr))
+        out[sgd_cond] = dict(condition=cond, adamw_norm=norms["adamw"], sgd_norms=sgd, lr=chosen)
+    return dict(steps=cfg.sgd_pilot_steps, **out)
+
+
+def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    cfg = fam.cfg
+    optim: dict[str, Any] = {}
+    if cond in SGD_CONDITIONS:  # C5: the recipe with plain SGD at the pilot's rate
+        pilot = json.loads((fam.out / "units" / f"{_name('pilot', fam.name, 'C5', seed)}.json").read_text())
+        optim = dict(optimizer="sgd", lr=pilot[cond]["lr"])
+    model, healed, tc, history, record = _run_condition(
+        fam, SGD_CONDITIONS.get(cond, cond), seed, cfg.steps, progress, **optim
+    )
     saved = fam.save_matrices(model, f"{cond}_s{seed}")
     held, held_record = fam.pairs("heldout", seed)
     if cfg.eval_pairs is not None:
         held = held.subset(torch.arange(min(cfg.eval_pairs, len(held))))
     return dict(
         config=asdict(tc),
-        history=result.history,
+        history=history,
         saved=saved,
         delta_norm=_delta_norms(model, healed),
         generic={c: _generic(model, healed, fam.rows[f"eval_{c}"][0], fam.pad) for c in ("A", "B")},
@@ -369,13 +428,26 @@ def _probe_rows(fam: _Family, healed: Any, tuned: Any, progress: bool, **kw: Any
     return out
 
 
+def _needed_later(cfg: StudyConfig, cond: str, seed: int) -> bool:
+    """Whether a later unit reads the matrices of (cond, seed): the noise floors (the first two seeds) and E4 (C4)."""
+    return cfg.keep_matrices or seed in list(cfg.seeds)[:2] or (cond == "C4" and seed in cfg.seeds_causal)
+
+
 def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    import hashlib
+
     from safetensors.torch import load_file
 
     healed = fam.load_with("heal")
-    tuned = load_file(str(fam.matrices_path(f"{cond}_s{seed}")))
+    path = fam.matrices_path(f"{cond}_s{seed}")
+    tuned = load_file(str(path))
     deltas = {name: tuned[name].double() - healed.weight(name) for name in tuned}
-    return _probe_rows(fam, healed, None, progress, delta="given", deltas=deltas)
+    out = _probe_rows(fam, healed, None, progress, delta="given", deltas=deltas)
+    out["matrices_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not _needed_later(fam.cfg, cond, seed):  # disk: a regenerable intermediate (rerun its train unit)
+        path.unlink()
+        out["matrices_deleted"] = True
+    return out
 
 
 def _baseline_unit(fam: _Family, progress: bool) -> dict:
@@ -390,6 +462,68 @@ def _noise_unit(fam: _Family, cond: str, progress: bool) -> dict:
     healed = fam.load_with("heal")
     first, second = fam.load_with(f"{cond}_s0"), fam.load_with(f"{cond}_s1")
     return _probe_rows(fam, healed, first, progress, delta="noise_floor", replicate=second)
+
+
+E4_SETS = {  # set: (matrices, target) — docs/design/study.md, E4
+    "read": ("blocks.*.attn.W_Q+blocks.*.attn.W_K", "pca"),
+    "write": ("blocks.*.attn.W_O+blocks.*.mlp.W_out", "prediction"),
+}
+CAUSAL_KEYS = (
+    "id", "matrix", "head", "mode", "seed", "direction", "index", "target", "matched_to", "rank", "kl_budget",
+    "alpha", "edit_norm", "collateral_kl", "collateral_dce", "calibration_evals", "budget_reached", "saturated",
+    "margin", "accuracy", "reward_accuracy", "gap_margin", "gap_accuracy", "gap_reward_accuracy",
+)  # fmt: skip
+
+
+def _causal_unit(fam: _Family, seed: int, progress: bool) -> dict:
+    """E4 for one seed of C4: per set, the effect-matched joint transplant sweep (`rwasym.sweep`, rank
+    ``causal_rank`` at collateral KL ``causal_budget``, target plus ``causal_controls`` random and orthogonal
+    controls, the set's ceiling), frames from the train-shard docstring rows (BOS and padding left out, as in
+    the probe), cost on the collateral text, behaviour from the pairs' responses only (no text metrics); the
+    sweep file is resumable row by row."""
+    from ..analyses.sweep import read_sweep, sweep
+    from . import corpora
+
+    cfg = fam.cfg
+    healed, tuned = fam.load_with("heal"), fam.load_with(f"C4_s{seed}")
+    held, record = fam.pairs("heldout", seed)
+    if cfg.eval_pairs is not None:
+        held = held.subset(torch.arange(min(cfg.eval_pairs, len(held))))
+    frames, frames_info = corpora.document_rows(fam.tokenizer, corpora.documents("docstring", "train"), cfg.seq_len)
+    collateral = fam.rows["collateral"][0]
+    n = cfg.causal_controls
+    out: dict[str, Any] = dict(pairs=record, frames=frames_info, sets={})
+    for set_name, (matrices, target) in E4_SETS.items():
+        path = fam.out / "sweeps" / f"causal_{fam.name}_C4_s{seed}_{set_name}.jsonl"
+        rows = sweep(
+            healed,
+            tuned,
+            held,
+            out=path,
+            joint=True,
+            matrices=(matrices,),
+            ranks=(cfg.causal_rank,),
+            directions=f"{target}:1,random:{n},orthogonal:{n}",
+            match="kl",
+            kl_budgets=(cfg.causal_budget,),
+            kl_rtol=0.05,
+            mode="transplant",
+            seed=seed,
+            beta=cfg.beta,
+            edits_per_pass=4,
+            text_metrics=False,  # the endpoint reads the margin; the text's ce / kl would cost most of each pass
+            data={"input_ids": frames, "attention_mask": frames != fam.pad},
+            exclude_positions=(0,),
+            collateral={"input_ids": collateral, "attention_mask": collateral != fam.pad},
+            progress=progress,
+        )
+        header, _ = read_sweep(path)
+        out["sets"][set_name] = dict(
+            file=path.name,
+            reference=None if header is None else header["reference"],
+            rows=[{k: r.get(k) for k in CAUSAL_KEYS} for r in rows],
+        )
+    return out
 
 
 # -- the experiment ---------------------------------------------------------------------------------
@@ -423,6 +557,8 @@ def study_experiment(
             "probe": lambda fam=fam, cond=cond, seed=seed: _probe_unit(fam, str(cond), int(seed or 0), show),
             "baseline": lambda fam=fam: _baseline_unit(fam, show),
             "noise": lambda fam=fam, cond=cond: _noise_unit(fam, str(cond), show),
+            "causal": lambda fam=fam, seed=seed: _causal_unit(fam, int(seed or 0), show),
+            "pilot": lambda fam=fam, seed=seed: _pilot_unit(fam, int(seed or 0), show),
         }[kind]
         _unit(out, name, work, log)
         done.append(name)
@@ -526,8 +662,8 @@ def _combine(parts: list[dict]) -> float | None:
     return None if not ps or any(p is None for p in ps) else max(ps)
 
 
-def endpoints(summ: Sequence[dict], family: str) -> dict[str, dict]:
-    """E1–E3 of one family from per-seed summaries (E4 comes from the causal sweeps). Each endpoint: its
+def endpoints(summ: Sequence[dict], family: str, causal: Sequence[dict] | None = None) -> dict[str, dict]:
+    """E1–E3 of one family from per-seed summaries, E4 from the causal sweeps' rows (`e4`). Each endpoint: its
     component tests, its p (the largest component p: all must hold) and the statistics its falsification
     rule reads."""
     e: dict[str, dict] = {}
@@ -548,8 +684,46 @@ def endpoints(summ: Sequence[dict], family: str) -> dict[str, dict]:
     d_asym = _paired(summ, family, "asymmetry", "C4", "C1")
     parts = [_test("greater", d_asym, "A(C4) − A(C1) > 0")]
     e["E3"] = dict(parts=parts, p=_combine(parts), mean_difference=_mean(d_asym))
-    e["E4"] = dict(parts=[], p=None, note="the causal sweeps on C4 have not run")
+    e["E4"] = e4(causal or [], family)
     return e
+
+
+def causal_rows(out: str | os.PathLike) -> list[dict]:
+    """Every row of the finished E4 units, with its family and set."""
+    rows = []
+    for path in sorted((Path(out) / "units").glob("causal_*.json")):
+        family = path.stem.split("_")[1]
+        for set_name, part in json.loads(path.read_text())["sets"].items():
+            rows += [dict(r, family=family, set=set_name) for r in part["rows"]]
+    return rows
+
+
+def e4(rows: Sequence[dict], family: str) -> dict:
+    """E4 of one family: per set (read, write) and control family (random, orthogonal), the stratified exact
+    rank test of the target's gap_margin above its matched controls over the seeds (`summarize`; strata =
+    seeds); E4's p is the largest of the four. ``mean_rank_p``: the mean within-seed rank p of the target
+    (0.5 or more = at or below the controls' median, what the falsification rule reads)."""
+    from ..analyses.sweep import summarize
+
+    edits = [r for r in rows if r["family"] == family and r["direction"] != "ceiling"]
+    if not edits:
+        return dict(parts=[], p=None, note="the causal sweeps on C4 have not run")
+    parts, rank_ps = [], []
+    for set_name in E4_SETS:
+        members = [r for r in edits if r["set"] == set_name]
+        summary = summarize(members, metrics=["gap_margin"]).rows if members else []
+        for control in ("random", "orthogonal"):
+            row = next((r for r in summary if r["control"] == control), None)
+            label = f"{set_name}: target above its {control} controls"
+            if row is None or row["p_value"] is None:
+                parts.append(dict(test=label, kind="rank", n=0, p=None))
+                continue
+            ranks = [s["rank_p"] for s in row["strata"]]
+            rank_ps += ranks
+            parts.append(
+                dict(test=label, kind="rank", n=row["n_strata"], p=row["p_value"], p_floor=row["p_floor"], rank_p=ranks)
+            )
+    return dict(parts=parts, p=_combine(parts), mean_rank_p=_mean(rank_ps))
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -565,13 +739,18 @@ def study_report(out: str | os.PathLike) -> dict:
 
     out = Path(out)
     summ = seed_summaries(out)
+    causal = causal_rows(out)
     families = [f for f in FAMILIES if any(r["family"] == f for r in summ)]
     results: dict[str, Any] = dict(
         seed_summaries=summ, endpoints={}, units=sorted(p.stem for p in (out / "units").glob("*.json"))
     )
     keys, ps = [], []
     for family in FAMILIES:
-        e = endpoints(summ, family) if family in families else {name: dict(parts=[], p=None) for name in PRIMARY}
+        e = (
+            endpoints(summ, family, causal)
+            if family in families
+            else {name: dict(parts=[], p=None) for name in PRIMARY}
+        )
         results["endpoints"][family] = e
         for name in PRIMARY:
             keys.append((family, name))
@@ -585,7 +764,7 @@ def study_report(out: str | os.PathLike) -> dict:
     results["holm"] = dict(tests=len(ps), missing=missing, provisional=missing > 0)
     table = {}
     for family in families:
-        for cond in CONDITIONS:
+        for cond in (*CONDITIONS, *SGD_CONDITIONS):
             for key in ("read_A", "read_B", "write", "asymmetry"):
                 vals = _values(summ, family, key, cond)
                 if vals:
@@ -595,6 +774,10 @@ def study_report(out: str | os.PathLike) -> dict:
     results["heal"] = {
         path.stem.removeprefix("heal_"): {k: v for k, v in json.loads(path.read_text()).items() if k != "history"}
         for path in sorted((out / "units").glob("heal_*.json"))
+    }
+    results["sgd_pilot"] = {
+        path.stem.removeprefix("pilot_"): json.loads(path.read_text())
+        for path in sorted((out / "units").glob("pilot_*.json"))
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
     (out / "report.md").write_text(_markdown(results))
@@ -661,5 +844,16 @@ def _markdown(results: dict) -> str:
         lines.append(
             f"| {r['family']} | {r['reference']} | {_fmt(r['read_A'])} | {_fmt(r['read_B'])} | {_fmt(r['write'])} |"
         )
+    if results.get("sgd_pilot"):
+        lines += ["", "## C5's learning rate (pilot: ‖ΔW‖_F after the first steps, SGD against AdamW)", ""]
+        lines += ["| family / seed | condition | steps | AdamW ‖ΔW‖ | SGD ‖ΔW‖ per rate | chosen rate |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for key, pilot in results["sgd_pilot"].items():
+            for cond in SGD_CONDITIONS:
+                if cond in pilot:
+                    p = pilot[cond]
+                    grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in p["sgd_norms"].items())
+                    cells = [key, cond, str(pilot["steps"]), _fmt(p["adamw_norm"]), grid, _fmt(p["lr"])]
+                    lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Units finished: {len(results['units'])}.", ""]
     return "\n".join(lines)

@@ -73,7 +73,20 @@ class SweepConfig:
     )
     max_pairs: int | None = _opt(None, "held-out pairs used (default all)", type=int)
     max_tokens: int | None = _opt(None, "tokens of the covariance capture (default all)", type=int)
+    exclude_positions: Sequence[int] = _opt(
+        (),
+        "positions (from each row's first real token) left out of the frames' covariance, e.g. 0 for BOS",
+        list_of=int,
+    )
+    exclude_tokens: Sequence[int] = _opt(
+        (), "token ids left out of the frames' covariance, e.g. the pad id", list_of=int
+    )
     reuse_prefix: bool = _opt(True, "score chosen and rejected in one pass where they share a prefix")
+    text_metrics: bool = _opt(
+        True,
+        "ce / kl_base / kl_tuned on the held-out text; --no-text-metrics unembeds the pairs' response positions "
+        "only (several times cheaper at a large vocabulary)",
+    )
     post_norm: str = _opt(
         "residual",
         "post-sublayer-norm models (OLMo 2, Gemma 2/3): residual = directions, norms "
@@ -100,7 +113,8 @@ class SweepConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("matrices", "alphas", "ranks", "kl_budgets"):  # lists and single values become tuples
+        for name in ("matrices", "alphas", "ranks", "kl_budgets", "exclude_positions", "exclude_tokens"):
+            # lists and single values become tuples
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, (str, int, float)) else tuple(value))
         if self.mode not in MODES:
@@ -165,10 +179,10 @@ class SweepConfig:
         (weight and data hashes, matched matrix names, metric names — any iterable of them, e.g. the
         evaluator's metric dict —, the pass width, the dtype).
         Its hash keys the file; ``match`` is absent for "norm" so files from rwasym 0.1 still resume, and
-        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``). An
-        effect-matched (``match="kl"``) header records the budgets, the tolerance and ``collateral``
-        (the collateral text's hash) in place of the α list; a donor control records ``control_delta`` (the donor's
-        weights hash)."""
+        ``post_norm`` is recorded only for models with post-sublayer norms (``post_norm=True``), the covariance
+        exclusions and ``text_metrics`` only when set. An effect-matched (``match="kl"``) header records the
+        budgets, the tolerance and ``collateral`` (the collateral text's hash) in place of the α list; a donor
+        control records ``control_delta`` (the donor's weights hash)."""
         kinds = parse_directions(self.directions)
         return dict(
             base=base,
@@ -201,6 +215,9 @@ class SweepConfig:
             **({"joint": True, "ranks": list(self.ranks)} if self.joint else {}),
             **({"post_norm": self.post_norm} if post_norm else {}),
             **({"control_delta": donor} if self.control_delta is not None else {}),
+            **({"exclude_positions": [int(p) for p in self.exclude_positions]} if self.exclude_positions else {}),
+            **({"exclude_tokens": [int(t) for t in self.exclude_tokens]} if self.exclude_tokens else {}),
+            **({} if self.text_metrics else {"text_metrics": False}),
         )
 
     def to_dict(self) -> dict:

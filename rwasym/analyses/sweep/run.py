@@ -148,7 +148,16 @@ def sweep(
     if not specs:
         raise base.unmatched(list(cfg.matrices))
     col = collateral_set(base, collateral, data_set) if cfg.match == "kl" else None  # resolved once
-    ev = Evaluator(base, tuned, data_set, beta=cfg.beta, metrics=metrics, reuse_prefix=cfg.reuse_prefix, collateral=col)
+    ev = Evaluator(
+        base,
+        tuned,
+        data_set,
+        beta=cfg.beta,
+        metrics=metrics,
+        reuse_prefix=cfg.reuse_prefix,
+        collateral=col,
+        text_metrics=cfg.text_metrics,
+    )
     collateral_hash = None
     if col is not None:
         collateral_hash = stable_hash([col.source, data_hash(col.tokens), data_hash(col.counted.long())])
@@ -193,6 +202,8 @@ def sweep(
             max_tokens=max_tokens,
             progress=progress,
             gram_dtype=torch.float64,
+            exclude_positions=cfg.exclude_positions,
+            exclude_tokens=cfg.exclude_tokens,
         )
         deltas = WeightDeltas(base, tuned, [s.name for s in specs])  # each ΔW formed when read, float64
         host, sign = (base, 1.0) if mode == "transplant" else (tuned, -1.0)
