@@ -82,7 +82,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_class: type) -> None:
                 flag,
                 dest=f.name,
                 default=f.default,
-                help=f"{help}; comma separated (default {','.join(map(str, default))})",
+                help=f"{help}; comma separated (default {','.join(map(str, default)) or 'none'})",
             )
             continue
         kind = meta.get("type", type(f.default))
