@@ -377,7 +377,7 @@ class _Reference:
     check fails, by a plain forward of the chunk."""
 
     def __init__(self, model: Model, tokens: Tensor, mask: Tensor | None, step: int, keep: int = REFERENCE_BYTES):
-        self.model, self.tokens, self.mask, self.step = model, tokens, mask, step
+        self.model, self.tokens, self.mask = model, tokens, mask
         n, pos = tokens.shape
         self.whole = n * (pos - 1) * model.d_vocab * 8 <= keep
         capture = not self.whole and "unembed.hook_in" in model.bridge.hook_dict
@@ -568,13 +568,18 @@ def _response_logps(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     return (lp * weights.to(lp.device)).sum(-1).cpu()
 
 
-def _kl_nll(logits: Tensor, ref: Tensor, targets: Tensor, weight: Tensor) -> tuple[float, float]:
-    """(Σ w_t KL(softmax(logits_t) ‖ exp ref_t), Σ w_t −log softmax(logits_t)[y_t]) over rows and positions
-    (logits (c, pos − 1, d_vocab) float32, ref float64 log-probs of the same shape)."""
+def _nll_kl(logits: Tensor, refs: Sequence[Tensor], targets: Tensor, weight: Tensor) -> Tensor:
+    """(1 + len(refs),) float64: Σ w_t −log softmax(logits_t)[y_t], then Σ w_t KL(softmax(logits_t) ‖ exp ref_t)
+    for each reference, over rows and positions (logits (c, pos − 1, d_vocab), refs float64 log-probs of the
+    same shape, targets and weight (c, pos − 1))."""
     logp = logits.double().log_softmax(-1).cpu()
-    kl = torch.einsum("btv,btv->bt", logp.exp(), logp - ref)  # einsum: no (b, t, v) temporary
-    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float((kl * weight).sum()), float((nll * weight).sum())
+    out = torch.zeros(1 + len(refs), dtype=torch.float64)
+    out[0] = (-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * weight).sum()
+    p = logp.exp()
+    neg_entropy = torch.einsum("btv,btv->bt", p, logp)  # Σ_v p log p (einsum: no (b, t, v) temporary)
+    for j, ref in enumerate(refs):
+        out[1 + j] = ((neg_entropy - torch.einsum("btv,btv->bt", p, ref)) * weight).sum()  # KL(p ‖ ref)
+    return out
 
 
 @dataclass
@@ -696,17 +701,7 @@ class Evaluator:
         """(k, 1 + n_refs): Σ nll and Σ KL(edit ‖ reference) over the counted text positions of ``rows``."""
         refs = [ref.logp(rows) for ref in self._ref_text.values()]
         valid, targets = self._text_valid[rows], self.data.text[rows, 1:]
-        out = torch.zeros(lg.shape[0], 1 + len(refs), dtype=torch.float64)
-        for e in range(lg.shape[0]):
-            logp = lg[e][:, :-1].double().log_softmax(-1).cpu()
-            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            out[e, 0] = (nll * valid).sum()
-            p = logp.exp()
-            neg_entropy = torch.einsum("btv,btv->bt", p, logp)  # Σ_v p log p (no (b, t, v) temporary)
-            for j, ref in enumerate(refs):
-                kl = neg_entropy - torch.einsum("btv,btv->bt", p, ref)  # KL(p ‖ ref) per position
-                out[e, 1 + j] = (kl * valid).sum()
-        return out
+        return torch.stack([_nll_kl(lg[e][:, :-1], refs, targets, valid) for e in range(lg.shape[0])])
 
     def _collect_plain(self, model: Model) -> _Collected:
         """The reference path: full forwards of the chosen, rejected and text sequences (chunked)."""
@@ -815,10 +810,10 @@ class Evaluator:
         for rows in _chunks(col.tokens.shape[0], self._step(self._collateral_stream(), k, n_refs=1)):
             lg, logp_ref = forward(rows), ref.logp(rows)
             for e in range(k):
-                sums[e] += torch.tensor(_kl_nll(lg[e][:, :-1], logp_ref, col.tokens[rows, 1:], weight[rows]))
+                sums[e] += _nll_kl(lg[e][:, :-1], [logp_ref], col.tokens[rows, 1:], weight[rows])
         total = float(weight.sum())
         for e in range(k):
-            yield dict(collateral_kl=float(sums[e, 0]) / total, collateral_dce=float(sums[e, 1]) / total - ref_ce)
+            yield dict(collateral_kl=float(sums[e, 1]) / total, collateral_dce=float(sums[e, 0]) / total - ref_ce)
 
     def measure_weights(self, host: Model, donor: Model, names: Sequence[str]) -> dict[str, float]:
         """Metrics and collateral cost of ``host`` with the matrices ``names`` replaced by ``donor``'s

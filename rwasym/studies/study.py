@@ -311,9 +311,10 @@ def _recipe(cfg: StudyConfig, steps: int, seed: int) -> dict:
 
 
 def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
+    """The recipe as a CE `TrainConfig` (no checkpoints); ``extra`` adds fields or overrides the recipe's."""
     from ..train import TrainConfig
 
-    return TrainConfig(**_recipe(cfg, steps, seed), n_checkpoints=0, **extra)
+    return TrainConfig(**{**_recipe(cfg, steps, seed), "n_checkpoints": 0, **extra})
 
 
 def _heal_unit(fam: _Family, progress: bool) -> dict:
@@ -338,16 +339,15 @@ def _run_condition(fam: _Family, cond: str, seed: int, steps: int, progress: boo
     cfg = fam.cfg
     model, healed = fam.load_with("heal"), fam.load_with("heal")
     record: dict[str, Any] = {}
-    recipe = {**_recipe(cfg, steps, seed), **optim}
     if cond in ("C1", "C2"):
-        from ..train import TrainConfig
-
-        tc = TrainConfig(**recipe, n_checkpoints=0, pad_id=fam.pad, shuffle_targets=cond == "C2")
+        tc = _train_config(cfg, steps, seed, pad_id=fam.pad, shuffle_targets=cond == "C2", **optim)
         result = pretrain(model, fam.rows["train"][0], tc, progress=progress)
     else:
         pairs, record["pairs"] = fam.pairs("train", seed)
         objective = "sft" if cond == "C3" else "dpo"
-        tc = AlignConfig(**recipe, objective=objective, beta=cfg.beta, checkpoint_every=0)
+        tc = AlignConfig(
+            **{**_recipe(cfg, steps, seed), **optim}, objective=objective, beta=cfg.beta, checkpoint_every=0
+        )
         result = align(model, None if cond == "C3" else healed, pairs, tc, progress=progress)
     return model, healed, tc, result.history, record
 
