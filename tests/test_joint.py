@@ -388,6 +388,61 @@ def test_post_norm_write_edits_follow_the_residual_convention(olmo2_pair, tmp_pa
     assert header["config"]["post_norm"] == "raw"
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_zero_post_norm_scales_drop_the_unreachable_part(olmo2_pair, tmp_path, joint):
+    """Where a post-norm scale is exactly zero (gemma-3-270m has such dimensions), the residual stream cannot
+    see the weight's output there: the raw edit is the pseudo-inverse diag(γ)⁺ p pᵀ diag(γ)ΔW (zero rows at
+    γ = 0), and each row records the fraction of ‖p pᵀ diag(γ)ΔW‖² dropped, both recomputed by hand."""
+    hf, tuned, pairs = copy.deepcopy(olmo2_pair["hf"]), copy.deepcopy(olmo2_pair["tuned"]), olmo2_pair["pairs"]
+    dead = torch.tensor([1, 5, 6])  # the post-attention norm's zero scales, in both layers, in both models
+    for m in (hf, tuned):
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.post_attention_layernorm.weight[dead] = 0.0
+    for name, m in (("base", hf), ("tuned", tuned)):
+        shutil.copytree(olmo2_pair["root"] / "base", tmp_path / name)
+        m.save_pretrained(tmp_path / name)
+    final = hf.model.norm.weight.detach().double()
+    p = torch.linalg.svd(final[:, None] * hf.lm_head.weight.detach().double().T, full_matrices=False)[0][:, 0]
+    layers = [0, 1] if joint else [0]
+    rows = sweep(
+        str(tmp_path / "base"),
+        str(tmp_path / "tuned"),
+        pairs,
+        out=tmp_path / "zero.jsonl",
+        matrices="blocks.*.attn.W_O" if joint else "blocks.0.attn.W_O",
+        joint=joint,
+        directions="prediction:1,random:2",
+        alphas=(2.0,),
+        match="norm",
+        beta=BETA,
+        progress=False,
+    )
+    row = next(r for r in rows if r["direction"] == "prediction")
+    edited, total, lost = copy.deepcopy(hf), 0.0, 0.0
+    for i in layers:
+        o_b, o_t = hf.model.layers[i].self_attn.o_proj, tuned.model.layers[i].self_attn.o_proj
+        delta = o_t.weight.detach().double() - o_b.weight.detach().double()
+        norm = hf.model.layers[i].post_attention_layernorm
+        gamma = norm.weight.detach().double() / (1 + norm.variance_epsilon) ** 0.5
+        E_res = torch.outer(p, p @ (gamma[:, None] * delta))
+        total += float(E_res.square().sum())
+        lost += float(E_res[dead].square().sum())
+        raw = torch.zeros_like(E_res)
+        alive = gamma != 0
+        raw[alive] = E_res[alive] / gamma[alive, None]
+        with torch.no_grad():
+            edited.model.layers[i].self_attn.o_proj.weight.add_((2.0 * raw).float())
+    assert lost > 1e-4 * total  # p has weight on the dead dimensions: the case is not vacuous
+    assert row["post_norm_unreachable"] == pytest.approx(lost / total, rel=1e-6)
+    assert row["u_norm"] == pytest.approx(total**0.5, rel=1e-6)
+    want = _hand_metrics(edited, hf, pairs)
+    for key, value in want.items():
+        assert row[key] == pytest.approx(value, abs=1e-5 * max(1.0, abs(value))), key
+    controls = [r for r in rows if r["direction"] == "random"]
+    assert len(controls) == 2 and all(0.0 < c["post_norm_unreachable"] < 1.0 for c in controls)
+
+
 # -- written to kill surviving mutants of rwasym.math.rank1 (tests/MUTATION.md) ----------------------
 def test_rank1_algebra_edge_cases():
     from dataclasses import replace

@@ -195,3 +195,22 @@ def test_probe_rows_equal_a_hand_computation_with_post_norms(gemma_folder, tmp_p
     activation = [f for (_, _, s), f in expected.items() if s == "activation"]
     assert min(activation) > 10 * k / n  # the planted lean shows: far off the null
     assert json.loads((folder / "rwasym-gguf.json").read_text())["first_layers"] == 2
+
+
+def test_zero_post_norm_scales_are_where_the_file_has_them(gemma_folder):
+    """gemma-3-270m stores some post-sublayer norm weights at exactly −1, so 1 + w = 0 there: those output
+    dimensions of W_O / W_out never reach the residual stream, and sweeps drop an edit's part there
+    (`post_norm_unreachable`). Model.post_norm_scale must put its zeros exactly where the HF module's 1 + w is 0."""
+    folder = gemma_folder(2)
+    hf, model = _hf(folder), rwasym.load(folder)
+    found = 0
+    for i, layer in enumerate(hf.model.layers):
+        for name, norm in (
+            ("attn.W_O", layer.post_attention_layernorm),
+            ("mlp.W_out", layer.post_feedforward_layernorm),
+        ):
+            want = (1.0 + norm.weight.detach().float()) == 0
+            got = model.post_norm_scale(f"blocks.{i}.{name}") == 0
+            assert torch.equal(got, want), (i, name)
+            found += int(want.sum())
+    assert found > 0  # blocks 0 and 1 hold some (blocks.0.attn.W_O, blocks.1.mlp.W_out)

@@ -261,6 +261,11 @@ def test_e4_is_the_largest_stratified_rank_p_of_its_four_comparisons():
     assert e["p"] == pytest.approx(1.0) and e["parts"][0]["p"] == pytest.approx((1 / 20) ** 3)
     assert e["mean_rank_p"] == pytest.approx((1 / 20 + 1.0) / 2)
     assert st.e4(low, "smollm2")["p"] is None and st.e4(top[:40], "gemma")["p"] is None  # a set missing: pending
+    assert e["post_norm_unreachable"] == {}  # no zero post-norm scale in these rows
+    lossy = [dict(r, post_norm_unreachable=0.02 if r["direction"] == "pca" else 0.01 * r["index"]) for r in top]
+    assert st.e4(lossy, "gemma")["post_norm_unreachable"]["write"] == pytest.approx(
+        dict(target_mean=0.02, control_mean=0.09, max=0.18)
+    )
 
 
 def test_sgd_pilot_follows_its_rule_and_c5_trains_with_plain_sgd(smoke):

@@ -723,7 +723,19 @@ def e4(rows: Sequence[dict], family: str) -> dict:
             parts.append(
                 dict(test=label, kind="rank", n=row["n_strata"], p=row["p_value"], p_floor=row["p_floor"], rank_p=ranks)
             )
-    return dict(parts=parts, p=_combine(parts), mean_rank_p=_mean(rank_ps))
+    # the part of each edit a zero post-norm scale made unreachable (docs/design/study.md, Changes), per set
+    unreachable = {}
+    for set_name in E4_SETS:
+        lost = [r for r in edits if r["set"] == set_name and r.get("post_norm_unreachable") is not None]
+        if lost:
+            targets = [r["post_norm_unreachable"] for r in lost if r["direction"] == r["target"]]
+            controls = [r["post_norm_unreachable"] for r in lost if r["direction"] != r["target"]]
+            unreachable[set_name] = dict(
+                target_mean=_mean(targets),
+                control_mean=_mean(controls),
+                max=max(r["post_norm_unreachable"] for r in lost),
+            )
+    return dict(parts=parts, p=_combine(parts), mean_rank_p=_mean(rank_ps), post_norm_unreachable=unreachable)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -855,5 +867,13 @@ def _markdown(results: dict) -> str:
                     grid = ", ".join(f"{lr}: {_fmt(v)}" for lr, v in p["sgd_norms"].items())
                     cells = [key, cond, str(pilot["steps"]), _fmt(p["adamw_norm"]), grid, _fmt(p["lr"])]
                     lines.append("| " + " | ".join(cells) + " |")
+    lost = {f: eps["E4"].get("post_norm_unreachable") or {} for f, eps in results["endpoints"].items()}
+    if any(lost.values()):
+        lines += ["", "## E4: the part of each edit zero post-norm scales made unreachable (fraction of ‖E‖²)", ""]
+        lines += ["| family | set | targets (mean) | controls (mean) | max |", "|---|---|---|---|---|"]
+        for family, sets in lost.items():
+            for set_name, u in sets.items():
+                cells = [family, set_name, _fmt(u["target_mean"]), _fmt(u["control_mean"]), _fmt(u["max"])]
+                lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Units finished: {len(results['units'])}.", ""]
     return "\n".join(lines)

@@ -31,6 +31,12 @@ The output is a JSON-lines file:
 - one line per edit, keyed by ``id`` = hash(matrix, head, direction, index, target, α or KL
   budget, mode, seed).
 
+Write matrices behind a post-sublayer norm (OLMo 2, Gemma 2/3) are edited in the residual convention
+(``post_norm="residual"``, the default): directions are chosen on diag(γ_post)·ΔW and written into the raw
+weight as diag(γ_post)⁺·E, the pseudo-inverse. Where γ_post,i is exactly zero (gemma-3-270m has such
+dimensions) the stream never sees that output dimension, the edit's part there is dropped, and each such row
+records ``post_norm_unreachable``, the fraction of ‖E‖²_F dropped.
+
 Each row is flushed and fsynced as soon as it is measured. A re-run with the same configuration
 skips finished rows; a half-written last line (a killed run) is dropped with a warning; a file
 written by another configuration raises `RwasymError` naming the differing entries. Edits are

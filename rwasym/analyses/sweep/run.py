@@ -240,8 +240,8 @@ def sweep(
                         plan.append(([desc], _ceiling_pass(ev, host, donor, [spec.name]), len(plan)))
                     units = []
                     for d, desc in edits:
-                        u, v = _raw_edit(spec, d, sign, head, gamma)
-                        units.append((desc, d, {spec.name: (u[None], v[None])}))
+                        u, v, lost = _raw_edit(spec, d, sign, head, gamma)
+                        units.append((_with_unreachable(desc, lost), d, {spec.name: (u[None], v[None])}))
                     metas = [
                         _meta(
                             row_id(spec.name, head, d.kind, d.index, d.target, 1.0, mode, seed, budget=b),
@@ -263,18 +263,19 @@ def sweep(
                 items = []
                 for alpha in alphas:
                     for d, desc in edits:
+                        u, v, lost = _raw_edit(spec, d, sign * alpha, head, gamma)
                         meta = _meta(
                             row_id(spec.name, head, d.kind, d.index, d.target, alpha, mode, seed),
                             spec.name,
                             spec.layer,
                             spec.kind,
                             head,
-                            desc,
+                            _with_unreachable(desc, lost),
                             cfg,
                             alpha=alpha,
                             edit_norm=abs(alpha) * d.norm,
                         )
-                        items.append((meta, *_raw_edit(spec, d, sign * alpha, head, gamma)))
+                        items.append((meta, u, v))
                 plan += [
                     ([m for m, _, _ in c], _matrix_pass(ev, host, spec.name, c), len(plan) + j)
                     for j, c in enumerate(items[i : i + edits_per_pass] for i in range(0, len(items), edits_per_pass))
@@ -316,25 +317,52 @@ def sweep(
 def _post_scale(base: Model, name: str, post_norm: str) -> torch.Tensor | None:
     """γ_post_eff of a write matrix behind a post-sublayer norm under the residual convention
     (`Model.post_norm_scale`), else None. An edit E_res chosen on diag(γ)·ΔW is written as the raw
-    E = diag(γ)⁻¹ E_res, so that the residual stream sees E_res (per-token RMS aside)."""
+    E = diag(γ)⁺ E_res (`_to_raw`), so that the residual stream sees E_res (per-token RMS aside)."""
     if post_norm != "residual":
         return None
-    gamma = base.post_norm_scale(name)
-    if gamma is not None and float(gamma.abs().min()) == 0.0:
-        raise RwasymError(
-            f"{name}: its post-sublayer norm has a zero scale, so an edit cannot be expressed in the "
-            "residual convention; use post_norm='raw' (--post-norm raw)"
-        )
-    return gamma
+    return base.post_norm_scale(name)
+
+
+def _to_raw(U: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output factor U (…, n_out) of a residual-convention edit as the raw weight's, U ⊘ γ, with the
+    pseudo-inverse where γ_i = 0: a dimension the post-norm scales to zero is unreachable from this weight
+    (gemma-3-270m has such dimensions), so the edit's component there is dropped, not divided by zero.
+    Also returns U's dropped part (the rows of Uᵀ at γ = 0, zeros elsewhere) for `_unreachable`."""
+    zero = gamma == 0
+    raw = U / torch.where(zero, torch.ones_like(gamma), gamma)
+    dropped = U * zero
+    return raw.masked_fill(zero, 0.0), dropped
+
+
+def _unreachable(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """‖Σ (dropped part of E_res)‖²_F / ‖E_res‖²_F of a (joint) edit E_res = {Uᵀ V} over its matrices, from
+    [(U, dropped U, V)]: the fraction of the residual-convention edit no weight change can deliver (`_to_raw`).
+    ‖Uᵀ V‖²_F = tr((U Uᵀ)(V Vᵀ)), so no n_out × n_in product is formed."""
+
+    def energy(U: torch.Tensor, V: torch.Tensor) -> float:
+        U, V = U.double().reshape(-1, U.shape[-1]), V.double().reshape(-1, V.shape[-1])
+        return float(((U @ U.T) * (V @ V.T)).sum())
+
+    total = sum(energy(U, V) for U, _, V in parts)
+    return sum(energy(D, V) for _, D, V in parts) / total if total > 0 else 0.0
 
 
 def _raw_edit(
     spec: Any, d: Any, scale: float, head: int | None, gamma: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """Direction ``d`` times ``scale`` as an edit of the host's raw weight: embedded at its head's block and,
-    where the residual stream sees the weight through a post-sublayer norm, with γ divided back out."""
+    where the residual stream sees the weight through a post-sublayer norm, with γ divided back out
+    (`_to_raw`). Returns (u, v, the unreachable fraction where γ has zeros, else None)."""
     u, v = embed_head(spec, scale * d.u, d.v, head)
-    return (u if gamma is None else u / gamma), v
+    if gamma is None:
+        return u, v, None
+    raw, dropped = _to_raw(u, gamma)
+    return raw, v, (_unreachable([(u, dropped, v)]) if bool((gamma == 0).any()) else None)
+
+
+def _with_unreachable(desc: dict, fraction: float | None) -> dict:
+    """``desc`` with ``post_norm_unreachable`` where a zero post-norm scale made part of the edit unreachable."""
+    return desc if fraction is None else {**desc, "post_norm_unreachable": fraction}
 
 
 def _matrix_pass(ev: Evaluator, host: Model, name: str, chunk: list) -> Callable[[], Iterator[dict]]:
@@ -403,10 +431,7 @@ def _joint_plan(
                 match,
                 donor_of=None if donor is None else donor_of,
             )
-            edits = [
-                (desc, {n: (U if (scale := scales[n]) is None else U / scale, V) for n, (U, V) in edit.items()})
-                for desc, edit in edits
-            ]  # the raw-weight edits
+            edits = [_joint_raw(desc, edit, scales) for desc, edit in edits]  # the raw-weight edits
             if cfg.match == "kl":
                 metas = [
                     _meta(_joint_id(label, r, desc, cfg, budget=b), label, None, "joint", None, desc, cfg, budget=b)
@@ -437,6 +462,22 @@ def _joint_plan(
                     ([m for m, _, _ in chunk], lambda chunk=chunk: joint_values(ev, host, chunk), unit_base + len(plan))
                 )
     return plan
+
+
+def _joint_raw(desc: dict, edit: dict, scales: dict) -> tuple[dict, dict]:
+    """A joint residual-convention edit {name: (U, V)} as raw-weight edits (`_to_raw` where a post-norm
+    scale applies), its description carrying ``post_norm_unreachable`` where some scale has zeros."""
+    raw, parts, zeros = {}, [], False
+    for name, (U, V) in edit.items():
+        scale = scales[name]
+        if scale is None:
+            U_raw, dropped = U, torch.zeros_like(U)
+        else:
+            U_raw, dropped = _to_raw(U, scale)
+            zeros |= bool((scale == 0).any())
+        raw[name] = (U_raw, V)
+        parts.append((U, dropped, V))
+    return _with_unreachable(desc, _unreachable(parts) if zeros else None), raw
 
 
 def _meta(
