@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import rwasym
+from rwasym import RwasymError
 from rwasym.studies import study as st
 
 
@@ -304,3 +305,35 @@ def test_matrices_no_later_unit_reads_are_the_ones_let_go():
     kept = {(c, s) for c in ("C1", "C2", "C3", "C4") for s in range(5) if st._needed_later(cfg, c, s)}
     assert kept == {(c, s) for c in ("C1", "C2", "C3", "C4") for s in (0, 1)} | {("C4", 2)}
     assert st._needed_later(replace(cfg, keep_matrices=True), "C2", 4)
+
+
+def test_matrices_of_finished_units_are_regenerated_on_a_new_machine(smoke, tmp_path):
+    """Units keep JSON only; their matrices live in a cache. A fresh machine with the units but no matrices
+    repeats the runs from their recipes: C5dpo's matrices (which need H first, and the pilot's rate) come back
+    bit-equal to the ones the study saved, and a run that does not reproduce its recorded losses is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, cfg, _ = smoke
+    shutil.copytree(out / "units", tmp_path / "units")
+    fresh = st._Family("smollm2", replace(cfg, model_dir=str(tmp_path / "models")), tmp_path)
+    first = st._Family("smollm2", cfg, out)
+    path = fresh.ensure("C5dpo_s0")
+    for tag, file in (("heal", fresh.matrices_path("heal")), ("C5dpo_s0", path)):
+        want, got = load_file(str(first.matrices_path(tag))), load_file(str(file))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), tag
+    log = [json.loads(line) for line in (tmp_path / "regenerated.jsonl").read_text().splitlines()]
+    assert [(r["tag"], r["reproduced"], r["max_loss_rel_diff"]) for r in log] == [
+        ("heal", True, 0.0),
+        ("C5dpo_s0", True, 0.0),
+    ]
+    heal = json.loads((tmp_path / "units" / "heal_smollm2.json").read_text())
+    heal["history"][-1]["loss"] *= 1.01
+    (tmp_path / "units" / "heal_smollm2.json").write_text(json.dumps(heal))
+    fresh.matrices_path("heal").unlink()
+    with pytest.raises(RwasymError, match="did not reproduce"):
+        fresh.ensure("heal")
+    assert not fresh.matrices_path("heal").exists()
+    with pytest.raises(RwasymError, match="has not run"):
+        fresh.ensure("C2_s0")

@@ -205,16 +205,28 @@ class _Family:
         return self.model_dir / f"{tag}.safetensors"
 
     def load_with(self, tag: str):
-        """The base with the matrices saved under ``tag`` written in (H is ``heal``)."""
+        """The base with the matrices saved under ``tag`` written in (H is ``heal``), regenerated first
+        when the unit that trained them finished on another machine (`ensure`)."""
         from safetensors.torch import load_file
 
         model = self.base()
-        path = self.matrices_path(tag)
-        if not path.exists():
-            raise RwasymError(f"{path} is missing: run the unit that trains {tag!r} first")
-        for name, value in load_file(str(path)).items():
+        for name, value in load_file(str(self.ensure(tag))).items():
             model.set_weight(name, value)
         return model
+
+    def ensure(self, tag: str) -> Path:
+        """The path of ``tag``'s matrices. Units keep only JSON; the matrices live outside the results folder
+        (a cache, or a machine that is gone). When they are missing but their unit finished, the run is
+        repeated from its recorded recipe (`_retrain`) and must reproduce the unit's recorded loss history
+        (`REPRODUCE_RTOL`); each regeneration is logged in ``out/regenerated.jsonl``."""
+        path = self.matrices_path(tag)
+        if path.exists():
+            return path
+        unit = self.out / "units" / f"{_tag_unit(self.name, tag)}.json"
+        if not unit.exists():
+            raise RwasymError(f"{path} is missing and unit {unit.stem} has not run: run the study in order")
+        _retrain(self, tag, json.loads(unit.read_text()))
+        return path
 
     def save_matrices(self, model: Any, tag: str) -> dict:
         from safetensors.torch import save_file
@@ -317,18 +329,60 @@ def _train_config(cfg: StudyConfig, steps: int, seed: int, **extra: Any):
     return TrainConfig(**{**_recipe(cfg, steps, seed), "n_checkpoints": 0, **extra})
 
 
-def _heal_unit(fam: _Family, progress: bool) -> dict:
+def _heal(fam: _Family, progress: bool) -> tuple[Any, Any, Any, list]:
+    """H: the base after the heal (CE on the heal shard), saved; (H, base, config, history)."""
     from ..train import pretrain
 
     cfg = fam.cfg
     model, base = fam.base(), fam.base()
     tc = _train_config(cfg, cfg.heal_steps, 0, pad_id=fam.pad)
     result = pretrain(model, fam.rows["heal"][0], tc, progress=progress)
+    return model, base, tc, result.history
+
+
+def _heal_unit(fam: _Family, progress: bool) -> dict:
+    model, base, tc, history = _heal(fam, progress)
     saved = fam.save_matrices(model, "heal")
     generic = {c: _generic(model, base, fam.rows[f"eval_{c}"][0], fam.pad) for c in ("A", "B")}
-    return dict(
-        config=asdict(tc), history=result.history, saved=saved, generic=generic, delta_norm=_delta_norms(model, base)
+    return dict(config=asdict(tc), history=history, saved=saved, generic=generic, delta_norm=_delta_norms(model, base))
+
+
+REPRODUCE_RTOL = 1e-4  # a regenerated run's losses against its unit's record (thread counts change rounding only)
+
+
+def _tag_unit(family: str, tag: str) -> str:
+    """The unit that trains the matrices saved under ``tag`` (``heal`` or ``<cond>_s<seed>``)."""
+    if tag == "heal":
+        return _name("heal", family, None, None)
+    cond, seed = tag.rsplit("_s", 1)
+    return _name("train", family, cond, int(seed))
+
+
+def _retrain(fam: _Family, tag: str, unit: dict) -> None:
+    """Repeat the run that saved ``tag`` (its unit ``unit`` finished earlier, its matrices are gone), save its
+    matrices, and check its losses against the unit's recorded history; a run that does not reproduce raises
+    (the later units would read a different model) and saves nothing."""
+    if tag == "heal":
+        model, _, _, history = _heal(fam, False)
+    else:
+        cond, seed = tag.rsplit("_s", 1)
+        model, _, _, history, _ = _condition(fam, cond, int(seed), False)
+    recorded = unit["history"]
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(recorded, history)]
+    worst = max((abs(a - b) / max(abs(a), 1e-12) for a, b in pairs), default=math.inf)
+    same = len(recorded) == len(history) and [a["step"] for a in recorded] == [b["step"] for b in history]
+    record = dict(
+        tag=tag, logged_steps=len(history), max_loss_rel_diff=worst, reproduced=same and worst <= REPRODUCE_RTOL
     )
+    with open(fam.out / "regenerated.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if not record["reproduced"]:
+        raise RwasymError(
+            f"regenerating {tag!r} did not reproduce its unit's loss history (max relative difference {worst:.3g}, "
+            f"tolerance {REPRODUCE_RTOL}); delete units/{_tag_unit(fam.name, tag)}.json and the units after it "
+            "to rerun them on this machine"
+        )
+    fam.save_matrices(model, tag)
 
 
 def _run_condition(fam: _Family, cond: str, seed: int, steps: int, progress: bool, **optim: Any):
@@ -369,15 +423,19 @@ def _pilot_unit(fam: _Family, seed: int, progress: bool) -> dict:
     return dict(steps=cfg.sgd_pilot_steps, **out)
 
 
-def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
-    cfg = fam.cfg
+def _condition(fam: _Family, cond: str, seed: int, progress: bool):
+    """Run ``cond`` (C1–C5) at ``seed`` for the recipe's steps: `_run_condition`'s tuple. C5 is the recipe with
+    plain SGD at the rate its pilot unit chose."""
     optim: dict[str, Any] = {}
-    if cond in SGD_CONDITIONS:  # C5: the recipe with plain SGD at the pilot's rate
+    if cond in SGD_CONDITIONS:
         pilot = json.loads((fam.out / "units" / f"{_name('pilot', fam.name, 'C5', seed)}.json").read_text())
         optim = dict(optimizer="sgd", lr=pilot[cond]["lr"])
-    model, healed, tc, history, record = _run_condition(
-        fam, SGD_CONDITIONS.get(cond, cond), seed, cfg.steps, progress, **optim
-    )
+    return _run_condition(fam, SGD_CONDITIONS.get(cond, cond), seed, fam.cfg.steps, progress, **optim)
+
+
+def _train_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
+    cfg = fam.cfg
+    model, healed, tc, history, record = _condition(fam, cond, seed, progress)
     saved = fam.save_matrices(model, f"{cond}_s{seed}")
     held, held_record = fam.pairs("heldout", seed)
     if cfg.eval_pairs is not None:
@@ -439,7 +497,7 @@ def _probe_unit(fam: _Family, cond: str, seed: int, progress: bool) -> dict:
     from safetensors.torch import load_file
 
     healed = fam.load_with("heal")
-    path = fam.matrices_path(f"{cond}_s{seed}")
+    path = fam.ensure(f"{cond}_s{seed}")
     tuned = load_file(str(path))
     deltas = {name: tuned[name].double() - healed.weight(name) for name in tuned}
     out = _probe_rows(fam, healed, None, progress, delta="given", deltas=deltas)
