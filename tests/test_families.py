@@ -231,11 +231,16 @@ def test_family_streamed_checkpoint(fam, tmp_path):
     pattern, layer0 = (
         ("blocks.*.attn.*", "blocks.0.attn.*") if "mixture of experts" in fam.notes else (None, "blocks.0.*.*")
     )
-    if pattern is not None:
+    if pattern is not None:  # selected: refused; not selected: left out with a warning
         with pytest.raises(RwasymError, match="mixture-of-experts matrices from checkpoint files"):
-            stream_weight_deltas(tmp_path / "base", tmp_path / "tuned")
+            stream_weight_deltas(tmp_path / "base", tmp_path / "tuned", "blocks.*.mlp.*")
         with pytest.raises(RwasymError, match="mixture-of-experts matrices from checkpoint files"):
-            CheckpointDeltas(base, tmp_path / "tuned")
+            CheckpointDeltas(base, tmp_path / "tuned", "blocks.0.mlp.experts.*.W_in")
+        with pytest.warns(UserWarning, match="mixture-of-experts matrices .* are left out"):
+            every = dict(stream_weight_deltas(tmp_path / "base", tmp_path / "tuned"))
+        assert list(every) == list(rwasym.weight_deltas(base, tuned, pattern))
+        with pytest.warns(UserWarning, match="are left out"):
+            assert list(CheckpointDeltas(base, tmp_path / "tuned")) == list(every)
     expected = rwasym.weight_deltas(base, tuned, pattern)
     streamed = list(stream_weight_deltas(tmp_path / "base", tmp_path / "tuned", pattern))
     assert [name for name, _ in streamed] == list(expected)

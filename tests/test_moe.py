@@ -150,3 +150,56 @@ def test_set_weight_writes_one_expert_slice_only(moe):
     finally:
         with torch.no_grad():
             fused.copy_(old)
+
+
+def test_router_and_shared_expert_read_the_tensor_their_linears_get(moe):
+    """`Model.input_hook` of the router (and Qwen2-MoE's shared W_gate / W_in) is the MoE block's input: the
+    tensor the Hugging Face ``mlp.gate`` (and ``shared_expert.gate_proj``) is called with, token by token, in
+    a plain forward of the HF model (a forward pre-hook)."""
+    fam, hf, model = moe
+    tokens = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    names = ["blocks.1.mlp.W_router"] + (
+        ["blocks.1.mlp.shared.W_gate", "blocks.1.mlp.shared.W_in"] if fam == "qwen2_moe" else []
+    )
+    seen = {}
+    paths = {"W_router": "gate", "W_gate": "shared_expert.gate_proj", "W_in": "shared_expert.up_proj"}
+    handles = [
+        _block(hf, 1)
+        .get_submodule(paths[n.rsplit(".", 1)[1]])
+        .register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            hf(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens)
+    for n in names:
+        ours = cache[model.input_hook(n)].reshape(-1, model.d_model)
+        assert ours.shape == seen[n].shape and torch.allclose(ours, seen[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_probe_of_a_tuned_folder_leaves_the_moe_matrices_out_with_a_warning(moe, tmp_path):
+    """A tuned checkpoint folder (read without loading) gives the attention rows and warns that its
+    mixture-of-experts matrices are left out; the same tuned model loaded gives the router's rows too."""
+    import shutil
+
+    fam, hf, model = moe
+    tuned = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    shutil.copytree(model.source, tmp_path / "tuned")
+    tuned.save_pretrained(tmp_path / "tuned")
+    tokens = torch.randint(3, 96, (4, 12), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="mixture-of-experts matrices .* are left out"):
+        rows = rwasym.probe(model, tmp_path / "tuned", tokens, k=2, null_samples=0, progress=False).rows
+    assert {r["kind"] for r in rows} == {"W_Q", "W_K", "W_V", "W_O"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = rwasym.load(tmp_path / "tuned")
+        rows = rwasym.probe(model, loaded, tokens, k=2, null_samples=0, progress=False).rows
+    assert {r["matrix"] for r in rows if r["kind"] == "W_router"} == {"blocks.0.mlp.W_router", "blocks.1.mlp.W_router"}

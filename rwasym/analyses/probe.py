@@ -559,6 +559,8 @@ def probe(
             if stream is None
             else _folder_deltas(stream, folders.get("tuned"), folders.get("replicate"), specs, cfg)
         )
+        if isinstance(deltas, CheckpointDeltas):  # a checkpoint leaves mixture-of-experts matrices out (warned)
+            specs = [s for s in specs if s.name in deltas]
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     _refuse_identical(deltas, specs, cfg, base, tuned, replicate)  # before any capture: nothing is lost

@@ -23,6 +23,7 @@ of T (after the transpose).
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,11 +291,18 @@ def _entries(
 
     Mixture-of-experts matrices have no entry: transformers 5 converts their checkpoint tensors as it loads
     them (per-expert ``experts.{e}.w1`` / ``gate_proj`` … under the checkpoint's own names, fused into 3-D
-    parameters), which this module does not reproduce yet; ``pattern`` selecting one raises RwasymError."""
+    parameters), which this module does not reproduce yet: without ``pattern`` they are left out with a
+    warning, and a ``pattern`` selecting one raises RwasymError."""
     bridge, hf = _skeleton(folder)
     skeleton = Model(bridge, source=str(folder), weightless=True)  # rwasym.load(folder)'s registry, no weights
     moe = [s.name for s in skeleton.matrices(pattern) if _is_moe_matrix(s)]
-    if moe:
+    if moe and pattern is None:
+        warnings.warn(
+            f"{folder}: its {len(moe)} mixture-of-experts matrices (router, experts, shared expert) are not read "
+            "from checkpoint files yet and are left out; load the model (rwasym.load) to study them",
+            stacklevel=3,
+        )
+    elif moe:
         raise RwasymError(
             f"{moe[0]}: reading mixture-of-experts matrices from checkpoint files is not supported yet "
             "(transformers converts their per-expert tensors as it loads them); load both models "
@@ -472,7 +480,8 @@ class CheckpointDeltas(WeightDeltas):
     def __init__(self, base: Model, tuned_folder: PathLike, pattern: str | Sequence[str] | None = None) -> None:
         tuned = CheckpointWeights(tuned_folder, pattern)
         check_same_architecture(base, tuned.model)
-        super().__init__(base, tuned, [spec.name for spec in base.matrices(pattern)])
+        # mixture-of-experts matrices are not read from checkpoint files (`_entries` warned or refused)
+        super().__init__(base, tuned, [s.name for s in base.matrices(pattern) if not _is_moe_matrix(s)])
 
 
 def weight_delta_norms(
