@@ -541,6 +541,7 @@ def probe(
         tuned = load(tuned)  # a HF folder is streamed
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
+    specs = _with_input_sites(base, specs, selected=cfg.matrices is not None)
     if isinstance(deltas, WeightDeltas):  # lazy (a chain's stage): each ΔW formed when its rows are computed
         specs = [s for s in specs if s.name in deltas]
     elif deltas is not None:  # only the matrices the mapping holds, in float64
@@ -558,6 +559,8 @@ def probe(
             if stream is None
             else _folder_deltas(stream, folders.get("tuned"), folders.get("replicate"), specs, cfg)
         )
+        if isinstance(deltas, CheckpointDeltas):  # a checkpoint leaves mixture-of-experts matrices out (warned)
+            specs = [s for s in specs if s.name in deltas]
     if activations is None and data is None:
         raise RwasymError("probe needs data for the activation subspaces: pass data=... or activations=...")
     _refuse_identical(deltas, specs, cfg, base, tuned, replicate)  # before any capture: nothing is lost
@@ -715,6 +718,26 @@ def _refuse_identical(deltas: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig
             f"{', '.join(repr(n) for n in names if n)}): the probe would locate nothing. Pass the other checkpoint, "
             "or check them with `rwasym audit`"
         )
+
+
+def _with_input_sites(base: Model, specs: list[MatrixSpec], *, selected: bool) -> list[MatrixSpec]:
+    """``specs`` without the matrices that have no input site read by every token (`Model.no_input_site`:
+    mixture-of-experts experts, whose rows need routed statistics): left out with a warning by default,
+    refused (RwasymError) when the caller selected them."""
+    why = {s.name: base.no_input_site(s.name) for s in specs}
+    left_out = [name for name, reason in why.items() if reason is not None]
+    if left_out and selected:
+        raise RwasymError(
+            f"rwasym.probe: {left_out[0]} has no input site read by every token ({why[left_out[0]]}), and probe "
+            "rows of mixture-of-experts experts are not built yet; select other matrices (e.g. 'blocks.*.attn.*')"
+        )
+    if left_out:
+        warnings.warn(
+            f"rwasym.probe: {len(left_out)} matrices have no input site read by every token and are left out "
+            f"(e.g. {left_out[0]}: {why[left_out[0]]})",
+            stacklevel=3,
+        )
+    return [s for s in specs if why[s.name] is None]
 
 
 def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:

@@ -70,7 +70,7 @@ def default_sites(model: Model, layers: Sequence[int] | None = None) -> dict[str
     keep = set(range(model.n_layers)) if layers is None else set(layers)
     sites: dict[str, int] = {}
     for spec in model.matrices():
-        if spec.layer in keep:
+        if spec.layer in keep and model.no_input_site(spec.name) is None:  # experts: routed statistics instead
             sites.setdefault(model.input_hook(spec.name), spec.n_in)
     for alias, hook in model.residual_hooks().items():
         if int(alias.split(".")[1]) in keep:

@@ -43,6 +43,7 @@ def edit_hooks(
     back. Use inside ``model.bridge.hooks(fwd_hooks=...)``.
     """
     spec = model.matrix(matrix)
+    model.linear_hooks(matrix, "a hook edit")  # refuses expert matrices (no hooks of their own)
     if U.dim() == 2 and V.dim() == 2:
         U, V = U[:, None], V[:, None]  # rank 1
     if U.dim() != 3 or U.shape[::2] != (U.shape[0], spec.n_out) or V.shape != (*U.shape[:2], spec.n_in):
@@ -103,7 +104,8 @@ def rank1_edit(
     hook_in); no parameter is touched. mechanism="weight": the host parameter is written through
     `Model.edit` and restored bit-exactly on exit, also when the body raises. Both give the same
     logits to float rounding. u, v: full-matrix vectors (n_out,), (n_in,), or the head's block
-    (`unit_shape`) when ``head`` is given; v need not be unit here. Yields the `Model`.
+    (`unit_shape`) when ``head`` is given; v need not be unit here. Yields the `Model`. An expert of a
+    mixture-of-experts MLP has no hooks of its own: mechanism="weight" only.
 
     Example::
 

@@ -69,6 +69,8 @@ class _Capture:
     def __init__(self, model: Model, names: Sequence[str]):
         self.model = model
         self.specs = [model.matrix(n) for n in names]
+        for spec in self.specs:
+            model.linear_hooks(spec.name, "gradient capture")  # refuses expert matrices (no hooks of their own)
         self.stats = GradientStats(
             # float64 products: δ_t spans many orders of magnitude and C_δ is often near rank-deficient
             inputs={

@@ -468,7 +468,8 @@ def unchanged_matrices(base: Any, tuned: Any, names: Iterable[str], *, until_cha
     if isinstance(base, Model) and isinstance(tuned, Model):
         out = []
         for name in names:
-            if base.host_layout(name).rows is not None:  # a fused host: this matrix's rows only (float64 copies)
+            layout = base.host_layout(name)
+            if layout.rows is not None or layout.expert is not None:  # a fused host: this matrix's part only (float64)
                 same = bool(torch.equal(base.weight(name), tuned.weight(name)))
             else:
                 a = cast(torch.Tensor, host_linear(base.bridge, base.matrix(name).component).weight).detach()

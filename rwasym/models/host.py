@@ -12,6 +12,13 @@ the module whose ``weight`` the model saves; `HostLayout` says how W sits in tha
   along columns, so free), which yields GPT-2's concatenation ``[q; k; v]``, GPT-NeoX's per-head
   interleaving ``[h, (q, k, v), d_head]`` and Phi-3's halves without guessing any of them.
 
+- experts: W_gate, W_in, W_out of expert e of a mixture-of-experts MLP (transformers 5 ``MixtralExperts``,
+  ``OlmoeExperts``, ``Qwen2MoeExperts``) are slices of two 3-D parameters of the experts module, one
+  axis more than a fused weight: ``gate_up_proj`` (E, 2·d_mlp, d) holds W_gate,e = rows 0 … d_mlp − 1 and
+  W_in,e = rows d_mlp … 2·d_mlp − 1 of ``gate_up_proj[e]`` (the forward's ``linear(x, gate_up_proj[e]).chunk(2)``
+  is (gate, up)), and ``down_proj`` (E, d, d_mlp) holds W_out,e = ``down_proj[e]``, all in nn.Linear layout.
+  The forward pass computes with these parameters themselves (no split copy), so a write is a write of the slice.
+
 The bridge's forward pass uses split copies of fused weights (``HostLayout.linear``); the fused
 parameter is what ``save_pretrained`` writes, so `sync_fused` copies the split copies back before
 saving. `host_module_names` gives each matrix's module name in the Hugging Face tree (what PEFT
@@ -37,6 +44,8 @@ if TYPE_CHECKING:  # transformers is imported lazily
 __all__ = [
     "HostLayout",
     "clean_key",
+    "expert_layout",
+    "experts_module",
     "fused_gate_up_rows",
     "fused_qkv_rows",
     "host_layouts",
@@ -88,9 +97,12 @@ class HostLayout:
     transposed: ``module`` stores its weight as (n_in, n_out) (GPT-2 ``Conv1D``);
     rows: for a fused host, the int64 indices of W's rows in the fused weight in nn.Linear layout
     (after the transpose), else None (W is the whole weight);
-    fused: ``"qkv"``, ``"gate_up"`` or None;
+    fused: ``"qkv"``, ``"gate_up"``, ``"experts"`` or None;
     linear: the linear the bridge's forward pass uses (``module`` itself unless fused: then the
-    bridge's split copy).
+    bridge's split copy; None for an expert, whose forward uses the 3-D parameter itself);
+    expert: for an expert matrix, its index e along the first axis of the 3-D parameter, else None;
+    param: the name of the parameter of ``module`` that stores W (``weight``; an expert's ``gate_up_proj``
+    or ``down_proj``).
     """
 
     module: nn.Module
@@ -98,18 +110,67 @@ class HostLayout:
     rows: Tensor | None = None
     fused: str | None = None
     linear: nn.Module | None = None
+    expert: int | None = None
+    param: str = "weight"
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The stored parameter (``module.<param>``): the whole fused 3-D parameter for an expert."""
+        return cast(nn.Parameter, getattr(self.module, self.param))
 
     def matrix(self, stored: Tensor) -> Tensor:
-        """W from a tensor stored like ``module.weight`` (the module's own, or a checkpoint's): see
+        """W from a tensor stored like ``module.<param>`` (the module's own, or a checkpoint's): see
         `read_matrix`."""
-        return read_matrix(stored, transposed=self.transposed, rows=self.rows)
+        return read_matrix(stored, transposed=self.transposed, rows=self.rows, expert=self.expert)
 
 
-def read_matrix(stored: Tensor, *, transposed: bool, rows: Tensor | None = None) -> Tensor:
-    """W (nn.Linear layout) from its host's stored tensor T: Tᵀ for Conv1D (a view), then W's
-    ``rows`` of a fused weight (int64 indices; a copy)."""
-    w = stored.T if transposed else stored
+def read_matrix(stored: Tensor, *, transposed: bool, rows: Tensor | None = None, expert: int | None = None) -> Tensor:
+    """W (nn.Linear layout) from its host's stored tensor T: T[expert] for an expert's 3-D parameter
+    (a view), Tᵀ for Conv1D (a view), then W's ``rows`` of a fused weight (int64 indices; a copy)."""
+    w = stored if expert is None else stored[expert]
+    w = w.T if transposed else w
     return w if rows is None else w.index_select(0, rows.to(w.device))
+
+
+_EXPERT_PARAMS = {"W_gate": ("gate_up_proj", 0), "W_in": ("gate_up_proj", 1), "W_out": ("down_proj", None)}
+
+
+def experts_module(bridge: nn.Module, mlp_component: str) -> nn.Module | None:
+    """The Hugging Face experts module (``MixtralExperts`` …) of a mixture-of-experts MLP bridge, holding the
+    3-D parameters ``gate_up_proj`` (E, 2·d_mlp, d) and ``down_proj`` (E, d, d_mlp); None when the block
+    stores its experts otherwise (e.g. a ModuleList of per-expert linears)."""
+    mlp = bridge.get_submodule(mlp_component)
+    experts = getattr(getattr(mlp, "original_component", mlp), "experts", None)
+    experts = getattr(experts, "original_component", experts)  # Qwen2-MoE: the bridge wraps the experts module
+    if experts is None:
+        return None
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, nn.Parameter) or not isinstance(down, nn.Parameter):
+        return None
+    if gate_up.dim() != 3 or down.dim() != 3 or getattr(experts, "is_transposed", False):
+        return None
+    n, two_h, d = gate_up.shape
+    if two_h % 2 or tuple(down.shape) != (n, d, two_h // 2):
+        return None
+    return experts
+
+
+def expert_layout(bridge: nn.Module, mlp_component: str, kind: str, expert: int) -> HostLayout:
+    """`HostLayout` of W_gate / W_in / W_out of ``expert`` in the experts module of ``mlp_component``
+    (`experts_module`): W_gate,e = rows 0 … d_mlp − 1 of gate_up_proj[e], W_in,e = rows d_mlp … 2·d_mlp − 1,
+    W_out,e = down_proj[e]."""
+    experts = experts_module(bridge, mlp_component)
+    if experts is None or kind not in _EXPERT_PARAMS:
+        raise RwasymError(
+            f"{mlp_component}: no fused 3-D expert parameters (gate_up_proj, down_proj) holding {kind} of expert "
+            f"{expert}; rwasym reads experts stored as transformers 5 does"
+        )
+    param, half = _EXPERT_PARAMS[kind]
+    rows = None
+    if half is not None:
+        d_mlp = cast(Tensor, experts.down_proj).shape[2]
+        rows = torch.arange(half * d_mlp, (half + 1) * d_mlp, dtype=torch.long)
+    return HostLayout(experts, False, rows, "experts", None, expert, param)
 
 
 def _rows_of_split(fused: nn.Module, split: Callable[[], tuple], where: str, what: str) -> list[Tensor]:
@@ -224,6 +285,9 @@ def host_layouts(bridge: nn.Module, specs: Iterable, *, check_values: bool = Tru
     its split copy (which is then no module of the Hugging Face tree: it has no module name)."""
     out, groups = {}, {}
     for spec in specs:
+        if getattr(spec, "expert", None) is not None:  # a slice of the experts' 3-D parameters
+            out[spec.name] = expert_layout(bridge, spec.component, spec.kind, spec.expert)
+            continue
         linear = host_linear(bridge, spec.component)
         group = spec.component.rsplit(".", 1)[0]
         if group not in groups:

@@ -12,6 +12,13 @@ Registry names use TransformerLens vocabulary: ``blocks.{L}.attn.W_Q|W_K|W_V|W_O
 hook is that linear's ``hook_in`` (after the layer norm for Q/K/V/W_in/W_gate) and its output hook
 that linear's ``hook_out`` — never a compatibility alias (see TL #1317, #1639).
 
+Mixture-of-experts MLPs (Mixtral, OLMoE, Qwen2-MoE; `_moe_specs`) give ``blocks.{L}.mlp.W_router``
+(the router, E × d_model, read side), ``blocks.{L}.mlp.experts.{e}.W_in|W_gate|W_out`` per expert
+(slices of the experts' fused 3-D parameters, `rwasym.models.host.expert_layout`) and, where the block
+has one (Qwen2-MoE), ``blocks.{L}.mlp.shared.W_in|W_gate|W_out`` (plain linears). An expert has no hook
+of its own: its ``hook_in`` / ``hook_out`` are the MLP block's input and output hooks, between which it
+acts on the tokens routed to it (see `MatrixSpec`).
+
 Hook tensors of attention linears may arrive per-head shaped ``(..., n_heads, d_head)``; use
 `flatten_site` to view them as ``(..., n)`` before doing linear algebra.
 """
@@ -32,25 +39,43 @@ from torch import Tensor, nn
 from ..errors import RwasymError
 from ..math.checks import require_finite
 from .heads import head_slice
-from .host import HostLayout, host_layouts, host_linear, host_module_names, is_transposed, save_hf, sync_fused
+from .host import (
+    HostLayout,
+    experts_module,
+    host_layouts,
+    host_linear,
+    host_module_names,
+    is_transposed,
+    save_hf,
+    sync_fused,
+)
 
 if TYPE_CHECKING:  # transformer_lens is imported lazily (`rwasym.models.loading.bridge_classes`)
     from transformer_lens.model_bridge import TransformerBridge
 
 _ATTN_KINDS = {"W_Q": "q", "W_K": "k", "W_V": "v", "W_O": "o"}
 _MLP_KINDS = {"W_in": "in", "W_gate": "gate", "W_out": "out"}
-KINDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
-READ_KINDS = frozenset({"W_Q", "W_K", "W_V", "W_in", "W_gate"})
+KINDS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out", "W_router")
+READ_KINDS = frozenset({"W_Q", "W_K", "W_V", "W_in", "W_gate", "W_router"})
 
 
 @dataclass(frozen=True)
 class MatrixSpec:
     """One studied matrix: W (n_out × n_in), y = W a.
 
-    side: "read" (input space studied: W_Q/W_K/W_V/W_in/W_gate) or "write" (output space is the
+    side: "read" (input space studied: W_Q/W_K/W_V/W_in/W_gate/W_router) or "write" (output space is the
     residual stream: W_O/W_out). n_heads: heads the matrix is split into (n_key_value_heads for
     W_K/W_V under GQA), 0 for MLP matrices. head_axis: "out" when heads index rows (Q/K/V),
     "in" when they index columns (O), None for MLP.
+
+    expert: the expert index e of ``blocks.L.mlp.experts.e.*`` in a mixture-of-experts MLP, None for every
+    other matrix (dense ones, the router, a shared expert). An expert matrix acts only on the tokens the
+    router sends to it, and no hook carries its own input or output: its ``hook_in`` is the MLP block's
+    input hook (``blocks.L.mlp.hook_in``: the tensor whose routed rows W_gate,e and W_in,e read; W_out,e
+    reads h = act(W_gate,e a) ⊙ (W_in,e a) of those rows) and its ``hook_out`` the MLP block's output hook
+    (``blocks.L.mlp.hook_out``, where its routing-weighted output w_{t,e} · W_out,e h is summed in).
+    ``component`` is the MoE block (``blocks.L.mlp``). ``Model.input_hook`` refuses expert matrices: their
+    statistics are routed (per expert, over its routed tokens: not built yet), not the whole site's.
     """
 
     name: str
@@ -64,6 +89,7 @@ class MatrixSpec:
     hook_in: str
     hook_out: str
     component: str
+    expert: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,7 +102,12 @@ class MatrixSpec:
         return "in" if self.kind == "W_O" else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``expert`` only where it is set, so a dense matrix's dict (and every hash
+        of it, e.g. a sweep's header) is what it was before experts existed."""
+        out = asdict(self)
+        if out["expert"] is None:
+            del out["expert"]
+        return out
 
 
 @torch.no_grad()
@@ -222,9 +253,12 @@ class Model:
                 if parent is None:
                     continue
                 if group == "mlp" and _is_mixture_of_experts(parent):
-                    # its "gate" is the router, not a gate projection, and the experts are fused 3-D
-                    # parameters: none of it is a studied matrix (see `unsupported`)
-                    self.unsupported.setdefault("mixture-of-experts MLP", []).append(f"blocks.{layer}.mlp")
+                    # its "gate" is the router, not a gate projection, and the experts are slices of fused
+                    # 3-D parameters; a layout rwasym does not know is left out (see `unsupported`)
+                    if experts_module(self.bridge, f"blocks.{layer}.mlp") is None or "gate" not in parent._modules:
+                        self.unsupported.setdefault("mixture-of-experts MLP", []).append(f"blocks.{layer}.mlp")
+                    else:
+                        yield from self._moe_specs(layer, parent)
                     continue
                 for kind, sub in kinds.items():
                     if sub not in getattr(parent, "_modules", {}):
@@ -254,6 +288,68 @@ class Model:
                         hook_out=f"{component}.hook_out",
                         component=component,
                     )
+
+    def _moe_specs(self, layer: int, mlp: nn.Module) -> Iterator[MatrixSpec]:
+        """The matrices of a mixture-of-experts MLP: the router W_router (E × d_model: logits = W_router a of the
+        MLP input a, read side; its hooks are the bridge router's own), every expert's W_in, W_gate (d_mlp ×
+        d_model, read) and W_out (d_model × d_mlp, write) — slices of the fused 3-D parameters
+        (`rwasym.models.host.expert_layout`), hooks the MLP block's (see `MatrixSpec`) — and a shared expert's
+        W_in, W_gate, W_out (Qwen2-MoE ``shared_expert``: plain linears every token passes through, with their
+        own hooks; its 1 × d_model sigmoid gate ``shared_expert_gate`` is not a studied matrix)."""
+        prefix = f"blocks.{layer}.mlp"
+        router = cast(Tensor, host_linear(self.bridge, f"{prefix}.gate").weight)
+        n_experts, d_model = (int(n) for n in router.shape)
+        experts = experts_module(self.bridge, prefix)
+        assert experts is not None  # checked by the caller
+        down = cast(Tensor, experts.down_proj)
+        if tuple(down.shape[:2]) != (n_experts, d_model):
+            raise RwasymError(
+                f"{prefix}: the router has {n_experts} × {d_model} weights but the experts' down_proj is "
+                f"{tuple(down.shape)}; the MoE block's router and experts disagree: check the model's config"
+            )
+        d_mlp = int(down.shape[2])
+        yield self._spec(f"{prefix}.W_router", layer, "W_router", (n_experts, d_model), f"{prefix}.gate")
+        shapes = {"W_in": (d_mlp, d_model), "W_gate": (d_mlp, d_model), "W_out": (d_model, d_mlp)}
+        for e in range(n_experts):
+            for kind, shape in shapes.items():
+                yield MatrixSpec(
+                    name=f"{prefix}.experts.{e}.{kind}",
+                    layer=layer,
+                    kind=kind,
+                    side="read" if kind in READ_KINDS else "write",
+                    n_out=shape[0],
+                    n_in=shape[1],
+                    n_heads=0,
+                    d_head=None,
+                    hook_in=f"{prefix}.hook_in",
+                    hook_out=f"{prefix}.hook_out",
+                    component=prefix,
+                    expert=e,
+                )
+        shared = mlp._modules.get("shared_expert")
+        if shared is not None:
+            for kind, sub in _MLP_KINDS.items():
+                if sub in shared._modules:
+                    component = f"{prefix}.shared_expert.{sub}"
+                    w = cast(Tensor, host_linear(self.bridge, component).weight)
+                    yield self._spec(f"{prefix}.shared.{kind}", layer, kind, tuple(w.shape), component)
+
+    @staticmethod
+    def _spec(name: str, layer: int, kind: str, shape: tuple, component: str) -> MatrixSpec:
+        """A headless matrix of an ``nn.Linear`` host with its own hooks (a router, a shared expert's linear)."""
+        return MatrixSpec(
+            name=name,
+            layer=layer,
+            kind=kind,
+            side="read" if kind in READ_KINDS else "write",
+            n_out=int(shape[0]),
+            n_in=int(shape[1]),
+            n_heads=0,
+            d_head=None,
+            hook_in=f"{component}.hook_in",
+            hook_out=f"{component}.hook_out",
+            component=component,
+        )
 
     def matrices(self, pattern: str | Sequence[str] | None = None) -> list[MatrixSpec]:
         """The registry, in layer order.
@@ -360,11 +456,44 @@ class Model:
         input; they share W_Q's / W_in's hook so a capture computes each covariance once.
         """
         spec = self.matrix(name)
+        why = self.no_input_site(name)
+        if why is not None:
+            raise RwasymError(
+                f"{name} has no input site whose every token it reads: {why}; "
+                "per-expert routed statistics are not built yet (issue #33, phase 2): leave it out of matrices="
+            )
+        if spec.kind == "W_router" or spec.name.startswith(f"blocks.{spec.layer}.mlp.shared."):
+            return f"blocks.{spec.layer}.mlp.hook_in"  # the MoE block's input (batch, pos, d), as the router reads it
         twin = {"W_K": "W_Q", "W_V": "W_Q", "W_gate": "W_in"}.get(spec.kind)
         if twin and getattr(self.cfg, "use_split_qkv_input", False) is False:
             group = "attn" if twin == "W_Q" else "mlp"
             return self._specs[f"blocks.{spec.layer}.{group}.{twin}"].hook_in
         return spec.hook_in
+
+    def linear_hooks(self, name: str, what: str) -> tuple[str, str]:
+        """(hook_in, hook_out) of matrix ``name``: the hooks carrying a and y = W a (+ b) of its own linear, for
+        hooks that act on them (``what`` names the caller in the error). RwasymError for an expert matrix,
+        whose hooks are the MoE block's (`MatrixSpec`: the expert acts on routed tokens between them)."""
+        spec = self.matrix(name)
+        if spec.expert is not None:
+            raise RwasymError(
+                f"{what} needs the hooks of {name}'s own linear, but an expert has none (it acts on the tokens "
+                f"routed to it inside {spec.component}); edit it through its weights (Model.edit, "
+                "mechanism='weight') instead"
+            )
+        return spec.hook_in, spec.hook_out
+
+    def no_input_site(self, name: str) -> str | None:
+        """Why matrix ``name`` has no (batch, pos)-shaped hook carrying its input for every token, or None
+        when it has one (`input_hook`). Experts read only the tokens routed to them; a shared expert's W_out
+        reads its hidden state, which the bridge carries only token-flattened ((batch·pos, d_mlp), no
+        attention mask can select its rows)."""
+        spec = self.matrix(name)
+        if spec.expert is not None:
+            return f"expert {spec.expert} of blocks.{spec.layer}.mlp reads only the tokens routed to it"
+        if spec.name == f"blocks.{spec.layer}.mlp.shared.W_out":
+            return "its input, the shared expert's hidden state, is carried only by a token-flattened hook"
+        return None
 
     def residual_hooks(self) -> dict[str, str]:
         """``blocks.L.hook_resid_pre|mid|post`` → the bridge hook that carries it.
@@ -385,17 +514,37 @@ class Model:
 
     # -- reading ------------------------------------------------------------------------------
     def host_parameter(self, name: str) -> nn.Parameter:
-        """The parameter the forward pass really uses for ``name`` (host layout)."""
+        """The parameter the forward pass really uses for ``name`` (host layout): for an expert matrix the
+        whole fused 3-D parameter (``gate_up_proj`` or ``down_proj``) that holds it."""
+        layout = self._layouts.get(name)
+        if layout is not None and layout.expert is not None:
+            return layout.parameter
         return cast(nn.Parameter, host_linear(self.bridge, self.matrix(name).component).weight)
 
+    def host_tensor(self, name: str) -> Tensor:
+        """The part of the host parameter the forward pass uses for ``name`` (a view, host layout): the
+        parameter itself, or for an expert matrix its expert's slice ``gate_up_proj[e]`` (W_gate,e and
+        W_in,e: both halves) or ``down_proj[e]``. What `edit` saves and restores, and `state_fingerprint` copies."""
+        layout = self._layouts.get(name)
+        if layout is not None and layout.expert is not None:
+            return layout.parameter[layout.expert]
+        return self.host_parameter(name)
+
     def weight(self, name: str) -> Float[Tensor, "n_out n_in"]:
-        """A float64 CPU copy of the matrix in nn.Linear layout (n_out × n_in)."""
+        """A float64 CPU copy of the matrix in nn.Linear layout (n_out × n_in); an expert's is its slice of
+        the fused 3-D parameter (`rwasym.models.host.expert_layout`)."""
         spec = self.matrix(name)
+        if spec.expert is not None:
+            layout = self._layouts[spec.name]
+            return layout.matrix(layout.parameter.detach()).to("cpu", torch.float64, copy=True)
         host = host_linear(self.bridge, spec.component)
         w = cast(Tensor, host.weight).detach().to("cpu", torch.float64)
         return (w.T if is_transposed(host) else w).clone()
 
     def bias(self, name: str) -> Float[Tensor, " n_out"] | None:
+        """The bias of matrix ``name`` (float64 copy), or None; experts have none (transformers 5)."""
+        if self.matrix(name).expert is not None:
+            return None
         host = host_linear(self.bridge, self.matrix(name).component)
         b = getattr(host, "bias", None)
         return None if b is None else b.detach().to("cpu", torch.float64).clone()
@@ -470,6 +619,15 @@ class Model:
                 f"{tuple(value.shape)}; pass the matrix in nn.Linear layout (n_out × n_in)"
             )
         require_finite(value, f"the new value of {name}")
+        if spec.expert is not None:  # W_gate,e / W_in,e: rows of gate_up_proj[e]; W_out,e: down_proj[e]
+            layout = self._layouts[spec.name]
+            target = layout.parameter[spec.expert]
+            new = value.to(target.device, target.dtype)
+            if layout.rows is None:
+                target.copy_(new)
+            else:
+                target.index_copy_(0, layout.rows.to(target.device), new)
+            return
         host = host_linear(self.bridge, spec.component)
         new = value.T if is_transposed(host) else value
         weight = cast(Tensor, host.weight)
@@ -479,7 +637,7 @@ class Model:
     def edit(self, updates: Mapping[str, Tensor]) -> Iterator["Model"]:
         """Temporarily set several matrices; restores every host parameter bit-exactly on exit,
         also when the body raises."""
-        saved = {name: self.host_parameter(name).detach().clone() for name in updates}
+        saved = {name: self.host_tensor(name).detach().clone() for name in updates}
         try:
             for name, value in updates.items():
                 self.set_weight(name, value)
@@ -487,12 +645,14 @@ class Model:
         finally:
             with torch.no_grad():
                 for name, original in saved.items():
-                    self.host_parameter(name).copy_(original)
+                    self.host_tensor(name).copy_(original)
 
     @torch.no_grad()
     def self_check(self, tokens: Tensor | None = None, *, rtol: float = 1e-4) -> list[dict]:
         """The adapter's consistency check: for every registry matrix, the tensor at its input
-        hook times Wᵀ (+ b) must equal the tensor at its output hook.
+        hook times Wᵀ (+ b) must equal the tensor at its output hook. Expert matrices of a
+        mixture-of-experts MLP have no hooks of their own and are not checked (no row); the router and
+        a shared expert's linears are.
 
         This proves the layout (no silent transpose), the head split and the hook names at once.
         Returns one row per matrix (max relative error); raises RwasymError listing the failures.
@@ -510,6 +670,8 @@ class Model:
             ) from None
         rows, failures = [], []
         for spec in self.matrices():
+            if spec.expert is not None:  # no hooks of its own (MatrixSpec): not checked here
+                continue
             if spec.hook_in not in cache or spec.hook_out not in cache:
                 failures.append(f"{spec.name}: hook {spec.hook_in} or {spec.hook_out} never fired")
                 continue
@@ -537,8 +699,9 @@ class Model:
         return rows
 
     def state_fingerprint(self) -> dict[str, Tensor]:
-        """Host-layout copies of every studied matrix (for bit-exact restore checks)."""
-        return {n: self.host_parameter(n).detach().clone() for n in self._specs}
+        """Host-layout copies of every studied matrix (for bit-exact restore checks; an expert's slice of its
+        fused parameter, `host_tensor`)."""
+        return {n: self.host_tensor(n).detach().clone() for n in self._specs}
 
     def __repr__(self) -> str:
         label = self.source if self.source is not None else getattr(self.cfg, "model_name", None)

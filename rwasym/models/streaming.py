@@ -71,7 +71,7 @@ class BlockStream:
             f"fused hosts ({fused[0]} …), which the bridge computes through split copies"
             if fused
             else "mixture-of-experts MLPs (fused expert parameters)"
-            if self.model.unsupported
+            if self.model.unsupported or any(s.expert is not None for s in self.model.matrices())
             else _NOT_STREAMED.get(model_type)
         )
         if why:

@@ -27,10 +27,10 @@ class Family:
     whose input is W_Q's (q_proj, or the fused qkv projection); o_proj: the attention output
     projection (relative to a layer); conv1d: GPT-2-style Conv1D layout (weight = Wᵀ);
     final_norm: the final norm's path; write: the write matrix whose probe row the oracle
-    recomputes (``W_out`` against resid_post; ``W_O`` against resid_mid where the MLP is not
-    studied); resid_mid_input: the module (relative to a layer) whose input is resid_mid, where
-    the oracle also recomputes W_O's row; post_norm: the scale rule of the post-sublayer norms
-    (``w``: γ = weight, OLMo 2; ``1+w``: Gemma), for the oracle of diag(γ_post_eff)·ΔW.
+    recomputes (``W_out`` against resid_post; ``W_O`` against resid_mid where the MLP is a mixture
+    of experts, whose probe rows are not built yet); resid_mid_input: the module (relative to a layer)
+    whose input is resid_mid, where the oracle also recomputes W_O's row; post_norm: the scale rule of the
+    post-sublayer norms (``w``: γ = weight, OLMo 2; ``1+w``: Gemma), for the oracle of diag(γ_post_eff)·ΔW.
     """
 
     name: str
@@ -68,8 +68,10 @@ _POST_NORM = (
     "rank-1 edits and closed_form_u still use the raw ΔW"
 )
 _MOE = (
-    "mixture of experts: only the attention matrices are studied (expert MLPs and the router are "
-    "left out, with a warning at load)"
+    "mixture of experts: the router (`blocks.L.mlp.W_router`) and every expert's W_gate / W_in / W_out "
+    "(`blocks.L.mlp.experts.e.*`, slices of the fused 3-D expert parameters) are read, edited and restored "
+    "exactly through their weights; expert probe rows, gradients, hook edits and checkpoint streaming are "
+    "not built yet (experts read only their routed tokens)"
 )
 _MQA = "one key/value head (multi-query)"
 
@@ -284,7 +286,7 @@ FAMILIES: tuple[Family, ...] = (
         "self_attn.q_proj",
         "self_attn.o_proj",
         "model.norm",
-        status="attention only",
+        status="supported (see notes)",
         notes=_MOE,
         write="W_O",
         resid_mid_input="post_attention_layernorm",
@@ -297,7 +299,7 @@ FAMILIES: tuple[Family, ...] = (
         "self_attn.q_proj",
         "self_attn.o_proj",
         "model.norm",
-        status="attention only",
+        status="supported (see notes)",
         notes=_MOE,
         write="W_O",
         resid_mid_input="post_attention_layernorm",
@@ -319,8 +321,8 @@ FAMILIES: tuple[Family, ...] = (
         "self_attn.q_proj",
         "self_attn.o_proj",
         "model.norm",
-        status="attention only",
-        notes=_MOE + "; the shared expert too",
+        status="supported (see notes)",
+        notes=_MOE + "; the shared expert's W_gate / W_in / W_out are `blocks.L.mlp.shared.*`",
         write="W_O",
         resid_mid_input="post_attention_layernorm",
     ),

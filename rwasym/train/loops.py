@@ -143,9 +143,7 @@ def trainable(model: Model, train: str = "all") -> Iterator[None]:
     if train == "all":
         yield
         return
-    from ..models.host import host_linear
-
-    keep = {id(host_linear(model.bridge, spec.component).weight) for spec in model.matrices()}
+    keep = {id(model.host_parameter(spec.name)) for spec in model.matrices()}  # an expert's: its fused 3-D parameter
     before = [(p, p.requires_grad) for p in model.bridge.parameters()]
     try:
         for p, _ in before:

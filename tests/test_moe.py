@@ -1,0 +1,205 @@
+"""Mixture-of-experts matrices (issue #33, phase 1) on the random-init Mixtral, OLMoE and Qwen2-MoE of the
+family table: every expert's W_gate / W_in / W_out, the router and Qwen2-MoE's shared expert read through
+`Model.weight` equal the Hugging Face parameters sliced by hand; an edit through rwasym gives the logits of
+the same ΔW written into the fused parameters of a deep copy of the Hugging Face model; `edit` restores
+every parameter bit for bit, also when its body raises."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import rwasym
+from rwasym import RwasymError
+from rwasym.testing.families import build_family
+
+MOE = ("mixtral", "olmoe", "qwen2_moe")
+
+
+@pytest.fixture(scope="module", params=MOE)
+def moe(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = build_family(request.param, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = rwasym.load(folder)
+    return request.param, hf, model
+
+
+def _block(hf, layer):
+    return hf.model.layers[layer].mlp
+
+
+def _by_hand(hf, name):
+    """The Hugging Face tensor of registry matrix ``name`` (nn.Linear layout), sliced by hand."""
+    parts = name.split(".")
+    layer, kind = int(parts[1]), parts[-1]
+    block = _block(hf, layer)
+    if parts[3] == "experts":
+        e, d_mlp = int(parts[4]), block.experts.down_proj.shape[2]
+        gate_up = block.experts.gate_up_proj[e]
+        return {"W_gate": gate_up[:d_mlp], "W_in": gate_up[d_mlp:], "W_out": block.experts.down_proj[e]}[kind]
+    if parts[3] == "shared":
+        return getattr(
+            block.shared_expert, {"W_gate": "gate_proj", "W_in": "up_proj", "W_out": "down_proj"}[kind]
+        ).weight
+    assert kind == "W_router"
+    return block.gate.weight
+
+
+def test_registry_names_sides_and_globs(moe):
+    fam, hf, model = moe
+    n_experts, d = _block(hf, 0).gate.weight.shape
+    d_mlp = _block(hf, 0).experts.down_proj.shape[2]
+    experts = model.matrices("blocks.*.mlp.experts.*.*")
+    assert len(experts) == 2 * n_experts * 3 and len(model.matrices("blocks.*.mlp.experts.*.W_out")) == 2 * n_experts
+    for spec in experts:
+        assert spec.expert == int(spec.name.split(".")[4]) and spec.component == f"blocks.{spec.layer}.mlp"
+        assert (spec.hook_in, spec.hook_out) == (
+            f"blocks.{spec.layer}.mlp.hook_in",
+            f"blocks.{spec.layer}.mlp.hook_out",
+        )
+        assert spec.shape == ((d, d_mlp) if spec.kind == "W_out" else (d_mlp, d))
+        assert spec.side == ("write" if spec.kind == "W_out" else "read") and spec.to_dict()["expert"] == spec.expert
+    router = model.matrix("blocks.0.mlp.W_router")
+    assert router.shape == (n_experts, d) and router.side == "read" and router.expert is None
+    assert model.input_hook(router.name) == "blocks.0.mlp.hook_in"
+    assert "expert" not in model.matrix("blocks.0.attn.W_Q").to_dict()  # dense dicts (and their hashes) unchanged
+    assert len(model.matrices("blocks.*.mlp.shared.*")) == (6 if fam == "qwen2_moe" else 0)
+    with pytest.raises(RwasymError, match="routed to it"):
+        model.input_hook("blocks.0.mlp.experts.1.W_in")
+    with pytest.raises(RwasymError, match="mechanism='weight'"):
+        rwasym.rank1_edit(model, "blocks.0.mlp.experts.0.W_out", torch.ones(d), torch.ones(d_mlp)).__enter__()
+
+
+def test_weights_equal_the_hugging_face_slices(moe):
+    """Oracle 1: `Model.weight` of every MoE matrix = the HF parameter sliced by hand (gate_up_proj[e] rows
+    0 … d_mlp − 1 / d_mlp … 2·d_mlp − 1, down_proj[e], gate.weight, the shared expert's linears), bit for bit."""
+    fam, hf, model = moe
+    names = [s.name for s in model.matrices() if ".mlp." in s.name]
+    assert len(names) == 2 * (1 + 3 * 4) + (2 * 3 if fam == "qwen2_moe" else 0)
+    for name in names:
+        expected = _by_hand(hf, name).detach().double()
+        assert torch.equal(model.weight(name), expected), name
+    assert rwasym.weight_deltas(model, model, "blocks.*.mlp.experts.*.*").keys() == {
+        s.name for s in model.matrices("blocks.*.mlp.experts.*.*")
+    }
+
+
+def test_edit_equals_the_same_edit_of_the_fused_parameter(moe):
+    """Oracle 2: an edit of two experts' matrices, the router and (Qwen2-MoE) the shared expert through
+    `Model.edit` gives the logits of the same ΔW added to the HF parameters of a deep copy by hand; after the
+    edit, and after an edit whose body raises, every parameter is bit-identical to before; `weights_hash` and
+    `state_fingerprint` see the edit and its restore."""
+    fam, hf, model = moe
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 96, (2, 10), generator=g)
+    names = [
+        "blocks.0.mlp.experts.1.W_gate",
+        "blocks.0.mlp.experts.1.W_in",
+        "blocks.0.mlp.experts.2.W_out",
+        "blocks.1.mlp.experts.3.W_in",
+        "blocks.1.mlp.W_router",
+    ] + (["blocks.0.mlp.shared.W_out"] if fam == "qwen2_moe" else [])
+    deltas = {n: 0.3 * torch.randn(model.matrix(n).shape, generator=g, dtype=torch.float64) for n in names}
+    before_params = {k: v.detach().clone() for k, v in model.bridge.original_model.state_dict().items()}
+    before_hash, before_print = model.weights_hash(), model.state_fingerprint()
+    with torch.no_grad():
+        plain = model.bridge(tokens)
+    with model.edit({n: model.weight(n) + d for n, d in deltas.items()}), torch.no_grad():
+        edited = model.bridge(tokens)
+        assert model.weights_hash() != before_hash
+    by_hand = copy.deepcopy(hf)
+    with torch.no_grad():
+        for n, d in deltas.items():
+            t = _by_hand(by_hand, n)
+            t.add_(d.to(t.dtype))
+        expected = by_hand(tokens).logits
+    scale = float(expected.abs().max())
+    assert float((edited - plain).abs().max()) >= 1e-3 * scale  # the edit is visible
+    assert float((edited - expected).abs().max()) <= 1e-6 * scale
+    with pytest.raises(ValueError, match="inside"):
+        with model.edit({n: model.weight(n) * 2 for n in names}):
+            raise ValueError("inside the edit")
+    after = model.bridge.original_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before_params.items())
+    assert model.weights_hash() == before_hash
+    assert all(torch.equal(v, model.state_fingerprint()[k]) for k, v in before_print.items())
+    with torch.no_grad():
+        assert torch.equal(model.bridge(tokens), plain)
+
+
+def test_set_weight_writes_one_expert_slice_only(moe):
+    """`set_weight` of W_in of one expert changes exactly rows d_mlp … 2·d_mlp − 1 of gate_up_proj[e] and
+    nothing else; a wrong shape is refused."""
+    _, _, model = moe
+    name = "blocks.1.mlp.experts.2.W_in"
+    block = model.bridge.original_model.model.layers[1].mlp  # the loaded model's own HF block (bridge-wrapped)
+    experts = getattr(block, "original_component", block).experts
+    fused = getattr(experts, "original_component", experts).gate_up_proj
+    d_mlp = fused.shape[1] // 2
+    old, w = fused.detach().clone(), model.weight(name)
+    try:
+        model.set_weight(name, w + 1)
+        changed = (fused.detach() != old).nonzero()
+        assert changed[:, 0].unique().tolist() == [2] and changed[:, 1].min() >= d_mlp
+        assert torch.equal(fused.detach()[2, d_mlp:], (old[2, d_mlp:].double() + 1).to(fused.dtype))
+        with pytest.raises(RwasymError, match="nn.Linear layout"):
+            model.set_weight(name, w.T)
+    finally:
+        with torch.no_grad():
+            fused.copy_(old)
+
+
+def test_router_and_shared_expert_read_the_tensor_their_linears_get(moe):
+    """`Model.input_hook` of the router (and Qwen2-MoE's shared W_gate / W_in) is the MoE block's input: the
+    tensor the Hugging Face ``mlp.gate`` (and ``shared_expert.gate_proj``) is called with, token by token, in
+    a plain forward of the HF model (a forward pre-hook)."""
+    fam, hf, model = moe
+    tokens = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    names = ["blocks.1.mlp.W_router"] + (
+        ["blocks.1.mlp.shared.W_gate", "blocks.1.mlp.shared.W_in"] if fam == "qwen2_moe" else []
+    )
+    seen = {}
+    paths = {"W_router": "gate", "W_gate": "shared_expert.gate_proj", "W_in": "shared_expert.up_proj"}
+    handles = [
+        _block(hf, 1)
+        .get_submodule(paths[n.rsplit(".", 1)[1]])
+        .register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            hf(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens)
+    for n in names:
+        ours = cache[model.input_hook(n)].reshape(-1, model.d_model)
+        assert ours.shape == seen[n].shape and torch.allclose(ours, seen[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_probe_of_a_tuned_folder_leaves_the_moe_matrices_out_with_a_warning(moe, tmp_path):
+    """A tuned checkpoint folder (read without loading) gives the attention rows and warns that its
+    mixture-of-experts matrices are left out; the same tuned model loaded gives the router's rows too."""
+    import shutil
+
+    fam, hf, model = moe
+    tuned = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    shutil.copytree(model.source, tmp_path / "tuned")
+    tuned.save_pretrained(tmp_path / "tuned")
+    tokens = torch.randint(3, 96, (4, 12), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="mixture-of-experts matrices .* are left out"):
+        rows = rwasym.probe(model, tmp_path / "tuned", tokens, k=2, null_samples=0, progress=False).rows
+    assert {r["kind"] for r in rows} == {"W_Q", "W_K", "W_V", "W_O"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = rwasym.load(tmp_path / "tuned")
+        rows = rwasym.probe(model, loaded, tokens, k=2, null_samples=0, progress=False).rows
+    assert {r["matrix"] for r in rows if r["kind"] == "W_router"} == {"blocks.0.mlp.W_router", "blocks.1.mlp.W_router"}
