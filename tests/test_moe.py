@@ -338,3 +338,30 @@ def test_routed_capture_equals_a_loop_over_the_routers_own_decisions(moe):
         worst[weighting] = max(errs)
         assert worst[weighting] <= 1e-10, (fam, weighting, worst)
     print(f"{fam}: max relative difference {worst}")
+
+
+def test_few_tokens_lists_the_experts_without_enough_routed_tokens(moe):
+    """`few_tokens(k)` lists exactly the experts with N_e < k + 1 and `for_expert(..., k=k)` refuses them: one
+    token reaches exactly top_k experts per layer, so few_tokens(0) lists the other E − top_k of each layer and
+    few_tokens(1) lists every expert; the arguments and a missing hidden side are refused with their fix."""
+    from rwasym.hooks.routing import capture_routed
+
+    _, _, model = moe
+    got = capture_routed(model, torch.tensor([[5, 17]]), exclude_positions=(0,), progress=False)
+    assert got.n_tokens == 1
+    routed = {(L, e) for (L, e), acc in got.stats.items() if acc.count == 1}
+    assert all(acc.count in (0, 1) for acc in got.stats.values())
+    assert {L: sum(1 for key in routed if key[0] == L) for L in (0, 1)} == {0: got.top_k[0], 1: got.top_k[1]}
+    unrouted = [f"blocks.{L}.mlp.experts.{e}" for (L, e) in sorted(got.stats) if (L, e) not in routed]
+    assert got.few_tokens(0) == unrouted and len(unrouted) == 2 * (got.n_experts[0] - got.top_k[0])
+    assert got.few_tokens(1) == [f"blocks.{L}.mlp.experts.{e}" for (L, e) in sorted(got.stats)]
+    L, e = min(routed)
+    assert got.for_expert(L, e, k=0).count == 1
+    with pytest.raises(RwasymError, match=r"few_tokens\(1\)"):
+        got.for_expert(L, e, k=1)
+    with pytest.raises(RwasymError, match="hidden=True"):
+        got.for_matrix(f"blocks.{L}.mlp.experts.{e}.W_out")
+    with pytest.raises(RwasymError, match="weighting must be"):
+        capture_routed(model, torch.tensor([[5, 17]]), weighting="probability")
+    with pytest.raises(RwasymError, match="no mixture-of-experts MLP"):
+        capture_routed(model, torch.tensor([[5, 17]]), layers=[7])
