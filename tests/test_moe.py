@@ -365,3 +365,27 @@ def test_few_tokens_lists_the_experts_without_enough_routed_tokens(moe):
         capture_routed(model, torch.tensor([[5, 17]]), weighting="probability")
     with pytest.raises(RwasymError, match="no mixture-of-experts MLP"):
         capture_routed(model, torch.tensor([[5, 17]]), layers=[7])
+
+
+def test_routed_capture_in_float32_products_is_close_to_float64(moe):
+    """The default path (float32 products about the batch mean, float32 hidden states) against
+    ``gram_dtype=torch.float64``: the same counts and W_e, covariances within 1e-5 relative, both sides, routing
+    weights (the weighted float32 product of `RunningCovariance.add`)."""
+    from rwasym.hooks.routing import capture_routed
+
+    _, _, model = moe
+    tokens, mask = _routed_data()
+    data = {"input_ids": tokens, "attention_mask": mask}
+    fast, exact = (
+        capture_routed(model, data, weighting="routing", hidden=True, gram_dtype=g, progress=False)
+        for g in (None, torch.float64)
+    )
+    checked = 0
+    for key, acc in exact.stats.items():
+        assert fast.stats[key].count == acc.count and fast.routing_weight[key] == exact.routing_weight[key]
+        if acc.count >= 2:
+            for side in (fast.stats, fast.hidden):
+                ref = (exact.stats if side is fast.stats else exact.hidden)[key].covariance(unbiased=False)
+                assert _rel(side[key].covariance(unbiased=False), ref) <= 1e-5
+                checked += 1
+    assert checked >= 4
