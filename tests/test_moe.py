@@ -203,3 +203,189 @@ def test_probe_of_a_tuned_folder_leaves_the_moe_matrices_out_with_a_warning(moe,
         loaded = rwasym.load(tmp_path / "tuned")
         rows = rwasym.probe(model, loaded, tokens, k=2, null_samples=0, progress=False).rows
     assert {r["matrix"] for r in rows if r["kind"] == "W_router"} == {"blocks.0.mlp.W_router", "blocks.1.mlp.W_router"}
+
+
+# ----------------------------------------------------------------------------- routed statistics (phase 2)
+def _hf_blocks(model):
+    """The loaded model's own HF MoE blocks (the bridge wraps them)."""
+    layers = model.bridge.original_model.model.layers
+    return [getattr(layer.mlp, "original_component", layer.mlp) for layer in layers]
+
+
+def _routed_data():
+    """Four sequences, two left-padded (every batch of two holds padding, so both forwards pass the mask)."""
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(3, 96, (4, 9), generator=g)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :3] = 0
+    return tokens, mask
+
+
+def _routed_by_hand(model, fam, tokens, mask):
+    """Per (layer, expert): N_e, W_e and the float64 sums Σ w a, Σ w a aᵀ, Σ w h, Σ w h hᵀ for w = 1 and for
+    w = w_{t,e}, from an explicit per-token loop over the router logits that a forward hook on the HF ``mlp.gate``
+    records: softmax → top-k → renormalised when the config says so (Mixtral always; OLMoE / Qwen2-MoE when
+    ``norm_topk_prob``); h = silu(W_gate,e a) ⊙ (W_in,e a) by hand. The kept tokens: unpadded, position 0 of each
+    row (counted from its first unpadded token) excluded."""
+    cfg = model.bridge.original_model.config
+    assert cfg.hidden_act == "silu"
+    k = cfg.num_experts_per_tok
+    renorm = fam == "mixtral" or bool(cfg.norm_topk_prob)
+    blocks = _hf_blocks(model)
+    seen: dict[int, list] = {}
+    gates = [getattr(b.gate, "original_component", b.gate) for b in blocks]
+    handles = [
+        g.register_forward_hook(lambda mod, inp, out, L=L: seen.setdefault(L, []).append((inp[0], out[0])))
+        for L, g in enumerate(gates)
+    ]
+    try:
+        with torch.no_grad():
+            for start in (0, 2):
+                model.bridge(tokens[start : start + 2], attention_mask=mask[start : start + 2])
+    finally:
+        for h in handles:
+            h.remove()
+    kept = mask.bool().clone()
+    for row in range(4):
+        kept[row, int((mask[row] == 0).sum())] = False  # exclude_positions=(0,)
+    sums = {}
+    for L, batches in seen.items():
+        experts = blocks[L].experts
+        experts = getattr(experts, "original_component", experts)
+        d_mlp = experts.down_proj.shape[2]
+        for b, (a_batch, logits) in enumerate(batches):
+            keep = kept[2 * b : 2 * b + 2].reshape(-1)
+            for t in range(a_batch.shape[0]):
+                if not keep[t]:
+                    continue
+                probs = torch.softmax(logits[t].float(), dim=-1)
+                top, idx = torch.topk(probs, k)
+                if renorm:
+                    top = top / top.sum()
+                a = a_batch.reshape(-1, a_batch.shape[-1])[t].double()
+                for j in range(k):
+                    e, w = int(idx[j]), float(top[j])
+                    fused = experts.gate_up_proj[e].detach().double()
+                    g_, u_ = fused[:d_mlp] @ a, fused[d_mlp:] @ a
+                    h = g_ * torch.sigmoid(g_) * u_
+                    acc = sums.setdefault(
+                        (L, e),
+                        {"n": 0, "W": 0.0, **{f"{v}{wt}": 0.0 for v in ("s", "S", "hs", "hS") for wt in ("1", "w")}},
+                    )
+                    acc["n"] += 1
+                    acc["W"] += w
+                    for wt, c in (("1", 1.0), ("w", w)):
+                        acc[f"s{wt}"] = acc[f"s{wt}"] + c * a
+                        acc[f"S{wt}"] = acc[f"S{wt}"] + c * torch.outer(a, a)
+                        acc[f"hs{wt}"] = acc[f"hs{wt}"] + c * h
+                        acc[f"hS{wt}"] = acc[f"hS{wt}"] + c * torch.outer(h, h)
+    return sums, int(kept.sum()), k
+
+
+def _cov_by_hand(n_or_w, s, S, unbiased):
+    mu = s / n_or_w
+    return (S - n_or_w * torch.outer(mu, mu)) / (n_or_w - 1 if unbiased else n_or_w)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_routed_capture_equals_a_loop_over_the_routers_own_decisions(moe):
+    """Oracle 1 of the design: `capture_routed` (float64 products) against the per-token loop of
+    `_routed_by_hand`, both weightings: N_e equal, Σ_e N_e = n_tokens · top_k, at least two experts per layer
+    receive tokens, W_e, the routed input covariance (C_e unbiased, C̃_e = Σ w (a − μ̃)(a − μ̃)ᵀ / W) and the
+    routed hidden-state covariance within 1e-10 relative."""
+    from rwasym.hooks.routing import capture_routed
+
+    fam, _, model = moe
+    tokens, mask = _routed_data()
+    sums, n_tokens, k = _routed_by_hand(model, fam, tokens, mask)
+    worst = {}
+    for weighting, wt in (("tokens", "1"), ("routing", "w")):
+        got = capture_routed(
+            model,
+            {"input_ids": tokens, "attention_mask": mask},
+            weighting=weighting,
+            hidden=True,
+            batch_size=2,
+            gram_dtype=torch.float64,
+            exclude_positions=(0,),
+            progress=False,
+        )
+        assert got.n_tokens == n_tokens and got.top_k == {0: k, 1: k} and got.weighting == weighting
+        for L in (0, 1):
+            counts = [got.count(L, e) for e in range(got.n_experts[L])]
+            assert counts == [sums.get((L, e), {"n": 0})["n"] for e in range(got.n_experts[L])]
+            assert sum(counts) == n_tokens * k and sum(c >= 2 for c in counts) >= 2
+        errs = []
+        for (L, e), ref in sums.items():
+            if ref["n"] < 2:
+                continue
+            assert got.routing_weight[(L, e)] == pytest.approx(ref["W"], rel=1e-12)
+            total, unbiased = (ref["n"], True) if wt == "1" else (ref["W"], False)
+            acc, hid = got.for_expert(L, e), got.for_expert(L, e, side="hidden")
+            assert acc.weight_sum == pytest.approx(total, rel=1e-12) and acc.count == ref["n"]
+            errs.append(
+                _rel(acc.covariance(unbiased=unbiased), _cov_by_hand(total, ref[f"s{wt}"], ref[f"S{wt}"], unbiased))
+            )
+            errs.append(
+                _rel(hid.covariance(unbiased=unbiased), _cov_by_hand(total, ref[f"hs{wt}"], ref[f"hS{wt}"], unbiased))
+            )
+            assert got.for_matrix(f"blocks.{L}.mlp.experts.{e}.W_in") is acc
+            assert got.for_matrix(f"blocks.{L}.mlp.experts.{e}.W_out") is hid
+        worst[weighting] = max(errs)
+        assert worst[weighting] <= 1e-10, (fam, weighting, worst)
+    print(f"{fam}: max relative difference {worst}")
+
+
+def test_few_tokens_lists_the_experts_without_enough_routed_tokens(moe):
+    """`few_tokens(k)` lists exactly the experts with N_e < k + 1 and `for_expert(..., k=k)` refuses them: one
+    token reaches exactly top_k experts per layer, so few_tokens(0) lists the other E − top_k of each layer and
+    few_tokens(1) lists every expert; the arguments and a missing hidden side are refused with their fix."""
+    from rwasym.hooks.routing import capture_routed
+
+    _, _, model = moe
+    got = capture_routed(model, torch.tensor([[5, 17]]), exclude_positions=(0,), progress=False)
+    assert got.n_tokens == 1
+    routed = {(L, e) for (L, e), acc in got.stats.items() if acc.count == 1}
+    assert all(acc.count in (0, 1) for acc in got.stats.values())
+    assert {L: sum(1 for key in routed if key[0] == L) for L in (0, 1)} == {0: got.top_k[0], 1: got.top_k[1]}
+    unrouted = [f"blocks.{L}.mlp.experts.{e}" for (L, e) in sorted(got.stats) if (L, e) not in routed]
+    assert got.few_tokens(0) == unrouted and len(unrouted) == 2 * (got.n_experts[0] - got.top_k[0])
+    assert got.few_tokens(1) == [f"blocks.{L}.mlp.experts.{e}" for (L, e) in sorted(got.stats)]
+    L, e = min(routed)
+    assert got.for_expert(L, e, k=0).count == 1
+    with pytest.raises(RwasymError, match=r"few_tokens\(1\)"):
+        got.for_expert(L, e, k=1)
+    with pytest.raises(RwasymError, match="hidden=True"):
+        got.for_matrix(f"blocks.{L}.mlp.experts.{e}.W_out")
+    with pytest.raises(RwasymError, match="weighting must be"):
+        capture_routed(model, torch.tensor([[5, 17]]), weighting="probability")
+    with pytest.raises(RwasymError, match="no mixture-of-experts MLP"):
+        capture_routed(model, torch.tensor([[5, 17]]), layers=[7])
+
+
+def test_routed_capture_in_float32_products_is_close_to_float64(moe):
+    """The default path (float32 products about the batch mean, float32 hidden states) against
+    ``gram_dtype=torch.float64``: the same counts and W_e, covariances within 1e-5 relative, both sides, routing
+    weights (the weighted float32 product of `RunningCovariance.add`)."""
+    from rwasym.hooks.routing import capture_routed
+
+    _, _, model = moe
+    tokens, mask = _routed_data()
+    data = {"input_ids": tokens, "attention_mask": mask}
+    fast, exact = (
+        capture_routed(model, data, weighting="routing", hidden=True, gram_dtype=g, progress=False)
+        for g in (None, torch.float64)
+    )
+    checked = 0
+    for key, acc in exact.stats.items():
+        assert fast.stats[key].count == acc.count and fast.routing_weight[key] == exact.routing_weight[key]
+        if acc.count >= 2:
+            for side in (fast.stats, fast.hidden):
+                ref = (exact.stats if side is fast.stats else exact.hidden)[key].covariance(unbiased=False)
+                assert _rel(side[key].covariance(unbiased=False), ref) <= 1e-5
+                checked += 1
+    assert checked >= 4

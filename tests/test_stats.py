@@ -369,3 +369,90 @@ def test_t_sf_one_sample_t_and_tost_equal_scipy():
         one_sample_t([1.0, 1.0, 1.0])
     with pytest.raises(RwasymError, match="at least two values"):
         one_sample_t([1.0])
+
+
+def _weighted_by_hand(rows: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """μ̃ = Σ w a / Σ w, second moment Σ w a aᵀ / Σ w and Σ w (a − μ̃)(a − μ̃)ᵀ / Σ w, row by row in float64."""
+    total = w.sum()
+    mu = sum(wi * a for wi, a in zip(w, rows)) / total
+    second = sum(wi * torch.outer(a, a) for wi, a in zip(w, rows)) / total
+    cov = sum(wi * torch.outer(a - mu, a - mu) for wi, a in zip(w, rows)) / total
+    return mu, second, cov
+
+
+@pytest.mark.parametrize("gram_dtype", [None, torch.float64], ids=["fp32-products", "float64-products"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_add_equals_the_weighted_sums_by_hand(dtype, gram_dtype):
+    """add(x, mask, weights=w) over four masked batches: N = rows kept, W = Σ w, μ̃, S / W and
+    Σ w (a − μ̃)(a − μ̃)ᵀ / W (unbiased=False), · W / (W − 1) (unbiased=True) equal a row-by-row loop."""
+    batches, masks = make_batches(dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.rand(m.shape, generator=g, dtype=torch.float64) * 2 for m in masks]
+    acc = RunningCovariance(D, gram_dtype=gram_dtype)
+    for x, m, w in zip(batches, masks, weights):
+        acc.add(x, m, weights=w)
+    rows, w = selected_rows(batches, masks), torch.cat([w[m] for w, m in zip(weights, masks)])
+    mu, second, cov = _weighted_by_hand(rows, w)
+    tol = 1e-12 if dtype == torch.float64 or gram_dtype == torch.float64 else 1e-6
+    assert acc.count == rows.shape[0] and acc.weight_sum == pytest.approx(float(w.sum()), rel=1e-14)
+    assert rel_err(acc.mean(), mu) < 1e-13
+    assert rel_err(acc.second_moment(), second) < tol
+    assert rel_err(acc.covariance(unbiased=False), cov) < tol
+    W = float(w.sum())
+    assert rel_err(acc.covariance(), cov * W / (W - 1)) < tol
+    assert rel_err(acc.covariance(unbiased=False), torch.cov(rows.T, correction=0)) > 1e-3  # the weights matter
+
+
+def test_integer_weights_equal_repeated_rows():
+    """Frequency weights: integer w_t (zeros included) give the unweighted statistics of each row repeated
+    w_t times (torch.cov of the repeated rows, and an unweighted accumulator fed them), mean and covariance."""
+    batches, masks = make_batches(torch.float64, seed=5)
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randint(0, 4, m.shape, generator=g) for m in masks]
+    weighted, repeated = RunningCovariance(D), RunningCovariance(D)
+    for x, m, w in zip(batches, masks, weights):
+        weighted.add(x, m, weights=w.double())
+        repeated.add(x.double()[m].repeat_interleave(w[m], dim=0))
+    rows = selected_rows(batches, masks).repeat_interleave(torch.cat([w[m] for w, m in zip(weights, masks)]), dim=0)
+    assert weighted.weight_sum == rows.shape[0] == repeated.count and weighted.count == int(
+        sum(int(m.sum()) for m in masks)
+    )
+    assert rel_err(weighted.covariance(), torch.cov(rows.T)) < 1e-12
+    assert rel_err(weighted.covariance(), repeated.covariance()) < 1e-12
+    assert rel_err(weighted.mean(), rows.mean(0)) < 1e-13
+
+
+def test_weighted_merge_state_dict_and_unweighted_state_unchanged(tmp_path):
+    """W is merged and saved (a ``weight_sum`` key only for a weighted accumulator: unweighted states keep
+    their four keys); unit weights give the unweighted covariance; bad weights are refused."""
+    batches, masks = make_batches(torch.float64, seed=7)
+    g = torch.Generator().manual_seed(8)
+    weights = [torch.rand(m.shape, generator=g, dtype=torch.float64) for m in masks]
+    whole, left, right = RunningCovariance(D), RunningCovariance(D), RunningCovariance(D)
+    for i, (x, m, w) in enumerate(zip(batches, masks, weights)):
+        whole.add(x, m, weights=w)
+        (left if i < 2 else right).add(x, m, weights=w)
+    left.merge(right)
+    assert left.weight_sum == pytest.approx(whole.weight_sum, rel=1e-14)
+    assert rel_err(left.covariance(), whole.covariance()) < 1e-12
+    state = whole.state_dict()
+    assert set(state) == {"dim", "count", "sum", "sum_outer", "weight_sum"}
+    torch.save(state, tmp_path / "w.pt")
+    back = RunningCovariance.from_state_dict(torch.load(tmp_path / "w.pt"))
+    assert back.weight_sum == whole.weight_sum and torch.equal(back.covariance(), whole.covariance())
+    plain, ones = RunningCovariance(D), RunningCovariance(D)
+    for x, m in zip(batches, masks):
+        plain.add(x, m)
+        ones.add(x, m, weights=torch.ones(m.shape, dtype=torch.float64))
+    assert set(plain.state_dict()) == {"dim", "count", "sum", "sum_outer"} and plain.weight_sum == plain.count
+    assert rel_err(ones.covariance(), plain.covariance()) < 1e-14
+    x = torch.randn(3, D, dtype=torch.float64)
+    with pytest.raises(RwasymError, match="non-negative"):
+        RunningCovariance(D).add(x, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(RwasymError, match="leading shape"):
+        unchecked(RunningCovariance.add)(RunningCovariance(D), x, weights=torch.ones(4))
+    small = RunningCovariance(D)
+    small.add(x, weights=torch.full((3,), 0.2))
+    with pytest.raises(RwasymError, match="W > 1"):
+        small.covariance()
+    assert small.covariance(unbiased=False).shape == (D, D)

@@ -4,7 +4,8 @@
 S = Σ_t a_t a_tᵀ of d-dimensional rows a_t, batch by batch, as *float64 sums* (each batch's d × d
 product is formed in float32 about the batch mean for float32 and narrower inputs: see `add`).
 Readouts are computed from the sums on demand; `merge` adds sums (an all-reduce is a sum);
-`state_dict` makes the accumulator resumable.
+`state_dict` makes the accumulator resumable. ``add(x, weights=w)`` accumulates frequency-weighted sums
+(Σ w, Σ w a, Σ w a aᵀ), e.g. a mixture-of-experts routing weight per token.
 """
 
 import torch
@@ -50,6 +51,16 @@ class RunningCovariance:
     `*batch` leading axes are flattened, and `weight_mask` (same `*batch` shape, bool) selects the
     rows to count, e.g. the attention mask to drop padding.
 
+    Weighted rows (``add(x, weights=w)``, w_t ≥ 0 finite): the sums become W = Σ_t w_t, s = Σ_t w_t a_t,
+    S = Σ_t w_t a_t a_tᵀ (rows added without weights have w_t = 1, so an accumulator never given weights
+    is the unweighted one, bit for bit). The weights are *frequency-style*: w_t counts how much of row t
+    there is (an integer w_t is the row repeated w_t times), not a reliability weight (no effective-sample
+    correction Σw² / (Σw)² is applied). Readouts: μ̃ = s / W; second moment S / W; covariance
+    Σ_t w_t (a_t − μ̃)(a_t − μ̃)ᵀ / W = (S − W μ̃ μ̃ᵀ) / W with ``unbiased=False``, and / (W − 1) with
+    ``unbiased=True`` (the frequency-weight correction: `torch.cov(fweights=w)`, which equals the
+    unweighted covariance of the repeated rows for integer weights). `count` stays the number of rows
+    added; `weight_sum` is W (= `count` when no weights were given).
+
     Example:
         >>> acc = RunningCovariance(4)
         >>> acc.add(torch.randn(2, 8, 4), weight_mask=torch.ones(2, 8, dtype=torch.bool))
@@ -78,6 +89,8 @@ class RunningCovariance:
         self.name = name
         self.device = torch.device(device)
         self._count = 0
+        self._weight_sum = 0.0  # W = Σ w_t: equals _count exactly until a weighted add (then _weighted)
+        self._weighted = False
         self._sum: Tensor = torch.zeros(dim, dtype=torch.float64, device=self.device)  # (d,)
         self._sum_outer: Tensor = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)  # (d, d)
         self._consumed = False  # covariance(consume=True) turned S into C in place: only N and s remain
@@ -99,9 +112,11 @@ class RunningCovariance:
         return f"{label} for statistic {self.name!r}" if self.name else label
 
     # ----------------------------------------------------------------------------- accumulation
-    def _rows(self, x: Tensor, weight_mask: Tensor | None) -> Tensor:
+    def _rows(
+        self, x: Tensor, weight_mask: Tensor | None, weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Validate a batch and return the selected rows (n, d) on the device: float64 for float64
-        inputs or ``gram_dtype=torch.float64``, else float32."""
+        inputs or ``gram_dtype=torch.float64``, else float32; and their weights (n,) float64, or None."""
         what = f"the input to {self.label()}.add"
         x = require_floating(require_tensor(x, what), what)
         if x.ndim == 0 or x.shape[-1] != self.dim:
@@ -125,17 +140,46 @@ class RunningCovariance:
             flat = mask.reshape(-1).to(rows.device)
             if not bool(flat.all()):  # skip the copy in the common unpadded case
                 rows = rows[flat]
+                w = None if weights is None else self._weights(weights, x)[flat.to(self.device)]
+                return self._cast(rows), w
+        return self._cast(rows), None if weights is None else self._weights(weights, x)
+
+    def _cast(self, rows: Tensor) -> Tensor:
         wide = rows.dtype == torch.float64 or self.gram_dtype == torch.float64
         return rows.to(device=self.device, dtype=torch.float64 if wide else torch.float32)
+
+    def _weights(self, weights: Tensor, x: Tensor) -> Float[Tensor, " n"]:
+        """The weights of all rows of ``x`` (its leading shape), checked: float64 (n,) on the device."""
+        what = f"weights of {self.label()}.add"
+        w = require_floating(require_tensor(weights, what), what)
+        if w.shape != x.shape[:-1]:
+            raise RwasymError(
+                f"{what} must have the leading shape {tuple(x.shape[:-1])} of the input (one weight per row; input "
+                f"shape {shape_str(x)}); got shape {tuple(w.shape)}."
+            )
+        w = w.detach().reshape(-1).to(device=self.device, dtype=torch.float64)
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise RwasymError(
+                f"{what} must be finite and non-negative (frequency weights: how much each row counts); got values "
+                f"in [{float(w.min())}, {float(w.max())}]. Pass e.g. routing weights, not log-probabilities."
+            )
+        return w
 
     def add(
         self,
         x: Float[Tensor, "*batch d"],
         weight_mask: Bool[Tensor, "*batch"] | None = None,
+        *,
+        weights: Float[Tensor, "*batch"] | None = None,
     ) -> None:
-        """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`."""
+        """Add the rows of `x` (all leading axes flattened), or only those where `weight_mask`; with
+        ``weights`` (one finite w_t ≥ 0 per row) add Σ w_t, Σ w_t a_t and Σ w_t a_t a_tᵀ instead (see the
+        class docstring: frequency weights)."""
         self._require_sums()
-        rows = self._rows(x, weight_mask)  # (n, d) float32 or float64
+        rows, w = self._rows(x, weight_mask, weights)  # (n, d) float32 or float64; (n,) float64 or None
+        if w is not None:
+            self._add_weighted(rows, w)
+            return
         row_sum = rows.sum(dim=0, dtype=torch.float64)
         # Σ over rows is finite iff every selected entry is (float64 cannot overflow from
         # fp16/bf16/fp32 inputs): an O(d) check instead of a pass over the batch. Nothing is
@@ -144,6 +188,7 @@ class RunningCovariance:
             require_finite(rows, f"the input to {self.label()}.add (selected rows)")
         n = rows.shape[0]
         self._count += n
+        self._weight_sum += n
         self._sum += row_sum
         if rows.dtype == torch.float64:
             self._sum_outer.addmm_(rows.T, rows)
@@ -158,6 +203,31 @@ class RunningCovariance:
                 self._sum_outer[:, start : start + step] += centred.T @ centred[:, start : start + step]
             self._sum_outer.addr_(m64, row_sum).addr_(row_sum, m64).addr_(m64, m64, alpha=-float(n))
 
+    def _add_weighted(self, rows: Tensor, w: Float[Tensor, " n"]) -> None:
+        """Add Σ w, Σ w a and Σ w a aᵀ of selected rows (n, d) with float64 weights (n,). The product is
+        formed as in `add`: float64 throughout for float64 rows, else a float32 product about the batch's
+        weighted mean m with the exact float64 correction Σ w a aᵀ = Σ w (a − m)(a − m)ᵀ + m s_wᵀ + s_w mᵀ
+        − W_b m mᵀ (s_w = Σ w a, W_b = Σ w of the batch)."""
+        row_sum = (w[:, None] * rows.double()).sum(dim=0)  # s_w (d,)
+        if not bool(torch.isfinite(row_sum).all()):
+            require_finite(rows, f"the input to {self.label()}.add (selected rows)")
+        n, total = rows.shape[0], float(w.sum())
+        self._count += n
+        self._weight_sum += total
+        self._weighted = True
+        self._sum += row_sum
+        if rows.dtype == torch.float64:
+            self._sum_outer.addmm_(rows.T, rows * w[:, None])
+        elif n > 0 and total > 0:
+            m64 = row_sum / total
+            centred = rows - m64.float()
+            step = self.dim if self.dim < _BLOCKED_ABOVE else _PRODUCT_BLOCK
+            scaled = centred * w.float()[:, None]
+            for start in range(0, self.dim, step):
+                self._sum_outer[:, start : start + step] += centred.T @ scaled[:, start : start + step]
+            m = m64.float().double()  # the centre actually subtracted (its float32 value)
+            self._sum_outer.addr_(m, row_sum).addr_(row_sum, m).addr_(m, m, alpha=-total)
+
     def merge(self, other: "RunningCovariance") -> "RunningCovariance":
         """Add another accumulator's sums into this one (in place) and return self."""
         if not isinstance(other, RunningCovariance):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -170,6 +240,8 @@ class RunningCovariance:
                 f"({other.dim} != {self.dim}); merge accumulators of the same site."
             )
         self._count += other._count
+        self._weight_sum += other._weight_sum
+        self._weighted |= other._weighted
         self._sum += other._sum.to(self.device)
         self._sum_outer += other._sum_outer.to(self.device)
         return self
@@ -178,35 +250,55 @@ class RunningCovariance:
         return self.merge(other)
 
     def all_reduce(self) -> "RunningCovariance":
-        """Sum N, s and S over all ranks of the default process group, in place; return self.
+        """Sum N, W, s and S over all ranks of the default process group, in place; return self.
 
-        One float64 all-reduce of the packed vector [N, s, vec(S)] (N is exact in float64 up to
-        2⁵³ tokens); afterwards every rank holds the sums of every rank's rows. A no-op without
-        an initialised process group or with a single rank (see `rwasym.distributed`).
+        One float64 all-reduce of the packed vector [N, W, s, vec(S)] (N is exact in float64 up to
+        2⁵³ tokens; W = Σ w, equal to N unless weights were added); afterwards every rank holds the sums
+        of every rank's rows. A no-op without an initialised process group or with a single rank (see
+        `rwasym.distributed`).
         """
         if not distributed.is_distributed():
             return self
         self._require_sums()
         packed = torch.cat(
             [
-                torch.tensor([float(self._count)], dtype=torch.float64, device=self.device),
+                torch.tensor([float(self._count), self._weight_sum], dtype=torch.float64, device=self.device),
                 self._sum,
                 self._sum_outer.reshape(-1),
             ]
-        )  # (1 + d + d²,)
+        )  # (2 + d + d²,)
         distributed.all_reduce_sum_(packed)
         self._count = int(round(float(packed[0])))
-        self._sum.copy_(packed[1 : 1 + self.dim])
-        self._sum_outer.copy_(packed[1 + self.dim :].reshape(self.dim, self.dim))
+        self._weight_sum = float(packed[1])
+        self._weighted = self._weighted or self._weight_sum != self._count
+        self._sum.copy_(packed[2 : 2 + self.dim])
+        self._sum_outer.copy_(packed[2 + self.dim :].reshape(self.dim, self.dim))
         return self
 
     # ----------------------------------------------------------------------------- readouts
     @property
     def count(self) -> int:
-        """Number of rows (tokens) accumulated so far."""
+        """Number of rows (tokens) accumulated so far (weighted or not)."""
         return self._count
 
+    @property
+    def weight_sum(self) -> float:
+        """W = Σ_t w_t of the rows accumulated so far (= `count` when no weights were given)."""
+        return self._weight_sum if self._weighted else float(self._count)
+
+    def _total(self) -> int | float:
+        """The divisor of the readouts: N (an int, as before weights existed) or W for a weighted accumulator."""
+        return self._weight_sum if self._weighted else self._count
+
     def _require_tokens(self, what: str, minimum: int = 1) -> None:
+        if self._weighted and self._count > 0:
+            if self._weight_sum <= 0 or (minimum > 1 and self._weight_sum <= 1):
+                raise RwasymError(
+                    f"{self.label()} holds weight sum W={self._weight_sum:g} over {self._count} row(s); its {what} "
+                    f"divides by {'W - 1' if minimum > 1 else 'W'} and needs W > {1 if minimum > 1 else 0}; accumulate "
+                    "more rows, or pass unbiased=False (divide by W)."
+                )
+            return
         if self._count == 0:
             raise RwasymError(
                 f"{self.label()} is empty: no tokens were accumulated (count=0), so its {what} "
@@ -221,9 +313,9 @@ class RunningCovariance:
             )
 
     def mean(self) -> Float[Tensor, " d"]:
-        """μ = s / N, float64 (d,)."""
+        """μ = s / N, float64 (d,) (μ̃ = s / W for weighted rows)."""
         self._require_tokens("mean")
-        return self._sum / self._count
+        return self._sum / self._total()
 
     @property
     def scatter(self) -> Float[Tensor, "d d"]:
@@ -232,15 +324,16 @@ class RunningCovariance:
         return self._sum_outer
 
     def second_moment(self) -> Float[Tensor, "d d"]:
-        """Uncentered second moment S / N = (1/N) Σ_t a_t a_tᵀ, float64 (d, d)."""
+        """Uncentered second moment S / N = (1/N) Σ_t a_t a_tᵀ, float64 (d, d) (S / W for weighted rows)."""
         self._require_tokens("second moment")
         self._require_sums()
-        return self._sum_outer / self._count
+        return self._sum_outer / self._total()
 
     def covariance(self, center: bool = True, unbiased: bool = True, *, consume: bool = False) -> Float[Tensor, "d d"]:
         """Covariance from the sums, float64 (d, d), symmetrised.
 
-        center=True:  (S − N μ μᵀ) / (N − 1)   (unbiased, = torch.cov) or / N (unbiased=False).
+        center=True:  (S − N μ μᵀ) / (N − 1)   (unbiased, = torch.cov) or / N (unbiased=False); for
+        weighted rows N is W = Σ w (see the class docstring: / (W − 1) = torch.cov(fweights=w)).
         center=False: S / N, the uncentered second moment; no degree of freedom is spent on a
         mean, so `unbiased` is ignored.
         consume=True: C is formed in S's own storage (the same bits; no second d × d matrix: 6.6 GB at a 70B
@@ -251,10 +344,11 @@ class RunningCovariance:
         if not center:
             self._require_tokens("second moment")
             self._consumed = consume
-            return self._sum_outer.div_(self._count) if consume else self._sum_outer / self._count
+            return self._sum_outer.div_(self._total()) if consume else self._sum_outer / self._total()
         self._require_tokens("covariance", minimum=2 if unbiased else 1)
-        mu = self._sum / self._count  # (d,)
-        denom = self._count - 1 if unbiased else self._count
+        total = self._total()
+        mu = self._sum / total  # (d,)
+        denom = total - 1 if unbiased else total
         # (S − N μ μᵀ) / denom, then (C + Cᵀ)/2, by row blocks into one d × d result: the same elementwise
         # operations as the whole-matrix expressions (bit for bit), with block-sized temporaries only; each
         # row block of the first pass reads only the same rows of S, so S's storage can be that result
@@ -262,9 +356,7 @@ class RunningCovariance:
         self._consumed = consume
         step = max(1, _COV_BLOCK_BYTES // (8 * max(1, self.dim)))
         for i in range(0, self.dim, step):
-            cov[i : i + step] = (
-                self._sum_outer[i : i + step] - self._count * torch.outer(mu[i : i + step], mu)
-            ) / denom
+            cov[i : i + step] = (self._sum_outer[i : i + step] - total * torch.outer(mu[i : i + step], mu)) / denom
         for i in range(0, self.dim, step):
             j = i + step
             upper = 0.5 * (cov[i:j, i:] + cov[i:, i:j].T)  # rows i:j from column i on, and their mirror
@@ -274,14 +366,18 @@ class RunningCovariance:
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, int | Tensor]:
-        """Plain ints and float64 CPU tensors: dim, count, sum (d,), sum_outer (d, d)."""
+        """Plain ints and float64 CPU tensors: dim, count, sum (d,), sum_outer (d, d); and weight_sum (a
+        float64 scalar tensor W) only for an accumulator given weights, so unweighted states are unchanged."""
         self._require_sums()
-        return {
+        state: dict[str, int | Tensor] = {
             "dim": self.dim,
             "count": self._count,
             "sum": self._sum.detach().cpu().clone(),
             "sum_outer": self._sum_outer.detach().cpu().clone(),
         }
+        if self._weighted:
+            state["weight_sum"] = torch.tensor(self._weight_sum, dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: dict[str, int | Tensor]) -> None:
         """Replace this accumulator's sums by those in `state` (from `state_dict`)."""
@@ -299,6 +395,11 @@ class RunningCovariance:
         s = _state_tensor(state["sum"], "sum", (dim,))
         S = _state_tensor(state["sum_outer"], "sum_outer", (dim, dim))
         self._count = count
+        weight_sum = state.get("weight_sum")
+        self._weighted = weight_sum is not None
+        self._weight_sum = (
+            float(_state_tensor(weight_sum, "weight_sum", ())) if weight_sum is not None else float(count)
+        )
         self._sum = s.detach().to(device=self.device, dtype=torch.float64).clone()
         self._sum_outer = S.detach().to(device=self.device, dtype=torch.float64).clone()
         self._consumed = False
