@@ -389,3 +389,173 @@ def test_routed_capture_in_float32_products_is_close_to_float64(moe):
                 assert _rel(side[key].covariance(unbiased=False), ref) <= 1e-5
                 checked += 1
     assert checked >= 4
+
+
+# ----------------------------------------------------------------------------- expert probe rows (phase 2)
+def _probe_quiet(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rwasym.probe(*args, null_samples=0, curves=False, progress=False, **kw)
+
+
+def _planted(model, deltas):
+    """A loaded copy of ``model`` with ``deltas`` added through `Model.set_weight`, and the ΔW it really holds
+    (the planted one rounded to the model's dtype), float64."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = rwasym.load(model.source)
+    for name, d in deltas.items():
+        tuned.set_weight(name, model.weight(name) + d)
+    return tuned, {name: tuned.weight(name) - model.weight(name) for name in deltas}
+
+
+def _top(c, k):
+    """The top-k eigenvectors of a symmetric matrix (columns, by decreasing eigenvalue)."""
+    vals, vecs = torch.linalg.eigh(c)
+    return vecs[:, vals.argsort(descending=True)[:k]]
+
+
+def _input_fraction(d, U):
+    return float((d @ U).square().sum() / d.square().sum())
+
+
+def _row(rows, matrix, stream, subspace):
+    (row,) = [r for r in rows if r["matrix"] == matrix and r["stream"] == stream and r["subspace"] == subspace]
+    return row
+
+
+@pytest.mark.parametrize("routing", ["tokens", "routing"])
+def test_expert_read_rows_equal_a_hand_computation_on_the_routed_covariance(moe, routing):
+    """Oracle 2 of the design (read side): ΔW planted by `set_weight` in W_in and W_gate of the busiest expert of
+    layer 1, ΔW_in = v u₁ᵀ + 0.5 v' x̂ᵀ (u₁ the top eigenvector of the expert's routed covariance computed by
+    the per-token loop over the router's own decisions, `_routed_by_hand`; x̂ a random unit vector) and
+    ΔW_gate = v u_⊥ᵀ (u_⊥ an eigenvector outside the top k): the activation row's fraction = ‖ΔW U_k‖²_F /
+    ‖ΔW‖²_F with U_k the top-k eigenvectors of the hand covariance (centred; token-counted C_e or routing-weighted
+    C̃_e), relative = f · d / k, ≈ 0 for ΔW_gate; the rows carry expert, N_e and the mean routing weight."""
+    fam, _, model = moe
+    tokens, mask = _routed_data()
+    sums, _, _ = _routed_by_hand(model, fam, tokens, mask)
+    L, e = max((key for key in sums if key[0] == 1), key=lambda key: sums[key]["n"])
+    ref, k = sums[(L, e)], 2
+    c = (
+        _cov_by_hand(ref["n"], ref["s1"], ref["S1"], True)
+        if routing == "tokens"
+        else _cov_by_hand(ref["W"], ref["sw"], ref["Sw"], False)
+    )
+    vals, vecs = torch.linalg.eigh(c)
+    order = vals.argsort(descending=True)
+    u1, u_perp = vecs[:, order[0]], vecs[:, order[k + 1]]
+    g = torch.Generator().manual_seed(3)
+    d_mlp, d = model.matrix(f"blocks.{L}.mlp.experts.{e}.W_in").shape
+    v, v2, x = (torch.randn(n, generator=g, dtype=torch.float64) for n in (d_mlp, d_mlp, d))
+    w_in, w_gate = f"blocks.{L}.mlp.experts.{e}.W_in", f"blocks.{L}.mlp.experts.{e}.W_gate"
+    tuned, deltas = _planted(
+        model, {w_in: torch.outer(v, u1) + 0.5 * torch.outer(v2, x / x.norm()), w_gate: torch.outer(v, u_perp)}
+    )
+    rows = _probe_quiet(
+        model,
+        tuned,
+        {"input_ids": tokens, "attention_mask": mask},
+        k=k,
+        matrices=[w_in, w_gate],
+        batch_size=2,
+        exclude_positions=(0,),
+        routing=routing,
+    ).rows
+    U = vecs[:, order[:k]]
+    expected = _input_fraction(deltas[w_in], U)
+    got = _row(rows, w_in, "residual", "activation")
+    assert got["site"] == f"blocks.{L}.mlp.experts.{e}.routed_in" and got["side"] == "input"
+    assert (got["expert"], got["routed_tokens"], got["routing"]) == (e, ref["n"], routing)
+    assert got["mean_routing_weight"] == pytest.approx(ref["W"] / ref["n"], rel=1e-6)
+    assert 0.2 < expected < 0.95  # the planted mixture is neither all in nor all out of U_k
+    assert got["fraction"] == pytest.approx(expected, abs=1e-7)
+    assert got["relative"] == pytest.approx(expected * d / k, abs=1e-7 * d / k)
+    gate = _row(rows, w_gate, "residual", "activation")
+    assert _input_fraction(deltas[w_gate], U) < 1e-12 and gate["fraction"] < 1e-10
+    print(f"{fam} {routing}: |f − f_hand| = {abs(got['fraction'] - expected):.2e}, f_gate = {gate['fraction']:.2e}")
+
+
+def test_expert_write_rows_equal_the_dense_w_out_formula(moe):
+    """Oracle 2 (write side): ΔW planted in one expert's W_out: its prediction row's fraction = ‖U_kᵀ ΔW‖²_F /
+    ‖ΔW‖²_F with U_k the top-k left singular vectors of the library's prediction basis (diag(γ)·W_U, as a dense
+    W_out's row), ΔW scaled by γ_post where the family has one; its inner row's fraction = ‖ΔW U_h‖²_F / ‖ΔW‖²_F
+    with U_h the top-k eigenvectors of the expert's routed hidden-state covariance from the hand loop."""
+    from rwasym.math.subspaces import prediction_basis
+
+    fam, _, model = moe
+    tokens, mask = _routed_data()
+    sums, _, _ = _routed_by_hand(model, fam, tokens, mask)
+    L, e = max((key for key in sums if key[0] == 0), key=lambda key: sums[key]["n"])
+    ref, k = sums[(L, e)], 3
+    name = f"blocks.{L}.mlp.experts.{e}.W_out"
+    d, d_mlp = model.matrix(name).shape
+    g = torch.Generator().manual_seed(4)
+    tuned, deltas = _planted(model, {name: torch.randn(d, d_mlp, generator=g, dtype=torch.float64)})
+    delta = deltas[name]
+    gamma = model.post_norm_scale(name)
+    if gamma is not None:
+        delta = gamma[:, None] * delta
+    rows = _probe_quiet(
+        model,
+        tuned,
+        {"input_ids": tokens, "attention_mask": mask},
+        k=k,
+        matrices=name,
+        batch_size=2,
+        exclude_positions=(0,),
+    ).rows
+    w_raw, row_scale = model.unembedding_parts()
+    U = prediction_basis(w_raw, d, row_scale=row_scale).U[:, :k]
+    expected = float((U.T @ delta).square().sum() / delta.square().sum())
+    pred = _row(rows, name, "residual", "prediction")
+    assert pred["side"] == "output" and pred["expert"] == e and pred["routed_tokens"] == ref["n"]
+    assert pred["fraction"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    resid = _row(rows, name, "residual", "activation")
+    assert resid["site"] == model.residual_hooks()[f"blocks.{L}.hook_resid_post"]  # the stream it writes into
+    inner = _row(rows, name, "inner", "activation")
+    hidden = _cov_by_hand(ref["n"], ref["hs1"], ref["hS1"], True)
+    expected_inner = _input_fraction(delta, _top(hidden, k))
+    assert inner["site"] == f"blocks.{L}.mlp.experts.{e}.routed_hidden" and inner["side"] == "input"
+    assert inner["fraction"] == pytest.approx(expected_inner, abs=1e-7)
+    print(
+        f"{fam}: |Δf| prediction {abs(pred['fraction'] - expected):.2e}, "
+        f"inner {abs(inner['fraction'] - expected_inner):.2e}"
+    )
+
+
+def test_experts_with_too_few_routed_tokens_get_no_routed_rows_and_are_listed(moe):
+    """With k = the smallest positive N_e of layer 0, the experts with N_e < k + 1 get no row read from routed
+    statistics (no read-side activation row, no inner row, no gradient-shaped share of their input), keep their
+    prediction rows, are listed in config['few_tokens'] with a warning and are not called unchanged; the others
+    get their activation rows. Precomputed activations= leave experts out, and refuse them when selected."""
+    from rwasym.hooks.routing import capture_routed
+
+    _, _, model = moe
+    tokens, mask = _routed_data()
+    data = {"input_ids": tokens, "attention_mask": mask}
+    routed = capture_routed(model, data, layers=[0], progress=False)
+    counts = {e: routed.count(0, e) for e in range(routed.n_experts[0])}
+    k = max(1, min(counts.values()))
+    few = [f"blocks.0.mlp.experts.{e}" for e, n in counts.items() if n < k + 1]
+    enough = [e for e, n in counts.items() if n >= k + 1]
+    assert few and enough
+    names = [f"blocks.0.mlp.experts.{e}.{kind}" for e in counts for kind in ("W_in", "W_out")]
+    g = torch.Generator().manual_seed(5)
+    tuned, _ = _planted(model, {n: torch.randn(model.matrix(n).shape, generator=g, dtype=torch.float64) for n in names})
+    with pytest.warns(UserWarning, match="fewer than k"):
+        result = rwasym.probe(model, tuned, data, k=k, matrices=names, null_samples=0, progress=False)
+    assert result.config["few_tokens"] == few and result.config["unchanged"] == []
+    for e, n in counts.items():
+        own = [r for r in result.rows if r["expert"] == e]
+        routed_rows = [r for r in own if r["site"].startswith(f"blocks.0.mlp.experts.{e}.routed_")]
+        assert all(r["routed_tokens"] == n for r in own)
+        assert {r["subspace"] for r in own if r["kind"] == "W_in"} >= {"prediction"}
+        if n < k + 1:
+            assert routed_rows == []
+            assert all(r["random_delta_fraction"] is None for r in own if r["kind"] == "W_in")
+        else:
+            assert {(r["kind"], r["stream"]) for r in routed_rows} == {("W_in", "residual"), ("W_out", "inner")}
+    acts = rwasym.capture(model, data, progress=False)
+    with pytest.raises(RwasymError, match="cannot capture routed statistics"):
+        rwasym.probe(model, tuned, activations=acts, k=k, matrices=names, progress=False)

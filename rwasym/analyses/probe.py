@@ -140,6 +140,7 @@ TOPK_TOL = 1e-8  # the top-k solver's residual target, relative to θ₁ (rows c
 TOPK_MAX_ITER = 120
 DELTAS = ("tuned", "base_weight", "random_delta", "noise_floor", "given")
 SUBSPACES = ("activation", "prediction", "prediction_centered", "prediction_fisher", "activation_normalized")
+ROUTINGS = ("tokens", "routing")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,13 @@ class ProbeConfig:
         "the capture pass); 0: off (rwasym.analyses.readouts)",
     )
     readout_top: int = option(10, "tokens and contexts listed per readout direction and sign")
+    routing: str = option(
+        "tokens",
+        "mixture-of-experts experts: the routed statistics their activation rows use (one more pass over the data): "
+        "tokens = the covariance of the inputs routed to the expert, each routed token counted once (C_e); routing = "
+        "weighted by the routing weight w_{t,e} (C̃_e; docs: concepts/conventions)",
+        choices=ROUTINGS,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
@@ -243,6 +251,11 @@ class ProbeConfig:
             raise RwasymError(
                 f"subspaces={self.subspaces!r}: give distinct names from {', '.join(SUBSPACES)}, comma-separated "
                 "(e.g. 'activation,prediction,prediction_centered')"
+            )
+        if self.routing not in ROUTINGS:
+            raise RwasymError(
+                f"routing={self.routing!r}: use 'tokens' (each routed token counts once) or 'routing' (weighted by "
+                "the routing weight w_{t,e})"
             )
         if not 0.0 < float(self.variance) <= 1.0:
             raise RwasymError(f"variance must satisfy 0 < variance <= 1 (a variance fraction); got {self.variance}")
@@ -292,12 +305,34 @@ def _normalized_site(model: Model, spec: MatrixSpec) -> str:
     )
 
 
+def _input_site(model: Model, spec: MatrixSpec) -> str:
+    """The site whose statistics are the input of ``spec``: its input hook, or for an expert matrix the name of
+    its routed statistics, ``blocks.L.mlp.experts.e.routed_in`` (W_gate,e / W_in,e: the MLP input routed to e) or
+    ``….routed_hidden`` (W_out,e: the expert's hidden state), which `routed_sites` lists (no hook carries them)."""
+    if spec.expert is None:
+        return model.input_hook(spec.name)
+    side = "hidden" if spec.kind == "W_out" else "in"
+    return f"blocks.{spec.layer}.mlp.experts.{spec.expert}.routed_{side}"
+
+
+def routed_sites(specs: Sequence[MatrixSpec]) -> dict[str, int]:
+    """The routed statistics the expert matrices among ``specs`` read (`_input_site` → width): captured by
+    `rwasym.hooks.routing.capture_routed`, not by `capture`."""
+    return {
+        f"blocks.{s.layer}.mlp.experts.{s.expert}.routed_{'hidden' if s.kind == 'W_out' else 'in'}": s.n_in
+        for s in specs
+        if s.expert is not None
+    }
+
+
 def probe_sites(model: Model, specs: Sequence[MatrixSpec], normalized: bool = False) -> dict[str, int]:
     """Hooks whose statistics the probe needs for ``specs`` (hook → width); ``normalized``: also the normalised
-    residual after each write matrix (`_normalized_site`, the ``activation_normalized`` rows)."""
+    residual after each write matrix (`_normalized_site`, the ``activation_normalized`` rows). An expert matrix's
+    input is its routed statistics (`routed_sites`), not a hook: only its write side's residual sites are here."""
     sites: dict[str, int] = {}
     for spec in specs:
-        sites.setdefault(model.input_hook(spec.name), spec.n_in)
+        if spec.expert is None:
+            sites.setdefault(model.input_hook(spec.name), spec.n_in)
         if spec.side == "write":
             sites.setdefault(_residual_site(model, spec), model.d_model)
             if normalized:
@@ -361,12 +396,18 @@ class _Covariances:
         self.spectral, self.spectral_k = spectral, spectral_k
         # an owned site's float64 sum S is freed once its C exists (`moments`), unless random_delta draws from it
         self.keep_sums = keep_sums
-        self.moments: dict[str, tuple[torch.Tensor, int]] = {}  # site -> (μ, N), kept when S is freed
+        self.moments: dict[str, tuple[torch.Tensor, float]] = {}  # site -> (μ, W = Σ w), kept when S is freed
         self.cache: dict[str, torch.Tensor] = {}
         self.bases: dict[str, Any] = {}
         self.certificates: dict[str, tuple[float, bool]] = {}  # site -> (max residual / θ₁, converged) of top-k
         self.pending: dict[str, Any] = {}  # site -> Future of (covariance, basis)
         self.pool = ThreadPoolExecutor(max_workers=1) if overlap else None
+        # mixture-of-experts experts: routed sites without enough tokens for k (no rows read them), routed sites
+        # whose statistics are routing-weighted (C̃_e, the weighted covariance divided by W_e, not W_e − 1), and
+        # (layer, expert) -> what every row of that expert's matrices carries (expert, N_e, mean routing weight)
+        self.absent: set[str] = set()
+        self.biased: set[str] = set()
+        self.experts: dict[tuple[int, int], dict] = {}
 
     def _basis_of(self, site: str, c: torch.Tensor):
         """The site's eigenbasis: every eigenvector (`pca_basis`), or with the top-k solver its leading
@@ -389,8 +430,9 @@ class _Covariances:
         """C of ``site``, (μ, N) kept in `moments`; formed in its sum's own storage (`covariance(consume=True)`)
         when the statistics are the probe's own and nothing needs S later (no second d × d matrix)."""
         stats = self.activations[site]
-        self.moments[site] = (stats.mean(), stats.count)
-        return stats.covariance(center=self.center, consume=not self.keep_sums and self.owned)
+        self.moments[site] = (stats.mean(), stats.weight_sum)  # W = N without weights
+        unbiased = site not in self.biased
+        return stats.covariance(center=self.center, unbiased=unbiased, consume=not self.keep_sums and self.owned)
 
     def _compute(self, site: str) -> tuple:
         c = self._covariance(site)
@@ -400,7 +442,7 @@ class _Covariances:
         if self.pool is None:
             return
         for site in sites:
-            if site not in self.cache and site not in self.pending:
+            if site not in self.cache and site not in self.pending and site not in self.absent:
                 self.pending[site] = self.pool.submit(self._compute, site)
 
     def _collect(self, site: str) -> None:
@@ -427,13 +469,17 @@ class _Covariances:
 
     def gradient_share(self, site: str, block: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> float:
         """The gradient-shaped null's expected share tr(Uᵀ M U) / tr M (`gradient_shaped_fraction`) for the
-        uncentred input second moment M ∝ S = Σ_t a_t a_tᵀ, from the site's C and μ: S = a C + b μμᵀ with
-        (a, b) = (N − 1, N) for the unbiased centred C, (N, 0) for the uncentred one (C = S/N). ``block``
+        uncentred input second moment M ∝ S = Σ_t w_t a_t a_tᵀ, from the site's C and μ: S = a C + b μμᵀ with
+        (a, b) = (W − 1, W) for the unbiased centred C, (W, W) for a biased one (routing-weighted C̃_e), (W, 0) for
+        the uncentred one (C = S/W); W = Σ w_t = N without weights. ``block``
         takes a head's block of a d × d matrix or of μ (identity for the whole input)."""
         c = block(self(site))
         mu, count = self.moments[site]
         mu = block(mu)
-        a, b = (count - 1, count) if self.center else (count, 0)
+        if not self.center:
+            a, b = count, 0.0
+        else:
+            a, b = (count, count) if site in self.biased else (count - 1, count)
         proj = U.T @ mu
         num = a * float(((c @ U) * U).sum()) + b * float(proj.square().sum())
         return num / (a * float(c.diagonal().sum()) + b * float(mu.square().sum()))
@@ -516,6 +562,19 @@ def probe(
     ``random_delta_fraction``, the gradient-shaped null's expected share (docs: concepts/probe).
     readouts: each ΔW's leading directions in words, tokens (write side) and top contexts (collected in this
     capture pass), in ``ProbeResult.readouts`` (`rwasym.analyses.readouts`).
+    Mixture-of-experts experts (``blocks.L.mlp.experts.e.W_gate | W_in | W_out``, selected or by default) read
+    only the tokens routed to them: their activation rows use the expert's routed statistics
+    (`rwasym.hooks.routing.capture_routed`, token-counted C_e or, with ``routing="routing"``, routing-weighted
+    C̃_e), captured in a second pass over ``data`` per capture group (the layers of that group's experts; the
+    hidden side only where a W_out,e is selected): the read side of W_gate,e / W_in,e against the PCA of the
+    routed MLP input (site ``blocks.L.mlp.experts.e.routed_in``), the inner side of W_out,e against that of its
+    routed hidden state (``….routed_hidden``); W_out,e's write side is a dense W_out's (the residual stream after
+    the block and the prediction subspaces, ΔW unscaled by the routing weight). Their rows carry ``expert``,
+    ``routed_tokens`` (N_e), ``mean_routing_weight`` and ``routing``. An expert with N_e < k + 1 gets no row read
+    from routed statistics (its prediction and residual write rows remain; its read rows' ``random_delta_fraction``
+    is None) and is listed in ``config["few_tokens"]`` with a warning. Experts need the base loaded whole, data=
+    (not only activations=, not a one-shot iterator) and a loaded tuned model: otherwise they are left out with a
+    warning, or refused when selected. Readouts leave experts out.
     Every number is reproducible from ``seed``. Each (matrix, head) delta is decomposed once
     (`rwasym.math.fraction.delta_spectrum`) and its spectrum reused for every subspace, side and k.
     """
@@ -541,7 +600,8 @@ def probe(
         tuned = load(tuned)  # a HF folder is streamed
     require_k(cfg.k, base.d_model, "the residual stream (d_model)")
     specs = base.matrices(cfg.matrices)
-    specs = _with_input_sites(base, specs, selected=cfg.matrices is not None)
+    no_routing = _no_routing(stream, tuned, data, activations)
+    specs = _with_input_sites(base, specs, selected=cfg.matrices is not None, no_routing=no_routing)
     if isinstance(deltas, WeightDeltas):  # lazy (a chain's stage): each ΔW formed when its rows are computed
         specs = [s for s in specs if s.name in deltas]
     elif deltas is not None:  # only the matrices the mapping holds, in float64
@@ -577,7 +637,8 @@ def probe(
                 "precomputed activations= (pass data= and let the probe capture), and they read a ΔW (not with "
                 "delta='random_delta', which draws one per row)"
             )
-        readouts, watch = plan_readouts(base, specs, deltas, cfg.readouts, cfg.readout_top, cfg.post_norm)
+        dense = [s for s in specs if s.expert is None]  # experts: no readouts (no hook collects their contexts)
+        readouts, watch = plan_readouts(base, dense, deltas, cfg.readouts, cfg.readout_top, cfg.post_norm)
     generator = torch.Generator().manual_seed(cfg.seed)
     with contextlib.nullcontext() if stream is None else stream.outside():  # the unembedding read, then freed
         preds, n_fisher = _prediction_bases(base, data, cfg, progress)
@@ -594,28 +655,41 @@ def probe(
         budget = float("inf")  # one streamed pass: each block's sums are freed after its rows
     else:
         budget = _budget(base, cfg.stats_budget, data)
-    groups = [specs] if activations is not None or stream is not None else layer_groups(specs, sites, budget)
+    groups = (
+        [specs]
+        if activations is not None or stream is not None
+        else layer_groups(specs, {**sites, **routed_sites(specs)}, budget)
+    )
+    few_tokens: list[str] = []
     n_tokens = None if activations is None else activations.n_tokens
     if stream is not None:
         n_tokens = _streamed_rows(stream, data, specs, sites, deltas, preds, cfg, generator, progress, rows, curve_rows)
         groups = []
     for group in tqdm(groups, desc="probe passes", disable=quiet(progress) or len(groups) == 1):
         if activations is None:  # captured here, one pass per group: its float64 sums are freed layer by layer
-            acts = capture(
-                base,
-                data,
-                sites=probe_sites(base, group, normalized) if len(groups) > 1 else sites,
-                batch_size=cfg.batch_size,
-                max_tokens=cfg.max_tokens,
-                progress=progress,
-                exclude_positions=cfg.exclude_positions,
-                exclude_tokens=cfg.exclude_tokens,
-                contexts={s.name: watch[s.name] for s in group if s.name in watch} or None,
-                context_top=cfg.readout_top,
+            group_sites = probe_sites(base, group, normalized) if len(groups) > 1 else sites
+            routed = _routed_statistics(base, data, group, cfg, progress)  # experts: a pass of their own
+            acts = (
+                capture(
+                    base,
+                    data,
+                    sites=group_sites,
+                    batch_size=cfg.batch_size,
+                    max_tokens=cfg.max_tokens,
+                    progress=progress,
+                    exclude_positions=cfg.exclude_positions,
+                    exclude_tokens=cfg.exclude_tokens,
+                    contexts={s.name: watch[s.name] for s in group if s.name in watch} or None,
+                    context_top=cfg.readout_top,
+                )
+                if group_sites
+                else ActivationStats(stats={}, model=base)
             )
             fill_contexts(readouts, acts.contexts, base.tokenizer)
-            n_tokens = acts.n_tokens
+            n_tokens = acts.n_tokens if group_sites else routed.n_tokens
             covs = _Covariances(acts, cfg.center, owned=True, overlap=overlap, threads=threads, **_solver(cfg))
+            routed.attach(covs)
+            few_tokens += routed.few
         else:  # the caller's statistics stay untouched
             covs = _Covariances(activations, cfg.center, owned=False, overlap=overlap, threads=threads, **_solver(cfg))
         try:
@@ -641,7 +715,19 @@ def probe(
         if name != "stats_budget"
     }
     located = {row["matrix"] for row in rows}
-    unchanged = [spec.name for spec in specs if spec.name not in located]  # ΔW = 0: skipped, never r = NaN
+    few = set(few_tokens)  # too few routed tokens for k: no routed rows (perhaps none at all), reported apart
+    unchanged = [  # ΔW = 0: skipped, never r = NaN
+        spec.name
+        for spec in specs
+        if spec.name not in located and not (spec.expert is not None and spec.name.rsplit(".", 1)[0] in few)
+    ]
+    if few_tokens:
+        warnings.warn(
+            f"rwasym.probe: {len(few_tokens)} mixture-of-experts experts received fewer than k + 1 = {cfg.k + 1} "
+            f"routed tokens and get no rows from routed statistics: {', '.join(few_tokens[:4])}"
+            f"{' …' if len(few_tokens) > 4 else ''}; the result lists them under config['few_tokens']",
+            stacklevel=2,
+        )
     if unchanged and not rows:
         raise RwasymError(
             f"ΔW = 0 in every selected matrix ({len(specs)}): the two models are the same there, so there is nothing "
@@ -657,6 +743,7 @@ def probe(
     header: dict[str, Any] = dict(
         **recorded,
         unchanged=unchanged,
+        few_tokens=few_tokens,
         n_tokens=n_tokens,
         capture_passes=1 if stream is not None else len(groups),
         **_provenance(base, tuned, data),
@@ -720,24 +807,119 @@ def _refuse_identical(deltas: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig
         )
 
 
-def _with_input_sites(base: Model, specs: list[MatrixSpec], *, selected: bool) -> list[MatrixSpec]:
-    """``specs`` without the matrices that have no input site read by every token (`Model.no_input_site`:
-    mixture-of-experts experts, whose rows need routed statistics): left out with a warning by default,
-    refused (RwasymError) when the caller selected them."""
-    why = {s.name: base.no_input_site(s.name) for s in specs}
+def _with_input_sites(
+    base: Model, specs: list[MatrixSpec], *, selected: bool, no_routing: str | None = None
+) -> list[MatrixSpec]:
+    """``specs`` without the matrices that have no input site read by every token (`Model.no_input_site`) and
+    no routed statistics to stand for one: mixture-of-experts experts are kept (their rows read routed statistics,
+    `routed_sites`) unless ``no_routing`` says why the probe cannot capture those; the rest (e.g. Qwen2-MoE's
+    shared W_out) are left out with a warning by default, refused (RwasymError) when the caller selected them."""
+    why = {s.name: None if s.expert is not None and no_routing is None else base.no_input_site(s.name) for s in specs}
     left_out = [name for name, reason in why.items() if reason is not None]
     if left_out and selected:
+        expert = base.matrix(left_out[0]).expert is not None
         raise RwasymError(
-            f"rwasym.probe: {left_out[0]} has no input site read by every token ({why[left_out[0]]}), and probe "
-            "rows of mixture-of-experts experts are not built yet; select other matrices (e.g. 'blocks.*.attn.*')"
+            f"rwasym.probe: {left_out[0]} has no input site read by every token ({why[left_out[0]]})"
+            + (
+                f", and this probe cannot capture routed statistics ({no_routing})"
+                if expert
+                else ", and the probe has no statistics for it"
+            )
+            + "; select other matrices (e.g. 'blocks.*.attn.*')"
         )
     if left_out:
+        because = (
+            f"; experts need routed statistics, which this probe cannot capture: {no_routing}" if no_routing else ""
+        )
         warnings.warn(
             f"rwasym.probe: {len(left_out)} matrices have no input site read by every token and are left out "
-            f"(e.g. {left_out[0]}: {why[left_out[0]]})",
+            f"(e.g. {left_out[0]}: {why[left_out[0]]}){because}",
             stacklevel=3,
         )
     return [s for s in specs if why[s.name] is None]
+
+
+def _no_routing(stream: Any, tuned: Any, data: Any, activations: Any) -> str | None:
+    """Why this probe cannot capture the routed statistics of mixture-of-experts experts, or None when it can:
+    it needs the base loaded whole (not streamed block by block), data= to read (not only precomputed
+    activations=, and not a one-shot iterator, which the probe's own capture reads), and a loaded tuned model (a
+    tuned checkpoint folder's deltas leave experts out)."""
+    if stream is not None:
+        return "stream=True reads the base block by block"
+    if data is None or activations is not None:
+        return "it needs data= for its own routed capture, not precomputed activations="
+    if isinstance(data, Iterator):
+        return "data is a one-shot iterator, which the routed capture cannot read a second time"
+    if is_checkpoint_folder(tuned):
+        return "the tuned model is a checkpoint folder read without loading"
+    return None
+
+
+@dataclass
+class _Routed:
+    """One group's routed expert statistics: site → `RunningCovariance` (experts with enough tokens only), the
+    extra fields of each expert's rows, the experts with too few tokens and whether the statistics are weighted."""
+
+    stats: dict = field(default_factory=dict)
+    experts: dict = field(default_factory=dict)
+    absent: set = field(default_factory=set)
+    few: list = field(default_factory=list)
+    weighted: bool = False
+    n_tokens: int | None = None
+
+    def attach(self, covs: "_Covariances") -> None:
+        covs.activations.stats.update(self.stats)
+        covs.absent |= self.absent
+        covs.experts.update(self.experts)
+        if self.weighted:
+            covs.biased |= set(self.stats)
+
+
+def _routed_statistics(base: Model, data: Any, group: Sequence[MatrixSpec], cfg: ProbeConfig, progress: Any) -> _Routed:
+    """The routed statistics of the expert matrices in ``group`` (`rwasym.hooks.routing.capture_routed` over
+    their layers, one pass of its own; the hidden side only where a W_out,e is selected), with the probe's
+    batch_size, max_tokens and exclusions and ``cfg.routing``'s weighting. Experts with N_e < k + 1 routed
+    tokens (`RoutedStats.few_tokens`) get no statistics: their sites are ``absent`` and they are listed in ``few``."""
+    from ..hooks.routing import capture_routed
+
+    experts = [s for s in group if s.expert is not None]
+    if not experts:
+        return _Routed()
+    routed = capture_routed(
+        base,
+        data,
+        layers=sorted({s.layer for s in experts}),
+        weighting=cfg.routing,
+        hidden=any(s.kind == "W_out" for s in experts),
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        progress=progress,
+        exclude_positions=cfg.exclude_positions,
+        exclude_tokens=cfg.exclude_tokens,
+    )
+    few = set(routed.few_tokens(cfg.k))
+    out = _Routed(weighted=cfg.routing == "routing", n_tokens=routed.n_tokens)
+    for spec in experts:
+        if spec.expert is None:  # never: `experts` holds expert matrices only
+            continue
+        key, site = (spec.layer, spec.expert), _input_site(base, spec)
+        out.experts[key] = dict(
+            expert=key[1],
+            routed_tokens=routed.count(*key),
+            mean_routing_weight=routed.mean_routing_weight(*key),
+            routing=cfg.routing,
+        )
+        if f"blocks.{key[0]}.mlp.experts.{key[1]}" in few:
+            out.absent.add(site)
+        else:
+            out.stats[site] = routed.for_matrix(spec.name)
+    out.few = sorted({name.rsplit(".", 1)[0] for name in (s.name for s in experts)} & few, key=_expert_order)
+    return out
+
+
+def _expert_order(name: str) -> tuple[int, int]:
+    parts = name.split(".")
+    return int(parts[1]), int(parts[4])
 
 
 def _deltas(base: Model, tuned: Any, replicate: Any, specs: Sequence[MatrixSpec], cfg: ProbeConfig) -> Any:
@@ -961,9 +1143,8 @@ def _probe_rows(
         return bases[(site, head)]
 
     def layer_sites(layer):
-        return list(
-            probe_sites(base, [spec for spec in specs if spec.layer == layer], "activation_normalized" in chosen)
-        )
+        own = [spec for spec in specs if spec.layer == layer]
+        return list(probe_sites(base, own, "activation_normalized" in chosen)) + list(routed_sites(own))
 
     layers = list(dict.fromkeys(spec.layer for spec in specs))
     layer = None
@@ -979,9 +1160,13 @@ def _probe_rows(
             if following < len(layers):  # the next layer's eigendecompositions overlap this layer's rows
                 cov.prefetch(layer_sites(layers[following]))
         delta: Any
+        site_in = _input_site(base, spec)  # an expert's routed statistics
+        absent = site_in in cov.absent  # an expert with too few routed tokens for k: no rows read them
         if deltas is None:  # random_delta: one draw of Σ_t ξ_t a_tᵀ from the input's scatter S = Σ_t a_t a_tᵀ
-            stats = cov.activations[base.input_hook(spec.name)]
-            scatter = stats.second_moment() * stats.count
+            if absent:
+                continue
+            stats = cov.activations[site_in]
+            scatter = stats.second_moment() * stats.weight_sum
             delta = gradient_shaped_delta(scatter, spec.n_out, _matrix_generator(cfg.seed, spec.name))
         else:
             delta = deltas[spec.name]  # formed here (`WeightDeltas`), released with the next matrix
@@ -998,16 +1183,17 @@ def _probe_rows(
         grams: dict = {}  # head -> (side, ΔW's smaller Gram) at 8B widths, or None (`_side_gram`)
         nulls: dict = {}  # (head, side, k) -> NullResult: one set of draws shared by the side's subspaces
         resid_side = "input" if spec.side == "read" else "output"
-        resid_cov = cov(
-            model_site := (base.input_hook(spec.name) if spec.side == "read" else _residual_site(base, spec))
-        )
-        spaces = [("residual", resid_side, "activation", resid_cov, model_site)] if "activation" in chosen else []
+        model_site = site_in if spec.side == "read" else _residual_site(base, spec)
+        routed_only = spec.side == "read" and absent
+        spaces = []  # (stream, side, subspace, C or None for a prediction basis, site)
+        if "activation" in chosen and not routed_only:
+            spaces.append(("residual", resid_side, "activation", cov(model_site), model_site))
         spaces += [("residual", resid_side, name, None, "unembedding") for name in chosen if name in preds]
         if spec.side == "write" and "activation_normalized" in chosen:  # what the next sublayer reads
             nsite = _normalized_site(base, spec)
             spaces.append(("residual", "output", "activation_normalized", cov(nsite), nsite))
-        if spec.side == "write" and "activation" in chosen:
-            spaces.append(("inner", "input", "activation", cov(base.input_hook(spec.name)), base.input_hook(spec.name)))
+        if spec.side == "write" and "activation" in chosen and not absent:
+            spaces.append(("inner", "input", "activation", cov(site_in), site_in))
         for stream, side, subspace, c, site in spaces:
             for head in [None] + (list(range(spec.n_heads)) if heads and spec.n_heads else []):
                 d = delta if head is None else head_slice(spec, delta, head)  # a LowRankDelta stays factored
@@ -1029,7 +1215,7 @@ def _probe_rows(
                 # the k-free score ρ_C = n Σ_j ℓ_j ε_j (ℓ = C's eigenvalue shares; `kfree_score`), its null spread
                 # from ΔW's spectrum s₂ and c₂ = Σ ℓ_j² (C: the site's covariance, or W̃_U W̃_Uᵀ for prediction)
                 ratio = full.explained_variance_ratio
-                if partial:  # from C itself: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
+                if partial and c_h is not None:  # from C: ρ_C = n tr(ΔW C ΔWᵀ)/(tr C ‖ΔW‖²), c₂ = tr(C²)/tr(C)²
                     rho = kfree_rho(d, c_h, side) if gram is None else gram_rho(gram, c_h)
                     c2 = (float(torch.linalg.vector_norm(c_h)) / float(c_h.diagonal().sum())) ** 2
                 else:
@@ -1044,10 +1230,11 @@ def _probe_rows(
                 null = nulls.get((head, side, k_used))
                 # the gradient-shaped null's expected f (`gradient_shaped_fraction`): tr(UᵀMU)/tr M with the
                 # input's uncentred M on the input side; γ_post² weights on the output side (else exactly k/n)
-                if side == "input":
-                    expected = cov.gradient_share(
-                        base.input_hook(spec.name), _head_block(spec, head), full.U[:, :k_used]
-                    )
+                expected: float | None
+                if side == "input" and absent:  # no routed statistics for this expert
+                    expected = None
+                elif side == "input":
+                    expected = cov.gradient_share(site_in, _head_block(spec, head), full.U[:, :k_used])
                 elif gamma is not None:
                     expected = gradient_shaped_fraction(torch.diag(gamma.square()), full.U[:, :k_used])
                 else:
@@ -1075,8 +1262,10 @@ def _probe_rows(
                     rho=rho,
                     rho_null_std=kfree_null_std(_spectrum(spectra, d, head).s2, c2, n) if null_samples >= 2 else None,
                     random_delta_fraction=expected,
-                    random_delta_relative=expected * n / k_used,
+                    random_delta_relative=None if expected is None else expected * n / k_used,
                 )
+                if spec.expert is not None:  # expert, N_e, mean routing weight (dense rows keep their keys)
+                    row.update(cov.experts.get((spec.layer, spec.expert), dict(expert=spec.expert)))
                 if partial:  # what the solver computed and how well: the largest residual ‖Cu − θu‖ / θ₁
                     residual, converged = cov.certificates.get(site, (float("nan"), False))
                     row.update(spectral_k=full.k, spectral_residual=residual, spectral_converged=converged)
