@@ -42,7 +42,8 @@ def post_training_report(base: Any, tuned: Any, *, k: int | None = None, matrice
             res = post_training_svd(base.weight(spec.name), tuned_weight(spec.name), k_used)
         row = dict(matrix=spec.name, layer=spec.layer, kind=spec.kind, side=spec.side)
         row.update(res.to_dict())
-        row.pop("sigma_base", None), row.pop("sigma_tuned", None)
+        row.pop("sigma_base", None)
+        row.pop("sigma_tuned", None)
         rows.append(row)
     keys = ("ratio_mean", "ratio_std", "fit_slope", "consistency", "diag_dominance_u", "diag_dominance_v")
     by_kind = {}

@@ -661,7 +661,7 @@ class _Checkpoint:
                     )
             for name, tensor in (extra or {}).items():
                 tensor.copy_(tensors[f"extra/{name}"])
-            int(meta["batches"]), int(meta["seen"]), bool(meta["done"])
+            _ = (int(meta["batches"]), int(meta["seen"]), bool(meta["done"]))  # malformed metadata raises here
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise RwasymError(
                 f"capture checkpoint {str(self.path)!r} has the right key but incomplete contents "

@@ -102,7 +102,8 @@ def run_experiment(args: argparse.Namespace) -> int:
             raise RwasymError(f"--lams must be comma-separated numbers in [0, 1]; got {args.lams!r}") from None
         res = experiments.graded_experiment(args.out, steps=args.steps, lams=lams, **kwargs)
     elif args.name == "sweep":
-        kwargs.pop("k"), kwargs.pop("null_samples")
+        kwargs.pop("k")
+        kwargs.pop("null_samples")
         res = experiments.sweep_experiment(args.out, match=args.match, **kwargs)
     else:
         res = experiments.trajectory_experiment(args.out, **kwargs)
