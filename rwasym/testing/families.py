@@ -71,7 +71,8 @@ _MOE = (
     "mixture of experts: the router (`blocks.L.mlp.W_router`) and every expert's W_gate / W_in / W_out "
     "(`blocks.L.mlp.experts.e.*`, slices of the fused 3-D expert parameters) are read, edited and restored "
     "exactly through their weights; probe rows of experts read their routed statistics (loaded models only); "
-    "expert gradients, hook edits and checkpoint streaming are not built yet (experts read only their routed tokens)"
+    "expert gradients, hook edits (so sweeps of experts) and checkpoint streaming are not built yet (experts read "
+    "only their routed tokens)"
 )
 _MQA = "one key/value head (multi-query)"
 
